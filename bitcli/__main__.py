@@ -1,0 +1,5 @@
+"""`python -m bitcli` runs the same app as the `bit` console script."""
+
+from bitcli.cli import main
+
+main()

@@ -1,0 +1,677 @@
+"""Checkpoint readers and writers: bitcli .safetensors, transformers folders, timm folders/files, Google's .npz.
+
+Every reader maps its own key names onto bitcli's (the names of `BitModel.state_dict()`) with a pure key
+map, and returns lazy tensor references so that a converter can stream a checkpoint tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bitcli import __version__
+from bitcli.config import BitConfig
+from bitcli.errors import BitError
+from bitcli.preprocess import Preprocess
+
+# Google's fine-tuning preprocessing for BiT checkpoints that carry none (.npz, random init).
+BIT_DEFAULT_PREPROCESS = Preprocess(resize=448, crop=(448, 448), interpolation="bilinear")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor in bitcli layout that is read from disk only when `load()` is called."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+
+@dataclass
+class Checkpoint:
+    config: BitConfig
+    labels: list[str]
+    preprocess: Preprocess
+    tensors: dict[str, TensorRef]  # bitcli key -> lazy tensor
+    source: str = ""
+    format: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: ref.load() for k, ref in self.tensors.items()}
+
+    def build_model(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        """The model with these weights, checked for shapes and non-finite values, in eval mode."""
+        from bitcli.model import BitModel
+
+        check_tensors(self.config, self.tensors, self.source)
+        with torch.device("meta"):
+            model = BitModel(self.config)
+        state = {}
+        for key, ref in self.tensors.items():
+            t = ref.load()
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise BitError(f"{self.source}: tensor {key} holds NaN or infinite values; the checkpoint is corrupt")
+            state[key] = t.to(device=device, dtype=dtype)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shapes and validation
+
+
+def expected_shapes(config: BitConfig) -> dict[str, tuple[int, ...]]:
+    from bitcli.model import BitModel
+
+    with torch.device("meta"):
+        model = BitModel(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_tensors(config: BitConfig, tensors: Mapping[str, TensorRef], source: str) -> None:
+    """All problems at once: missing keys, unexpected keys, wrong shapes."""
+    want = expected_shapes(config)
+    missing = [k for k in want if k not in tensors]
+    unused = [k for k in tensors if k not in want]
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {want[k]})" for k in want if k in tensors and tuple(tensors[k].shape) != want[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    if unused:
+        problems.append(f"unexpected {_few(unused)}")
+    if wrong:
+        problems.append(f"wrong shape {_few(wrong)}")
+    if problems:
+        raise BitError(f"{source}: weights do not match the architecture: " + "; ".join(problems))
+    for key, ref in tensors.items():
+        if not ref.dtype.is_floating_point:
+            raise BitError(f"{source}: tensor {key} has dtype {ref.dtype}; BiT weights must be floating point")
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+_UNIT_KEY = re.compile(r"^stages\.(\d+)\.units\.(\d+)\.")
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]], source: str, **overrides: Any) -> BitConfig:
+    """Depth, width and class count of a pre-activation BiT from its bitcli-named tensor shapes."""
+    stem = shapes.get("stem.conv.weight")
+    if stem is None or len(stem) != 4:
+        raise BitError(f"{source}: no stem convolution found; this is not a BiT checkpoint")
+    units: dict[int, set[int]] = {}
+    for key in shapes:
+        m = _UNIT_KEY.match(key)
+        if m:
+            units.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if not units or sorted(units) != list(range(len(units))):
+        raise BitError(f"{source}: stages are missing or not numbered from 0; this is not a BiT checkpoint")
+    depths, hidden = [], []
+    for s in range(len(units)):
+        n = len(units[s])
+        if sorted(units[s]) != list(range(n)):
+            raise BitError(f"{source}: stage {s} has units {sorted(units[s])}, not 0..{n - 1}")
+        conv3 = shapes.get(f"stages.{s}.units.0.conv3.weight")
+        if conv3 is None:
+            raise BitError(f"{source}: missing stages.{s}.units.0.conv3.weight")
+        depths.append(n)
+        hidden.append(int(conv3[0]))
+    head = shapes.get("head.weight")
+    values: dict[str, Any] = dict(
+        depths=tuple(depths),
+        hidden_sizes=tuple(hidden),
+        embedding_size=int(stem[0]),
+        in_channels=int(stem[1]),
+        num_classes=int(head[0]) if head is not None else 0,
+        layer_type="bottleneck" if "stem.norm.weight" in shapes else "preactivation",
+    )
+    values.update(overrides)
+    return BitConfig(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Key maps (pure): source name <-> bitcli name
+
+
+def _rules(pairs: list[tuple[str, str]]) -> tuple[list[tuple[re.Pattern, str]], list[tuple[re.Pattern, str]]]:
+    fwd = [(re.compile(a), b) for a, b in pairs]
+    back = [(re.compile(_invert(b)), _invert_repl(a)) for a, b in pairs]
+    return fwd, back
+
+
+def _invert(repl: str) -> str:
+    # Patterns here are anchored prefixes with at most \1 and \2 as digit groups.
+    return "^" + re.sub(r"\\(\d)", r"(\\d+)", repl.replace(".", r"\."))
+
+
+def _invert_repl(pattern: str) -> str:
+    out, group = pattern.lstrip("^"), 0
+    while r"(\d+)" in out:
+        group += 1
+        out = out.replace(r"(\d+)", f"\\{group}", 1)
+    return out.replace(r"\.", ".")
+
+
+HF_TO_BITCLI, BITCLI_TO_HF = _rules(
+    [
+        (r"^bit\.embedder\.convolution\.", "stem.conv."),
+        (r"^bit\.embedder\.norm\.", "stem.norm."),
+        (r"^bit\.encoder\.stages\.(\d+)\.layers\.(\d+)\.", r"stages.\1.units.\2."),
+        (r"^bit\.norm\.", "norm."),
+        (r"^classifier\.1\.", "head."),
+    ]
+)
+TIMM_TO_BITCLI, BITCLI_TO_TIMM = _rules(
+    [
+        (r"^stem\.conv\.", "stem.conv."),
+        (r"^stem\.norm\.", "stem.norm."),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.units.\2."),
+        (r"^norm\.", "norm."),
+        (r"^head\.fc\.", "head."),
+    ]
+)
+
+
+def rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
+    for pattern, repl in rules:
+        if pattern.match(key):
+            return pattern.sub(repl, key, count=1)
+    return None
+
+
+def _mapped(
+    source: str, keys: Iterator[str], rules: list[tuple[re.Pattern, str]], ignore: Callable[[str], bool] = lambda k: False
+) -> dict[str, str]:
+    """bitcli key -> source key; every source key must map (or be explicitly ignorable)."""
+    out, unknown = {}, []
+    for key in keys:
+        new = rename(key, rules)
+        if new is None:
+            if not ignore(key):
+                unknown.append(key)
+            continue
+        out[new] = key
+    if unknown:
+        raise BitError(f"{source}: unknown tensor name(s) {_few(sorted(unknown))}; not a BiT checkpoint of this format")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files of tensors: safetensors, torch .bin (weights only), numpy .npz (no pickle)
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
+    """Lazy references to every tensor, and the metadata. The header is validated before anything is read."""
+    from safetensors import safe_open
+
+    size = _file_size(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise BitError(f"{path}: file is too short to be safetensors (truncated or empty)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise BitError(f"{path}: safetensors header runs past the end of the file (truncated)")
+            header = json.loads(f.read(n))
+        metadata = header.pop("__metadata__", None) or {}
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        if 8 + n + end > size:
+            raise BitError(f"{path}: safetensors data runs past the end of the file (truncated)")
+        for key, v in header.items():
+            if v["dtype"] not in _ST_DTYPES:
+                raise BitError(f"{path}: tensor {key} has unsupported dtype {v['dtype']}")
+        handle = safe_open(str(path), framework="pt")
+    except BitError:
+        raise
+    except Exception as exc:  # malformed JSON, wrong field types, the Rust reader's own checks
+        raise BitError(f"{path}: not a valid safetensors file ({_one_line(exc)})") from None
+
+    def loader(key: str) -> Callable[[], torch.Tensor]:
+        return lambda: handle.get_tensor(key)
+
+    refs = {k: TensorRef(tuple(v["shape"]), _ST_DTYPES[v["dtype"]], loader(k)) for k, v in header.items()}
+    return refs, dict(metadata)
+
+
+def read_torch_bin(path: Path) -> dict[str, TensorRef]:
+    """A torch state dict, loaded with weights_only=True: pickled code is refused, never run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise BitError(
+            f"{path}: cannot load as a weights-only torch file ({_one_line(exc)}); "
+            "convert it to safetensors with the tool that wrote it"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BitError(f"{path}: does not hold a flat dict of tensors")
+    return {k: TensorRef(tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in state.items()}
+
+
+def read_npz_arrays(path: Path) -> dict[str, TensorRef]:
+    """Lazy references to the arrays of an .npz; object arrays (pickles) are refused."""
+    try:
+        archive = np.load(path, allow_pickle=False, mmap_mode=None)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise BitError(f"{path}: is a single .npy array, not an .npz archive of named arrays")
+        refs = {}
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                with zf.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    shape, _, dtype = np.lib.format._read_array_header(fh, version)
+                if dtype.hasobject:
+                    raise BitError(f"{path}: array {key} holds Python objects (pickle); refusing to load it")
+                if dtype.kind != "f":
+                    raise BitError(f"{path}: array {key} has dtype {dtype}; BiT weights must be floating point")
+                refs[key] = (tuple(shape), dtype)
+    except BitError:
+        raise
+    except Exception as exc:
+        raise BitError(f"{path}: not a readable .npz archive ({_one_line(exc)}); the file may be truncated") from None
+
+    def loader(key: str) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            try:
+                return torch.from_numpy(np.ascontiguousarray(archive[key]))
+            except Exception as exc:
+                raise BitError(f"{path}: array {key} cannot be read ({_one_line(exc)}); the file is corrupt") from None
+
+        return load
+
+    dtypes = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}
+    return {
+        k: TensorRef(shape, dtypes.get(dt.newbyteorder("="), torch.float32), loader(k)) for k, (shape, dt) in refs.items()
+    }
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise BitError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def _mapped_refs(refs: dict[str, TensorRef], mapping: dict[str, str], fix: Callable[[str, TensorRef], TensorRef]) -> dict[str, TensorRef]:
+    return {new: fix(new, refs[old]) for new, old in mapping.items()}
+
+
+def _same(_: str, ref: TensorRef) -> TensorRef:
+    return ref
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Labels
+
+
+def imagenet_labels() -> list[str]:
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    return list(_IMAGENET_CATEGORIES)
+
+
+def default_labels(num_classes: int) -> list[str]:
+    """ImageNet-1k names for 1000-class heads, else class_0, class_1, ..."""
+    return imagenet_labels() if num_classes == 1000 else [f"class_{i}" for i in range(num_classes)]
+
+
+def read_label_file(path: Path, num_classes: int) -> list[str]:
+    try:
+        labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BitError(f"{path}: cannot read label file ({_one_line(exc)})") from None
+    if len(labels) != num_classes:
+        raise BitError(f"{path}: has {len(labels)} labels but the model has {num_classes} classes; one name per line")
+    return labels
+
+
+def _checked_labels(labels: list[str] | None, num_classes: int, source: str) -> list[str]:
+    if labels is None:
+        return default_labels(num_classes)
+    if len(labels) != num_classes:
+        raise BitError(f"{source}: {len(labels)} label names for a head of {num_classes} classes")
+    return [str(x) for x in labels]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bitcli's single-file format
+
+
+def read_bitcli(path: Path) -> Checkpoint:
+    refs, meta = read_safetensors(path)
+    if meta.get("format") != "bitcli":
+        return read_timm_weights(path, refs)
+    try:
+        config = BitConfig.from_dict(json.loads(meta["config"]))
+        labels = json.loads(meta["labels"])
+        preprocess = Preprocess.from_dict(json.loads(meta["preprocess"]))
+    except BitError as exc:
+        raise BitError(f"{path}: {exc}") from None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise BitError(f"{path}: bitcli metadata is damaged ({_one_line(exc)}); convert the source again") from None
+    check_tensors(config, refs, str(path))
+    return Checkpoint(config, _checked_labels(labels, config.num_classes, str(path)), preprocess, refs, str(path), "bitcli")
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, TensorRef], metadata: dict[str, str], dtype: torch.dtype | None = None) -> None:
+    """Stream tensors into a safetensors file one at a time (peak memory: one tensor), atomically."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key, ref in tensors.items():
+        out_dtype = dtype if (dtype is not None and ref.dtype.is_floating_point) else ref.dtype
+        nbytes = _numel(ref.shape) * torch.empty((), dtype=out_dtype).element_size()
+        header[key] = {"dtype": _ST_NAMES[out_dtype], "shape": list(ref.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned, as the reference writer does
+
+    def write(f) -> None:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for key, ref in tensors.items():
+            t = ref.load()
+            if tuple(t.shape) != tuple(ref.shape):
+                raise BitError(f"{key}: shape {tuple(t.shape)} differs from its header {ref.shape}")
+            t = t.to(_ST_DTYPES[header[key]["dtype"]]).contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            del t
+
+    atomic_write(path, write)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def write_bitcli(ckpt: Checkpoint, path: Path, dtype: torch.dtype | None = None) -> None:
+    meta = {
+        "format": "bitcli",
+        "bitcli_version": __version__,
+        "config": json.dumps(ckpt.config.to_dict()),
+        "labels": json.dumps(ckpt.labels),
+        "preprocess": json.dumps(ckpt.preprocess.to_dict()),
+    }
+    write_safetensors(path, ckpt.tensors, meta, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers folders
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BitError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BitError(f"{path}: not valid JSON ({_one_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise BitError(f"{path}: expected a JSON object")
+    return data
+
+
+def _weights_in(folder: Path) -> dict[str, TensorRef]:
+    st, bin_ = folder / "model.safetensors", folder / "pytorch_model.bin"
+    if st.is_file():
+        return read_safetensors(st)[0]
+    if bin_.is_file():
+        return read_torch_bin(bin_)
+    raise BitError(f"{folder}: holds no model.safetensors or pytorch_model.bin")
+
+
+def read_hf(folder: Path) -> Checkpoint:
+    hf = read_json(folder / "config.json")
+    refs = _weights_in(folder)
+    head = refs.get("classifier.1.weight")
+    num_classes = head.shape[0] if head is not None else 0
+    try:
+        config = BitConfig.from_hf(hf, num_classes)
+    except BitError as exc:
+        raise BitError(f"{folder / 'config.json'}: {exc}") from None
+    id2label = hf.get("id2label") or {}
+    labels = None
+    if id2label and len(id2label) == num_classes:
+        labels = [str(id2label.get(str(i), id2label.get(i, f"class_{i}"))) for i in range(num_classes)]
+        if num_classes == 1000 and all(re.fullmatch(r"LABEL_\d+", x) for x in labels):
+            labels = None  # transformers' placeholders: use the real ImageNet names
+    pre_path = folder / "preprocessor_config.json"
+    preprocess = Preprocess.from_hf(read_json(pre_path)) if pre_path.is_file() else BIT_DEFAULT_PREPROCESS
+    tensors = _mapped_refs(refs, _mapped(str(folder), iter(refs), HF_TO_BITCLI), _same)
+    check_tensors(config, tensors, str(folder))
+    return Checkpoint(config, _checked_labels(labels, num_classes, str(folder)), preprocess, tensors, str(folder), "hf")
+
+
+def write_hf(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """transformers layout; the folder appears complete or not at all."""
+    hf = ckpt.config.to_hf()
+    hf["id2label"] = {str(i): name for i, name in enumerate(ckpt.labels)}
+    hf["label2id"] = {name: i for i, name in enumerate(ckpt.labels)}
+    if dtype is not None:
+        hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    tensors = {rename(k, BITCLI_TO_HF): ref for k, ref in ckpt.tensors.items()}
+
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(ckpt.preprocess.to_hf(), indent=2) + "\n")
+        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"}, dtype)
+
+    atomic_folder(folder, fill)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timm folders and files
+
+
+def _timm_fix(key: str, ref: TensorRef) -> TensorRef:
+    if key == "head.weight" and len(ref.shape) == 4:  # timm's head is a 1x1 conv
+        return TensorRef(ref.shape[:2], ref.dtype, lambda: ref.load().reshape(ref.shape[:2]))
+    return ref
+
+
+def read_timm_weights(path: Path, refs: dict[str, TensorRef], timm_cfg: dict[str, Any] | None = None) -> Checkpoint:
+    """timm weights (bare file, or with its config.json): architecture from the shapes, checked against the name."""
+    mapping = _mapped(str(path), iter(refs), TIMM_TO_BITCLI)
+    tensors = _mapped_refs(refs, mapping, _timm_fix)
+    config = infer_config({k: r.shape for k, r in tensors.items()}, str(path))
+    cfg = timm_cfg or {}
+    arch = cfg.get("architecture")
+    if arch is not None:
+        try:
+            named = BitConfig.from_name(arch, num_classes=config.num_classes)
+        except BitError:
+            raise BitError(f"{path}: timm architecture {arch!r} is not a BiT model (resnetv2_*_bit)") from None
+        if named != config:
+            raise BitError(f"{path}: config.json says {arch} but the weights have another shape; the config lies")
+        if int(cfg.get("num_classes", config.num_classes)) != config.num_classes:
+            raise BitError(f"{path}: config.json says {cfg['num_classes']} classes but the head has {config.num_classes}")
+    labels = cfg.get("label_names")
+    pretrained = cfg.get("pretrained_cfg")
+    preprocess = Preprocess.from_timm(pretrained) if pretrained else BIT_DEFAULT_PREPROCESS
+    check_tensors(config, tensors, str(path))
+    return Checkpoint(config, _checked_labels(labels, config.num_classes, str(path)), preprocess, tensors, str(path), "timm")
+
+
+def read_timm(folder: Path) -> Checkpoint:
+    return read_timm_weights(folder, _weights_in(folder), read_json(folder / "config.json"))
+
+
+def write_timm(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> None:
+    arch = ckpt.config.timm_architecture()
+
+    def head_conv(key: str, ref: TensorRef) -> TensorRef:
+        if key == "head.fc.weight":
+            return TensorRef((*ref.shape, 1, 1), ref.dtype, lambda: ref.load().reshape(*ref.shape, 1, 1))
+        return ref
+
+    tensors = {rename(k, BITCLI_TO_TIMM): ref for k, ref in ckpt.tensors.items()}
+    tensors = {k: head_conv(k, r) for k, r in tensors.items()}
+    pretrained = {"architecture": arch, **ckpt.preprocess.to_timm(), "num_classes": ckpt.config.num_classes}
+    cfg = {
+        "architecture": arch,
+        "num_classes": ckpt.config.num_classes,
+        "num_features": ckpt.config.num_features,
+        "global_pool": "avg",
+        "label_names": ckpt.labels,
+        "pretrained_cfg": pretrained,
+    }
+
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"}, dtype)
+
+    atomic_folder(folder, fill)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Google's original .npz
+
+
+_NPZ_GLOBAL = {
+    "stem.conv.weight": "root_block/standardized_conv2d/kernel",
+    "norm.weight": "group_norm/gamma",
+    "norm.bias": "group_norm/beta",
+    "head.weight": "head/conv2d/kernel",
+    "head.bias": "head/conv2d/bias",
+}
+# Google names a unit's pre-activation norm (norm1) under `a`, beside conv1.
+_NPZ_UNIT = {
+    **{f"conv{n}.weight": f"{p}/standardized_conv2d/kernel" for n, p in zip("123", "abc")},
+    **{f"norm{n}.weight": f"{p}/group_norm/gamma" for n, p in zip("123", "abc")},
+    **{f"norm{n}.bias": f"{p}/group_norm/beta" for n, p in zip("123", "abc")},
+    "downsample.conv.weight": "a/proj/standardized_conv2d/kernel",
+}
+_NPZ_GLOBAL_BACK = {v: k for k, v in _NPZ_GLOBAL.items()}
+_NPZ_UNIT_BACK = {v: k for k, v in _NPZ_UNIT.items()}
+
+
+def npz_key(bitcli_key: str) -> str:
+    """bitcli name -> name inside Google's .npz (without the `resnet/` prefix)."""
+    if bitcli_key in _NPZ_GLOBAL:
+        return _NPZ_GLOBAL[bitcli_key]
+    s, u, rest = re.fullmatch(r"stages\.(\d+)\.units\.(\d+)\.(.+)", bitcli_key).groups()
+    return f"block{int(s) + 1}/unit{int(u) + 1:02d}/{_NPZ_UNIT[rest]}"
+
+
+def bitcli_key_from_npz(key: str) -> str | None:
+    if key in _NPZ_GLOBAL_BACK:
+        return _NPZ_GLOBAL_BACK[key]
+    m = re.fullmatch(r"block(\d+)/unit(\d+)/(.+)", key)
+    if not m or m.group(3) not in _NPZ_UNIT_BACK or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        return None
+    return f"stages.{int(m.group(1)) - 1}.units.{int(m.group(2)) - 1}.{_NPZ_UNIT_BACK[m.group(3)]}"
+
+
+def read_npz(path: Path, labels: list[str] | None = None) -> Checkpoint:
+    """Google's BiT .npz: HWIO kernels, `resnet/` prefix; standardisation eps 1e-10 as in Google's code."""
+    arrays = read_npz_arrays(path)
+    prefix = "resnet/"
+    names = {k: bitcli_key_from_npz(k[len(prefix):]) if k.startswith(prefix) else None for k in arrays}
+    unknown = [k for k, name in names.items() if name is None]
+    if unknown:
+        raise BitError(f"{path}: unknown array name(s) {_few(sorted(unknown))}; not a BiT .npz in Google's layout")
+
+    def to_bitcli(key: str, ref: TensorRef) -> TensorRef:
+        if len(ref.shape) == 4:  # HWIO -> OIHW
+            h, w, i, o = ref.shape
+            shape: tuple[int, ...] = (o, i, h, w)
+            load = lambda: ref.load().permute(3, 2, 0, 1).contiguous()  # noqa: E731
+            if key == "head.weight":  # [1, 1, C, N] -> Linear [N, C]
+                shape = (o, i)
+                load = lambda: ref.load().reshape(i, o).t().contiguous()  # noqa: E731
+            return TensorRef(shape, ref.dtype, load)
+        return ref
+
+    tensors = {names[k]: to_bitcli(names[k], ref) for k, ref in arrays.items()}
+    if ("head.weight" in tensors) != ("head.bias" in tensors):
+        raise BitError(f"{path}: has only one of head/conv2d/kernel and head/conv2d/bias")
+    config = infer_config({k: r.shape for k, r in tensors.items()}, str(path), ws_eps=1e-10)
+    check_tensors(config, tensors, str(path))
+    return Checkpoint(config, _checked_labels(labels, config.num_classes, str(path)), BIT_DEFAULT_PREPROCESS, tensors, str(path), "npz")
+
+
+def write_npz(ckpt: Checkpoint, path: Path) -> None:
+    """Google's layout (used by tests and by anyone going back to the original code)."""
+    arrays = {}
+    for key, ref in ckpt.tensors.items():
+        t = ref.load().to(torch.float32)
+        if key == "head.weight":
+            t = t.t().reshape(1, 1, t.shape[1], t.shape[0])
+        elif t.ndim == 4:
+            t = t.permute(2, 3, 1, 0)
+        arrays["resnet/" + npz_key(key)] = t.contiguous().numpy()
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Atomic writes: a temporary name beside the target, renamed at the end
+
+
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_folder(folder: Path, fill: Callable[[Path], None]) -> None:
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        fill(tmp)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            _rmtree(old)
+            folder.rename(old)
+            tmp.rename(folder)
+            _rmtree(old)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        _rmtree(tmp)
+        raise
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,92 @@
+"""The `bit` Typer app. Commands import torch and their modules lazily so that `bit --help` stays instant."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="bit",
+    help="Big Transfer (BiT) image classification: predict, fine-tune, evaluate and convert checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m",
+        help="Hub repo id (google/bit-50, timm/resnetv2_50x1_bit.goog_in21k_ft_in1k), published name "
+        "(BiT-M-R50x1), or a local .safetensors/.npz/.bin file or model folder.",
+    ),
+]  # fmt: skip
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16.")]
+
+
+@app.command()
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)],
+    model: ModelOpt = "google/bit-50",
+    revision: RevisionOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to report per image.")] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, json, jsonl or csv.")] = "table",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Image-decoding threads.")] = min(4, os.cpu_count() or 1),
+) -> None:
+    """Classify images: top-k labels with probabilities.
+
+    Exit codes: 0 all classified, 1 some input failed (the rest are still reported), 2 bad flags.
+    """
+    from bitcli import predict as predict_mod
+
+    code = predict_mod.run(
+        images, model, revision, top_k, batch_size, device, precision, fmt, output, recursive, workers
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="Google .npz, transformers folder, timm folder/file, bitcli .safetensors, or a model spec.")],
+    dst: Annotated[Path, typer.Argument(help="A .safetensors file (bitcli) or a folder (hf/timm).")],
+    fmt: Annotated[str | None, typer.Option("--format", help="bitcli, hf or timm (default: bitcli for *.safetensors, else hf).")] = None,
+    labels: Annotated[Path | None, typer.Option("--labels", help="Text file of class names, one per line.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
+    revision: RevisionOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DST if it exists.")] = False,
+) -> None:
+    """Convert a checkpoint between Google's .npz, bitcli, transformers and timm layouts."""
+    from bitcli import convert as convert_mod
+
+    convert_mod.run(src, dst, fmt, labels, dtype, revision, overwrite)
+
+
+def main() -> None:
+    """Console-script entry: user errors become one `Error:` line; BIT_DEBUG=1 shows tracebacks."""
+    from bitcli.errors import BitError, UsageError
+
+    try:
+        app()
+    except BitError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, UsageError) else 1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("BIT_DEBUG"):
+            raise
+        print(f"Error: internal error: {type(exc).__name__}: {exc} (rerun with BIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(3)

@@ -1,0 +1,153 @@
+"""The architecture of a BiT model as one typed, serialisable dataclass, and the peers' ways of naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from bitcli.errors import BitError
+
+LayerType = Literal["preactivation", "bottleneck"]
+Padding = Literal["SAME", "VALID"] | None
+
+DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+BASE_WIDTHS = (256, 512, 1024, 2048)
+
+# Google's published checkpoint names, e.g. BiT-M-R50x1, BiT-S-R101x3-ILSVRC2012.
+PUBLISHED_NAME = re.compile(r"^BiT-([SM])-R(50|101|152)x([1-4])(-ILSVRC2012)?$")
+TIMM_BIT_ARCH = re.compile(r"^resnetv2_(50|101|152)x([1-4])_bit(?:\.\w+)?$")
+
+
+def make_div(value: float, divisor: int = 8) -> int:
+    """Round a channel count to a multiple of 8 the way timm and transformers do (never below 90%)."""
+    new_value = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if new_value < 0.9 * value:
+        new_value += divisor
+    return new_value
+
+
+@dataclass(frozen=True)
+class BitConfig:
+    depths: tuple[int, ...] = (3, 4, 6, 3)  # units per stage
+    hidden_sizes: tuple[int, ...] = BASE_WIDTHS  # output channels of each stage (width factor applied)
+    embedding_size: int = 64  # stem output channels
+    num_classes: int = 1000  # 0 builds no head: the model returns pre-logits features
+    layer_type: LayerType = "preactivation"  # "bottleneck" is the non-pre-activation (v1.5) unit
+    global_padding: Padding = None  # None: symmetric PyTorch padding; "SAME": TF padding, dynamic when strided
+    embedding_dynamic_padding: bool = False  # TF "SAME" padding before the stem max-pool
+    num_groups: int = 32  # GroupNorm groups
+    output_stride: int = 32  # < 32 trades later strides for dilation (bottleneck units)
+    ws_eps: float = 1e-8  # weight-standardisation eps: timm/transformers 1e-8, Google's original 1e-10
+    gn_eps: float = 1e-5
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        if len(self.depths) != len(self.hidden_sizes) or not self.depths:
+            raise BitError(f"config: depths {self.depths} and hidden_sizes {self.hidden_sizes} differ in length")
+        if self.layer_type not in ("preactivation", "bottleneck"):
+            raise BitError(f"config: layer_type {self.layer_type!r} is not 'preactivation' or 'bottleneck'")
+        if self.global_padding not in (None, "SAME", "VALID"):
+            raise BitError(f"config: global_padding {self.global_padding!r} is not null, 'SAME' or 'VALID'")
+        if self.num_classes < 0:
+            raise BitError(f"config: num_classes must be >= 0, got {self.num_classes}")
+        for width in (self.embedding_size, *self.hidden_sizes, *self.mid_sizes):
+            if width % self.num_groups:
+                raise BitError(f"config: {width} channels do not split into {self.num_groups} groups")
+
+    @property
+    def mid_sizes(self) -> tuple[int, ...]:
+        return tuple(make_div(h * 0.25) for h in self.hidden_sizes)
+
+    @property
+    def num_features(self) -> int:
+        return self.hidden_sizes[-1]
+
+    @classmethod
+    def resnet(cls, depth: int, width: int = 1, **overrides: Any) -> BitConfig:
+        """A published BiT layout: R{depth}x{width}."""
+        if depth not in DEPTHS:
+            raise BitError(f"no BiT ResNet of depth {depth}; choose one of {sorted(DEPTHS)}")
+        return cls(
+            depths=DEPTHS[depth],
+            hidden_sizes=tuple(w * width for w in BASE_WIDTHS),
+            embedding_size=64 * width,
+            **overrides,
+        )
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> BitConfig:
+        """`R50x1`, `BiT-M-R101x3`, `resnetv2_152x2_bit` -> the config of that architecture."""
+        for pattern in (re.compile(r"^R(50|101|152)x([1-4])$", re.I), PUBLISHED_NAME, TIMM_BIT_ARCH):
+            m = pattern.match(name)
+            if m:
+                digits = [g for g in m.groups() if g and g.isdigit()]
+                return cls.resnet(int(digits[0]), int(digits[1]), **overrides)
+        raise BitError(f"unknown architecture {name!r}; use e.g. R50x1, R101x3, R152x4")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BitConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise BitError(f"config: unknown field(s) {sorted(unknown)}")
+        values = dict(data)
+        for key in ("depths", "hidden_sizes"):
+            if key in values:
+                values[key] = tuple(int(v) for v in values[key])
+        return cls(**values)
+
+    # transformers' BitConfig ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], num_classes: int) -> BitConfig:
+        if hf.get("model_type", "bit") != "bit":
+            raise BitError(f"config.json describes a {hf.get('model_type')!r} model, not BiT ('bit')")
+        if hf.get("hidden_act", "relu") != "relu":
+            raise BitError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only relu)")
+        width = int(hf.get("width_factor", 1))
+        padding = hf.get("global_padding")
+        return cls(
+            depths=tuple(hf.get("depths", (3, 4, 6, 3))),
+            hidden_sizes=tuple(make_div(h * width) for h in hf.get("hidden_sizes", BASE_WIDTHS)),
+            embedding_size=int(hf.get("embedding_size", 64)),
+            num_classes=num_classes,
+            layer_type=hf.get("layer_type", "preactivation"),
+            global_padding=padding.upper() if isinstance(padding, str) else None,
+            embedding_dynamic_padding=bool(hf.get("embedding_dynamic_padding", False)),
+            num_groups=int(hf.get("num_groups", 32)),
+            output_stride=int(hf.get("output_stride", 32)),
+            in_channels=int(hf.get("num_channels", 3)),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        return {
+            "model_type": "bit",
+            "architectures": ["BitForImageClassification"],
+            "num_channels": self.in_channels,
+            "embedding_size": self.embedding_size,
+            "hidden_sizes": list(self.hidden_sizes),
+            "depths": list(self.depths),
+            "layer_type": self.layer_type,
+            "hidden_act": "relu",
+            "global_padding": self.global_padding,
+            "num_groups": self.num_groups,
+            "drop_path_rate": 0.0,
+            "embedding_dynamic_padding": self.embedding_dynamic_padding,
+            "output_stride": self.output_stride,
+            "width_factor": 1,
+        }
+
+    # timm -------------------------------------------------------------------------------------------------
+
+    def timm_architecture(self) -> str:
+        """The timm model name that has this layout, or a BitError when timm has none."""
+        for depth, depths in DEPTHS.items():
+            for width in (1, 2, 3, 4):
+                if self == BitConfig.resnet(depth, width, num_classes=self.num_classes, ws_eps=1e-8):
+                    return f"resnetv2_{depth}x{width}_bit"
+        raise BitError("this layout has no timm name (timm's BiT models are R50/101/152 x1-x4, eps 1e-8)")

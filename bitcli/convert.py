@@ -1,0 +1,38 @@
+"""`bit convert`: any supported checkpoint in, bitcli / transformers / timm out, streamed tensor by tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bitcli.checkpoints import write_bitcli, write_hf, write_timm
+from bitcli.errors import BitError, UsageError
+from bitcli.hub import load_checkpoint
+from bitcli.ui import log
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WRITERS = {"bitcli": write_bitcli, "hf": write_hf, "timm": write_timm}
+
+
+def run(
+    src: str, dst: Path, fmt: str | None, labels: Path | None, dtype: str, revision: str | None, overwrite: bool
+) -> None:
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
+    fmt = fmt or ("bitcli" if dst.suffix.lower() == ".safetensors" else "hf")
+    if fmt not in WRITERS:
+        raise UsageError(f"--format {fmt!r}: use bitcli, hf or timm")
+    if fmt == "bitcli" and dst.suffix.lower() != ".safetensors":
+        raise UsageError(f"{dst}: a bitcli checkpoint is one file; name it *.safetensors")
+    if fmt != "bitcli" and dst.suffix:
+        raise UsageError(f"{dst}: the {fmt} layout is a folder; give a folder name without an extension")
+    if dst.exists() and not overwrite:
+        raise BitError(f"{dst}: already exists; pass --overwrite to replace it")
+    ckpt = load_checkpoint(src, revision, str(labels) if labels else None)  # readers check every shape
+    WRITERS[fmt](ckpt, dst, DTYPES[dtype])
+    cfg = ckpt.config
+    log(
+        f"wrote {dst} ({fmt}): {len(cfg.depths)} stages {list(cfg.depths)}, width {cfg.num_features}, "
+        f"{cfg.num_classes} classes, {len(ckpt.tensors)} tensors"
+    )

@@ -1,0 +1,209 @@
+"""Turn a model spec (local path, Hugging Face repo id, Google's published name) into a Checkpoint."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from bitcli.checkpoints import (
+    Checkpoint,
+    read_bitcli,
+    read_hf,
+    read_json,
+    read_label_file,
+    read_npz,
+    read_timm,
+    read_timm_weights,
+    read_torch_bin,
+)
+from bitcli.config import PUBLISHED_NAME
+from bitcli.errors import BitError
+
+DEFAULT_MODEL = "google/bit-50"
+GOOGLE_BASE_URL = "https://storage.googleapis.com/bit_models"
+
+
+def load_checkpoint(spec: str, revision: str | None = None, labels_file: str | None = None) -> Checkpoint:
+    path = Path(spec).expanduser()
+    if path.exists():
+        ckpt = read_local(path)
+    elif PUBLISHED_NAME.match(spec.removesuffix(".npz")):
+        ckpt = read_npz(download_published(spec.removesuffix(".npz")))
+    elif _looks_like_repo_id(spec):
+        ckpt = read_local(hub_snapshot(spec, revision))
+    else:
+        raise BitError(
+            f"model {spec!r}: no such file or folder, and not a Hub repo id (org/name) "
+            "or a published BiT name (e.g. BiT-M-R50x1)"
+        )
+    if labels_file is not None:
+        ckpt.labels = read_label_file(Path(labels_file), ckpt.config.num_classes)
+    return ckpt
+
+
+def read_local(path: Path) -> Checkpoint:
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise BitError(f"{path}: folder has no config.json; expected a transformers or timm model folder")
+        config = read_json(config_path)
+        if "architecture" in config:
+            return read_timm(path)
+        if config.get("model_type") == "bit" or "BitForImageClassification" in config.get("architectures", []):
+            return read_hf(path)
+        raise BitError(f"{config_path}: neither a transformers BiT config (model_type 'bit') nor a timm config")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return read_npz(path)
+    if suffix == ".safetensors":
+        return read_bitcli(path)
+    if suffix in (".bin", ".pth", ".pt"):
+        return read_timm_weights(path, read_torch_bin(path))
+    raise BitError(f"{path}: unknown model file type {suffix!r}; use .safetensors, .npz, .bin/.pth or a model folder")
+
+
+def _looks_like_repo_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face Hub (HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE are honoured by huggingface_hub itself)
+
+
+def hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """Fetch (or find in the cache) config.json, the weights and preprocessor_config.json; return their folder."""
+    config = _hub_file(repo_id, "config.json", revision)
+    folder = config.parent
+    if _hub_file(repo_id, "model.safetensors", revision, required=False) is None:
+        if _hub_file(repo_id, "pytorch_model.bin", revision, required=False) is None:
+            raise BitError(f"Hub repo {repo_id!r} has no model.safetensors or pytorch_model.bin")
+    _hub_file(repo_id, "preprocessor_config.json", revision, required=False)
+    return folder
+
+
+def _hub_file(repo_id: str, filename: str, revision: str | None, required: bool = True) -> Path | None:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
+    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except hf_errors.EntryNotFoundError:
+        if required:
+            raise BitError(f"Hub repo {where!r} has no {filename}; it is not a transformers or timm model") from None
+        return None
+    except hf_errors.LocalEntryNotFoundError:
+        if not required and _cached_snapshot_has_other_files(repo_id, revision):
+            return None
+        offline = constants.HF_HUB_OFFLINE
+        raise BitError(
+            f"model {where!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+            + (" and HF_HUB_OFFLINE=1 forbids downloading" if offline else " and the Hub cannot be reached")
+            + f"; run `hf download {repo_id}` on a connected machine, or pass a local model path"
+        ) from None
+    except hf_errors.RevisionNotFoundError:
+        raise BitError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
+    except hf_errors.GatedRepoError:
+        raise BitError(f"Hub repo {repo_id!r} is gated; accept its terms and log in with `hf auth login`") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise BitError(
+            f"no Hub repo {repo_id!r} (check the spelling; private repos need `hf auth login`)"
+        ) from None
+    except hf_errors.HFValidationError as exc:
+        raise BitError(f"model {repo_id!r}: not a valid Hub repo id ({exc})") from None
+    except (hf_errors.HfHubHTTPError, OSError) as exc:
+        raise BitError(f"cannot download {filename} from Hub repo {where!r}: {' '.join(str(exc).split())[:200]}") from None
+
+
+def _cached_snapshot_has_other_files(repo_id: str, revision: str | None) -> bool:
+    """Offline, an optional file that was never downloaded is simply absent; that is fine if the repo is cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Google's published .npz files
+
+
+def bitcli_cache() -> Path:
+    root = os.environ.get("BITCLI_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "bitcli")
+    return Path(root).expanduser()
+
+
+def download_published(name: str) -> Path:
+    """`BiT-M-R50x1` -> the cached .npz, downloading it first if needed (size and MD5 checked, atomic rename)."""
+    target = bitcli_cache() / f"{name}.npz"
+    if target.is_file():
+        return target
+    base = os.environ.get("BITCLI_MODELS_URL", GOOGLE_BASE_URL).rstrip("/")
+    url = f"{base}/{name}.npz"
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("BITCLI_OFFLINE") == "1":
+        raise BitError(f"{name}: not in the cache ({target}) and offline mode forbids downloading {url}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+    try:
+        _download(url, tmp, name)
+        read_npz(tmp)  # a file that does not parse as a BiT .npz never enters the cache
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _download(url: str, dest: Path, name: str) -> None:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    try:
+        response = urllib.request.urlopen(url, timeout=30)
+    except urllib.error.HTTPError as exc:
+        hint = "check the name (e.g. BiT-M-R50x1)" if exc.code == 404 else "try again later"
+        raise BitError(f"{name}: download failed, HTTP {exc.code} from {url}; {hint}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise BitError(f"{name}: cannot reach {url} ({reason}); download it elsewhere and pass the .npz path") from None
+    with response:
+        length = response.headers.get("Content-Length")
+        expected = int(length) if length is not None else None
+        md5_expected = _goog_md5(response.headers.get_all("x-goog-hash") or [])
+        md5, received = hashlib.md5(), 0
+        with (
+            Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                     console=_stderr_console(), transient=True) as progress,
+            open(dest, "wb") as f,
+        ):  # fmt: skip
+            task = progress.add_task(f"downloading {name}", total=expected)
+            try:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    md5.update(chunk)
+                    received += len(chunk)
+                    progress.update(task, advance=len(chunk))
+            except OSError as exc:
+                raise BitError(f"{name}: download from {url} broke off after {received} bytes ({exc}); run again") from None
+    if expected is not None and received != expected:
+        raise BitError(f"{name}: download from {url} is incomplete ({received} of {expected} bytes); run again")
+    if md5_expected is not None and md5.digest() != md5_expected:
+        raise BitError(f"{name}: download from {url} does not match the server's MD5; the file is corrupt, run again")
+
+
+def _goog_md5(values: list[str]) -> bytes | None:
+    """Google Cloud Storage sends `x-goog-hash: crc32c=...,md5=<base64>`."""
+    for value in values:
+        for part in value.split(","):
+            key, _, b64 = part.strip().partition("=")
+            if key == "md5":
+                return base64.b64decode(b64)
+    return None
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(file=sys.stderr)
