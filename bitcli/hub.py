@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
 import hashlib
+import http.client
+import logging
 import os
 import sys
 import urllib.error
@@ -33,7 +37,11 @@ def load_checkpoint(spec: str, revision: str | None = None, labels_file: str | N
     if path.exists():
         ckpt = read_local(path)
     elif PUBLISHED_NAME.match(spec.removesuffix(".npz")):
-        ckpt = read_npz(download_published(spec.removesuffix(".npz")))
+        cached = download_published(spec.removesuffix(".npz"))
+        try:
+            ckpt = read_npz(cached)
+        except BitError as exc:  # validated before it entered the cache, so damaged since
+            raise BitError(f"{exc}; delete {cached} to download it again") from None
     elif _looks_like_repo_id(spec):
         ckpt = read_local(hub_snapshot(spec, revision))
     else:
@@ -93,11 +101,9 @@ def _hub_file(repo_id: str, filename: str, revision: str | None, required: bool 
 
     where = f"{repo_id}" + (f"@{revision}" if revision else "")
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except hf_errors.EntryNotFoundError:
-        if required:
-            raise BitError(f"Hub repo {where!r} has no {filename}; it is not a transformers or timm model") from None
-        return None
+        with _quiet_hub_logs():
+            return Path(hf_hub_download(repo_id, filename, revision=revision))
+    # LocalEntryNotFoundError subclasses EntryNotFoundError: it must be caught first.
     except hf_errors.LocalEntryNotFoundError:
         if not required and _cached_snapshot_has_other_files(repo_id, revision):
             return None
@@ -107,18 +113,32 @@ def _hub_file(repo_id: str, filename: str, revision: str | None, required: bool 
             + (" and HF_HUB_OFFLINE=1 forbids downloading" if offline else " and the Hub cannot be reached")
             + f"; run `hf download {repo_id}` on a connected machine, or pass a local model path"
         ) from None
+    except hf_errors.EntryNotFoundError:
+        if required:
+            raise BitError(f"Hub repo {where!r} has no {filename}; it is not a transformers or timm model") from None
+        return None
     except hf_errors.RevisionNotFoundError:
         raise BitError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
     except hf_errors.GatedRepoError:
         raise BitError(f"Hub repo {repo_id!r} is gated; accept its terms and log in with `hf auth login`") from None
     except hf_errors.RepositoryNotFoundError:
-        raise BitError(
-            f"no Hub repo {repo_id!r} (check the spelling; private repos need `hf auth login`)"
-        ) from None
+        raise BitError(f"no Hub repo {repo_id!r} (check the spelling; private repos need `hf auth login`)") from None
     except hf_errors.HFValidationError as exc:
         raise BitError(f"model {repo_id!r}: not a valid Hub repo id ({exc})") from None
     except (hf_errors.HfHubHTTPError, OSError) as exc:
         raise BitError(f"cannot download {filename} from Hub repo {where!r}: {' '.join(str(exc).split())[:200]}") from None
+
+
+@contextlib.contextmanager
+def _quiet_hub_logs():
+    """huggingface_hub logs every retry as a warning; our own one-line error says what matters."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _cached_snapshot_has_other_files(repo_id: str, revision: str | None) -> bool:
@@ -138,7 +158,12 @@ def bitcli_cache() -> Path:
 
 
 def download_published(name: str) -> Path:
-    """`BiT-M-R50x1` -> the cached .npz, downloading it first if needed (size and MD5 checked, atomic rename)."""
+    """`BiT-M-R50x1` -> the cached .npz, downloading it first if needed.
+
+    The download goes to a temporary name beside the target; its size (Content-Length) and MD5
+    (x-goog-hash) are checked and it must parse as a BiT .npz before it is renamed into the cache, so the
+    cache never holds a partial or corrupt file. The architecture comes from the tensor shapes, not the name.
+    """
     target = bitcli_cache() / f"{name}.npz"
     if target.is_file():
         return target
@@ -146,11 +171,18 @@ def download_published(name: str) -> Path:
     url = f"{base}/{name}.npz"
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("BITCLI_OFFLINE") == "1":
         raise BitError(f"{name}: not in the cache ({target}) and offline mode forbids downloading {url}")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BitError(f"cannot create the model cache {target.parent} ({exc.strerror}); set BITCLI_CACHE") from None
     tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
         _download(url, tmp, name)
-        read_npz(tmp)  # a file that does not parse as a BiT .npz never enters the cache
+        try:
+            read_npz(tmp)  # a file that does not parse as a BiT .npz never enters the cache
+        except BitError as exc:
+            problem = str(exc).removeprefix(f"{tmp}: ")
+            raise BitError(f"{name}: the file downloaded from {url} is not a usable BiT .npz ({problem})") from None
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -160,22 +192,24 @@ def download_published(name: str) -> Path:
 def _download(url: str, dest: Path, name: str) -> None:
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
+    from bitcli.ui import stderr_console
+
     try:
         response = urllib.request.urlopen(url, timeout=30)
     except urllib.error.HTTPError as exc:
         hint = "check the name (e.g. BiT-M-R50x1)" if exc.code == 404 else "try again later"
         raise BitError(f"{name}: download failed, HTTP {exc.code} from {url}; {hint}") from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise BitError(f"{name}: cannot reach {url} ({reason}); download it elsewhere and pass the .npz path") from None
     with response:
         length = response.headers.get("Content-Length")
-        expected = int(length) if length is not None else None
-        md5_expected = _goog_md5(response.headers.get_all("x-goog-hash") or [])
+        expected = int(length) if length is not None and length.strip().isdigit() else None
+        md5_expected = _goog_md5(response.headers.get_all("x-goog-hash") or [], name, url)
         md5, received = hashlib.md5(), 0
         with (
             Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                     console=_stderr_console(), transient=True) as progress,
+                     console=stderr_console(), transient=True, disable=not sys.stderr.isatty()) as progress,
             open(dest, "wb") as f,
         ):  # fmt: skip
             task = progress.add_task(f"downloading {name}", total=expected)
@@ -185,25 +219,25 @@ def _download(url: str, dest: Path, name: str) -> None:
                     md5.update(chunk)
                     received += len(chunk)
                     progress.update(task, advance=len(chunk))
-            except OSError as exc:
-                raise BitError(f"{name}: download from {url} broke off after {received} bytes ({exc}); run again") from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise BitError(f"{name}: download from {url} broke off after {received} bytes ({exc or type(exc).__name__}); run again") from None
     if expected is not None and received != expected:
         raise BitError(f"{name}: download from {url} is incomplete ({received} of {expected} bytes); run again")
     if md5_expected is not None and md5.digest() != md5_expected:
         raise BitError(f"{name}: download from {url} does not match the server's MD5; the file is corrupt, run again")
 
 
-def _goog_md5(values: list[str]) -> bytes | None:
-    """Google Cloud Storage sends `x-goog-hash: crc32c=...,md5=<base64>`."""
+def _goog_md5(values: list[str], name: str, url: str) -> bytes | None:
+    """Google Cloud Storage sends `x-goog-hash: crc32c=...,md5=<base64>` (possibly as two headers)."""
     for value in values:
         for part in value.split(","):
             key, _, b64 = part.strip().partition("=")
             if key == "md5":
-                return base64.b64decode(b64)
+                try:
+                    digest = base64.b64decode(b64, validate=True)
+                except binascii.Error:
+                    digest = b""
+                if len(digest) != 16:
+                    raise BitError(f"{name}: {url} sent a malformed x-goog-hash md5 ({b64!r}); try again later")
+                return digest
     return None
-
-
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(file=sys.stderr)

@@ -1,0 +1,135 @@
+"""Shared fixtures: checkpoints the tests build themselves with the peers (transformers, timm), real photos
+that scikit-image and scikit-learn ship, a pre-populated Hugging Face cache, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SKIMAGE_PHOTOS = ["chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "retina.jpg"]
+SKLEARN_PHOTOS = ["china.jpg", "flower.jpg"]
+
+# google/bit-50's preprocessor_config.json (the values that matter).
+BIT50_PREPROCESSOR = {
+    "do_resize": True,
+    "size": {"shortest_edge": 448},
+    "resample": 2,
+    "do_center_crop": True,
+    "crop_size": {"height": 448, "width": 448},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "do_convert_rgb": True,
+}
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights with non-trivial norms and a non-zero head, so that any mismatch shows in the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim == 1:
+                p.add_(0.1 * noise)
+            else:
+                p.copy_(0.05 * noise)
+
+
+def save_hf_model(folder: Path, preprocessor: dict | None = None, seed: int = 0, head_scale: float = 1.0, **config) -> Path:
+    """head_scale > 1 spreads the logits the way a trained model's are spread (no near-ties in the top-k)."""
+    import transformers
+
+    cfg = transformers.BitConfig(**config)
+    model = transformers.BitForImageClassification(cfg).eval()
+    perturb(model, seed)
+    if cfg.num_labels:
+        with torch.no_grad():
+            model.classifier[1].weight.mul_(head_scale)
+    model.save_pretrained(folder)
+    if preprocessor is not None:
+        transformers.BitImageProcessorPil(**preprocessor).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    """Real photographs (cat, astronaut, coffee, rocket, ...) copied out of the packages that ship them."""
+    import sklearn.datasets
+    import skimage.data
+
+    out = tmp_path_factory.mktemp("photos")
+    found = {}
+    for name in SKIMAGE_PHOTOS:
+        found[name] = Path(shutil.copy(Path(skimage.data.__file__).parent / name, out / name))
+    for name in SKLEARN_PHOTOS:
+        found[name] = Path(shutil.copy(Path(sklearn.datasets.__file__).parent / "images" / name, out / name))
+    return found
+
+
+@pytest.fixture(scope="session")
+def bit50_dir(tmp_path_factory) -> Path:
+    """A random-weight model in google/bit-50's exact layout, labels and preprocessing, saved by transformers."""
+    from bitcli.checkpoints import imagenet_labels
+
+    labels = imagenet_labels()
+    return save_hf_model(
+        tmp_path_factory.mktemp("bit50") / "bit-50",
+        BIT50_PREPROCESSOR,
+        head_scale=20.0,
+        id2label={i: name for i, name in enumerate(labels)},
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+
+
+TINY_LABELS = ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape", "honeydew", "kiwi", "lemon"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny BiT (two stages) with 10 named classes and 64-px preprocessing: fast CLI tests."""
+    return save_hf_model(
+        tmp_path_factory.mktemp("tiny") / "tiny",
+        {**BIT50_PREPROCESSOR, "size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}},
+        embedding_size=16,
+        hidden_sizes=[32, 64],
+        depths=[1, 1],
+        num_groups=8,
+        id2label=dict(enumerate(TINY_LABELS)),
+        label2id={n: i for i, n in enumerate(TINY_LABELS)},
+    )
+
+
+def populate_hf_cache(hub_cache: Path, repo_id: str, files_from: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> None:
+    """Lay out a model the way huggingface_hub's cache does: blobs, snapshots/<commit>/ links, refs/<name>."""
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(sorted(p for p in files_from.iterdir() if p.is_file())):
+        blob = repo / "blobs" / f"{commit[:8]}{i:04d}{f.name.encode().hex()[:24]}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+
+
+def run_bit(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess (`python -m bitcli`), as a user runs it."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "bitcli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )

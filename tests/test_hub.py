@@ -1,0 +1,85 @@
+"""Hub repo ids resolved by huggingface_hub from a pre-populated HF cache, offline, as on a user's machine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+from conftest import perturb, populate_hf_cache, run_bit
+
+COMMIT_MAIN = "a" * 40
+COMMIT_V1 = "b" * 40
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory, tiny_dir):
+    """HF_HOME whose hub cache holds google/bit-50 (main and tag v1) and a timm BiT repo."""
+    home = tmp_path_factory.mktemp("hf_home")
+    populate_hf_cache(home / "hub", "google/bit-50", tiny_dir, COMMIT_MAIN)
+
+    relabelled = tmp_path_factory.mktemp("v1") / "bit-50-v1"
+    relabelled.mkdir()
+    for f in tiny_dir.iterdir():
+        (relabelled / f.name).write_bytes(f.read_bytes())
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config["id2label"] = {k: v.upper() for k, v in config["id2label"].items()}
+    config["label2id"] = {v.upper(): int(k) for k, v in config["id2label"].items()}
+    (relabelled / "config.json").write_text(json.dumps(config))
+    populate_hf_cache(home / "hub", "google/bit-50", relabelled, COMMIT_V1, refs=("v1",))
+
+    from timm.models._hub import save_for_hf
+
+    model = timm.create_model("resnetv2_50x1_bit", num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64), crop_pct=1.0))
+    perturb(model)
+    timm_dir = tmp_path_factory.mktemp("timm") / "r50"
+    save_for_hf(model, timm_dir, safe_serialization=True)
+    populate_hf_cache(home / "hub", "timm/resnetv2_50x1_bit.goog_in21k_ft_in1k", timm_dir, "c" * 40)
+    return home
+
+
+def _predict(hf_home, image, *flags, offline=True):
+    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1" if offline else "0"}
+    return run_bit("predict", image, "--format", "json", *flags, env=env)
+
+
+def test_default_model_resolves_from_cache_offline(hf_home, tiny_dir, photos):
+    from_cache = _predict(hf_home, photos["chelsea.png"])  # no --model: google/bit-50
+    assert from_cache.returncode == 0, from_cache.stderr
+    from_folder = _predict(hf_home, photos["chelsea.png"], "--model", str(tiny_dir))
+    assert json.loads(from_cache.stdout)[0]["predictions"] == json.loads(from_folder.stdout)[0]["predictions"]
+
+
+def test_revision_selects_another_snapshot(hf_home, photos):
+    main = json.loads(_predict(hf_home, photos["chelsea.png"]).stdout)[0]["predictions"]
+    v1 = _predict(hf_home, photos["chelsea.png"], "--revision", "v1")
+    assert v1.returncode == 0, v1.stderr
+    tagged = json.loads(v1.stdout)[0]["predictions"]
+    assert [p["label"] for p in tagged] == [p["label"].upper() for p in main]
+
+
+def test_timm_repo_id_from_cache(hf_home, photos):
+    result = _predict(hf_home, photos["rocket.jpg"], "--model", "timm/resnetv2_50x1_bit.goog_in21k_ft_in1k", "--top-k", "2")
+    assert result.returncode == 0, result.stderr
+    preds = json.loads(result.stdout)[0]["predictions"]
+    assert [p["label"] for p in preds] == [f"class_{p['index']}" for p in preds]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "google/bit-101"], "'google/bit-101' is not in the Hugging Face cache"),
+        (["--revision", "v2"], "'google/bit-50@v2' is not in the Hugging Face cache"),
+    ],
+)
+def test_missing_from_cache_offline_is_one_clear_line(hf_home, photos, flags, message):
+    result = _predict(hf_home, photos["chelsea.png"], *flags)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and message in result.stderr and "HF_HUB_OFFLINE=1" in result.stderr
+    assert "hf download" in result.stderr
+
+
+def test_cached_model_works_without_offline_flag_when_hub_is_unreachable(hf_home, photos):
+    """No HF_HUB_OFFLINE and no network: huggingface_hub falls back to the cache by itself."""
+    result = _predict(hf_home, photos["chelsea.png"], offline=False)
+    assert result.returncode == 0, result.stderr
