@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -218,7 +219,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Open, decode (first frame), apply EXIF orientation and convert to RGB. Raises BitError on bad files."""
-    name = os.fsdecode(path)
+    name = os.fsencode(path).decode("utf-8", "replace")  # printable even for non-UTF-8 names
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        broken = os.path.islink(path)
+        raise BitError(f"{name}: " + ("broken symbolic link" if broken else "no such file")) from None
+    except OSError as exc:
+        raise BitError(f"{name}: cannot read ({exc.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise BitError(f"{name}: is a directory; pass --recursive to classify folders inside folders")
+    if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
+        raise BitError(f"{name}: not a regular file (pipe, socket or device); copy the image to a file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -238,8 +250,6 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         ) from None
     except FileNotFoundError:
         raise BitError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise BitError(f"{name}: is a directory; pass --recursive to classify folders inside folders") from None
     except PermissionError:
         raise BitError(f"{name}: permission denied; make the file readable") from None
     except Image.UnidentifiedImageError:
