@@ -1,0 +1,126 @@
+"""Hostile checkpoints: whatever the bytes, reading gives a model or one BitError, never a crash or a pickle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_bit
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from bitcli.errors import BitError
+from bitcli.hub import load_checkpoint
+
+_TINY = dict(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8, num_labels=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory, tiny_dir) -> dict[str, bytes]:
+    """The bytes of one valid checkpoint in each format, to mutate."""
+    from bitcli.checkpoints import write_npz
+
+    out = tmp_path_factory.mktemp("valid")
+    assert run_bit("convert", tiny_dir, out / "bitcli.safetensors").returncode == 0
+    write_npz(load_checkpoint(str(out / "bitcli.safetensors")), out / "google.npz")
+    return {name: (out / name).read_bytes() for name in ("bitcli.safetensors", "google.npz")}
+
+
+def _load(path: Path) -> None:
+    load_checkpoint(str(path)).build_model()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    which=st.sampled_from(["bitcli.safetensors", "google.npz"]),
+    cut=st.one_of(st.none(), st.integers(min_value=0, max_value=200_000)),
+    flips=st.lists(st.tuples(st.integers(0, 200_000), st.integers(0, 255)), max_size=8),
+)
+def test_mutated_checkpoints_load_or_fail_cleanly(tmp_path, tiny_files, which, cut, flips):
+    data = bytearray(tiny_files[which])
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    for pos, value in flips:
+        if data:
+            data[pos % len(data)] = value
+    path = tmp_path / which
+    path.write_bytes(bytes(data))
+    try:
+        _load(path)
+    except BitError as exc:
+        assert "\n" not in str(exc)
+
+
+class _Boom:
+    """Unpickling this would create a marker file: the test proves it is never unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_bin_payload_never_runs(tmp_path, photos):
+    marker = tmp_path / "pwned"
+    torch.save({"stem.conv.weight": torch.zeros(16, 3, 7, 7), "evil": _Boom(marker)}, tmp_path / "evil.bin")
+    result = run_bit("predict", photos["chelsea.png"], "--model", tmp_path / "evil.bin")
+    assert result.returncode == 1 and "never unpickles" in result.stderr and "evil.bin" in result.stderr
+    assert not marker.exists()
+
+
+def test_object_array_in_npz_is_refused(tmp_path, photos):
+    import numpy as np
+
+    marker = tmp_path / "pwned"
+    np.savez(tmp_path / "evil.npz", **{"resnet/root_block/standardized_conv2d/kernel": np.array([_Boom(marker)], dtype=object)})
+    result = run_bit("predict", photos["chelsea.png"], "--model", tmp_path / "evil.npz")
+    assert result.returncode == 1 and "pickle" in result.stderr
+    assert not marker.exists()
+
+
+def _copy_model(tiny_dir: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(tiny_dir, dst))
+
+
+def test_nan_weights_are_refused(tmp_path, tiny_dir, photos):
+    model = _copy_model(tiny_dir, tmp_path / "nan")
+    state = load_file(model / "model.safetensors")
+    state["bit.norm.weight"][3] = float("nan")
+    save_file(state, model / "model.safetensors", metadata={"format": "pt"})
+    result = run_bit("predict", photos["chelsea.png"], "--model", model)
+    assert result.returncode == 1
+    assert "bit.norm.weight" in result.stderr or "norm.weight" in result.stderr
+    assert "NaN" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_integer_weights_are_refused(tmp_path, tiny_dir, photos):
+    model = _copy_model(tiny_dir, tmp_path / "int")
+    state = load_file(model / "model.safetensors")
+    state["bit.norm.bias"] = state["bit.norm.bias"].to(torch.int32)
+    save_file(state, model / "model.safetensors", metadata={"format": "pt"})
+    result = run_bit("predict", photos["chelsea.png"], "--model", model)
+    assert result.returncode == 1 and "norm.bias" in result.stderr and "floating point" in result.stderr
+
+
+def test_config_that_lies_about_shapes(tmp_path, tiny_dir, photos):
+    model = _copy_model(tiny_dir, tmp_path / "liar")
+    config = json.loads((model / "config.json").read_text())
+    config["hidden_sizes"] = [64, 128]  # the weights are 32, 64 wide
+    (model / "config.json").write_text(json.dumps(config))
+    result = run_bit("predict", photos["chelsea.png"], "--model", model)
+    assert result.returncode == 1
+    assert "do not match the architecture" in result.stderr and "wrong shape" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_truncated_safetensors_names_the_problem(tmp_path, tiny_dir, photos):
+    model = _copy_model(tiny_dir, tmp_path / "cut")
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    result = run_bit("predict", photos["chelsea.png"], "--model", model)
+    assert result.returncode == 1 and "truncated" in result.stderr and "model.safetensors" in result.stderr
