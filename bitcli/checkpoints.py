@@ -6,6 +6,7 @@ map, and returns lazy tensor references so that a converter can stream a checkpo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -80,12 +81,29 @@ def expected_shapes(config: BitConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_tensors(config: BitConfig, tensors: Mapping[str, TensorRef], source: str) -> None:
-    """All problems at once: missing keys, unexpected keys, wrong shapes."""
+@dataclass(frozen=True)
+class SourceNames:
+    """How a source format names bitcli's tensors and lays out their shapes, so errors speak its language."""
+
+    key: Callable[[str], str] = lambda key: key
+    shape: Callable[[str, tuple[int, ...]], tuple[int, ...]] = lambda key, shape: tuple(shape)
+
+
+BITCLI_NAMES = SourceNames()
+
+
+def check_tensors(
+    config: BitConfig, tensors: Mapping[str, TensorRef], source: str, names: SourceNames = BITCLI_NAMES
+) -> None:
+    """All problems at once: missing keys, unexpected keys, wrong shapes (named as the source names them)."""
     want = expected_shapes(config)
-    missing = [k for k in want if k not in tensors]
-    unused = [k for k in tensors if k not in want]
-    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {want[k]})" for k in want if k in tensors and tuple(tensors[k].shape) != want[k]]
+    missing = [names.key(k) for k in want if k not in tensors]
+    unused = [names.key(k) for k in tensors if k not in want]
+    wrong = [
+        f"{names.key(k)} {names.shape(k, tuple(tensors[k].shape))} (expected {names.shape(k, want[k])})"
+        for k in want
+        if k in tensors and tuple(tensors[k].shape) != want[k]
+    ]
     problems = []
     if missing:
         problems.append(f"missing {_few(missing)}")
@@ -97,7 +115,7 @@ def check_tensors(config: BitConfig, tensors: Mapping[str, TensorRef], source: s
         raise BitError(f"{source}: weights do not match the architecture: " + "; ".join(problems))
     for key, ref in tensors.items():
         if not ref.dtype.is_floating_point:
-            raise BitError(f"{source}: tensor {key} has dtype {ref.dtype}; BiT weights must be floating point")
+            raise BitError(f"{source}: tensor {names.key(key)} has dtype {ref.dtype}; BiT weights must be floating point")
 
 
 def _few(items: list[str], n: int = 4) -> str:
@@ -108,27 +126,30 @@ def _few(items: list[str], n: int = 4) -> str:
 _UNIT_KEY = re.compile(r"^stages\.(\d+)\.units\.(\d+)\.")
 
 
-def infer_config(shapes: Mapping[str, tuple[int, ...]], source: str, **overrides: Any) -> BitConfig:
-    """Depth, width and class count of a pre-activation BiT from its bitcli-named tensor shapes."""
+def infer_config(
+    shapes: Mapping[str, tuple[int, ...]], source: str, names: SourceNames = BITCLI_NAMES, **overrides: Any
+) -> BitConfig:
+    """Depth, width and class count of a BiT from its bitcli-named tensor shapes (never from a file name)."""
     stem = shapes.get("stem.conv.weight")
     if stem is None or len(stem) != 4:
-        raise BitError(f"{source}: no stem convolution found; this is not a BiT checkpoint")
+        raise BitError(f"{source}: has no {names.key('stem.conv.weight')}; this is not a BiT checkpoint")
     units: dict[int, set[int]] = {}
     for key in shapes:
         m = _UNIT_KEY.match(key)
         if m:
             units.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    if not units or sorted(units) != list(range(len(units))):
-        raise BitError(f"{source}: stages are missing or not numbered from 0; this is not a BiT checkpoint")
+    if not units:
+        raise BitError(f"{source}: has no residual units (no {names.key('stages.0.units.0.conv1.weight')})")
     depths, hidden = [], []
-    for s in range(len(units)):
-        n = len(units[s])
-        if sorted(units[s]) != list(range(n)):
-            raise BitError(f"{source}: stage {s} has units {sorted(units[s])}, not 0..{n - 1}")
+    for s in range(max(units) + 1):
+        found = units.get(s, set())
+        gap = next((u for u in range(max(found, default=0) + 1) if u not in found), None)
+        if gap is not None:  # a stage, or a unit inside one, is absent while later ones exist
+            raise BitError(f"{source}: missing {names.key(f'stages.{s}.units.{gap}.conv1.weight')} (and the rest of that unit)")
         conv3 = shapes.get(f"stages.{s}.units.0.conv3.weight")
-        if conv3 is None:
-            raise BitError(f"{source}: missing stages.{s}.units.0.conv3.weight")
-        depths.append(n)
+        if conv3 is None or not conv3:
+            raise BitError(f"{source}: missing {names.key(f'stages.{s}.units.0.conv3.weight')}")
+        depths.append(len(found))
         hidden.append(int(conv3[0]))
     head = shapes.get("head.weight")
     values: dict[str, Any] = dict(
@@ -136,11 +157,14 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], source: str, **overrides
         hidden_sizes=tuple(hidden),
         embedding_size=int(stem[0]),
         in_channels=int(stem[1]),
-        num_classes=int(head[0]) if head is not None else 0,
+        num_classes=int(head[0]) if head else 0,
         layer_type="bottleneck" if "stem.norm.weight" in shapes else "preactivation",
     )
     values.update(overrides)
-    return BitConfig(**values)
+    try:
+        return BitConfig(**values)
+    except BitError as exc:  # e.g. widths that do not split into GroupNorm's 32 groups
+        raise BitError(f"{source}: tensor shapes describe no valid BiT ({exc})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,6 +210,14 @@ TIMM_TO_BITCLI, BITCLI_TO_TIMM = _rules(
 )
 
 
+def _timm_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (*shape, 1, 1) if key == "head.weight" and len(shape) == 2 else tuple(shape)  # timm's head is a 1x1 conv
+
+
+HF_NAMES = SourceNames(lambda key: rename(key, BITCLI_TO_HF) or key)
+TIMM_NAMES = SourceNames(lambda key: rename(key, BITCLI_TO_TIMM) or key, _timm_shape)
+
+
 def rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
     for pattern, repl in rules:
         if pattern.match(key):
@@ -193,8 +225,16 @@ def rename(key: str, rules: list[tuple[re.Pattern, str]]) -> str | None:
     return None
 
 
+_HF_LAYOUT = "transformers' BiT layout (bit.embedder.*, bit.encoder.stages.N.layers.N.*, classifier.1.*)"
+_TIMM_LAYOUT = "timm's BiT layout (stem.conv.weight, stages.N.blocks.N.*, head.fc.*)"
+
+
 def _mapped(
-    source: str, keys: Iterator[str], rules: list[tuple[re.Pattern, str]], ignore: Callable[[str], bool] = lambda k: False
+    source: str,
+    keys: Iterator[str],
+    rules: list[tuple[re.Pattern, str]],
+    ignore: Callable[[str], bool] = lambda k: False,
+    layout: str = "this format",
 ) -> dict[str, str]:
     """bitcli key -> source key; every source key must map (or be explicitly ignorable)."""
     out, unknown = {}, []
@@ -206,7 +246,7 @@ def _mapped(
             continue
         out[new] = key
     if unknown:
-        raise BitError(f"{source}: unknown tensor name(s) {_few(sorted(unknown))}; not a BiT checkpoint of this format")
+        raise BitError(f"{source}: unknown tensor name(s) {_few(sorted(unknown))}; not a BiT checkpoint in {layout}")
     return out
 
 
@@ -257,13 +297,24 @@ def read_safetensors(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
 
 def read_torch_bin(path: Path) -> dict[str, TensorRef]:
     """A torch state dict, loaded with weights_only=True: pickled code is refused, never run."""
+    import pickle
+    import warnings
+
+    _file_size(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the error below says enough
+            # mmap needs torch's zip container; legacy (pre-1.6) files are read the ordinary way.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        what = re.search(r"GLOBAL (\S+)", str(exc))
+        detail = f"it refers to {what.group(1)}" if what else "torch's weights-only loader cannot read it"
         raise BitError(
-            f"{path}: cannot load as a weights-only torch file ({_one_line(exc)}); "
-            "convert it to safetensors with the tool that wrote it"
+            f"{path}: pickled Python objects, not plain weights ({detail}); bitcli never unpickles those. "
+            "If you trust the file, re-save its weights as safetensors with the tool that wrote it"
         ) from None
+    except Exception as exc:
+        raise BitError(f"{path}: not a torch weights file ({_one_line(exc)[:200]})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -271,42 +322,71 @@ def read_torch_bin(path: Path) -> dict[str, TensorRef]:
     return {k: TensorRef(tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in state.items()}
 
 
+# numpy dtypes a BiT .npz may hold (any byte order), and their torch equivalents.
+_NPZ_DTYPES = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}
+
+
 def read_npz_arrays(path: Path) -> dict[str, TensorRef]:
-    """Lazy references to the arrays of an .npz; object arrays (pickles) are refused."""
+    """Lazy references to the arrays of an .npz, one zip member each. Only the .npy headers are read here:
+    object arrays (pickles) are refused, and a member shorter than its header promises is reported as
+    truncated before anything is converted. `load()` reads one member, so peak memory is one array."""
+    _file_size(path)
     try:
-        archive = np.load(path, allow_pickle=False, mmap_mode=None)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise BitError(f"{path}: is a single .npy array, not an .npz archive of named arrays")
-        refs = {}
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-                with zf.open(info) as fh:
-                    version = np.lib.format.read_magic(fh)
-                    shape, _, dtype = np.lib.format._read_array_header(fh, version)
-                if dtype.hasobject:
-                    raise BitError(f"{path}: array {key} holds Python objects (pickle); refusing to load it")
-                if dtype.kind != "f":
-                    raise BitError(f"{path}: array {key} has dtype {dtype}; BiT weights must be floating point")
-                refs[key] = (tuple(shape), dtype)
-    except BitError:
-        raise
-    except Exception as exc:
-        raise BitError(f"{path}: not a readable .npz archive ({_one_line(exc)}); the file may be truncated") from None
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        if magic == b"\x93NUMPY":
+            raise BitError(f"{path}: is a single .npy array, not an .npz archive of named arrays") from None
+        if magic.startswith(b"PK\x03\x04"):
+            raise BitError(f"{path}: the .npz archive is truncated (its zip directory is missing); download or copy it again") from None
+        raise BitError(f"{path}: not an .npz (zip) archive ({_one_line(exc)})") from None
+    refs: dict[str, TensorRef] = {}
+    for info in zf.infolist():
+        key = info.filename.removesuffix(".npy")
+        try:
+            with zf.open(info) as fh:
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                else:  # 3.0 only exists for non-Latin-1 field names, which weights never have
+                    raise BitError(f"{path}: array {key} uses .npy format {version[0]}.{version[1]}; expected 1.0 or 2.0")
+                data_start = fh.tell()
+        except BitError:
+            raise
+        except zipfile.BadZipFile as exc:  # a small member is read whole with its header: CRC checked here
+            raise BitError(f"{path}: array {key} is corrupt ({_one_line(exc)}); download or copy the file again") from None
+        except Exception as exc:  # not a .npy member, a damaged header, a zip entry that cannot be opened
+            raise BitError(f"{path}: member {info.filename} is not a readable .npy array ({_one_line(exc)})") from None
+        if dtype.hasobject:
+            raise BitError(f"{path}: array {key} holds Python objects (a pickle); bitcli refuses to load it")
+        native = dtype.newbyteorder("=")
+        if native not in _NPZ_DTYPES:
+            raise BitError(f"{path}: array {key} has dtype {dtype}; BiT weights must be float16, float32 or float64")
+        need = data_start + _numel(shape) * dtype.itemsize
+        if info.file_size != need:
+            state = "is truncated" if info.file_size < need else "has bytes after its data"
+            raise BitError(
+                f"{path}: array {key} {state} ({info.file_size} bytes, its header promises {need}); the file is corrupt"
+            )
+        refs[key] = TensorRef(tuple(int(n) for n in shape), _NPZ_DTYPES[native], _npz_loader(path, zf, info, key))
+    return refs
 
-    def loader(key: str) -> Callable[[], torch.Tensor]:
-        def load() -> torch.Tensor:
-            try:
-                return torch.from_numpy(np.ascontiguousarray(archive[key]))
-            except Exception as exc:
-                raise BitError(f"{path}: array {key} cannot be read ({_one_line(exc)}); the file is corrupt") from None
 
-        return load
+def _npz_loader(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> Callable[[], torch.Tensor]:
+    def load() -> torch.Tensor:
+        try:
+            with zf.open(info) as fh:
+                array = np.lib.format.read_array(fh, allow_pickle=False)
+        except Exception as exc:  # CRC mismatch, a member cut short
+            raise BitError(f"{path}: array {key} cannot be read ({_one_line(exc)}); the file is corrupt, download or copy it again") from None
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        return torch.from_numpy(np.ascontiguousarray(array))
 
-    dtypes = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}
-    return {
-        k: TensorRef(shape, dtypes.get(dt.newbyteorder("="), torch.float32), loader(k)) for k, (shape, dt) in refs.items()
-    }
+    return load
 
 
 def _file_size(path: Path) -> int:
@@ -401,7 +481,8 @@ def write_safetensors(path: Path, tensors: Mapping[str, TensorRef], metadata: di
             if tuple(t.shape) != tuple(ref.shape):
                 raise BitError(f"{key}: shape {tuple(t.shape)} differs from its header {ref.shape}")
             t = t.to(_ST_DTYPES[header[key]["dtype"]]).contiguous()
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the tensor's bytes
             del t
 
     atomic_write(path, write)
@@ -427,6 +508,18 @@ def write_bitcli(ckpt: Checkpoint, path: Path, dtype: torch.dtype | None = None)
 
 # ----------------------------------------------------------------------------------------------------------
 # transformers folders
+
+
+# The weight-standardisation eps the weights were trained with (Google's: 1e-10), kept in config.json files
+# whose own libraries hard-code theirs, so that converting through them changes no number.
+WS_EPS_KEY = "bitcli_ws_eps"
+
+
+def _ws_eps(cfg: dict[str, Any], default: float, source: Path) -> float:
+    value = cfg.get(WS_EPS_KEY, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise BitError(f"{source}: {WS_EPS_KEY} must be a small positive number, got {value!r}")
+    return float(value)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -459,6 +552,7 @@ def read_hf(folder: Path) -> Checkpoint:
         config = BitConfig.from_hf(hf, num_classes)
     except BitError as exc:
         raise BitError(f"{folder / 'config.json'}: {exc}") from None
+    config = dataclasses.replace(config, ws_eps=_ws_eps(hf, 1e-8, folder / "config.json"))
     id2label = hf.get("id2label") or {}
     labels = None
     if id2label and len(id2label) == num_classes:
@@ -467,8 +561,8 @@ def read_hf(folder: Path) -> Checkpoint:
             labels = None  # transformers' placeholders: use the real ImageNet names
     pre_path = folder / "preprocessor_config.json"
     preprocess = Preprocess.from_hf(read_json(pre_path)) if pre_path.is_file() else BIT_DEFAULT_PREPROCESS
-    tensors = _mapped_refs(refs, _mapped(str(folder), iter(refs), HF_TO_BITCLI), _same)
-    check_tensors(config, tensors, str(folder))
+    tensors = _mapped_refs(refs, _mapped(str(folder), iter(refs), HF_TO_BITCLI, layout=_HF_LAYOUT), _same)
+    check_tensors(config, tensors, str(folder), HF_NAMES)
     return Checkpoint(config, _checked_labels(labels, num_classes, str(folder)), preprocess, tensors, str(folder), "hf")
 
 
@@ -477,6 +571,7 @@ def write_hf(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -
     hf = ckpt.config.to_hf()
     hf["id2label"] = {str(i): name for i, name in enumerate(ckpt.labels)}
     hf["label2id"] = {name: i for i, name in enumerate(ckpt.labels)}
+    hf[WS_EPS_KEY] = ckpt.config.ws_eps  # transformers ignores it (its eps is fixed at 1e-8); bitcli reads it back
     if dtype is not None:
         hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     tensors = {rename(k, BITCLI_TO_HF): ref for k, ref in ckpt.tensors.items()}
@@ -494,21 +589,22 @@ def write_hf(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -
 
 
 def _timm_fix(key: str, ref: TensorRef) -> TensorRef:
-    if key == "head.weight" and len(ref.shape) == 4:  # timm's head is a 1x1 conv
+    if key == "head.weight" and len(ref.shape) == 4 and ref.shape[2:] == (1, 1):  # timm's head is a 1x1 conv
         return TensorRef(ref.shape[:2], ref.dtype, lambda: ref.load().reshape(ref.shape[:2]))
     return ref
 
 
 def read_timm_weights(path: Path, refs: dict[str, TensorRef], timm_cfg: dict[str, Any] | None = None) -> Checkpoint:
     """timm weights (bare file, or with its config.json): architecture from the shapes, checked against the name."""
-    mapping = _mapped(str(path), iter(refs), TIMM_TO_BITCLI)
+    mapping = _mapped(str(path), iter(refs), TIMM_TO_BITCLI, layout=_TIMM_LAYOUT)
     tensors = _mapped_refs(refs, mapping, _timm_fix)
-    config = infer_config({k: r.shape for k, r in tensors.items()}, str(path))
     cfg = timm_cfg or {}
+    shapes = {k: r.shape for k, r in tensors.items()}
+    config = infer_config(shapes, str(path), TIMM_NAMES, ws_eps=_ws_eps(cfg, 1e-8, path / "config.json"))
     arch = cfg.get("architecture")
     if arch is not None:
         try:
-            named = BitConfig.from_name(arch, num_classes=config.num_classes)
+            named = BitConfig.from_name(arch, num_classes=config.num_classes, ws_eps=config.ws_eps)
         except BitError:
             raise BitError(f"{path}: timm architecture {arch!r} is not a BiT model (resnetv2_*_bit)") from None
         if named != config:
@@ -518,7 +614,7 @@ def read_timm_weights(path: Path, refs: dict[str, TensorRef], timm_cfg: dict[str
     labels = cfg.get("label_names")
     pretrained = cfg.get("pretrained_cfg")
     preprocess = Preprocess.from_timm(pretrained) if pretrained else BIT_DEFAULT_PREPROCESS
-    check_tensors(config, tensors, str(path))
+    check_tensors(config, tensors, str(path), TIMM_NAMES)
     return Checkpoint(config, _checked_labels(labels, config.num_classes, str(path)), preprocess, tensors, str(path), "timm")
 
 
@@ -527,7 +623,15 @@ def read_timm(folder: Path) -> Checkpoint:
 
 
 def write_timm(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> None:
-    arch = ckpt.config.timm_architecture()
+    """timm's hub layout (config.json + model.safetensors); only for the layouts timm has a name for."""
+    try:
+        arch = dataclasses.replace(ckpt.config, ws_eps=1e-8).timm_architecture()  # the eps travels in WS_EPS_KEY
+    except BitError:
+        cfg = ckpt.config
+        raise BitError(
+            f"{ckpt.source}: depths {list(cfg.depths)} and widths {list(cfg.hidden_sizes)} have no timm name "
+            "(timm's BiT models are R50/R101/R152 x1-x4); convert to --format bitcli or hf instead"
+        ) from None
 
     def head_conv(key: str, ref: TensorRef) -> TensorRef:
         if key == "head.fc.weight":
@@ -544,6 +648,7 @@ def write_timm(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None)
         "global_pool": "avg",
         "label_names": ckpt.labels,
         "pretrained_cfg": pretrained,
+        WS_EPS_KEY: ckpt.config.ws_eps,  # timm builds BiT with 1e-8 and ignores this key; bitcli reads it back
     }
 
     def fill(tmp: Path) -> None:
@@ -592,6 +697,26 @@ def bitcli_key_from_npz(key: str) -> str | None:
     return f"stages.{int(m.group(1)) - 1}.units.{int(m.group(2)) - 1}.{_NPZ_UNIT_BACK[m.group(3)]}"
 
 
+def npz_shape(bitcli_key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """bitcli shape -> shape inside Google's .npz: OIHW kernels are HWIO, the Linear head a [1, 1, C, N] conv."""
+    if bitcli_key == "head.weight" and len(shape) == 2:
+        return (1, 1, shape[1], shape[0])
+    if len(shape) == 4:
+        o, i, h, w = shape
+        return (h, w, i, o)
+    return tuple(shape)
+
+
+def _npz_display_key(bitcli_key: str) -> str:
+    try:
+        return "resnet/" + npz_key(bitcli_key)
+    except (AttributeError, KeyError):  # a key Google's layout has no name for (e.g. a v1.5 stem norm)
+        return bitcli_key
+
+
+NPZ_NAMES = SourceNames(_npz_display_key, npz_shape)
+
+
 def read_npz(path: Path, labels: list[str] | None = None) -> Checkpoint:
     """Google's BiT .npz: HWIO kernels, `resnet/` prefix; standardisation eps 1e-10 as in Google's code."""
     arrays = read_npz_arrays(path)
@@ -601,36 +726,44 @@ def read_npz(path: Path, labels: list[str] | None = None) -> Checkpoint:
     if unknown:
         raise BitError(f"{path}: unknown array name(s) {_few(sorted(unknown))}; not a BiT .npz in Google's layout")
 
-    def to_bitcli(key: str, ref: TensorRef) -> TensorRef:
-        if len(ref.shape) == 4:  # HWIO -> OIHW
-            h, w, i, o = ref.shape
-            shape: tuple[int, ...] = (o, i, h, w)
-            load = lambda: ref.load().permute(3, 2, 0, 1).contiguous()  # noqa: E731
-            if key == "head.weight":  # [1, 1, C, N] -> Linear [N, C]
-                shape = (o, i)
-                load = lambda: ref.load().reshape(i, o).t().contiguous()  # noqa: E731
-            return TensorRef(shape, ref.dtype, load)
-        return ref
+    def to_bitcli(npz_name: str, key: str, ref: TensorRef) -> TensorRef:
+        rank = 4 if npz_name.endswith("/kernel") else 1
+        if len(ref.shape) != rank:
+            raise BitError(f"{path}: {npz_name} has shape {ref.shape}; expected a {rank}-d array")
+        if rank == 1:
+            return ref
+        h, w, i, o = ref.shape
+        if key == "head.weight":  # [1, 1, C, N] -> Linear [N, C]
+            if (h, w) != (1, 1):
+                raise BitError(f"{path}: {npz_name} has shape {ref.shape}; expected (1, 1, {i}, {o})")
+            return TensorRef((o, i), ref.dtype, lambda: ref.load().reshape(i, o).t().contiguous())
+        return TensorRef((o, i, h, w), ref.dtype, lambda: ref.load().permute(3, 2, 0, 1).contiguous())  # HWIO -> OIHW
 
-    tensors = {names[k]: to_bitcli(names[k], ref) for k, ref in arrays.items()}
+    tensors = {names[k]: to_bitcli(k, names[k], ref) for k, ref in arrays.items()}
     if ("head.weight" in tensors) != ("head.bias" in tensors):
-        raise BitError(f"{path}: has only one of head/conv2d/kernel and head/conv2d/bias")
-    config = infer_config({k: r.shape for k, r in tensors.items()}, str(path), ws_eps=1e-10)
-    check_tensors(config, tensors, str(path))
+        raise BitError(f"{path}: has only one of resnet/head/conv2d/kernel and resnet/head/conv2d/bias")
+    shapes = {k: r.shape for k, r in tensors.items()}
+    config = infer_config(shapes, str(path), NPZ_NAMES, ws_eps=1e-10)
+    check_tensors(config, tensors, str(path), NPZ_NAMES)
     return Checkpoint(config, _checked_labels(labels, config.num_classes, str(path)), BIT_DEFAULT_PREPROCESS, tensors, str(path), "npz")
 
 
 def write_npz(ckpt: Checkpoint, path: Path) -> None:
-    """Google's layout (used by tests and by anyone going back to the original code)."""
-    arrays = {}
-    for key, ref in ckpt.tensors.items():
-        t = ref.load().to(torch.float32)
-        if key == "head.weight":
-            t = t.t().reshape(1, 1, t.shape[1], t.shape[0])
-        elif t.ndim == 4:
-            t = t.permute(2, 3, 1, 0)
-        arrays["resnet/" + npz_key(key)] = t.contiguous().numpy()
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    """Google's layout (used by tests and by anyone going back to the original code), one array at a time."""
+
+    def write(f) -> None:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, ref in ckpt.tensors.items():
+                t = ref.load().to(torch.float32)
+                if key == "head.weight":
+                    t = t.t().reshape(npz_shape(key, tuple(ref.shape)))
+                elif t.ndim == 4:
+                    t = t.permute(2, 3, 1, 0)
+                with zf.open(f"resnet/{npz_key(key)}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.ascontiguousarray(t.numpy()), allow_pickle=False)
+                del t
+
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -638,6 +771,7 @@ def write_npz(ckpt: Checkpoint, path: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """`write(f)` fills a temporary file beside `path`, renamed over it only when complete (removed on error)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -646,6 +780,7 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -653,22 +788,37 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
 
 
 def atomic_folder(folder: Path, fill: Callable[[Path], None]) -> None:
+    """`fill(tmp)` fills a temporary folder beside `folder`, which takes its place only when complete."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         fill(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
-            _rmtree(old)
+            _remove(old)
             folder.rename(old)
             tmp.rename(folder)
-            _rmtree(old)
+            _remove(old)
         else:
             tmp.rename(folder)
     except BaseException:
         _rmtree(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        _rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def _rmtree(p: Path) -> None:

@@ -73,6 +73,62 @@ def convert(
     convert_mod.run(src, dst, fmt, labels, dtype, revision, overwrite)
 
 
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Argument(help="Image folder: one sub-folder per class, or train/ + val/ splits.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model spec to start from (as for predict); with --random-init "
+                                       "an architecture: tiny, small, R50x1 ... R152x4, or a JSON object of BitConfig fields.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder: model, metrics.jsonl, summary.json, checkpoint.")],
+    shots: Annotated[int | None, typer.Option("--shots", min=1, help="Train on K images per class (seeded); a smaller class is an error.")] = None,
+    val: Annotated[Path | None, typer.Option("--val", help="Validation image folder (default: DATA/val|valid|validation).")] = None,
+    val_split: Annotated[float | None, typer.Option("--val-split", help="Hold out this fraction of every class for validation.")] = None,
+    steps: Annotated[str, typer.Option("--steps", help="auto (HyperRule: 500/10k/20k by data size) or N (boundaries scaled).")] = "auto",
+    lr: Annotated[float, typer.Option("--lr", help="Base learning rate (linear warm-up, then /10 steps).")] = 0.003,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Global batch per optimizer step.")] = 512,
+    batch_split: Annotated[str, typer.Option("--batch-split", help="Micro-batches per step (gradient accumulation): auto or N.")] = "auto",
+    resolution: Annotated[str, typer.Option("--resolution", help="auto (HyperRule: 128 or 480), CROP, or RESIZE:CROP.")] = "auto",
+    mixup: Annotated[str, typer.Option("--mixup", help="auto (HyperRule: 0.1 from 20k images) or ALPHA; 0 disables.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seeds few-shot sampling, data order, augmentation, random init.")] = 0,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding threads (results do not depend on it).")] = min(4, os.cpu_count() or 1),
+    eval_every: Annotated[str, typer.Option("--eval-every", help="Validate every N steps (auto: 5 times per run; 0: only at the end).")] = "auto",
+    save_every: Annotated[str, typer.Option("--save-every", help="Write the resumable checkpoint every N steps (auto: 10 times per run).")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --output from its checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in --output.")] = False,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Start --model's architecture from random weights.")] = False,
+    revision: RevisionOpt = None,
+) -> None:
+    """Fine-tune a BiT model on an image folder with the BiT-HyperRule (resumable; torchrun for several processes)."""
+    from bitcli import finetune as finetune_mod
+
+    finetune_mod.run(
+        finetune_mod.Options(
+            data=data, model=model, output=output, shots=shots, val=val, val_split=val_split, steps=steps, lr=lr,
+            batch_size=batch_size, batch_split=batch_split, resolution=resolution, mixup=mixup, seed=seed,
+            device=device, precision=precision, workers=workers, eval_every=eval_every, save_every=save_every,
+            resume=resume, overwrite=overwrite, random_init=random_init, revision=revision,
+        )
+    )  # fmt: skip
+
+
+@app.command("eval")
+def eval_(
+    data: Annotated[Path, typer.Argument(help="Image folder with one sub-folder per class (named after the model's labels).", show_default=False)],
+    model: ModelOpt = "google/bit-50",
+    revision: RevisionOpt = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding threads.")] = min(4, os.cpu_count() or 1),
+) -> None:
+    """Accuracy on a labelled image folder: top-1, top-5, per-class accuracy and the confusion matrix."""
+    from bitcli import evaluate as evaluate_mod
+
+    evaluate_mod.run(data, model, revision, batch_size, device, precision, fmt, workers)
+
+
 def main() -> None:
     """Console-script entry: user errors become one `Error:` line; BIT_DEBUG=1 shows tracebacks."""
     from bitcli.errors import BitError, UsageError

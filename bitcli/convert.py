@@ -29,9 +29,17 @@ def run(
         raise UsageError(f"{dst}: the {fmt} layout is a folder; give a folder name without an extension")
     if dst.exists() and not overwrite:
         raise BitError(f"{dst}: already exists; pass --overwrite to replace it")
+    if fmt == "bitcli" and dst.is_dir():
+        raise BitError(f"{dst}: is a folder; a bitcli checkpoint is one file, so remove the folder or pick another name")
     ckpt = load_checkpoint(src, revision, str(labels) if labels else None)  # readers check every shape
     WRITERS[fmt](ckpt, dst, DTYPES[dtype])
     cfg = ckpt.config
+    if fmt != "bitcli" and cfg.ws_eps != 1e-8:
+        lib = "transformers" if fmt == "hf" else "timm"
+        log(
+            f"note: {lib} standardises weights with eps 1e-8; these were trained with {cfg.ws_eps:g}, which bitcli "
+            f"keeps in config.json. For trained weights the outputs differ only in the last digits"
+        )
     log(
         f"wrote {dst} ({fmt}): {len(cfg.depths)} stages {list(cfg.depths)}, width {cfg.num_features}, "
         f"{cfg.num_classes} classes, {len(ckpt.tensors)} tensors"

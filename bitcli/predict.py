@@ -42,12 +42,13 @@ class Inputs:
 
 def _display(path: str | os.PathLike[str]) -> str:
     # Non-UTF-8 names stay printable (surrogate escapes become U+FFFD) and valid in JSON.
-    return os.fsdecode(path).encode("utf-8", "replace").decode("utf-8")
+    return os.fsencode(path).decode("utf-8", "replace")
 
 
 def _images_in(folder: Path, recursive: bool) -> list[str]:
     walker = folder.rglob("*") if recursive else folder.iterdir()
-    found = [p for p in walker if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())]
+    # Anything but a folder is listed, so a dangling link or a pipe is reported rather than silently skipped.
+    found = [p for p in walker if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir()]
     return sorted(str(p) for p in found)
 
 
@@ -142,6 +143,10 @@ class Classifier:
     def __init__(self, ckpt, device, dtype, channels_last: bool = True) -> None:
         import torch
 
+        from bitcli.runtime import reuse_freed_memory
+
+        if device.type == "cpu":
+            reuse_freed_memory()
         self.torch = torch
         self.labels = ckpt.labels
         self.preprocess: Preprocess = ckpt.preprocess

@@ -1,0 +1,168 @@
+"""Shared pieces of the benchmarks: the test suite's random-weight R50x1 checkpoint, realistic images made from
+the photos scikit-image and scikit-learn ship, the machine description, and contenders that each run in their
+own process (so that one's allocator or thread settings cannot help or hurt another) and take turns."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the checkpoint recipe and photo list are the tests' own
+
+from conftest import BIT50_PREPROCESSOR, SKIMAGE_PHOTOS, SKLEARN_PHOTOS, save_hf_model  # noqa: E402
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def machine() -> dict:
+    import PIL
+    import timm
+    import torch
+    import torchvision
+    import transformers
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else "MemTotal: 0 kB"
+    mem_kb = int(meminfo.split("MemTotal:")[1].split()[0])
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "ram_gib": round(mem_kb / 2**20, 1),
+        "simd": sorted(f for f in flags if f in {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx_vnni"}),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+        "pillow": PIL.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def r50_checkpoint(workdir: Path) -> Path:
+    """google/bit-50's layout, labels and preprocessing with the tests' perturbed random weights, saved by
+    transformers; the head is scaled so that logits are spread like a trained model's (no near-ties in top-5)."""
+    from bitcli.checkpoints import imagenet_labels
+
+    folder = workdir / "bit-50-random"
+    if not (folder / "model.safetensors").is_file():
+        labels = imagenet_labels()
+        save_hf_model(
+            folder, BIT50_PREPROCESSOR, head_scale=20.0,
+            id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
+        )  # fmt: skip
+    return folder
+
+
+def timm_copy(hf_folder: Path, workdir: Path) -> Path:
+    """The same weights in timm's hub layout (bitcli's converter; the top-5 check in each run confirms it)."""
+    from bitcli.checkpoints import read_hf, write_timm
+
+    folder = workdir / "bit-50-random-timm"
+    if not (folder / "model.safetensors").is_file():
+        write_timm(read_hf(hf_folder), folder)
+    return folder
+
+
+def photos() -> list:
+    """The real photographs the tests use (cat, astronaut, coffee, rocket, motorcycle, retina, china, flower)."""
+    import sklearn.datasets
+    import skimage.data
+    from PIL import Image
+
+    paths = [Path(skimage.data.__file__).parent / n for n in SKIMAGE_PHOTOS]
+    paths += [Path(sklearn.datasets.__file__).parent / "images" / n for n in SKLEARN_PHOTOS]
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def realistic_images(n: int, seed: int = 0) -> list:
+    """n variants of the photos: random crops (30-100% of the side), mirror images, some upscaled to phone-camera
+    sizes. Distinct images with natural statistics, so agreement checks are not run on noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = photos()
+    out = []
+    for i in range(n):
+        im = base[i % len(base)]
+        w, h = im.size
+        s = rng.uniform(0.3, 1.0) if i >= len(base) else 1.0
+        cw, ch = max(32, int(w * s)), max(32, int(h * s))
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        im = im.crop((left, top, left + cw, top + ch))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if rng.random() < 0.5:  # many real inputs are large camera images; decoding them is part of the cost
+            scale = 1600 / max(im.size)
+            im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+        out.append(im)
+    return out
+
+
+def uint8_batch(images: list, preprocess) -> np.ndarray:
+    """[B, H, W, 3] uint8 after the checkpoint's resize and crop: what `bit predict` feeds its model."""
+    return np.stack([preprocess.to_uint8(im) for im in images])
+
+
+class Contender:
+    """One contender in its own Python process, answering JSON requests on a pipe. Only the one asked works;
+    the others wait on a read, so taking turns gives each the whole machine."""
+
+    def __init__(self, script: Path, role: str, args: dict) -> None:
+        cmd = [sys.executable, str(script), "--serve", role, "--serve-args", json.dumps(args)]
+        self.role = role
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"contender {self.role} died (exit {self.proc.wait()}); see its stderr above")
+        return json.loads(line)
+
+    def ask(self, request: dict) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> dict:
+        if self.proc.poll() is not None:  # already dead: its error is the one to see
+            return {"peak_rss_mib": float("nan")}
+        reply = self.ask({"cmd": "quit"})
+        self.proc.wait()
+        return reply
+
+
+def serve(handler) -> None:
+    """The contender side: `handler(request) -> reply` for each request line until "quit"; replies with peak RSS."""
+    import resource
+
+    out = sys.stdout
+    sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the reply channel
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["cmd"] == "quit":
+            out.write(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}) + "\n")
+            out.flush()
+            return
+        out.write(json.dumps(handler(request)) + "\n")
+        out.flush()

@@ -1,0 +1,352 @@
+"""Image-folder data sets for fine-tuning and evaluation: layout discovery, few-shot and validation
+sampling, and the BiT train/eval transforms, with every random choice derived from (seed, step).
+
+Deriving each step's sample, crops, flips and MixUp from (seed, step) instead of a running RNG is what makes
+a resumed run bit-identical to an uninterrupted one, and the result independent of --workers and of how
+the global batch is split into micro-batches or across processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from bitcli.errors import BitError
+from bitcli.preprocess import IMAGE_EXTENSIONS, Preprocess, load_image
+from bitcli.ui import log
+
+VAL_SPLIT_NAMES = ("val", "valid", "validation")
+
+# Independent random streams, each seeded by (seed, stream, counter).
+STREAM_SHOTS = 1
+STREAM_VAL_SPLIT = 2
+STREAM_EPOCH = 3  # counter: epoch; the order in which an epoch visits the training set
+STREAM_REPLACEMENT = 4  # counter: step; small data sets are sampled with replacement
+STREAM_AUGMENT = 5  # counter: step; crops, flips, MixUp partners and lambda
+
+
+def rng(seed: int, stream: int, counter: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, counter])
+
+
+def expected_layout(data: Path) -> str:
+    return (
+        "expected one sub-folder per class, with the images inside (any depth):\n"
+        f"  {data}/\n"
+        "    cat/   001.jpg 002.png ...\n"
+        "    dog/   ...\n"
+        "or a train split beside a validation split:\n"
+        f"  {data}/\n"
+        "    train/cat/...  train/dog/...\n"
+        "    val/cat/...    val/dog/...     (or valid/, validation/)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data sets
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """Image paths with class indices; `classes` are the sub-folder names in sorted order."""
+
+    root: Path
+    classes: tuple[str, ...]
+    paths: tuple[str, ...]
+    targets: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: Iterable[int]) -> ImageFolder:
+        idx = sorted(int(i) for i in indices)
+        return ImageFolder(self.root, self.classes, tuple(self.paths[i] for i in idx), tuple(self.targets[i] for i in idx))
+
+    def counts(self) -> list[int]:
+        return np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=len(self.classes)).tolist()
+
+    def by_class(self) -> list[np.ndarray]:
+        targets = np.asarray(self.targets, dtype=np.int64)
+        return [np.flatnonzero(targets == c) for c in range(len(self.classes))]
+
+    def fingerprint(self) -> str:
+        """Names, classes and sizes of the files: a resumed run must see the same data."""
+        h = hashlib.sha256()
+        prefix = str(self.root) + os.sep
+        for path, target in zip(self.paths, self.targets):
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = -1
+            rel = path[len(prefix) :] if path.startswith(prefix) else path
+            h.update(f"{rel}\t{self.classes[target]}\t{size}\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()
+
+
+def find_splits(data: Path) -> tuple[Path, Path | None]:
+    """DATA -> (train folder, validation folder or None). DATA/train marks the split layout."""
+    if not data.is_dir():
+        raise BitError(f"{data}: no such folder; pass an image folder with one sub-folder per class")
+    train = data / "train"
+    if not train.is_dir():
+        return data, None
+    for name in VAL_SPLIT_NAMES:
+        if (data / name).is_dir():
+            return train, data / name
+    return train, None
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    try:
+        return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    except OSError as exc:
+        raise BitError(f"{root}: cannot list folder ({exc.strerror})") from None
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = [
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
+    ]  # fmt: skip
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def scan(root: Path, classes: Sequence[str] | None = None) -> ImageFolder:
+    """One sub-folder per class. With `classes` (the training classes) the folder may hold a subset of them."""
+    if not root.is_dir():
+        raise BitError(f"{root}: no such folder; pass an image folder with one sub-folder per class")
+    dirs = _class_dirs(root)
+    if not dirs:
+        loose = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
+        log(expected_layout(root))
+        why = "holds images but no class sub-folders" if loose else "has no class sub-folders"
+        raise BitError(f"{root}: {why}; put each class's images in a sub-folder named after the class (tree above)")
+    names = tuple(d.name for d in dirs)
+    if classes is None:
+        classes = names
+    else:
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            raise BitError(
+                f"{root / unknown[0]}: class {unknown[0]!r} is not among the {len(classes)} training classes; "
+                "validation folders must use the training folder names"
+            )
+    index = {name: i for i, name in enumerate(classes)}
+    paths: list[str] = []
+    targets: list[int] = []
+    for d in dirs:
+        images = _images_under(d)
+        if not images:
+            log(expected_layout(root))
+            raise BitError(
+                f"{d}: class folder {d.name!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                "add images or remove the folder"
+            )
+        paths.extend(str(p) for p in images)
+        targets.extend([index[d.name]] * len(images))
+    return ImageFolder(root, tuple(classes), tuple(paths), tuple(targets))
+
+
+def few_shot(ds: ImageFolder, shots: int, seed: int) -> ImageFolder:
+    """Exactly `shots` images of every class, drawn without replacement; the same for the same seed.
+
+    A class with fewer images is an error naming it: silently using fewer would change what "K-shot" means.
+    """
+    if shots < 1:
+        raise BitError(f"--shots {shots}: need at least one example per class")
+    generator = rng(seed, STREAM_SHOTS)
+    chosen: list[int] = []
+    for c, members in enumerate(ds.by_class()):
+        if len(members) < shots:
+            raise BitError(
+                f"--shots {shots}: class {ds.classes[c]!r} has only {len(members)} training image(s) "
+                f"({ds.root / ds.classes[c]}); lower --shots or add images"
+            )
+        chosen.extend(generator.choice(members, size=shots, replace=False).tolist())
+    return ds.subset(chosen)
+
+
+def split_validation(ds: ImageFolder, fraction: float, seed: int) -> tuple[ImageFolder, ImageFolder]:
+    """Hold out round(fraction x n) images of every class (at least one stays for training), seeded."""
+    if not 0.0 < fraction < 1.0:
+        raise BitError(f"--val-split {fraction}: use a fraction between 0 and 1, e.g. 0.1")
+    generator = rng(seed, STREAM_VAL_SPLIT)
+    held: list[int] = []
+    for members in ds.by_class():
+        n_val = min(round(fraction * len(members)), len(members) - 1)
+        held.extend(generator.permutation(members)[:n_val].tolist())
+    if not held:
+        raise BitError(f"--val-split {fraction}: holds out no image (classes too small); use a larger fraction")
+    keep = set(range(len(ds))) - set(held)
+    return ds.subset(keep), ds.subset(held)
+
+
+def median_area(ds: ImageFolder, limit: int = 256) -> float:
+    """Median pixel count of up to `limit` evenly spaced images (headers only, nothing is decoded)."""
+    picks = np.unique(np.linspace(0, len(ds) - 1, num=min(limit, len(ds))).round().astype(np.int64))
+    areas = []
+    for i in picks:
+        path = ds.paths[i]
+        try:
+            with Image.open(path) as im:
+                areas.append(im.width * im.height)
+        except Exception as exc:  # the decoder's own error type varies by format
+            raise BitError(f"{path}: not an image PIL can read ({' '.join(str(exc).split())[:200]}); fix or remove it") from None
+    return float(np.median(areas))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-step sampling
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """Everything random about one optimizer step's global batch, by position in the batch."""
+
+    indices: np.ndarray  # [B] data-set indices
+    tops: np.ndarray  # [B] crop offsets
+    lefts: np.ndarray  # [B]
+    flips: np.ndarray  # [B] bool: horizontal flip
+    partners: np.ndarray | None  # [B] MixUp: the batch position mixed into each position
+    lam: float  # MixUp weight of the position's own image (1.0 without MixUp)
+
+
+class StepSampler:
+    """The global batch of step s as a pure function of (seed, s).
+
+    Data sets at least a batch long are visited epoch by epoch in a seeded random order, the batches running
+    on across epoch boundaries so every step is full; smaller ones are sampled with replacement (as Google's
+    code does) so every step still sees a full batch.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, max_offset: int, mixup: float | None) -> None:
+        self.n, self.batch, self.seed, self.max_offset, self.mixup = num_examples, batch_size, seed, max_offset, mixup
+        self.with_replacement = num_examples < batch_size
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = rng(self.seed, STREAM_EPOCH, epoch).permutation(self.n)
+        return self._orders[epoch]
+
+    def indices(self, step: int) -> np.ndarray:
+        if self.with_replacement:
+            return rng(self.seed, STREAM_REPLACEMENT, step).integers(0, self.n, self.batch)
+        positions = np.arange(step * self.batch, (step + 1) * self.batch, dtype=np.int64)
+        epochs = positions // self.n
+        out = np.empty(self.batch, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            out[mask] = self._order(int(epoch))[positions[mask] % self.n]
+        return out
+
+    def sample(self, step: int) -> StepSample:
+        g = rng(self.seed, STREAM_AUGMENT, step)
+        tops = g.integers(0, self.max_offset + 1, self.batch)
+        lefts = g.integers(0, self.max_offset + 1, self.batch)
+        flips = g.random(self.batch) < 0.5
+        partners, lam = None, 1.0
+        if self.mixup:
+            lam = float(g.beta(self.mixup, self.mixup))
+            partners = g.permutation(self.batch)
+        return StepSample(self.indices(step), tops, lefts, flips, partners, lam)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+class DecodeCache:
+    """Decoded (resized) uint8 images by data-set index, kept in memory up to a byte budget.
+
+    Decoding is deterministic, so the cache changes speed only, never results.
+    """
+
+    def __init__(self, ds: ImageFolder, transform: Preprocess, budget_bytes: int) -> None:
+        self.ds, self.transform, self.budget = ds, transform, budget_bytes
+        self._arrays: dict[int, np.ndarray] = {}
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def get(self, index: int) -> np.ndarray:
+        cached = self._arrays.get(index)
+        if cached is not None:
+            return cached
+        array = self.transform.to_uint8(load_image(self.ds.paths[index]))
+        with self._lock:
+            if index not in self._arrays and self._used + array.nbytes <= self.budget:
+                self._arrays[index] = array
+                self._used += array.nbytes
+        return array
+
+
+def train_transform(resize: int) -> Preprocess:
+    """BiT training: resize to a square (the random crop and flip follow, per step)."""
+    return Preprocess(resize=(resize, resize), crop=None, interpolation="bilinear")
+
+
+def eval_transform(crop: int, mean: tuple[float, float, float], std: tuple[float, float, float]) -> Preprocess:
+    """BiT evaluation: resize straight to the crop size (no crop); this travels with the fine-tuned weights."""
+    return Preprocess.square(crop, crop, interpolation="bilinear", mean=mean, std=std)
+
+
+def augment(image: np.ndarray, top: int, left: int, crop: int, flip: bool) -> np.ndarray:
+    out = image[top : top + crop, left : left + crop]
+    return np.ascontiguousarray(out[:, ::-1] if flip else out)
+
+
+T = TypeVar("T")
+
+
+class Reader(Generic[T]):
+    """Runs lists of image jobs on a thread pool (PIL releases the GIL), `ahead` lists before they are used.
+
+    Results are stacked in job order, so the number of workers changes speed only.
+    """
+
+    def __init__(self, workers: int, ahead: int = 1) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bit-data") if workers > 0 else None
+        self.ahead = ahead
+
+    def __enter__(self) -> Reader[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, job: Callable[[], np.ndarray]) -> Future | np.ndarray:
+        return self.pool.submit(job) if self.pool is not None else job()
+
+    def run(self, batches: Iterable[tuple[T, list[Callable[[], np.ndarray]]]]) -> Iterator[tuple[T, np.ndarray]]:
+        pending: deque[tuple[T, list[Future | np.ndarray]]] = deque()
+
+        def collect() -> tuple[T, np.ndarray]:
+            meta, items = pending.popleft()
+            return meta, np.stack([f.result() if isinstance(f, Future) else f for f in items])
+
+        for meta, jobs in batches:
+            pending.append((meta, [self._submit(job) for job in jobs]))
+            if len(pending) > self.ahead:
+                yield collect()
+        while pending:
+            yield collect()
+
+
+def index_batches(count: int, decode: Callable[[int], np.ndarray], batch_size: int) -> Iterator[tuple[slice, list[Callable[[], np.ndarray]]]]:
+    """Consecutive batches of data-set indices 0..count-1, as decode jobs (evaluation order)."""
+    for start in range(0, count, batch_size):
+        span = slice(start, min(start + batch_size, count))
+        yield span, [lambda i=i: decode(i) for i in range(span.start, span.stop)]

@@ -1,0 +1,687 @@
+"""`bit convert` end to end: Google's .npz against timm's own npz reader, bit-identical round trips through every
+layout, the converted folder in transformers against `bit predict`, and one clean error per kind of bad input.
+
+The .npz files here are written with numpy straight into Google's key names and HWIO layout (the names and the
+layout as BIT_FACTS.md and Google's code describe them), never with bitcli's writer, so a test cannot agree
+with itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import pickle
+import sys
+import zipfile
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_bit
+from safetensors import safe_open
+
+R50 = (3, 4, 6, 3)
+BIT_WIDTHS = (256, 512, 1024, 2048)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Google's layout, written by hand
+
+
+def google_arrays(
+    depths: tuple[int, ...] = R50,
+    width: int = 1,
+    num_classes: int = 1000,
+    *,
+    widths: tuple[int, ...] | None = None,
+    stem: int | None = None,
+    seed: int = 0,
+    kernel_std: float | None = None,
+    head_std: float = 0.05,
+) -> dict[str, np.ndarray]:
+    """Known random weights under Google's names: HWIO kernels, `resnet/` prefix, norm1 under `a`."""
+    rng = np.random.default_rng(seed)
+    widths = widths or tuple(w * width for w in BIT_WIDTHS)
+    stem = stem or 64 * width
+    out: dict[str, np.ndarray] = {}
+
+    def normal(shape: tuple[int, ...], std: float, mean: float = 0.0) -> np.ndarray:
+        a = rng.standard_normal(shape, dtype=np.float32)
+        a *= np.float32(std)
+        a += np.float32(mean)
+        return a
+
+    def kernel(name: str, kh: int, kw: int, cin: int, cout: int) -> None:
+        std = kernel_std if kernel_std is not None else np.sqrt(2.0 / (kh * kw * cin))
+        out[f"resnet/{name}standardized_conv2d/kernel"] = normal((kh, kw, cin, cout), std)
+
+    def norm(name: str, c: int) -> None:
+        out[f"resnet/{name}group_norm/gamma"] = normal((c,), 0.1, 1.0)
+        out[f"resnet/{name}group_norm/beta"] = normal((c,), 0.1)
+
+    kernel("root_block/", 7, 7, 3, stem)
+    cin = stem
+    for s, (depth, cout) in enumerate(zip(depths, widths)):
+        mid = cout // 4
+        for u in range(depth):
+            unit = f"block{s + 1}/unit{u + 1:02d}/"
+            norm(unit + "a/", cin)
+            if u == 0:
+                kernel(unit + "a/proj/", 1, 1, cin, cout)
+            kernel(unit + "a/", 1, 1, cin, mid)
+            norm(unit + "b/", mid)
+            kernel(unit + "b/", 3, 3, mid, mid)
+            norm(unit + "c/", mid)
+            kernel(unit + "c/", 1, 1, mid, cout)
+            cin = cout
+    norm("", cin)
+    if num_classes:
+        out["resnet/head/conv2d/kernel"] = normal((1, 1, cin, num_classes), head_std)
+        out["resnet/head/conv2d/bias"] = normal((num_classes,), 0.1)
+    return out
+
+
+def google_to_torch_names(key: str) -> tuple[str, str]:
+    """Google's name -> (transformers name, timm name), written out from the peers' documented layouts."""
+    name = key.removeprefix("resnet/")
+    fixed = {
+        "root_block/standardized_conv2d/kernel": ("bit.embedder.convolution.weight", "stem.conv.weight"),
+        "group_norm/gamma": ("bit.norm.weight", "norm.weight"),
+        "group_norm/beta": ("bit.norm.bias", "norm.bias"),
+        "head/conv2d/kernel": ("classifier.1.weight", "head.fc.weight"),
+        "head/conv2d/bias": ("classifier.1.bias", "head.fc.bias"),
+    }
+    if name in fixed:
+        return fixed[name]
+    block, unit, rest = name.split("/", 2)
+    s, u = int(block.removeprefix("block")) - 1, int(unit.removeprefix("unit")) - 1
+    leaf = {
+        "a/proj/standardized_conv2d/kernel": "downsample.conv.weight",
+        **{f"{p}/standardized_conv2d/kernel": f"conv{n}.weight" for p, n in zip("abc", "123")},
+        **{f"{p}/group_norm/gamma": f"norm{n}.weight" for p, n in zip("abc", "123")},
+        **{f"{p}/group_norm/beta": f"norm{n}.bias" for p, n in zip("abc", "123")},
+    }[rest]
+    return f"bit.encoder.stages.{s}.layers.{u}.{leaf}", f"stages.{s}.blocks.{u}.{leaf}"
+
+
+def google_to_oihw(key: str, array: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(array)
+    if key.endswith("head/conv2d/kernel"):
+        return t[0, 0].t().contiguous()  # [1, 1, C, N] -> Linear [N, C]
+    return t.permute(3, 2, 0, 1).contiguous() if t.ndim == 4 else t
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def timm_from_npz(npz: Path, depths, width: int, num_classes: int, eps: float = 1e-10, **kw) -> torch.nn.Module:
+    """timm's ResNetV2 with Google's standardisation eps, filled by timm's own npz reader."""
+    from timm.layers import StdConv2d
+    from timm.models.resnetv2 import ResNetV2, _load_weights
+
+    with torch.device("meta"):  # no random init: every parameter must come from the file
+        model = ResNetV2(
+            layers=list(depths), width_factor=width, stem_type="fixed", conv_layer=partial(StdConv2d, eps=eps),
+            num_classes=num_classes, **kw,
+        )  # fmt: skip
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+        _load_weights(model, str(npz))
+    assert all(torch.isfinite(p).all() for p in model.parameters()), "timm left a parameter unloaded"
+    return model.eval()
+
+
+def bitcli_model(path: Path) -> torch.nn.Module:
+    from bitcli.hub import load_checkpoint
+
+    return load_checkpoint(str(path)).build_model()
+
+
+def read_st(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
+def inputs(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def bit(*args) -> tuple[int, str, str]:
+    """The console-script entry point (`bitcli.cli:main`, what `bit` runs) in this process: (exit code, stdout,
+    stderr). A fresh interpreter per call would cost seconds each; a few tests below run real processes too."""
+    from bitcli.cli import main
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["bit", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+            main()
+    finally:
+        sys.argv = argv
+    return exit_info.value.code, out.getvalue(), err.getvalue()
+
+
+def convert_ok(*args) -> None:
+    code, out, err = bit("convert", *args)
+    assert code == 0, err
+    assert out == ""  # stdout carries data only; the summary goes to stderr
+    assert "wrote" in err
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def r50(tmp_path_factory) -> dict:
+    """R50x1 with an ImageNet-1k head, its Google-layout .npz and the bitcli file converted from it."""
+    folder = tmp_path_factory.mktemp("r50")
+    arrays = google_arrays(R50, 1, 1000, seed=1, head_std=0.3)  # a spread-out head: no near-ties in the top-k
+    npz = save_npz(folder / "BiT-M-R50x1-ILSVRC2012.npz", arrays)
+    bitcli = folder / "r50.safetensors"
+    result = run_bit("convert", npz, bitcli)  # once through a real `python -m bitcli` process
+    assert result.returncode == 0 and result.stdout == "", result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"wrote {bitcli} (bitcli): 4 stages [3, 4, 6, 3], width 2048, 1000 classes")
+    return {"arrays": arrays, "npz": npz, "bitcli": bitcli, "folder": folder}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Google's .npz against timm's npz reader
+
+
+def test_r50x1_npz_matches_timm_and_carries_googles_eps(tmp_path):
+    # Kernels of variance 1e-10, the size of Google's eps: standardising with timm's 1e-8 instead would
+    # change every layer, so agreeing with timm-at-1e-10 shows that the eps travelled with the weights.
+    arrays = google_arrays(R50, 1, 21843, seed=2, kernel_std=1e-5)
+    npz = save_npz(tmp_path / "BiT-M-R50x1.npz", arrays)
+    convert_ok(npz, tmp_path / "out.safetensors")
+
+    from bitcli.hub import load_checkpoint
+
+    ckpt = load_checkpoint(str(tmp_path / "out.safetensors"))
+    assert (ckpt.config.depths, ckpt.config.hidden_sizes, ckpt.config.num_classes) == (R50, BIT_WIDTHS, 21843)
+    assert ckpt.config.ws_eps == 1e-10
+    assert ckpt.labels[:2] == ["class_0", "class_1"] and len(ckpt.labels) == 21843
+
+    x = inputs(128)
+    with torch.no_grad():
+        ours = ckpt.build_model()(x)
+        theirs = timm_from_npz(npz, R50, 1, 21843)(x)
+        timm_eps = timm_from_npz(npz, R50, 1, 21843, eps=1e-8)(x)
+    assert ours.shape == (2, 21843)
+    assert (ours - theirs).abs().max() < 1e-4
+    assert (ours - timm_eps).abs().max() > 1e-2  # the test can tell the two eps apart
+
+
+def test_r50x3_npz_matches_timm(tmp_path):
+    npz = save_npz(tmp_path / "BiT-M-R50x3.npz", google_arrays(R50, 3, 1000, seed=3))
+    convert_ok(npz, tmp_path / "out.safetensors")
+    ours = bitcli_model(tmp_path / "out.safetensors")
+    assert ours.config.hidden_sizes == (768, 1536, 3072, 6144) and ours.config.embedding_size == 192
+    x = inputs(64)
+    with torch.no_grad():
+        diff = (ours(x) - timm_from_npz(npz, R50, 3, 1000)(x)).abs().max()
+    assert diff < 1e-4
+
+
+def test_headless_npz_matches_timm_features(tmp_path):
+    arrays = google_arrays(R50, 1, 0, seed=4)
+    assert not any(k.startswith("resnet/head") for k in arrays)
+    npz = save_npz(tmp_path / "BiT-S-R50x1.npz", arrays)
+    convert_ok(npz, tmp_path / "out.safetensors")
+    ours = bitcli_model(tmp_path / "out.safetensors")
+    assert ours.head is None and ours.config.num_classes == 0
+    x = inputs(96)
+    with torch.no_grad():
+        features = ours(x)
+        theirs = timm_from_npz(npz, R50, 1, 0)(x)  # num_classes=0: timm returns the pooled pre-logits
+    assert features.shape == theirs.shape == (2, 2048)
+    assert (features - theirs).abs().max() < 1e-4
+
+    # The head-less folder loads in transformers as a 0-label model whose "logits" are the pooled features;
+    # transformers standardises with eps 1e-8, so its peer here is timm at that eps.
+    import transformers
+
+    convert_ok(tmp_path / "out.safetensors", tmp_path / "hf")
+    hf = transformers.BitForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.num_labels == 0
+    with torch.no_grad():
+        pooled = hf(x).logits
+        timm_1e8 = timm_from_npz(npz, R50, 1, 0, eps=1e-8)(x)
+    assert (pooled - timm_1e8).abs().max() < 1e-4
+
+
+def test_any_depth_and_width_from_the_shapes(tmp_path):
+    """Not a published layout: depth, widths and classes come from the tensor shapes alone."""
+    depths, widths = (2, 1, 3, 1), (128, 256, 256, 512)
+    npz = save_npz(tmp_path / "custom.npz", google_arrays(depths, widths=widths, stem=32, num_classes=7, seed=5))
+    convert_ok(npz, tmp_path / "out.safetensors")
+    ours = bitcli_model(tmp_path / "out.safetensors")
+    assert (ours.config.depths, ours.config.hidden_sizes, ours.config.embedding_size) == (depths, widths, 32)
+    x = inputs(64)
+    with torch.no_grad():
+        theirs = timm_from_npz(npz, depths, 1, 7, channels=widths, stem_chs=32)(x)
+        assert (ours(x) - theirs).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Round trips
+
+
+def test_round_trip_npz_bitcli_hf_bitcli_is_bit_identical(r50, tmp_path):
+    hf, again = tmp_path / "hf", tmp_path / "again.safetensors"
+    convert_ok(r50["bitcli"], hf)
+    convert_ok(hf, again)
+
+    first, meta1 = read_st(r50["bitcli"])
+    hf_tensors, _ = read_st(hf / "model.safetensors")
+    second, meta2 = read_st(again)
+    assert len(r50["arrays"]) == len(first) == len(hf_tensors) == len(second) == 153
+    for key, array in r50["arrays"].items():
+        expected = google_to_oihw(key, array)
+        hf_name, timm_name = google_to_torch_names(key)
+        bitcli_name = timm_name.replace(".blocks.", ".units.").replace("head.fc.", "head.")
+        for tensors, name in ((first, bitcli_name), (hf_tensors, hf_name), (second, bitcli_name)):
+            got = tensors[name]
+            assert got.dtype == torch.float32 and torch.equal(got, expected), (key, name)
+            assert got.view(torch.int32).equal(expected.view(torch.int32))  # bits, not just values
+    for field in ("config", "labels", "preprocess"):
+        assert json.loads(meta1[field]) == json.loads(meta2[field]), field
+    assert json.loads(meta2["config"])["ws_eps"] == 1e-10
+
+
+def test_round_trip_timm_bitcli_timm_is_bit_identical(tmp_path):
+    import timm
+    from conftest import perturb
+    from timm.models._hub import save_for_hf
+
+    model = timm.create_model("resnetv2_50x1_bit", num_classes=10).eval()
+    perturb(model, seed=6)
+    source = tmp_path / "timm-src"
+    save_for_hf(model, source, safe_serialization=True)
+    bitcli, back = tmp_path / "mid.safetensors", tmp_path / "timm-back"
+    convert_ok(source, bitcli)
+    convert_ok(bitcli, back, "--format", "timm")
+
+    original, _ = read_st(source / "model.safetensors")
+    result, _ = read_st(back / "model.safetensors")
+    assert sorted(original) == sorted(result)
+    for key, t in original.items():
+        assert result[key].dtype == t.dtype == torch.float32 and result[key].view(torch.int32).equal(t.view(torch.int32)), key
+    src_cfg, back_cfg = (json.loads((f / "config.json").read_text()) for f in (source, back))
+    assert back_cfg["architecture"] == src_cfg["architecture"] == "resnetv2_50x1_bit"
+    assert back_cfg["num_classes"] == 10
+
+    reloaded = timm.create_model(f"local-dir:{back}", pretrained=True).eval()  # timm's own folder loader
+    x = inputs(64)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+
+
+def test_bare_timm_file_converts(tmp_path):
+    """A timm state dict saved with torch.save (the weights_only-loadable kind) is a valid source."""
+    import timm
+    from conftest import perturb
+
+    model = timm.create_model("resnetv2_50x1_bit", num_classes=5).eval()
+    perturb(model, seed=7)
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    convert_ok(tmp_path / "model.pth", tmp_path / "out.safetensors")
+    x = inputs(64)
+    with torch.no_grad():
+        assert (bitcli_model(tmp_path / "out.safetensors")(x) - model(x)).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers loads the folder and agrees with `bit predict`
+
+
+def test_transformers_loads_converted_folder_like_bit_predict(r50, tmp_path, photos):
+    import transformers
+    from PIL import Image
+
+    from bitcli.hub import load_checkpoint
+
+    hf = tmp_path / "hf"
+    convert_ok(r50["npz"], hf)
+    images = [photos[n] for n in ("chelsea.png", "china.jpg")]
+
+    model = transformers.BitForImageClassification.from_pretrained(hf).eval()
+    processor = transformers.BitImageProcessorPil.from_pretrained(hf)
+    pixels = processor([Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (2, 3, 448, 448)  # Google's 448-px eval resolution travelled into the folder
+    assert model.config.id2label[0] == "tench"  # ImageNet-1k names for a 1000-class head
+
+    # Same pixels, same weights: transformers standardises kernels with its fixed eps 1e-8, bitcli with the
+    # 1e-10 the weights came with (kept in config.json as bitcli_ws_eps). At transformers' eps the two
+    # computations are the same; the eps alone moves these logits (up to ~16) by about 1e-4.
+    ckpt = load_checkpoint(str(hf))
+    assert ckpt.config.ws_eps == 1e-10
+    center = pixels[:, :, 112:336, 112:336]  # the 224-px centre: a quarter of the compute
+    with torch.no_grad():
+        hf_logits = model(center).logits
+        ours = ckpt.build_model()(center)
+        ckpt.config = dataclasses.replace(ckpt.config, ws_eps=1e-8)
+        ours_at_hf_eps = ckpt.build_model()(center)
+        hf_probs = model(pixels).logits.softmax(-1)
+    assert (ours_at_hf_eps - hf_logits).abs().max() < 1e-5
+    assert (ours - hf_logits).abs().max() < 5e-4
+
+    # `bit predict` from the image files, on the converted folder and on the .npz directly.
+    args = [*images, "--format", "json", "--top-k", "1000", "--device", "cpu"]
+    for source in (hf, r50["npz"]):
+        code, stdout, stderr = bit("predict", "--model", source, *args)
+        assert code == 0, stderr
+        for row, probs in zip(json.loads(stdout), hf_probs, strict=True):
+            preds = row["predictions"]
+            assert len(preds) == 1000
+            assert [p["index"] for p in preds[:5]] == probs.topk(5).indices.tolist(), (source, row["path"])
+            assert all(p["label"] == model.config.id2label[p["index"]] for p in preds)
+            got = torch.tensor([p["score"] for p in sorted(preds, key=lambda p: p["index"])])
+            assert (got - probs).abs().max() < 1e-4, (source, row["path"])  # eps, and channels-last conv rounding
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --labels and --dtype
+
+
+TINY = dict(depths=(1, 1, 1, 1), widths=(128, 128, 128, 128), stem=32)
+
+
+def tiny_npz(path: Path, num_classes: int = 3, seed: int = 0) -> Path:
+    return save_npz(path, google_arrays(TINY["depths"], widths=TINY["widths"], stem=TINY["stem"], num_classes=num_classes, seed=seed))
+
+
+def test_labels_file_travels_into_every_layout(tmp_path, photos):
+    npz = tiny_npz(tmp_path / "tiny.npz")
+    (tmp_path / "labels.txt").write_text("red fox\n\nsnow leopard\nkōala\n", encoding="utf-8")  # blank lines ignored
+    names = ["red fox", "snow leopard", "kōala"]
+    convert_ok(npz, tmp_path / "out.safetensors", "--labels", tmp_path / "labels.txt")
+    convert_ok(npz, tmp_path / "hf", "--labels", tmp_path / "labels.txt")
+    assert json.loads(read_st(tmp_path / "out.safetensors")[1]["labels"]) == names
+    id2label = json.loads((tmp_path / "hf" / "config.json").read_text(encoding="utf-8"))["id2label"]
+    assert [id2label[str(i)] for i in range(3)] == names
+
+    code, out, err = bit("predict", photos["chelsea.png"], "--model", tmp_path / "out.safetensors", "--format", "json", "--top-k", "3")
+    assert code == 0, err
+    assert sorted(p["label"] for p in json.loads(out)[0]["predictions"]) == sorted(names)
+
+
+@pytest.mark.parametrize("dtype, st_name", [("float16", "F16"), ("bfloat16", "BF16")])
+def test_dtype(tmp_path, dtype, st_name):
+    arrays = google_arrays(TINY["depths"], widths=TINY["widths"], stem=TINY["stem"], num_classes=4, seed=8)
+    npz = save_npz(tmp_path / "tiny.npz", arrays)
+    convert_ok(npz, tmp_path / "out.safetensors", "--dtype", dtype)
+    convert_ok(npz, tmp_path / "hf", "--dtype", dtype)
+    torch_dtype = getattr(torch, dtype)
+    with open(tmp_path / "out.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {st_name}
+    bitcli, _ = read_st(tmp_path / "out.safetensors")
+    hf, _ = read_st(tmp_path / "hf" / "model.safetensors")
+    for key, array in arrays.items():
+        expected = google_to_oihw(key, array).to(torch_dtype)
+        hf_name, timm_name = google_to_torch_names(key)
+        assert torch.equal(bitcli[timm_name.replace(".blocks.", ".units.").replace("head.fc.", "head.")], expected)
+        assert torch.equal(hf[hf_name], expected)
+    x = inputs(64)
+    with torch.no_grad():
+        reference = bitcli_model(tmp_path / "hf")(x)  # a half-precision checkpoint still builds and runs
+        assert (reference - timm_from_npz(npz, TINY["depths"], 1, 4, channels=TINY["widths"], stem_chs=32)(x)).abs().max() < 0.05
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 1, nothing left behind
+
+
+class Evil:
+    """Unpickling this runs code: it must never happen."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _npz_without(tmp: Path, key: str) -> Path:
+    arrays = google_arrays(TINY["depths"], widths=TINY["widths"], stem=TINY["stem"], num_classes=3)
+    del arrays[key]
+    return save_npz(tmp / "src.npz", arrays)
+
+
+def _npz_replacing(tmp: Path, key: str, value: np.ndarray) -> Path:
+    arrays = google_arrays(TINY["depths"], widths=TINY["widths"], stem=TINY["stem"], num_classes=3)
+    arrays[key] = value
+    return save_npz(tmp / "src.npz", arrays)
+
+
+def _truncated(tmp: Path) -> Path:
+    data = tiny_npz(tmp / "full.npz").read_bytes()
+    (tmp / "full.npz").unlink()
+    (tmp / "src.npz").write_bytes(data[: len(data) // 2])
+    return tmp / "src.npz"
+
+
+def _member_cut_short(tmp: Path) -> Path:
+    """A well-formed zip whose .npy member holds less data than its header promises."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.zeros((64,), np.float32))
+    with zipfile.ZipFile(tmp / "src.npz", "w") as zf:
+        with zf.open("resnet/group_norm/gamma.npy", "w") as f:
+            f.write(buf.getvalue()[:-40])
+    return tmp / "src.npz"
+
+
+def _object_array(tmp: Path) -> Path:
+    arrays = google_arrays(TINY["depths"], widths=TINY["widths"], stem=TINY["stem"], num_classes=3)
+    arrays["resnet/group_norm/gamma"] = np.array([Evil(tmp / "PWNED")], dtype=object)
+    np.savez(tmp / "src.npz", **arrays)  # numpy pickles object arrays; loading would run Evil's payload
+    return tmp / "src.npz"
+
+
+def _npy_not_npz(tmp: Path) -> Path:
+    np.save(tmp / "src.npy", np.zeros(3, np.float32))
+    (tmp / "src.npy").rename(tmp / "src.npz")
+    return tmp / "src.npz"
+
+
+def _torch_save_evil(tmp: Path) -> Path:
+    torch.save({"stem.conv.weight": torch.zeros(64, 3, 7, 7), "x": Evil(tmp / "PWNED")}, tmp / "src.bin")
+    return tmp / "src.bin"
+
+
+def _raw_pickle_evil(tmp: Path) -> Path:
+    (tmp / "src.pth").write_bytes(pickle.dumps({"stem.conv.weight": Evil(tmp / "PWNED")}))
+    return tmp / "src.pth"
+
+
+def _unknown_names(tmp: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({"encoder.layer.0.weight": torch.zeros(4, 4)}, tmp / "src.safetensors")
+    return tmp / "src.safetensors"
+
+
+def _unknown_npz_names(tmp: Path) -> Path:
+    return save_npz(tmp / "src.npz", {"params/Transformer/encoder/kernel": np.zeros((4, 4), np.float32)})
+
+
+def _other_model_folder(tmp: Path) -> Path:
+    (tmp / "src").mkdir()
+    (tmp / "src" / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
+    return tmp / "src"
+
+
+def _unknown_suffix(tmp: Path) -> Path:
+    (tmp / "src.onnx").write_bytes(b"\x08\x07")
+    return tmp / "src.onnx"
+
+
+def _truncated_safetensors(tmp: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({"stem.conv.weight": torch.zeros(64, 3, 7, 7)}, tmp / "full.safetensors")
+    data = (tmp / "full.safetensors").read_bytes()
+    (tmp / "full.safetensors").unlink()
+    (tmp / "src.safetensors").write_bytes(data[:-100])
+    return tmp / "src.safetensors"
+
+
+BAD_INPUTS = {
+    "missing key": (
+        lambda t: _npz_without(t, "resnet/block2/unit01/b/group_norm/gamma"),
+        "weights do not match the architecture: missing resnet/block2/unit01/b/group_norm/gamma",
+    ),
+    "missing stage width": (
+        lambda t: _npz_without(t, "resnet/block1/unit01/c/standardized_conv2d/kernel"),
+        "missing resnet/block1/unit01/c/standardized_conv2d/kernel",
+    ),
+    "wrong shape": (
+        lambda t: _npz_replacing(t, "resnet/block3/unit01/b/standardized_conv2d/kernel", np.zeros((3, 3, 32, 30), np.float32)),
+        "wrong shape resnet/block3/unit01/b/standardized_conv2d/kernel (3, 3, 32, 30) (expected (3, 3, 32, 32))",
+    ),
+    "wrong rank": (
+        lambda t: _npz_replacing(t, "resnet/group_norm/beta", np.zeros((128, 1), np.float32)),
+        "resnet/group_norm/beta has shape (128, 1); expected a 1-d array",
+    ),
+    "integer array": (
+        lambda t: _npz_replacing(t, "resnet/group_norm/beta", np.zeros(128, np.int32)),
+        "array resnet/group_norm/beta has dtype int32; BiT weights must be float16, float32 or float64",
+    ),
+    "truncated npz": (_truncated, "the .npz archive is truncated"),
+    "npz member cut short": (_member_cut_short, "array resnet/group_norm/gamma is truncated"),
+    "object array": (_object_array, "array resnet/group_norm/gamma holds Python objects (a pickle); bitcli refuses"),
+    "single .npy": (_npy_not_npz, "is a single .npy array, not an .npz archive"),
+    "pickled code in torch.save": (_torch_save_evil, "pickled Python objects, not plain weights (it refers to posix.system)"),
+    "pickled code in raw pickle": (_raw_pickle_evil, "pickled Python objects, not plain weights"),
+    "unknown tensor names": (_unknown_names, "unknown tensor name(s) encoder.layer.0.weight; not a BiT checkpoint in timm's"),
+    "unknown npz names": (_unknown_npz_names, "unknown array name(s) params/Transformer/encoder/kernel; not a BiT .npz"),
+    "other model type": (_other_model_folder, "neither a transformers BiT config"),
+    "unknown file type": (_unknown_suffix, "unknown model file type '.onnx'"),
+    "truncated safetensors": (_truncated_safetensors, "truncated"),
+}
+
+
+@pytest.mark.parametrize("dst_name", ["out.safetensors", "out"])
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_1_and_leaves_nothing(case, dst_name, tmp_path):
+    make, message = BAD_INPUTS[case]
+    src = make(tmp_path)
+    before = listing(tmp_path)
+    code, out, err = bit("convert", src, tmp_path / dst_name)
+    assert code == 1, err
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1 and err.startswith("Error: "), err
+    assert message in err, err
+    assert listing(tmp_path) == before  # no DST, no temporary file
+    assert not (tmp_path / "PWNED").exists()  # no pickled payload ran
+
+
+@pytest.mark.parametrize("case", ["pickled code in torch.save", "pickled code in raw pickle"])
+def test_bad_input_through_a_real_process(case, tmp_path):
+    """The same failures in a fresh interpreter: nothing (warnings included) but the one line on stderr."""
+    make, message = BAD_INPUTS[case]
+    src = make(tmp_path)
+    before = listing(tmp_path)
+    result = run_bit("convert", src, tmp_path / "out")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: ") and message in result.stderr, result.stderr
+    assert listing(tmp_path) == before
+    assert not (tmp_path / "PWNED").exists()
+
+
+def _corrupt_member_data(npz: Path, member: str) -> None:
+    """Flip one byte inside a stored member's data: the zip still opens, its CRC no longer matches."""
+    with zipfile.ZipFile(npz) as zf:
+        info = zf.getinfo(member)
+    data = bytearray(npz.read_bytes())
+    name_len, extra_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little"), int.from_bytes(
+        data[info.header_offset + 28 : info.header_offset + 30], "little"
+    )
+    data[info.header_offset + 30 + name_len + extra_len + info.file_size - 1] ^= 0xFF
+    npz.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("dst_name", ["out.safetensors", "out"])
+def test_corruption_found_while_writing_leaves_no_temporary_file(dst_name, tmp_path):
+    npz = tiny_npz(tmp_path / "src.npz")
+    # A member too big to be read along with its header: the damage shows only when its data is converted,
+    # after earlier tensors are already in the temporary output.
+    _corrupt_member_data(npz, "resnet/block4/unit01/c/standardized_conv2d/kernel.npy")
+    code, _, err = bit("convert", npz, tmp_path / dst_name)
+    assert code == 1 and err.count("\n") == 1
+    assert "array resnet/block4/unit01/c/standardized_conv2d/kernel cannot be read (Bad CRC-32" in err, err
+    assert "the file is corrupt" in err
+    assert listing(tmp_path) == ["src.npz"]
+
+
+def test_small_corrupt_member_is_found_before_writing(tmp_path):
+    npz = tiny_npz(tmp_path / "src.npz")
+    _corrupt_member_data(npz, "resnet/head/conv2d/bias.npy")
+    code, _, err = bit("convert", npz, tmp_path / "out")
+    assert code == 1 and err.count("\n") == 1
+    assert "array resnet/head/conv2d/bias is corrupt (Bad CRC-32" in err, err
+    assert listing(tmp_path) == ["src.npz"]
+
+
+def test_existing_dst_needs_overwrite(tmp_path):
+    npz = tiny_npz(tmp_path / "src.npz")
+    (tmp_path / "out.safetensors").write_bytes(b"keep me")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("keep me")
+    for dst in ("out.safetensors", "out"):
+        code, _, err = bit("convert", npz, tmp_path / dst)
+        assert code == 1 and err == f"Error: {tmp_path / dst}: already exists; pass --overwrite to replace it\n"
+    assert (tmp_path / "out.safetensors").read_bytes() == b"keep me"
+    assert (tmp_path / "out" / "keep.txt").read_text() == "keep me"
+    assert listing(tmp_path) == ["out", "out.safetensors", "src.npz"]
+
+    for dst in ("out.safetensors", "out"):
+        code, _, err = bit("convert", npz, tmp_path / dst, "--overwrite")
+        assert code == 0, err
+    assert listing(tmp_path) == ["out", "out.safetensors", "src.npz"]
+    assert listing(tmp_path / "out") == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert read_st(tmp_path / "out.safetensors")[1]["format"] == "bitcli"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--labels", "labels.txt"], "labels.txt: has 2 labels but the model has 3 classes; one name per line"),
+        (["--labels", "nope.txt"], "nope.txt: cannot read label file"),
+    ],
+)
+def test_bad_labels_file(flags, message, tmp_path):
+    npz = tiny_npz(tmp_path / "src.npz")
+    (tmp_path / "labels.txt").write_text("a\nb\n")
+    flags = [str(tmp_path / f) if f.endswith(".txt") else f for f in flags]
+    code, _, err = bit("convert", npz, tmp_path / "out.safetensors", *flags)
+    assert code == 1 and err.count("\n") == 1 and message in err, err
+    assert listing(tmp_path) == ["labels.txt", "src.npz"]
+
+
+def test_timm_layout_needs_a_timm_architecture(tmp_path):
+    npz = tiny_npz(tmp_path / "src.npz")
+    code, _, err = bit("convert", npz, tmp_path / "out", "--format", "timm")
+    assert code == 1 and "have no timm name" in err and err.count("\n") == 1, err
+    assert listing(tmp_path) == ["src.npz"]
+
+
+def test_written_files_get_ordinary_permissions(r50, tmp_path):
+    convert_ok(r50["bitcli"], tmp_path / "hf")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert r50["bitcli"].stat().st_mode & 0o777 == 0o666 & ~umask

@@ -1,0 +1,135 @@
+"""`bit eval`: top-1/top-5, per-class accuracy and confusion matrix, as a table or one JSON object."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bitcli.cli import main
+from bitcli.evaluate import OTHER, Accumulator
+
+
+def write_folder(root: Path, counts: dict[str, int], size: int = 16, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for c, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            array = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+            array[..., c % 3] += 120
+            Image.fromarray(array).save(root / name / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data root with train/ and val/, the fine-tuned run folder)."""
+    from bitcli.finetune import Options, run
+
+    root = tmp_path_factory.mktemp("eval")
+    write_folder(root / "data" / "train", {"red": 10, "green": 10, "blue": 10})
+    write_folder(root / "data" / "val", {"red": 5, "green": 4, "blue": 3}, seed=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(Options(data=root / "data", model="tiny", output=root / "run", random_init=True, steps="12",
+                    batch_size=8, resolution="16", lr=0.03, eval_every="0", workers=1))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return root / "data", root / "run"
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    def run(*args: object) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["bit", *map(str, args)])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def test_eval_json_is_one_object_and_agrees_with_finetune(trained: tuple[Path, Path], cli) -> None:
+    data, run = trained
+    code, out, err = cli("eval", data / "val", "--model", run, "--format", "json", "--device", "cpu")
+    assert code == 0, err
+    result = json.loads(out)  # the whole of stdout is one JSON object
+    assert set(result) >= {"top1", "top5", "per_class", "confusion", "labels"}
+    assert result["labels"] == ["blue", "green", "red"]
+    confusion = np.array(result["confusion"])
+    assert confusion.shape == (3, 3) and confusion.sum() == result["count"] == 12
+    assert confusion.sum(axis=1).tolist() == [3, 4, 5]  # rows are the true classes
+    assert result["top1"] == pytest.approx(np.trace(confusion) / 12)
+    for i, name in enumerate(result["labels"]):
+        assert result["per_class"][name] == pytest.approx(confusion[i, i] / confusion[i].sum())
+    assert result["top5"] == 1.0  # three classes: the top five always hold the answer
+    summary = json.loads((run / "summary.json").read_text())  # finetune's final validation, same images
+    assert result["top1"] == summary["val_top1"]
+    assert result["loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+
+
+def test_eval_table_and_split_layout(trained: tuple[Path, Path], cli) -> None:
+    data, run = trained
+    code, out, err = cli("eval", data, "--model", run)  # DATA/train + DATA/val: the val split is evaluated
+    assert code == 0, err
+    assert "evaluating the validation split" in err
+    assert "images  12" in out and "top-1" in out and "top-5" in out
+    assert "per-class top-1" in out and "confusion matrix (rows: true class" in out
+    for name in ("red", "green", "blue"):
+        assert name in out
+
+
+def test_eval_subset_of_classes(trained: tuple[Path, Path], tmp_path: Path, cli) -> None:
+    data, run = trained
+    write_folder(tmp_path / "two", {"red": 3, "green": 2})
+    code, out, err = cli("eval", tmp_path / "two", "--model", run, "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["count"] == 5 and set(result["per_class"]) == {"red", "green"}
+    assert result["labels"][:2] == ["green", "red"]  # in the model's label order
+    if len(result["labels"]) == 3:  # some image was predicted as the absent class "blue"
+        assert result["labels"][2] == OTHER and result["confusion"][2] == [0, 0, 0]
+
+
+def test_eval_errors(trained: tuple[Path, Path], tmp_path: Path, cli) -> None:
+    data, run = trained
+    write_folder(tmp_path / "zoo", {"red": 1, "zebra": 1})
+    code, _, err = cli("eval", tmp_path / "zoo", "--model", run)
+    assert code == 1 and "class 'zebra' is not a label of" in err
+    code, _, err = cli("eval", data / "val", "--model", run, "--format", "xml")
+    assert code == 2 and "--format 'xml'" in err
+    (tmp_path / "nosplit" / "train").mkdir(parents=True)
+    code, _, err = cli("eval", tmp_path / "nosplit", "--model", run)
+    assert code == 1 and "has train/ but no val/" in err
+
+
+def test_accumulator_exact_counts() -> None:
+    # Data classes (b, a) map to model labels 2 and 0 of a 4-class model.
+    acc = Accumulator(["b", "a"], class_to_model=[2, 0], num_model_classes=4)
+    logits = torch.tensor(
+        [
+            [0.0, 0.1, 0.9, 0.2],  # true b(2), predicted 2: right
+            [0.9, 0.1, 0.0, 0.2],  # true b(2), predicted 0 (a): wrong; 2 is last of 4, still in the top 5
+            [0.9, 0.0, 0.1, 0.2],  # true a(0), predicted 0: right
+            [0.1, 0.9, 0.0, 0.2],  # true a(0), predicted 1: a label outside the data -> (other)
+        ]
+    )
+    acc.update(logits[:2], np.array([0, 0]))
+    acc.update(logits[2:], np.array([1, 1]))
+    r = acc.result()
+    assert (r.top1, r.top5, r.count) == (0.5, 1.0, 4)
+    assert r.per_class == {"b": 0.5, "a": 0.5}
+    assert r.labels == ["a", "b", OTHER]  # model order, then (other)
+    assert r.confusion == [[1, 0, 1], [1, 1, 0], [0, 0, 0]]
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2, 0, 0])).item()
+    assert r.loss == pytest.approx(expected)

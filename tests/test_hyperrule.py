@@ -1,0 +1,202 @@
+"""BiT-HyperRule: lr at every step, schedule/resolution/MixUp at the regime boundaries, and the planner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bitcli import hyperrule
+from bitcli.errors import BitError
+from bitcli.finetune import Datasets, Dist, Options, make_plan
+from bitcli.hyperrule import Schedule
+
+
+def google_get_schedule(dataset_size: int) -> list[int]:
+    """Verbatim logic of big_transfer/bit_hyperrule.py (the oracle)."""
+    if dataset_size < 20_000:
+        return [100, 200, 300, 400, 500]
+    elif dataset_size < 500_000:
+        return [500, 3000, 6000, 9000, 10_000]
+    else:
+        return [500, 6000, 12_000, 18_000, 20_000]
+
+
+def google_get_lr(step: int, dataset_size: int, base_lr: float = 0.003) -> float | None:
+    supports = google_get_schedule(dataset_size)
+    if step < supports[0]:
+        return base_lr * step / supports[0]
+    elif step >= supports[-1]:
+        return None
+    else:
+        for s in supports[1:]:
+            if s < step:
+                base_lr /= 10
+        return base_lr
+
+
+@pytest.mark.parametrize("size, steps", [(1_000, 500), (50_000, 10_000), (1_281_167, 20_000)])
+def test_lr_at_every_step_matches_google(size: int, steps: int) -> None:
+    sched = hyperrule.schedule(size)
+    assert sched.steps == steps
+    for step in range(steps):
+        assert hyperrule.learning_rate(step, sched) == google_get_lr(step, size)
+    assert google_get_lr(steps, size) is None  # the run is exactly `steps` optimizer steps long
+    with pytest.raises(ValueError):
+        hyperrule.learning_rate(steps, sched)
+
+
+def test_lr_landmarks_small_regime() -> None:
+    sched = hyperrule.schedule(100)
+    lr = [hyperrule.learning_rate(s, sched) for s in range(500)]
+    assert lr[0] == 0.0
+    assert lr[50] == pytest.approx(0.0015)
+    assert lr[99] == pytest.approx(0.003 * 99 / 100)
+    assert lr[100] == lr[200] == 0.003  # the decay applies strictly after a boundary
+    assert lr[201] == pytest.approx(0.0003)
+    assert lr[301] == pytest.approx(0.00003)
+    assert lr[401] == lr[499] == pytest.approx(0.000003)
+
+
+@pytest.mark.parametrize(
+    "n, boundaries, mixup",
+    [
+        (1, hyperrule.SMALL_SCHEDULE, None),
+        (19_999, hyperrule.SMALL_SCHEDULE, None),
+        (20_000, hyperrule.MEDIUM_SCHEDULE, 0.1),
+        (499_999, hyperrule.MEDIUM_SCHEDULE, 0.1),
+        (500_000, hyperrule.LARGE_SCHEDULE, 0.1),
+        (10_000_000, hyperrule.LARGE_SCHEDULE, 0.1),
+    ],
+)
+def test_schedule_and_mixup_at_boundaries(n: int, boundaries: tuple[int, ...], mixup: float | None) -> None:
+    assert hyperrule.schedule(n).boundaries == boundaries
+    assert tuple(google_get_schedule(n)) == boundaries
+    assert hyperrule.mixup_alpha(n) == mixup
+
+
+@pytest.mark.parametrize(
+    "area, resize, crop", [(1, 160, 128), (96 * 96 - 1, 160, 128), (96 * 96, 512, 480), (4000 * 3000, 512, 480)]
+)
+def test_resolution_at_boundary(area: int, resize: int, crop: int) -> None:
+    assert hyperrule.resolution(area) == hyperrule.Resolution(resize, crop)
+
+
+def test_recipe_constants() -> None:
+    assert (hyperrule.BASE_LR, hyperrule.BATCH_SIZE, hyperrule.MOMENTUM) == (0.003, 512, 0.9)
+
+
+def test_scaled_schedule() -> None:
+    assert hyperrule.scaled_schedule(100, 500) == hyperrule.schedule(100)
+    assert hyperrule.scaled_schedule(100, 300).boundaries == (60, 120, 180, 240, 300)
+    assert hyperrule.scaled_schedule(50_000, 1000).boundaries == (50, 300, 600, 900, 1000)
+    assert hyperrule.scaled_schedule(100, 1000).boundaries == (200, 400, 600, 800, 1000)
+    for steps in range(1, 40):
+        b = hyperrule.scaled_schedule(100, steps).boundaries
+        assert b[-1] == steps and b[0] >= 1 and list(b) == sorted(b)
+        assert hyperrule.learning_rate(0, Schedule(b)) == 0.0
+    with pytest.raises(BitError):
+        hyperrule.scaled_schedule(100, 0)
+
+
+def test_resolution_for_crop() -> None:
+    assert hyperrule.resolution_for_crop(128) == hyperrule.Resolution(160, 128)
+    assert hyperrule.resolution_for_crop(32) == hyperrule.Resolution(40, 32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The planner applies the rule to real folders
+
+
+def _folder(tmp_path: Path, size: tuple[int, int], n: int):
+    """An ImageFolder of n entries (the same few real files repeated): the planner only counts and
+    reads image headers, so this exercises it at data-set sizes too large to write to disk."""
+    from bitcli.data import ImageFolder
+
+    root = tmp_path / f"{size[0]}x{size[1]}"
+    files = []
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+        p = root / f"c{c}" / "a.png"
+        Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(p)
+        files.append(str(p))
+    paths = tuple(files[i % 2] for i in range(n))
+    return ImageFolder(root, ("c0", "c1"), paths, tuple(i % 2 for i in range(n)))
+
+
+def _plan(tmp_path: Path, size: tuple[int, int], n: int, **flags):
+    from bitcli.finetune import random_init_config
+    from bitcli.model import BitModel
+
+    ds = _folder(tmp_path, size, n)
+    opts = Options(data=ds.root, model="tiny", output=tmp_path / "out", random_init=True, batch_split="1", **flags)
+    model = BitModel(random_init_config("tiny", 2))
+    import torch
+
+    return make_plan(opts, Datasets(ds, None, None), model, Dist(), torch.device("cpu"), torch.float32, None)
+
+
+@pytest.mark.parametrize(
+    "n, steps, mixup",
+    [(19_999, 500, None), (20_000, 10_000, 0.1), (499_999, 10_000, 0.1), (500_000, 20_000, 0.1)],
+)
+def test_plan_steps_and_mixup_at_boundaries(tmp_path: Path, n: int, steps: int, mixup: float | None) -> None:
+    plan = _plan(tmp_path, (32, 32), n)
+    assert (plan.steps, plan.mixup) == (steps, mixup)
+    assert plan.boundaries == tuple(google_get_schedule(n))
+    assert plan.lr == 0.003 and plan.batch_size == 512 and plan.momentum == 0.9
+    assert "HyperRule" in plan.why["steps"] and "HyperRule" in plan.why["mixup"]
+
+
+@pytest.mark.parametrize("size, resize, crop", [((95, 97), 160, 128), ((96, 96), 512, 480), ((120, 77), 512, 480)])
+def test_plan_resolution_from_image_sizes(tmp_path: Path, size: tuple[int, int], resize: int, crop: int) -> None:
+    plan = _plan(tmp_path, size, 10)
+    assert (plan.resize, plan.crop) == (resize, crop)
+    assert "median image area" in plan.why["resolution"]
+
+
+def test_plan_overrides(tmp_path: Path) -> None:
+    plan = _plan(tmp_path, (32, 32), 100, steps="300", mixup="0.2", resolution="40:32", lr=0.01)
+    assert plan.boundaries == (60, 120, 180, 240, 300)
+    assert (plan.mixup, plan.resize, plan.crop, plan.lr) == (0.2, 40, 32, 0.01)
+    assert json.loads(json.dumps(plan.to_dict()))["boundaries"] == [60, 120, 180, 240, 300]
+    assert _plan(tmp_path, (32, 32), 100, mixup="0").mixup is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A whole run
+
+
+def test_auto_schedule_run_logs_the_rule_lr_at_every_step(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """`bit finetune` with the automatic schedule (500 steps for a small data set) uses the rule's lr at every
+    optimizer step, as metrics.jsonl records it."""
+    import torch
+
+    from bitcli.cli import main
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(7):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+    tiny = '{"depths": [1, 1], "hidden_sizes": [32, 64], "embedding_size": 16, "num_groups": 8}'
+    monkeypatch.setattr("sys.argv", ["bit", "finetune", str(tmp_path / "data"), "--output", str(tmp_path / "run"),
+                                     "--batch-size", "2", "--eval-every", "0", "--save-every", "500", "--random-init",
+                                     "--model", tiny, "--resolution", "8", "--workers", "0"])  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 0, err
+    assert "500 steps" in err and "HyperRule for 21 training examples" in err
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(500))
+    assert [m["lr"] for m in metrics] == [google_get_lr(s, 21) for s in range(500)]
