@@ -225,6 +225,11 @@ def _width() -> int:
     return max(60, shutil.get_terminal_size((120, 24)).columns)
 
 
+def _emit(results: list[Result]) -> None:
+    sys.stdout.write(render(results, "jsonl", color=False))
+    sys.stdout.flush()
+
+
 def run(
     inputs: list[str],
     model: str,
@@ -251,6 +256,11 @@ def run(
     found = expand_inputs(inputs, recursive)
     classifier = Classifier(load_checkpoint(model, revision), device, dtype)
 
+    # jsonl on stdout streams: each line is written as soon as its image is done (a pipe sees progress,
+    # and an interrupted run has already delivered everything it finished).
+    stream = fmt == "jsonl" and output is None
+    if stream:
+        _emit(found.failures)
     results: dict[str, Result] = {}
     interrupted = False
     with progress_bar("classifying", total=len(found.paths), unit="img") as advance:
@@ -261,17 +271,20 @@ def run(
                 if batch is not None:
                     for path, preds in zip(paths, classifier.top_k(batch, top_k)):
                         results[path] = Result(_display(path), predictions=preds)
+                if stream:  # each batch covers the next run of inputs, so input order holds
+                    _emit([results[p] for p in found.paths[len(results) - len(paths) - len(failures) : len(results)]])
                 advance(len(paths) + len(failures))
         except KeyboardInterrupt:
             interrupted = True
 
     ordered = found.failures + [results[p] for p in found.paths if p in results]
-    text = render(ordered, fmt, color=output is None and fmt == "table" and sys.stdout.isatty())
-    if output is not None:
-        atomic_write(output, lambda f: f.write(text.encode("utf-8")))
-    else:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+    if not stream:
+        text = render(ordered, fmt, color=output is None and fmt == "table" and sys.stdout.isatty())
+        if output is not None:
+            atomic_write(output, lambda f: f.write(text.encode("utf-8")))
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
     failed = [r for r in ordered if r.error is not None]
     for r in failed:
         print(f"error: {r.error}", file=sys.stderr)

@@ -90,8 +90,9 @@ def test_sigint_during_predict_reports_what_was_done(tiny_dir, photos, tmp_path)
     first = proc.stdout.readline()  # jsonl streams: the first result proves the loop is running
     assert json.loads(first)["path"] == str(links[0])
     proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    rest = proc.stdout.read()  # through the same buffer that readline() filled (communicate() would bypass it)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, err
     done = [json.loads(line) for line in [first, *rest.splitlines()]]
     assert 0 < len(done) < len(links)
     assert [r["path"] for r in done] == [str(p) for p in links[: len(done)]]  # a prefix, in order
