@@ -770,41 +770,67 @@ def write_npz(ckpt: Checkpoint, path: Path) -> None:
 # Atomic writes: a temporary name beside the target, renamed at the end
 
 
+class WriteFailed(BitError):
+    """The disk refused a write (full, over quota, read-only, too large): the target was left as it was."""
+
+    def __init__(self, target: Path, existed: bool, reason: str) -> None:
+        self.reason = reason
+        kept = f"the previous {'folder' if target.is_dir() else 'file'} is unchanged" if existed else "nothing was written"
+        super().__init__(f"{target}: cannot write it ({reason}); {kept}")
+
+
 def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """`write(f)` fills a temporary file beside `path`, renamed over it only when complete (removed on error)."""
+    """`write(f)` fills a temporary file beside `path`, renamed over it only when complete (removed on error).
+    A write the disk refuses becomes one WriteFailed naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    existed = path.exists()
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WriteFailed(path, existed, exc.strerror or _one_line(exc)) from None
         raise
 
 
 def atomic_folder(folder: Path, fill: Callable[[Path], None]) -> None:
     """`fill(tmp)` fills a temporary folder beside `folder`, which takes its place only when complete."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    existed = folder.exists()
+    tmp = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
         fill(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-        if folder.exists():
+        if existed:
             old = folder.with_name(f".{folder.name}.old")
             _remove(old)
             folder.rename(old)
-            tmp.rename(folder)
+            try:
+                tmp.rename(folder)
+            except BaseException:
+                old.rename(folder)  # put the previous folder back
+                raise
             _remove(old)
         else:
             tmp.rename(folder)
-    except BaseException:
-        _rmtree(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            _rmtree(tmp)
+        if isinstance(exc, WriteFailed):  # a file inside failed: name the folder the user asked for
+            raise WriteFailed(folder, existed, exc.reason) from None
+        if isinstance(exc, OSError):
+            raise WriteFailed(folder, existed, exc.strerror or _one_line(exc)) from None
         raise
 
 

@@ -293,7 +293,7 @@ def auto_batch_split(model, per_rank: int, crop: int, device, dtype, info: Dist)
     from bitcli.runtime import autocast
 
     splits = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
-    chosen, why = splits[-1], ""
+    chosen, why = splits[-1], "nothing larger fit: one image per micro-batch"
     if device.type == "cuda":
         for split in splits:
             try:
@@ -313,7 +313,7 @@ def auto_batch_split(model, per_rank: int, crop: int, device, dtype, info: Dist)
     else:
         sizes: list[int] = []
         leaves = [m for m in model.modules() if not list(m.children())]
-        hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel())) for m in leaves]
+        hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(getattr(o, "numel", int)())) for m in leaves]
         try:
             with torch.no_grad():
                 model(torch.zeros(1, 3, crop, crop))
@@ -322,11 +322,11 @@ def auto_batch_split(model, per_rank: int, crop: int, device, dtype, info: Dist)
                 h.remove()
         per_image = sum(sizes) * 4 * 2  # fp32 activations kept for backward, and their gradients
         budget = _mem_available() // 4 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        why = f"~{per_image / 2**20:.1f} MiB of activations per image, under 1/4 of available memory"
         for split in splits:
             if per_rank // split * per_image <= budget:
                 chosen = split
                 break
-        why = f"~{per_image / 2**20:.1f} MiB of activations per image, under 1/4 of available memory"
     if info.world > 1:  # every process must take the same number of micro-batches
         import torch.distributed as dist
 
@@ -708,8 +708,9 @@ def describe(plan: Plan) -> list[str]:
         f"  batch       {plan.batch_size} = {plan.world_size} process(es) x {plan.batch_split} micro-batch(es) of "
         f"{plan.micro_batch}   [{plan.why['batch_split']}]",
         f"  optimizer   SGD momentum {plan.momentum}, no weight decay, new head zero-initialised",
-        f"  device      {plan.device}, {plan.precision}; validate every {plan.eval_every or plan.steps} steps, "
-        f"checkpoint every {plan.save_every}",
+        f"  device      {plan.device}, {plan.precision}; "
+        + (f"validate every {plan.eval_every or plan.steps} steps, " if plan.validation else "")
+        + f"checkpoint every {plan.save_every} steps",
     ]
 
 
@@ -740,12 +741,13 @@ def run(opts: Options) -> None:
 def _run(opts: Options, info: Dist, device, held: contextlib.ExitStack) -> None:
     import torch
 
-    from bitcli.runtime import resolve_precision
+    from bitcli.runtime import resolve_precision, reuse_freed_memory
 
     started = time.monotonic()
     dtype = resolve_precision(opts.precision, device)
     if device.type == "cpu":  # exact resume and reproducible weights need deterministic kernels
         _use_deterministic_algorithms()
+        reuse_freed_memory()  # activations re-use the heap instead of fresh, zeroed pages every step
     mode = output_mode(opts.output, opts.resume, opts.overwrite)
     saved = _read_saved_plan(opts.output) if mode == "resume" else None
     ds = load_datasets(opts)
@@ -889,14 +891,20 @@ def _run(opts: Options, info: Dist, device, held: contextlib.ExitStack) -> None:
 
 def _use_deterministic_algorithms() -> None:
     """torch.use_deterministic_algorithms(True) without its import of torch._inductor (2-3 s on a small CPU),
-    which it needs only to set a flag for torch.compile; nothing here is compiled."""
+    which it needs only to set a flag for torch.compile; nothing here is compiled.
+
+    Deterministic mode would also fill every new tensor with NaN: a full extra write of each activation and
+    gradient. Every kernel here writes its whole output, so the fill changes no result and is switched off.
+    """
     import torch
+    import torch.utils.deterministic
 
     setter = getattr(torch._C, "_set_deterministic_algorithms", None)
     if setter is None:
         torch.use_deterministic_algorithms(True)
     else:
         setter(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def _mix(decoded: np.ndarray, needed: np.ndarray, own: np.ndarray, sample, targets: np.ndarray, to_input, device):

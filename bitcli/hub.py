@@ -213,14 +213,20 @@ def _download(url: str, dest: Path, name: str) -> None:
             open(dest, "wb") as f,
         ):  # fmt: skip
             task = progress.add_task(f"downloading {name}", total=expected)
-            try:
-                while chunk := response.read(1 << 20):
+            while True:
+                try:
+                    chunk = response.read(1 << 20)
+                except (OSError, http.client.HTTPException) as exc:
+                    raise BitError(f"{name}: download from {url} broke off after {received} bytes ({exc or type(exc).__name__}); run again") from None
+                if not chunk:
+                    break
+                try:
                     f.write(chunk)
-                    md5.update(chunk)
-                    received += len(chunk)
-                    progress.update(task, advance=len(chunk))
-            except (OSError, http.client.HTTPException) as exc:
-                raise BitError(f"{name}: download from {url} broke off after {received} bytes ({exc or type(exc).__name__}); run again") from None
+                except OSError as exc:
+                    raise BitError(f"{name}: cannot write to the model cache {dest.parent} ({exc.strerror}); free space or set BITCLI_CACHE") from None
+                md5.update(chunk)
+                received += len(chunk)
+                progress.update(task, advance=len(chunk))
     if expected is not None and received != expected:
         raise BitError(f"{name}: download from {url} is incomplete ({received} of {expected} bytes); run again")
     if md5_expected is not None and md5.digest() != md5_expected:

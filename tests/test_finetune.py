@@ -445,7 +445,9 @@ def test_full_disk_is_a_user_error_and_leaves_nothing_half_written(dataset: Path
 
     done = subprocess.run(bit_subprocess(*args), capture_output=True, text=True, preexec_fn=small_files_only, timeout=300)
     assert done.returncode == 1, done.stderr
-    assert "cannot write (File too large)" in done.stderr and "internal error" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "cannot write" in last and "File too large" in last
+    assert "internal error" not in done.stderr
     assert sorted(p.name for p in out.iterdir()) == [".lock", "finetune_config.json", "metrics.jsonl"]
     done = subprocess.run(bit_subprocess(*args, "--resume"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
