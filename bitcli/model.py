@@ -228,6 +228,8 @@ class BitModel(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.stem.conv.weight.is_meta:  # shape-only models (checkpoint checks, loading) need no init: ~2 s saved
+            return
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
