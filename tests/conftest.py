@@ -122,6 +122,28 @@ def populate_hf_cache(hub_cache: Path, repo_id: str, files_from: Path, commit: s
         (repo / "refs" / ref).write_text(commit)
 
 
+def run_main(*args: object) -> tuple[int, str, str]:
+    """The console-script entry point (`bitcli.cli:main`, what `bit` runs) in this process: (exit code, stdout,
+    stderr). A fresh interpreter per call costs seconds; tests that need a real process use run_bit."""
+    import contextlib
+    import io
+
+    from bitcli.cli import main
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["bit", *map(str, args)]
+    code: object = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        sys.argv = argv
+    return (code if isinstance(code, int) else (0 if code is None else 1)), out.getvalue(), err.getvalue()
+
+
 def run_bit(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess (`python -m bitcli`), as a user runs it."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}

@@ -8,13 +8,11 @@ with itself.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
 import os
 import pickle
-import sys
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_bit
+from conftest import run_bit, run_main
 from safetensors import safe_open
 
 R50 = (3, 4, 6, 3)
@@ -155,19 +153,7 @@ def inputs(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def bit(*args) -> tuple[int, str, str]:
-    """The console-script entry point (`bitcli.cli:main`, what `bit` runs) in this process: (exit code, stdout,
-    stderr). A fresh interpreter per call would cost seconds each; a few tests below run real processes too."""
-    from bitcli.cli import main
-
-    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ["bit", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = argv
-    return exit_info.value.code, out.getvalue(), err.getvalue()
+bit = run_main  # the real entry point, in this process
 
 
 def convert_ok(*args) -> None:

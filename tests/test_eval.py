@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 from PIL import Image
 
-from bitcli.cli import main
 from bitcli.evaluate import OTHER, Accumulator
 
 
@@ -44,19 +43,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
-    def run(*args: object) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["bit", *map(str, args)])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+def cli():
+    """Run the real `bit` entry point in this process: (exit code, stdout, stderr)."""
+    return run_main
 
 
 def test_eval_json_is_one_object_and_agrees_with_finetune(trained: tuple[Path, Path], cli) -> None:

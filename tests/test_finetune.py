@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_main
 from PIL import Image
 
 from bitcli import hyperrule
-from bitcli.cli import main
 from bitcli.config import BitConfig
 from bitcli.errors import BitError
 from bitcli.finetune import random_init_config
@@ -57,21 +57,9 @@ def one_thread():
 
 
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+def cli():
     """Run the real `bit` entry point in this process: (exit code, stdout, stderr)."""
-
-    def run(*args: object) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["bit", *map(str, args)])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+    return run_main
 
 
 def bit_subprocess(*args: object) -> list[str]:
