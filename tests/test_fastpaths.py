@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import perturb, save_hf_model
+from conftest import perturb, run_bit, save_hf_model
 
 from bitcli.config import BitConfig
 from bitcli.hub import load_checkpoint
 from bitcli.model import BitModel, StdConv2d, standardize
 from bitcli.predict import Classifier
+from bitcli.runtime import bf16_supported
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +95,10 @@ def test_bf16_autocast_path_gives_float_logits_near_fp32(tmp_path, photos):
     bf16 = Classifier(ckpt, torch.device("cpu"), torch.bfloat16).logits(batch)
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     assert (bf16 - fp32).abs().max() < 0.05 * fp32.abs().max()
+
+
+def test_bf16_on_a_cpu_without_bf16_says_it_is_emulated(tiny_dir, photos):
+    result = run_bit("predict", photos["chelsea.png"], "--model", tiny_dir, "--device", "cpu", "--precision", "bf16", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert ("emulated and slower than fp32" in result.stderr) == (not bf16_supported(torch.device("cpu")))
+    assert result.stdout.lstrip().startswith("[")  # the warning stays off stdout
