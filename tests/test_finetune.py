@@ -440,3 +440,29 @@ def test_full_disk_is_a_user_error_and_leaves_nothing_half_written(dataset: Path
     done = subprocess.run(bit_subprocess(*args, "--resume"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "no checkpoint in" in done.stderr and (out / "summary.json").is_file()
+
+
+def test_hostile_class_names_stay_labels_and_never_name_files(tmp_path: Path, cli) -> None:
+    """Folder names from a data set become label strings only: every file the run writes has a fixed name
+    inside --output, whatever the class folders are called."""
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    names = ["x..y", "-rf", "a\nb", "café ☕", "$(touch pwned)"]  # (hidden ".name" folders are skipped by design)
+    for name in names:
+        folder = data / name
+        folder.mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    out = tmp_path / "run"
+    code, _, err = cli("finetune", data, "--output", out, "--steps", "2", "--batch-size", "4", *FAST)
+    assert code == 0, err
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert [p for p in after if p not in before and p.parts[0] != "run"] == []  # nothing outside --output
+    assert {p.name for p in out.iterdir()} == {
+        ".lock", "config.json", "model.safetensors", "preprocessor_config.json", "metrics.jsonl", "summary.json",
+        "finetune_config.json", "checkpoint.safetensors",
+    }  # fmt: skip
+    labels = json.loads((out / "config.json").read_text())["id2label"]
+    assert sorted(labels.values()) == sorted(names)
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
