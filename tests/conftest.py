@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 SKIMAGE_PHOTOS = ["chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "retina.jpg"]
 SKLEARN_PHOTOS = ["china.jpg", "flower.jpg"]
@@ -105,6 +107,17 @@ def tiny_dir(tmp_path_factory) -> Path:
         id2label=dict(enumerate(TINY_LABELS)),
         label2id={n: i for i, n in enumerate(TINY_LABELS)},
     )
+
+
+def write_folder(root: Path, counts: dict[str, int], size: int = 16, seed: int = 0) -> None:
+    """Classes that a small network can tell apart: each has its own dominant colour channel."""
+    rng = np.random.default_rng(seed)
+    for c, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            array = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+            array[..., c % 3] += 120
+            Image.fromarray(array).save(root / name / f"{i:03d}.png")
 
 
 def populate_hf_cache(hub_cache: Path, repo_id: str, files_from: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> None:

@@ -8,20 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_main
+from conftest import run_main, write_folder
 from PIL import Image
 
 from bitcli.evaluate import OTHER, Accumulator
-
-
-def write_folder(root: Path, counts: dict[str, int], size: int = 16, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    for c, (name, n) in enumerate(counts.items()):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            array = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
-            array[..., c % 3] += 120
-            Image.fromarray(array).save(root / name / f"{i:03d}.png")
 
 
 @pytest.fixture(scope="module")

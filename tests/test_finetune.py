@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_main
+from conftest import run_main, write_folder
 from PIL import Image
 
 from bitcli import hyperrule
@@ -25,17 +25,6 @@ from bitcli.finetune import random_init_config
 REPO = Path(__file__).resolve().parents[1]
 TINY = '{"depths": [1, 1], "hidden_sizes": [32, 64], "embedding_size": 16, "num_groups": 8}'
 FAST = ["--random-init", "--model", TINY, "--resolution", "16", "--workers", "2"]
-
-
-def write_folder(root: Path, counts: dict[str, int], size: int = 16, seed: int = 0) -> None:
-    """Classes that a small network can tell apart: each has its own dominant colour channel."""
-    rng = np.random.default_rng(seed)
-    for c, (name, n) in enumerate(counts.items()):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            array = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
-            array[..., c % 3] += 120
-            Image.fromarray(array).save(root / name / f"{i:03d}.png")
 
 
 @pytest.fixture(scope="module")
