@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_main, write_folder
-from PIL import Image
 
 from bitcli.evaluate import OTHER, Accumulator
 
