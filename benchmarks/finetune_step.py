@@ -21,7 +21,9 @@ from common import Contender, load, machine, median, r50_checkpoint, realistic_i
 ROLES = {
     "bit": "BitModel trained as bitcli/finetune.py does on a CPU (its setup and optimizer, channels-first)",
     "timm": "timm resnetv2_50x1_bit + torch.optim.SGD, the plain loop",
-    "bit-cl": "suggestion: as bit, with the model and batches channels_last",
+    "bit-cl": "ablation: as bit, with the model and batches channels_last",
+    "bit-default-alloc": "ablation: as bit, without reuse_freed_memory (glibc's default allocator settings)",
+    "timm-tuned": "ablation: the timm loop with bitcli's reuse_freed_memory",
 }
 TARGET = 1.5
 LR, MOMENTUM = 0.003, 0.9
@@ -39,7 +41,8 @@ def contender(role: str, a: dict) -> None:
         from bitcli.runtime import reuse_freed_memory
 
         _use_deterministic_algorithms()  # what finetune sets up on a CPU, in its words
-        reuse_freed_memory()
+        if role != "bit-default-alloc":
+            reuse_freed_memory()
         model = load_checkpoint(a["hf"]).build_model().train()
         if role == "bit-cl":
             model = model.to(memory_format=torch.channels_last)
@@ -48,6 +51,11 @@ def contender(role: str, a: dict) -> None:
         optimizer.param_groups[0]["lr"] = LR
     else:
         import timm
+
+        if role == "timm-tuned":
+            from bitcli.runtime import reuse_freed_memory
+
+            reuse_freed_memory()
 
         model = timm.create_model(
             "resnetv2_50x1_bit", pretrained=True, num_classes=1000,
@@ -106,7 +114,7 @@ def main() -> None:
     np.save(a["batch"], batch)
     np.save(a["labels"], np.random.default_rng(0).integers(0, 1000, args.batch_size))
 
-    roles = ["bit", "timm"] + ([] if args.no_ablations else ["bit-cl"])
+    roles = ["bit", "timm"] + ([] if args.no_ablations else ["bit-cl", "bit-default-alloc", "timm-tuned"])
     print(f"train step: R50x1 {args.resolution} px, batch {args.batch_size}, {args.repeats} rounds; steps/s per round", flush=True)
     procs = [Contender(Path(__file__).resolve(), role, a) for role in roles]
     times: dict[str, list[float]] = {r: [] for r in roles}
@@ -132,7 +140,7 @@ def main() -> None:
     for role, st in results["steps"].items():
         print(f"{role:12s} {st['steps_per_s']:8.4f} {st['steps_per_s'] * args.batch_size:7.2f} {st['peak_rss_mib']:13.0f}  {ROLES[role]}")
     for role in roles:
-        if role != "timm":
+        if role.startswith("bit"):
             ratio = results["steps"][role]["steps_per_s"] / results["steps"]["timm"]["steps_per_s"]
             print(f"{role} / timm: {ratio:.2f}x (target >= {TARGET}x: {'met' if ratio >= TARGET else 'NOT met'})")
     # The same weights, data and optimizer must give the same losses, step after step.

@@ -126,6 +126,17 @@ def matmul_peak(a: dict) -> None:
     serve(handle)
 
 
+def matmul_peaks(precision: str) -> dict[str, float]:
+    """fp32 GEMM peak at 4096^2; bf16 too for a bf16 run, at 1024^2 because a CPU without bf16 instructions
+    runs bf16 matmuls through a reference path about 60x slower than fp32."""
+    peak = Contender(Path(__file__).resolve(), "matmul", {})
+    try:
+        sizes = {"float32": 4096, **({"bfloat16": 1024} if precision == "bf16" else {})}
+        return {d: peak.ask({"cmd": "mm", "n": n, "dtype": d, "repeats": 5})["gflops"] for d, n in sizes.items()}
+    finally:
+        peak.close()
+
+
 def flops_per_image(hf: Path) -> float:
     """Multiply-adds x 2 of one forward (convolutions and the head), counted by torch on the meta device."""
     import torch
@@ -282,26 +293,23 @@ def main() -> None:
         np.save(a["agree"], uint8_batch(realistic_images(args.agree_images, seed=2), preprocess))
     else:
         roles = ["bit", "transformers", "timm"] + ([] if args.no_ablations else ["bit-cf", "bit-default-alloc", "timm-tuned"])
-    print(f"model only: R50x1 448 px, batch {args.batch_size}, {args.repeats} rounds; images/s per round", flush=True)
-    stats, checks = model_only(roles, a, args.repeats)
+    results = {"machine": info, "precision": args.precision, "batch_size": args.batch_size,
+               "gflop_per_image": flops_per_image(hf) / 1e9, "matmul_gflops": matmul_peaks(args.precision)}  # fmt: skip
 
-    results = {"machine": info, "precision": args.precision, "batch_size": args.batch_size, "model_only": stats, "checks": checks}
-    flops = flops_per_image(hf)
-    peak = Contender(Path(__file__).resolve(), "matmul", {})
-    try:
-        results["matmul_gflops"] = {d: peak.ask({"cmd": "mm", "n": 4096, "dtype": d, "repeats": 5})["gflops"]
-                                    for d in (["float32", "bfloat16"] if args.precision == "bf16" else ["float32"])}  # fmt: skip
-    finally:
-        peak.close()
-    results["gflop_per_image"] = flops / 1e9
+    def save() -> None:  # after every phase: a long run interrupted late keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"model only: R50x1 448 px, batch {args.batch_size}, {args.repeats} rounds; images/s per round", flush=True)
+    results["model_only"], results["checks"] = model_only(roles, a, args.repeats)
+    save()
     if args.precision == "fp32" and args.e2e_images:
         print(f"end to end: bit predict over {args.e2e_images} JPEGs", flush=True)
         results["end_to_end"] = end_to_end(hf, args.workdir, args.e2e_images, args.batch_size, args.e2e_repeats)
         results["help_seconds"] = help_time(7)
     results["load"] = [load_before, load()]
+    save()
     report(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def report(r: dict) -> None:

@@ -15,6 +15,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rendering it with rich imports rich's markdown stack and doubles `bit --help`'s start-up.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -33,7 +35,7 @@ PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (fp32 on CP
 
 @app.command()
 def predict(
-    images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", show_default=False)],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", metavar="IMAGES", show_default=False)],
     model: ModelOpt = "google/bit-50",
     revision: RevisionOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to report per image.")] = 5,
@@ -59,8 +61,8 @@ def predict(
 
 @app.command()
 def convert(
-    src: Annotated[str, typer.Argument(help="Google .npz, transformers folder, timm folder/file, bitcli .safetensors, or a model spec.")],
-    dst: Annotated[Path, typer.Argument(help="A .safetensors file (bitcli) or a folder (hf/timm).")],
+    src: Annotated[str, typer.Argument(metavar="SRC", help="Google .npz, transformers folder, timm folder/file, bitcli .safetensors, or a model spec.")],
+    dst: Annotated[Path, typer.Argument(metavar="DST", help="A .safetensors file (bitcli) or a folder (hf/timm).")],
     fmt: Annotated[str | None, typer.Option("--format", help="bitcli, hf or timm (default: bitcli for *.safetensors, else hf).")] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="Text file of class names, one per line.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
@@ -75,7 +77,7 @@ def convert(
 
 @app.command()
 def finetune(
-    data: Annotated[Path, typer.Argument(help="Image folder: one sub-folder per class, or train/ + val/ splits.", show_default=False)],
+    data: Annotated[Path, typer.Argument(metavar="DATA", help="Image folder: one sub-folder per class, or train/ + val/ splits.", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="Model spec to start from (as for predict); with --random-init "
                                        "an architecture: tiny, small, R50x1 ... R152x4, or a JSON object of BitConfig fields.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder: model, metrics.jsonl, summary.json, checkpoint.")],
@@ -114,7 +116,7 @@ def finetune(
 
 @app.command("eval")
 def eval_(
-    data: Annotated[Path, typer.Argument(help="Image folder with one sub-folder per class (named after the model's labels).", show_default=False)],
+    data: Annotated[Path, typer.Argument(metavar="DATA", help="Image folder with one sub-folder per class (named after the model's labels).", show_default=False)],
     model: ModelOpt = "google/bit-50",
     revision: RevisionOpt = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",

@@ -85,38 +85,44 @@ def _looks_like_repo_id(spec: str) -> bool:
 
 
 def hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    """Fetch (or find in the cache) config.json, the weights and preprocessor_config.json; return their folder."""
-    config = _hub_file(repo_id, "config.json", revision)
-    folder = config.parent
-    if _hub_file(repo_id, "model.safetensors", revision, required=False) is None:
-        if _hub_file(repo_id, "pytorch_model.bin", revision, required=False) is None:
-            raise BitError(f"Hub repo {repo_id!r} has no model.safetensors or pytorch_model.bin")
-    _hub_file(repo_id, "preprocessor_config.json", revision, required=False)
+    """The folder holding a Hub repo's config.json, weights and preprocessor_config.json: cached or downloaded.
+
+    snapshot_download lists the repo once and fetches only the files that exist; when the Hub cannot be
+    reached it falls straight back to the cached snapshot. (hf_hub_download per file retries every uncached
+    optional file, e.g. a timm repo's absent preprocessor_config.json, for about 25 s first.) safetensors is
+    preferred; pytorch_model.bin is fetched only for a repo without it.
+    """
+    folder = _hub_snapshot(repo_id, revision, ["config.json", "preprocessor_config.json", "model.safetensors"])
+    if not (folder / "config.json").is_file():
+        raise BitError(f"Hub repo {_where(repo_id, revision)!r} has no config.json; it is not a transformers or timm model")
+    if not (folder / "model.safetensors").is_file():
+        folder = _hub_snapshot(repo_id, revision, ["pytorch_model.bin"])
+        if not (folder / "pytorch_model.bin").is_file():
+            raise BitError(f"Hub repo {_where(repo_id, revision)!r} has no model.safetensors or pytorch_model.bin")
     return folder
 
 
-def _hub_file(repo_id: str, filename: str, revision: str | None, required: bool = True) -> Path | None:
-    from huggingface_hub import constants, hf_hub_download
+def _where(repo_id: str, revision: str | None) -> str:
+    return repo_id + (f"@{revision}" if revision else "")
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, files: list[str]) -> Path:
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub import errors as hf_errors
 
-    where = f"{repo_id}" + (f"@{revision}" if revision else "")
+    where = _where(repo_id, revision)
     try:
         with _quiet_hub_logs():
-            return Path(hf_hub_download(repo_id, filename, revision=revision))
-    # LocalEntryNotFoundError subclasses EntryNotFoundError: it must be caught first.
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files))
+    except hf_errors.IncompleteSnapshotError as exc:  # offline, and a file the Hub listed was never downloaded
+        return Path(exc.snapshot_path)  # hub_snapshot checks that what it needs is there
     except hf_errors.LocalEntryNotFoundError:
-        if not required and _cached_snapshot_has_other_files(repo_id, revision):
-            return None
         offline = constants.HF_HUB_OFFLINE
         raise BitError(
             f"model {where!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
             + (" and HF_HUB_OFFLINE=1 forbids downloading" if offline else " and the Hub cannot be reached")
             + f"; run `hf download {repo_id}` on a connected machine, or pass a local model path"
         ) from None
-    except hf_errors.EntryNotFoundError:
-        if required:
-            raise BitError(f"Hub repo {where!r} has no {filename}; it is not a transformers or timm model") from None
-        return None
     except hf_errors.RevisionNotFoundError:
         raise BitError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
     except hf_errors.GatedRepoError:
@@ -126,7 +132,7 @@ def _hub_file(repo_id: str, filename: str, revision: str | None, required: bool 
     except hf_errors.HFValidationError as exc:
         raise BitError(f"model {repo_id!r}: not a valid Hub repo id ({exc})") from None
     except (hf_errors.HfHubHTTPError, OSError) as exc:
-        raise BitError(f"cannot download {filename} from Hub repo {where!r}: {' '.join(str(exc).split())[:200]}") from None
+        raise BitError(f"cannot download {where!r} from the Hub: {' '.join(str(exc).split())[:200]}") from None
 
 
 @contextlib.contextmanager
@@ -139,13 +145,6 @@ def _quiet_hub_logs():
         yield
     finally:
         logger.setLevel(level)
-
-
-def _cached_snapshot_has_other_files(repo_id: str, revision: str | None) -> bool:
-    """Offline, an optional file that was never downloaded is simply absent; that is fine if the repo is cached."""
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
 
 
 # ----------------------------------------------------------------------------------------------------------
