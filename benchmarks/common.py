@@ -150,6 +150,57 @@ class Contender:
         return reply
 
 
+def matmul_server() -> None:
+    """Contender role "matmul": the peak GEMM rate of this machine with torch's BLAS, median of torch.mm calls."""
+    import time
+
+    import torch
+
+    def handle(request: dict) -> dict:
+        n, dtype = request["n"], getattr(torch, request["dtype"])
+        x, y = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(x, y)
+        times = []
+        for _ in range(request["repeats"]):
+            t0 = time.perf_counter()
+            torch.mm(x, y)
+            times.append(time.perf_counter() - t0)
+        return {"gflops": 2 * n**3 / median(times) / 1e9}
+
+    serve(handle)
+
+
+def matmul_peaks(script: Path, precision: str = "fp32") -> dict[str, float]:
+    """fp32 GEMM peak at 4096^2, in a process of its own (`script --serve matmul` runs matmul_server); bf16 too
+    for a bf16 run, at 1024^2 because a CPU without bf16 instructions runs bf16 matmuls about 60x slower."""
+    peak = Contender(script.resolve(), "matmul", {})
+    try:
+        sizes = {"float32": 4096, **({"bfloat16": 1024} if precision == "bf16" else {})}
+        return {d: peak.ask({"cmd": "mm", "n": n, "dtype": d, "repeats": 5})["gflops"] for d, n in sizes.items()}
+    finally:
+        peak.close()
+
+
+def flops(hf: Path, resolution: int, train: bool = False) -> float:
+    """FLOPs (multiply-adds x 2, convolutions and the head) of one image's forward, or forward and backward with
+    train=True, counted by torch on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bitcli.hub import load_checkpoint
+    from bitcli.model import BitModel
+
+    cfg = load_checkpoint(str(hf)).config
+    with torch.device("meta"):
+        model = BitModel(cfg).train(train)
+        x = torch.empty(1, 3, resolution, resolution)
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+        out = model(x)
+        if train:
+            out.sum().backward()
+    return counter.get_total_flops()
+
+
 def serve(handler) -> None:
     """The contender side: `handler(request) -> reply` for each request line until "quit"; replies with peak RSS."""
     import resource

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Contender, load, machine, median, r50_checkpoint, realistic_images, serve, timm_copy  # noqa: E402
+from common import Contender, flops, load, machine, matmul_peaks, matmul_server, median, r50_checkpoint, realistic_images, serve, timm_copy  # noqa: E402
 
 ROLES = {
     "bit": "BitModel trained as bitcli/finetune.py does on a CPU (its setup and optimizer, channels-first)",
@@ -97,7 +97,7 @@ def main() -> None:
     p.add_argument("--serve-args", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
-        contender(args.serve, json.loads(args.serve_args))
+        matmul_server() if args.serve == "matmul" else contender(args.serve, json.loads(args.serve_args))
         return
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -130,15 +130,21 @@ def main() -> None:
     finally:
         rss = {c.role: c.close()["peak_rss_mib"] for c in procs}
 
+    gflop_per_step = flops(hf, args.resolution, train=True) * args.batch_size / 1e9
+    peak = matmul_peaks(Path(__file__))["float32"]
     results = {
         "machine": info, "batch_size": args.batch_size, "resolution": args.resolution,
+        "gflop_per_step": gflop_per_step, "matmul_gflops": {"float32": peak},
         "steps": {r: {"steps_per_s": 1 / median(t), "seconds": t, "peak_rss_mib": rss[r]} for r, t in times.items()},
         "losses": losses, "load": [load_before, load()],
     }  # fmt: skip
     print(f"\nmachine: {info['cpu']}, {info['cores']} cores; load {results['load'][0]:.2f} -> {results['load'][1]:.2f}")
-    print(f"{'contender':12s} {'steps/s':>8s} {'img/s':>7s} {'peak RSS MiB':>13s}  what")
+    print(f"forward + backward: {gflop_per_step:.0f} GFLOP per step; matmul peak (torch.mm 4096^2) {peak:.1f} GFLOP/s")
+    print(f"{'contender':18s} {'steps/s':>8s} {'img/s':>7s} {'GFLOP/s':>8s} {'% peak':>7s} {'peak RSS MiB':>13s}  what")
     for role, st in results["steps"].items():
-        print(f"{role:12s} {st['steps_per_s']:8.4f} {st['steps_per_s'] * args.batch_size:7.2f} {st['peak_rss_mib']:13.0f}  {ROLES[role]}")
+        rate = st["steps_per_s"] * gflop_per_step
+        print(f"{role:18s} {st['steps_per_s']:8.4f} {st['steps_per_s'] * args.batch_size:7.2f} {rate:8.1f} {100 * rate / peak:6.1f}% "
+              f"{st['peak_rss_mib']:13.0f}  {ROLES[role]}")  # fmt: skip
     for role in roles:
         if role.startswith("bit"):
             ratio = results["steps"][role]["steps_per_s"] / results["steps"]["timm"]["steps_per_s"]

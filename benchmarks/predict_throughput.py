@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Contender, load, machine, median, r50_checkpoint, realistic_images, serve, timm_copy, uint8_batch  # noqa: E402
+from common import ROOT, Contender, flops, load, machine, matmul_peaks, matmul_server, median, r50_checkpoint, realistic_images, serve, timm_copy, uint8_batch  # noqa: E402
 
 # What each contender is. Peers run as their documentation shows: eager, channels-first, inference_mode.
 ROLES = {
@@ -106,52 +106,6 @@ def contender(role: str, a: dict) -> None:
         raise ValueError(request)
 
     serve(handle)
-
-
-def matmul_peak(a: dict) -> None:
-    """Peak GEMM rate of this machine with torch's BLAS: median of torch.mm on large square matrices."""
-    import torch
-
-    def handle(request: dict) -> dict:
-        n, dtype = request["n"], getattr(torch, request["dtype"])
-        x, y = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        torch.mm(x, y)
-        times = []
-        for _ in range(request["repeats"]):
-            t0 = time.perf_counter()
-            torch.mm(x, y)
-            times.append(time.perf_counter() - t0)
-        return {"gflops": 2 * n**3 / median(times) / 1e9}
-
-    serve(handle)
-
-
-def matmul_peaks(precision: str) -> dict[str, float]:
-    """fp32 GEMM peak at 4096^2; bf16 too for a bf16 run, at 1024^2 because a CPU without bf16 instructions
-    runs bf16 matmuls through a reference path about 60x slower than fp32."""
-    peak = Contender(Path(__file__).resolve(), "matmul", {})
-    try:
-        sizes = {"float32": 4096, **({"bfloat16": 1024} if precision == "bf16" else {})}
-        return {d: peak.ask({"cmd": "mm", "n": n, "dtype": d, "repeats": 5})["gflops"] for d, n in sizes.items()}
-    finally:
-        peak.close()
-
-
-def flops_per_image(hf: Path) -> float:
-    """Multiply-adds x 2 of one forward (convolutions and the head), counted by torch on the meta device."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from bitcli.hub import load_checkpoint
-    from bitcli.model import BitModel
-
-    cfg = load_checkpoint(str(hf)).config
-    with torch.device("meta"):
-        model = BitModel(cfg).eval()
-        x = torch.empty(1, 3, 448, 448)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops()
 
 
 def model_only(roles: list[str], a: dict, repeats: int) -> tuple[dict, dict]:
@@ -271,7 +225,7 @@ def main() -> None:
     args = p.parse_args()
     if args.serve:
         a = json.loads(args.serve_args)
-        matmul_peak(a) if args.serve == "matmul" else contender(args.serve, a)
+        matmul_server() if args.serve == "matmul" else contender(args.serve, a)
         return
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -294,7 +248,7 @@ def main() -> None:
     else:
         roles = ["bit", "transformers", "timm"] + ([] if args.no_ablations else ["bit-cf", "bit-default-alloc", "timm-tuned"])
     results = {"machine": info, "precision": args.precision, "batch_size": args.batch_size,
-               "gflop_per_image": flops_per_image(hf) / 1e9, "matmul_gflops": matmul_peaks(args.precision)}  # fmt: skip
+               "gflop_per_image": flops(hf, 448) / 1e9, "matmul_gflops": matmul_peaks(Path(__file__), args.precision)}  # fmt: skip
 
     def save() -> None:  # after every phase: a long run interrupted late keeps what it measured
         if args.json:

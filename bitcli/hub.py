@@ -92,37 +92,71 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
     optional file, e.g. a timm repo's absent preprocessor_config.json, for about 25 s first.) safetensors is
     preferred; pytorch_model.bin is fetched only for a repo without it.
     """
-    folder = _hub_snapshot(repo_id, revision, ["config.json", "preprocessor_config.json", "model.safetensors"])
+    online = _hub_answers(repo_id, revision)
+    folder = _hub_snapshot(repo_id, revision, ["config.json", "preprocessor_config.json", "model.safetensors"], online)
     if not (folder / "config.json").is_file():
-        raise BitError(f"Hub repo {_where(repo_id, revision)!r} has no config.json; it is not a transformers or timm model")
+        raise _absent(repo_id, revision, "config.json", online, "it is not a transformers or timm model")
     if not (folder / "model.safetensors").is_file():
-        folder = _hub_snapshot(repo_id, revision, ["pytorch_model.bin"])
+        folder = _hub_snapshot(repo_id, revision, ["pytorch_model.bin"], online)
         if not (folder / "pytorch_model.bin").is_file():
-            raise BitError(f"Hub repo {_where(repo_id, revision)!r} has no model.safetensors or pytorch_model.bin")
+            raise _absent(repo_id, revision, "model.safetensors or pytorch_model.bin", online, "")
     return folder
+
+
+def _hub_answers(repo_id: str, revision: str | None) -> bool | None:
+    """Ask the Hub about the repo: True if it answered, None if it said nothing within HF_HUB_ETAG_TIMEOUT (10 s),
+    False for offline mode or any other failure (snapshot_download then reports it or uses the cache).
+
+    snapshot_download's own request has no timeout: a Hub or proxy that accepts the connection and never
+    replies would hang `bit` forever, even for a cached model."""
+    import httpx2
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        with _quiet_hub_logs():
+            HfApi().repo_info(repo_id, revision=revision or constants.DEFAULT_REVISION, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except httpx2.TimeoutException:
+        return None
+    except Exception:  # noqa: BLE001 -- snapshot_download meets the same failure and turns it into the right error
+        return False
+    return True
 
 
 def _where(repo_id: str, revision: str | None) -> str:
     return repo_id + (f"@{revision}" if revision else "")
 
 
-def _hub_snapshot(repo_id: str, revision: str | None, files: list[str]) -> Path:
-    from huggingface_hub import constants, snapshot_download
+def _not_cached(repo_id: str, revision: str | None, what: str) -> BitError:
+    from huggingface_hub import constants
+
+    why = "HF_HUB_OFFLINE=1 forbids downloading" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+    return BitError(
+        f"{what} {_where(repo_id, revision)!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
+        f"run `hf download {repo_id}` on a connected machine, or pass a local model path"
+    )
+
+
+def _absent(repo_id: str, revision: str | None, filename: str, online: bool | None, consequence: str) -> BitError:
+    """A file missing from the snapshot: the repo lacks it if the Hub just listed the repo, else the cache does."""
+    if not online:
+        return _not_cached(repo_id, revision, f"{filename} of model")
+    return BitError(f"Hub repo {_where(repo_id, revision)!r} has no {filename}" + (f"; {consequence}" if consequence else ""))
+
+
+def _hub_snapshot(repo_id: str, revision: str | None, files: list[str], online: bool | None) -> Path:
+    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
     where = _where(repo_id, revision)
     try:
         with _quiet_hub_logs():
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files))
-    except hf_errors.IncompleteSnapshotError as exc:  # offline, and a file the Hub listed was never downloaded
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files, local_files_only=online is None))
+    except hf_errors.IncompleteSnapshotError as exc:  # not online, and a file the Hub once listed was never fetched
         return Path(exc.snapshot_path)  # hub_snapshot checks that what it needs is there
     except hf_errors.LocalEntryNotFoundError:
-        offline = constants.HF_HUB_OFFLINE
-        raise BitError(
-            f"model {where!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-            + (" and HF_HUB_OFFLINE=1 forbids downloading" if offline else " and the Hub cannot be reached")
-            + f"; run `hf download {repo_id}` on a connected machine, or pass a local model path"
-        ) from None
+        raise _not_cached(repo_id, revision, "model") from None
     except hf_errors.RevisionNotFoundError:
         raise BitError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
     except hf_errors.GatedRepoError:
@@ -132,7 +166,7 @@ def _hub_snapshot(repo_id: str, revision: str | None, files: list[str]) -> Path:
     except hf_errors.HFValidationError as exc:
         raise BitError(f"model {repo_id!r}: not a valid Hub repo id ({exc})") from None
     except (hf_errors.HfHubHTTPError, OSError) as exc:
-        raise BitError(f"cannot download {where!r} from the Hub: {' '.join(str(exc).split())[:200]}") from None
+        raise BitError(f"cannot download {where!r} from the Hub: {' '.join(str(exc).split())[:300]}") from None
 
 
 @contextlib.contextmanager
