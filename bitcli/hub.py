@@ -90,8 +90,13 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
     snapshot_download lists the repo once and fetches only the files that exist; when the Hub cannot be
     reached it falls straight back to the cached snapshot. (hf_hub_download per file retries every uncached
     optional file, e.g. a timm repo's absent preprocessor_config.json, for about 25 s first.) safetensors is
-    preferred; pytorch_model.bin is fetched only for a repo without it.
+    preferred; pytorch_model.bin is fetched only for a repo without it. Download progress bars show only on a
+    terminal, like bitcli's own.
     """
+    if not sys.stderr.isatty():
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     online = _hub_answers(repo_id, revision)
     folder = _hub_snapshot(repo_id, revision, ["config.json", "preprocessor_config.json", "model.safetensors"], online)
     if not (folder / "config.json").is_file():
