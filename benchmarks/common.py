@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the checkpoint recipe and photo list are the tests' own
 
 from conftest import BIT50_PREPROCESSOR, SKIMAGE_PHOTOS, SKLEARN_PHOTOS, save_hf_model  # noqa: E402
+from rss import own_peak_mib  # noqa: E402
 
 
 def median(values: list[float]) -> float:
@@ -203,8 +204,6 @@ def flops(hf: Path, resolution: int, train: bool = False) -> float:
 
 def serve(handler) -> None:
     """The contender side: `handler(request) -> reply` for each request line until "quit"; replies with peak RSS."""
-    import resource
-
     out = sys.stdout
     sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the reply channel
     out.write(json.dumps({"ready": True}) + "\n")
@@ -212,7 +211,7 @@ def serve(handler) -> None:
     for line in sys.stdin:
         request = json.loads(line)
         if request["cmd"] == "quit":
-            out.write(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}) + "\n")
+            out.write(json.dumps({"peak_rss_mib": own_peak_mib()}) + "\n")
             out.flush()
             return
         out.write(json.dumps(handler(request)) + "\n")

@@ -2,7 +2,7 @@
 
 Writes a random R152x4 checkpoint in Google's .npz layout one zip member at a time (generating it needs one
 array's memory, not the checkpoint's), converts it with `python -m bitcli convert` in a child process, and
-reports the child's peak resident set size (from wait4's rusage) against the checkpoint's size. A second child
+reports the child's own peak resident set size (see rss.py) against the checkpoint's size. A second child
 that only imports bitcli and builds the R152x4 shape table gives the fixed cost of the interpreter and torch.
 Afterwards a few tensors of the output are compared with the .npz, and the big files are deleted.
 
@@ -15,15 +15,16 @@ import argparse
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rss import run_measured  # noqa: E402
 
 VARIANTS = {"R152x4": ((3, 8, 36, 3), 4), "R50x1": ((3, 4, 6, 3), 1)}  # R50x1: a quick check of the script
 CLASSES = 21843  # BiT-M's ImageNet-21k head
@@ -63,19 +64,6 @@ def write_npz(path: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> 
             with zf.open(key + ".npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, array, allow_pickle=False)
             del array
-
-
-def run_measured(cmd: list[str]) -> tuple[int, float, int, str]:
-    """(exit code, seconds, peak RSS in bytes of that child alone, stderr)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err: list[str] = []
-    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))
-    reader.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    reader.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024, "".join(err)
 
 
 def read_member(npz: Path, key: str) -> np.ndarray:
@@ -146,14 +134,16 @@ def main() -> None:
             f"expected_shapes; expected_shapes(BitConfig(depths={depths}, hidden_sizes={tuple(256 * width * 2**s for s in range(4))}, "
             f"embedding_size={64 * width}, num_classes={args.classes}))"
         )
-        code, secs, base_rss, err = run_measured([sys.executable, "-c", probe])
+        code, secs, base_mib, err = run_measured([sys.executable, "-c", probe])
         assert code == 0, err
-        print(f"fixed cost (python + torch + bitcli + the shape table): peak RSS {base_rss / 2**20:.0f} MiB")
+        base_rss = base_mib * 2**20
+        print(f"fixed cost (python + torch + bitcli + the shape table): peak RSS {base_mib:.0f} MiB")
 
         for fmt in args.format:
             out = work / ("out.safetensors" if fmt == "bitcli" else "out-hf")
             cmd = [sys.executable, "-m", "bitcli", "convert", str(npz), str(out), "--format", fmt]
-            code, secs, peak, err = run_measured(cmd)
+            code, secs, peak_mib, err = run_measured(cmd)
+            peak = peak_mib * 2**20
             if code != 0:
                 raise SystemExit(f"conversion failed ({code}):\n{err}")
             written = out.stat().st_size if fmt == "bitcli" else (out / "model.safetensors").stat().st_size

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rss import run_measured  # noqa: E402
 from common import ROOT, Contender, flops, load, machine, matmul_peaks, matmul_server, median, r50_checkpoint, realistic_images, serve, timm_copy, uint8_batch  # noqa: E402
 
 # What each contender is. Peers run as their documentation shows: eager, channels-first, inference_mode.
@@ -171,13 +172,10 @@ def end_to_end(hf: Path, workdir: Path, n: int, batch_size: int, repeats: int) -
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
     def timed(folder: Path) -> tuple[float, float]:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([*bit, str(folder)], stdout=subprocess.DEVNULL, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bit predict {folder} failed with exit {proc.returncode}")
-        return time.perf_counter() - t0, usage.ru_maxrss / 1024
+        code, seconds, peak_mib, err = run_measured([*bit, str(folder)], env=env, cwd=ROOT)
+        if code != 0:
+            raise RuntimeError(f"bit predict {folder} failed with exit {code}: {err}")
+        return seconds, peak_mib
 
     rates, rss = [], 0.0
     for rep in range(repeats):

@@ -77,10 +77,13 @@ def test_full_disk_during_convert_keeps_previous_dst(r50_folder, tiny_dir, tmp_p
 
 
 def test_sigint_during_predict_reports_what_was_done(tiny_dir, photos, tmp_path):
-    images = [photos[name] for name in sorted(photos)] * 40  # the same files under 320 distinct links
+    # The same files under 2000 distinct links. Their JSONL (~700 KB) cannot fit in the stdout pipe (64 KiB),
+    # so the child blocks writing until we read: it is still running when SIGINT arrives, however slowly this
+    # process gets scheduled on a loaded machine.
+    images = [photos[name] for name in sorted(photos)] * 250
     links = []
     for i, image in enumerate(images):
-        link = tmp_path / f"img{i:03d}{image.suffix}"
+        link = tmp_path / f"img{i:04d}{image.suffix}"
         link.symlink_to(image)
         links.append(link)
     proc = subprocess.Popen(
