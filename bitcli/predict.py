@@ -246,16 +246,13 @@ def run(
     """The whole command; returns the exit code. Ctrl-C reports what was done and returns 130."""
     from bitcli.checkpoints import atomic_write
     from bitcli.hub import load_checkpoint
-    from bitcli.runtime import bf16_supported, resolve_device, resolve_precision
-    from bitcli.ui import log, progress_bar
+    from bitcli.runtime import resolve_device, resolve_precision
+    from bitcli.ui import progress_bar
 
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
     device = resolve_device(device_spec)
     dtype = resolve_precision(precision, device)
-    if device.type == "cpu" and str(dtype) == "torch.bfloat16" and not bf16_supported(device):
-        # torch then runs bf16 convolutions through a slow generic path (about 4x slower than fp32 on AVX2)
-        log("warning: this CPU has no bf16 instructions, so --precision bf16 is emulated and slower than fp32")
     found = expand_inputs(inputs, recursive)
     classifier = Classifier(load_checkpoint(model, revision), device, dtype)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import perturb, run_bit, save_hf_model
+from conftest import TINY_LABELS, perturb, run_bit, save_hf_model, write_folder
 
 from bitcli.config import BitConfig
 from bitcli.hub import load_checkpoint
@@ -97,8 +97,14 @@ def test_bf16_autocast_path_gives_float_logits_near_fp32(tmp_path, photos):
     assert (bf16 - fp32).abs().max() < 0.05 * fp32.abs().max()
 
 
-def test_bf16_on_a_cpu_without_bf16_says_it_is_emulated(tiny_dir, photos):
-    result = run_bit("predict", photos["chelsea.png"], "--model", tiny_dir, "--device", "cpu", "--precision", "bf16", "--format", "json")
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_bf16_on_a_cpu_without_bf16_says_it_is_emulated(command, tiny_dir, photos, tmp_path):
+    if command == "predict":
+        target = photos["chelsea.png"]
+    else:
+        target = tmp_path / "labelled"
+        write_folder(target, {TINY_LABELS[0]: 1, TINY_LABELS[1]: 1})
+    result = run_bit(command, target, "--model", tiny_dir, "--device", "cpu", "--precision", "bf16", "--format", "json")
     assert result.returncode == 0, result.stderr
     assert ("emulated and slower than fp32" in result.stderr) == (not bf16_supported(torch.device("cpu")))
-    assert result.stdout.lstrip().startswith("[")  # the warning stays off stdout
+    assert result.stdout.lstrip().startswith(("[", "{"))  # the warning stays off stdout
