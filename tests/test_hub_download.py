@@ -1,7 +1,8 @@
 """Hub repo ids downloaded for real: a loopback HTTP server plays the Hugging Face Hub for huggingface_hub.
 
-`bit predict --model org/name` runs `huggingface_hub.snapshot_download` (see bitcli.hub.hub_snapshot). With
-huggingface_hub 2.4 that makes, against `HF_ENDPOINT`:
+`bit predict --model org/name` first asks for the repo's info itself, with a timeout, then runs
+`huggingface_hub.snapshot_download` (see bitcli.hub.hub_snapshot). With huggingface_hub 2.4 that makes, against
+`HF_ENDPOINT`:
 
     GET  /api/models/{repo}/revision/{rev}             repo info: its "sha" turns a branch/tag into a commit
     GET  /api/models/{repo}/tree/{commit}?recursive=true&expand=false
