@@ -89,6 +89,9 @@ def test_sigint_during_predict_reports_what_was_done(tiny_dir, photos, tmp_path)
     proc = subprocess.Popen(
         _bit_command("predict", *links, "--model", tiny_dir, "--format", "jsonl", "--batch-size", "2"),
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as in a terminal: a shell starts background jobs (`.ci/run &`) with SIGINT ignored, children
+        # inherit that, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     first = proc.stdout.readline()  # jsonl streams: the first result proves the loop is running
     assert json.loads(first)["path"] == str(links[0])
