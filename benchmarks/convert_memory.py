@@ -136,22 +136,20 @@ def main() -> None:
         )
         code, secs, base_mib, err = run_measured([sys.executable, "-c", probe])
         assert code == 0, err
-        base_rss = base_mib * 2**20
         print(f"fixed cost (python + torch + bitcli + the shape table): peak RSS {base_mib:.0f} MiB")
 
         for fmt in args.format:
             out = work / ("out.safetensors" if fmt == "bitcli" else "out-hf")
             cmd = [sys.executable, "-m", "bitcli", "convert", str(npz), str(out), "--format", fmt]
             code, secs, peak_mib, err = run_measured(cmd)
-            peak = peak_mib * 2**20
             if code != 0:
                 raise SystemExit(f"conversion failed ({code}):\n{err}")
             written = out.stat().st_size if fmt == "bitcli" else (out / "model.safetensors").stat().st_size
             tensors = spot_check(npz, out, fmt)
             print(
                 f"bit convert --format {fmt}: {secs:.0f} s, {tensors} tensors, output {written / 1e9:.3f} GB; "
-                f"peak RSS {peak / 2**20:.0f} MiB = {peak / size:.3f} x the checkpoint "
-                f"({(peak - base_rss) / 2**20:.0f} MiB above the fixed cost)"
+                f"peak RSS {peak_mib:.0f} MiB = {peak_mib * 2**20 / size:.3f} x the checkpoint "
+                f"({peak_mib - base_mib:.0f} MiB above the fixed cost)"
             )
     finally:
         if args.keep:
