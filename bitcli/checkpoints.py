@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import struct
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from bitcli import __version__
 from bitcli.config import BitConfig
 from bitcli.errors import BitError
 from bitcli.preprocess import Preprocess
+from bitcli.writes import WriteFailed, atomic_folder, atomic_write  # noqa: F401 (finetune and predict import them from here)
 
 # Google's fine-tuning preprocessing for BiT checkpoints that carry none (.npz, random init).
 BIT_DEFAULT_PREPROCESS = Preprocess(resize=448, crop=(448, 448), interpolation="bilinear")
@@ -567,7 +566,8 @@ def read_hf(folder: Path) -> Checkpoint:
 
 
 def write_hf(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> None:
-    """transformers layout; the folder appears complete or not at all."""
+    """transformers layout, through atomic_folder: a new folder appears complete or not at all, an existing one
+    has its model files replaced (and must hold nothing else)."""
     hf = ckpt.config.to_hf()
     hf["id2label"] = {str(i): name for i, name in enumerate(ckpt.labels)}
     hf["label2id"] = {name: i for i, name in enumerate(ckpt.labels)}
@@ -764,90 +764,3 @@ def write_npz(ckpt: Checkpoint, path: Path) -> None:
                 del t
 
     atomic_write(path, write)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Atomic writes: a temporary name beside the target, renamed at the end
-
-
-class WriteFailed(BitError):
-    """The disk refused a write (full, over quota, read-only, too large): the target was left as it was."""
-
-    def __init__(self, target: Path, existed: bool, reason: str) -> None:
-        self.reason = reason
-        kept = f"the previous {'folder' if target.is_dir() else 'file'} is unchanged" if existed else "nothing was written"
-        super().__init__(f"{target}: cannot write it ({reason}); {kept}")
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """`write(f)` fills a temporary file beside `path`, renamed over it only when complete (removed on error).
-    A write the disk refuses becomes one WriteFailed naming `path`."""
-    path = Path(path)
-    existed = path.exists()
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise WriteFailed(path, existed, exc.strerror or _one_line(exc)) from None
-        raise
-
-
-def atomic_folder(folder: Path, fill: Callable[[Path], None]) -> None:
-    """`fill(tmp)` fills a temporary folder beside `folder`, which takes its place only when complete."""
-    folder = Path(folder)
-    existed = folder.exists()
-    tmp = None
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-        fill(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
-        if existed:
-            old = folder.with_name(f".{folder.name}.old")
-            _remove(old)
-            folder.rename(old)
-            try:
-                tmp.rename(folder)
-            except BaseException:
-                old.rename(folder)  # put the previous folder back
-                raise
-            _remove(old)
-        else:
-            tmp.rename(folder)
-    except BaseException as exc:
-        if tmp is not None:
-            _rmtree(tmp)
-        if isinstance(exc, WriteFailed):  # a file inside failed: name the folder the user asked for
-            raise WriteFailed(folder, existed, exc.reason) from None
-        if isinstance(exc, OSError):
-            raise WriteFailed(folder, existed, exc.strerror or _one_line(exc)) from None
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        _rmtree(p)
-    else:
-        p.unlink(missing_ok=True)
-
-
-def _rmtree(p: Path) -> None:
-    import shutil
-
-    shutil.rmtree(p, ignore_errors=True)

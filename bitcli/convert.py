@@ -10,6 +10,7 @@ from bitcli.checkpoints import write_bitcli, write_hf, write_timm
 from bitcli.errors import BitError, UsageError
 from bitcli.hub import load_checkpoint
 from bitcli.ui import log
+from bitcli.writes import MODEL_FILES_SHOWN, model_files_in
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WRITERS = {"bitcli": write_bitcli, "hf": write_hf, "timm": write_timm}
@@ -27,10 +28,7 @@ def run(
         raise UsageError(f"{dst}: a bitcli checkpoint is one file; name it *.safetensors")
     if fmt != "bitcli" and dst.suffix:
         raise UsageError(f"{dst}: the {fmt} layout is a folder; give a folder name without an extension")
-    if dst.exists() and not overwrite:
-        raise BitError(f"{dst}: already exists; pass --overwrite to replace it")
-    if fmt == "bitcli" and dst.is_dir():
-        raise BitError(f"{dst}: is a folder; a bitcli checkpoint is one file, so remove the folder or pick another name")
+    check_dst(dst, fmt, overwrite)
     ckpt = load_checkpoint(src, revision, str(labels) if labels else None)  # readers check every shape
     WRITERS[fmt](ckpt, dst, DTYPES[dtype])
     cfg = ckpt.config
@@ -44,3 +42,20 @@ def run(
         f"wrote {dst} ({fmt}): {len(cfg.depths)} stages {list(cfg.depths)}, width {cfg.num_features}, "
         f"{cfg.num_classes} classes, {len(ckpt.tensors)} tensors"
     )
+
+
+def check_dst(dst: Path, fmt: str, overwrite: bool) -> None:
+    """Refuse a DST that the conversion would have to destroy, before the source is read.
+
+    --overwrite replaces a bitcli file, or the model files of a folder; a folder holding anything else is
+    never written into (the writer checks again)."""
+    if fmt == "bitcli":
+        if dst.is_dir():
+            raise BitError(f"{dst}: is a folder; a bitcli checkpoint is one file, so pick a file name (*.safetensors)")
+        if dst.exists() and not overwrite:
+            raise BitError(f"{dst}: already exists; pass --overwrite to replace this file")
+        return
+    if not (dst.exists() or dst.is_symlink()):
+        return
+    if model_files_in(dst) and not overwrite:  # an empty folder is simply filled
+        raise BitError(f"{dst}: already holds a model; pass --overwrite to replace its model files ({MODEL_FILES_SHOWN})")

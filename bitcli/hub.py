@@ -21,6 +21,7 @@ from bitcli.checkpoints import (
     read_json,
     read_label_file,
     read_npz,
+    read_safetensors,
     read_timm,
     read_timm_weights,
     read_torch_bin,
@@ -29,6 +30,9 @@ from bitcli.config import PUBLISHED_NAME
 from bitcli.errors import BitError
 
 DEFAULT_MODEL = "google/bit-50"
+# What bit finetune writes (bitcli.finetune's CONFIG_FILE and STATE_FORMAT, without importing its training code).
+FINETUNE_CONFIG = "finetune_config.json"
+FINETUNE_STATE_FORMAT = "bitcli-finetune-state/"
 GOOGLE_BASE_URL = "https://storage.googleapis.com/bit_models"
 
 
@@ -42,8 +46,14 @@ def load_checkpoint(spec: str, revision: str | None = None, labels_file: str | N
             ckpt = read_npz(cached)
         except BitError as exc:  # validated before it entered the cache, so damaged since
             raise BitError(f"{exc}; delete {cached} to download it again") from None
+    elif _looks_local(spec):
+        raise BitError(f"model {spec!r}: no such file or folder")
     elif _looks_like_repo_id(spec):
-        ckpt = read_local(hub_snapshot(spec, revision))
+        try:
+            snapshot = hub_snapshot(spec, revision)
+        except BitError as exc:  # `runs/typo` could be either: say both what is not here and what the Hub said
+            raise BitError(f"model {spec!r}: no such file or folder, and as a Hub repo id: {exc}") from None
+        ckpt = read_local(snapshot)
     else:
         raise BitError(
             f"model {spec!r}: no such file or folder, and not a Hub repo id (org/name) "
@@ -57,6 +67,11 @@ def load_checkpoint(spec: str, revision: str | None = None, labels_file: str | N
 def read_local(path: Path) -> Checkpoint:
     if path.is_dir():
         config_path = path / "config.json"
+        if not config_path.is_file() and (path / FINETUNE_CONFIG).is_file():
+            raise BitError(
+                f"{path}: this bit finetune run has not written its model yet (config.json, model.safetensors); "
+                f"finish it with `bit finetune DATA --output {path} --resume`"
+            )
         if not config_path.is_file():
             raise BitError(f"{path}: folder has no config.json; expected a transformers or timm model folder")
         config = read_json(config_path)
@@ -69,10 +84,40 @@ def read_local(path: Path) -> Checkpoint:
     if suffix == ".npz":
         return read_npz(path)
     if suffix == ".safetensors":
+        meta = read_safetensors(path)[1]
+        _refuse_training_state(path, meta)
+        if meta.get("format") != "bitcli" and path.name == "model.safetensors" and (path.parent / "config.json").is_file():
+            return read_local(path.parent)  # the weights of a transformers or timm folder: read with their config
         return read_bitcli(path)
     if suffix in (".bin", ".pth", ".pt"):
         return read_timm_weights(path, read_torch_bin(path))
     raise BitError(f"{path}: unknown model file type {suffix!r}; use .safetensors, .npz, .bin/.pth or a model folder")
+
+
+# Suffixes of model files (read_local's): a spec ending in one names a file, never a Hub repo.
+MODEL_FILE_SUFFIXES = (".safetensors", ".npz", ".bin", ".pth", ".pt")
+
+
+def _looks_local(spec: str) -> bool:
+    """A path, not a Hub id (exactly `owner/name`): ./x, ~/x, /x, a/b/c, a\\b, or a model file's name."""
+    return (
+        spec.startswith((".", "~", "/"))
+        or "\\" in spec
+        or spec.count("/") > 1
+        or spec.lower().endswith(MODEL_FILE_SUFFIXES)
+    )
+
+
+def _refuse_training_state(path: Path, meta: dict[str, str]) -> None:
+    """A run's checkpoint.safetensors holds weights under other names, momentum and RNG state: say what to use."""
+    if not meta.get("format", "").startswith(FINETUNE_STATE_FORMAT):
+        return
+    model = path.parent / "model.safetensors"
+    if model.is_file():
+        use = f"use {model} (or the run folder {path.parent})"
+    else:
+        use = f"the run has not written its model ({model}) yet: finish it with `bit finetune DATA --output {path.parent} --resume`"
+    raise BitError(f"{path}: is the resumable training state of a bit finetune run, not a model; {use}")
 
 
 def _looks_like_repo_id(spec: str) -> bool:

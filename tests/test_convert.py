@@ -622,20 +622,35 @@ def test_small_corrupt_member_is_found_before_writing(tmp_path):
 
 
 def test_existing_dst_needs_overwrite(tmp_path):
+    """--overwrite replaces a bitcli file, or the model files of a folder; a folder holding anything else is
+    refused either way (tests/test_safe_writes.py has the rest)."""
     npz = tiny_npz(tmp_path / "src.npz")
     (tmp_path / "out.safetensors").write_bytes(b"keep me")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("keep me")
-    for dst in ("out.safetensors", "out"):
-        code, _, err = bit("convert", npz, tmp_path / dst)
-        assert code == 1 and err == f"Error: {tmp_path / dst}: already exists; pass --overwrite to replace it\n"
+    refused = (
+        f"Error: {tmp_path / 'out'}: holds the file 'keep.txt', which is not a model file; bitcli writes a model "
+        "folder only into a new folder or one holding nothing but model files (config.json, model.safetensors, "
+        "preprocessor_config.json, pytorch_model.bin), so choose another folder\n"
+    )
+    code, _, err = bit("convert", npz, tmp_path / "out.safetensors")
+    assert code == 1 and err == f"Error: {tmp_path / 'out.safetensors'}: already exists; pass --overwrite to replace this file\n"
+    for flags in ([], ["--overwrite"]):
+        code, _, err = bit("convert", npz, tmp_path / "out", *flags)
+        assert code == 1 and err == refused, err
     assert (tmp_path / "out.safetensors").read_bytes() == b"keep me"
     assert (tmp_path / "out" / "keep.txt").read_text() == "keep me"
     assert listing(tmp_path) == ["out", "out.safetensors", "src.npz"]
 
+    (tmp_path / "out" / "keep.txt").unlink()
     for dst in ("out.safetensors", "out"):
         code, _, err = bit("convert", npz, tmp_path / dst, "--overwrite")
         assert code == 0, err
+    code, _, err = bit("convert", npz, tmp_path / "out")
+    assert code == 1 and err == (
+        f"Error: {tmp_path / 'out'}: already holds a model; pass --overwrite to replace its model files "
+        "(config.json, model.safetensors, preprocessor_config.json, pytorch_model.bin)\n"
+    )
     assert listing(tmp_path) == ["out", "out.safetensors", "src.npz"]
     assert listing(tmp_path / "out") == ["config.json", "model.safetensors", "preprocessor_config.json"]
     assert read_st(tmp_path / "out.safetensors")[1]["format"] == "bitcli"

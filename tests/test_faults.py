@@ -50,6 +50,30 @@ def test_sigkill_during_convert_keeps_previous_dst(r50_folder, tiny_dir, tmp_pat
     old.build_model()
 
 
+def test_sigkill_during_convert_into_a_folder_keeps_previous_model_files(r50_folder, tiny_dir, tmp_path):
+    """The new files are written beside the old ones inside DST (the folder itself is never replaced); a kill
+    leaves the old files whole, and the next conversion cleans up what the killed one left."""
+    dst = tmp_path / "hf"
+    assert run_bit("convert", tiny_dir, dst, "--format", "hf").returncode == 0
+    before = {p.name: _digest(p) for p in dst.iterdir()}
+    proc = subprocess.Popen(_bit_command("convert", r50_folder, dst, "--format", "hf", "--overwrite"),
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.rglob(".model.safetensors.*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "conversion finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert {p.name: _digest(p) for p in dst.iterdir() if not p.name.startswith(".")} == before
+    assert load_checkpoint(str(dst)).config.hidden_sizes == (32, 64)
+
+    again = run_bit("convert", r50_folder, dst, "--format", "hf", "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing left over, beside DST or in it
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert load_checkpoint(str(dst)).config.hidden_sizes == (256, 512, 1024, 2048)
+
+
 def _limit_file_size(max_bytes: int):
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))

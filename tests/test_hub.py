@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import timm
-from conftest import perturb, populate_hf_cache, run_bit
+from conftest import perturb, populate_hf_cache, run_bit, run_main, write_folder
 
 COMMIT_MAIN = "a" * 40
 COMMIT_V1 = "b" * 40
@@ -83,3 +85,72 @@ def test_cached_model_works_without_offline_flag_when_hub_is_unreachable(hf_home
     """No HF_HUB_OFFLINE and no network: huggingface_hub falls back to the cache by itself."""
     result = _predict(hf_home, photos["chelsea.png"], offline=False)
     assert result.returncode == 0, result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Specs that are not models, or that name a local path that is not there
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A real (tiny, random-init) bit finetune run folder."""
+    root = tmp_path_factory.mktemp("finetune")
+    write_folder(root / "data", {"red": 8, "green": 8, "blue": 8})
+    tiny = '{"depths": [1, 1], "hidden_sizes": [32, 64], "embedding_size": 16, "num_groups": 8}'
+    code, _, err = run_main("finetune", root / "data", "--output", root / "run", "--steps", "4", "--batch-size", "4",
+                            "--eval-every", "0", "--random-init", "--model", tiny, "--resolution", "16", "--workers", "0")  # fmt: skip
+    assert code == 0, err
+    return root / "run"
+
+
+def _error(*args) -> str:
+    code, out, err = run_main(*args)
+    assert (code, out) == (1, ""), err
+    assert err.startswith("Error: ") and err.count("\n") == 1, err
+    return err.removeprefix("Error: ").rstrip("\n")
+
+
+def test_training_state_is_not_a_model_and_the_message_names_the_model(finished_run, photos):
+    state = finished_run / "checkpoint.safetensors"
+    assert _error("predict", photos["chelsea.png"], "--model", state) == (
+        f"{state}: is the resumable training state of a bit finetune run, not a model; "
+        f"use {finished_run / 'model.safetensors'} (or the run folder {finished_run})"
+    )
+    # The weights file of the run's transformers folder is read with the folder's config.json.
+    by_file = run_main("predict", photos["chelsea.png"], "--model", finished_run / "model.safetensors", "--format", "json")
+    by_folder = run_main("predict", photos["chelsea.png"], "--model", finished_run, "--format", "json")
+    assert by_file[0] == 0 and by_file == by_folder, by_file[2]
+
+
+def test_unfinished_run_says_it_has_no_model_yet(finished_run, photos, tmp_path):
+    run = tmp_path / "run"  # what a run killed before its end holds (besides metrics.jsonl and .lock)
+    run.mkdir()
+    for name in ("checkpoint.safetensors", "finetune_config.json"):
+        shutil.copy(finished_run / name, run / name)
+    assert _error("predict", photos["chelsea.png"], "--model", run / "checkpoint.safetensors") == (
+        f"{run / 'checkpoint.safetensors'}: is the resumable training state of a bit finetune run, not a model; the run "
+        f"has not written its model ({run / 'model.safetensors'}) yet: finish it with `bit finetune DATA --output {run} --resume`"
+    )
+    assert _error("predict", photos["chelsea.png"], "--model", run) == (
+        f"{run}: this bit finetune run has not written its model yet (config.json, model.safetensors); "
+        f"finish it with `bit finetune DATA --output {run} --resume`"
+    )
+
+
+@pytest.mark.parametrize("spec", ["./typo", "~/no-such-bitcli-model", "runs/X/model.safetensors", "runs/typo.safetensors",
+                                  "typo.npz", "runs\\typo"])  # fmt: skip
+def test_local_looking_spec_that_does_not_exist_is_no_such_file(spec, photos, tmp_path, monkeypatch):
+    (tmp_path / "runs" / "X").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert _error("predict", photos["chelsea.png"], "--model", spec) == f"model {spec!r}: no such file or folder"
+
+
+def test_owner_name_spec_that_is_neither_local_nor_cached_says_both(hf_home, photos, tmp_path):
+    (tmp_path / "runs").mkdir()
+    result = run_bit("predict", photos["chelsea.png"], "--model", "runs/typo", cwd=tmp_path,
+                     env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode == 1 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(
+        "Error: model 'runs/typo': no such file or folder, and as a Hub repo id: model 'runs/typo' is not in the Hugging Face cache"
+    ), result.stderr
+    assert "HF_HUB_OFFLINE=1" in result.stderr

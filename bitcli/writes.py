@@ -1,0 +1,222 @@
+"""Writes that are crash-safe and never destroy what bitcli did not write: output files, model files, model folders.
+
+A file is written to a temporary name beside it and renamed over it when complete, so a kill or a full disk
+leaves the old file or the new one, never half of one. Only a regular file (or a new path) is renamed over:
+a symlink is written through to the file it points to, and a FIFO, a terminal, /dev/null or /dev/stdout is
+opened and written like any other program would (renaming over them would replace the link, leave the FIFO's
+reader waiting forever, or replace a device node). A model folder is written file by file and only ever
+replaces model files (config.json, the weights, preprocessor_config.json), never the user's other files.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bitcli.errors import BitError
+
+
+class WriteFailed(BitError):
+    """The disk refused a write (full, over quota, read-only, too large): the target was left as it was."""
+
+    def __init__(self, target: Path, existed: bool, reason: str, kept: str | None = None) -> None:
+        self.reason = reason
+        if kept is None:
+            kept = f"the previous {'folder' if target.is_dir() else 'file'} is unchanged" if existed else "nothing was written"
+        super().__init__(f"{target}: cannot write it ({reason}); {kept}")
+
+
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """`write(f)` fills `path`; a write the disk refuses becomes one WriteFailed naming `path`.
+
+    A regular file or a new path (also when reached through a symlink, which stays) is filled under a
+    temporary name beside the file and renamed over it only when complete (removed on error); an existing
+    file keeps its permissions. /dev/stdout, /dev/stderr and /dev/fd/N are written through the descriptor
+    this process inherited. Anything else (a FIFO, a character device such as /dev/null) is opened and
+    written directly, as is an existing writable file in a folder that does not let us create the
+    temporary file (then a failed write leaves it incomplete, as a shell's `>` would)."""
+    path = Path(path)
+    fd = _inherited_fd(path)
+    if fd is not None:
+        _write_directly(path, write, fd)
+        return
+    target, atomic = _write_target(path)
+    if not atomic:
+        _write_directly(path if target is None else target, write)
+        return
+    existed = target.exists()
+    tmp = None
+    try:
+        if not path.is_symlink():  # a link's dangling target folder is not ours to create
+            path.parent.mkdir(parents=True, exist_ok=True)
+        mode = stat.S_IMODE(target.stat().st_mode) if existed else 0o666 & ~_umask()  # mkstemp makes 0600
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise WriteFailed(path, existed, exc.strerror or _one_line(exc)) from None
+        raise
+
+
+def _write_target(path: Path) -> tuple[Path | None, bool]:
+    """(the file to write, whether to write it through a temporary file and a rename)."""
+    try:
+        st = os.stat(path)  # follows symlinks
+    except OSError:  # a new path (or a link to one): created atomically; other errors show when writing
+        return Path(os.path.realpath(path)), True
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):  # FIFO, device, socket: never renamed over
+        return None, False
+    real = Path(os.path.realpath(path))
+    if stat.S_ISREG(st.st_mode) and not os.access(real.parent, os.W_OK | os.X_OK) and os.access(real, os.W_OK):
+        return real, False
+    return real, True
+
+
+_FD_LINK = re.compile(r"/dev/(stdout|stderr)|/dev/fd/(\d+)|/proc/(?:self|thread-self|\d+)/fd/(\d+)")
+
+
+def _inherited_fd(path: Path) -> int | None:
+    """The descriptor behind `path` when it is, or links to, /dev/stdout, /dev/stderr, /dev/fd/N or
+    /proc/self/fd/N: whatever the shell opened there (a pipe, a terminal, `>> file`) is written through that
+    descriptor, at its offset and in its mode. (os.path.realpath('/dev/stdout') names the file of `> file`:
+    renaming over it, or reopening it with O_TRUNC, would lose what `>>` appends to.)"""
+    p = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on links followed
+        m = _FD_LINK.fullmatch(p)
+        if m and (not p.startswith("/proc/") or p.split("/")[2] in ("self", "thread-self", str(os.getpid()))):
+            return {"stdout": 1, "stderr": 2}.get(m.group(1)) or int(m.group(2) or m.group(3))
+        if not os.path.islink(p):
+            return None
+        p = os.path.normpath(os.path.join(os.path.dirname(p), os.readlink(p)))
+    return None
+
+
+def _write_directly(path: Path, write: Callable[[Any], None], fd: int | None = None) -> None:
+    try:
+        if fd is not None:
+            if fd in (1, 2):  # what Python buffered for the same descriptor goes first
+                (sys.stdout if fd == 1 else sys.stderr).flush()
+            f = os.fdopen(os.dup(fd), "wb")
+        else:
+            f = open(path, "wb")  # a FIFO's open waits for its reader, as with any writer
+        with f:
+            write(f)
+            f.flush()
+    except OSError as exc:
+        raise WriteFailed(path, True, exc.strerror or _one_line(exc), kept="the output may be incomplete") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model folders
+
+# The files of a model folder: what bitcli's hf and timm writers, transformers' save_pretrained (weights as
+# .bin, or sharded with an index) and timm's save_for_hf write. Writing a model folder replaces these, and
+# only these: a folder holding anything else is refused.
+MODEL_FOLDER_FILE = re.compile(
+    r"config\.json|preprocessor_config\.json|model\.safetensors|pytorch_model\.bin"
+    r"|(model\.safetensors|pytorch_model\.bin)\.index\.json"
+    r"|model-\d{5}-of-\d{5}\.safetensors|pytorch_model-\d{5}-of-\d{5}\.bin"
+)
+MODEL_FILES_SHOWN = "config.json, model.safetensors, preprocessor_config.json, pytorch_model.bin"
+_STAGING = ".bitcli-staging."  # a temporary folder inside an existing model folder (a killed write leaves it)
+
+
+def _is_staging(entry: Path) -> bool:
+    return entry.name.startswith(_STAGING) and entry.name.endswith(".tmp") and entry.is_dir() and not entry.is_symlink()
+
+
+def model_files_in(folder: Path) -> list[str]:
+    """The model files in an existing folder (names); BitError naming the first entry that is not one.
+
+    A symlink to a folder counts as that folder; a symlink or a folder named like a model file is refused:
+    bitcli never wrote it, so it never replaces it."""
+    if folder.is_symlink() and not folder.exists():
+        raise BitError(f"{folder}: is a symlink to {os.readlink(folder)}, which does not exist; create that folder or pass another")
+    if not folder.is_dir():
+        raise BitError(f"{folder}: is a file, not a folder; a model folder is written only into a new folder or one holding a model")
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if _is_staging(entry):
+            continue
+        if not MODEL_FOLDER_FILE.fullmatch(entry.name) or entry.is_symlink() or not entry.is_file():
+            kind = "folder" if entry.is_dir() else "file"
+            raise BitError(
+                f"{folder}: holds the {kind} {entry.name!r}, which is not a model file; bitcli writes a model folder "
+                f"only into a new folder or one holding nothing but model files ({MODEL_FILES_SHOWN}), "
+                "so choose another folder"
+            )
+        found.append(entry.name)
+    return found
+
+
+def atomic_folder(folder: Path, fill: Callable[[Path], None]) -> None:
+    """`fill(tmp)` fills a temporary folder; its files then become `folder`'s.
+
+    A new folder is the temporary one renamed: it appears complete or not at all. An existing folder ('.', or
+    the folder a symlink points to) must hold only model files (model_files_in); it is kept (it may be a
+    shell's current folder, or have permissions of its own) and the new files are renamed into it one by one,
+    config.json last, and model files the new layout lacks (say pytorch_model.bin) are removed afterwards. A
+    kill leaves each file whole, old or new; only a kill between two renames (microseconds, against the
+    seconds to minutes of writing) could leave new weights beside the old config.json."""
+    folder = Path(folder)
+    existed = folder.exists() or folder.is_symlink()
+    if existed:
+        model_files_in(folder)
+    real = Path(os.path.realpath(folder))
+    tmp = None
+    try:
+        if existed:
+            tmp = Path(tempfile.mkdtemp(prefix=_STAGING, suffix=".tmp", dir=real))  # same file system: renames
+        else:
+            real.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent))
+        fill(tmp)
+        if existed:
+            _move_files_into(tmp, real)
+        else:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+            tmp.rename(real)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, WriteFailed):  # a file inside failed: name the folder the user asked for
+            raise WriteFailed(folder, existed, exc.reason) from None
+        if isinstance(exc, OSError):
+            raise WriteFailed(folder, existed, exc.strerror or _one_line(exc)) from None
+        raise
+
+
+def _move_files_into(tmp: Path, folder: Path) -> None:
+    new = sorted((p.name for p in tmp.iterdir()), key=lambda name: name == "config.json")  # it names the layout
+    for name in new:
+        os.replace(tmp / name, folder / name)
+    tmp.rmdir()
+    for entry in folder.iterdir():
+        if _is_staging(entry):  # the temporary folder of an earlier, killed write
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name not in new and MODEL_FOLDER_FILE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink()  # the previous layout's file, which would contradict the new ones
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
