@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+import bitcli
 
 app = typer.Typer(
     name="bit",
@@ -20,6 +23,56 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+class Choice(str, Enum):
+    """A flag's allowed values, listed in --help and matched case-insensitively (`-f JSON`); click checks them
+    before any command module (or torch) is imported. Commands receive the lower-case `.value`."""
+
+
+class Precision(Choice):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class PredictFormat(Choice):
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+class EvalFormat(Choice):
+    table = "table"
+    json = "json"
+
+
+class ConvertFormat(Choice):
+    bitcli = "bitcli"
+    hf = "hf"
+    timm = "timm"
+
+
+class DType(Choice):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"bit {bitcli.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """The options before the command (the app's help is Typer's `help=` above)."""
+
+
 ModelOpt = Annotated[
     str,
     typer.Option(
@@ -30,19 +83,25 @@ ModelOpt = Annotated[
 ]  # fmt: skip
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (fp32 on CPU, bf16/fp16 on GPU), fp32, bf16, fp16.")]
+PrecisionOpt = Annotated[
+    Precision, typer.Option("--precision", case_sensitive=False, help="auto: fp32 on CPU, bf16/fp16 on GPU.")
+]
 
 
 @app.command()
 def predict(
-    images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.", metavar="IMAGES", show_default=False)],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns; - reads paths from stdin, one per line.", metavar="IMAGES", show_default=False)],
     model: ModelOpt = "google/bit-50",
     revision: RevisionOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to report per image.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table, json, jsonl or csv.")] = "table",
+    precision: PrecisionOpt = Precision.auto,
+    fmt: Annotated[
+        PredictFormat | None,
+        typer.Option("--format", "-f", case_sensitive=False, show_default=False,
+                     help="Default: from --output's suffix (.json, .jsonl, .csv), else table."),
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Image-decoding threads.")] = min(4, os.cpu_count() or 1),
@@ -54,7 +113,8 @@ def predict(
     from bitcli import predict as predict_mod
 
     code = predict_mod.run(
-        images, model, revision, top_k, batch_size, device, precision, fmt, output, recursive, workers
+        images, model, revision, top_k, batch_size, device, precision.value, fmt and fmt.value, output, recursive,
+        workers,
     )
     raise typer.Exit(code)
 
@@ -63,16 +123,16 @@ def predict(
 def convert(
     src: Annotated[str, typer.Argument(metavar="SRC", help="Google .npz, transformers folder, timm folder/file, bitcli .safetensors, or a model spec.")],
     dst: Annotated[Path, typer.Argument(metavar="DST", help="A .safetensors file (bitcli) or a folder (hf/timm).")],
-    fmt: Annotated[str | None, typer.Option("--format", help="bitcli, hf or timm (default: bitcli for *.safetensors, else hf).")] = None,
+    fmt: Annotated[ConvertFormat | None, typer.Option("--format", case_sensitive=False, help="Default: bitcli for *.safetensors, else hf.")] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="Text file of class names, one per line.")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16.")] = "float32",
+    dtype: Annotated[DType, typer.Option("--dtype", case_sensitive=False)] = DType.float32,
     revision: RevisionOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DST if it exists.")] = False,
 ) -> None:
     """Convert a checkpoint between Google's .npz, bitcli, transformers and timm layouts."""
     from bitcli import convert as convert_mod
 
-    convert_mod.run(src, dst, fmt, labels, dtype, revision, overwrite)
+    convert_mod.run(src, dst, fmt and fmt.value, labels, dtype.value, revision, overwrite)
 
 
 @app.command()
@@ -92,7 +152,7 @@ def finetune(
     mixup: Annotated[str, typer.Option("--mixup", help="auto (HyperRule: 0.1 from 20k images) or ALPHA; 0 disables.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seeds few-shot sampling, data order, augmentation, random init.")] = 0,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding threads (results do not depend on it).")] = min(4, os.cpu_count() or 1),
     eval_every: Annotated[str, typer.Option("--eval-every", help="Validate every N steps (auto: 5 times per run; 0: only at the end).")] = "auto",
     save_every: Annotated[str, typer.Option("--save-every", help="Write the resumable checkpoint every N steps (auto: 10 times per run).")] = "auto",
@@ -108,7 +168,7 @@ def finetune(
         finetune_mod.Options(
             data=data, model=model, output=output, shots=shots, val=val, val_split=val_split, steps=steps, lr=lr,
             batch_size=batch_size, batch_split=batch_split, resolution=resolution, mixup=mixup, seed=seed,
-            device=device, precision=precision, workers=workers, eval_every=eval_every, save_every=save_every,
+            device=device, precision=precision.value, workers=workers, eval_every=eval_every, save_every=save_every,
             resume=resume, overwrite=overwrite, random_init=random_init, revision=revision,
         )
     )  # fmt: skip
@@ -119,16 +179,16 @@ def eval_(
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Image folder with one sub-folder per class (named after the model's labels).", show_default=False)],
     model: ModelOpt = "google/bit-50",
     revision: RevisionOpt = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    fmt: Annotated[EvalFormat, typer.Option("--format", "-f", case_sensitive=False)] = EvalFormat.table,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
     device: DeviceOpt = "auto",
-    precision: PrecisionOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding threads.")] = min(4, os.cpu_count() or 1),
 ) -> None:
     """Accuracy on a labelled image folder: top-1, top-5, per-class accuracy and the confusion matrix."""
     from bitcli import evaluate as evaluate_mod
 
-    evaluate_mod.run(data, model, revision, batch_size, device, precision, fmt, workers)
+    evaluate_mod.run(data, model, revision, batch_size, device, precision.value, fmt.value, workers)
 
 
 def main() -> None:

@@ -7,12 +7,14 @@ import glob
 import io
 import json
 import os
+import re
 import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -35,9 +37,42 @@ class Result:
 
 
 @dataclass
-class Inputs:
-    paths: list[str] = field(default_factory=list)  # images to decode, in order
-    failures: list[Result] = field(default_factory=list)  # arguments that named nothing usable
+class Input:
+    """One row of the report: a path to classify, or an argument that named nothing usable (`error` set)."""
+
+    path: str
+    error: str | None = None
+
+
+# Output formats inferred from --output's suffix when --format is not given.
+SUFFIX_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+
+
+def output_format(fmt: str | None, output: Path | None) -> str:
+    """--format if given, else the one --output's suffix names (table for any other suffix or for stdout).
+    An explicit --format that contradicts the suffix is refused: the file would not hold what its name says."""
+    inferred = SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
+    if fmt is None:
+        return inferred or "table"
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if inferred is not None and inferred != fmt:
+        raise UsageError(
+            f"--format {fmt} contradicts --output {_display(output)} (a {output.suffix} file holds {inferred}); "
+            f"drop --format or give the file a name that matches"
+        )
+    return fmt
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Characters that would break a table row or reorder what is shown: C0/C1 controls, line and paragraph
+# separators, and the bidirectional overrides and isolates.
+_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(text: str) -> str:
+    """`text` on one line for people: control characters shown as escapes (newline as \\n), nothing else changed."""
+    return _INVISIBLE.sub(lambda m: _ESCAPES.get(m[0]) or f"\\u{ord(m[0]):04x}", text)
 
 
 def _display(path: str | os.PathLike[str]) -> str:
@@ -52,37 +87,46 @@ def _images_in(folder: Path, recursive: bool) -> list[str]:
     return sorted(str(p) for p in found)
 
 
-def expand_inputs(args: list[str], recursive: bool) -> Inputs:
-    """Files as given; folders to the images they hold; globs to their matches. Order kept, duplicates dropped."""
-    out, seen = Inputs(), set()
+def _expand(arg: str, recursive: bool) -> list[Input]:
+    """A file as given; a folder to the images it holds; a glob to its matches (folders among them expanded)."""
+    p = Path(arg)
+    if p.is_dir():
+        images = _images_in(p, recursive)
+        return [Input(i) for i in images] or [Input(arg, f"{_display(arg)}: folder holds no images")]
+    if p.exists() or p.is_symlink():
+        return [Input(arg)]
+    if not glob.has_magic(arg):
+        return [Input(arg, f"{_display(arg)}: no such file or folder")]
+    matches = sorted(glob.glob(arg, recursive=recursive))
+    if not matches:
+        return [Input(arg, f"{_display(arg)}: no files match this pattern")]
+    return [Input(i) for m in matches for i in (_images_in(Path(m), recursive) if Path(m).is_dir() else [m])]
 
-    def add(path: str) -> None:
-        if path not in seen:
-            seen.add(path)
-            out.paths.append(path)
 
+def _stdin_paths(stdin: IO[bytes]) -> list[str]:
+    """The lines of stdin, blank ones skipped; bytes kept as the file system spells them (surrogate escapes)."""
+    paths = []
+    for raw in stdin.read().split(b"\n"):
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        if line.strip():
+            paths.append(os.fsdecode(line))
+    return paths
+
+
+def expand_inputs(args: list[str], recursive: bool, stdin: IO[bytes] | None = None) -> list[Input]:
+    """One entry per image in argument order, repeats kept (one row per occurrence): folders and globs expand
+    in place, sorted; `-` stands for the paths listed on stdin, one per line, each read like an argument."""
+    if args.count("-") > 1:
+        raise UsageError("`-` (read paths from stdin) may be given only once")
+    out: list[Input] = []
     for arg in args:
-        p = Path(arg)
-        if p.is_dir():
-            images = _images_in(p, recursive)
-            if not images:
-                out.failures.append(Result(_display(arg), error=f"{_display(arg)}: folder holds no images"))
-            for image in images:
-                add(image)
-        elif p.exists() or p.is_symlink():
-            add(arg)
-        elif glob.has_magic(arg):
-            matches = sorted(glob.glob(arg, recursive=recursive))
-            if not matches:
-                out.failures.append(Result(_display(arg), error=f"{_display(arg)}: no files match this pattern"))
-            for m in matches:
-                if Path(m).is_dir():
-                    for image in _images_in(Path(m), recursive):
-                        add(image)
-                else:
-                    add(m)
-        else:
-            out.failures.append(Result(_display(arg), error=f"{_display(arg)}: no such file or folder"))
+        if arg != "-":
+            out += _expand(arg, recursive)
+            continue
+        if stdin is None and sys.stdin is None:  # started with stdin closed (a service, `<&-`)
+            raise UsageError("`-` reads paths from stdin, but this process has no stdin")
+        lines = _stdin_paths(stdin if stdin is not None else sys.stdin.buffer)
+        out += [i for line in lines for i in _expand(line, recursive)] or [Input("-", "-: stdin lists no paths")]
     return out
 
 
@@ -201,18 +245,23 @@ def render(results: list[Result], fmt: str, color: bool) -> str:
 def _table(results: list[Result], color: bool) -> str:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    # Paths, labels and error texts are data: Text objects keep them literal (a file "photo [red]1.jpg" is
+    # not markup) and _visible keeps each on its line (a newline in a label must not split the row).
     table = Table(show_lines=True)
     table.add_column("image", overflow="fold")
     table.add_column("label", overflow="fold")
     table.add_column("score", justify="right")
     for r in results:
         if r.error is not None:
-            table.add_row(r.path, f"[red]error:[/red] {r.error}", "")
-        else:
-            labels = "\n".join(f"{p['label']} [dim]({p['index']})[/dim]" for p in r.predictions)
-            scores = "\n".join(f"{p['score']:.4f}" for p in r.predictions)
-            table.add_row(r.path, labels, scores)
+            table.add_row(Text(_visible(r.path)), Text.assemble(("error:", "red"), " ", _visible(r.error)), "")
+            continue
+        labels = Text("\n").join(
+            Text.assemble(_visible(p["label"]), (f" ({p['index']})", "dim")) for p in r.predictions
+        )
+        scores = "\n".join(f"{p['score']:.4f}" for p in r.predictions)
+        table.add_row(Text(_visible(r.path)), labels, scores)
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=color, no_color=not color, width=_width(), highlight=False)
     console.print(table)
@@ -230,6 +279,34 @@ def _emit(results: list[Result]) -> None:
     sys.stdout.flush()
 
 
+class Report:
+    """The rows, one per input in argument order, each released once every row before it is known: streaming
+    and an interrupted run both deliver an in-order prefix. A path listed twice is classified once."""
+
+    def __init__(self, inputs: list[Input]) -> None:
+        self.inputs = inputs
+        self.outcomes: dict[str, Result] = {}  # by path as given
+        self.rows: list[Result] = []
+
+    def to_classify(self) -> list[str]:
+        return list(dict.fromkeys(i.path for i in self.inputs if i.error is None))
+
+    def record(self, path: str, predictions: list[dict] | None = None, error: str | None = None) -> None:
+        self.outcomes[path] = Result(_display(path), predictions, error)
+
+    def release(self) -> list[Result]:
+        """The rows that became ready since the last call."""
+        start = len(self.rows)
+        for item in self.inputs[start:]:
+            if item.error is not None:
+                self.rows.append(Result(_display(item.path), error=item.error))
+            elif item.path in self.outcomes:
+                self.rows.append(self.outcomes[item.path])
+            else:
+                break
+        return self.rows[start:]
+
+
 def run(
     inputs: list[str],
     model: str,
@@ -238,58 +315,65 @@ def run(
     batch_size: int,
     device_spec: str,
     precision: str,
-    fmt: str,
+    fmt: str | None,
     output: Path | None,
     recursive: bool,
     workers: int,
 ) -> int:
     """The whole command; returns the exit code. Ctrl-C reports what was done and returns 130."""
-    from bitcli.checkpoints import atomic_write
     from bitcli.hub import load_checkpoint
     from bitcli.runtime import resolve_device, resolve_precision
-    from bitcli.ui import progress_bar
 
-    if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    fmt = output_format(fmt, output)
     device = resolve_device(device_spec)
     dtype = resolve_precision(precision, device)
-    found = expand_inputs(inputs, recursive)
+    report = Report(expand_inputs(inputs, recursive))
     classifier = Classifier(load_checkpoint(model, revision), device, dtype)
-
-    # jsonl on stdout streams: each line is written as soon as its image is done (a pipe sees progress,
-    # and an interrupted run has already delivered everything it finished).
+    # jsonl on stdout streams: each line is written as soon as it and every line before it are done (a pipe
+    # sees progress, and an interrupted run has already delivered everything it finished).
     stream = fmt == "jsonl" and output is None
-    if stream:
-        _emit(found.failures)
-    results: dict[str, Result] = {}
-    interrupted = False
-    with progress_bar("classifying", total=len(found.paths), unit="img") as advance:
-        try:
-            for paths, batch, failures in iter_batches(found.paths, classifier.preprocess, batch_size, workers):
-                for path, error in failures:
-                    results[path] = Result(_display(path), error=error)
-                if batch is not None:
-                    for path, preds in zip(paths, classifier.top_k(batch, top_k)):
-                        results[path] = Result(_display(path), predictions=preds)
-                if stream:  # each batch covers the next run of inputs, so input order holds
-                    _emit([results[p] for p in found.paths[len(results) - len(paths) - len(failures) : len(results)]])
-                advance(len(paths) + len(failures))
-        except KeyboardInterrupt:
-            interrupted = True
-
-    ordered = found.failures + [results[p] for p in found.paths if p in results]
+    interrupted = _classify(report, classifier, top_k, batch_size, workers, _emit if stream else None)
+    rows = report.rows
     if not stream:
-        text = render(ordered, fmt, color=output is None and fmt == "table" and sys.stdout.isatty())
-        if output is not None:
-            atomic_write(output, lambda f: f.write(text.encode("utf-8")))
-        else:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-    failed = [r for r in ordered if r.error is not None]
+        _write(rows, fmt, output)
+    failed = [r for r in rows if r.error is not None]
     for r in failed:
-        print(f"error: {r.error}", file=sys.stderr)
+        print(f"error: {_visible(r.error)}", file=sys.stderr)
     if interrupted:
-        done = len(ordered) - len(found.failures)
-        print(f"interrupted: {done} of {len(found.paths)} images done; the results above are complete for those", file=sys.stderr)
+        print(f"interrupted: {len(rows)} of {len(report.inputs)} images done; the results above are complete for those", file=sys.stderr)
         return 130
     return 1 if failed else 0
+
+
+def _classify(report: Report, classifier: Classifier, top_k: int, batch_size: int, workers: int, emit) -> bool:
+    """Fills `report`, passing each newly ready run of rows to `emit` (if any); True when Ctrl-C stopped it."""
+    from bitcli.ui import progress_bar
+
+    emit = emit or (lambda rows: None)
+    paths = report.to_classify()
+    emit(report.release())  # arguments that named nothing come out as soon as their turn comes
+    with progress_bar("classifying", total=len(paths), unit="img") as advance:
+        try:
+            for good, batch, failures in iter_batches(paths, classifier.preprocess, batch_size, workers):
+                for path, error in failures:
+                    report.record(path, error=error)
+                if batch is not None:
+                    for path, preds in zip(good, classifier.top_k(batch, top_k)):
+                        report.record(path, predictions=preds)
+                emit(report.release())
+                advance(len(good) + len(failures))
+        except KeyboardInterrupt:
+            emit(report.release())  # what was recorded before the signal is complete: deliver it
+            return True
+    return False
+
+
+def _write(rows: list[Result], fmt: str, output: Path | None) -> None:
+    from bitcli.checkpoints import atomic_write
+
+    text = render(rows, fmt, color=output is None and fmt == "table" and sys.stdout.isatty())
+    if output is not None:
+        atomic_write(output, lambda f: f.write(text.encode("utf-8")))
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()

@@ -19,10 +19,11 @@ def progress_bar(description: str, total: int | None, unit: str = "") -> Iterato
     if not sys.stderr.isatty():
         yield lambda n: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    columns = ["[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-               f"{unit}", TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
+    # markup=False: a description may come from data (a folder name) and is shown as it is spelled.
+    columns = [TextColumn("{task.description}", style="progress.description", markup=False), BarColumn(),
+               MofNCompleteColumn(), TextColumn(unit, markup=False), TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
     with Progress(*columns, console=stderr_console(), transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.update(task, advance=n)
