@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import stat
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,9 +17,16 @@ from PIL import Image, ImageOps
 
 from bitcli.errors import BitError
 
-# Decompression bombs: images above this many pixels are refused before they are decoded.
+# Decompression bombs: images above this many pixels are refused before they are decoded, and no resize may
+# produce more (the shortest-edge resize of a thin strip would). PIL itself refuses twice the limit from the
+# header; its warning above the limit is silenced because load_image checks the size itself (turning the
+# warning into an error with warnings.catch_warnings is not thread-safe, and decoding runs in threads).
 MAX_IMAGE_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# PIL keeps an 8-byte pointer per row besides the pixels: a 1x90,000,000 strip costs 1 GB to decode.
+MAX_IMAGE_ROWS = 10_000_000
+SOURCE_KEY = "bitcli.source"  # Image.info key: the file an image was loaded from, for error messages
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -32,6 +41,12 @@ _PIL_FILTERS = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+# How far each filter reaches, in source pixels at scale 1 (PIL's supports; nearest given a pixel of slack).
+_SUPPORT = {"nearest": 1.0, "bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0, "box": 0.5, "hamming": 1.0}
+# With a centre crop, a resize up to this many pixels (64 MB in PIL's RGB) is done whole and then cropped: pixel
+# for pixel what transformers and timm compute. Only thin strips (aspect ratios beyond ~80:1 at 448) resize more;
+# for them only the cropped region is resized (_resize_region).
+FULL_RESIZE_PIXELS = 16_000_000
 # transformers stores PIL's resampling enum values.
 _PIL_CODES = {int(v): k for k, v in _PIL_FILTERS.items()}
 
@@ -152,32 +167,48 @@ class Preprocess:
             "crop_mode": "center",
         }
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(w, h) after the resize step, before the crop."""
+        if self.resize is None:
+            return width, height
+        if isinstance(self.resize, int):  # shortest edge; the long edge is truncated, as transformers does
+            if width <= height:
+                return self.resize, int(self.resize * height / width)
+            return int(self.resize * width / height), self.resize
+        return self.resize[1], self.resize[0]
+
     def resize_and_crop(self, image: Image.Image) -> Image.Image:
-        if self.resize is not None:
-            w, h = image.size
-            if isinstance(self.resize, int):  # shortest edge; the long edge is truncated, as transformers does
-                if w <= h:
-                    size = (self.resize, int(self.resize * h / w))
-                else:
-                    size = (int(self.resize * w / h), self.resize)
-            else:
-                size = (self.resize[1], self.resize[0])
-            if size != image.size:
-                image = image.resize(size, _PIL_FILTERS[self.interpolation])
-        if self.crop is not None:
-            w, h = image.size
-            ch, cw = self.crop
-            if ch > h or cw > w:  # pad with black like transformers' center_crop, then crop
-                canvas = Image.new("RGB", (max(w, cw), max(h, ch)))
-                canvas.paste(image, ((max(w, cw) - w) // 2, (max(h, ch) - h) // 2))
-                image, w, h = canvas, canvas.width, canvas.height
-            top, left = (h - ch) // 2, (w - cw) // 2
-            image = image.crop((left, top, left + cw, top + ch))
-        return image
+        """Resize, then centre crop (padding with black where the crop is larger), as transformers does."""
+        w, h = image.size
+        rw, rh = self.resized_size(w, h)
+        resample = _PIL_FILTERS[self.interpolation]
+        if self.crop is None:
+            if rw * rh > MAX_IMAGE_PIXELS:
+                raise BitError(
+                    f"{image.info.get(SOURCE_KEY, 'image')}: a {w}x{h} image would be {rw}x{rh} after resizing, "
+                    f"over the {MAX_IMAGE_PIXELS:,}-pixel limit; crop it to a less extreme aspect ratio first"
+                )
+            return image if (rw, rh) == (w, h) else image.resize((rw, rh), resample)
+        (x0, xn, px), (y0, yn, py) = _crop_window(rw, self.crop[1]), _crop_window(rh, self.crop[0])
+        if (rw, rh) == (w, h):
+            region = image.crop((x0, y0, x0 + xn, y0 + yn))
+        elif rw * rh <= FULL_RESIZE_PIXELS:
+            region = image.resize((rw, rh), resample).crop((x0, y0, x0 + xn, y0 + yn))
+        else:  # a thin strip: its shortest-edge resize would be huge (8000x1 to 448: 3,584,000x448, 6 GB)
+            region = _resize_region(image, (rw, rh), (x0, y0, xn, yn), self.interpolation)
+        if (xn, yn) == (self.crop[1], self.crop[0]):
+            return region
+        canvas = Image.new("RGB", (self.crop[1], self.crop[0]))  # black padding, like transformers' center_crop
+        canvas.paste(region, (px, py))
+        return canvas
 
     def to_uint8(self, image: Image.Image) -> np.ndarray:
         """RGB image -> the resized, cropped HWC uint8 array (normalisation happens in the batch, in torch)."""
-        return np.asarray(self.resize_and_crop(image), dtype=np.uint8)
+        try:
+            return np.asarray(self.resize_and_crop(image), dtype=np.uint8)
+        except MemoryError:  # str(MemoryError()) is empty: say what ran out
+            name, size = image.info.get(SOURCE_KEY, "image"), f"{image.width}x{image.height}"
+            raise BitError(f"{name}: out of memory resizing a {size} image; free memory first") from None
 
     def normalize(self, batch):  # uint8 [B, H, W, 3] tensor -> float [B, 3, H, W]
         import torch
@@ -192,6 +223,33 @@ class Preprocess:
         import torch
 
         return self.normalize(torch.from_numpy(self.to_uint8(image).copy()).unsqueeze(0))[0]
+
+
+def _resize_region(
+    image: Image.Image, size: tuple[int, int], window: tuple[int, int, int, int], interpolation: Interpolation
+) -> Image.Image:
+    """Columns [x0, x0 + xn) and rows [y0, y0 + yn) of image.resize(size), without making the rest.
+
+    PIL reads a resize box in float32 and may order its two passes differently for a box, so a pixel can
+    differ from the full resize's by a level or so; hence only for images whose full resize is too large."""
+    (w, h), (rw, rh), (x0, y0, xn, yn) = image.size, size, window
+    box = [x0 * w / rw, y0 * h / rh, (x0 + xn) * w / rw, (y0 + yn) * h / rh]  # exact fractions, rounded once
+    # Cut the source to the box plus the filter's reach first: small coordinates stay precise in float32, and
+    # every tap the full resize would use (clipped only at the image's own edges) is still there.
+    reach_x = _SUPPORT[interpolation] * max((box[2] - box[0]) / xn, 1.0) + 1
+    reach_y = _SUPPORT[interpolation] * max((box[3] - box[1]) / yn, 1.0) + 1
+    left, top = max(int(box[0] - reach_x), 0), max(int(box[1] - reach_y), 0)
+    right, bottom = min(math.ceil(box[2] + reach_x), w), min(math.ceil(box[3] + reach_y), h)
+    shifted = (box[0] - left, box[1] - top, box[2] - left, box[3] - top)
+    return image.crop((left, top, right, bottom)).resize((xn, yn), _PIL_FILTERS[interpolation], box=shifted)
+
+
+def _crop_window(size: int, crop: int) -> tuple[int, int, int]:
+    """One axis of a centre crop of `size` pixels to `crop`: (first kept pixel, pixels kept, offset in the
+    output). A crop larger than the image keeps it all, centred on black (the offset)."""
+    if crop > size:
+        return 0, size, (crop - size) // 2
+    return (size - crop) // 2, crop, 0
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -217,47 +275,79 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open, decode (first frame), apply EXIF orientation and convert to RGB. Raises BitError on bad files."""
-    name = os.fsencode(path).decode("utf-8", "replace")  # printable even for non-UTF-8 names
+def image_too_large(name: str) -> BitError:
+    """The one wording for an image over the pixel limit: predict, eval and finetune's scan all use it."""
+    return BitError(
+        f"{name}: image is larger than the {MAX_IMAGE_PIXELS:,}-pixel limit (possible decompression bomb); "
+        "downscale it first"
+    )
+
+
+def _check_size(name: str, width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise image_too_large(name)
+    if height > MAX_IMAGE_ROWS:
+        raise BitError(f"{name}: a {width}x{height} image has over {MAX_IMAGE_ROWS:,} rows; rotate or crop it first")
+
+
+def _check_file(path: str | os.PathLike[str], name: str) -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         broken = os.path.islink(path)
         raise BitError(f"{name}: " + ("broken symbolic link" if broken else "no such file")) from None
     except OSError as exc:
-        raise BitError(f"{name}: cannot read ({exc.strerror})") from None
+        raise BitError(f"{name}: cannot read ({exc.strerror or type(exc).__name__})") from None
     if stat.S_ISDIR(mode):
         raise BitError(f"{name}: is a directory; pass --recursive to classify folders inside folders")
     if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
         raise BitError(f"{name}: not a regular file (pipe, socket or device); copy the image to a file")
+
+
+@contextlib.contextmanager
+def _decoding(name: str) -> Iterator[None]:
+    """PIL's many exception types (they vary by format) -> one BitError line naming the file."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                pixels = im.width * im.height
-                if pixels > MAX_IMAGE_PIXELS:
-                    raise Image.DecompressionBombError(str(pixels))
-                im.seek(0)
-                im.load()
-                image = ImageOps.exif_transpose(im) or im
-                image = to_rgb(image)
-                image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BitError(
-            f"{name}: image is larger than the {MAX_IMAGE_PIXELS:,}-pixel limit (possible decompression bomb); "
-            "downscale it first"
-        ) from None
+        yield
+    except Image.DecompressionBombError:  # PIL's own refusal, from the header, above twice the limit
+        raise image_too_large(name) from None
     except FileNotFoundError:
         raise BitError(f"{name}: no such file") from None
     except PermissionError:
         raise BitError(f"{name}: permission denied; make the file readable") from None
     except Image.UnidentifiedImageError:
         raise BitError(f"{name}: not an image PIL can read (empty, corrupt or another format)") from None
+    except MemoryError:
+        raise BitError(f"{name}: out of memory while decoding; downscale the image or free memory") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise BitError(f"{name}: cannot decode image ({_one_line(exc)}); the file may be truncated or corrupt") from None
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) as stored, from the header alone, with load_image's checks and error wording."""
+    name = os.fsencode(path).decode("utf-8", "replace")
+    _check_file(path, name)
+    with _decoding(name), Image.open(path) as im:
+        size = im.size
+    _check_size(name, *size)
+    return size
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open, decode (first frame), apply EXIF orientation and convert to RGB. Raises BitError on bad files.
+    The image's info[SOURCE_KEY] holds the printable file name, for errors raised after decoding."""
+    name = os.fsencode(path).decode("utf-8", "replace")  # printable even for non-UTF-8 names
+    _check_file(path, name)
+    with _decoding(name), Image.open(path) as im:
+        _check_size(name, im.width, im.height)
+        im.seek(0)
+        im.load()
+        ImageOps.exif_transpose(im, in_place=True)  # in place: a copy would double the memory of a large image
+        image = to_rgb(im)
+        image.load()
     if image.width < 1 or image.height < 1:
         raise BitError(f"{name}: image has no pixels")
+    image.info[SOURCE_KEY] = name
     return image
 
 

@@ -47,6 +47,7 @@ def corpus(tmp_path_factory, photos) -> tuple[Path, dict[str, str | None]]:
     put("bomb.png", _png_bytes(Image.new("1", (20000, 20000))), "pixel limit")
     put("one_pixel.png", _png_bytes(Image.new("RGB", (1, 1), (200, 10, 10))), None)
     put("wide_strip.png", _png_bytes(Image.new("RGB", (3000, 2), (0, 90, 200))), None)
+    put("thin_strip.png", _png_bytes(Image.new("RGB", (2_000_000, 1), (0, 90, 200))), None)  # resized: 128,000,000x64
     put("gray16.png", _png_bytes(Image.fromarray(np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64))), None)
     floats = Image.fromarray(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64), "F")
     buf = io.BytesIO()
