@@ -26,8 +26,8 @@ from bitcli.ui import log
 
 VAL_SPLIT_NAMES = ("val", "valid", "validation")
 
-# Independent random streams, each seeded by (seed, stream, counter).
-STREAM_SHOTS = 1
+# Independent random streams, each seeded by (seed, stream, counter). (Stream 1 was few-shot sampling, now a
+# seeded hash of each path: see few_shot.)
 STREAM_VAL_SPLIT = 2
 STREAM_EPOCH = 3  # counter: epoch; the order in which an epoch visits the training set
 STREAM_REPLACEMENT = 4  # counter: step; small data sets are sampled with replacement
@@ -78,17 +78,21 @@ class ImageFolder:
         targets = np.asarray(self.targets, dtype=np.int64)
         return [np.flatnonzero(targets == c) for c in range(len(self.classes))]
 
+    def relative(self, index: int) -> str:
+        """Image `index`'s path relative to the root (as found under it)."""
+        path, prefix = self.paths[index], str(self.root) + os.sep
+        return path[len(prefix) :] if path.startswith(prefix) else path
+
     def fingerprint(self) -> str:
-        """Names, classes and sizes of the files: a resumed run must see the same data."""
+        """Names, classes and sizes of the files: a resumed run must see the same data. Taken over the
+        images a run uses, so skipping an undecodable file or deleting it gives the same fingerprint."""
         h = hashlib.sha256()
-        prefix = str(self.root) + os.sep
-        for path, target in zip(self.paths, self.targets):
+        for i, (path, target) in enumerate(zip(self.paths, self.targets)):
             try:
                 size = os.stat(path).st_size
             except OSError:
                 size = -1
-            rel = path[len(prefix) :] if path.startswith(prefix) else path
-            h.update(f"{rel}\t{self.classes[target]}\t{size}\n".encode("utf-8", "surrogateescape"))
+            h.update(f"{self.relative(i)}\t{self.classes[target]}\t{size}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
 
@@ -156,23 +160,41 @@ def scan(root: Path, classes: Sequence[str] | None = None) -> ImageFolder:
     return ImageFolder(root, tuple(classes), tuple(paths), tuple(targets))
 
 
-def few_shot(ds: ImageFolder, shots: int, seed: int) -> ImageFolder:
-    """Exactly `shots` images of every class, drawn without replacement; the same for the same seed.
+def few_shot(ds: ImageFolder, shots: int, seed: int, undecodable: Callable[[list[int]], set[int]] | None = None) -> ImageFolder:
+    """Exactly `shots` decodable images of every class, the same for the same seed and files.
 
-    A class with fewer images is an error naming it: silently using fewer would change what "K-shot" means.
+    Each class's images are ranked by a seeded hash of their path, and the first `shots` that decode are
+    taken: a file's rank depends on its own name only, so an undecodable file that is skipped, or deleted,
+    changes nothing else (a resumed run trains on the same images). `undecodable(indices)` decodes the
+    candidates and returns the failures; only candidates are decoded, not the whole folder.
+    A class with too few images is an error naming it: silently using fewer would change what "K-shot" means.
     """
     if shots < 1:
         raise BitError(f"--shots {shots}: need at least one example per class")
-    generator = rng(seed, STREAM_SHOTS)
-    chosen: list[int] = []
-    for c, members in enumerate(ds.by_class()):
-        if len(members) < shots:
-            raise BitError(
-                f"--shots {shots}: class {ds.classes[c]!r} has only {len(members)} training image(s) "
-                f"({ds.root / ds.classes[c]}); lower --shots or add images"
-            )
-        chosen.extend(generator.choice(members, size=shots, replace=False).tolist())
-    return ds.subset(chosen)
+    ranked = [sorted(members.tolist(), key=lambda i: _shot_rank(ds, seed, i)) for members in ds.by_class()]
+    taken: list[list[int]] = [[] for _ in ranked]
+    tried = [0] * len(ranked)
+    while True:
+        wanted = {c: order[tried[c] : tried[c] + shots - len(taken[c])] for c, order in enumerate(ranked)}
+        wanted = {c: idx for c, idx in wanted.items() if len(taken[c]) < shots}
+        if not wanted:
+            return ds.subset(i for chosen in taken for i in chosen)
+        for c, idx in wanted.items():
+            if not idx:
+                bad = tried[c] - len(taken[c])
+                raise BitError(
+                    f"--shots {shots}: class {ds.classes[c]!r} has only {len(taken[c])} training image(s)"
+                    + (f" that decode ({bad} could not be decoded)" if bad else "")
+                    + f" ({ds.root / ds.classes[c]}); lower --shots or add images"
+                )
+        failed = undecodable([i for idx in wanted.values() for i in idx]) if undecodable is not None else set()
+        for c, idx in wanted.items():
+            taken[c].extend(i for i in idx if i not in failed)
+            tried[c] += len(idx)
+
+
+def _shot_rank(ds: ImageFolder, seed: int, index: int) -> bytes:
+    return hashlib.sha256(f"{seed}\0{ds.relative(index)}".encode("utf-8", "surrogateescape")).digest()
 
 
 def split_validation(ds: ImageFolder, fraction: float, seed: int) -> tuple[ImageFolder, ImageFolder]:
@@ -285,6 +307,40 @@ class DecodeCache:
                 self._arrays[index] = array
                 self._used += array.nbytes
         return array
+
+
+def find_undecodable(paths: Sequence[str], workers: int, advance: Callable[[int], None] = lambda n: None) -> dict[int, str]:
+    """Decode every image fully, in `workers` threads (0: this one): {index: one-line error} of those that fail.
+
+    Run before step 0: a truncated file passes the header scan and would otherwise stop the run at the step
+    that first draws it. Decoding is deterministic, so the same files fail every time (a resumed run skips
+    the same ones).
+    """
+
+    def check(path: str) -> str | None:
+        try:
+            load_image(path)
+        except BitError as exc:
+            return str(exc)
+        except Exception as exc:  # a decoder bug on one odd file must not cost the run either
+            name = os.fsencode(path).decode("utf-8", "replace")
+            return f"{name}: cannot decode image ({type(exc).__name__}: {' '.join(str(exc).split())})"
+        return None
+
+    failed: dict[int, str] = {}
+    window = 16 * max(1, workers)  # jobs in flight: memory stays bounded on a million-image folder
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bit-check") if workers > 0 else None
+    try:
+        for start in range(0, len(paths), window):
+            chunk = paths[start : start + window]
+            for offset, error in enumerate(pool.map(check, chunk) if pool is not None else map(check, chunk)):
+                if error is not None:
+                    failed[start + offset] = error
+            advance(len(chunk))
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return failed
 
 
 def train_transform(resize: int) -> Preprocess:

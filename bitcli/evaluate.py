@@ -15,7 +15,7 @@ import numpy as np
 
 from bitcli.data import DecodeCache, ImageFolder, Reader, find_splits, index_batches, scan
 from bitcli.errors import BitError, UsageError
-from bitcli.ui import log
+from bitcli.ui import log, visible
 
 FORMATS = ("table", "json")
 OTHER = "(other)"  # confusion-matrix column for predictions outside the evaluated classes
@@ -161,7 +161,7 @@ def eval_folder(data: Path) -> Path:
         return data
     if val is None:
         raise BitError(f"{data}: has train/ but no val/, valid/ or validation/; pass the folder to evaluate")
-    log(f"evaluating the validation split {val}")
+    log(f"evaluating the validation split {visible(str(val))}")
     return val
 
 
@@ -196,11 +196,22 @@ def run(
         model = model.to(memory_format=torch.channels_last)
     cache = DecodeCache(ds, ckpt.preprocess, budget_bytes=0)  # one pass: nothing to reuse
     bar = progress_bar("evaluating", total=len(ds), unit="img") if fmt == "table" else contextlib.nullcontext(lambda n: None)
-    with bar as advance:
-        result = evaluate(
-            model, ds, cache.get, ckpt.preprocess.normalize, device, dtype, batch_size, workers,
-            class_to_model, channels_last, advance,
-        )  # fmt: skip
+    done = 0
+    try:
+        with bar as show:
+
+            def advance(n: int) -> None:
+                nonlocal done
+                done += n
+                show(n)
+
+            result = evaluate(
+                model, ds, cache.get, ckpt.preprocess.normalize, device, dtype, batch_size, workers,
+                class_to_model, channels_last, advance,
+            )  # fmt: skip
+    except KeyboardInterrupt:  # Ctrl-C: one line, as predict gives (the bar and decode threads are closed by now)
+        log(f"interrupted: {done} of {len(ds)} images done; accuracy is reported only for a whole pass")
+        raise SystemExit(130) from None
     if fmt == "json":
         sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
     else:
@@ -214,6 +225,7 @@ MAX_CONFUSION_TABLE = 25  # classes; wider matrices are for --format json
 def render_table(result: EvalResult, color: bool) -> str:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=color, no_color=not color, width=200, highlight=False)
@@ -221,22 +233,24 @@ def render_table(result: EvalResult, color: bool) -> str:
     console.print(f"top-1   {result.top1:.4f}")
     console.print(f"top-5   {result.top5:.4f}")
     console.print(f"loss    {result.loss:.4f}")
+    # Class names are data: Text keeps them literal ("[bold]cat[/bold]" is not markup) and visible() on one
+    # line (a newline in a folder name would break the row).
     per_class = Table(title="per-class top-1")
     per_class.add_column("class", overflow="fold")
     per_class.add_column("accuracy", justify="right")
     row_of = {name: i for i, name in enumerate(result.labels)}
     per_class.add_column("images", justify="right")
     for name, accuracy in result.per_class.items():
-        per_class.add_row(name, f"{accuracy:.4f}", str(sum(result.confusion[row_of[name]])))
+        per_class.add_row(Text(visible(name)), f"{accuracy:.4f}", str(sum(result.confusion[row_of[name]])))
     console.print(per_class)
     if len(result.labels) <= MAX_CONFUSION_TABLE:
         console.print("confusion matrix (rows: true class, columns: predicted class)")
         confusion = Table()
         confusion.add_column("")
         for name in result.labels:
-            confusion.add_column(name, justify="right")
+            confusion.add_column(Text(visible(name)), justify="right")
         for name, row in zip(result.labels, result.confusion):
-            confusion.add_row(name, *(str(v) for v in row))
+            confusion.add_row(Text(visible(name)), *(str(v) for v in row))
         console.print(confusion)
     else:
         console.print(f"confusion matrix: {len(result.labels)} classes; use --format json to get it")

@@ -13,12 +13,13 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,22 +34,27 @@ from bitcli.data import (
     eval_transform,
     few_shot,
     find_splits,
+    find_undecodable,
     median_area,
     scan,
     split_validation,
     train_transform,
 )
 from bitcli.errors import BitError, UsageError
-from bitcli.ui import log
+from bitcli.ui import log, visible
 
 CONFIG_FILE = "finetune_config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 STATE_FILE = "checkpoint.safetensors"
-LOCK_FILE = ".lock"  # held by the writing process while a run is in progress
+LOCK_FILE = ".lock"  # held by the writing process while a run is in progress; removed when it ends
 MODEL_FILES = ("model.safetensors", "preprocessor_config.json", "config.json")  # config.json last
 RUN_FILES = (*MODEL_FILES, METRICS_FILE, SUMMARY_FILE, STATE_FILE, CONFIG_FILE)
 STATE_FORMAT = "bitcli-finetune-state/1"
+# Temporary names of bitcli's own writes into DIR (atomic_write: .NAME.XXXXXXXX.tmp; the final model's
+# staging folder .final and its own temporary ..final.XXXXXXXX.tmp). Only these are cleaned up.
+LEFTOVER = re.compile(r"\.(?:%s|\.final)\.[a-z0-9_]{8}\.tmp" % "|".join(re.escape(n) for n in RUN_FILES))
+CHECK_LOG_FROM = 1000  # images: say on stderr that they are being decoded (a progress bar shows on a terminal)
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}  # disk full, read-only...
 TRAIN_CACHE_BYTES = 1 << 30  # decoded training images kept in memory (per process)
@@ -106,6 +112,7 @@ class Plan:
     train_examples: int  # after --val-split and --shots
     train_fingerprint: str
     val_examples: int
+    skipped: tuple[str, ...]  # images left out because they do not decode
     model: str
     random_init: bool
     architecture: dict[str, Any]  # BitConfig of the fine-tuned model
@@ -179,6 +186,28 @@ def _resolution(value: str) -> hyperrule.Resolution | None:
         raise UsageError(f"--resolution {value!r}: use auto, CROP (e.g. 128) or RESIZE:CROP with RESIZE >= CROP") from None
 
 
+def total_stride(config: BitConfig) -> int:
+    """Input pixels per pixel of the last feature map: 4 in the stem, then 2 in every stage after the first
+    until output_stride, where dilation takes over (as BitModel builds it)."""
+    reduction = 4
+    for _ in config.depths[1:]:
+        if reduction < config.output_stride:
+            reduction *= 2
+    return reduction
+
+
+def check_resolution(value: str, config: BitConfig) -> None:
+    """An explicit --resolution must give the model at least one pixel of feature map per stride: below that
+    the last stages see 1x1 maps, and GroupNorm over a single value fails mid-run (--resolution 4)."""
+    res = _resolution(value)
+    smallest = total_stride(config)
+    if res is not None and res.crop < smallest:
+        raise UsageError(
+            f"--resolution: a {res.crop}-px crop is below this model's total stride of {smallest} px "
+            f"(its feature maps would shrink below one pixel); use a crop of at least {smallest}"
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Processes
 
@@ -249,22 +278,35 @@ def random_init_config(spec: str, num_classes: int) -> BitConfig:
         ) from None
 
 
-def build_start_model(opts: Options, num_classes: int):
+@dataclass(frozen=True)
+class Start:
+    """What the run starts from, read before any weight is built (so that flags are checked against it)."""
+
+    config: BitConfig  # the architecture (a checkpoint's own head size until reset_classifier)
+    ckpt: Any = None  # the Checkpoint; None: --random-init
+
+
+def start_point(opts: Options, num_classes: int) -> Start:
+    if opts.random_init:
+        return Start(random_init_config(opts.model, num_classes))
+    from bitcli.hub import load_checkpoint
+
+    ckpt = load_checkpoint(opts.model, opts.revision)  # tensors are read later, by build_start_model
+    return Start(ckpt.config, ckpt)
+
+
+def build_start_model(opts: Options, start: Start, num_classes: int):
     """(model on the CPU in fp32 with a zero head of `num_classes`, normalisation mean, std)."""
     import torch
 
     from bitcli.model import BitModel
 
-    if opts.random_init:
-        config = random_init_config(opts.model, num_classes)
+    if start.ckpt is None:
         torch.manual_seed(opts.seed)  # the same random weights for the same --seed
-        return BitModel(config), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    from bitcli.hub import load_checkpoint
-
-    ckpt = load_checkpoint(opts.model, opts.revision)
-    model = ckpt.build_model(device="cpu")
+        return BitModel(start.config), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    model = start.ckpt.build_model(device="cpu")
     model.reset_classifier(num_classes)  # BiT's new head starts at zero
-    return model, ckpt.preprocess.mean, ckpt.preprocess.std
+    return model, start.ckpt.preprocess.mean, start.ckpt.preprocess.std
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -340,8 +382,25 @@ def auto_batch_split(model, per_rank: int, crop: int, device, dtype, info: Dist)
 # Output folder
 
 
+def check_output_location(opts: Options) -> None:
+    """DIR must be outside the image folders: inside DATA its files would be a class folder of the next run
+    and of `bit eval DATA` ("class folder 'myrun' holds no images")."""
+    out = opts.output.resolve()
+    for flag, folder in (("DATA", opts.data), ("--val", opts.val)):
+        if folder is None:
+            continue
+        root = folder.resolve()
+        if out == root or root in out.parents:
+            raise UsageError(
+                f"--output {visible(str(opts.output))}: is {'the' if out == root else 'inside the'} image folder "
+                f"{visible(str(folder))} ({flag}), where the run's files would be taken for a class of images; "
+                "choose a folder outside it"
+            )
+
+
 def output_mode(output: Path, resume: bool, overwrite: bool) -> str:
-    """fresh | overwrite | resume, or a BitError saying why this folder cannot be used."""
+    """fresh | overwrite | resume | finished (--resume of a finished run: nothing to do), or a BitError
+    saying why this folder cannot be used."""
     if resume and overwrite:
         raise UsageError("--resume continues a run and --overwrite starts it again; pass only one")
     if output.exists() and not output.is_dir():
@@ -351,12 +410,7 @@ def output_mode(output: Path, resume: bool, overwrite: bool) -> str:
     if resume:
         if not is_run:
             raise BitError(f"--resume: {output} holds no bit finetune run ({CONFIG_FILE}); run without --resume")
-        if finished:
-            raise BitError(
-                f"--resume: the run in {output} already finished ({SUMMARY_FILE} exists); nothing to resume. "
-                "Pass --overwrite instead to train again"
-            )
-        return "resume"
+        return "finished" if finished else "resume"
     if not output.exists() or not [p for p in output.iterdir() if p.name != LOCK_FILE]:
         return "fresh"
     if not is_run:
@@ -369,28 +423,52 @@ def output_mode(output: Path, resume: bool, overwrite: bool) -> str:
 
 
 def _remove_leftovers(output: Path, run_files: bool) -> None:
-    """Temporary files of writes that a kill interrupted (never read: every write is renamed into place)."""
+    """Temporary files of bitcli's writes that a kill interrupted (never read: every write is renamed into
+    place), and with `run_files` the previous run's files. Nothing else: DIR may hold the user's files."""
     for p in output.iterdir() if output.is_dir() else ():
-        if p.name.startswith(".") and (p.name.endswith((".tmp", ".old")) or p.name == ".final"):
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        elif run_files and p.name in RUN_FILES:
+        if p.is_symlink():
+            continue
+        if p.name == ".final" and p.is_dir():
+            shutil.rmtree(p)
+        elif LEFTOVER.fullmatch(p.name):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        elif run_files and p.name in RUN_FILES and p.is_file():
             p.unlink()
 
 
+@contextlib.contextmanager
 def lock_output(output: Path):
-    """An open file holding an exclusive lock on DIR/.lock, so that two runs never write the same folder.
-    The file stays (removing a lock file races with the next run opening it)."""
-    handle = open(output / LOCK_FILE, "a")
+    """An exclusive lock on DIR/.lock while the run writes, so that two runs never write the same folder.
+
+    The file is removed at the end, while still locked. A run that opened it just before then finds, once
+    it holds the lock, that the name no longer leads to its file, and opens the new one instead.
+    """
+    path = output / LOCK_FILE
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
-        return handle
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        fcntl = None
+    while True:
+        handle = open(path, "a")
+        if fcntl is None:
+            break
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise BitError(f"--output {output}: another bit finetune is writing to this folder; wait for it or choose another") from None
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
         handle.close()
-        raise BitError(f"--output {output}: another bit finetune is writing to this folder; wait for it or choose another") from None
-    return handle
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # (an open file cannot be removed on Windows: it stays there)
+            path.unlink(missing_ok=True)
+        handle.close()
 
 
 def write_final_model(ckpt, output: Path) -> None:
@@ -582,9 +660,11 @@ class Datasets:
     train: ImageFolder
     val: ImageFolder | None
     validation: str | None
+    skipped: tuple[str, ...] = ()  # images left out because they do not decode (training, then validation)
 
 
-def load_datasets(opts: Options) -> Datasets:
+def scan_datasets(opts: Options) -> Datasets:
+    """The image folders as found (headers are not even read yet); refuses layouts that make no classifier."""
     if opts.val is not None and opts.val_split is not None:
         raise UsageError("--val and --val-split both name a validation set; pass only one")
     train_root, val_root = find_splits(opts.data)
@@ -593,15 +673,118 @@ def load_datasets(opts: Options) -> Datasets:
     elif val_root is not None and opts.val_split is not None:
         raise UsageError(f"--val-split: {opts.data} already has the validation split {val_root}; drop --val-split")
     train = scan(train_root)
-    val, validation = None, None
-    if val_root is not None:
-        val, validation = scan(val_root, classes=train.classes), str(val_root)
-    elif opts.val_split is not None:
+    if len(train.classes) < 2:
+        raise UsageError(
+            f"{visible(str(train_root))}: holds one class folder ({train.classes[0]!r}); a classifier needs at "
+            "least 2 classes, so add a sub-folder of images for each other class"
+        )
+    val = scan(val_root, classes=train.classes) if val_root is not None else None
+    return Datasets(train, val, str(val_root) if val_root is not None else None)
+
+
+def usable_datasets(opts: Options, found: Datasets, undecodable: Callable[[list[str]], dict[int, str]]) -> Datasets:
+    """The images that decode, then --val-split and --shots.
+
+    `undecodable(paths)` decodes them all and returns {index: error} of the failures. Every image the run
+    uses is decoded here, before step 0; with --shots (and no --val-split) only the candidates are (see
+    few_shot). The skipped files leave the data set before any sampling, so a run that skips them and one
+    whose folder no longer holds them train on the same images, with the same fingerprint.
+    """
+    train, val, validation = found.train, found.val, found.validation
+    skipped: list[str] = []
+
+    def without(ds: ImageFolder, failed: dict[int, str] | set[int]) -> ImageFolder:
+        skipped.extend(ds.paths[i] for i in sorted(failed))
+        return ds.subset(i for i in range(len(ds)) if i not in failed)
+
+    checked_all = opts.shots is None or opts.val_split is not None
+    if checked_all:
+        failed = undecodable([*train.paths, *(val.paths if val is not None else ())])
+        n = len(train)
+        train = without(train, {i for i in failed if i < n})
+        if val is not None:
+            val = without(val, {i - n for i in failed if i >= n})
+        for c, count in enumerate(train.counts()):
+            if count == 0:
+                raise BitError(
+                    f"{visible(str(train.root / train.classes[c]))}: none of the images of class "
+                    f"{train.classes[c]!r} can be decoded (listed above); replace them or remove the folder"
+                )
+    elif val is not None:
+        val = without(val, undecodable(list(val.paths)))
+    if opts.val_split is not None:
         train, val = split_validation(train, opts.val_split, opts.seed)
-        validation = f"{opts.val_split:g} of every class of {train_root} (seed {opts.seed})"
+        validation = f"{opts.val_split:g} of every class of {found.train.root} (seed {opts.seed})"
     if opts.shots is not None:
-        train = few_shot(train, opts.shots, opts.seed)
-    return Datasets(train, val, validation)
+        pool = train
+
+        def failing(indices: list[int]) -> set[int]:
+            if checked_all:
+                return set()
+            failed = {indices[j] for j in undecodable([pool.paths[i] for i in indices])}
+            skipped.extend(pool.paths[i] for i in sorted(failed))
+            return failed
+
+        train = few_shot(pool, opts.shots, opts.seed, failing)
+    if val is not None and len(val) == 0:
+        raise BitError(f"{visible(validation or '')}: none of the validation images can be decoded (listed above)")
+    return Datasets(train, val, validation, tuple(skipped))
+
+
+def _find_undecodable(paths: list[str], info: Dist, device, workers: int) -> dict[int, str]:
+    """data.find_undecodable over `paths`, shared by the processes (each decodes every world-th image) and
+    the same answer in each; the main process reports every failure on stderr."""
+    from bitcli.ui import progress_bar
+
+    if not paths:
+        return {}
+    if info.main and len(paths) >= CHECK_LOG_FROM:
+        log(f"checking that {len(paths):,} images decode")
+    mine = paths[info.rank :: info.world]
+    bar = progress_bar("checking images", total=len(mine), unit="img") if info.main else contextlib.nullcontext(lambda n: None)
+    with bar as advance:
+        found = {info.rank + j * info.world: error for j, error in find_undecodable(mine, workers, advance).items()}
+    if info.world > 1:
+        import torch
+        import torch.distributed as dist
+
+        flags = torch.zeros(len(paths), dtype=torch.int32, device=device if device.type == "cuda" else "cpu")
+        if found:
+            flags[list(found)] = 1
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        others = [i for i in flags.nonzero().flatten().tolist() if i not in found]
+        again = find_undecodable([paths[i] for i in others], workers) if info.main else {}  # their errors: a few files
+        found.update({i: again.get(j, f"{paths[i]}: cannot be decoded") for j, i in enumerate(others)})
+    if info.main:
+        for i in sorted(found):
+            log(f"skipped {visible(found[i])}")
+    return found
+
+
+def check_flags(opts: Options, info: Dist, config: BitConfig) -> None:
+    """Every flag's form and range (make_plan reads them again), before any image is decoded or weight built."""
+    check_resolution(opts.resolution, config)
+    _auto_int("--steps", opts.steps, 1)
+    _auto_float("--mixup", opts.mixup)
+    _auto_int("--eval-every", opts.eval_every, 0)
+    _auto_int("--save-every", opts.save_every, 1)
+    _batch_split(opts, info)
+
+
+def _batch_split(opts: Options, info: Dist) -> int | None:
+    """--batch-split N (None: auto), checked with --lr and --batch-size against the number of processes."""
+    if opts.lr <= 0 or not math.isfinite(opts.lr):
+        raise UsageError(f"--lr {opts.lr}: must be a positive number")
+    if opts.batch_size % info.world:
+        raise UsageError(f"--batch-size {opts.batch_size}: must divide evenly over the {info.world} processes")
+    per_rank = opts.batch_size // info.world
+    split = _auto_int("--batch-split", opts.batch_split, 1)
+    if split is not None and per_rank % split:
+        raise UsageError(
+            f"--batch-split {split}: must divide the {per_rank} images each process takes per step "
+            f"(--batch-size {opts.batch_size} over {info.world} process(es))"
+        )
+    return split
 
 
 def make_plan(opts: Options, ds: Datasets, model, info: Dist, device, dtype, saved: dict[str, Any] | None) -> Plan:
@@ -622,7 +805,7 @@ def make_plan(opts: Options, ds: Datasets, model, info: Dist, device, dtype, sav
         why["steps"] = f"HyperRule for {regime}"
     else:
         sched = hyperrule.scaled_schedule(n, steps)
-        why["steps"] = f"--steps {steps}: the HyperRule boundaries for {regime} scaled to {steps} steps"
+        why["steps"] = f"--steps {steps}: the HyperRule boundaries for {regime} scaled to {steps} step{'s' * (steps != 1)}"
     alpha = _auto_float("--mixup", opts.mixup)
     if alpha is None:
         alpha = hyperrule.mixup_alpha(n)
@@ -630,18 +813,9 @@ def make_plan(opts: Options, ds: Datasets, model, info: Dist, device, dtype, sav
     else:
         alpha = alpha or None
         why["mixup"] = f"--mixup {opts.mixup}"
-    if opts.lr <= 0 or not math.isfinite(opts.lr):
-        raise UsageError(f"--lr {opts.lr}: must be a positive number")
-    if opts.batch_size % info.world:
-        raise UsageError(f"--batch-size {opts.batch_size}: must divide evenly over the {info.world} processes")
     per_rank = opts.batch_size // info.world
-    split = _auto_int("--batch-split", opts.batch_split, 1)
+    split = _batch_split(opts, info)
     if split is not None:
-        if per_rank % split:
-            raise UsageError(
-                f"--batch-split {split}: must divide the {per_rank} images each process takes per step "
-                f"(--batch-size {opts.batch_size} over {info.world} process(es))"
-            )
         why["batch_split"] = f"--batch-split {split}"
     elif saved is not None and saved.get("world_size") == info.world and per_rank % int(saved["batch_split"]) == 0:
         split = int(saved["batch_split"])
@@ -665,6 +839,7 @@ def make_plan(opts: Options, ds: Datasets, model, info: Dist, device, dtype, sav
         train_examples=n,
         train_fingerprint=ds.train.fingerprint(),
         val_examples=len(ds.val) if ds.val is not None else 0,
+        skipped=ds.skipped,
         model=opts.model,
         random_init=opts.random_init,
         architecture=model.config.to_dict(),
@@ -691,19 +866,20 @@ def make_plan(opts: Options, ds: Datasets, model, info: Dist, device, dtype, sav
 
 
 def describe(plan: Plan) -> list[str]:
-    b = plan.boundaries
-    decays = ", ".join(str(x) for x in b[1:-1])
-    val = f"{plan.val_examples:,} images ({plan.validation})" if plan.validation else "none (pass --val DIR or --val-split F)"
+    val = (
+        f"{plan.val_examples:,} images ({visible(plan.validation)})" if plan.validation
+        else "none (pass --val DIR or --val-split F)"
+    )  # fmt: skip
     source = f"random {plan.model}" if plan.random_init else plan.model
-    return [
-        f"bit finetune: {source} -> {len(plan.classes)} classes",
-        f"  train       {plan.train_examples:,} images from {plan.train_folder}"
+    lines = [
+        f"bit finetune: {visible(source)} -> {len(plan.classes)} classes",
+        f"  train       {plan.train_examples:,} images from {visible(plan.train_folder)}"
         + (f" ({plan.shots} per class, seed {plan.seed})" if plan.shots else ""),
         f"  validation  {val}",
         f"  resolution  resize {plan.resize}x{plan.resize}, random crop {plan.crop} + flip; eval resize "
         f"{plan.crop}x{plan.crop}   [{plan.why['resolution']}]",
-        f"  schedule    {plan.steps} steps; lr {plan.lr:g} after a linear warm-up of {b[0]} steps, /10 after steps "
-        f"{decays}   [{plan.why['steps']}]",
+        f"  schedule    {plan.steps} step{'s' * (plan.steps != 1)}; {describe_schedule(plan.boundaries, plan.lr)}   "
+        f"[{plan.why['steps']}]",
         f"  mixup       {'alpha ' + format(plan.mixup, 'g') if plan.mixup else 'off'}   [{plan.why['mixup']}]",
         f"  batch       {plan.batch_size} = {plan.world_size} process(es) x {plan.batch_split} micro-batch(es) of "
         f"{plan.micro_batch}   [{plan.why['batch_split']}]",
@@ -712,6 +888,20 @@ def describe(plan: Plan) -> list[str]:
         + (f"validate every {plan.eval_every or plan.steps} steps, " if plan.validation else "")
         + f"checkpoint every {plan.save_every} steps",
     ]
+    if plan.skipped:
+        n = len(plan.skipped)
+        lines.insert(3, f"  skipped     {n} image{'s' * (n != 1)} that do{'es' * (n == 1)} not decode (listed above; "
+                        f"{SUMMARY_FILE} lists {'them' if n != 1 else 'it'} too)")  # fmt: skip
+    return lines
+
+
+def describe_schedule(boundaries: tuple[int, ...], lr: float) -> str:
+    """'lr 0.003 after a linear warm-up of 100 steps, /10 after steps 200, 300, 400' (short runs: less)."""
+    warmup, decays = boundaries[0], boundaries[1:-1]
+    text = f"lr {lr:g} " + (f"after a linear warm-up of {warmup} steps" if warmup else "from the first step (no warm-up)")
+    if not decays:
+        return text + ", no decay"
+    return text + f", /10 after step{'s' * (len(decays) > 1)} " + ", ".join(str(d) for d in decays)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -748,14 +938,10 @@ def _run(opts: Options, info: Dist, device, held: contextlib.ExitStack) -> None:
     if device.type == "cpu":  # exact resume and reproducible weights need deterministic kernels
         _use_deterministic_algorithms()
         reuse_freed_memory()  # activations re-use the heap instead of fresh, zeroed pages every step
-    mode = output_mode(opts.output, opts.resume, opts.overwrite)
-    saved = _read_saved_plan(opts.output) if mode == "resume" else None
-    ds = load_datasets(opts)
-    model, mean, std = build_start_model(opts, len(ds.train.classes))
-    model = model.to(device).train()
-    plan = make_plan(opts, ds, model, info, device, dtype, saved)
-    if saved is not None:
-        _check_same_run(saved, plan, opts.output)
+    prepared = _prepare(opts, info, device, dtype)
+    if prepared is None:
+        return
+    mode, ds, model, mean, std, plan = prepared
     _barrier(info)  # every process has looked at DIR before the first write to it
     say = log if info.main else (lambda message: None)
     if info.main:
@@ -889,6 +1075,30 @@ def _run(opts: Options, info: Dist, device, held: contextlib.ExitStack) -> None:
     _barrier(info)
 
 
+def _prepare(opts: Options, info: Dist, device, dtype):
+    """(mode, data sets, model on the device, mean, std, plan), or None when --resume finds the run finished.
+    Everything that can refuse the run, cheapest first: the output folder, the image folders, the flags
+    against the architecture, then decoding every image; nothing is written yet."""
+    check_output_location(opts)
+    mode = output_mode(opts.output, opts.resume, opts.overwrite)
+    if mode == "finished":
+        if info.main:
+            log(f"the run in {visible(str(opts.output))} already finished ({SUMMARY_FILE} is there): nothing to resume; "
+                "--overwrite trains it again")  # fmt: skip
+        return None
+    saved = _read_saved_plan(opts.output) if mode == "resume" else None
+    found = scan_datasets(opts)
+    start = start_point(opts, len(found.train.classes))
+    check_flags(opts, info, start.config)
+    ds = usable_datasets(opts, found, functools.partial(_find_undecodable, info=info, device=device, workers=opts.workers))
+    model, mean, std = build_start_model(opts, start, len(ds.train.classes))
+    model = model.to(device).train()
+    plan = make_plan(opts, ds, model, info, device, dtype, saved)
+    if saved is not None:
+        _check_same_run(saved, plan, opts.output)
+    return mode, ds, model, mean, std, plan
+
+
 def _use_deterministic_algorithms() -> None:
     """torch.use_deterministic_algorithms(True) without its import of torch._inductor (2-3 s on a small CPU),
     which it needs only to set a flag for torch.compile; nothing here is compiled.
@@ -974,6 +1184,7 @@ def _write_outputs(output: Path, model, plan: Plan, transform, last_eval, last_l
         "steps": plan.steps,
         "train_examples": plan.train_examples,
         "val_examples": plan.val_examples,
+        "skipped": list(plan.skipped),  # images that do not decode, left out of training and validation
         "val_top1": last_eval.top1 if last_eval else None,
         "val_top5": last_eval.top5 if last_eval else None,
         "val_loss": last_eval.loss if last_eval else None,

@@ -17,6 +17,7 @@ SMALL_IMAGE_AREA = 96 * 96  # strictly below: "small" images
 SMALL_DATASET = 20_000  # strictly below: 500 steps, no MixUp
 MEDIUM_DATASET = 500_000  # strictly below: 10k steps
 MIXUP_ALPHA = 0.1
+MIN_WARMUP = 2  # steps; a scaled warm-up shorter than this is dropped (see scaled_schedule)
 
 SMALL_SCHEDULE = (100, 200, 300, 400, 500)
 MEDIUM_SCHEDULE = (500, 3000, 6000, 9000, 10000)
@@ -31,7 +32,7 @@ class Resolution:
 
 @dataclass(frozen=True)
 class Schedule:
-    boundaries: tuple[int, ...]  # [end of warm-up, decay, decay, ..., total steps]
+    boundaries: tuple[int, ...]  # [end of warm-up (0: none), decay, ..., total steps]; short runs have fewer decays
 
     @property
     def steps(self) -> int:
@@ -62,14 +63,24 @@ def schedule(num_examples: int) -> Schedule:
 def scaled_schedule(num_examples: int, steps: int) -> Schedule:
     """`--steps N`: the HyperRule's boundaries for this data set, scaled by N / its length and rounded.
 
-    Warm-up keeps at least one step (so step 0 still has lr 0) and the last boundary is exactly N; for
-    very short runs two boundaries may coincide, which simply applies both decays at once.
+    A scaled warm-up under MIN_WARMUP steps is dropped: the ramp's first step always has lr 0, so a one-step
+    warm-up would be one step that trains nothing (all of `--steps 1`). From two steps on, step 0 (lr 0, as
+    in Google's schedules) still counts: its gradient starts the momentum that step 1 applies. Decays stay
+    after the warm-up and after each other, and one that no step would feel (after step N-2) is left out, so
+    every step of a short run has lr > 0 and the description lists each decay once. N = the rule's own
+    length gives the rule exactly.
     """
     if steps < 1:
         raise BitError(f"--steps {steps}: a run needs at least one optimizer step")
     base = schedule(num_examples)
-    scaled = [max(1, round(b * steps / base.steps)) for b in base.boundaries[:-1]]
-    return Schedule((*(min(b, steps) for b in scaled), steps))
+    warmup = round(base.boundaries[0] * steps / base.steps)
+    warmup = warmup if warmup >= MIN_WARMUP else 0
+    decays: list[int] = []
+    for b in base.boundaries[1:-1]:
+        at = max(round(b * steps / base.steps), (decays[-1] if decays else warmup) + 1)
+        if at <= steps - 2:  # the decay applies from step at+1 on, which must be one of 0 .. steps-1
+            decays.append(at)
+    return Schedule((warmup, *decays, steps))
 
 
 def learning_rate(step: int, sched: Schedule, base_lr: float = BASE_LR) -> float:

@@ -85,7 +85,7 @@ def test_eval_errors(trained: tuple[Path, Path], tmp_path: Path, cli) -> None:
     code, _, err = cli("eval", tmp_path / "zoo", "--model", run)
     assert code == 1 and "class 'zebra' is not a label of" in err
     code, _, err = cli("eval", data / "val", "--model", run, "--format", "xml")
-    assert code == 2 and "--format 'xml'" in err
+    assert code == 2 and "--format" in err and "'xml' is not one of 'table', 'json'" in err  # click checks the choice
     (tmp_path / "nosplit" / "train").mkdir(parents=True)
     code, _, err = cli("eval", tmp_path / "nosplit", "--model", run)
     assert code == 1 and "has train/ but no val/" in err
@@ -111,3 +111,75 @@ def test_accumulator_exact_counts() -> None:
     assert r.confusion == [[1, 0, 1], [1, 1, 0], [0, 0, 0]]
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2, 0, 0])).item()
     assert r.loss == pytest.approx(expected)
+
+
+def test_table_prints_class_names_literally_on_one_line() -> None:
+    """Class folder names are data: "[bold]cat[/bold]" is not markup, and a newline does not break a row."""
+    from bitcli.evaluate import EvalResult, render_table
+
+    names = ["[bold]cat[/bold]", "a\nb", "[red]"]
+    result = EvalResult(top1=0.5, top5=1.0, loss=0.7, count=6, per_class=dict.fromkeys(names, 0.5), labels=names,
+                        confusion=[[1, 1, 0], [0, 1, 1], [1, 0, 1]])  # fmt: skip
+    text = render_table(result, color=False)
+    for name in ("[bold]cat[/bold]", "a\\nb", "[red]"):  # per-class row, confusion row and column
+        assert text.count(name) == 3, text
+    rows = [line for line in text.splitlines() if line.startswith("│")]  # body rows (headers use ┃)
+    assert len(rows) == 3 + 3  # per-class and confusion: one line per class
+    assert len({len(line) for line in rows[3:]}) == 1  # the confusion matrix's rows line up
+
+
+def test_ctrl_c_during_eval_says_how_far_it_got(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """Ctrl-C in a terminal (progress bar and decode threads running): exit 130 and one line, no traceback."""
+    import os
+    import pty
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from PIL import Image
+
+    _, run = trained
+    big = tmp_path / "big.png"  # slow to decode: the pass takes many seconds, Ctrl-C comes after a few images
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)).save(big)
+    for c in ("red", "green"):
+        (tmp_path / "many" / c).mkdir(parents=True)
+        for i in range(200):
+            (tmp_path / "many" / c / f"{i:03d}.png").symlink_to(big)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bitcli", "eval", str(tmp_path / "many"), "--model", str(run), "--batch-size", "2", "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=slave, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120", "TERM": "xterm"},
+        # Ctrl-C as in a terminal (a shell may start background jobs with SIGINT ignored; children inherit that).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def read_terminal() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not re.search(rb"\b[1-9]\d*/400\b", b"".join(chunks)) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)  # until the bar shows images done
+    proc.send_signal(signal.SIGINT)
+    out = proc.stdout.read()
+    code = proc.wait(timeout=60)
+    reader.join(timeout=10)
+    os.close(master)
+    err = b"".join(chunks).decode("utf-8", "replace")
+    assert code == 130, err
+    done = re.findall(r"interrupted: (\d+) of 400 images done; accuracy is reported only for a whole pass", err)
+    assert len(done) == 1 and 0 < int(done[0]) < 400, err
+    assert "Traceback" not in err and "Error" not in err and out == b""

@@ -94,12 +94,34 @@ def test_scaled_schedule() -> None:
     assert hyperrule.scaled_schedule(100, 300).boundaries == (60, 120, 180, 240, 300)
     assert hyperrule.scaled_schedule(50_000, 1000).boundaries == (50, 300, 600, 900, 1000)
     assert hyperrule.scaled_schedule(100, 1000).boundaries == (200, 400, 600, 800, 1000)
-    for steps in range(1, 40):
-        b = hyperrule.scaled_schedule(100, steps).boundaries
-        assert b[-1] == steps and b[0] >= 1 and list(b) == sorted(b)
-        assert hyperrule.learning_rate(0, Schedule(b)) == 0.0
+    for n in (100, 50_000, 1_000_000):  # the three regimes
+        for steps in range(1, 300):
+            sched = hyperrule.scaled_schedule(n, steps)
+            warmup, *decays, total = sched.boundaries
+            assert total == steps
+            assert warmup == 0 or warmup >= hyperrule.MIN_WARMUP  # never a "warm-up" that is one step at lr 0
+            assert [warmup, *decays] == sorted(set([warmup, *decays])) and all(d <= steps - 2 for d in decays)
+            lrs = [hyperrule.learning_rate(s, sched) for s in range(steps)]
+            assert all(lr > 0 for lr in lrs[1:]) and (lrs[0] > 0) == (warmup == 0)
+            assert len(set(lrs[warmup:])) == len(decays) + 1  # every decay is felt by some step
     with pytest.raises(BitError):
         hyperrule.scaled_schedule(100, 0)
+
+
+def test_short_schedules_train_at_every_step() -> None:
+    """`--steps 1` was one step at lr 0 (nothing trained); `--steps 3` decayed "after steps 1, 2, 2"."""
+
+    def lrs(steps: int) -> list[float]:
+        sched = hyperrule.scaled_schedule(100, steps)
+        return [hyperrule.learning_rate(s, sched) for s in range(steps)]
+
+    assert hyperrule.scaled_schedule(100, 1).boundaries == (0, 1) and lrs(1) == [0.003]
+    assert hyperrule.scaled_schedule(100, 2).boundaries == (0, 2) and lrs(2) == [0.003, 0.003]
+    assert hyperrule.scaled_schedule(100, 3).boundaries == (0, 1, 3) and lrs(3) == pytest.approx([0.003, 0.003, 0.0003])
+    assert hyperrule.scaled_schedule(100, 5).boundaries == (0, 2, 3, 5)
+    assert hyperrule.scaled_schedule(100, 7).boundaries == (0, 3, 4, 7)
+    assert hyperrule.scaled_schedule(100, 8).boundaries == (2, 3, 5, 6, 8)  # from here on a real ramp (0, half, full)
+    assert hyperrule.scaled_schedule(50_000, 10).boundaries == (0, 3, 6, 10)
 
 
 def test_resolution_for_crop() -> None:
