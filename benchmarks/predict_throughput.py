@@ -25,8 +25,8 @@ from common import ROOT, Contender, flops, load, machine, matmul_peaks, matmul_s
 
 # What each contender is. Peers run as their documentation shows: eager, channels-first, inference_mode.
 ROLES = {
-    "bit": "bitcli Classifier, fp32: exactly what `bit predict` runs",
-    "bit-bf16": "bitcli Classifier, --precision bf16 (autocast)",
+    "bit": "bitcli Engine, fp32: exactly what `bit predict` runs",
+    "bit-bf16": "bitcli Engine, --precision bf16 (autocast)",
     "bit-cf": "ablation: bitcli's plain path (channels-first, glibc's default allocator)",
     "bit-default-alloc": "ablation: bitcli channels_last with glibc's default allocator",
     "transformers": "transformers BitForImageClassification, eager, channels-first",
@@ -43,15 +43,19 @@ def build(role: str, a: dict):
 
     batch = np.load(a["batch"])
     if role.startswith("bit"):
-        import bitcli.runtime
+        import bitcli.engine
+        from bitcli.engine import Engine
         from bitcli.hub import load_checkpoint
-        from bitcli.predict import Classifier
 
         if role in ("bit-cf", "bit-default-alloc"):
-            bitcli.runtime.reuse_freed_memory = lambda: None  # ablation: keep glibc's behaviour
+            bitcli.engine.reuse_freed_memory = lambda: None  # ablation: keep glibc's behaviour
         dtype = torch.bfloat16 if role == "bit-bf16" else torch.float32
-        clf = Classifier(load_checkpoint(a["hf"]), torch.device("cpu"), dtype, channels_last=role != "bit-cf")
-        return clf.logits, batch
+        ckpt = load_checkpoint(a["hf"])
+        if role == "bit-cf":
+            engine = Engine(ckpt.build_model(), ckpt.preprocess.normalize, torch.device("cpu"), dtype, channels_last=False)
+        else:
+            engine = Engine.load(ckpt, torch.device("cpu"), dtype)  # what `bit predict` builds
+        return engine.logits, batch
 
     def pixels(b: np.ndarray):  # the peers' own processors give these pixels for this checkpoint (mean = std = 0.5)
         return (torch.from_numpy(b).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5

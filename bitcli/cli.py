@@ -1,16 +1,41 @@
-"""The `bit` Typer app. Commands import torch and their modules lazily so that `bit --help` stays instant."""
+"""The `bit` Typer app: each command reads its flags into a typed options object (bitcli.options) and calls
+its module by keyword. Every flag value is checked while the command line is read, so a bad one exits 2
+before a command module (or torch) is imported; command modules are imported lazily for the same reason.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-from enum import Enum
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
 import bitcli
+from bitcli.errors import UsageError
+from bitcli.hyperrule import Resolution
+from bitcli.options import (
+    DEFAULT_WORKERS,
+    ConvertFormat,
+    ConvertOptions,
+    DType,
+    EvalFormat,
+    EvalOptions,
+    FinetuneOptions,
+    OptionError,
+    Precision,
+    PredictFormat,
+    PredictOptions,
+    parse_auto_float,
+    parse_auto_int,
+    parse_device,
+    parse_resolution,
+    predict_format,
+)
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="bit",
@@ -22,42 +47,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-class Choice(str, Enum):
-    """A flag's allowed values, listed in --help and matched case-insensitively (`-f JSON`); click checks them
-    before any command module (or torch) is imported. Commands receive the lower-case `.value`."""
-
-
-class Precision(Choice):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class PredictFormat(Choice):
-    table = "table"
-    json = "json"
-    jsonl = "jsonl"
-    csv = "csv"
-
-
-class EvalFormat(Choice):
-    table = "table"
-    json = "json"
-
-
-class ConvertFormat(Choice):
-    bitcli = "bitcli"
-    hf = "hf"
-    timm = "timm"
-
-
-class DType(Choice):
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
 
 
 def _version(value: bool) -> None:
@@ -73,6 +62,28 @@ def _app(
     """The options before the command (the app's help is Typer's `help=` above)."""
 
 
+def _parser(flag: str, parse: Callable[[str], T]) -> Callable[[str], T]:
+    """A flag's value parser: a value `parse` refuses is one `Error: FLAG VALUE: how to fix it` line, exit 2,
+    while the command line is read (the command's module and torch are never imported)."""
+
+    def parser(value: str) -> T:
+        try:
+            return parse(value)
+        except OptionError as exc:
+            raise UsageError(f"{flag} {exc}") from None
+
+    return parser
+
+
+def _auto_int(flag: str, minimum: int) -> Callable[[str], int | None]:
+    return _parser(flag, lambda value: parse_auto_int(value, minimum))
+
+
+def _auto(help: str, flag: str, parse: Callable[[str], object], metavar: str) -> typer.models.OptionInfo:
+    """An `auto|VALUE` option: None (the default) means auto, decided by the command."""
+    return typer.Option(flag, parser=_parser(flag, parse), metavar=metavar, show_default="auto", help=help)
+
+
 ModelOpt = Annotated[
     str,
     typer.Option(
@@ -82,9 +93,17 @@ ModelOpt = Annotated[
     ),
 ]  # fmt: skip
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", parser=_parser("--device", parse_device), metavar="<auto|cpu|cuda|cuda:N|mps>",
+                 help="Where the model runs; auto: a GPU if there is one."),
+]  # fmt: skip
 PrecisionOpt = Annotated[
     Precision, typer.Option("--precision", case_sensitive=False, help="auto: fp32 on CPU, bf16/fp16 on GPU.")
+]
+WorkersOpt = Annotated[
+    int,
+    typer.Option("--workers", min=0, help="Image-decoding threads (0: decode in the main thread); results do not depend on it."),
 ]
 
 
@@ -104,19 +123,19 @@ def predict(
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Image-decoding threads.")] = min(4, os.cpu_count() or 1),
+    workers: WorkersOpt = DEFAULT_WORKERS,
 ) -> None:
     """Classify images: top-k labels with probabilities.
 
     Exit codes: 0 all classified, 1 some input failed (the rest are still reported), 2 bad flags.
     """
+    opts = PredictOptions(
+        images=images, model=model, revision=revision, top_k=top_k, batch_size=batch_size, device=device,
+        precision=precision, format=predict_format(fmt, output), output=output, recursive=recursive, workers=workers,
+    )  # fmt: skip
     from bitcli import predict as predict_mod
 
-    code = predict_mod.run(
-        images, model, revision, top_k, batch_size, device, precision.value, fmt and fmt.value, output, recursive,
-        workers,
-    )
-    raise typer.Exit(code)
+    raise typer.Exit(predict_mod.run(opts))
 
 
 @app.command()
@@ -130,9 +149,13 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DST if it exists.")] = False,
 ) -> None:
     """Convert a checkpoint between Google's .npz, bitcli, transformers and timm layouts."""
+    opts = ConvertOptions(src=src, dst=dst, format=fmt, labels=labels, dtype=dtype, revision=revision, overwrite=overwrite)
     from bitcli import convert as convert_mod
 
-    convert_mod.run(src, dst, fmt and fmt.value, labels, dtype.value, revision, overwrite)
+    # TODO(lead): convert_mod.run(opts) once convert takes ConvertOptions
+    convert_mod.run(
+        opts.src, opts.dst, opts.format and opts.format.value, opts.labels, opts.dtype.value, opts.revision, opts.overwrite
+    )
 
 
 @app.command()
@@ -144,33 +167,56 @@ def finetune(
     shots: Annotated[int | None, typer.Option("--shots", min=1, help="Train on K images per class (seeded); a smaller class is an error.")] = None,
     val: Annotated[Path | None, typer.Option("--val", help="Validation image folder (default: DATA/val|valid|validation).")] = None,
     val_split: Annotated[float | None, typer.Option("--val-split", help="Hold out this fraction of every class for validation.")] = None,
-    steps: Annotated[str, typer.Option("--steps", help="auto (HyperRule: 500/10k/20k by data size) or N (boundaries scaled).")] = "auto",
+    steps: Annotated[int | None, _auto("auto (HyperRule: 500/10k/20k by data size) or N (boundaries scaled).", "--steps",
+                                       lambda v: parse_auto_int(v, 1), "<auto|N>")] = None,
     lr: Annotated[float, typer.Option("--lr", help="Base learning rate (linear warm-up, then /10 steps).")] = 0.003,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Global batch per optimizer step.")] = 512,
-    batch_split: Annotated[str, typer.Option("--batch-split", help="Micro-batches per step (gradient accumulation): auto or N.")] = "auto",
-    resolution: Annotated[str, typer.Option("--resolution", help="auto (HyperRule: 128 or 480), CROP, or RESIZE:CROP.")] = "auto",
-    mixup: Annotated[str, typer.Option("--mixup", help="auto (HyperRule: 0.1 from 20k images) or ALPHA; 0 disables.")] = "auto",
+    batch_split: Annotated[int | None, _auto("Micro-batches per step (gradient accumulation): auto or N.", "--batch-split",
+                                             lambda v: parse_auto_int(v, 1), "<auto|N>")] = None,
+    resolution: Annotated[Resolution | None, _auto("auto (HyperRule: 128 or 480), CROP, or RESIZE:CROP.", "--resolution",
+                                                   parse_resolution, "<auto|CROP|RESIZE:CROP>")] = None,
+    mixup: Annotated[float | None, _auto("auto (HyperRule: 0.1 from 20k images) or ALPHA; 0 disables.", "--mixup",
+                                         parse_auto_float, "<auto|ALPHA>")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seeds few-shot sampling, data order, augmentation, random init.")] = 0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
-    workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding threads (results do not depend on it).")] = min(4, os.cpu_count() or 1),
-    eval_every: Annotated[str, typer.Option("--eval-every", help="Validate every N steps (auto: 5 times per run; 0: only at the end).")] = "auto",
-    save_every: Annotated[str, typer.Option("--save-every", help="Write the resumable checkpoint every N steps (auto: 10 times per run).")] = "auto",
+    workers: WorkersOpt = DEFAULT_WORKERS,
+    eval_every: Annotated[int | None, _auto("Validate every N steps (auto: 5 times per run; 0: only at the end).", "--eval-every",
+                                            lambda v: parse_auto_int(v, 0), "<auto|N>")] = None,
+    save_every: Annotated[int | None, _auto("Write the resumable checkpoint every N steps (auto: 10 times per run).", "--save-every",
+                                            lambda v: parse_auto_int(v, 1), "<auto|N>")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --output from its checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in --output.")] = False,
     random_init: Annotated[bool, typer.Option("--random-init", help="Start --model's architecture from random weights.")] = False,
     revision: RevisionOpt = None,
 ) -> None:
     """Fine-tune a BiT model on an image folder with the BiT-HyperRule (resumable; torchrun for several processes)."""
+    opts = FinetuneOptions(
+        data=data, model=model, output=output, shots=shots, val=val, val_split=val_split, steps=steps, lr=lr,
+        batch_size=batch_size, batch_split=batch_split, resolution=resolution, mixup=mixup, seed=seed,
+        device=device, precision=precision, workers=workers, eval_every=eval_every, save_every=save_every,
+        resume=resume, overwrite=overwrite, random_init=random_init, revision=revision,
+    )  # fmt: skip
     from bitcli import finetune as finetune_mod
 
-    finetune_mod.run(
-        finetune_mod.Options(
-            data=data, model=model, output=output, shots=shots, val=val, val_split=val_split, steps=steps, lr=lr,
-            batch_size=batch_size, batch_split=batch_split, resolution=resolution, mixup=mixup, seed=seed,
-            device=device, precision=precision.value, workers=workers, eval_every=eval_every, save_every=save_every,
-            resume=resume, overwrite=overwrite, random_init=random_init, revision=revision,
-        )
+    finetune_mod.run(_legacy_finetune_options(finetune_mod.Options, opts))  # TODO(lead): finetune_mod.run(opts)
+
+
+def _legacy_finetune_options(options: type, opts: FinetuneOptions):
+    """TODO(lead): remove once the finetune package takes FinetuneOptions. The old Options hold the flags as
+    typed ("auto" or a number); they are rebuilt from the parsed values, which parse back to the same."""
+
+    def typed(value: object) -> str:
+        return "auto" if value is None else str(value)
+
+    res = opts.resolution
+    return options(
+        data=opts.data, model=opts.model, output=opts.output, shots=opts.shots, val=opts.val, val_split=opts.val_split,
+        steps=typed(opts.steps), lr=opts.lr, batch_size=opts.batch_size, batch_split=typed(opts.batch_split),
+        resolution="auto" if res is None else f"{res.resize}:{res.crop}", mixup=typed(opts.mixup), seed=opts.seed,
+        device=opts.device, precision=opts.precision.value, workers=opts.workers, eval_every=typed(opts.eval_every),
+        save_every=typed(opts.save_every), resume=opts.resume, overwrite=opts.overwrite, random_init=opts.random_init,
+        revision=opts.revision,
     )  # fmt: skip
 
 
@@ -183,12 +229,20 @@ def eval_(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
-    workers: Annotated[int, typer.Option("--workers", min=0, help="Image-decoding threads.")] = min(4, os.cpu_count() or 1),
+    workers: WorkersOpt = DEFAULT_WORKERS,
 ) -> None:
     """Accuracy on a labelled image folder: top-1, top-5, per-class accuracy and the confusion matrix."""
+    opts = EvalOptions(
+        data=data, model=model, revision=revision, format=fmt, batch_size=batch_size, device=device,
+        precision=precision, workers=workers,
+    )  # fmt: skip
     from bitcli import evaluate as evaluate_mod
 
-    evaluate_mod.run(data, model, revision, batch_size, device, precision.value, fmt.value, workers)
+    # TODO(lead): evaluate_mod.run(opts) once evaluate takes EvalOptions
+    evaluate_mod.run(
+        opts.data, opts.model, opts.revision, opts.batch_size, opts.device, opts.precision.value, opts.format.value,
+        opts.workers,
+    )  # fmt: skip
 
 
 def main() -> None:

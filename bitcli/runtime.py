@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -47,12 +48,17 @@ def bf16_supported(device: torch.device) -> bool:
     return False
 
 
+CPUINFO = Path("/proc/cpuinfo")
+
+
 def _cpu_has_bf16() -> bool:
+    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX-BF16), from the flags Linux lists."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        lines = CPUINFO.read_text().splitlines()
     except OSError:
         return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    flags = {f for line in lines if line.startswith("flags") for f in line.partition(":")[2].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:

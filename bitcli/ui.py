@@ -1,8 +1,11 @@
-"""Terminal output helpers: progress on stderr (silent when stderr is not a terminal), one console for logs."""
+"""Terminal output helpers: progress on stderr (silent when stderr is not a terminal), one console for logs,
+and the one place that makes data (paths, labels, error texts) safe to show: literal, printable, on one line."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 
@@ -32,3 +35,20 @@ def progress_bar(description: str, total: int | None, unit: str = "") -> Iterato
 def log(message: str) -> None:
     """A line for people, on stderr."""
     print(message, file=sys.stderr, flush=True)
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# Characters that would break a line or a table row, or reorder what is shown: C0/C1 controls, line and
+# paragraph separators, and the bidirectional overrides and isolates.
+_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """`text` (a path or label from data) on one line for people: control characters shown as escapes
+    (newline as \\n), nothing else changed. Print it as plain text (rich Text, markup=False), never as markup."""
+    return _INVISIBLE.sub(lambda m: _ESCAPES.get(m[0]) or f"\\u{ord(m[0]):04x}", text)
+
+
+def display(path: str | os.PathLike[str]) -> str:
+    """A path as text: names that are not UTF-8 stay printable (surrogate escapes become U+FFFD) and valid JSON."""
+    return os.fsencode(path).decode("utf-8", "replace")

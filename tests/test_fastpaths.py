@@ -1,4 +1,4 @@
-"""The fast paths give the plain path's answers: `bit predict`'s Classifier (channels_last, cached kernels, reused
+"""The fast paths give the plain path's answers: the inference Engine (channels_last, cached kernels, reused
 allocator memory) against eager channels-first BitModel, and channels_last training against channels-first."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_LABELS, perturb, run_bit, save_hf_model, write_folder
+from conftest import TINY_LABELS, perturb, run_main, save_hf_model, write_folder
 
+from bitcli import runtime
 from bitcli.config import BitConfig
+from bitcli.engine import Engine
 from bitcli.hub import load_checkpoint
 from bitcli.model import BitModel, StdConv2d, standardize
-from bitcli.predict import Classifier
-from bitcli.runtime import bf16_supported
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,9 @@ def _plain(model: BitModel, batch: np.ndarray, preprocess) -> torch.Tensor:
         return model(x).detach()
 
 
-def test_classifier_matches_plain_eager_path(r50_dir, photos):
+def test_engine_matches_plain_eager_path(r50_dir, photos):
     ckpt = load_checkpoint(str(r50_dir))
-    fast = Classifier(ckpt, torch.device("cpu"), torch.float32)
+    fast = Engine.load(ckpt, torch.device("cpu"), torch.float32)
     assert fast.channels_last
     batch = _photos_uint8(photos, 160)
     expected = _plain(ckpt.build_model(), batch, ckpt.preprocess)
@@ -91,20 +91,43 @@ def test_bf16_autocast_path_gives_float_logits_near_fp32(tmp_path, photos):
     folder = save_hf_model(tmp_path / "small", embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], num_groups=8, num_labels=10)
     ckpt = load_checkpoint(str(folder))
     batch = _photos_uint8(photos, 96)
-    fp32 = Classifier(ckpt, torch.device("cpu"), torch.float32).logits(batch)
-    bf16 = Classifier(ckpt, torch.device("cpu"), torch.bfloat16).logits(batch)
+    fp32 = Engine.load(ckpt, torch.device("cpu"), torch.float32).logits(batch)
+    bf16 = Engine.load(ckpt, torch.device("cpu"), torch.bfloat16).logits(batch)
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     assert (bf16 - fp32).abs().max() < 0.05 * fp32.abs().max()
 
 
+@pytest.mark.parametrize("has_bf16", [False, True])
 @pytest.mark.parametrize("command", ["predict", "eval"])
-def test_bf16_on_a_cpu_without_bf16_says_it_is_emulated(command, tiny_dir, photos, tmp_path):
+def test_bf16_on_a_cpu_without_bf16_says_it_is_emulated(command, has_bf16, tiny_dir, photos, tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: has_bf16)  # this CPU, as either kind
     if command == "predict":
         target = photos["chelsea.png"]
     else:
         target = tmp_path / "labelled"
         write_folder(target, {TINY_LABELS[0]: 1, TINY_LABELS[1]: 1})
-    result = run_bit(command, target, "--model", tiny_dir, "--device", "cpu", "--precision", "bf16", "--format", "json")
-    assert result.returncode == 0, result.stderr
-    assert ("emulated and slower than fp32" in result.stderr) == (not bf16_supported(torch.device("cpu")))
-    assert result.stdout.lstrip().startswith(("[", "{"))  # the warning stays off stdout
+    code, out, err = run_main(command, target, "--model", tiny_dir, "--device", "cpu", "--precision", "bf16", "--format", "json")
+    assert code == 0, err
+    warning = "warning: this CPU has no bf16 instructions, so --precision bf16 is emulated and slower than fp32\n"
+    assert err.endswith(warning) if not has_bf16 else warning not in err
+    assert out.lstrip().startswith(("[", "{"))  # the warning stays off stdout
+
+
+def test_cpu_bf16_support_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    """bf16 on a CPU needs oneDNN and the avx512_bf16 or amx_bf16 instructions, as /proc/cpuinfo lists them."""
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(runtime, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    cases = [
+        ("flags\t\t: fpu avx2 avx512f\nbugs\t\t: avx512_bf16_bug\n", False),  # a flag named elsewhere does not count
+        ("model name\t: x\nflags\t\t: fpu avx512f avx512_bf16\n", True),
+        ("flags\t\t: amx_bf16 amx_tile\n", True),
+    ]
+    for text, expected in cases:
+        cpuinfo.write_text(text)
+        assert runtime.bf16_supported(torch.device("cpu")) is expected, text
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert runtime.bf16_supported(torch.device("cpu")) is False
+    cpuinfo.unlink()  # no /proc (not Linux): no bf16 claimed
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    assert runtime.bf16_supported(torch.device("cpu")) is False

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_bit
+from conftest import run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -75,10 +75,10 @@ def corpus(tmp_path_factory, photos) -> tuple[Path, dict[str, str | None]]:
 
 def test_every_hostile_input_gets_its_own_outcome(corpus, tiny_dir):
     root, expect = corpus
-    result = run_bit("predict", root, "--model", tiny_dir, "--format", "json", timeout=300)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    rows = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    code, out, err = run_main("predict", root, "--model", tiny_dir, "--format", "json")
+    assert code == 1
+    assert "Traceback" not in err
+    rows = {Path(r["path"]).name: r for r in json.loads(out)}
     assert set(rows) == set(expect)
     for name, error in expect.items():
         row = rows[name]
@@ -87,7 +87,8 @@ def test_every_hostile_input_gets_its_own_outcome(corpus, tiny_dir):
         else:
             assert error in row["error"] and name in row["error"], row
             assert "\n" not in row["error"]
-    assert sum(line.startswith("error: ") for line in result.stderr.splitlines()) == sum(e is not None for e in expect.values())
+    assert sum(line.startswith("error: ") for line in err.splitlines()) == sum(e is not None for e in expect.values())
+    assert rows["caf\ufffd-latin1.jpg"]["predictions"] == rows["good.jpg"]["predictions"]  # the same bytes
 
 
 def test_unreadable_file(tmp_path, tiny_dir, photos):
@@ -100,10 +101,11 @@ def test_unreadable_file(tmp_path, tiny_dir, photos):
         drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
         result = subprocess.run([*drop, sys.executable, "-m", "bitcli", *map(str, args)], capture_output=True,
                                 text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)  # fmt: skip
+        code, out, err = result.returncode, result.stdout, result.stderr
     else:
-        result = run_bit(*args)
-    assert result.returncode == 1, result.stderr
-    rows = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+        code, out, err = run_main(*args)
+    assert code == 1, err
+    rows = {Path(r["path"]).name: r for r in json.loads(out)}
     assert "predictions" in rows["good.png"]
     assert "permission denied" in rows["secret.png"]["error"]
 

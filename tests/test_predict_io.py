@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import run_main, save_hf_model
 
-from bitcli import predict
+from bitcli import predict, ui
+from bitcli.engine import Engine
+from bitcli.errors import BitError
 
 MARKUP_LABELS = ["[bold]cat[/bold]", "line\nbreak", "[red]dog", "plain"]
 
@@ -69,22 +71,26 @@ def test_failures_keep_argument_order(album, tiny_dir, fmt, to_file):
 def test_streamed_jsonl_is_an_in_order_prefix_when_interrupted(album, tiny_dir, monkeypatch):
     """jsonl on stdout streams every row as soon as the rows before it are done; Ctrl-C keeps that prefix."""
     calls = []
-    real = predict.Classifier.top_k
+    real = Engine.logits
 
-    def top_k(self, batch, k):
+    def logits(self, batch):
         calls.append(len(batch))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(self, batch, k)
+        return real(self, batch)
 
-    monkeypatch.setattr(predict.Classifier, "top_k", top_k)
+    monkeypatch.setattr(Engine, "logits", logits)
     args = ["first.png", "missing.jpg", "last.jpg", "first.png"]
     code, out, err = run_main("predict", *args, "--model", tiny_dir, "-f", "jsonl", "-b", "1", "--workers", "1")
     assert code == 130
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["path"] for r in rows] == ["first.png", "missing.jpg"]
     assert "predictions" in rows[0] and rows[1]["error"] == "missing.jpg: no such file or folder"
-    assert "interrupted: 2 of 4 images done" in err
+    assert err == (
+        "error: missing.jpg: no such file or folder\n"
+        "interrupted: 2 of 4 images done; the results above are complete for those\n"
+    )
+    assert calls == [1, 1]
 
 
 def test_one_row_per_occurrence(album, tiny_dir):
@@ -196,7 +202,99 @@ def test_control_characters_in_errors_stay_on_one_stderr_line(album, tiny_dir):
 
 
 def test_visible_escapes_only_what_breaks_a_line():
-    assert predict._visible("a\nb\tc\r\x1b[31m\u2028\u202e ok [x] é 猫") == "a\\nb\\tc\\r\\u001b[31m\\u2028\\u202e ok [x] é 猫"
+    assert ui.visible("a\nb\tc\r\x1b[31m\u2028\u202e ok [x] é 猫") == "a\\nb\\tc\\r\\u001b[31m\\u2028\\u202e ok [x] é 猫"
+
+
+def test_an_exception_without_a_message_still_names_its_type(album, tiny_dir, monkeypatch):
+    """A decoder failure that is not bitcli's own becomes that image's error row, never an empty text."""
+    real = predict.decode
+
+    def decode(path, pre):
+        if path == "last.jpg":
+            raise RuntimeError()  # str() is ""
+        if path == "first.png":
+            raise BitError("")
+        return real(path, pre)
+
+    monkeypatch.setattr(predict, "decode", decode)
+    shutil.copy(album / "first.png", album / "ok.png")
+    code, out, err = run_main("predict", "first.png", "last.jpg", "ok.png", "--model", tiny_dir, "-f", "json")
+    assert code == 1
+    rows = json.loads(out)
+    assert rows[:2] == [
+        {"path": "first.png", "error": "first.png: BitError"},
+        {"path": "last.jpg", "error": "last.jpg: cannot decode image (RuntimeError)"},
+    ]
+    assert len(rows[2]["predictions"]) == 5
+    assert err == "error: first.png: BitError\nerror: last.jpg: cannot decode image (RuntimeError)\n"
+    # a multi-line message stays one line
+    assert predict.failure("a.png", ValueError("bad\n  header")) == "a.png: cannot decode image (bad header)"
+
+
+def test_a_folder_that_cannot_be_listed_is_one_error_row(album, tiny_dir, monkeypatch):
+    (album / "locked").mkdir()
+    real = predict.list_images
+
+    def list_images(folder, recursive):
+        if folder.name == "locked":
+            raise BitError(f"{folder}: cannot list folder (Permission denied)")
+        return real(folder, recursive)
+
+    monkeypatch.setattr(predict, "list_images", list_images)
+    code, out, err = run_main("predict", "first.png", "locked", "last.jpg", "--model", tiny_dir, "-f", "jsonl")
+    assert code == 1
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["path"] for r in rows] == ["first.png", "locked", "last.jpg"]
+    assert rows[1] == {"path": "locked", "error": "locked: cannot list folder (Permission denied)"}
+    assert "predictions" in rows[0] and "predictions" in rows[2]
+
+
+def test_hidden_files_and_folders_are_not_listed(album, tiny_dir):
+    """A folder expands like a data set does (bitcli.images.list_images): names starting with "." are skipped,
+    so version-control folders and macOS `._*` files are not classified. A hidden file named outright is."""
+    (album / "shots" / ".git").mkdir(parents=True)
+    shutil.copy(album / "first.png", album / "shots" / "a.png")
+    shutil.copy(album / "first.png", album / "shots" / "._a.png")
+    shutil.copy(album / "first.png", album / "shots" / ".git" / "b.png")
+    code, out, err = run_main("predict", "shots", "-r", "shots/._a.png", "--model", tiny_dir, "-f", "jsonl")
+    assert (code, err) == (0, "")
+    assert [json.loads(line)["path"] for line in out.splitlines()] == ["shots/a.png", "shots/._a.png"]
+
+
+@pytest.fixture(scope="module")
+def uncropped_model(tmp_path_factory) -> Path:
+    """A tiny model whose preprocessing keeps the aspect ratio (shortest edge 32, no crop)."""
+    from conftest import BIT50_PREPROCESSOR, TINY_LABELS
+
+    return save_hf_model(
+        tmp_path_factory.mktemp("uncropped") / "model",
+        {**BIT50_PREPROCESSOR, "size": {"shortest_edge": 32}, "do_center_crop": False},
+        embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8,
+        id2label=dict(enumerate(TINY_LABELS)), label2id={n: i for i, n in enumerate(TINY_LABELS)},
+    )  # fmt: skip
+
+
+def test_uncropped_checkpoint_batches_equal_sizes(album, uncropped_model, monkeypatch):
+    """Images of different shapes cannot stack: each batch holds one size, and batching changes no result."""
+    from PIL import Image
+
+    photo = Image.open(album / "first.png").convert("RGB")
+    names = ["wide1.png", "tall1.png", "wide2.png", "tall2.png", "wide3.png"]
+    for i, name in enumerate(names):
+        size = (64, 40) if name.startswith("wide") else (40, 64)  # 51x32 and 32x51 after resizing
+        photo.rotate(10 * i).resize(size).save(album / name)
+    shapes = []
+    real = Engine.logits
+    monkeypatch.setattr(Engine, "logits", lambda self, batch: shapes.append(batch.shape) or real(self, batch))
+    code, out, err = run_main("predict", *names, "--model", uncropped_model, "-f", "json", "-b", "4", "-k", "10")
+    assert (code, err) == (0, "")
+    assert shapes == [(2, 32, 51, 3), (2, 51, 32, 3), (1, 32, 51, 3)]  # chunks of 4, one batch per size
+    together = json.loads(out)
+    assert [r["path"] for r in together] == names
+    code, out, err = run_main("predict", *names, "--model", uncropped_model, "-f", "json", "-b", "1", "-k", "10")
+    for alone, batched in zip(json.loads(out), together):
+        assert [p["index"] for p in alone["predictions"]] == [p["index"] for p in batched["predictions"]]
+        assert [p["score"] for p in alone["predictions"]] == pytest.approx([p["score"] for p in batched["predictions"]], abs=1e-5)
 
 
 def test_progress_description_is_literal(monkeypatch):

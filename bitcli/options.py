@@ -1,0 +1,200 @@
+"""What each command was asked to do, as typed values: choices as Enums, `auto|N` flags parsed.
+
+This module imports neither torch nor any command module, so the CLI checks every flag value (exit 2, with
+the allowed values in `--help`) before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from bitcli.errors import BitError, UsageError
+from bitcli.hyperrule import Resolution, resolution_for_crop
+from bitcli.ui import display
+
+# Image-decoding threads for every command (0: decode in the calling thread); results never depend on it.
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+
+class Choice(str, Enum):
+    """A flag's allowed values, listed in --help and matched case-insensitively (`-f JSON`). A choice is a str:
+    it compares equal to its lower-case value, and `str(choice)` is that value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Precision(Choice):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class PredictFormat(Choice):
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+class EvalFormat(Choice):
+    table = "table"
+    json = "json"
+
+
+class ConvertFormat(Choice):
+    bitcli = "bitcli"
+    hf = "hf"
+    timm = "timm"
+
+
+class DType(Choice):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class OptionError(ValueError):
+    """A flag value that does not parse; the CLI turns it into a usage error (exit 2) naming the flag."""
+
+
+# Output formats inferred from --output's suffix when --format is not given.
+SUFFIX_FORMATS = {".json": PredictFormat.json, ".jsonl": PredictFormat.jsonl, ".ndjson": PredictFormat.jsonl, ".csv": PredictFormat.csv}
+
+
+def predict_format(fmt: PredictFormat | None, output: Path | None) -> PredictFormat:
+    """--format if given, else the one --output's suffix names (table for any other suffix or for stdout).
+    An explicit --format that contradicts the suffix is refused: the file would not hold what its name says."""
+    inferred = SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
+    if fmt is None:
+        return inferred or PredictFormat.table
+    if inferred is not None and inferred != fmt:
+        raise UsageError(
+            f"--format {fmt} contradicts --output {display(output)} (a {output.suffix} file holds {inferred}); "
+            f"drop --format or give the file a name that matches"
+        )
+    return fmt
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def parse_device(value: str) -> str:
+    """The device as spelled in lower case; whether this machine has it is checked when the command runs."""
+    spec = value.strip().lower()
+    if not DEVICE_PATTERN.fullmatch(spec):
+        raise OptionError(f"{value!r}: use auto, cpu, cuda, cuda:N or mps")
+    return spec
+
+
+def parse_auto_int(value: str, minimum: int) -> int | None:
+    """`auto` -> None (the command decides), else a whole number >= minimum."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise OptionError(f"{value!r}: use auto or a whole number") from None
+    if n < minimum:
+        raise OptionError(f"{value}: must be at least {minimum}")
+    return n
+
+
+def parse_auto_float(value: str) -> float | None:
+    """`auto` -> None, else a finite number >= 0."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        x = float(value)
+    except ValueError:
+        raise OptionError(f"{value!r}: use auto or a number") from None
+    if not math.isfinite(x) or x < 0:
+        raise OptionError(f"{value}: must be a number >= 0")
+    return x
+
+
+def parse_resolution(value: str) -> Resolution | None:
+    """`auto` -> None; `CROP` -> HyperRule resize for that crop; `RESIZE:CROP` as given (RESIZE >= CROP)."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        if ":" in value:
+            resize, crop = (int(v) for v in value.split(":"))
+            if crop < 1 or resize < crop:
+                raise ValueError
+            return Resolution(resize, crop)
+        return resolution_for_crop(int(value))
+    except (ValueError, BitError):
+        raise OptionError(f"{value!r}: use auto, CROP (e.g. 128) or RESIZE:CROP with RESIZE >= CROP") from None
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    images: list[str]
+    model: str = "google/bit-50"
+    revision: str | None = None
+    top_k: int = 5
+    batch_size: int = 16
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    format: PredictFormat = PredictFormat.table  # already reconciled with --output's suffix by the CLI
+    output: Path | None = None
+    recursive: bool = False
+    workers: int = DEFAULT_WORKERS
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    data: Path
+    model: str = "google/bit-50"
+    revision: str | None = None
+    format: EvalFormat = EvalFormat.table
+    batch_size: int = 32
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    workers: int = DEFAULT_WORKERS
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    src: str
+    dst: Path
+    format: ConvertFormat | None = None  # None: bitcli for *.safetensors, else hf
+    labels: Path | None = None
+    dtype: DType = DType.float32
+    revision: str | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """The command line as typed, parsed; None means `auto` (the BiT-HyperRule decides in the plan)."""
+
+    data: Path
+    model: str
+    output: Path
+    shots: int | None = None  # examples per class; None: all
+    val: Path | None = None  # validation folder (default: DATA/val|valid|validation when DATA/train exists)
+    val_split: float | None = None  # or hold out this fraction of every training class
+    steps: int | None = None
+    lr: float = 0.003
+    batch_size: int = 512  # global, over all processes and micro-batches
+    batch_split: int | None = None  # micro-batches per optimizer step (gradient accumulation)
+    resolution: Resolution | None = None
+    mixup: float | None = None  # 0 turns MixUp off
+    seed: int = 0
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    workers: int = DEFAULT_WORKERS  # image-decoding threads; results do not depend on it
+    eval_every: int | None = None  # steps between validations; 0: only at the end
+    save_every: int | None = None  # steps between resumable checkpoints
+    resume: bool = False
+    overwrite: bool = False
+    random_init: bool = False
+    revision: str | None = None
