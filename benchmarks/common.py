@@ -60,7 +60,7 @@ def machine() -> dict:
 def r50_checkpoint(workdir: Path) -> Path:
     """google/bit-50's layout, labels and preprocessing with the tests' perturbed random weights, saved by
     transformers; the head is scaled so that logits are spread like a trained model's (no near-ties in top-5)."""
-    from bitcli.checkpoints import imagenet_labels
+    from bitcli.labels import imagenet_labels
 
     folder = workdir / "bit-50-random"
     if not (folder / "model.safetensors").is_file():
@@ -74,7 +74,8 @@ def r50_checkpoint(workdir: Path) -> Path:
 
 def timm_copy(hf_folder: Path, workdir: Path) -> Path:
     """The same weights in timm's hub layout (bitcli's converter; the top-5 check in each run confirms it)."""
-    from bitcli.checkpoints import read_hf, write_timm
+    from bitcli.formats.hf import read as read_hf
+    from bitcli.formats.timm import write as write_timm
 
     folder = workdir / "bit-50-random-timm"
     if not (folder / "model.safetensors").is_file():

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Contender, flops, load, machine, matmul_peaks, matmul_server, median, r50_checkpoint, realistic_images, serve, timm_copy  # noqa: E402
 
 ROLES = {
-    "bit": "BitModel trained as bitcli/finetune.py does on a CPU (its setup and optimizer, channels-first)",
+    "bit": "BitModel trained as bitcli/finetune/ does on a CPU (its setup, optimizer and NCHW input)",
     "timm": "timm resnetv2_50x1_bit + torch.optim.SGD, the plain loop",
     "bit-cl": "ablation: as bit, with the model and batches channels_last",
     "bit-default-alloc": "ablation: as bit, without reuse_freed_memory (glibc's default allocator settings)",
@@ -36,18 +36,21 @@ def contender(role: str, a: dict) -> None:
     x = torch.from_numpy(np.load(a["batch"])).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
     y = torch.from_numpy(np.load(a["labels"]))
     if role.startswith("bit"):
-        from bitcli.finetune import MomentumSGD, _use_deterministic_algorithms
+        from bitcli.finetune.command import use_deterministic_algorithms
+        from bitcli.finetune.loop import bit_sgd
         from bitcli.hub import load_checkpoint
         from bitcli.runtime import reuse_freed_memory
 
-        _use_deterministic_algorithms()  # what finetune sets up on a CPU, in its words
+        use_deterministic_algorithms()  # what finetune sets up on a CPU, in its words
         if role != "bit-default-alloc":
             reuse_freed_memory()
         model = load_checkpoint(a["hf"]).build_model().train()
         if role == "bit-cl":
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
-        optimizer = MomentumSGD(model.parameters(), MOMENTUM)
+        else:
+            x = x.contiguous()  # what Engine.to_input gives fine-tuning on a CPU
+        optimizer = bit_sgd(model.parameters())  # torch.optim.SGD, momentum 0.9
         optimizer.param_groups[0]["lr"] = LR
     else:
         import timm

@@ -146,16 +146,13 @@ def convert(
     labels: Annotated[Path | None, typer.Option("--labels", help="Text file of class names, one per line.")] = None,
     dtype: Annotated[DType, typer.Option("--dtype", case_sensitive=False)] = DType.float32,
     revision: RevisionOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DST if it exists.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a DST file, or the model files of a DST folder (a folder holding other files is refused).")] = False,
 ) -> None:
     """Convert a checkpoint between Google's .npz, bitcli, transformers and timm layouts."""
     opts = ConvertOptions(src=src, dst=dst, format=fmt, labels=labels, dtype=dtype, revision=revision, overwrite=overwrite)
     from bitcli import convert as convert_mod
 
-    # TODO(lead): convert_mod.run(opts) once convert takes ConvertOptions
-    convert_mod.run(
-        opts.src, opts.dst, opts.format and opts.format.value, opts.labels, opts.dtype.value, opts.revision, opts.overwrite
-    )
+    convert_mod.run(opts)
 
 
 @app.command()
@@ -199,30 +196,12 @@ def finetune(
     )  # fmt: skip
     from bitcli import finetune as finetune_mod
 
-    finetune_mod.run(_legacy_finetune_options(finetune_mod.Options, opts))  # TODO(lead): finetune_mod.run(opts)
-
-
-def _legacy_finetune_options(options: type, opts: FinetuneOptions):
-    """TODO(lead): remove once the finetune package takes FinetuneOptions. The old Options hold the flags as
-    typed ("auto" or a number); they are rebuilt from the parsed values, which parse back to the same."""
-
-    def typed(value: object) -> str:
-        return "auto" if value is None else str(value)
-
-    res = opts.resolution
-    return options(
-        data=opts.data, model=opts.model, output=opts.output, shots=opts.shots, val=opts.val, val_split=opts.val_split,
-        steps=typed(opts.steps), lr=opts.lr, batch_size=opts.batch_size, batch_split=typed(opts.batch_split),
-        resolution="auto" if res is None else f"{res.resize}:{res.crop}", mixup=typed(opts.mixup), seed=opts.seed,
-        device=opts.device, precision=opts.precision.value, workers=opts.workers, eval_every=typed(opts.eval_every),
-        save_every=typed(opts.save_every), resume=opts.resume, overwrite=opts.overwrite, random_init=opts.random_init,
-        revision=opts.revision,
-    )  # fmt: skip
+    finetune_mod.run(opts)
 
 
 @app.command("eval")
 def eval_(
-    data: Annotated[Path, typer.Argument(metavar="DATA", help="Image folder with one sub-folder per class (named after the model's labels).", show_default=False)],
+    data: Annotated[Path, typer.Argument(metavar="DATA", help="Image folder with one sub-folder per class, named by a label of the model, its first name, or its index.", show_default=False)],
     model: ModelOpt = "google/bit-50",
     revision: RevisionOpt = None,
     fmt: Annotated[EvalFormat, typer.Option("--format", "-f", case_sensitive=False)] = EvalFormat.table,
@@ -231,18 +210,14 @@ def eval_(
     precision: PrecisionOpt = Precision.auto,
     workers: WorkersOpt = DEFAULT_WORKERS,
 ) -> None:
-    """Accuracy on a labelled image folder: top-1, top-5, per-class accuracy and the confusion matrix."""
+    """Accuracy on a labelled image folder: top-1, top-5 (models with over 5 classes), per-class accuracy, confusion matrix."""
     opts = EvalOptions(
         data=data, model=model, revision=revision, format=fmt, batch_size=batch_size, device=device,
         precision=precision, workers=workers,
     )  # fmt: skip
     from bitcli import evaluate as evaluate_mod
 
-    # TODO(lead): evaluate_mod.run(opts) once evaluate takes EvalOptions
-    evaluate_mod.run(
-        opts.data, opts.model, opts.revision, opts.batch_size, opts.device, opts.precision.value, opts.format.value,
-        opts.workers,
-    )  # fmt: skip
+    raise typer.Exit(evaluate_mod.run(opts))
 
 
 def main() -> None:

@@ -11,16 +11,15 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
 
 import numpy as np
 
 from bitcli.errors import BitError
+from bitcli.images import list_images
 from bitcli.preprocess import IMAGE_EXTENSIONS, Preprocess, image_size, load_image
 from bitcli.ui import log
 
@@ -116,14 +115,6 @@ def _class_dirs(root: Path) -> list[Path]:
         raise BitError(f"{root}: cannot list folder ({exc.strerror})") from None
 
 
-def _images_under(folder: Path) -> list[Path]:
-    found = [
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(s.startswith(".") for s in p.relative_to(folder).parts)
-    ]  # fmt: skip
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
-
-
 def scan(root: Path, classes: Sequence[str] | None = None) -> ImageFolder:
     """One sub-folder per class. With `classes` (the training classes) the folder may hold a subset of them."""
     if not root.is_dir():
@@ -148,14 +139,14 @@ def scan(root: Path, classes: Sequence[str] | None = None) -> ImageFolder:
     paths: list[str] = []
     targets: list[int] = []
     for d in dirs:
-        images = _images_under(d)
+        images = list_images(d)  # at any depth; names starting with "." are skipped
         if not images:
             log(expected_layout(root))
             raise BitError(
                 f"{d}: class folder {d.name!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
                 "add images or remove the folder"
             )
-        paths.extend(str(p) for p in images)
+        paths.extend(images)
         targets.extend([index[d.name]] * len(images))
     return ImageFolder(root, tuple(classes), tuple(paths), tuple(targets))
 
@@ -357,47 +348,3 @@ def augment(image: np.ndarray, top: int, left: int, crop: int, flip: bool) -> np
     out = image[top : top + crop, left : left + crop]
     return np.ascontiguousarray(out[:, ::-1] if flip else out)
 
-
-T = TypeVar("T")
-
-
-class Reader(Generic[T]):
-    """Runs lists of image jobs on a thread pool (PIL releases the GIL), `ahead` lists before they are used.
-
-    Results are stacked in job order, so the number of workers changes speed only.
-    """
-
-    def __init__(self, workers: int, ahead: int = 1) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bit-data") if workers > 0 else None
-        self.ahead = ahead
-
-    def __enter__(self) -> Reader[T]:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def _submit(self, job: Callable[[], np.ndarray]) -> Future | np.ndarray:
-        return self.pool.submit(job) if self.pool is not None else job()
-
-    def run(self, batches: Iterable[tuple[T, list[Callable[[], np.ndarray]]]]) -> Iterator[tuple[T, np.ndarray]]:
-        pending: deque[tuple[T, list[Future | np.ndarray]]] = deque()
-
-        def collect() -> tuple[T, np.ndarray]:
-            meta, items = pending.popleft()
-            return meta, np.stack([f.result() if isinstance(f, Future) else f for f in items])
-
-        for meta, jobs in batches:
-            pending.append((meta, [self._submit(job) for job in jobs]))
-            if len(pending) > self.ahead:
-                yield collect()
-        while pending:
-            yield collect()
-
-
-def index_batches(count: int, decode: Callable[[int], np.ndarray], batch_size: int) -> Iterator[tuple[slice, list[Callable[[], np.ndarray]]]]:
-    """Consecutive batches of data-set indices 0..count-1, as decode jobs (evaluation order)."""
-    for start in range(0, count, batch_size):
-        span = slice(start, min(start + batch_size, count))
-        yield span, [lambda i=i: decode(i) for i in range(span.start, span.stop)]

@@ -7,3 +7,8 @@ class BitError(Exception):
 
 class UsageError(BitError):
     """A flag value that cannot work (or not on this machine): exit code 2, like any other bad flag."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (at most 300 characters), or its type's name if it has none."""
+    return " ".join(str(exc).split())[:300] or type(exc).__name__

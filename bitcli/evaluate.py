@@ -1,4 +1,8 @@
-"""`bit eval` and the validation pass of `bit finetune`: top-1/top-5, per-class accuracy, confusion matrix."""
+"""`bit eval` and the validation pass of `bit finetune`: top-1/top-5, per-class accuracy, confusion matrix.
+
+The model runs through the one inference engine (bitcli.engine), so evaluating a folder costs what
+classifying its images with `bit predict` costs, and gives the same logits.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,38 @@ import contextlib
 import io
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from rich.text import Text
 
-from bitcli.data import DecodeCache, ImageFolder, Reader, find_splits, index_batches, scan
-from bitcli.errors import BitError, UsageError
-from bitcli.ui import log, visible
+from bitcli.data import ImageFolder, find_splits, scan
+from bitcli.engine import Engine
+from bitcli.errors import BitError
+from bitcli.hub import load_checkpoint
+from bitcli.images import Job, Reader
+from bitcli.labels import match_classes
+from bitcli.options import EvalFormat, EvalOptions
+from bitcli.preprocess import load_image
+from bitcli.render import console
+from bitcli.runtime import resolve_device, resolve_precision
+from bitcli.ui import display, log, progress_bar, visible
 
-FORMATS = ("table", "json")
 OTHER = "(other)"  # confusion-matrix column for predictions outside the evaluated classes
 TOP_K = 5
+NO_TOP5 = "n/a (the model has 5 classes or fewer)"  # the top five would always hold the answer
 
 
 @dataclass(frozen=True)
 class EvalResult:
     top1: float
-    top5: float  # top-min(5, classes): 1.0 by definition for models with at most 5 classes
+    top5: float | None  # None when the model has at most 5 classes (top-5 would be 1.0 by definition)
     loss: float
     count: int
     per_class: dict[str, float]  # data-set class -> top-1 accuracy on its images
@@ -50,7 +66,7 @@ class Accumulator:
     def __init__(self, class_names: Sequence[str], class_to_model: Sequence[int], num_model_classes: int) -> None:
         self.names = list(class_names)
         self.to_model = np.asarray(class_to_model, dtype=np.int64)
-        self.k = min(TOP_K, num_model_classes)
+        self.with_top5 = num_model_classes > TOP_K
         # Confusion axes: the evaluated classes in the model's label order, then OTHER when needed.
         order = np.argsort(self.to_model, kind="stable")
         self.axis_names = [self.names[i] for i in order]
@@ -61,15 +77,12 @@ class Accumulator:
         self.correct5 = 0
         self.loss_sum = 0.0
 
-    def update(self, logits, targets: np.ndarray) -> None:
+    def update(self, logits: torch.Tensor, targets: np.ndarray) -> None:
         """logits: float tensor [b, num_model_classes]; targets: data-set class indices [b]."""
-        import torch
-        import torch.nn.functional as F
-
         model_targets = torch.from_numpy(self.to_model[targets])
         logits = logits.float().cpu()
         self.loss_sum += float(F.cross_entropy(logits, model_targets, reduction="sum"))
-        topk = logits.topk(self.k, dim=1).indices.numpy()
+        topk = logits.topk(min(TOP_K, logits.shape[1]), dim=1).indices.numpy()
         pred = topk[:, 0]
         hit1 = pred == model_targets.numpy()
         self.correct5 += int((topk == model_targets.numpy()[:, None]).any(axis=1).sum())
@@ -89,7 +102,7 @@ class Accumulator:
         size = n + 1 if with_other else n
         return EvalResult(
             top1=float(self.correct1.sum() / count),
-            top5=float(self.correct5 / count),
+            top5=float(self.correct5 / count) if self.with_top5 else None,
             loss=self.loss_sum / count,
             count=count,
             per_class={name: float(self.correct1[i] / self.totals[i]) for i, name in enumerate(self.names) if self.totals[i]},
@@ -99,42 +112,47 @@ class Accumulator:
 
 
 def evaluate(
-    model,
+    engine: Engine,
     ds: ImageFolder,
     decode: Callable[[int], np.ndarray],
-    normalize: Callable,
-    device,
-    dtype,
     batch_size: int,
     workers: int,
     class_to_model: Sequence[int],
-    channels_last: bool = False,
     advance: Callable[[int], None] = lambda n: None,
 ) -> EvalResult:
-    """Accuracy of `model` on `ds`; `decode(i)` gives image i as uint8 HWC, `normalize` turns a uint8 batch
-    into the model's input."""
-    import torch
-
-    from bitcli.runtime import autocast
-
-    num_classes = model.config.num_classes
-    acc = Accumulator(ds.classes, class_to_model, num_classes)
+    """Accuracy of the engine's model on `ds`; `decode(i)` gives image i as uint8 HWC. class_to_model[c] is
+    the model's label index of data-set class c. `workers` decoding threads run a batch ahead of the model."""
+    acc = Accumulator(ds.classes, class_to_model, engine.num_classes)
     targets = np.asarray(ds.targets, dtype=np.int64)
-    was_training = model.training
-    model.eval()
-    try:
-        with Reader(workers) as reader:
-            for span, batch in reader.run(index_batches(len(ds), decode, batch_size)):
-                x = normalize(torch.from_numpy(batch).to(device))
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.no_grad(), autocast(device, dtype):
-                    logits = model(x)
-                acc.update(logits, targets[span])
-                advance(span.stop - span.start)
-    finally:
-        model.train(was_training)
+    with Reader(workers) as reader:
+        for indices, results in reader.outcomes(_batches(len(ds), decode, batch_size)):
+            for group, batch in _stacked(ds, indices, results):
+                acc.update(engine.logits(batch), targets[group])
+            advance(len(indices))
     return acc.result()
+
+
+def _batches(count: int, decode: Callable[[int], np.ndarray], batch_size: int) -> Iterator[tuple[np.ndarray, list[Job]]]:
+    """Consecutive batches of data-set indices 0..count-1 with their decode jobs."""
+    for start in range(0, count, batch_size):
+        indices = np.arange(start, min(start + batch_size, count))
+        yield indices, [lambda i=int(i): decode(i) for i in indices]
+
+
+def _stacked(ds: ImageFolder, indices: np.ndarray, results: list[np.ndarray | Exception]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(indices, stacked images), one batch per image size: only equal sizes stack, and a checkpoint without
+    a centre crop keeps each image's aspect ratio. Accuracy is over a whole pass, so an image that does not
+    decode stops it, with a message naming the file."""
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for position, result in enumerate(results):
+        if isinstance(result, BitError):
+            raise result
+        if isinstance(result, Exception):  # a decoder bug on one odd file: still name the file
+            reason = " ".join(str(result).split()) or type(result).__name__
+            raise BitError(f"{display(ds.paths[indices[position]])}: cannot decode image ({reason})") from result
+        by_size.setdefault(result.shape, []).append(position)
+    for positions in by_size.values():
+        yield indices[positions], np.stack([results[p] for p in positions])  # type: ignore[misc]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,16 +160,9 @@ def evaluate(
 
 
 def map_classes(classes: Sequence[str], labels: Sequence[str], source: str, root: Path) -> list[int]:
-    """Data-set class names -> the model's label indices, by exact name."""
-    index = {name: i for i, name in enumerate(labels)}
-    missing = [c for c in classes if c not in index]
-    if missing:
-        shown = ", ".join(repr(x) for x in list(labels)[:5]) + (" ..." if len(labels) > 5 else "")
-        raise BitError(
-            f"{root / missing[0]}: class {missing[0]!r} is not a label of {source} ({shown}); "
-            "name the class folders after the model's labels"
-        )
-    return [index[c] for c in classes]
+    """Data-set class folder names -> the model's label indices: the full label, a class index, or a first
+    name that only one label has (an ambiguous one, such as ImageNet's two "crane"s, is refused)."""
+    return match_classes(classes, labels, source, root)
 
 
 def eval_folder(data: Path) -> Path:
@@ -165,37 +176,19 @@ def eval_folder(data: Path) -> Path:
     return val
 
 
-def run(
-    data: Path,
-    model_spec: str,
-    revision: str | None,
-    batch_size: int,
-    device_spec: str,
-    precision: str,
-    fmt: str,
-    workers: int,
-) -> None:
-    import torch
-
-    from bitcli.hub import load_checkpoint
-    from bitcli.runtime import resolve_device, resolve_precision
-    from bitcli.ui import progress_bar
-
-    if fmt not in FORMATS:
-        raise UsageError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
-    device = resolve_device(device_spec)
-    dtype = resolve_precision(precision, device)
-    ds = scan(eval_folder(data))
-    ckpt = load_checkpoint(model_spec, revision)
-    model = ckpt.build_model(device=device)
-    if model.head is None:
-        raise BitError(f"{ckpt.source}: checkpoint has no classification head; it gives features, not labels")
-    class_to_model = map_classes(ds.classes, ckpt.labels, ckpt.source or model_spec, ds.root)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    cache = DecodeCache(ds, ckpt.preprocess, budget_bytes=0)  # one pass: nothing to reuse
-    bar = progress_bar("evaluating", total=len(ds), unit="img") if fmt == "table" else contextlib.nullcontext(lambda n: None)
+def run(opts: EvalOptions) -> int:
+    """The whole command; returns the exit code (130 when Ctrl-C stopped the pass)."""
+    device = resolve_device(opts.device)
+    dtype = resolve_precision(opts.precision, device)
+    ds = scan(eval_folder(opts.data))
+    ckpt = load_checkpoint(opts.model, opts.revision)
+    # Folder names are checked before the model is built (seconds for a big one); a checkpoint without a
+    # head has no labels, and Engine.load says so instead.
+    class_to_model = map_classes(ds.classes, ckpt.labels, ckpt.source or opts.model, ds.root) if ckpt.config.num_classes else []
+    engine = Engine.load(ckpt, device, dtype)
+    preprocess = ckpt.preprocess
+    table = opts.format == EvalFormat.table
+    bar = progress_bar("evaluating", total=len(ds), unit="img") if table else contextlib.nullcontext(lambda n: None)
     done = 0
     try:
         with bar as show:
@@ -205,34 +198,33 @@ def run(
                 done += n
                 show(n)
 
-            result = evaluate(
-                model, ds, cache.get, ckpt.preprocess.normalize, device, dtype, batch_size, workers,
-                class_to_model, channels_last, advance,
-            )  # fmt: skip
+            def decode(i: int) -> np.ndarray:
+                return preprocess.to_uint8(load_image(ds.paths[i]))
+
+            result = evaluate(engine, ds, decode, opts.batch_size, opts.workers, class_to_model, advance)
     except KeyboardInterrupt:  # Ctrl-C: one line, as predict gives (the bar and decode threads are closed by now)
         log(f"interrupted: {done} of {len(ds)} images done; accuracy is reported only for a whole pass")
-        raise SystemExit(130) from None
-    if fmt == "json":
-        sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
-    else:
+        return 130
+    if table:
         sys.stdout.write(render_table(result, color=sys.stdout.isatty()))
+    else:
+        sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
     sys.stdout.flush()
+    return 0
 
 
 MAX_CONFUSION_TABLE = 25  # classes; wider matrices are for --format json
+PIPED_WIDTH = 200  # columns of a table that does not go to a terminal: wide enough for long label names
 
 
 def render_table(result: EvalResult, color: bool) -> str:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
+    """The report for people. `color`: for a terminal (styled, and as wide as the terminal)."""
     buf = io.StringIO()
-    console = Console(file=buf, force_terminal=color, no_color=not color, width=200, highlight=False)
-    console.print(f"images  {result.count}")
-    console.print(f"top-1   {result.top1:.4f}")
-    console.print(f"top-5   {result.top5:.4f}")
-    console.print(f"loss    {result.loss:.4f}")
+    out = console(buf, color, width=None if color else PIPED_WIDTH)
+    out.print(f"images  {result.count}")
+    out.print(f"top-1   {result.top1:.4f}")
+    out.print(f"top-5   {result.top5:.4f}" if result.top5 is not None else f"top-5   {NO_TOP5}")
+    out.print(f"loss    {result.loss:.4f}")
     # Class names are data: Text keeps them literal ("[bold]cat[/bold]" is not markup) and visible() on one
     # line (a newline in a folder name would break the row).
     per_class = Table(title="per-class top-1")
@@ -242,16 +234,16 @@ def render_table(result: EvalResult, color: bool) -> str:
     per_class.add_column("images", justify="right")
     for name, accuracy in result.per_class.items():
         per_class.add_row(Text(visible(name)), f"{accuracy:.4f}", str(sum(result.confusion[row_of[name]])))
-    console.print(per_class)
+    out.print(per_class)
     if len(result.labels) <= MAX_CONFUSION_TABLE:
-        console.print("confusion matrix (rows: true class, columns: predicted class)")
+        out.print("confusion matrix (rows: true class, columns: predicted class)")
         confusion = Table()
         confusion.add_column("")
         for name in result.labels:
             confusion.add_column(Text(visible(name)), justify="right")
         for name, row in zip(result.labels, result.confusion):
             confusion.add_row(Text(visible(name)), *(str(v) for v in row))
-        console.print(confusion)
+        out.print(confusion)
     else:
-        console.print(f"confusion matrix: {len(result.labels)} classes; use --format json to get it")
+        out.print(f"confusion matrix: {len(result.labels)} classes; use --format json to get it")
     return buf.getvalue()

@@ -14,20 +14,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bitcli.checkpoints import (
-    Checkpoint,
-    read_bitcli,
-    read_hf,
-    read_json,
-    read_label_file,
-    read_npz,
-    read_safetensors,
-    read_timm,
-    read_timm_weights,
-    read_torch_bin,
-)
+from bitcli import formats
 from bitcli.config import PUBLISHED_NAME
 from bitcli.errors import BitError
+from bitcli.formats import FORMATS, MODEL_FILE_SUFFIXES, Checkpoint, read_label_file, read_safetensors
 
 DEFAULT_MODEL = "google/bit-50"
 # What bit finetune writes (bitcli.finetune's CONFIG_FILE and STATE_FORMAT, without importing its training code).
@@ -43,7 +33,7 @@ def load_checkpoint(spec: str, revision: str | None = None, labels_file: str | N
     elif PUBLISHED_NAME.match(spec.removesuffix(".npz")):
         cached = download_published(spec.removesuffix(".npz"))
         try:
-            ckpt = read_npz(cached)
+            ckpt = formats.read(cached)
         except BitError as exc:  # validated before it entered the cache, so damaged since
             raise BitError(f"{exc}; delete {cached} to download it again") from None
     elif _looks_local(spec):
@@ -65,37 +55,20 @@ def load_checkpoint(spec: str, revision: str | None = None, labels_file: str | N
 
 
 def read_local(path: Path) -> Checkpoint:
+    """A local model file or folder, in whichever format it is (bitcli.formats), after refusing what a bit
+    finetune run holds besides its model."""
     if path.is_dir():
-        config_path = path / "config.json"
-        if not config_path.is_file() and (path / FINETUNE_CONFIG).is_file():
+        if not (path / "config.json").is_file() and (path / FINETUNE_CONFIG).is_file():
             raise BitError(
                 f"{path}: this bit finetune run has not written its model yet (config.json, model.safetensors); "
                 f"finish it with `bit finetune DATA --output {path} --resume`"
             )
-        if not config_path.is_file():
-            raise BitError(f"{path}: folder has no config.json; expected a transformers or timm model folder")
-        config = read_json(config_path)
-        if "architecture" in config:
-            return read_timm(path)
-        if config.get("model_type") == "bit" or "BitForImageClassification" in config.get("architectures", []):
-            return read_hf(path)
-        raise BitError(f"{config_path}: neither a transformers BiT config (model_type 'bit') nor a timm config")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        return read_npz(path)
-    if suffix == ".safetensors":
+    elif path.suffix.lower() == ".safetensors":
         meta = read_safetensors(path)[1]
         _refuse_training_state(path, meta)
         if meta.get("format") != "bitcli" and path.name == "model.safetensors" and (path.parent / "config.json").is_file():
-            return read_local(path.parent)  # the weights of a transformers or timm folder: read with their config
-        return read_bitcli(path)
-    if suffix in (".bin", ".pth", ".pt"):
-        return read_timm_weights(path, read_torch_bin(path))
-    raise BitError(f"{path}: unknown model file type {suffix!r}; use .safetensors, .npz, .bin/.pth or a model folder")
-
-
-# Suffixes of model files (read_local's): a spec ending in one names a file, never a Hub repo.
-MODEL_FILE_SUFFIXES = (".safetensors", ".npz", ".bin", ".pth", ".pt")
+            path = path.parent  # the weights of a transformers or timm folder: read with their config
+    return formats.read(path)
 
 
 def _looks_local(spec: str) -> bool:
@@ -262,7 +235,7 @@ def download_published(name: str) -> Path:
     try:
         _download(url, tmp, name)
         try:
-            read_npz(tmp)  # a file that does not parse as a BiT .npz never enters the cache
+            FORMATS["npz"].read(tmp)  # a file that does not parse as a BiT .npz never enters the cache
         except BitError as exc:
             problem = str(exc).removeprefix(f"{tmp}: ")
             raise BitError(f"{name}: the file downloaded from {url} is not a usable BiT .npz ({problem})") from None

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bitcli.engine import Engine
-from bitcli.errors import BitError, UsageError
+from bitcli.errors import BitError, UsageError, one_line
 from bitcli.hub import load_checkpoint
 from bitcli.images import Job, Reader, list_images
 from bitcli.options import PredictFormat, PredictOptions
@@ -85,7 +85,7 @@ def decode(path: str, preprocess: Preprocess) -> np.ndarray:
 
 def failure(path: str, exc: BaseException) -> str:
     """The one-line error text of an image that could not be decoded; never empty."""
-    reason = " ".join(str(exc).split()) or type(exc).__name__
+    reason = one_line(exc)
     if isinstance(exc, BitError):  # bitcli's own messages name the file and say what to do
         return reason if str(exc).strip() else f"{display(path)}: {reason}"
     return f"{display(path)}: cannot decode image ({reason})"  # a decoder bug must not take the others down

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from bitcli.errors import BitError
+from bitcli.errors import BitError, one_line
 
 # Decompression bombs: images above this many pixels are refused before they are decoded, and no resize may
 # produce more (the shortest-edge resize of a thin strip would). PIL itself refuses twice the limit from the
@@ -320,7 +320,7 @@ def _decoding(name: str) -> Iterator[None]:
     except MemoryError:
         raise BitError(f"{name}: out of memory while decoding; downscale the image or free memory") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise BitError(f"{name}: cannot decode image ({_one_line(exc)}); the file may be truncated or corrupt") from None
+        raise BitError(f"{name}: cannot decode image ({one_line(exc)}); the file may be truncated or corrupt") from None
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -350,6 +350,3 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     image.info[SOURCE_KEY] = name
     return image
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bitcli.errors import BitError
+from bitcli.errors import BitError, one_line
 
 
 class WriteFailed(BitError):
@@ -68,7 +68,7 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise WriteFailed(path, existed, exc.strerror or _one_line(exc)) from None
+            raise WriteFailed(path, existed, exc.strerror or one_line(exc)) from None
         raise
 
 
@@ -117,7 +117,7 @@ def _write_directly(path: Path, write: Callable[[Any], None], fd: int | None = N
             write(f)
             f.flush()
     except OSError as exc:
-        raise WriteFailed(path, True, exc.strerror or _one_line(exc), kept="the output may be incomplete") from None
+        raise WriteFailed(path, True, exc.strerror or one_line(exc), kept="the output may be incomplete") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def atomic_folder(folder: Path, fill: Callable[[Path], None]) -> None:
         if isinstance(exc, WriteFailed):  # a file inside failed: name the folder the user asked for
             raise WriteFailed(folder, existed, exc.reason) from None
         if isinstance(exc, OSError):
-            raise WriteFailed(folder, existed, exc.strerror or _one_line(exc)) from None
+            raise WriteFailed(folder, existed, exc.strerror or one_line(exc)) from None
         raise
 
 
@@ -217,6 +217,3 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__

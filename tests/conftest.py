@@ -79,7 +79,7 @@ def photos(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def bit50_dir(tmp_path_factory) -> Path:
     """A random-weight model in google/bit-50's exact layout, labels and preprocessing, saved by transformers."""
-    from bitcli.checkpoints import imagenet_labels
+    from bitcli.labels import imagenet_labels
 
     labels = imagenet_labels()
     return save_hf_model(

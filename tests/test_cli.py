@@ -13,7 +13,7 @@ from pathlib import Path
 from conftest import run_main
 
 from bitcli.hyperrule import Resolution
-from bitcli.options import DEFAULT_WORKERS, Precision, PredictFormat, PredictOptions, parse_resolution
+from bitcli.options import DEFAULT_WORKERS, FinetuneOptions, Precision, PredictFormat, PredictOptions, parse_resolution
 
 
 def test_help_lists_every_command():
@@ -154,7 +154,7 @@ def test_choices_are_case_insensitive_and_reach_commands_in_lower_case(monkeypat
 
     seen = {}
     monkeypatch.setattr(predict, "run", lambda opts: seen.setdefault("predict", (opts.precision, opts.format)) and 0)
-    monkeypatch.setattr(evaluate, "run", lambda *a: seen.setdefault("eval", (a[5], a[6])))
+    monkeypatch.setattr(evaluate, "run", lambda opts: seen.setdefault("eval", (opts.precision, opts.format)) and 0)
     monkeypatch.setattr(convert, "run", lambda *a, **kw: seen.setdefault("convert", _convert_choices(a, kw)))
     monkeypatch.setattr(finetune, "run", lambda opts: seen.setdefault("finetune", opts.precision))
     assert run_main("predict", "x.jpg", "-f", "JSON", "--precision", "FP32")[0] == 0
@@ -172,19 +172,23 @@ def _convert_choices(args: tuple, kwargs: dict) -> tuple[str, str]:
     return opts.format, opts.dtype
 
 
-def test_finetune_auto_flags_are_parsed_before_the_command_runs(monkeypatch, tmp_path):
-    """`auto|N` flags arrive parsed; finetune.run still takes its old Options (TODO(lead)), rebuilt from the
-    parsed values so that they parse back to the same."""
+def test_finetune_gets_typed_options_by_keyword(monkeypatch, tmp_path):
+    """`auto|N` flags arrive parsed (None: auto), choices as Enums: finetune.run(FinetuneOptions)."""
     from bitcli import finetune
 
     seen = []
     monkeypatch.setattr(finetune, "run", seen.append)
     base = ["finetune", tmp_path, "-m", "tiny", "-o", tmp_path / "run"]
     assert run_main(*base, "--steps", "7", "--batch-split", "2", "--resolution", "16", "--mixup", "0.4",
-                    "--eval-every", "0", "--save-every", "3", "--device", "CPU", "--workers", "0") == (0, "", "")  # fmt: skip
+                    "--eval-every", "0", "--save-every", "3", "--device", "CPU", "--workers", "0", "--precision", "BF16",
+                    "--shots", "5", "--val-split", "0.25", "--lr", "0.01", "-b", "64", "--seed", "3", "--random-init",
+                    "--resume", "--revision", "v2") == (0, "", "")  # fmt: skip
     assert run_main(*base) == (0, "", "")
-    typed, auto = seen
-    assert (typed.steps, typed.batch_split, typed.resolution, typed.mixup, typed.eval_every, typed.save_every) == ("7", "2", "20:16", "0.4", "0", "3")
-    assert (typed.device, typed.workers) == ("cpu", 0)
-    assert (auto.steps, auto.batch_split, auto.resolution, auto.mixup, auto.eval_every, auto.save_every) == ("auto",) * 6
-    assert parse_resolution(typed.resolution) == parse_resolution("16") == Resolution(20, 16)  # parses back the same
+    assert seen == [
+        FinetuneOptions(data=tmp_path, model="tiny", output=tmp_path / "run", shots=5, val_split=0.25, steps=7, lr=0.01,
+                        batch_size=64, batch_split=2, resolution=Resolution(20, 16), mixup=0.4, seed=3, device="cpu",
+                        precision=Precision.bf16, workers=0, eval_every=0, save_every=3, resume=True, random_init=True,
+                        revision="v2"),  # fmt: skip
+        FinetuneOptions(data=tmp_path, model="tiny", output=tmp_path / "run"),  # the defaults: every auto flag None
+    ]
+    assert seen[1].resolution is None and parse_resolution("16") == seen[0].resolution

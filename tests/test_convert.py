@@ -1,9 +1,8 @@
-"""`bit convert` end to end: Google's .npz against timm's own npz reader, bit-identical round trips through every
-layout, the converted folder in transformers against `bit predict`, and one clean error per kind of bad input.
+"""`bit convert` end to end: bit-identical round trips through every layout, the converted folder in
+transformers against `bit predict`, --labels and --dtype, and one clean error per kind of bad input.
 
-The .npz files here are written with numpy straight into Google's key names and HWIO layout (the names and the
-layout as BIT_FACTS.md and Google's code describe them), never with bitcli's writer, so a test cannot agree
-with itself.
+Sources in Google's layout are written by hand (tests/formats/helpers.py), never with bitcli's writer, so a
+test cannot agree with itself. Google's .npz against timm's npz reader is in tests/formats/test_npz.py.
 """
 
 from __future__ import annotations
@@ -14,157 +13,29 @@ import json
 import os
 import pickle
 import zipfile
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import run_bit, run_main
-from safetensors import safe_open
-
-R50 = (3, 4, 6, 3)
-BIT_WIDTHS = (256, 512, 1024, 2048)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Google's layout, written by hand
-
-
-def google_arrays(
-    depths: tuple[int, ...] = R50,
-    width: int = 1,
-    num_classes: int = 1000,
-    *,
-    widths: tuple[int, ...] | None = None,
-    stem: int | None = None,
-    seed: int = 0,
-    kernel_std: float | None = None,
-    head_std: float = 0.05,
-) -> dict[str, np.ndarray]:
-    """Known random weights under Google's names: HWIO kernels, `resnet/` prefix, norm1 under `a`."""
-    rng = np.random.default_rng(seed)
-    widths = widths or tuple(w * width for w in BIT_WIDTHS)
-    stem = stem or 64 * width
-    out: dict[str, np.ndarray] = {}
-
-    def normal(shape: tuple[int, ...], std: float, mean: float = 0.0) -> np.ndarray:
-        a = rng.standard_normal(shape, dtype=np.float32)
-        a *= np.float32(std)
-        a += np.float32(mean)
-        return a
-
-    def kernel(name: str, kh: int, kw: int, cin: int, cout: int) -> None:
-        std = kernel_std if kernel_std is not None else np.sqrt(2.0 / (kh * kw * cin))
-        out[f"resnet/{name}standardized_conv2d/kernel"] = normal((kh, kw, cin, cout), std)
-
-    def norm(name: str, c: int) -> None:
-        out[f"resnet/{name}group_norm/gamma"] = normal((c,), 0.1, 1.0)
-        out[f"resnet/{name}group_norm/beta"] = normal((c,), 0.1)
-
-    kernel("root_block/", 7, 7, 3, stem)
-    cin = stem
-    for s, (depth, cout) in enumerate(zip(depths, widths)):
-        mid = cout // 4
-        for u in range(depth):
-            unit = f"block{s + 1}/unit{u + 1:02d}/"
-            norm(unit + "a/", cin)
-            if u == 0:
-                kernel(unit + "a/proj/", 1, 1, cin, cout)
-            kernel(unit + "a/", 1, 1, cin, mid)
-            norm(unit + "b/", mid)
-            kernel(unit + "b/", 3, 3, mid, mid)
-            norm(unit + "c/", mid)
-            kernel(unit + "c/", 1, 1, mid, cout)
-            cin = cout
-    norm("", cin)
-    if num_classes:
-        out["resnet/head/conv2d/kernel"] = normal((1, 1, cin, num_classes), head_std)
-        out["resnet/head/conv2d/bias"] = normal((num_classes,), 0.1)
-    return out
-
-
-def google_to_torch_names(key: str) -> tuple[str, str]:
-    """Google's name -> (transformers name, timm name), written out from the peers' documented layouts."""
-    name = key.removeprefix("resnet/")
-    fixed = {
-        "root_block/standardized_conv2d/kernel": ("bit.embedder.convolution.weight", "stem.conv.weight"),
-        "group_norm/gamma": ("bit.norm.weight", "norm.weight"),
-        "group_norm/beta": ("bit.norm.bias", "norm.bias"),
-        "head/conv2d/kernel": ("classifier.1.weight", "head.fc.weight"),
-        "head/conv2d/bias": ("classifier.1.bias", "head.fc.bias"),
-    }
-    if name in fixed:
-        return fixed[name]
-    block, unit, rest = name.split("/", 2)
-    s, u = int(block.removeprefix("block")) - 1, int(unit.removeprefix("unit")) - 1
-    leaf = {
-        "a/proj/standardized_conv2d/kernel": "downsample.conv.weight",
-        **{f"{p}/standardized_conv2d/kernel": f"conv{n}.weight" for p, n in zip("abc", "123")},
-        **{f"{p}/group_norm/gamma": f"norm{n}.weight" for p, n in zip("abc", "123")},
-        **{f"{p}/group_norm/beta": f"norm{n}.bias" for p, n in zip("abc", "123")},
-    }[rest]
-    return f"bit.encoder.stages.{s}.layers.{u}.{leaf}", f"stages.{s}.blocks.{u}.{leaf}"
-
-
-def google_to_oihw(key: str, array: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(array)
-    if key.endswith("head/conv2d/kernel"):
-        return t[0, 0].t().contiguous()  # [1, 1, C, N] -> Linear [N, C]
-    return t.permute(3, 2, 0, 1).contiguous() if t.ndim == 4 else t
-
-
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    np.savez(path, **arrays)
-    return path
-
-
-def timm_from_npz(npz: Path, depths, width: int, num_classes: int, eps: float = 1e-10, **kw) -> torch.nn.Module:
-    """timm's ResNetV2 with Google's standardisation eps, filled by timm's own npz reader."""
-    from timm.layers import StdConv2d
-    from timm.models.resnetv2 import ResNetV2, _load_weights
-
-    with torch.device("meta"):  # no random init: every parameter must come from the file
-        model = ResNetV2(
-            layers=list(depths), width_factor=width, stem_type="fixed", conv_layer=partial(StdConv2d, eps=eps),
-            num_classes=num_classes, **kw,
-        )  # fmt: skip
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(float("nan"))
-        _load_weights(model, str(npz))
-    assert all(torch.isfinite(p).all() for p in model.parameters()), "timm left a parameter unloaded"
-    return model.eval()
-
-
-def bitcli_model(path: Path) -> torch.nn.Module:
-    from bitcli.hub import load_checkpoint
-
-    return load_checkpoint(str(path)).build_model()
-
-
-def read_st(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-
-
-def inputs(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
+from formats.helpers import (
+    R50,
+    TINY,
+    bitcli_model,
+    convert_ok,
+    google_arrays,
+    google_to_oihw,
+    google_to_torch_names,
+    inputs,
+    listing,
+    read_st,
+    save_npz,
+    timm_from_npz,
+    tiny_npz,
+)
 
 bit = run_main  # the real entry point, in this process
-
-
-def convert_ok(*args) -> None:
-    code, out, err = bit("convert", *args)
-    assert code == 0, err
-    assert out == ""  # stdout carries data only; the summary goes to stderr
-    assert "wrote" in err
-
-
-def listing(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -174,89 +45,10 @@ def r50(tmp_path_factory) -> dict:
     arrays = google_arrays(R50, 1, 1000, seed=1, head_std=0.3)  # a spread-out head: no near-ties in the top-k
     npz = save_npz(folder / "BiT-M-R50x1-ILSVRC2012.npz", arrays)
     bitcli = folder / "r50.safetensors"
-    result = run_bit("convert", npz, bitcli)  # once through a real `python -m bitcli` process
-    assert result.returncode == 0 and result.stdout == "", result.stderr
-    assert result.stderr.splitlines()[-1].startswith(f"wrote {bitcli} (bitcli): 4 stages [3, 4, 6, 3], width 2048, 1000 classes")
+    code, out, err = bit("convert", npz, bitcli)
+    assert (code, out) == (0, ""), err
+    assert err.splitlines()[-1] == f"wrote {bitcli} (bitcli): 4 stages [3, 4, 6, 3], width 2048, 1000 classes, 153 tensors"
     return {"arrays": arrays, "npz": npz, "bitcli": bitcli, "folder": folder}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Google's .npz against timm's npz reader
-
-
-def test_r50x1_npz_matches_timm_and_carries_googles_eps(tmp_path):
-    # Kernels of variance 1e-10, the size of Google's eps: standardising with timm's 1e-8 instead would
-    # change every layer, so agreeing with timm-at-1e-10 shows that the eps travelled with the weights.
-    arrays = google_arrays(R50, 1, 21843, seed=2, kernel_std=1e-5)
-    npz = save_npz(tmp_path / "BiT-M-R50x1.npz", arrays)
-    convert_ok(npz, tmp_path / "out.safetensors")
-
-    from bitcli.hub import load_checkpoint
-
-    ckpt = load_checkpoint(str(tmp_path / "out.safetensors"))
-    assert (ckpt.config.depths, ckpt.config.hidden_sizes, ckpt.config.num_classes) == (R50, BIT_WIDTHS, 21843)
-    assert ckpt.config.ws_eps == 1e-10
-    assert ckpt.labels[:2] == ["class_0", "class_1"] and len(ckpt.labels) == 21843
-
-    x = inputs(128)
-    with torch.no_grad():
-        ours = ckpt.build_model()(x)
-        theirs = timm_from_npz(npz, R50, 1, 21843)(x)
-        timm_eps = timm_from_npz(npz, R50, 1, 21843, eps=1e-8)(x)
-    assert ours.shape == (2, 21843)
-    assert (ours - theirs).abs().max() < 1e-4
-    assert (ours - timm_eps).abs().max() > 1e-2  # the test can tell the two eps apart
-
-
-def test_r50x3_npz_matches_timm(tmp_path):
-    npz = save_npz(tmp_path / "BiT-M-R50x3.npz", google_arrays(R50, 3, 1000, seed=3))
-    convert_ok(npz, tmp_path / "out.safetensors")
-    ours = bitcli_model(tmp_path / "out.safetensors")
-    assert ours.config.hidden_sizes == (768, 1536, 3072, 6144) and ours.config.embedding_size == 192
-    x = inputs(64)
-    with torch.no_grad():
-        diff = (ours(x) - timm_from_npz(npz, R50, 3, 1000)(x)).abs().max()
-    assert diff < 1e-4
-
-
-def test_headless_npz_matches_timm_features(tmp_path):
-    arrays = google_arrays(R50, 1, 0, seed=4)
-    assert not any(k.startswith("resnet/head") for k in arrays)
-    npz = save_npz(tmp_path / "BiT-S-R50x1.npz", arrays)
-    convert_ok(npz, tmp_path / "out.safetensors")
-    ours = bitcli_model(tmp_path / "out.safetensors")
-    assert ours.head is None and ours.config.num_classes == 0
-    x = inputs(96)
-    with torch.no_grad():
-        features = ours(x)
-        theirs = timm_from_npz(npz, R50, 1, 0)(x)  # num_classes=0: timm returns the pooled pre-logits
-    assert features.shape == theirs.shape == (2, 2048)
-    assert (features - theirs).abs().max() < 1e-4
-
-    # The head-less folder loads in transformers as a 0-label model whose "logits" are the pooled features;
-    # transformers standardises with eps 1e-8, so its peer here is timm at that eps.
-    import transformers
-
-    convert_ok(tmp_path / "out.safetensors", tmp_path / "hf")
-    hf = transformers.BitForImageClassification.from_pretrained(tmp_path / "hf").eval()
-    assert hf.config.num_labels == 0
-    with torch.no_grad():
-        pooled = hf(x).logits
-        timm_1e8 = timm_from_npz(npz, R50, 1, 0, eps=1e-8)(x)
-    assert (pooled - timm_1e8).abs().max() < 1e-4
-
-
-def test_any_depth_and_width_from_the_shapes(tmp_path):
-    """Not a published layout: depth, widths and classes come from the tensor shapes alone."""
-    depths, widths = (2, 1, 3, 1), (128, 256, 256, 512)
-    npz = save_npz(tmp_path / "custom.npz", google_arrays(depths, widths=widths, stem=32, num_classes=7, seed=5))
-    convert_ok(npz, tmp_path / "out.safetensors")
-    ours = bitcli_model(tmp_path / "out.safetensors")
-    assert (ours.config.depths, ours.config.hidden_sizes, ours.config.embedding_size) == (depths, widths, 32)
-    x = inputs(64)
-    with torch.no_grad():
-        theirs = timm_from_npz(npz, depths, 1, 7, channels=widths, stem_chs=32)(x)
-        assert (ours(x) - theirs).abs().max() < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,7 +137,7 @@ def test_transformers_loads_converted_folder_like_bit_predict(r50, tmp_path, pho
     processor = transformers.BitImageProcessorPil.from_pretrained(hf)
     pixels = processor([Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
     assert pixels.shape == (2, 3, 448, 448)  # Google's 448-px eval resolution travelled into the folder
-    assert model.config.id2label[0] == "tench"  # ImageNet-1k names for a 1000-class head
+    assert model.config.id2label[0] == "tench, Tinca tinca"  # ImageNet-1k names for a 1000-class head
 
     # Same pixels, same weights: transformers standardises kernels with its fixed eps 1e-8, bitcli with the
     # 1e-10 the weights came with (kept in config.json as bitcli_ws_eps). At transformers' eps the two
@@ -380,12 +172,6 @@ def test_transformers_loads_converted_folder_like_bit_predict(r50, tmp_path, pho
 # --labels and --dtype
 
 
-TINY = dict(depths=(1, 1, 1, 1), widths=(128, 128, 128, 128), stem=32)
-
-
-def tiny_npz(path: Path, num_classes: int = 3, seed: int = 0) -> Path:
-    return save_npz(path, google_arrays(TINY["depths"], widths=TINY["widths"], stem=TINY["stem"], num_classes=num_classes, seed=seed))
-
 
 def test_labels_file_travels_into_every_layout(tmp_path, photos):
     npz = tiny_npz(tmp_path / "tiny.npz")
@@ -399,7 +185,9 @@ def test_labels_file_travels_into_every_layout(tmp_path, photos):
 
     code, out, err = bit("predict", photos["chelsea.png"], "--model", tmp_path / "out.safetensors", "--format", "json", "--top-k", "3")
     assert code == 0, err
-    assert sorted(p["label"] for p in json.loads(out)[0]["predictions"]) == sorted(names)
+    predictions = json.loads(out)[0]["predictions"]
+    assert sorted(p["index"] for p in predictions) == [0, 1, 2]
+    assert all(p["label"] == names[p["index"]] for p in predictions)  # each name stays with its class
 
 
 @pytest.mark.parametrize("dtype, st_name", [("float16", "F16"), ("bfloat16", "BF16")])
@@ -675,7 +463,10 @@ def test_bad_labels_file(flags, message, tmp_path):
 def test_timm_layout_needs_a_timm_architecture(tmp_path):
     npz = tiny_npz(tmp_path / "src.npz")
     code, _, err = bit("convert", npz, tmp_path / "out", "--format", "timm")
-    assert code == 1 and "have no timm name" in err and err.count("\n") == 1, err
+    assert (code, err) == (1, (
+        f"Error: {npz}: depths [1, 1, 1, 1] and widths [128, 128, 128, 128] have no timm name (timm's BiT models are "
+        "R50/R101/R152 x1-x4); convert to --format bitcli or hf instead\n"
+    )), err
     assert listing(tmp_path) == ["src.npz"]
 
 
@@ -686,3 +477,15 @@ def test_written_files_get_ordinary_permissions(r50, tmp_path):
     assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     assert r50["bitcli"].stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_run_takes_typed_options_by_keyword(tmp_path):
+    """What the CLI calls: convert.run(ConvertOptions); no --format and a DST without a suffix: hf."""
+    from bitcli import convert
+    from bitcli.options import ConvertOptions, DType
+
+    npz = tiny_npz(tmp_path / "src.npz")
+    convert.run(ConvertOptions(src=str(npz), dst=tmp_path / "out", dtype=DType.bfloat16))
+    assert listing(tmp_path / "out") == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {t.dtype for t in read_st(tmp_path / "out" / "model.safetensors")[0].values()} == {torch.bfloat16}

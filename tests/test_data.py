@@ -1,4 +1,5 @@
-"""Image-folder discovery, few-shot and validation sampling, per-step sampling, transforms, decoding."""
+"""Image-folder discovery, few-shot and validation sampling, per-step sampling, transforms, decoding (the
+decode cache under bitcli.images.Reader, the check that finds undecodable images)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import pytest
 from PIL import Image
 
 from bitcli import data
-from bitcli.data import DecodeCache, Reader, StepSampler, augment, few_shot, find_splits, index_batches, scan
+from bitcli.data import DecodeCache, StepSampler, augment, few_shot, find_splits, find_undecodable, scan
 from bitcli.errors import BitError
+from bitcli.images import Reader
+from bitcli.preprocess import image_size
 
 
 def write_images(root: Path, counts: dict[str, int], size: tuple[int, int] = (12, 10)) -> None:
@@ -178,14 +181,22 @@ def test_transforms_follow_bit() -> None:
     assert ev.to_uint8(img).tobytes() == np.asarray(img.resize((32, 32), Image.Resampling.BILINEAR)).tobytes()
 
 
+def decode_jobs(count: int, decode, batch_size: int):
+    """(first index, decode jobs) of consecutive batches, as fine-tuning's validation reads a data set."""
+    for start in range(0, count, batch_size):
+        yield start, [lambda i=i: decode(i) for i in range(start, min(start + batch_size, count))]
+
+
 @pytest.mark.parametrize("workers", [0, 1, 3])
-def test_reader_results_do_not_depend_on_workers(folder: data.ImageFolder, workers: int) -> None:
+def test_cached_decoding_does_not_depend_on_workers(folder: data.ImageFolder, workers: int) -> None:
     cache = DecodeCache(folder, data.train_transform(6), budget_bytes=200)  # caches only a couple of images
     with Reader(workers) as reader:
-        batches = list(reader.run(index_batches(len(folder), cache.get, 5)))
-    with Reader(0) as reader:
-        reference = list(reader.run(index_batches(len(folder), DecodeCache(folder, data.train_transform(6), 0).get, 5)))
-    assert [s for s, _ in batches] == [s for s, _ in reference]
+        batches = list(reader.run(decode_jobs(len(folder), cache.get, 5)))
+    assert 0 < len(cache._arrays) < len(folder) and cache._used <= 200
+    uncached = DecodeCache(folder, data.train_transform(6), 0)
+    reference = [(start, np.stack([uncached.get(i) for i in range(start, min(start + 5, len(folder)))]))
+                 for start in range(0, len(folder), 5)]  # fmt: skip
+    assert [s for s, _ in batches] == [s for s, _ in reference] == list(range(0, len(folder), 5))
     assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(batches, reference))
     assert batches[-1][1].shape == (len(folder) % 5 or 5, 6, 6, 3)
 
@@ -195,4 +206,51 @@ def test_bad_image_is_an_error_naming_the_file(tmp_path: Path) -> None:
     (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
     ds = scan(tmp_path)
     with Reader(2) as reader, pytest.raises(BitError, match="broken.png"):
-        list(reader.run(index_batches(len(ds), DecodeCache(ds, data.train_transform(4), 0).get, 2)))
+        list(reader.run(decode_jobs(len(ds), DecodeCache(ds, data.train_transform(4), 0).get, 2)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images that do not decode
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """A JPEG cut short: its header reads fine (so a header scan passes it), its pixels do not decode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) * 2 // 3])
+    assert image_size(path) == (64, 64)
+    return path
+
+
+def test_find_undecodable_names_every_bad_file(tmp_path: Path) -> None:
+    write_images(tmp_path, {"a": 2})
+    bad = truncated_jpeg(tmp_path / "a" / "cut.jpg")
+    (tmp_path / "a" / "text.png").write_text("not a png")
+    paths = [str(tmp_path / "a" / "000.png"), str(bad), str(tmp_path / "a" / "text.png"), str(tmp_path / "a" / "001.png")]
+    for workers in (0, 2):
+        failed = find_undecodable(paths, workers)
+        assert sorted(failed) == [1, 2]
+        assert failed[1].startswith(f"{bad}: cannot decode image (") and "truncated" in failed[1]
+        assert failed[2] == f"{paths[2]}: not an image PIL can read (empty, corrupt or another format)"
+
+
+def test_few_shot_decodes_only_candidates_and_picks_as_if_bad_files_were_gone(tmp_path: Path) -> None:
+    write_images(tmp_path, {"a": 6, "b": 6})
+    ds = scan(tmp_path)
+    bad = few_shot(ds, 3, seed=4).paths[1]  # one of the images the seed picks
+    decoded: list[int] = []
+
+    def undecodable(indices: list[int]) -> set[int]:
+        decoded.extend(indices)
+        return {i for i in indices if ds.paths[i] == bad}
+
+    picked = few_shot(ds, 3, 4, undecodable)
+    assert picked.counts() == [3, 3] and bad not in picked.paths
+    assert len(decoded) == 7  # the six candidates, then one replacement: not the whole folder
+    Path(bad).unlink()
+    after = scan(tmp_path)
+    assert few_shot(after, 3, seed=4).paths == picked.paths  # deleting the file changes nothing else ...
+    assert few_shot(after, 3, seed=4).fingerprint() == picked.fingerprint()  # ... so --resume accepts it
+    with pytest.raises(BitError, match=r"class 'a' has only 5 training image\(s\) that decode \(1 could not be decoded\)"):
+        few_shot(ds, 6, 4, undecodable)

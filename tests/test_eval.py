@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +11,15 @@ import pytest
 import torch
 from conftest import run_main, write_folder
 
-from bitcli.evaluate import OTHER, Accumulator
+from bitcli.evaluate import OTHER
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(data root with train/ and val/, the fine-tuned run folder)."""
-    from bitcli.finetune import Options, run
+    from bitcli.finetune import run
+    from bitcli.hyperrule import resolution_for_crop
+    from bitcli.options import FinetuneOptions
 
     root = tmp_path_factory.mktemp("eval")
     write_folder(root / "data" / "train", {"red": 10, "green": 10, "blue": 10})
@@ -24,8 +27,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run(Options(data=root / "data", model="tiny", output=root / "run", random_init=True, steps="12",
-                    batch_size=8, resolution="16", lr=0.03, eval_every="0", workers=1))  # fmt: skip
+        run(FinetuneOptions(data=root / "data", model="tiny", output=root / "run", random_init=True, steps=12,
+                            batch_size=8, resolution=resolution_for_crop(16), lr=0.03, eval_every=0, workers=1))  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     return root / "data", root / "run"
@@ -40,9 +43,9 @@ def cli():
 def test_eval_json_is_one_object_and_agrees_with_finetune(trained: tuple[Path, Path], cli) -> None:
     data, run = trained
     code, out, err = cli("eval", data / "val", "--model", run, "--format", "json", "--device", "cpu")
-    assert code == 0, err
+    assert (code, err) == (0, "")
     result = json.loads(out)  # the whole of stdout is one JSON object
-    assert set(result) >= {"top1", "top5", "per_class", "confusion", "labels"}
+    assert list(result) == ["top1", "top5", "loss", "count", "per_class", "confusion", "labels"]
     assert result["labels"] == ["blue", "green", "red"]
     confusion = np.array(result["confusion"])
     assert confusion.shape == (3, 3) and confusion.sum() == result["count"] == 12
@@ -50,82 +53,129 @@ def test_eval_json_is_one_object_and_agrees_with_finetune(trained: tuple[Path, P
     assert result["top1"] == pytest.approx(np.trace(confusion) / 12)
     for i, name in enumerate(result["labels"]):
         assert result["per_class"][name] == pytest.approx(confusion[i, i] / confusion[i].sum())
-    assert result["top5"] == 1.0  # three classes: the top five always hold the answer
+    assert result["top5"] is None  # three classes: the top five would always hold the answer
     summary = json.loads((run / "summary.json").read_text())  # finetune's final validation, same images
     assert result["top1"] == summary["val_top1"]
+    assert result["top5"] == summary["val_top5"]
     assert result["loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
 
 
 def test_eval_table_and_split_layout(trained: tuple[Path, Path], cli) -> None:
     data, run = trained
-    code, out, err = cli("eval", data, "--model", run)  # DATA/train + DATA/val: the val split is evaluated
-    assert code == 0, err
-    assert "evaluating the validation split" in err
-    assert "images  12" in out and "top-1" in out and "top-5" in out
-    assert "per-class top-1" in out and "confusion matrix (rows: true class" in out
-    for name in ("red", "green", "blue"):
-        assert name in out
+    code, out, err = cli("eval", data / "val", "--model", run, "--format", "json")
+    assert (code, err) == (0, "")
+    result = json.loads(out)
+    code, table, err = cli("eval", data, "--model", run)  # DATA/train + DATA/val: the val split is evaluated
+    assert (code, err) == (0, f"evaluating the validation split {data / 'val'}\n")
+    lines = table.splitlines()
+    assert lines[:4] == [
+        "images  12",
+        f"top-1   {result['top1']:.4f}",
+        "top-5   n/a (the model has 5 classes or fewer)",
+        f"loss    {result['loss']:.4f}",
+    ]
+    assert "per-class top-1" in table and "confusion matrix (rows: true class, columns: predicted class)" in table
+    cells = [[c.strip() for c in line.strip("│").split("│")] for line in lines if line.startswith("│")]
+    counts = {"blue": 3, "green": 4, "red": 5}
+    assert cells[:3] == [[name, f"{result['per_class'][name]:.4f}", str(counts[name])] for name in ("blue", "green", "red")]
+    assert cells[3:] == [[name, *map(str, row)] for name, row in zip(result["labels"], result["confusion"])]
 
 
 def test_eval_subset_of_classes(trained: tuple[Path, Path], tmp_path: Path, cli) -> None:
+    """A folder with some of the model's classes: columns are those classes in the model's order, then
+    (other) for predictions of a class the folder lacks. Checked against the full evaluation of the same
+    images: green's images, and red's and blue's images all filed under red."""
     data, run = trained
-    write_folder(tmp_path / "two", {"red": 3, "green": 2})
+    full = json.loads(cli("eval", data / "val", "--model", run, "--format", "json")[1])
+    blue, green, red = (np.array(row) for row in full["confusion"])  # columns: predicted blue, green, red
+    shutil.copytree(data / "val" / "green", tmp_path / "two" / "green")
+    shutil.copytree(data / "val" / "red", tmp_path / "two" / "red")
+    for f in (data / "val" / "blue").iterdir():
+        shutil.copy(f, tmp_path / "two" / "red" / f"blue-{f.name}")
     code, out, err = cli("eval", tmp_path / "two", "--model", run, "--format", "json")
-    assert code == 0, err
+    assert (code, err) == (0, "")
     result = json.loads(out)
-    assert result["count"] == 5 and set(result["per_class"]) == {"red", "green"}
-    assert result["labels"][:2] == ["green", "red"]  # in the model's label order
-    if len(result["labels"]) == 3:  # some image was predicted as the absent class "blue"
-        assert result["labels"][2] == OTHER and result["confusion"][2] == [0, 0, 0]
+    wrong_red = red + blue
+    assert blue[0] > 0  # the model does predict blue: the (other) column is exercised
+    assert result["labels"] == ["green", "red", OTHER]  # in the model's label order, then (other)
+    assert result["confusion"] == [[green[1], green[2], green[0]], [wrong_red[1], wrong_red[2], wrong_red[0]], [0, 0, 0]]
+    assert result["count"] == 12
+    assert result["per_class"] == {"green": green[1] / 4, "red": wrong_red[2] / 8}
+    assert result["top1"] == (green[1] + wrong_red[2]) / 12
 
 
 def test_eval_errors(trained: tuple[Path, Path], tmp_path: Path, cli) -> None:
     data, run = trained
     write_folder(tmp_path / "zoo", {"red": 1, "zebra": 1})
-    code, _, err = cli("eval", tmp_path / "zoo", "--model", run)
-    assert code == 1 and "class 'zebra' is not a label of" in err
+    code, out, err = cli("eval", tmp_path / "zoo", "--model", run)
+    assert code == 1 and out == "" and "class 'zebra' is not a label of" in err
+    assert err == (
+        f"Error: {tmp_path / 'zoo' / 'zebra'}: class 'zebra' is not a label of {run} ('blue', 'green', 'red'); "
+        "name the class folders after the model's labels (the full name, or its first name when unique) or class indices\n"
+    )
     code, _, err = cli("eval", data / "val", "--model", run, "--format", "xml")
     assert code == 2 and "--format" in err and "'xml' is not one of 'table', 'json'" in err  # click checks the choice
     (tmp_path / "nosplit" / "train").mkdir(parents=True)
     code, _, err = cli("eval", tmp_path / "nosplit", "--model", run)
-    assert code == 1 and "has train/ but no val/" in err
+    assert code == 1 and err == f"Error: {tmp_path / 'nosplit'}: has train/ but no val/, valid/ or validation/; pass the folder to evaluate\n"
 
 
-def test_accumulator_exact_counts() -> None:
-    # Data classes (b, a) map to model labels 2 and 0 of a 4-class model.
-    acc = Accumulator(["b", "a"], class_to_model=[2, 0], num_model_classes=4)
-    logits = torch.tensor(
-        [
-            [0.0, 0.1, 0.9, 0.2],  # true b(2), predicted 2: right
-            [0.9, 0.1, 0.0, 0.2],  # true b(2), predicted 0 (a): wrong; 2 is last of 4, still in the top 5
-            [0.9, 0.0, 0.1, 0.2],  # true a(0), predicted 0: right
-            [0.1, 0.9, 0.0, 0.2],  # true a(0), predicted 1: a label outside the data -> (other)
-        ]
+def test_eval_runs_the_model_through_the_engine(trained: tuple[Path, Path], cli, monkeypatch) -> None:
+    """On a CPU too, eval's batches go through the one engine (channels_last, inference mode), and the
+    batch size changes nothing but speed."""
+    from bitcli.engine import Engine
+
+    data, run = trained
+    whole = json.loads(cli("eval", data / "val", "--model", run, "--format", "json", "--device", "cpu")[1])
+    seen = []
+    logits = Engine.logits
+
+    def spy(self: Engine, batch: np.ndarray) -> torch.Tensor:
+        out = logits(self, batch)
+        seen.append((len(batch), self.channels_last, self.device.type, out.is_inference(), self.model.training))
+        return out
+
+    monkeypatch.setattr(Engine, "logits", spy)
+    code, out, err = cli("eval", data / "val", "--model", run, "--format", "json", "--device", "cpu", "-b", "5", "--workers", "0")
+    assert (code, err) == (0, "")
+    assert seen == [(5, True, "cpu", True, False)] * 2 + [(2, True, "cpu", True, False)]
+    result = json.loads(out)
+    assert result.pop("loss") == pytest.approx(whole.pop("loss"), rel=1e-6)
+    assert result == whole
+
+
+def test_imagenet_folders_by_index_or_first_name(bit50_dir: Path, tmp_path: Path, cli) -> None:
+    """A 1000-class model: folder "1" is class 1 (goldfish), "tabby" is "tabby, tabby cat" (281); the loss
+    shows that each image was scored against that class."""
+    import transformers
+    from PIL import Image
+
+    write_folder(tmp_path / "data", {"tabby": 1, "1": 1})
+    code, out, err = cli("eval", tmp_path / "data", "--model", bit50_dir, "--format", "json", "--device", "cpu")
+    assert (code, err) == (0, "")
+    result = json.loads(out)
+    assert result["labels"][:2] == ["1", "tabby"] and result["count"] == 2 and result["top5"] is not None
+    model = transformers.BitForImageClassification.from_pretrained(bit50_dir).eval()
+    processor = transformers.BitImageProcessorPil.from_pretrained(bit50_dir)
+    paths = [tmp_path / "data" / "1" / "000.png", tmp_path / "data" / "tabby" / "000.png"]
+    with torch.no_grad():
+        peer = model(processor([Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]).logits
+    assert model.config.id2label[281] == "tabby, tabby cat"
+    assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(peer, torch.tensor([1, 281])).item(), rel=1e-4)
+
+
+def test_ambiguous_folder_name_is_refused_listing_the_candidates(bit50_dir: Path, tmp_path: Path, cli) -> None:
+    """ImageNet has two "crane"s (the bird, 134, and the machine, 517): the folder is refused, not guessed."""
+    write_folder(tmp_path / "birds", {"crane": 1, "goldfish": 1})
+    code, out, err = cli("eval", tmp_path / "birds", "--model", bit50_dir, "--device", "cpu")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"Error: {tmp_path / 'birds' / 'crane'}: class 'crane' is ambiguous: 2 labels of {bit50_dir} match it "
+        "(134 'crane', 517 'crane'); name the folder by the class index instead, e.g. '134'\n"
     )
-    acc.update(logits[:2], np.array([0, 0]))
-    acc.update(logits[2:], np.array([1, 1]))
-    r = acc.result()
-    assert (r.top1, r.top5, r.count) == (0.5, 1.0, 4)
-    assert r.per_class == {"b": 0.5, "a": 0.5}
-    assert r.labels == ["a", "b", OTHER]  # model order, then (other)
-    assert r.confusion == [[1, 0, 1], [1, 1, 0], [0, 0, 0]]
-    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2, 0, 0])).item()
-    assert r.loss == pytest.approx(expected)
-
-
-def test_table_prints_class_names_literally_on_one_line() -> None:
-    """Class folder names are data: "[bold]cat[/bold]" is not markup, and a newline does not break a row."""
-    from bitcli.evaluate import EvalResult, render_table
-
-    names = ["[bold]cat[/bold]", "a\nb", "[red]"]
-    result = EvalResult(top1=0.5, top5=1.0, loss=0.7, count=6, per_class=dict.fromkeys(names, 0.5), labels=names,
-                        confusion=[[1, 1, 0], [0, 1, 1], [1, 0, 1]])  # fmt: skip
-    text = render_table(result, color=False)
-    for name in ("[bold]cat[/bold]", "a\\nb", "[red]"):  # per-class row, confusion row and column
-        assert text.count(name) == 3, text
-    rows = [line for line in text.splitlines() if line.startswith("│")]  # body rows (headers use ┃)
-    assert len(rows) == 3 + 3  # per-class and confusion: one line per class
-    assert len({len(line) for line in rows[3:]}) == 1  # the confusion matrix's rows line up
+    (tmp_path / "birds" / "crane").rename(tmp_path / "birds" / "517")
+    code, out, err = cli("eval", tmp_path / "birds", "--model", bit50_dir, "--device", "cpu", "--format", "json")
+    assert (code, err) == (0, "") and json.loads(out)["labels"][:2] == ["goldfish", "517"]
 
 
 def test_ctrl_c_during_eval_says_how_far_it_got(trained: tuple[Path, Path], tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_bit, save_hf_model
+from conftest import run_main, save_hf_model
 
 from bitcli.hub import load_checkpoint
 
@@ -34,7 +34,7 @@ def _bit_command(*args) -> list[str]:
 
 def test_sigkill_during_convert_keeps_previous_dst(r50_folder, tiny_dir, tmp_path):
     dst = tmp_path / "model.safetensors"
-    assert run_bit("convert", tiny_dir, dst).returncode == 0
+    assert run_main("convert", tiny_dir, dst)[0] == 0  # the DST a killed process must keep
     before = _digest(dst)
     proc = subprocess.Popen(_bit_command("convert", r50_folder, dst, "--overwrite"), env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -54,7 +54,7 @@ def test_sigkill_during_convert_into_a_folder_keeps_previous_model_files(r50_fol
     """The new files are written beside the old ones inside DST (the folder itself is never replaced); a kill
     leaves the old files whole, and the next conversion cleans up what the killed one left."""
     dst = tmp_path / "hf"
-    assert run_bit("convert", tiny_dir, dst, "--format", "hf").returncode == 0
+    assert run_main("convert", tiny_dir, dst, "--format", "hf")[0] == 0
     before = {p.name: _digest(p) for p in dst.iterdir()}
     proc = subprocess.Popen(_bit_command("convert", r50_folder, dst, "--format", "hf", "--overwrite"),
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -67,8 +67,8 @@ def test_sigkill_during_convert_into_a_folder_keeps_previous_model_files(r50_fol
     assert {p.name: _digest(p) for p in dst.iterdir() if not p.name.startswith(".")} == before
     assert load_checkpoint(str(dst)).config.hidden_sizes == (32, 64)
 
-    again = run_bit("convert", r50_folder, dst, "--format", "hf", "--overwrite")
-    assert again.returncode == 0, again.stderr
+    code, _, err = run_main("convert", r50_folder, dst, "--format", "hf", "--overwrite")
+    assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing left over, beside DST or in it
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     assert load_checkpoint(str(dst)).config.hidden_sizes == (256, 512, 1024, 2048)
@@ -85,7 +85,7 @@ def _limit_file_size(max_bytes: int):
 def test_full_disk_during_convert_keeps_previous_dst(r50_folder, tiny_dir, tmp_path, fmt, dst_name):
     """A file-size limit makes writes fail as a full disk does; the old DST must stay valid, no temp left."""
     dst = tmp_path / dst_name
-    assert run_bit("convert", tiny_dir, dst, "--format", fmt).returncode == 0
+    assert run_main("convert", tiny_dir, dst, "--format", fmt)[0] == 0
     snapshot = {p.relative_to(tmp_path): _digest(p) for p in tmp_path.rglob("*") if p.is_file()}
     result = subprocess.run(
         _bit_command("convert", r50_folder, dst, "--format", fmt, "--overwrite"),
@@ -94,7 +94,8 @@ def test_full_disk_during_convert_keeps_previous_dst(r50_folder, tiny_dir, tmp_p
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert "previous" in result.stderr
+    kept = "the previous file is unchanged" if fmt == "bitcli" else "the previous folder is unchanged"
+    assert result.stderr.startswith(f"Error: {dst}: cannot write it (") and result.stderr.endswith(f"); {kept}\n"), result.stderr
     after = {p.relative_to(tmp_path): _digest(p) for p in tmp_path.rglob("*") if p.is_file()}
     assert after == snapshot  # same files, same bytes: nothing half-written, nothing left over
     assert load_checkpoint(str(dst)).config.hidden_sizes == (32, 64)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_bit
+from conftest import run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -22,10 +22,10 @@ _TINY = dict(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory, tiny_dir) -> dict[str, bytes]:
     """The bytes of one valid checkpoint in each format, to mutate."""
-    from bitcli.checkpoints import write_npz
+    from bitcli.formats.npz import write as write_npz
 
     out = tmp_path_factory.mktemp("valid")
-    assert run_bit("convert", tiny_dir, out / "bitcli.safetensors").returncode == 0
+    assert run_main("convert", tiny_dir, out / "bitcli.safetensors")[0] == 0
     write_npz(load_checkpoint(str(out / "bitcli.safetensors")), out / "google.npz")
     return {name: (out / name).read_bytes() for name in ("bitcli.safetensors", "google.npz")}
 
@@ -56,7 +56,8 @@ def test_mutated_checkpoints_load_or_fail_cleanly(tmp_path, tiny_files, which, c
 
 
 class _Boom:
-    """Unpickling this would create a marker file: the test proves it is never unpickled."""
+    """Unpickling this would create a marker file (through getattr, which torch's loader names): the test
+    proves it is never unpickled."""
 
     def __init__(self, marker: Path) -> None:
         self.marker = marker
@@ -65,11 +66,21 @@ class _Boom:
         return (Path.touch, (self.marker,))
 
 
+def _predict_error(photos, model) -> str:
+    """`bit predict --model MODEL` on one photo must fail with exactly one `Error:` line, exit 1."""
+    code, out, err = run_main("predict", photos["chelsea.png"], "--model", model)
+    assert (code, out) == (1, ""), err
+    assert err.startswith("Error: ") and err.count("\n") == 1, err
+    return err.removeprefix("Error: ").rstrip("\n")
+
+
 def test_pickled_bin_payload_never_runs(tmp_path, photos):
     marker = tmp_path / "pwned"
     torch.save({"stem.conv.weight": torch.zeros(16, 3, 7, 7), "evil": _Boom(marker)}, tmp_path / "evil.bin")
-    result = run_bit("predict", photos["chelsea.png"], "--model", tmp_path / "evil.bin")
-    assert result.returncode == 1 and "never unpickles" in result.stderr and "evil.bin" in result.stderr
+    assert _predict_error(photos, tmp_path / "evil.bin") == (
+        f"{tmp_path / 'evil.bin'}: pickled Python objects, not plain weights (it refers to getattr); "
+        "bitcli never unpickles those. If you trust the file, re-save its weights as safetensors with the tool that wrote it"
+    )
     assert not marker.exists()
 
 
@@ -78,8 +89,10 @@ def test_object_array_in_npz_is_refused(tmp_path, photos):
 
     marker = tmp_path / "pwned"
     np.savez(tmp_path / "evil.npz", **{"resnet/root_block/standardized_conv2d/kernel": np.array([_Boom(marker)], dtype=object)})
-    result = run_bit("predict", photos["chelsea.png"], "--model", tmp_path / "evil.npz")
-    assert result.returncode == 1 and "pickle" in result.stderr
+    assert _predict_error(photos, tmp_path / "evil.npz") == (
+        f"{tmp_path / 'evil.npz'}: array resnet/root_block/standardized_conv2d/kernel holds Python objects (a pickle); "
+        "bitcli refuses to load it"
+    )
     assert not marker.exists()
 
 
@@ -92,10 +105,9 @@ def test_nan_weights_are_refused(tmp_path, tiny_dir, photos):
     state = load_file(model / "model.safetensors")
     state["bit.norm.weight"][3] = float("nan")
     save_file(state, model / "model.safetensors", metadata={"format": "pt"})
-    result = run_bit("predict", photos["chelsea.png"], "--model", model)
-    assert result.returncode == 1
-    assert "bit.norm.weight" in result.stderr or "norm.weight" in result.stderr
-    assert "NaN" in result.stderr and "Traceback" not in result.stderr
+    assert _predict_error(photos, model) == (
+        f"{model}: tensor bit.norm.weight holds NaN or infinite values; the checkpoint is corrupt"
+    )  # named as the file names it
 
 
 def test_integer_weights_are_refused(tmp_path, tiny_dir, photos):
@@ -103,8 +115,9 @@ def test_integer_weights_are_refused(tmp_path, tiny_dir, photos):
     state = load_file(model / "model.safetensors")
     state["bit.norm.bias"] = state["bit.norm.bias"].to(torch.int32)
     save_file(state, model / "model.safetensors", metadata={"format": "pt"})
-    result = run_bit("predict", photos["chelsea.png"], "--model", model)
-    assert result.returncode == 1 and "norm.bias" in result.stderr and "floating point" in result.stderr
+    assert _predict_error(photos, model) == (
+        f"{model}: tensor bit.norm.bias has dtype torch.int32; BiT weights must be floating point"
+    )
 
 
 def test_config_that_lies_about_shapes(tmp_path, tiny_dir, photos):
@@ -112,15 +125,19 @@ def test_config_that_lies_about_shapes(tmp_path, tiny_dir, photos):
     config = json.loads((model / "config.json").read_text())
     config["hidden_sizes"] = [64, 128]  # the weights are 32, 64 wide
     (model / "config.json").write_text(json.dumps(config))
-    result = run_bit("predict", photos["chelsea.png"], "--model", model)
-    assert result.returncode == 1
-    assert "do not match the architecture" in result.stderr and "wrong shape" in result.stderr
-    assert result.stderr.count("\n") == 1
+    assert _predict_error(photos, model) == (
+        f"{model}: weights do not match the architecture: wrong shape "
+        "bit.encoder.stages.0.layers.0.downsample.conv.weight (32, 16, 1, 1) (expected (64, 16, 1, 1)), "
+        "bit.encoder.stages.0.layers.0.conv1.weight (8, 16, 1, 1) (expected (16, 16, 1, 1)), "
+        "bit.encoder.stages.0.layers.0.norm2.weight (8,) (expected (16,)), "
+        "bit.encoder.stages.0.layers.0.norm2.bias (8,) (expected (16,)) (+17 more)"
+    )  # every problem counted, in transformers' names
 
 
 def test_truncated_safetensors_names_the_problem(tmp_path, tiny_dir, photos):
     model = _copy_model(tiny_dir, tmp_path / "cut")
     data = (model / "model.safetensors").read_bytes()
     (model / "model.safetensors").write_bytes(data[: len(data) - 1000])
-    result = run_bit("predict", photos["chelsea.png"], "--model", model)
-    assert result.returncode == 1 and "truncated" in result.stderr and "model.safetensors" in result.stderr
+    assert _predict_error(photos, model) == (
+        f"{model / 'model.safetensors'}: safetensors data runs past the end of the file (truncated)"
+    )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import timm
-from conftest import perturb, populate_hf_cache, run_bit, run_main, write_folder
+from conftest import perturb, populate_hf_cache, run_main, write_folder
 
 COMMIT_MAIN = "a" * 40
 COMMIT_V1 = "b" * 40
@@ -40,19 +41,41 @@ def hf_home(tmp_path_factory, tiny_dir):
     return home
 
 
-def _predict(hf_home, image, *flags, offline=True):
-    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1" if offline else "0"}
-    return run_bit("predict", image, "--format", "json", *flags, env=env)
+@pytest.fixture
+def use_hub_cache(monkeypatch):
+    """Point huggingface_hub at an HF_HOME in this process. It reads HF_HOME and HF_HUB_OFFLINE once, at import,
+    into its `constants`, and looks them up there on every call: the values a fresh process would have read."""
+    from huggingface_hub import constants
+
+    def use(hf_home: Path, offline: bool = True) -> None:
+        monkeypatch.setenv("HF_HOME", str(hf_home))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+
+    return use
 
 
-def test_default_model_resolves_from_cache_offline(hf_home, tiny_dir, photos):
+@pytest.fixture
+def _predict(use_hub_cache):
+    """`bit predict IMAGE --format json FLAGS` in this process, with HF_HOME=hf_home (offline unless told)."""
+
+    def predict(hf_home, image, *flags, offline=True) -> subprocess.CompletedProcess:
+        use_hub_cache(hf_home, offline)
+        args = ["predict", image, "--format", "json", *flags]
+        return subprocess.CompletedProcess(args, *run_main(*args))
+
+    return predict
+
+
+def test_default_model_resolves_from_cache_offline(_predict, hf_home, tiny_dir, photos):
     from_cache = _predict(hf_home, photos["chelsea.png"])  # no --model: google/bit-50
     assert from_cache.returncode == 0, from_cache.stderr
     from_folder = _predict(hf_home, photos["chelsea.png"], "--model", str(tiny_dir))
     assert json.loads(from_cache.stdout)[0]["predictions"] == json.loads(from_folder.stdout)[0]["predictions"]
 
 
-def test_revision_selects_another_snapshot(hf_home, photos):
+def test_revision_selects_another_snapshot(_predict, hf_home, photos):
     main = json.loads(_predict(hf_home, photos["chelsea.png"]).stdout)[0]["predictions"]
     v1 = _predict(hf_home, photos["chelsea.png"], "--revision", "v1")
     assert v1.returncode == 0, v1.stderr
@@ -60,7 +83,7 @@ def test_revision_selects_another_snapshot(hf_home, photos):
     assert [p["label"] for p in tagged] == [p["label"].upper() for p in main]
 
 
-def test_timm_repo_id_from_cache(hf_home, photos):
+def test_timm_repo_id_from_cache(_predict, hf_home, photos):
     result = _predict(hf_home, photos["rocket.jpg"], "--model", "timm/resnetv2_50x1_bit.goog_in21k_ft_in1k", "--top-k", "2")
     assert result.returncode == 0, result.stderr
     preds = json.loads(result.stdout)[0]["predictions"]
@@ -74,14 +97,14 @@ def test_timm_repo_id_from_cache(hf_home, photos):
         (["--revision", "v2"], "'google/bit-50@v2' is not in the Hugging Face cache"),
     ],
 )
-def test_missing_from_cache_offline_is_one_clear_line(hf_home, photos, flags, message):
+def test_missing_from_cache_offline_is_one_clear_line(_predict, hf_home, photos, flags, message):
     result = _predict(hf_home, photos["chelsea.png"], *flags)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and message in result.stderr and "HF_HUB_OFFLINE=1" in result.stderr
     assert "hf download" in result.stderr
 
 
-def test_cached_model_works_without_offline_flag_when_hub_is_unreachable(hf_home, photos):
+def test_cached_model_works_without_offline_flag_when_hub_is_unreachable(_predict, hf_home, photos):
     """No HF_HUB_OFFLINE and no network: huggingface_hub falls back to the cache by itself."""
     result = _predict(hf_home, photos["chelsea.png"], offline=False)
     assert result.returncode == 0, result.stderr
@@ -145,10 +168,10 @@ def test_local_looking_spec_that_does_not_exist_is_no_such_file(spec, photos, tm
     assert _error("predict", photos["chelsea.png"], "--model", spec) == f"model {spec!r}: no such file or folder"
 
 
-def test_owner_name_spec_that_is_neither_local_nor_cached_says_both(hf_home, photos, tmp_path):
+def test_owner_name_spec_that_is_neither_local_nor_cached_says_both(_predict, hf_home, photos, tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
-    result = run_bit("predict", photos["chelsea.png"], "--model", "runs/typo", cwd=tmp_path,
-                     env={"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    result = _predict(hf_home, photos["chelsea.png"], "--model", "runs/typo")
     assert result.returncode == 1 and result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(
         "Error: model 'runs/typo': no such file or folder, and as a Hub repo id: model 'runs/typo' is not in the Hugging Face cache"

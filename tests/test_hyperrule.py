@@ -1,4 +1,5 @@
-"""BiT-HyperRule: lr at every step, schedule/resolution/MixUp at the regime boundaries, and the planner."""
+"""BiT-HyperRule: lr at every step, schedule/resolution/MixUp at the regime boundaries, and a whole run that
+follows the rule. (The planner that applies it to folders: tests/finetune/test_plan.py.)"""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_main
 from PIL import Image
 
 from bitcli import hyperrule
 from bitcli.errors import BitError
-from bitcli.finetune import Datasets, Dist, Options, make_plan
-from bitcli.hyperrule import Schedule
 
 
 def google_get_schedule(dataset_size: int) -> list[int]:
@@ -130,75 +130,13 @@ def test_resolution_for_crop() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The planner applies the rule to real folders
-
-
-def _folder(tmp_path: Path, size: tuple[int, int], n: int):
-    """An ImageFolder of n entries (the same few real files repeated): the planner only counts and
-    reads image headers, so this exercises it at data-set sizes too large to write to disk."""
-    from bitcli.data import ImageFolder
-
-    root = tmp_path / f"{size[0]}x{size[1]}"
-    files = []
-    for c in range(2):
-        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
-        p = root / f"c{c}" / "a.png"
-        Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(p)
-        files.append(str(p))
-    paths = tuple(files[i % 2] for i in range(n))
-    return ImageFolder(root, ("c0", "c1"), paths, tuple(i % 2 for i in range(n)))
-
-
-def _plan(tmp_path: Path, size: tuple[int, int], n: int, **flags):
-    from bitcli.finetune import random_init_config
-    from bitcli.model import BitModel
-
-    ds = _folder(tmp_path, size, n)
-    opts = Options(data=ds.root, model="tiny", output=tmp_path / "out", random_init=True, batch_split="1", **flags)
-    model = BitModel(random_init_config("tiny", 2))
-    import torch
-
-    return make_plan(opts, Datasets(ds, None, None), model, Dist(), torch.device("cpu"), torch.float32, None)
-
-
-@pytest.mark.parametrize(
-    "n, steps, mixup",
-    [(19_999, 500, None), (20_000, 10_000, 0.1), (499_999, 10_000, 0.1), (500_000, 20_000, 0.1)],
-)
-def test_plan_steps_and_mixup_at_boundaries(tmp_path: Path, n: int, steps: int, mixup: float | None) -> None:
-    plan = _plan(tmp_path, (32, 32), n)
-    assert (plan.steps, plan.mixup) == (steps, mixup)
-    assert plan.boundaries == tuple(google_get_schedule(n))
-    assert plan.lr == 0.003 and plan.batch_size == 512 and plan.momentum == 0.9
-    assert "HyperRule" in plan.why["steps"] and "HyperRule" in plan.why["mixup"]
-
-
-@pytest.mark.parametrize("size, resize, crop", [((95, 97), 160, 128), ((96, 96), 512, 480), ((120, 77), 512, 480)])
-def test_plan_resolution_from_image_sizes(tmp_path: Path, size: tuple[int, int], resize: int, crop: int) -> None:
-    plan = _plan(tmp_path, size, 10)
-    assert (plan.resize, plan.crop) == (resize, crop)
-    assert "median image area" in plan.why["resolution"]
-
-
-def test_plan_overrides(tmp_path: Path) -> None:
-    plan = _plan(tmp_path, (32, 32), 100, steps="300", mixup="0.2", resolution="40:32", lr=0.01)
-    assert plan.boundaries == (60, 120, 180, 240, 300)
-    assert (plan.mixup, plan.resize, plan.crop, plan.lr) == (0.2, 40, 32, 0.01)
-    assert json.loads(json.dumps(plan.to_dict()))["boundaries"] == [60, 120, 180, 240, 300]
-    assert _plan(tmp_path, (32, 32), 100, mixup="0").mixup is None
-
-
-# ----------------------------------------------------------------------------------------------------------
 # A whole run
 
 
-def test_auto_schedule_run_logs_the_rule_lr_at_every_step(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_auto_schedule_run_logs_the_rule_lr_at_every_step(tmp_path: Path) -> None:
     """`bit finetune` with the automatic schedule (500 steps for a small data set) uses the rule's lr at every
     optimizer step, as metrics.jsonl records it."""
     import torch
-
-    from bitcli.cli import main
 
     rng = np.random.default_rng(0)
     for c in range(3):
@@ -206,18 +144,15 @@ def test_auto_schedule_run_logs_the_rule_lr_at_every_step(tmp_path: Path, capsys
         for i in range(7):
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
     tiny = '{"depths": [1, 1], "hidden_sizes": [32, 64], "embedding_size": 16, "num_groups": 8}'
-    monkeypatch.setattr("sys.argv", ["bit", "finetune", str(tmp_path / "data"), "--output", str(tmp_path / "run"),
-                                     "--batch-size", "2", "--eval-every", "0", "--save-every", "500", "--random-init",
-                                     "--model", tiny, "--resolution", "8", "--workers", "0"])  # fmt: skip
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with pytest.raises(SystemExit) as exit_:
-            main()
+        code, _, err = run_main("finetune", tmp_path / "data", "--output", tmp_path / "run", "--batch-size", "2",
+                                "--eval-every", "0", "--save-every", "500", "--random-init", "--model", tiny,
+                                "--resolution", "8", "--workers", "0")  # fmt: skip
     finally:
         torch.set_num_threads(threads)
-    err = capsys.readouterr().err
-    assert exit_.value.code == 0, err
+    assert code == 0, err
     assert "500 steps" in err and "HyperRule for 21 training examples" in err
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(500))

@@ -8,8 +8,9 @@ import torch
 import transformers
 from conftest import perturb, save_hf_model
 
-from bitcli.checkpoints import BITCLI_TO_TIMM, expected_shapes, rename
 from bitcli.config import BitConfig
+from bitcli.formats import expected_shapes
+from bitcli.formats.timm import LAYOUT as TIMM
 from bitcli.hub import load_checkpoint
 from bitcli.model import BitModel
 
@@ -65,14 +66,16 @@ def test_logits_match_timm_resnetv2_50x1_bit(tmp_path):
 
 @pytest.mark.parametrize("name", ["R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4"])
 def test_every_published_variant_has_timms_tensors(name):
-    """Key names and shapes of all six published BiT layouts, against timm's own models (built on meta)."""
+    """Key names and shapes of all six published BiT layouts, against timm's own models (built on meta): what
+    bitcli's timm layout (names and its 1x1-conv head) turns bitcli's tensors into."""
     depth, width = name[1:].split("x")
     with torch.device("meta"):
         reference = timm.create_model(f"resnetv2_{depth}x{width}_bit", num_classes=21843)
     want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     ours = expected_shapes(BitConfig.from_name(name, num_classes=21843))
-    mapped = {rename(k, BITCLI_TO_TIMM): (s + (1, 1) if k == "head.weight" else s) for k, s in ours.items()}
+    mapped = {TIMM.key(k): TIMM.shape(k, s) for k, s in ours.items()}
     assert mapped == want
+    assert mapped["head.fc.weight"] == (21843, 2048 * int(width), 1, 1)
 
 
 def test_parameter_counts_of_published_variants():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import bitcli
 
-SOURCES = sorted(Path(bitcli.__file__).parent.glob("*.py"))
+SOURCES = sorted(Path(bitcli.__file__).parent.rglob("*.py"))  # sub-packages too (bitcli/finetune/)
 
 
 def _calls(tree: ast.AST):
@@ -20,7 +20,8 @@ def _calls(tree: ast.AST):
 
 
 def test_sources_were_found():
-    assert {p.name for p in SOURCES} >= {"cli.py", "checkpoints.py", "hub.py", "model.py", "predict.py"}
+    found = {p.relative_to(Path(bitcli.__file__).parent).as_posix() for p in SOURCES}
+    assert found >= {"cli.py", "formats/raw.py", "formats/npz.py", "hub.py", "model.py", "predict.py"}
 
 
 def test_no_unpickling_anywhere():

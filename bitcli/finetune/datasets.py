@@ -1,0 +1,122 @@
+"""The run's images: the training and validation folders as found, then only the images that decode, with
+--val-split and --shots applied. Everything here happens before any weight is built."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from bitcli.data import ImageFolder, few_shot, find_splits, find_undecodable, scan, split_validation
+from bitcli.errors import BitError, UsageError
+from bitcli.finetune.distributed import Dist, all_max, collective_device
+from bitcli.options import FinetuneOptions
+from bitcli.ui import log, progress_bar, visible
+
+CHECK_LOG_FROM = 1000  # images: say on stderr that they are being decoded (a progress bar shows on a terminal)
+
+
+@dataclass(frozen=True)
+class Datasets:
+    train: ImageFolder
+    val: ImageFolder | None
+    validation: str | None  # a folder, "F of every class of DIR (seed S)", or None
+    skipped: tuple[str, ...] = ()  # images left out because they do not decode (training, then validation)
+
+
+def scan_datasets(opts: FinetuneOptions) -> Datasets:
+    """The image folders as found (headers are not even read yet); refuses layouts that make no classifier."""
+    if opts.val is not None and opts.val_split is not None:
+        raise UsageError("--val and --val-split both name a validation set; pass only one")
+    train_root, val_root = find_splits(opts.data)
+    if opts.val is not None:
+        val_root = opts.val
+    elif val_root is not None and opts.val_split is not None:
+        raise UsageError(f"--val-split: {opts.data} already has the validation split {val_root}; drop --val-split")
+    train = scan(train_root)
+    if len(train.classes) < 2:
+        raise UsageError(
+            f"{visible(str(train_root))}: holds one class folder ({train.classes[0]!r}); a classifier needs at "
+            "least 2 classes, so add a sub-folder of images for each other class"
+        )
+    val = scan(val_root, classes=train.classes) if val_root is not None else None
+    return Datasets(train, val, str(val_root) if val_root is not None else None)
+
+
+def usable_datasets(opts: FinetuneOptions, found: Datasets, undecodable: Callable[[list[str]], dict[int, str]]) -> Datasets:
+    """The images that decode, then --val-split and --shots.
+
+    `undecodable(paths)` decodes them all and returns {index: error} of the failures. Every image the run
+    uses is decoded here, before step 0; with --shots (and no --val-split) only the candidates are (see
+    few_shot). The skipped files leave the data set before any sampling, so a run that skips them and one
+    whose folder no longer holds them train on the same images, with the same fingerprint.
+    """
+    train, val, validation = found.train, found.val, found.validation
+    skipped: list[str] = []
+
+    def without(ds: ImageFolder, failed: dict[int, str] | set[int]) -> ImageFolder:
+        skipped.extend(ds.paths[i] for i in sorted(failed))
+        return ds.subset(i for i in range(len(ds)) if i not in failed)
+
+    checked_all = opts.shots is None or opts.val_split is not None
+    if checked_all:
+        failed = undecodable([*train.paths, *(val.paths if val is not None else ())])
+        n = len(train)
+        train = without(train, {i for i in failed if i < n})
+        if val is not None:
+            val = without(val, {i - n for i in failed if i >= n})
+        _check_every_class_decodes(train)
+    elif val is not None:
+        val = without(val, undecodable(list(val.paths)))
+    if opts.val_split is not None:
+        train, val = split_validation(train, opts.val_split, opts.seed)
+        validation = f"{opts.val_split:g} of every class of {found.train.root} (seed {opts.seed})"
+    if opts.shots is not None:
+        pool = train
+
+        def failing(indices: list[int]) -> set[int]:
+            if checked_all:
+                return set()
+            failed = {indices[j] for j in undecodable([pool.paths[i] for i in indices])}
+            skipped.extend(pool.paths[i] for i in sorted(failed))
+            return failed
+
+        train = few_shot(pool, opts.shots, opts.seed, failing)
+    if val is not None and len(val) == 0:
+        raise BitError(f"{visible(validation or '')}: none of the validation images can be decoded (listed above)")
+    return Datasets(train, val, validation, tuple(skipped))
+
+
+def _check_every_class_decodes(train: ImageFolder) -> None:
+    for c, count in enumerate(train.counts()):
+        if count == 0:
+            raise BitError(
+                f"{visible(str(train.root / train.classes[c]))}: none of the images of class "
+                f"{train.classes[c]!r} can be decoded (listed above); replace them or remove the folder"
+            )
+
+
+def shared_undecodable(paths: list[str], info: Dist, device: torch.device, workers: int) -> dict[int, str]:
+    """data.find_undecodable over `paths`, shared by the processes (each decodes every world-th image) and
+    the same answer in each; the main process reports every failure on stderr."""
+    if not paths:
+        return {}
+    if info.main and len(paths) >= CHECK_LOG_FROM:
+        log(f"checking that {len(paths):,} images decode")
+    mine = paths[info.rank :: info.world]
+    bar = progress_bar("checking images", total=len(mine), unit="img") if info.main else contextlib.nullcontext(lambda n: None)
+    with bar as advance:
+        found = {info.rank + j * info.world: error for j, error in find_undecodable(mine, workers, advance).items()}
+    if info.world > 1:
+        flags = torch.zeros(len(paths), dtype=torch.int32, device=collective_device(device))
+        if found:
+            flags[list(found)] = 1
+        others = [i for i in all_max(flags, info).nonzero().flatten().tolist() if i not in found]
+        again = find_undecodable([paths[i] for i in others], workers) if info.main else {}  # their errors: a few files
+        found.update({i: again.get(j, f"{paths[i]}: cannot be decoded") for j, i in enumerate(others)})
+    if info.main:
+        for i in sorted(found):
+            log(f"skipped {visible(found[i])}")
+    return found

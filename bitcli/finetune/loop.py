@@ -1,0 +1,208 @@
+"""The training loop. Per optimizer step: set the lr, forward and backward each micro-batch (the gradients
+add up to the global batch's mean), step the optimizer, log, validate, save.
+
+Each step's images, crops, flips and MixUp come from data.StepSampler as a function of (seed, step), so a
+run resumed from the checkpoint of step s continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bitcli import hyperrule
+from bitcli.data import DecodeCache, StepSample, StepSampler, augment
+from bitcli.engine import Engine
+from bitcli.errors import BitError
+from bitcli.evaluate import EvalResult, evaluate
+from bitcli.finetune.datasets import Datasets
+from bitcli.finetune.distributed import Dist, all_sum, barrier
+from bitcli.finetune.plan import Plan
+from bitcli.finetune.progress import TrainProgress
+from bitcli.finetune.rundir import METRICS_FILE, STATE_FILE, MetricsLog, top5_text
+from bitcli.finetune.state import check_finite, save_state
+from bitcli.images import Reader
+from bitcli.ui import log
+
+
+@dataclass
+class Training:
+    """What the loop works with, set up by the command before step `start`."""
+
+    plan: Plan
+    info: Dist
+    engine: Engine  # the model itself (engine.model), its device, precision and input conversion
+    model: torch.nn.Module  # what the training forward runs: engine.model, or DistributedDataParallel over it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    data: Datasets
+    train_cache: DecodeCache
+    val_cache: DecodeCache | None
+    output: Path
+    start: int  # the first step to take (0, or the checkpoint's when resuming)
+    workers: int
+
+
+@dataclass
+class Outcome:
+    last_eval: EvalResult | None = None
+    last_loss: float = float("nan")  # stays NaN when no step was left to take
+    step_times: list[float] = field(default_factory=list)
+
+
+def train(t: Training) -> Outcome:
+    plan, info, engine, model, optimizer, scaler = t.plan, t.info, t.engine, t.model, t.optimizer, t.scaler
+    sched = hyperrule.Schedule(plan.boundaries)
+    metrics = MetricsLog(t.output / METRICS_FILE, keep_before=t.start) if info.main else None
+    out = Outcome()
+    step = saved_step = t.start
+    try:
+        with Reader(t.workers) as reader, TrainProgress(info.main, plan.steps, t.start) as progress:
+            batches = micro_batches(t, reader)
+            for step in range(t.start, plan.steps):
+                t0 = time.monotonic()
+                # the learning rate of this step (HyperRule: linear warm-up, then /10 at each boundary)
+                lr = hyperrule.learning_rate(step, sched, plan.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                # forward and backward, one micro-batch at a time; the gradients add up to the global batch's mean
+                loss_sum = torch.zeros((), device=engine.device)
+                for micro in range(plan.batch_split):
+                    x, y, y_mix, lam = next(batches)
+                    with gradient_sync(model, info, last=micro == plan.batch_split - 1):
+                        with engine.autocast():
+                            logits = model(x)
+                        loss = mixup_cross_entropy(logits.float(), y, y_mix, lam)
+                        scaler.scale(loss / plan.batch_split).backward()
+                    loss_sum += loss.detach()
+                out.last_loss = mean_loss(loss_sum, t, step)  # (a NaN stops the run here, before the update)
+
+                # the update; with fp16 a step whose gradients overflowed is skipped and the loss scale lowered
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+
+                # log, validate (main process; the others wait), save the resumable checkpoint
+                dt = time.monotonic() - t0
+                out.step_times.append(dt)
+                ips = round(plan.batch_size / max(dt, 1e-9), 2)
+                record: dict[str, Any] = {"step": step, "lr": lr, "loss": out.last_loss, "images_per_s": ips}
+                if t.val_cache is not None and validation_due(plan, step):
+                    if info.main:
+                        out.last_eval = ev = validate(t)
+                        record.update(val_top1=ev.top1, val_top5=ev.top5, val_loss=ev.loss)
+                        progress.log(f"{step + 1}/{plan.steps} steps  lr {lr:.2e}  loss {out.last_loss:.4f}  "
+                                     f"val top-1 {ev.top1:.4f}  top-5 {top5_text(ev)}")  # fmt: skip
+                    barrier(info)
+                if info.main:
+                    metrics.write(record)
+                    if step == plan.steps - 1 or (step + 1) % plan.save_every == 0:
+                        check_finite(engine.model, step)
+                        save_state(t.output / STATE_FILE, engine.model, optimizer, step + 1, plan, scaler)
+                        saved_step = step + 1
+                progress.update(step + 1, lr, out.last_loss, ips)
+    except KeyboardInterrupt:
+        if info.main:
+            log(f"stopped during step {step}; `--resume` continues from the checkpoint of step {saved_step}")
+        raise
+    finally:
+        if metrics is not None:
+            metrics.close()
+    return out
+
+
+def bit_sgd(params: Iterable[torch.nn.Parameter]) -> torch.optim.SGD:
+    """BiT's optimizer: SGD with momentum 0.9 and nothing else (no dampening, weight decay or Nesterov); the
+    lr is set before every step. A parameter's momentum buffer starts as a copy of its first gradient, then
+    buf = 0.9 * buf + g and p -= lr * buf (as in BiT's code; state.py saves and restores the buffers)."""
+    return torch.optim.SGD(params, lr=0.0, momentum=hyperrule.MOMENTUM, dampening=0, weight_decay=0, nesterov=False)
+
+
+def validation_due(plan: Plan, step: int) -> bool:
+    """After every eval_every-th step (0: never) and after the last one."""
+    return step == plan.steps - 1 or bool(plan.eval_every and (step + 1) % plan.eval_every == 0)
+
+
+def validate(t: Training) -> EvalResult:
+    val = t.data.val
+    return evaluate(t.engine, val, t.val_cache.get, t.plan.micro_batch, t.workers, list(range(len(val.classes))))
+
+
+def gradient_sync(model: torch.nn.Module, info: Dist, last: bool):
+    """Processes average their gradients once per step, in the backward of the last micro-batch."""
+    return contextlib.nullcontext() if info.world == 1 or last else model.no_sync()
+
+
+def mixup_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y_mix: torch.Tensor | None, lam: float) -> torch.Tensor:
+    """Cross-entropy; with MixUp the λ-weighted sum over both images' labels (one λ per optimizer step)."""
+    if y_mix is None:
+        return F.cross_entropy(logits, y)
+    return lam * F.cross_entropy(logits, y) + (1.0 - lam) * F.cross_entropy(logits, y_mix)
+
+
+def mean_loss(loss_sum: torch.Tensor, t: Training, step: int) -> float:
+    """The step's mean loss over the global batch; a NaN or inf loss is an error (training diverged)."""
+    loss = float(all_sum(loss_sum, t.info)) / t.plan.batch_split / t.info.world
+    if not math.isfinite(loss):
+        raise BitError(
+            f"loss became {loss} at step {step}: training diverged and nothing more is written "
+            f"(the last checkpoint in {t.output} is kept); lower --lr or use --precision fp32"
+        )
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The input pipeline
+
+
+def micro_batches(t: Training, reader: Reader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]]:
+    """(input, labels, MixUp partner labels or None, λ) of this process's micro-batches, in training order,
+    from step t.start on. The images are decoded and augmented on the reader's threads, a batch ahead."""
+    plan, info = t.plan, t.info
+    sampler = StepSampler(len(t.data.train), plan.batch_size, plan.seed, plan.resize - plan.crop, plan.mixup)
+    targets = np.asarray(t.data.train.targets, dtype=np.int64)
+    per_rank, m = plan.batch_size // info.world, plan.micro_batch
+
+    def jobs():
+        for step in range(t.start, plan.steps):
+            sample = sampler.sample(step)
+            for j in range(plan.batch_split):
+                own = np.arange(info.rank * per_rank + j * m, info.rank * per_rank + (j + 1) * m)
+                # MixUp partners come from the whole global batch, so that splitting it changes nothing.
+                needed = own if sample.partners is None else np.unique(np.concatenate([own, sample.partners[own]]))
+                yield (sample, own, needed), [
+                    functools.partial(_train_image, t.train_cache, int(sample.indices[p]), int(sample.tops[p]),
+                                      int(sample.lefts[p]), plan.crop, bool(sample.flips[p]))
+                    for p in needed
+                ]  # fmt: skip
+
+    for (sample, own, needed), decoded in reader.run(jobs()):
+        yield (*_mix(decoded, needed, own, sample, targets, t.engine), sample.lam)
+
+
+def _train_image(cache: DecodeCache, index: int, top: int, left: int, crop: int, flip: bool) -> np.ndarray:
+    return augment(cache.get(index), top, left, crop, flip)
+
+
+def _mix(decoded: np.ndarray, needed: np.ndarray, own: np.ndarray, sample: StepSample, targets: np.ndarray, engine: Engine):
+    """(input, labels, partner labels or None) of a micro-batch: the images at batch positions `own`, each
+    blended with its MixUp partner (decoded[i] is the image at position needed[i])."""
+    row = {int(p): r for r, p in enumerate(needed)}
+    x = engine.to_input(decoded[[row[int(p)] for p in own]])  # normalised as for evaluation
+    y = torch.from_numpy(targets[sample.indices[own]]).to(engine.device)
+    if sample.partners is None:
+        return x, y, None
+    partners = sample.partners[own]
+    x = sample.lam * x + (1.0 - sample.lam) * engine.to_input(decoded[[row[int(p)] for p in partners]])
+    return x, y, torch.from_numpy(targets[sample.indices[partners]]).to(engine.device)

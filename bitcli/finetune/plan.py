@@ -1,0 +1,238 @@
+"""FinetuneOptions (the command line, typed; None = auto) -> Plan: every choice of the run, automatic or not,
+with where it came from. The plan is written to DIR/finetune_config.json and printed before training."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bitcli import hyperrule
+from bitcli.config import BitConfig
+from bitcli.data import median_area
+from bitcli.errors import BitError, UsageError
+from bitcli.finetune.datasets import Datasets
+from bitcli.finetune.distributed import Dist
+from bitcli.finetune.memory import auto_batch_split
+from bitcli.finetune.rundir import SUMMARY_FILE
+from bitcli.finetune.start import check_resolution
+from bitcli.options import FinetuneOptions
+from bitcli.ui import visible
+
+# Plan fields that decide the weights: a resumed run must agree on all of them.
+RESULT_FIELDS = (
+    "classes", "train_examples", "train_fingerprint", "model", "random_init", "architecture", "shots", "seed",
+    "resize", "crop", "steps", "boundaries", "lr", "batch_size", "mixup",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every choice of the run, automatic or not; written to DIR/finetune_config.json."""
+
+    data: str
+    train_folder: str
+    validation: str | None  # a folder, "split F of the training folder", or None
+    classes: tuple[str, ...]
+    train_examples: int  # after --val-split and --shots
+    train_fingerprint: str
+    val_examples: int
+    skipped: tuple[str, ...]  # images left out because they do not decode
+    model: str
+    random_init: bool
+    architecture: dict[str, Any]  # BitConfig of the fine-tuned model
+    shots: int | None
+    seed: int
+    resize: int
+    crop: int
+    steps: int
+    boundaries: tuple[int, ...]
+    lr: float
+    momentum: float
+    batch_size: int
+    batch_split: int  # micro-batches per step in each process
+    world_size: int
+    micro_batch: int  # images per forward pass
+    mixup: float | None
+    device: str
+    precision: str
+    workers: int
+    eval_every: int
+    save_every: int
+    why: dict[str, str]  # field -> where its value came from
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks that need the data or the architecture (the CLI has already parsed every flag's form)
+
+
+def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig) -> None:
+    """Every flag's range, before any image is decoded or weight built (make_plan relies on them)."""
+    check_resolution(opts.resolution, config)
+    for flag, value, minimum in (("--steps", opts.steps, 1), ("--batch-split", opts.batch_split, 1),
+                                 ("--eval-every", opts.eval_every, 0), ("--save-every", opts.save_every, 1)):  # fmt: skip
+        if value is not None and value < minimum:
+            raise UsageError(f"{flag} {value}: must be at least {minimum}")
+    if opts.mixup is not None and not (math.isfinite(opts.mixup) and opts.mixup >= 0):
+        raise UsageError(f"--mixup {opts.mixup}: must be a number >= 0")
+    if opts.lr <= 0 or not math.isfinite(opts.lr):
+        raise UsageError(f"--lr {opts.lr}: must be a positive number")
+    if opts.batch_size % info.world:
+        raise UsageError(f"--batch-size {opts.batch_size}: must divide evenly over the {info.world} processes")
+    per_rank = opts.batch_size // info.world
+    if opts.batch_split is not None and per_rank % opts.batch_split:
+        raise UsageError(
+            f"--batch-split {opts.batch_split}: must divide the {per_rank} images each process takes per step "
+            f"(--batch-size {opts.batch_size} over {info.world} process(es))"
+        )
+
+
+def check_same_run(saved: dict[str, Any], plan: Plan, output) -> None:
+    """--resume: the saved plan and this one must agree on everything that decides the weights."""
+    now = plan.to_dict()
+    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESULT_FIELDS if saved.get(k) != now[k]]
+    if changed:
+        shown = "; ".join(c if len(c) < 120 else c[:117] + "..." for c in changed[:3])
+        raise BitError(
+            f"--resume: {output} was started with other settings ({shown}); repeat the original flags "
+            "or pass --overwrite to start again"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Planning: each automatic choice with its reason
+
+
+def _resolution(opts: FinetuneOptions, ds: Datasets) -> tuple[hyperrule.Resolution, str]:
+    res = opts.resolution
+    if res is not None:
+        typed = res.crop if res == hyperrule.resolution_for_crop(res.crop) else f"{res.resize}:{res.crop}"
+        return res, f"--resolution {typed}"
+    area = median_area(ds.train)
+    side = "<" if area < hyperrule.SMALL_IMAGE_AREA else ">="
+    return hyperrule.resolution(area), f"HyperRule: median image area {area:,.0f} px {side} 96x96"
+
+
+def _schedule(steps: int | None, n: int) -> tuple[hyperrule.Schedule, str]:
+    regime = f"{n:,} training examples"
+    if steps is None:
+        return hyperrule.schedule(n), f"HyperRule for {regime}"
+    reason = f"--steps {steps}: the HyperRule boundaries for {regime} scaled to {steps} step{'s' * (steps != 1)}"
+    return hyperrule.scaled_schedule(n, steps), reason
+
+
+def _mixup(alpha: float | None, n: int) -> tuple[float | None, str]:
+    if alpha is None:
+        return hyperrule.mixup_alpha(n), f"HyperRule for {n:,} training examples"
+    return alpha or None, f"--mixup {alpha:g}"  # 0: off
+
+
+def _batch_split(opts: FinetuneOptions, model, crop: int, info: Dist, device: torch.device, dtype: torch.dtype,
+                 saved: dict[str, Any] | None) -> tuple[int, str]:  # fmt: skip
+    per_rank = opts.batch_size // info.world
+    if opts.batch_split is not None:
+        return opts.batch_split, f"--batch-split {opts.batch_split}"
+    if saved is not None and saved.get("world_size") == info.world and per_rank % int(saved["batch_split"]) == 0:
+        return int(saved["batch_split"]), "auto: kept from the run being resumed"
+    split, reason = auto_batch_split(model, per_rank, crop, device, dtype, info)
+    return split, f"auto: {reason}"
+
+
+def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, device: torch.device, dtype: torch.dtype,
+              saved: dict[str, Any] | None) -> Plan:  # fmt: skip
+    """The run's plan; `saved` is the plan of the run being resumed (its automatic batch split is kept)."""
+    n = len(ds.train)
+    why: dict[str, str] = {}
+    res, why["resolution"] = _resolution(opts, ds)
+    sched, why["steps"] = _schedule(opts.steps, n)
+    alpha, why["mixup"] = _mixup(opts.mixup, n)
+    split, why["batch_split"] = _batch_split(opts, model, res.crop, info, device, dtype, saved)
+    eval_every, save_every = opts.eval_every, opts.save_every
+    if eval_every is None:
+        eval_every = math.ceil(sched.steps / 5)
+        why["eval_every"] = "auto: 5 validations per run"
+    if save_every is None:
+        save_every = math.ceil(sched.steps / 10)
+        why["save_every"] = "auto: 10 checkpoints per run"
+    return Plan(
+        data=str(opts.data),
+        train_folder=str(ds.train.root),
+        validation=ds.validation,
+        classes=ds.train.classes,
+        train_examples=n,
+        train_fingerprint=ds.train.fingerprint(),
+        val_examples=len(ds.val) if ds.val is not None else 0,
+        skipped=ds.skipped,
+        model=opts.model,
+        random_init=opts.random_init,
+        architecture=model.config.to_dict(),
+        shots=opts.shots,
+        seed=opts.seed,
+        resize=res.resize,
+        crop=res.crop,
+        steps=sched.steps,
+        boundaries=sched.boundaries,
+        lr=opts.lr,
+        momentum=hyperrule.MOMENTUM,
+        batch_size=opts.batch_size,
+        batch_split=split,
+        world_size=info.world,
+        micro_batch=opts.batch_size // info.world // split,
+        mixup=alpha,
+        device=str(device),
+        precision=str(dtype).removeprefix("torch."),
+        workers=opts.workers,
+        eval_every=eval_every,
+        save_every=save_every,
+        why=why,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plan for people
+
+
+def describe(plan: Plan) -> list[str]:
+    val = (
+        f"{plan.val_examples:,} images ({visible(plan.validation)})" if plan.validation
+        else "none (pass --val DIR or --val-split F)"
+    )  # fmt: skip
+    source = f"random {plan.model}" if plan.random_init else plan.model
+    lines = [
+        f"bit finetune: {visible(source)} -> {len(plan.classes)} classes",
+        f"  train       {plan.train_examples:,} images from {visible(plan.train_folder)}"
+        + (f" ({plan.shots} per class, seed {plan.seed})" if plan.shots else ""),
+        f"  validation  {val}",
+        f"  resolution  resize {plan.resize}x{plan.resize}, random crop {plan.crop} + flip; eval resize "
+        f"{plan.crop}x{plan.crop}   [{plan.why['resolution']}]",
+        f"  schedule    {plan.steps} step{'s' * (plan.steps != 1)}; {describe_schedule(plan.boundaries, plan.lr)}   "
+        f"[{plan.why['steps']}]",
+        f"  mixup       {'alpha ' + format(plan.mixup, 'g') if plan.mixup else 'off'}   [{plan.why['mixup']}]",
+        f"  batch       {plan.batch_size} = {plan.world_size} process(es) x {plan.batch_split} micro-batch(es) of "
+        f"{plan.micro_batch}   [{plan.why['batch_split']}]",
+        f"  optimizer   SGD momentum {plan.momentum}, no weight decay, new head zero-initialised",
+        f"  device      {plan.device}, {plan.precision}; "
+        + (f"validate every {plan.eval_every or plan.steps} steps, " if plan.validation else "")
+        + f"checkpoint every {plan.save_every} steps",
+    ]
+    if plan.skipped:
+        n = len(plan.skipped)
+        lines.insert(3, f"  skipped     {n} image{'s' * (n != 1)} that do{'es' * (n == 1)} not decode (listed above; "
+                        f"{SUMMARY_FILE} lists {'them' if n != 1 else 'it'} too)")  # fmt: skip
+    return lines
+
+
+def describe_schedule(boundaries: tuple[int, ...], lr: float) -> str:
+    """'lr 0.003 after a linear warm-up of 100 steps, /10 after steps 200, 300, 400' (short runs: less)."""
+    warmup, decays = boundaries[0], boundaries[1:-1]
+    text = f"lr {lr:g} " + (f"after a linear warm-up of {warmup} steps" if warmup else "from the first step (no warm-up)")
+    if not decays:
+        return text + ", no decay"
+    return text + f", /10 after step{'s' * (len(decays) > 1)} " + ", ".join(str(d) for d in decays)

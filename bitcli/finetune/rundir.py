@@ -1,0 +1,211 @@
+"""The run folder (--output): which folders may be used and how, its lock, the files a run writes there
+(plan, metrics log, summary, the final model) and the clean-up of interrupted writes.
+
+A run only ever writes RUN_FILES (under temporary names first) and only ever removes those and its own
+temporary files: the folder may hold the user's files too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bitcli.formats import Checkpoint, TensorRef, read_json
+from bitcli.formats.hf import write as write_hf
+from bitcli.writes import atomic_write
+from bitcli.errors import BitError, UsageError
+from bitcli.options import FinetuneOptions
+from bitcli.preprocess import Preprocess
+from bitcli.ui import log, visible
+
+if TYPE_CHECKING:
+    from bitcli.evaluate import EvalResult
+    from bitcli.finetune.plan import Plan
+
+CONFIG_FILE = "finetune_config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+STATE_FILE = "checkpoint.safetensors"
+LOCK_FILE = ".lock"  # held by the writing process while a run is in progress; removed when it ends
+MODEL_FILES = ("model.safetensors", "preprocessor_config.json", "config.json")  # config.json last
+RUN_FILES = (*MODEL_FILES, METRICS_FILE, SUMMARY_FILE, STATE_FILE, CONFIG_FILE)
+# Temporary names of bitcli's own writes into DIR (atomic_write: .NAME.XXXXXXXX.tmp; the final model's
+# staging folder .final and its own temporary ..final.XXXXXXXX.tmp). Only these are cleaned up.
+LEFTOVER = re.compile(r"\.(?:%s|\.final)\.[a-z0-9_]{8}\.tmp" % "|".join(re.escape(n) for n in RUN_FILES))
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}  # disk full, read-only...
+
+
+def check_output_location(opts: FinetuneOptions) -> None:
+    """DIR must be outside the image folders: inside DATA its files would be a class folder of the next run
+    and of `bit eval DATA` ("class folder 'myrun' holds no images")."""
+    out = opts.output.resolve()
+    for flag, folder in (("DATA", opts.data), ("--val", opts.val)):
+        if folder is None:
+            continue
+        root = folder.resolve()
+        if out == root or root in out.parents:
+            raise UsageError(
+                f"--output {visible(str(opts.output))}: is {'the' if out == root else 'inside the'} image folder "
+                f"{visible(str(folder))} ({flag}), where the run's files would be taken for a class of images; "
+                "choose a folder outside it"
+            )
+
+
+def output_mode(output: Path, resume: bool, overwrite: bool) -> str:
+    """fresh | overwrite | resume | finished (--resume of a finished run: nothing to do), or a BitError
+    saying why this folder cannot be used."""
+    if resume and overwrite:
+        raise UsageError("--resume continues a run and --overwrite starts it again; pass only one")
+    if output.exists() and not output.is_dir():
+        raise BitError(f"--output {output}: is a file; pass a folder")
+    is_run = (output / CONFIG_FILE).is_file()
+    finished = (output / SUMMARY_FILE).is_file()
+    if resume:
+        if not is_run:
+            raise BitError(f"--resume: {output} holds no bit finetune run ({CONFIG_FILE}); run without --resume")
+        return "finished" if finished else "resume"
+    if not output.exists() or not [p for p in output.iterdir() if p.name != LOCK_FILE]:
+        return "fresh"
+    if not is_run:
+        raise BitError(f"--output {output}: folder is not empty and holds no bit finetune run; choose a new or empty folder")
+    if not overwrite:
+        if finished:
+            raise BitError(f"--output {output}: holds a finished run; pass --overwrite to replace it, or choose another folder")
+        raise BitError(f"--output {output}: holds an unfinished run; pass --resume to continue it or --overwrite to start again")
+    return "overwrite"
+
+
+def remove_leftovers(output: Path, run_files: bool) -> None:
+    """Temporary files of bitcli's writes that a kill interrupted (never read: every write is renamed into
+    place), and with `run_files` the previous run's files. Nothing else: DIR may hold the user's files."""
+    for p in output.iterdir() if output.is_dir() else ():
+        if p.is_symlink():
+            continue
+        if p.name == ".final" and p.is_dir():
+            shutil.rmtree(p)
+        elif LEFTOVER.fullmatch(p.name):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        elif run_files and p.name in RUN_FILES and p.is_file():
+            p.unlink()
+
+
+@contextlib.contextmanager
+def lock_output(output: Path) -> Iterator[None]:
+    """An exclusive lock on DIR/.lock while the run writes, so that two runs never write the same folder.
+
+    The file is removed at the end, while still locked. A run that opened it just before then finds, once
+    it holds the lock, that the name no longer leads to its file, and opens the new one instead.
+    """
+    path = output / LOCK_FILE
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    while True:
+        handle = open(path, "a")
+        if fcntl is None:
+            break
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise BitError(f"--output {output}: another bit finetune is writing to this folder; wait for it or choose another") from None
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # (an open file cannot be removed on Windows: it stays there)
+            path.unlink(missing_ok=True)
+        handle.close()
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def read_saved_plan(output: Path) -> dict[str, Any]:
+    return read_json(output / CONFIG_FILE)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per optimizer step, flushed as it is written. On resume the lines of
+    steps that the checkpoint does not cover (written after it, before the kill) are dropped."""
+
+    def __init__(self, path: Path, keep_before: int | None) -> None:
+        kept: list[str] = []
+        if keep_before is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if int(json.loads(line)["step"]) < keep_before:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    break  # a torn last line
+        atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def write_final_model(ckpt: Checkpoint, output: Path) -> None:
+    """The transformers layout directly in DIR, beside the run's other files (write_hf replaces whole
+    folders, so it writes to a staging folder whose files are then renamed in, config.json last)."""
+    staging = output / ".final"
+    shutil.rmtree(staging, ignore_errors=True)
+    write_hf(ckpt, staging)
+    for name in MODEL_FILES:
+        os.replace(staging / name, output / name)
+    staging.rmdir()
+
+
+def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_eval: EvalResult | None,
+                  last_loss: float, step_times: list[float], start: int, started: float) -> None:  # fmt: skip
+    """The fine-tuned model (fp32, with the evaluation preprocessing and the class names) and summary.json."""
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in state.items()}
+    write_final_model(Checkpoint(model.config, list(plan.classes), transform, tensors, str(output), "hf"), output)
+    trained = sum(step_times)
+    summary = {
+        "steps": plan.steps,
+        "train_examples": plan.train_examples,
+        "val_examples": plan.val_examples,
+        "skipped": list(plan.skipped),  # images that do not decode, left out of training and validation
+        "val_top1": last_eval.top1 if last_eval else None,
+        "val_top5": last_eval.top5 if last_eval else None,
+        "val_loss": last_eval.loss if last_eval else None,
+        "val_per_class": last_eval.per_class if last_eval else None,
+        "final_loss": last_loss if math.isfinite(last_loss) else None,  # None: no step left after resuming
+        "resumed_from_step": start or None,
+        "wall_time_s": round(time.monotonic() - started, 2),  # this invocation
+        "images_per_s": round(plan.batch_size * len(step_times) / trained, 2) if trained else None,
+    }
+    write_json(output / SUMMARY_FILE, summary)
+    if last_eval:
+        log(f"done: val top-1 {last_eval.top1:.4f}, top-5 {top5_text(last_eval)} on {plan.val_examples:,} images")
+    log(f"model, metrics.jsonl and summary.json in {output} ({summary['wall_time_s']:.0f} s)")
+
+
+def top5_text(result: EvalResult) -> str:
+    """Top-5 accuracy for people: n/a for a model of 5 classes or fewer (the top five always hold the answer)."""
+    return "n/a" if result.top5 is None else f"{result.top5:.4f}"

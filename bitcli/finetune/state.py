@@ -1,0 +1,84 @@
+"""The resumable state: one safetensors file (weights, SGD momentum buffers, torch's RNG) with the scalar
+state as JSON metadata (no pickle); written to a temporary name and renamed, so the file on disk is always
+a complete checkpoint. Restoring it and continuing gives the weights an uninterrupted run gives, bit for bit.
+
+Momentum buffers are stored as `momentum.<parameter name>` and restored into torch.optim.SGD's
+optimizer.state[p]["momentum_buffer"]. A parameter without a buffer (before the first step) has no entry:
+torch.optim.SGD then starts its buffer as a copy of the next gradient, as it does on a first step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from bitcli.formats import TensorRef, read_safetensors, write_safetensors
+from bitcli.errors import BitError
+from bitcli.finetune.plan import Plan
+
+STATE_FORMAT = "bitcli-finetune-state/1"
+
+
+def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_step: int, plan: Plan,
+               scaler: torch.amp.GradScaler) -> None:  # fmt: skip
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        tensors[f"model.{name}"] = p.detach().cpu()
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"momentum.{name}"] = buf.detach().cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    state = {
+        "next_step": next_step,
+        "seed": plan.seed,
+        "train_fingerprint": plan.train_fingerprint,
+        "sampler": {"kind": "with-replacement" if plan.train_examples < plan.batch_size else "epochs",
+                    "seed": plan.seed, "next_step": next_step},  # fmt: skip
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+    }
+    refs = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in tensors.items()}
+    write_safetensors(path, refs, {"format": STATE_FORMAT, "state": json.dumps(state)})
+
+
+def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: Plan,
+               scaler: torch.amp.GradScaler) -> int:  # fmt: skip
+    """Restore weights, momentum, RNG and the fp16 loss scale; return the step to continue from."""
+    refs, meta = read_safetensors(path)
+    if meta.get("format") != STATE_FORMAT:
+        raise BitError(f"{path}: not a bit finetune checkpoint; remove it or use --overwrite")
+    try:
+        state = json.loads(meta["state"])
+        next_step = int(state["next_step"])
+    except (KeyError, ValueError, TypeError):
+        raise BitError(f"{path}: checkpoint state is damaged; use --overwrite to start again") from None
+    if state.get("train_fingerprint") != plan.train_fingerprint:
+        raise BitError(f"{path}: the training images changed since this checkpoint; restore them or use --overwrite")
+    weights = {k.removeprefix("model."): r.load() for k, r in refs.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise BitError(f"{path}: checkpoint does not fit the model ({' '.join(str(exc).split())[:200]})") from None
+    for name, p in model.named_parameters():
+        ref = refs.get(f"momentum.{name}")
+        if ref is None:
+            continue
+        if tuple(ref.shape) != tuple(p.shape):
+            raise BitError(f"{path}: momentum of {name} has shape {tuple(ref.shape)}, not {tuple(p.shape)}; use --overwrite")
+        buf = torch.empty_like(p, requires_grad=False)  # the parameter's device, dtype and memory format
+        optimizer.state[p]["momentum_buffer"] = buf.copy_(ref.load())
+    if "rng.torch" in refs:
+        torch.set_rng_state(refs["rng.torch"].load())
+    if scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return next_step
+
+
+def check_finite(model: torch.nn.Module, step: int) -> None:
+    """Before anything is written: NaN or inf weights (an fp16 overflow the loss did not show) are refused."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise BitError(
+                f"weight {name} holds NaN or inf after step {step}; nothing was written. Lower --lr or use --precision fp32"
+            )

@@ -1,0 +1,46 @@
+"""bitcli's own format: one .safetensors file whose metadata holds the config, labels and preprocessing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from bitcli import __version__
+from bitcli.config import BitConfig
+from bitcli.errors import BitError, one_line
+from bitcli.formats import timm
+from bitcli.formats.checkpoint import Checkpoint, check_tensors, checked_labels
+from bitcli.formats.raw import read_safetensors, write_safetensors
+from bitcli.preprocess import Preprocess
+
+NAME = "bitcli"
+
+
+def read(path: Path) -> Checkpoint:
+    """A bitcli file; a .safetensors file without bitcli's metadata is read as timm weights (their names)."""
+    refs, meta = read_safetensors(path)
+    if meta.get("format") != NAME:
+        return timm.read_weights(path, refs)
+    try:
+        config = BitConfig.from_dict(json.loads(meta["config"]))
+        labels = json.loads(meta["labels"])
+        preprocess = Preprocess.from_dict(json.loads(meta["preprocess"]))
+    except BitError as exc:
+        raise BitError(f"{path}: {exc}") from None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise BitError(f"{path}: bitcli metadata is damaged ({one_line(exc)}); convert the source again") from None
+    check_tensors(config, refs, str(path))
+    return Checkpoint(config, checked_labels(labels, config.num_classes, str(path)), preprocess, refs, str(path), NAME)
+
+
+def write(ckpt: Checkpoint, path: Path, dtype: torch.dtype | None = None) -> None:
+    meta = {
+        "format": NAME,
+        "bitcli_version": __version__,
+        "config": json.dumps(ckpt.config.to_dict()),
+        "labels": json.dumps(ckpt.labels),
+        "preprocess": json.dumps(ckpt.preprocess.to_dict()),
+    }
+    write_safetensors(path, ckpt.tensors, meta, dtype)

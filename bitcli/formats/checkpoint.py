@@ -1,0 +1,160 @@
+"""A checkpoint in bitcli's terms (config, labels, preprocessing, lazy tensors), and the checks every reader
+applies: all missing, unexpected and misshapen tensors at once, and the architecture its shapes describe."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitcli.config import BitConfig
+from bitcli.errors import BitError, one_line
+from bitcli.formats.tensors import BITCLI, Layout, TensorRef, few
+from bitcli.labels import default_labels
+from bitcli.model import BitModel
+from bitcli.preprocess import Preprocess
+
+# Google's fine-tuning preprocessing for BiT checkpoints that carry none (.npz, random init).
+BIT_DEFAULT_PREPROCESS = Preprocess(resize=448, crop=(448, 448), interpolation="bilinear")
+
+
+@dataclass
+class Checkpoint:
+    config: BitConfig
+    labels: list[str]
+    preprocess: Preprocess
+    tensors: dict[str, TensorRef]  # bitcli key -> lazy tensor
+    source: str = ""
+    format: str = ""
+    layout: Layout = BITCLI  # how the source names the tensors, so that errors speak its language
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: ref.load() for k, ref in self.tensors.items()}
+
+    def build_model(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> BitModel:
+        """The model with these weights, checked for shapes and non-finite values, in eval mode."""
+        check_tensors(self.config, self.tensors, self.source, self.layout)
+        with torch.device("meta"):
+            model = BitModel(self.config)
+        state = {}
+        for key, ref in self.tensors.items():
+            t = ref.load()
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise BitError(f"{self.source}: tensor {self.layout.key(key)} holds NaN or infinite values; the checkpoint is corrupt")
+            state[key] = t.to(device=device, dtype=dtype)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+
+def expected_shapes(config: BitConfig) -> dict[str, tuple[int, ...]]:
+    """bitcli key -> shape of every tensor of a BitModel with this config (built on the meta device)."""
+    with torch.device("meta"):
+        model = BitModel(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_tensors(config: BitConfig, tensors: Mapping[str, TensorRef], source: str, layout: Layout = BITCLI) -> None:
+    """All problems at once: missing keys, unexpected keys, wrong shapes (named as the source names them)."""
+    want = expected_shapes(config)
+    missing = [layout.key(k) for k in want if k not in tensors]
+    unused = [layout.key(k) for k in tensors if k not in want]
+    wrong = [
+        f"{layout.key(k)} {layout.shape(k, tuple(tensors[k].shape))} (expected {layout.shape(k, want[k])})"
+        for k in want
+        if k in tensors and tuple(tensors[k].shape) != want[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {few(missing)}")
+    if unused:
+        problems.append(f"unexpected {few(unused)}")
+    if wrong:
+        problems.append(f"wrong shape {few(wrong)}")
+    if problems:
+        raise BitError(f"{source}: weights do not match the architecture: " + "; ".join(problems))
+    for key, ref in tensors.items():
+        if not ref.dtype.is_floating_point:
+            raise BitError(f"{source}: tensor {layout.key(key)} has dtype {ref.dtype}; BiT weights must be floating point")
+
+
+_UNIT_KEY = re.compile(r"^stages\.(\d+)\.units\.(\d+)\.")
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]], source: str, layout: Layout = BITCLI, **overrides: Any) -> BitConfig:
+    """Depth, width and class count of a BiT from its bitcli-named tensor shapes (never from a file name)."""
+    stem = shapes.get("stem.conv.weight")
+    if stem is None or len(stem) != 4:
+        raise BitError(f"{source}: has no {layout.key('stem.conv.weight')}; this is not a BiT checkpoint")
+    units: dict[int, set[int]] = {}
+    for key in shapes:
+        m = _UNIT_KEY.match(key)
+        if m:
+            units.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    if not units:
+        raise BitError(f"{source}: has no residual units (no {layout.key('stages.0.units.0.conv1.weight')})")
+    depths, hidden = [], []
+    for s in range(max(units) + 1):
+        found = units.get(s, set())
+        gap = next((u for u in range(max(found, default=0) + 1) if u not in found), None)
+        if gap is not None:  # a stage, or a unit inside one, is absent while later ones exist
+            raise BitError(f"{source}: missing {layout.key(f'stages.{s}.units.{gap}.conv1.weight')} (and the rest of that unit)")
+        conv3 = shapes.get(f"stages.{s}.units.0.conv3.weight")
+        if conv3 is None or not conv3:
+            raise BitError(f"{source}: missing {layout.key(f'stages.{s}.units.0.conv3.weight')}")
+        depths.append(len(found))
+        hidden.append(int(conv3[0]))
+    head = shapes.get("head.weight")
+    values: dict[str, Any] = dict(
+        depths=tuple(depths),
+        hidden_sizes=tuple(hidden),
+        embedding_size=int(stem[0]),
+        in_channels=int(stem[1]),
+        num_classes=int(head[0]) if head else 0,
+        layer_type="bottleneck" if "stem.norm.weight" in shapes else "preactivation",
+    )
+    values.update(overrides)
+    try:
+        return BitConfig(**values)
+    except BitError as exc:  # e.g. widths that do not split into GroupNorm's 32 groups
+        raise BitError(f"{source}: tensor shapes describe no valid BiT ({exc})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Labels and the standardisation eps, as the formats store them
+
+
+def checked_labels(labels: list[str] | None, num_classes: int, source: str) -> list[str]:
+    """The names a file carries, or the default ones for its head size (ImageNet-1k or -21k, else class_N)."""
+    if labels is None:
+        return default_labels(num_classes)
+    if len(labels) != num_classes:
+        raise BitError(f"{source}: {len(labels)} label names for a head of {num_classes} classes")
+    return [str(x) for x in labels]
+
+
+def read_label_file(path: Path, num_classes: int) -> list[str]:
+    """`--labels FILE`: one class name per line (blank lines ignored), as many as the head has classes."""
+    try:
+        labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BitError(f"{path}: cannot read label file ({one_line(exc)})") from None
+    if len(labels) != num_classes:
+        raise BitError(f"{path}: has {len(labels)} labels but the model has {num_classes} classes; one name per line")
+    return labels
+
+
+# The weight-standardisation eps the weights were trained with (Google's: 1e-10), kept in config.json files
+# whose own libraries hard-code theirs (transformers and timm: 1e-8), so that converting through them changes
+# no number.
+WS_EPS_KEY = "bitcli_ws_eps"
+
+
+def stored_ws_eps(cfg: dict[str, Any], default: float, source: Path) -> float:
+    value = cfg.get(WS_EPS_KEY, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise BitError(f"{source}: {WS_EPS_KEY} must be a small positive number, got {value!r}")
+    return float(value)

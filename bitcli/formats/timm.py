@@ -1,0 +1,116 @@
+"""timm's layout: a hub folder (config.json with "architecture", model.safetensors or pytorch_model.bin), or a
+bare state dict (.safetensors without bitcli metadata, .bin, .pth, .pt). timm's head is a 1x1 convolution."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitcli.config import BitConfig
+from bitcli.errors import BitError
+from bitcli.formats.checkpoint import (
+    BIT_DEFAULT_PREPROCESS,
+    WS_EPS_KEY,
+    Checkpoint,
+    check_tensors,
+    checked_labels,
+    infer_config,
+    stored_ws_eps,
+)
+from bitcli.formats.raw import folder_weights, read_json, read_safetensors, read_torch_bin, write_safetensors
+from bitcli.formats.tensors import Layout, TensorRef, renaming
+from bitcli.preprocess import Preprocess
+from bitcli.writes import atomic_folder
+
+NAME = "timm"
+_TO_BITCLI, _FROM_BITCLI = renaming(
+    [
+        (r"^stem\.conv\.", "stem.conv."),
+        (r"^stem\.norm\.", "stem.norm."),
+        (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.units.\2."),
+        (r"^norm\.", "norm."),
+        (r"^head\.fc\.", "head."),
+    ]
+)
+LAYOUT = Layout(
+    "timm's BiT layout (stem.conv.weight, stages.N.blocks.N.*, head.fc.*)",
+    source_key=_FROM_BITCLI,
+    bitcli_key=_TO_BITCLI,
+    conv_head=True,
+)
+
+
+def claims(config: dict[str, Any]) -> bool:
+    """Whether a folder's config.json is a timm config."""
+    return "architecture" in config
+
+
+def read(path: Path) -> Checkpoint:
+    """A timm folder, or a bare state dict (.safetensors, .bin, .pth, .pt)."""
+    if path.is_dir():
+        return read_weights(path, folder_weights(path), read_json(path / "config.json"))
+    if path.suffix.lower() == ".safetensors":
+        return read_weights(path, read_safetensors(path)[0])
+    return read_weights(path, read_torch_bin(path))
+
+
+def read_weights(path: Path, refs: dict[str, TensorRef], timm_cfg: dict[str, Any] | None = None) -> Checkpoint:
+    """timm weights (bare file, or with its config.json): architecture from the shapes, checked against the name."""
+    tensors = LAYOUT.refs_to_bitcli(str(path), refs)
+    cfg = timm_cfg or {}
+    shapes = {k: r.shape for k, r in tensors.items()}
+    config = infer_config(shapes, str(path), LAYOUT, ws_eps=stored_ws_eps(cfg, 1e-8, path / "config.json"))
+    _check_config(path, cfg, config)
+    pretrained = cfg.get("pretrained_cfg")
+    preprocess = Preprocess.from_timm(pretrained) if pretrained else BIT_DEFAULT_PREPROCESS
+    check_tensors(config, tensors, str(path), LAYOUT)
+    labels = checked_labels(cfg.get("label_names"), config.num_classes, str(path))
+    return Checkpoint(config, labels, preprocess, tensors, str(path), NAME, LAYOUT)
+
+
+def _check_config(path: Path, cfg: dict[str, Any], config: BitConfig) -> None:
+    """config.json's architecture and class count must describe the weights' shapes."""
+    arch = cfg.get("architecture")
+    if arch is None:
+        return
+    try:
+        named = BitConfig.from_name(arch, num_classes=config.num_classes, ws_eps=config.ws_eps)
+    except BitError:
+        raise BitError(f"{path}: timm architecture {arch!r} is not a BiT model (resnetv2_*_bit)") from None
+    if named != config:
+        raise BitError(f"{path}: config.json says {arch} but the weights have another shape; the config lies")
+    if int(cfg.get("num_classes", config.num_classes)) != config.num_classes:
+        raise BitError(f"{path}: config.json says {cfg['num_classes']} classes but the head has {config.num_classes}")
+
+
+def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """timm's hub layout (config.json + model.safetensors); only for the layouts timm has a name for."""
+    try:
+        arch = dataclasses.replace(ckpt.config, ws_eps=1e-8).timm_architecture()  # the eps travels in WS_EPS_KEY
+    except BitError:
+        cfg = ckpt.config
+        raise BitError(
+            f"{ckpt.source}: depths {list(cfg.depths)} and widths {list(cfg.hidden_sizes)} have no timm name "
+            "(timm's BiT models are R50/R101/R152 x1-x4); convert to --format bitcli or hf instead"
+        ) from None
+    tensors = LAYOUT.refs_from_bitcli(ckpt.source, ckpt.tensors)
+    pretrained = {"architecture": arch, **ckpt.preprocess.to_timm(), "num_classes": ckpt.config.num_classes}
+    cfg = {
+        "architecture": arch,
+        "num_classes": ckpt.config.num_classes,
+        "num_features": ckpt.config.num_features,
+        "global_pool": "avg",
+        "label_names": ckpt.labels,
+        "pretrained_cfg": pretrained,
+        WS_EPS_KEY: ckpt.config.ws_eps,  # timm builds BiT with 1e-8 and ignores this key; bitcli reads it back
+    }
+
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"}, dtype)
+
+    atomic_folder(folder, fill)

@@ -1,0 +1,127 @@
+"""The run folder: finished, unfinished and foreign folders, the lock, clean-up of interrupted writes (and of
+nothing else), a full disk, and data-set names that never become file names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_main, write_folder
+from PIL import Image
+
+from bitcli.errors import BitError
+from bitcli.finetune.rundir import lock_output
+
+from .helpers import FAST, PROCESS_ENV, RUN_FILES, bit_process
+
+
+def test_finished_unfinished_and_foreign_output_folders(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["finetune", dataset, "--output", out, "--steps", "2", "--batch-size", "4", "--eval-every", "0", *FAST]
+    assert run_main(*args)[0] == 0
+    code, _, err = run_main(*args)
+    assert code == 1 and "holds a finished run; pass --overwrite" in err
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    code, _, err = run_main(*args, "--resume")
+    assert code == 0 and "already finished (summary.json is there): nothing to resume" in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched, no .lock left
+    code, _, err = run_main(*args, "--resume", "--overwrite")
+    assert code == 2 and "pass only one" in err
+    before = (out / "summary.json").stat().st_mtime_ns
+    code, _, err = run_main(*args, "--overwrite")
+    assert code == 0, err
+    assert (out / "summary.json").stat().st_mtime_ns != before
+
+    (out / "summary.json").unlink()  # now it looks like a run that stopped before the end
+    code, _, err = run_main(*args)
+    assert code == 1 and "unfinished run; pass --resume" in err
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    code, _, err = run_main("finetune", dataset, "--output", foreign, "--steps", "2", "--overwrite", *FAST)
+    assert code == 1 and "holds no bit finetune run" in err
+    assert (foreign / "thesis.tex").read_text() == "precious"
+    code, _, err = run_main("finetune", dataset, "--output", tmp_path / "new", "--steps", "2", "--resume", *FAST)
+    assert code == 1 and "holds no bit finetune run" in err
+
+
+def test_overwrite_removes_only_what_bitcli_wrote(tmp_path: Path) -> None:
+    write_folder(tmp_path / "data", {"red": 4, "green": 4})
+    out = tmp_path / "run"
+    args = ["finetune", tmp_path / "data", "--output", out, "--steps", "1", "--batch-size", "4", *FAST]
+    assert run_main(*args)[0] == 0
+    mine = {".notes.tmp": "draft", ".keep.old": "old", "notes.txt": "mine", ".final.tmp": "x"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    (out / ".metrics.jsonl.a1b2c3d4.tmp").write_text("{")  # what a kill during atomic_write leaves
+    (out / "..final.zz_9yx8w.tmp").mkdir()  # ... and during the final model's staging
+    (out / ".final").mkdir()
+    code, _, err = run_main(*args, "--overwrite")
+    assert code == 0, err
+    assert {name: (out / name).read_text() for name in mine} == mine
+    assert not any(p.name.endswith((".a1b2c3d4.tmp", "zz_9yx8w.tmp")) or p.name == ".final" for p in out.iterdir())
+
+
+def test_lock_is_exclusive_and_gone_when_the_run_ends(tmp_path: Path) -> None:
+    with lock_output(tmp_path):
+        assert (tmp_path / ".lock").is_file()
+        with pytest.raises(BitError, match="another bit finetune is writing to this folder"):
+            with lock_output(tmp_path):
+                pass
+    assert not (tmp_path / ".lock").exists()
+    with lock_output(tmp_path):  # and the folder can be locked again
+        pass
+
+
+def test_full_disk_is_a_user_error_and_leaves_nothing_half_written(dataset: Path, tmp_path: Path) -> None:
+    """A file-size limit makes writes fail as a full disk does: exit 1 with a one-line reason (not an internal
+    error), no temporary file left behind, and the run resumes once there is room. (The limited run is a
+    process of its own: the limit applies to a whole process.)"""
+    import resource
+
+    out = tmp_path / "run"
+    args = ["finetune", dataset, "--output", out, "--steps", "4", "--batch-size", "4", "--eval-every", "0",
+            "--random-init", "--model", "small", "--resolution", "32", "--workers", "0"]  # fmt: skip
+    # `small` has 0.13 M float32 weights (0.5 MB): the checkpoint (weights + momentum) cannot be written.
+    limit = 800_000
+
+    def small_files_only() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run(bit_process(*args), capture_output=True, text=True, preexec_fn=small_files_only,
+                          env=PROCESS_ENV, timeout=300)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "cannot write" in last and "File too large" in last
+    assert "internal error" not in done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["finetune_config.json", "metrics.jsonl"]
+    code, _, err = run_main(*args, "--resume")
+    assert code == 0, err
+    assert "no checkpoint in" in err and (out / "summary.json").is_file()
+
+
+def test_hostile_class_names_stay_labels_and_never_name_files(tmp_path: Path) -> None:
+    """Folder names from a data set become label strings only: every file the run writes has a fixed name
+    inside --output, whatever the class folders are called."""
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    names = ["x..y", "-rf", "a\nb", "café ☕", "$(touch pwned)"]  # (hidden ".name" folders are skipped by design)
+    for name in names:
+        folder = data / name
+        folder.mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    out = tmp_path / "run"
+    code, _, err = run_main("finetune", data, "--output", out, "--steps", "2", "--batch-size", "4", *FAST)
+    assert code == 0, err
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert [p for p in after if p not in before and p.parts[0] != "run"] == []  # nothing outside --output
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+    labels = json.loads((out / "config.json").read_text())["id2label"]
+    assert sorted(labels.values()) == sorted(names)
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()

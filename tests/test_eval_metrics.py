@@ -1,0 +1,167 @@
+"""`bit eval`'s numbers against independent oracles: logits from transformers (its own PIL processor and model on
+the same files), metrics from scikit-learn, loss from torch's cross_entropy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import BIT50_PREPROCESSOR, run_main, save_hf_model, write_folder
+from PIL import Image
+from sklearn.metrics import accuracy_score, confusion_matrix, top_k_accuracy_score
+
+from bitcli.evaluate import NO_TOP5, OTHER, Accumulator, EvalResult, render_table
+
+LABELS = ["tabby, tabby cat", "goldfish, Carassius auratus", "hen", "ostrich", "robin", "jay", "kite", "toucan"]
+# Class folders: a first name, an index and two full labels; in the model's order: tabby(0), 1(1), hen(2), kite(6)
+FOLDERS = {"tabby": 0, "1": 1, "hen": 2, "kite": 6}
+AXIS = ["tabby", "1", "hen", "kite"]
+
+
+@pytest.fixture(scope="module", params=["crop", "no-crop"])
+def model8(request, tmp_path_factory) -> Path:
+    """An 8-class tiny BiT with spread logits (no near-ties); `no-crop` keeps each image's aspect ratio (64 px
+    shortest edge), so that one batch holds images of several sizes."""
+    pre = {**BIT50_PREPROCESSOR, "size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}}
+    if request.param == "no-crop":
+        pre["do_center_crop"] = False
+    return save_hf_model(
+        tmp_path_factory.mktemp("model8") / request.param, pre, head_scale=20.0, embedding_size=16,
+        hidden_sizes=[32, 64], depths=[1, 1], num_groups=8,
+        id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def folder8(tmp_path_factory, photos) -> tuple[Path, list[Path], np.ndarray]:
+    """(folder, image paths, model index of each image's class): real photos of several sizes and aspect
+    ratios, and small synthetic images, in four class folders."""
+    root = tmp_path_factory.mktemp("eval8") / "data"
+    write_folder(root, dict.fromkeys(FOLDERS, 3), seed=4)
+    for i, photo in enumerate(photos.values()):
+        shutil.copy(photo, root / list(FOLDERS)[i % 4] / photo.name)
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    return root, paths, np.array([FOLDERS[p.parent.name] for p in paths])
+
+
+def oracle_logits(model_dir: Path, paths: list[Path]) -> torch.Tensor:
+    """transformers' model on transformers' PIL preprocessing of each file, one image at a time (any size)."""
+    model = transformers.BitForImageClassification.from_pretrained(model_dir).eval()
+    processor = transformers.BitImageProcessorPil.from_pretrained(model_dir)
+    with torch.no_grad():
+        return torch.cat([model(processor(Image.open(p), return_tensors="pt")["pixel_values"]).logits for p in paths])
+
+
+def oracle_confusion(y_true: np.ndarray, y_pred: np.ndarray, axis: list[int]) -> np.ndarray:
+    """scikit-learn's confusion matrix over the evaluated classes, predictions of any other class in one last
+    (other) column (its row is all zero: no image belongs to it)."""
+    other = -1
+    pred = np.where(np.isin(y_pred, axis), y_pred, other)
+    return confusion_matrix(y_true, pred, labels=[*axis, other])
+
+
+def test_eval_metrics_equal_scikit_learn_on_transformers_logits(model8: Path, folder8) -> None:
+    root, paths, y_true = folder8
+    logits = oracle_logits(model8, paths)
+    ranked = logits.sort(dim=1, descending=True).values
+    # The oracle's top-1 and top-5 are clear-cut (no near-ties): rounding differences cannot change them
+    assert (ranked[:, 0] - ranked[:, 1]).min() > 1e-3 and (ranked[:, 4] - ranked[:, 5]).min() > 1e-3
+    y_pred = logits.argmax(1).numpy()
+    expected = oracle_confusion(y_true, y_pred, sorted(FOLDERS.values()))
+    assert expected[:, -1].any()  # some images are predicted as a class outside the folder: (other) is exercised
+
+    code, out, err = run_main("eval", root, "--model", model8, "--format", "json", "--device", "cpu", "--batch-size", "5", "--workers", "2")
+    assert (code, err) == (0, "")
+    result = json.loads(out)
+    assert list(result) == ["top1", "top5", "loss", "count", "per_class", "confusion", "labels"]
+    assert result["count"] == len(paths) == 20
+    assert result["labels"] == [*AXIS, OTHER]
+    assert result["confusion"] == expected.tolist()
+    assert result["top1"] == accuracy_score(y_true, y_pred)
+    assert result["top5"] == top_k_accuracy_score(y_true, logits.numpy(), k=5, labels=np.arange(len(LABELS)))
+    assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y_true)).item(), rel=1e-4)
+    assert result["per_class"] == {name: expected[i, i] / expected[i].sum() for i, name in enumerate(AXIS)}  # recall
+
+    code, table, err = run_main("eval", root, "--model", model8, "--device", "cpu")
+    assert (code, err) == (0, "")
+    assert table.splitlines()[:4] == [
+        f"images  {len(paths)}",
+        f"top-1   {result['top1']:.4f}",
+        f"top-5   {result['top5']:.4f}",
+        f"loss    {result['loss']:.4f}",
+    ]
+
+
+def test_accumulator_exact_counts() -> None:
+    # Data classes (b, a) map to model labels 2 and 0 of a 4-class model.
+    acc = Accumulator(["b", "a"], class_to_model=[2, 0], num_model_classes=4)
+    logits = torch.tensor(
+        [
+            [0.0, 0.1, 0.9, 0.2],  # true b(2), predicted 2: right
+            [0.9, 0.1, 0.0, 0.2],  # true b(2), predicted 0 (a): wrong
+            [0.9, 0.0, 0.1, 0.2],  # true a(0), predicted 0: right
+            [0.1, 0.9, 0.0, 0.2],  # true a(0), predicted 1: a label outside the data -> (other)
+        ]
+    )
+    acc.update(logits[:2], np.array([0, 0]))
+    acc.update(logits[2:], np.array([1, 1]))
+    r = acc.result()
+    assert (r.top1, r.top5, r.count) == (0.5, None, 4)  # 4 classes: top-5 would hold every answer
+    assert r.per_class == {"b": 0.5, "a": 0.5}
+    assert r.labels == ["a", "b", OTHER]  # model order, then (other)
+    assert r.confusion == [[1, 0, 1], [1, 1, 0], [0, 0, 0]]
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([2, 2, 0, 0])).item()
+    assert r.loss == pytest.approx(expected)
+
+
+def test_accumulator_top5_counts_rank_five_and_not_six() -> None:
+    acc = Accumulator(["x"], class_to_model=[0], num_model_classes=6)
+    ranks = torch.tensor([[0.0, 5, 4, 3, 2, 1], [1.0, 5, 4, 3, 2, 0]])  # class 0 ranked sixth, then fifth
+    acc.update(ranks, np.array([0, 0]))
+    assert (acc.result().top1, acc.result().top5) == (0.0, 0.5)
+
+
+def test_top5_is_null_and_explained_for_five_classes_or_fewer(tmp_path: Path) -> None:
+    names = ["a", "b", "c", "d", "e"]
+    model = save_hf_model(
+        tmp_path / "five", {**BIT50_PREPROCESSOR, "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}},
+        embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8,
+        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+    )  # fmt: skip
+    write_folder(tmp_path / "data", {"a": 2, "e": 1})
+    code, out, err = run_main("eval", tmp_path / "data", "--model", model, "--format", "json", "--device", "cpu")
+    assert (code, err) == (0, "")
+    result = json.loads(out)
+    assert result["top5"] is None and result["count"] == 3
+    assert '"top5": null' in out
+    code, table, err = run_main("eval", tmp_path / "data", "--model", model, "--device", "cpu")
+    assert (code, err) == (0, "")
+    assert table.splitlines()[2] == "top-5   n/a (the model has 5 classes or fewer)" == f"top-5   {NO_TOP5}"
+
+
+def test_table_prints_class_names_literally_on_one_line() -> None:
+    """Class folder names are data: "[bold]cat[/bold]" is not markup, and a newline does not break a row."""
+    names = ["[bold]cat[/bold]", "a\nb", "[red]"]
+    result = EvalResult(top1=0.5, top5=1.0, loss=0.7, count=6, per_class=dict.fromkeys(names, 0.5), labels=names,
+                        confusion=[[1, 1, 0], [0, 1, 1], [1, 0, 1]])  # fmt: skip
+    text = render_table(result, color=False)
+    for name in ("[bold]cat[/bold]", "a\\nb", "[red]"):  # per-class row, confusion row and column
+        assert text.count(name) == 3, text
+    rows = [line for line in text.splitlines() if line.startswith("│")]  # body rows (headers use ┃)
+    assert len(rows) == 3 + 3  # per-class and confusion: one line per class
+    assert len({len(line) for line in rows[3:]}) == 1  # the confusion matrix's rows line up
+    assert text.splitlines()[:4] == ["images  6", "top-1   0.5000", "top-5   1.0000", "loss    0.7000"]
+
+
+def test_headless_checkpoint_cannot_be_evaluated(tmp_path: Path) -> None:
+    """A features-only checkpoint has no labels to match folders against: the head is what is missing."""
+    folder = save_hf_model(tmp_path / "headless", embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8, num_labels=0)
+    write_folder(tmp_path / "data", {"red": 1})
+    code, out, err = run_main("eval", tmp_path / "data", "--model", folder, "--device", "cpu")
+    assert (code, out) == (1, "")
+    assert err == f"Error: {folder}: checkpoint has no classification head; it gives features, not labels\n"
