@@ -272,7 +272,7 @@ def report(r: dict) -> None:
     s, c = r["model_only"], r["checks"]
     peak = r["matmul_gflops"]
     print(f"\nmachine: {r['machine']['cpu']}, {r['machine']['cores']} cores; load {r['load'][0]:.2f} -> {r['load'][1]:.2f}")
-    print(f"matmul peak (torch.mm 4096^2): " + ", ".join(f"{d} {g:.1f} GFLOP/s" for d, g in peak.items()))
+    print("matmul peak (torch.mm 4096^2): " + ", ".join(f"{d} {g:.1f} GFLOP/s" for d, g in peak.items()))
     print(f"{'contender':18s} {'img/s':>7s} {'img/CPU-s':>9s} {'GFLOP/s':>8s} {'% peak':>7s} {'peak RSS MiB':>13s}  what")
     for role, st in s.items():
         gflops = st["images_per_s"] * r["gflop_per_image"]

@@ -14,7 +14,7 @@ from bitcli import data
 from bitcli.data import DecodeCache, StepSampler, augment, few_shot, find_splits, find_undecodable, scan
 from bitcli.errors import BitError
 from bitcli.images import Reader
-from bitcli.preprocess import image_size
+from finetune.helpers import truncated_jpeg
 
 
 def write_images(root: Path, counts: dict[str, int], size: tuple[int, int] = (12, 10)) -> None:
@@ -211,16 +211,6 @@ def test_bad_image_is_an_error_naming_the_file(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # Images that do not decode
-
-
-def truncated_jpeg(path: Path) -> Path:
-    """A JPEG cut short: its header reads fine (so a header scan passes it), its pixels do not decode."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)
-    blob = path.read_bytes()
-    path.write_bytes(blob[: len(blob) * 2 // 3])
-    assert image_size(path) == (64, 64)
-    return path
 
 
 def test_find_undecodable_names_every_bad_file(tmp_path: Path) -> None:
