@@ -15,7 +15,7 @@ import typer
 
 import bitcli
 from bitcli.errors import UsageError
-from bitcli.hyperrule import Resolution
+from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution
 from bitcli.options import (
     DEFAULT_WORKERS,
     ConvertFormat,
@@ -73,10 +73,6 @@ def _parser(flag: str, parse: Callable[[str], T]) -> Callable[[str], T]:
             raise UsageError(f"{flag} {exc}") from None
 
     return parser
-
-
-def _auto_int(flag: str, minimum: int) -> Callable[[str], int | None]:
-    return _parser(flag, lambda value: parse_auto_int(value, minimum))
 
 
 def _auto(help: str, flag: str, parse: Callable[[str], object], metavar: str) -> typer.models.OptionInfo:
@@ -166,8 +162,8 @@ def finetune(
     val_split: Annotated[float | None, typer.Option("--val-split", help="Hold out this fraction of every class for validation.")] = None,
     steps: Annotated[int | None, _auto("auto (HyperRule: 500/10k/20k by data size) or N (boundaries scaled).", "--steps",
                                        lambda v: parse_auto_int(v, 1), "<auto|N>")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Base learning rate (linear warm-up, then /10 steps).")] = 0.003,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Global batch per optimizer step.")] = 512,
+    lr: Annotated[float, typer.Option("--lr", help="Base learning rate (linear warm-up, then /10 steps).")] = BASE_LR,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Global batch per optimizer step.")] = BATCH_SIZE,
     batch_split: Annotated[int | None, _auto("Micro-batches per step (gradient accumulation): auto or N.", "--batch-split",
                                              lambda v: parse_auto_int(v, 1), "<auto|N>")] = None,
     resolution: Annotated[Resolution | None, _auto("auto (HyperRule: 128 or 480), CROP, or RESIZE:CROP.", "--resolution",

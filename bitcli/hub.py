@@ -19,7 +19,6 @@ from bitcli.config import PUBLISHED_NAME
 from bitcli.errors import BitError
 from bitcli.formats import FORMATS, MODEL_FILE_SUFFIXES, Checkpoint, read_label_file, read_safetensors
 
-DEFAULT_MODEL = "google/bit-50"
 # What bit finetune writes (bitcli.finetune's CONFIG_FILE and STATE_FORMAT, without importing its training code).
 FINETUNE_CONFIG = "finetune_config.json"
 FINETUNE_STATE_FORMAT = "bitcli-finetune-state/"

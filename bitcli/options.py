@@ -14,7 +14,7 @@ from enum import Enum
 from pathlib import Path
 
 from bitcli.errors import BitError, UsageError
-from bitcli.hyperrule import Resolution, resolution_for_crop
+from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution, resolution_for_crop
 from bitcli.ui import display
 
 # Image-decoding threads for every command (0: decode in the calling thread); results never depend on it.
@@ -183,8 +183,8 @@ class FinetuneOptions:
     val: Path | None = None  # validation folder (default: DATA/val|valid|validation when DATA/train exists)
     val_split: float | None = None  # or hold out this fraction of every training class
     steps: int | None = None
-    lr: float = 0.003
-    batch_size: int = 512  # global, over all processes and micro-batches
+    lr: float = BASE_LR
+    batch_size: int = BATCH_SIZE  # global, over all processes and micro-batches
     batch_split: int | None = None  # micro-batches per optimizer step (gradient accumulation)
     resolution: Resolution | None = None
     mixup: float | None = None  # 0 turns MixUp off
