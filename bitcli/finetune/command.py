@@ -17,7 +17,7 @@ from bitcli.errors import BitError
 from bitcli.finetune.datasets import Datasets, scan_datasets, shared_undecodable, usable_datasets
 from bitcli.finetune.distributed import Dist, barrier, setup_distributed, teardown, wrap
 from bitcli.finetune.loop import Training, bit_sgd, train, validate
-from bitcli.finetune.plan import Plan, check_flags, check_same_run, describe, make_plan
+from bitcli.finetune.plan import Plan, check_flags, check_same_run, describe, make_plan, stated_preprocess
 from bitcli.finetune.rundir import (
     CONFIG_FILE,
     STATE_FILE,
@@ -130,7 +130,7 @@ def prepare(opts: FinetuneOptions, info: Dist, device: torch.device, dtype: torc
     ds = usable_datasets(opts, found, functools.partial(shared_undecodable, info=info, device=device, workers=opts.workers))
     model, mean, std = build_start_model(start, len(ds.train.classes), opts.seed)
     model = model.to(device).train()
-    plan = make_plan(opts, ds, model, info, device, dtype, saved)
+    plan = make_plan(opts, ds, model, info, device, dtype, saved, stated_preprocess(start.ckpt))
     if saved is not None:
         check_same_run(saved, plan, opts.output)
     return Prepared(mode, ds, model, mean, std, plan)

@@ -20,7 +20,9 @@ from bitcli.finetune.distributed import Dist
 from bitcli.finetune.memory import auto_batch_split
 from bitcli.finetune.rundir import SUMMARY_FILE
 from bitcli.finetune.start import check_resolution
+from bitcli.formats import BIT_DEFAULT_PREPROCESS
 from bitcli.options import FinetuneOptions
+from bitcli.preprocess import Preprocess
 from bitcli.ui import visible
 
 # Plan fields that decide the weights: a resumed run must agree on all of them.
@@ -28,6 +30,11 @@ RESULT_FIELDS = (
     "classes", "train_examples", "train_fingerprint", "model", "random_init", "architecture", "shots", "seed",
     "resize", "crop", "steps", "boundaries", "lr", "batch_size", "mixup",
 )  # fmt: skip
+# The HyperRule's resolution assumes a start model pre-trained at about 224 px (BiT-M/S). Beyond this factor
+# between the chosen crop and the start model's own, the plan says so (issue 12: a model trained at 32 px
+# reached 0.37 top-1 at the rule's 128 px and 0.93 at its own size).
+OWN_SIZE_RATIO = 2
+HYPERRULE_UPSTREAM = 224  # px: the upstream resolution the rule was made for (BiT-M/S pre-training)
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class Plan:
     eval_every: int
     save_every: int
     why: dict[str, str]  # field -> where its value came from
+    notes: tuple[str, ...] = ()  # advice printed with the plan (e.g. the start model's own resolution)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -120,6 +128,46 @@ def _resolution(opts: FinetuneOptions, ds: Datasets) -> tuple[hyperrule.Resoluti
     return hyperrule.resolution(area), f"HyperRule: median image area {area:,.0f} px {side} 96x96"
 
 
+def stated_preprocess(ckpt: Any) -> Preprocess | None:
+    """The start checkpoint's own preprocessing; None for --random-init and for checkpoints that state none
+    (a .npz, a folder without a preprocessor config): bit's default stands in there, which says nothing
+    about the size the model was trained at (BiT-M's upstream .npz files were pre-trained at 224 px)."""
+    if ckpt is None or ckpt.format == "npz" or ckpt.preprocess is BIT_DEFAULT_PREPROCESS:
+        return None
+    return ckpt.preprocess
+
+
+def own_size(pre: Preprocess | None) -> int | None:
+    """The start model's own input size (px): its preprocessing's crop, else its resize (the shorter side
+    of a non-square one); None when nothing says."""
+    size = None if pre is None else pre.crop if pre.crop is not None else pre.resize
+    if size is None:
+        return None
+    return size if isinstance(size, int) else min(size)
+
+
+def _ratio(a: int, b: int) -> float:
+    return max(a, b) / min(a, b)
+
+
+def _size_notes(opts: FinetuneOptions, crop: int, own: int | None) -> tuple[str, ...]:
+    """A note when the HyperRule's crop is far from the start model's own size, with the flag that keeps the
+    model's size. Far: more than OWN_SIZE_RATIO x, and more than the rule itself moves a model of the 224 px
+    it assumes (480 / 224 = 2.14x: a 224-px BiT-M at 480 is the rule as designed). The rule stays the
+    default; a typed --resolution gets no note."""
+    if opts.resolution is not None or own is None:
+        return ()
+    ratio = _ratio(crop, own)
+    if ratio <= max(OWN_SIZE_RATIO, _ratio(crop, HYPERRULE_UPSTREAM)):
+        return ()
+    keep = hyperrule.resolution_for_crop(own)
+    return (
+        f"the HyperRule's crop of {crop} px differs by {ratio:.3g}x from the start model's own {own} px (its "
+        f"preprocessing); a model can transfer badly far from its own size: --resolution {keep.resize}:{keep.crop} "
+        "keeps it",
+    )
+
+
 def _schedule(steps: int | None, n: int) -> tuple[hyperrule.Schedule, str]:
     regime = f"{n:,} training examples"
     if steps is None:
@@ -146,8 +194,9 @@ def _batch_split(opts: FinetuneOptions, model, crop: int, info: Dist, device: to
 
 
 def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, device: torch.device, dtype: torch.dtype,
-              saved: dict[str, Any] | None) -> Plan:  # fmt: skip
-    """The run's plan; `saved` is the plan of the run being resumed (its automatic batch split is kept)."""
+              saved: dict[str, Any] | None, own: Preprocess | None = None) -> Plan:  # fmt: skip
+    """The run's plan; `saved` is the plan of the run being resumed (its automatic batch split is kept);
+    `own` is the start model's own preprocessing (None: --random-init)."""
     n = len(ds.train)
     why: dict[str, str] = {}
     res, why["resolution"] = _resolution(opts, ds)
@@ -192,6 +241,7 @@ def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, device: to
         eval_every=eval_every,
         save_every=save_every,
         why=why,
+        notes=_size_notes(opts, res.crop, own_size(own)),
     )
 
 
@@ -222,6 +272,7 @@ def describe(plan: Plan) -> list[str]:
         + (f"validate every {plan.eval_every or plan.steps} steps, " if plan.validation else "")
         + f"checkpoint every {plan.save_every} steps",
     ]
+    lines[4:4] = [f"  note        {note}" for note in plan.notes]  # after the resolution line
     if plan.skipped:
         n = len(plan.skipped)
         lines.insert(3, f"  skipped     {n} image{'s' * (n != 1)} that do{'es' * (n == 1)} not decode (listed above; "

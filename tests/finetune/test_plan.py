@@ -3,13 +3,14 @@ architectures --random-init accepts, the checks of typed options, and --resume a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_main
+from conftest import BIT50_PREPROCESSOR, run_main, save_hf_model, write_folder
 from PIL import Image
 
 from bitcli.config import BitConfig
@@ -17,11 +18,14 @@ from bitcli.data import ImageFolder
 from bitcli.errors import BitError, UsageError
 from bitcli.finetune.datasets import Datasets
 from bitcli.finetune.distributed import Dist
-from bitcli.finetune.plan import check_flags, describe, make_plan
+from bitcli.finetune.plan import check_flags, describe, make_plan, stated_preprocess
 from bitcli.finetune.start import random_init_config
+from bitcli.formats import BIT_DEFAULT_PREPROCESS
+from bitcli.hub import load_checkpoint
 from bitcli.hyperrule import Resolution, resolution_for_crop
 from bitcli.model import BitModel
 from bitcli.options import FinetuneOptions
+from bitcli.preprocess import Preprocess
 
 from .helpers import FAST, TINY
 
@@ -127,3 +131,68 @@ def test_resume_refuses_other_settings(dataset: Path, tmp_path: Path) -> None:
     (out / "summary.json").unlink()
     code, _, err = run_main(*args, "--steps", "5", "--resume")
     assert code == 1 and "started with other settings" in err and "steps 3 -> 5" in err
+
+
+def _own_note(crop: int, ratio: str, own: int, flag: str) -> str:
+    return (f"the HyperRule's crop of {crop} px differs by {ratio}x from the start model's own {own} px (its "
+            f"preprocessing); a model can transfer badly far from its own size: --resolution {flag} keeps it")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "own, image, note",
+    [
+        (Preprocess(resize=32, crop=(32, 32)), (32, 32), _own_note(128, "4", 32, "40:32")),  # issue 12's 32-px model
+        (Preprocess(resize=64, crop=(64, 64)), (32, 32), None),  # 128 / 64 = 2: not more than 2x
+        (Preprocess(resize=64, crop=(64, 64)), (96, 96), _own_note(480, "7.5", 64, "80:64")),
+        (Preprocess(resize=448, crop=(448, 448)), (32, 32), _own_note(128, "3.5", 448, "560:448")),  # google/bit-50
+        (Preprocess(resize=256, crop=(224, 224)), (96, 96), None),  # BiT-M at 224 -> 480: the rule as designed
+        (Preprocess(resize=256, crop=(224, 224)), (32, 32), None),
+        (Preprocess(resize=30, crop=None), (32, 32), _own_note(128, "4.27", 30, "38:30")),  # no crop: the resize
+        (Preprocess(resize=(40, 60), crop=None), (32, 32), _own_note(128, "3.2", 40, "50:40")),
+        (None, (32, 32), None),  # --random-init, a .npz: nothing says the model's size
+    ],
+)
+def test_plan_notes_a_start_model_far_from_the_hyperrule_crop(tmp_path: Path, own, image, note) -> None:
+    ds = _folder(tmp_path, image, 10)
+    opts = FinetuneOptions(data=ds.root, model="m", output=tmp_path / "out", batch_split=1)
+    plan = make_plan(opts, Datasets(ds, None, None), BitModel(random_init_config("tiny", 2)), Dist(),
+                     torch.device("cpu"), torch.float32, None, own)  # fmt: skip
+    assert plan.notes == ((note,) if note else ())
+    assert plan.to_dict()["notes"] == ([note] if note else [])  # finetune_config.json keeps it
+    lines = describe(plan)
+    assert lines[3].startswith("  resolution  ")
+    assert [line for line in lines if line.startswith("  note ")] == ([f"  note        {note}"] if note else [])
+    if note:
+        assert lines[4] == f"  note        {note}"  # right under the resolution it is about
+    typed = dataclasses.replace(opts, resolution=Resolution(160, 128))  # a typed --resolution: the user chose
+    assert make_plan(typed, Datasets(ds, None, None), BitModel(random_init_config("tiny", 2)), Dist(),
+                     torch.device("cpu"), torch.float32, None, own).notes == ()  # fmt: skip
+
+
+def test_only_preprocessing_a_checkpoint_states_counts_as_its_own(tiny_dir: Path) -> None:
+    from types import SimpleNamespace
+
+    assert stated_preprocess(load_checkpoint(str(tiny_dir))).crop == (64, 64)
+    assert stated_preprocess(None) is None  # --random-init
+    stated = Preprocess.square(480, 480)
+    assert stated_preprocess(SimpleNamespace(format="npz", preprocess=stated)) is None  # bit's default for a .npz
+    assert stated_preprocess(SimpleNamespace(format="hf", preprocess=BIT_DEFAULT_PREPROCESS)) is None
+    assert stated_preprocess(SimpleNamespace(format="hf", preprocess=stated)) is stated
+
+
+def test_finetune_prints_and_records_the_start_models_own_resolution(tmp_path: Path, tiny_dir: Path) -> None:
+    """A model trained at 32 px on 32-px images: the rule picks 128 (4x), the plan says so and how to keep
+    32; the same data from tiny_dir's 64 px (2x) gets no note."""
+    write_folder(tmp_path / "data", {"red": 3, "green": 3}, size=32)
+    small = save_hf_model(tmp_path / "own32", {**BIT50_PREPROCESSOR, "size": {"shortest_edge": 32},
+                                               "crop_size": {"height": 32, "width": 32}},
+                          embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8)  # fmt: skip
+    note = _own_note(128, "4", 32, "40:32")
+    for model, want in ((small, [note]), (tiny_dir, [])):
+        out = tmp_path / f"run-{model.name}"
+        code, _, err = run_main("finetune", tmp_path / "data", "--output", out, "--model", model, "--steps", "1",
+                                "--batch-size", "2", "--batch-split", "1", "--eval-every", "0", "--workers", "0")  # fmt: skip
+        assert code == 0, err
+        assert "resize 160x160, random crop 128" in err and "[HyperRule: median image area 1,024 px < 96x96]" in err
+        assert [line for line in err.splitlines() if line.startswith("  note ")] == [f"  note        {n}" for n in want]
+        assert json.loads((out / "finetune_config.json").read_text())["notes"] == want
