@@ -49,6 +49,13 @@ _SUPPORT = {"nearest": 1.0, "bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0, "bo
 FULL_RESIZE_PIXELS = 16_000_000
 # transformers stores PIL's resampling enum values.
 _PIL_CODES = {int(v): k for k, v in _PIL_FILTERS.items()}
+# Where a centre crop starts when the margin is odd. "floor": transformers' rule, top = (h - ch) // 2 (and an
+# image smaller than the crop sits ceil(pad / 2) from the top). "round": torchvision's CenterCrop, which timm's
+# eval transform uses, top = int(round((h - ch) / 2)) with Python's half-to-even round (and a smaller image sits
+# pad // 2 from the top). They differ by a pixel, which a confident head can notice.
+CropRounding = Literal["floor", "round"]
+# preprocessor_config.json key for torchvision's rule, which transformers' BitImageProcessor cannot express.
+HF_ROUNDING_KEY = "bitcli_crop_rounding"
 
 
 @dataclass(frozen=True)
@@ -60,10 +67,13 @@ class Preprocess:
     interpolation: Interpolation = "bilinear"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    crop_rounding: CropRounding = "floor"  # transformers' centre-crop offsets, or "round": timm's (torchvision's)
 
     def __post_init__(self) -> None:
         if self.interpolation not in _PIL_FILTERS:
             raise BitError(f"preprocessing: unknown interpolation {self.interpolation!r}")
+        if self.crop_rounding not in ("floor", "round"):
+            raise BitError(f"preprocessing: crop_rounding must be 'floor' or 'round', not {self.crop_rounding!r}")
 
     @classmethod
     def square(cls, resize: int, crop: int, **kw: Any) -> Preprocess:
@@ -84,7 +94,20 @@ class Preprocess:
             interpolation=d.get("interpolation", "bilinear"),
             mean=tuple(float(x) for x in d.get("mean", (0.5,) * 3)),
             std=tuple(float(x) for x in d.get("std", (0.5,) * 3)),
+            crop_rounding=d.get("crop_rounding", "floor"),  # files from before the field: transformers' rule
         )
+
+    def same_pixels(self, other: Preprocess) -> bool:
+        """Whether the two give the same pixels for every image (the rounding matters only with a real crop)."""
+        return self._canonical() == other._canonical()
+
+    def _canonical(self) -> Preprocess:
+        crop = None if self.crop is None or self.crop == self.resize else self.crop  # an exact resize's crop is a no-op
+        rounding = self.crop_rounding if crop else "floor"
+        if crop and isinstance(self.resize, tuple):  # margins known in advance: the rule may not matter
+            if all(_crop_window(r, c, "floor") == _crop_window(r, c, "round") for r, c in zip(self.resize, crop)):
+                rounding = "floor"
+        return dataclasses.replace(self, crop=crop, crop_rounding=rounding)
 
     @classmethod
     def from_hf(cls, p: dict[str, Any]) -> Preprocess:
@@ -110,6 +133,7 @@ class Preprocess:
             interpolation=_PIL_CODES.get(int(p.get("resample", 3)), "bicubic"),
             mean=tuple(p.get("image_mean", (0.48145466, 0.4578275, 0.40821073))) if normalize else (0.0,) * 3,
             std=tuple(p.get("image_std", (0.26862954, 0.26130258, 0.27577711))) if normalize else (1.0,) * 3,
+            crop_rounding=p.get(HF_ROUNDING_KEY, "floor"),  # written by to_hf for a timm model; else transformers'
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -133,6 +157,8 @@ class Preprocess:
             "image_mean": list(self.mean),
             "image_std": list(self.std),
             "do_convert_rgb": True,
+            # transformers ignores this key and floors; bit reads it back and keeps the source's (timm's) crop.
+            **({HF_ROUNDING_KEY: self.crop_rounding} if self.crop_rounding != "floor" and self.crop else {}),
         }
 
     @classmethod
@@ -153,18 +179,25 @@ class Preprocess:
             interpolation=cfg.get("interpolation", "bilinear"),
             mean=tuple(cfg.get("mean", (0.5,) * 3)),
             std=tuple(cfg.get("std", (0.5,) * 3)),
+            crop_rounding="round",  # timm's eval transform crops with torchvision's CenterCrop
         )
 
     def to_timm(self) -> dict[str, Any]:
+        """The closest pretrained_cfg; timm.write records the exact transform beside it where timm differs."""
         crop = self.crop or (self.resize if isinstance(self.resize, tuple) else (224, 224))
         short = self.resize if isinstance(self.resize, int) else crop[0]
+        squash = isinstance(self.resize, tuple)  # a resize to an exact size is timm's "squash" mode
+        scale = self.resize[0] if squash else short
+        crop_pct = crop[0] / scale
+        if math.floor(crop[0] / crop_pct) < scale:  # timm floors crop / crop_pct: keep it from landing a pixel short
+            crop_pct = math.nextafter(crop_pct, 0.0)
         return {
             "input_size": [3, crop[0], crop[1]],
             "interpolation": self.interpolation,
             "mean": list(self.mean),
             "std": list(self.std),
-            "crop_pct": crop[0] / short,
-            "crop_mode": "center",
+            "crop_pct": crop_pct,
+            "crop_mode": "squash" if squash else "center",
         }
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
@@ -189,7 +222,8 @@ class Preprocess:
                     f"over the {MAX_IMAGE_PIXELS:,}-pixel limit; crop it to a less extreme aspect ratio first"
                 )
             return image if (rw, rh) == (w, h) else image.resize((rw, rh), resample)
-        (x0, xn, px), (y0, yn, py) = _crop_window(rw, self.crop[1]), _crop_window(rh, self.crop[0])
+        rounding = self.crop_rounding
+        (x0, xn, px), (y0, yn, py) = _crop_window(rw, self.crop[1], rounding), _crop_window(rh, self.crop[0], rounding)
         if (rw, rh) == (w, h):
             region = image.crop((x0, y0, x0 + xn, y0 + yn))
         elif rw * rh <= FULL_RESIZE_PIXELS:
@@ -244,11 +278,14 @@ def _resize_region(
     return image.crop((left, top, right, bottom)).resize((xn, yn), _PIL_FILTERS[interpolation], box=shifted)
 
 
-def _crop_window(size: int, crop: int) -> tuple[int, int, int]:
+def _crop_window(size: int, crop: int, rounding: CropRounding = "floor") -> tuple[int, int, int]:
     """One axis of a centre crop of `size` pixels to `crop`: (first kept pixel, pixels kept, offset in the
-    output). A crop larger than the image keeps it all, centred on black (the offset)."""
-    if crop > size:
-        return 0, size, (crop - size) // 2
+    output). A crop larger than the image keeps it all, centred on black (the offset). The odd pixel goes
+    where the source library puts it (CropRounding): the thin-strip path uses the same window."""
+    if crop > size:  # transformers pads ceil(pad / 2) before the image; torchvision pad // 2
+        return 0, size, (crop - size) // 2 if rounding == "round" else (crop - size + 1) // 2
+    if rounding == "round":
+        return int(round((size - crop) / 2.0)), crop, 0
     return (size - crop) // 2, crop, 0
 
 

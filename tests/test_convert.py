@@ -136,7 +136,10 @@ def test_transformers_loads_converted_folder_like_bit_predict(r50, tmp_path, pho
     model = transformers.BitForImageClassification.from_pretrained(hf).eval()
     processor = transformers.BitImageProcessorPil.from_pretrained(hf)
     pixels = processor([Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
-    assert pixels.shape == (2, 3, 448, 448)  # Google's 448-px eval resolution travelled into the folder
+    # Google's eval transform travelled into the folder: the whole image resized to 480x480, no centre crop.
+    written = json.loads((hf / "preprocessor_config.json").read_text())
+    assert written["size"] == {"height": 480, "width": 480} and written["do_center_crop"] is False
+    assert pixels.shape == (2, 3, 480, 480)
     assert model.config.id2label[0] == "tench, Tinca tinca"  # ImageNet-1k names for a 1000-class head
 
     # Same pixels, same weights: transformers standardises kernels with its fixed eps 1e-8, bitcli with the
@@ -144,7 +147,7 @@ def test_transformers_loads_converted_folder_like_bit_predict(r50, tmp_path, pho
     # computations are the same; the eps alone moves these logits (up to ~16) by about 1e-4.
     ckpt = load_checkpoint(str(hf))
     assert ckpt.config.ws_eps == 1e-10
-    center = pixels[:, :, 112:336, 112:336]  # the 224-px centre: a quarter of the compute
+    center = pixels[:, :, 128:352, 128:352]  # the 224-px centre: under a quarter of the compute
     with torch.no_grad():
         hf_logits = model(center).logits
         ours = ckpt.build_model()(center)

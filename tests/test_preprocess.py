@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -33,16 +35,37 @@ def test_pixels_equal_transformers_pil_pipeline(photos, processor):
 
 
 def test_hf_round_trip_of_preprocessing():
-    for p in [Preprocess(), Preprocess.square(160, 128), Preprocess(resize=256, crop=(224, 224), interpolation="bicubic")]:
+    for p in [
+        Preprocess(), Preprocess.square(160, 128), Preprocess(resize=256, crop=(224, 224), interpolation="bicubic"),
+        Preprocess(resize=448, crop=(448, 448), crop_rounding="round"),  # timm's crop, in a bitcli_ key
+    ]:  # fmt: skip
         assert Preprocess.from_hf(p.to_hf()) == p
         assert Preprocess.from_dict(p.to_dict()) == p
+    assert "bitcli_crop_rounding" not in Preprocess().to_hf()  # transformers' own rule needs no extra key
+
+
+def test_metadata_without_the_rounding_field_is_transformers_rule():
+    old = {"resize": 448, "crop": [448, 448], "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert Preprocess.from_dict(old).crop_rounding == "floor"
+    with pytest.raises(BitError, match="crop_rounding must be 'floor' or 'round', not 'up'"):
+        Preprocess.from_dict({**old, "crop_rounding": "up"})
 
 
 def test_timm_pretrained_cfg():
     cfg = {"input_size": [3, 448, 448], "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
-    assert Preprocess.from_timm(cfg) == Preprocess(resize=448, crop=(448, 448))
+    assert Preprocess.from_timm(cfg) == Preprocess(resize=448, crop=(448, 448), crop_rounding="round")
     cfg = {"input_size": [3, 224, 224], "crop_pct": 0.875, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
-    assert Preprocess.from_timm(cfg) == Preprocess(resize=256, crop=(224, 224), interpolation="bicubic")
+    assert Preprocess.from_timm(cfg) == Preprocess(resize=256, crop=(224, 224), interpolation="bicubic", crop_rounding="round")
+
+
+def test_to_timm_says_squash_for_an_exact_size_resize():
+    """Google's and fine-tuning's eval transforms resize to an exact square: timm's "squash" mode, not a
+    shortest-edge resize (which would crop a non-square photo)."""
+    for p in [Preprocess(resize=(480, 480), crop=None), Preprocess.square(160, 128), Preprocess(resize=448, crop=(448, 448))]:
+        assert Preprocess.from_timm(p.to_timm()).same_pixels(dataclasses.replace(p, crop_rounding="round"))
+    assert Preprocess(resize=(480, 480), crop=None).to_timm()["crop_mode"] == "squash"
+    assert not Preprocess(resize=448, crop=(448, 448)).same_pixels(Preprocess(resize=448, crop=(448, 448), crop_rounding="round"))
+    assert Preprocess(resize=(64, 64), crop=(64, 64)).same_pixels(Preprocess(resize=(64, 64), crop=None, crop_rounding="round"))
 
 
 def _rgb(path) -> np.ndarray:

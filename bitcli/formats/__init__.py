@@ -19,6 +19,7 @@ from bitcli.errors import BitError
 from bitcli.formats import bitcli, hf, npz, timm
 from bitcli.formats.checkpoint import (
     BIT_DEFAULT_PREPROCESS,
+    GOOGLE_EVAL_PREPROCESS,
     Checkpoint,
     check_tensors,
     expected_shapes,
@@ -29,7 +30,8 @@ from bitcli.formats.raw import read_json, read_safetensors, write_safetensors
 from bitcli.formats.tensors import Layout, TensorRef
 
 __all__ = [
-    "BIT_DEFAULT_PREPROCESS", "FORMATS", "MODEL_FILE_SUFFIXES", "Checkpoint", "Format", "Layout", "TensorRef",
+    "BIT_DEFAULT_PREPROCESS", "GOOGLE_EVAL_PREPROCESS", "FORMATS", "MODEL_FILE_SUFFIXES", "Checkpoint", "Format",
+    "Layout", "TensorRef",
     "check_tensors", "detect", "expected_shapes", "infer_config", "read", "read_json", "read_label_file",
     "read_safetensors", "write_safetensors",
 ]  # fmt: skip

@@ -1,5 +1,6 @@
 """Google's original BiT .npz: `resnet/`-prefixed names, HWIO kernels, the head a [1, 1, C, N] convolution,
-and weights standardised with eps 1e-10 (Google's code). It carries no labels and no preprocessing."""
+and weights standardised with eps 1e-10 (Google's code). It carries no labels and no preprocessing: Google's
+evaluation transform (GOOGLE_EVAL_PREPROCESS, 480x480 without a centre crop) goes with it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from bitcli.errors import BitError
-from bitcli.formats.checkpoint import BIT_DEFAULT_PREPROCESS, Checkpoint, check_tensors, checked_labels, infer_config
+from bitcli.formats.checkpoint import GOOGLE_EVAL_PREPROCESS, Checkpoint, check_tensors, checked_labels, infer_config
 from bitcli.formats.raw import read_npz_arrays
 from bitcli.formats.tensors import HEAD, Layout, TensorRef
 from bitcli.writes import atomic_write
@@ -78,7 +79,7 @@ def read(path: Path) -> Checkpoint:
     config = infer_config(shapes, str(path), LAYOUT, ws_eps=GOOGLE_WS_EPS)
     check_tensors(config, tensors, str(path), LAYOUT)
     labels = checked_labels(None, config.num_classes, str(path))
-    return Checkpoint(config, labels, BIT_DEFAULT_PREPROCESS, tensors, str(path), NAME, LAYOUT)
+    return Checkpoint(config, labels, GOOGLE_EVAL_PREPROCESS, tensors, str(path), NAME, LAYOUT)
 
 
 def _check_rank(path: Path, npz_name: str, key: str, ref: TensorRef) -> None:

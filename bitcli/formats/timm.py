@@ -13,7 +13,7 @@ import torch
 from bitcli.config import BitConfig
 from bitcli.errors import BitError
 from bitcli.formats.checkpoint import (
-    BIT_DEFAULT_PREPROCESS,
+    TIMM_DEFAULT_PREPROCESS,
     WS_EPS_KEY,
     Checkpoint,
     check_tensors,
@@ -27,6 +27,10 @@ from bitcli.preprocess import Preprocess
 from bitcli.writes import atomic_folder
 
 NAME = "timm"
+# The exact preprocessing of a model whose pretrained_cfg cannot say it (e.g. transformers' floor-rounded
+# centre crop, a resize without a crop): bitcli reads it in preference to pretrained_cfg; timm ignores it.
+PREPROCESS_KEY = "bitcli_preprocess"
+PREPROCESS_NOTE_KEY = "bitcli_preprocess_note"
 _TO_BITCLI, _FROM_BITCLI = renaming(
     [
         (r"^stem\.conv\.", "stem.conv."),
@@ -65,11 +69,24 @@ def read_weights(path: Path, refs: dict[str, TensorRef], timm_cfg: dict[str, Any
     shapes = {k: r.shape for k, r in tensors.items()}
     config = infer_config(shapes, str(path), LAYOUT, ws_eps=stored_ws_eps(cfg, 1e-8, path / "config.json"))
     _check_config(path, cfg, config)
-    pretrained = cfg.get("pretrained_cfg")
-    preprocess = Preprocess.from_timm(pretrained) if pretrained else BIT_DEFAULT_PREPROCESS
+    preprocess = _preprocess(path, cfg)
     check_tensors(config, tensors, str(path), LAYOUT)
     labels = checked_labels(cfg.get("label_names"), config.num_classes, str(path))
     return Checkpoint(config, labels, preprocess, tensors, str(path), NAME, LAYOUT)
+
+
+def _preprocess(path: Path, cfg: dict[str, Any]) -> Preprocess:
+    """bitcli's own record if present, else timm's pretrained_cfg, else timm's default for its BiT weights."""
+    own, pretrained = cfg.get(PREPROCESS_KEY), cfg.get("pretrained_cfg")
+    try:
+        if own is not None:
+            return Preprocess.from_dict(own)
+        return Preprocess.from_timm(pretrained) if pretrained else TIMM_DEFAULT_PREPROCESS
+    except BitError as exc:
+        raise BitError(f"{path / 'config.json'}: {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        key = PREPROCESS_KEY if own is not None else "pretrained_cfg"
+        raise BitError(f"{path / 'config.json'}: {key} is damaged ({exc}); convert the source again") from None
 
 
 def _check_config(path: Path, cfg: dict[str, Any], config: BitConfig) -> None:
@@ -107,6 +124,7 @@ def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> N
         "label_names": ckpt.labels,
         "pretrained_cfg": pretrained,
         WS_EPS_KEY: ckpt.config.ws_eps,  # timm builds BiT with 1e-8 and ignores this key; bitcli reads it back
+        **_preprocess_record(ckpt.preprocess, pretrained),
     }
 
     def fill(tmp: Path) -> None:
@@ -114,3 +132,18 @@ def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> N
         write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"}, dtype)
 
     atomic_folder(folder, fill)
+
+
+def _preprocess_record(preprocess: Preprocess, pretrained: dict[str, Any]) -> dict[str, Any]:
+    """Where timm's transform for `pretrained` would give other pixels than the model's own preprocessing,
+    the exact one (read back by bitcli) and a note saying what timm does differently; else nothing."""
+    timm_view = Preprocess.from_timm(pretrained)
+    if timm_view.same_pixels(preprocess):
+        return {}
+    ours, theirs = preprocess.to_dict(), timm_view.to_dict()
+    fields = ", ".join(f"{k} {theirs[k]!r} instead of {ours[k]!r}" for k in ours if ours[k] != theirs[k])
+    note = (
+        f"bit preprocesses with {PREPROCESS_KEY} (the source model's own transform); timm's create_transform "
+        f"follows pretrained_cfg, which differs: {fields}"
+    )
+    return {PREPROCESS_KEY: ours, PREPROCESS_NOTE_KEY: note}
