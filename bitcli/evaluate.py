@@ -23,9 +23,9 @@ from rich.text import Text
 
 from bitcli.data import ImageFolder, find_splits, scan
 from bitcli.engine import Engine
-from bitcli.errors import BitError
+from bitcli.errors import BitError, one_line
 from bitcli.hub import load_checkpoint
-from bitcli.images import Job, Reader
+from bitcli.images import Job, Reader, stack_by_size
 from bitcli.labels import match_classes
 from bitcli.options import EvalFormat, EvalOptions
 from bitcli.preprocess import load_image
@@ -143,16 +143,14 @@ def _stacked(ds: ImageFolder, indices: np.ndarray, results: list[np.ndarray | Ex
     """(indices, stacked images), one batch per image size: only equal sizes stack, and a checkpoint without
     a centre crop keeps each image's aspect ratio. Accuracy is over a whole pass, so an image that does not
     decode stops it, with a message naming the file."""
-    by_size: dict[tuple[int, ...], list[int]] = {}
     for position, result in enumerate(results):
         if isinstance(result, BitError):
             raise result
         if isinstance(result, Exception):  # a decoder bug on one odd file: still name the file
-            reason = " ".join(str(result).split()) or type(result).__name__
-            raise BitError(f"{display(ds.paths[indices[position]])}: cannot decode image ({reason})") from result
-        by_size.setdefault(result.shape, []).append(position)
-    for positions in by_size.values():
-        yield indices[positions], np.stack([results[p] for p in positions])  # type: ignore[misc]
+            path = display(ds.paths[indices[position]])
+            raise BitError(f"{path}: cannot decode image ({one_line(result)})") from result
+    for group, batch in stack_by_size(zip(indices, results)):
+        yield np.asarray(group), batch
 
 
 # ----------------------------------------------------------------------------------------------------------

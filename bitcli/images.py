@@ -19,6 +19,7 @@ from bitcli.errors import BitError
 from bitcli.preprocess import IMAGE_EXTENSIONS
 
 T = TypeVar("T")
+K = TypeVar("K")
 Job = Callable[[], np.ndarray]
 
 
@@ -98,3 +99,13 @@ class Reader(Generic[T]):
             else:
                 results.append(f)
         return meta, results
+
+
+def stack_by_size(items: Iterable[tuple[K, np.ndarray]]) -> Iterator[tuple[list[K], np.ndarray]]:
+    """(keys, stacked arrays), one batch per image size, keys in their order within it: only equal sizes
+    stack, and a checkpoint without a centre crop keeps each image's aspect ratio."""
+    by_size: dict[tuple[int, ...], list[tuple[K, np.ndarray]]] = {}
+    for key, array in items:
+        by_size.setdefault(array.shape, []).append((key, array))
+    for group in by_size.values():
+        yield [key for key, _ in group], np.stack([array for _, array in group])

@@ -17,7 +17,7 @@ import torch
 from bitcli.engine import Engine
 from bitcli.errors import BitError, UsageError, one_line
 from bitcli.hub import load_checkpoint
-from bitcli.images import Job, Reader, list_images
+from bitcli.images import Job, Reader, list_images, stack_by_size
 from bitcli.options import PredictFormat, PredictOptions
 from bitcli.preprocess import Preprocess, load_image
 from bitcli.render import Row, json_lines, predictions_text, write_text
@@ -189,13 +189,12 @@ def _outcomes(
 ) -> Iterator[tuple[str, str | None, list[dict] | None]]:
     """(path, error, predictions) per image of a chunk. The decoded images are classified one batch per
     image size: an uncropped checkpoint keeps each image's aspect ratio, and only equal sizes stack."""
-    by_size: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
+    decoded = []
     for path, result in zip(chunk, results):
         if isinstance(result, Exception):
             yield path, failure(path, result), None
         else:
-            by_size.setdefault(result.shape, []).append((path, result))
-    for group in by_size.values():
-        logits = engine.logits(np.stack([array for _, array in group]))
-        for (path, _), predictions in zip(group, top_k(logits, labels, k)):
+            decoded.append((path, result))
+    for paths, batch in stack_by_size(decoded):
+        for path, predictions in zip(paths, top_k(engine.logits(batch), labels, k)):
             yield path, None, predictions
