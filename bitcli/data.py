@@ -8,18 +8,18 @@ the global batch is split into micro-batches or across processes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bitcli.errors import BitError
-from bitcli.images import list_images
+from bitcli.images import Reader, list_images
 from bitcli.preprocess import IMAGE_EXTENSIONS, Preprocess, image_size, load_image
 from bitcli.ui import log
 
@@ -307,31 +307,28 @@ def find_undecodable(paths: Sequence[str], workers: int, advance: Callable[[int]
     that first draws it. Decoding is deterministic, so the same files fail every time (a resumed run skips
     the same ones).
     """
-
-    def check(path: str) -> str | None:
-        try:
-            load_image(path)
-        except BitError as exc:
-            return str(exc)
-        except Exception as exc:  # a decoder bug on one odd file must not cost the run either
-            name = os.fsencode(path).decode("utf-8", "replace")
-            return f"{name}: cannot decode image ({type(exc).__name__}: {' '.join(str(exc).split())})"
-        return None
-
+    window = 16 * max(1, workers)  # images per batch of jobs: memory stays bounded on a million-image folder
+    batches = (
+        (start, [functools.partial(_decodes, path) for path in paths[start : start + window]])
+        for start in range(0, len(paths), window)
+    )
     failed: dict[int, str] = {}
-    window = 16 * max(1, workers)  # jobs in flight: memory stays bounded on a million-image folder
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bit-check") if workers > 0 else None
-    try:
-        for start in range(0, len(paths), window):
-            chunk = paths[start : start + window]
-            for offset, error in enumerate(pool.map(check, chunk) if pool is not None else map(check, chunk)):
-                if error is not None:
-                    failed[start + offset] = error
-            advance(len(chunk))
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+    with Reader(workers) as reader:
+        for start, results in reader.outcomes(batches):
+            for offset, result in enumerate(results):
+                if isinstance(result, BitError):
+                    failed[start + offset] = str(result)
+                elif isinstance(result, Exception):  # a decoder bug on one odd file must not cost the run either
+                    name = os.fsencode(paths[start + offset]).decode("utf-8", "replace")
+                    failed[start + offset] = f"{name}: cannot decode image ({type(result).__name__}: {' '.join(str(result).split())})"
+            advance(len(results))
     return failed
+
+
+def _decodes(path: str) -> np.ndarray:
+    """Decode `path` and drop the pixels: only whether it decodes matters (and memory stays small)."""
+    load_image(path)
+    return np.zeros(0, dtype=np.uint8)
 
 
 def train_transform(resize: int) -> Preprocess:
