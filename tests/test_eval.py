@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import run_main, write_folder
 
-from bitcli.evaluate import OTHER
+from bitcli.metrics import OTHER
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from conftest import BIT50_PREPROCESSOR, run_main, save_hf_model, write_folder
 from PIL import Image
 from sklearn.metrics import accuracy_score, confusion_matrix, top_k_accuracy_score
 
-from bitcli.evaluate import NO_TOP5, OTHER, Accumulator, EvalResult, render_table
+from bitcli.metrics import NO_TOP5, OTHER, Accumulator, EvalResult, render_table
 
 LABELS = ["tabby, tabby cat", "goldfish, Carassius auratus", "hen", "ostrich", "robin", "jay", "kite", "toucan"]
 # Class folders: a first name, an index and two full labels; in the model's order: tabby(0), 1(1), hen(2), kite(6)

@@ -15,7 +15,7 @@ from bitcli.data import DecodeCache, eval_transform, train_transform
 from bitcli.engine import Engine
 from bitcli.errors import BitError
 from bitcli.finetune.datasets import Datasets, scan_datasets, shared_undecodable, usable_datasets
-from bitcli.finetune.distributed import Dist, barrier, setup_distributed, teardown, wrap
+from bitcli.distributed import Dist, barrier, setup_distributed, teardown, wrap
 from bitcli.finetune.loop import Training, bit_sgd, train, validate
 from bitcli.finetune.plan import Plan, check_flags, check_same_run, describe, make_plan, stated_preprocess
 from bitcli.finetune.rundir import (

@@ -11,7 +11,7 @@ import torch
 
 from bitcli.data import ImageFolder, few_shot, find_splits, find_undecodable, scan, split_validation
 from bitcli.errors import BitError, UsageError
-from bitcli.finetune.distributed import Dist, all_max, collective_device
+from bitcli.distributed import Dist, all_max, collective_device
 from bitcli.options import FinetuneOptions
 from bitcli.ui import log, progress_bar, visible
 

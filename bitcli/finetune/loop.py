@@ -23,15 +23,16 @@ import torch.nn.functional as F
 from bitcli import hyperrule
 from bitcli.data import DecodeCache, StepSample, StepSampler, augment
 from bitcli.engine import Engine
+from bitcli.distributed import Dist, all_sum, barrier
 from bitcli.errors import BitError
-from bitcli.evaluate import EvalResult, evaluate
+from bitcli.evaluate import evaluate
 from bitcli.finetune.datasets import Datasets
-from bitcli.finetune.distributed import Dist, all_sum, barrier
 from bitcli.finetune.plan import Plan
 from bitcli.finetune.progress import TrainProgress
 from bitcli.finetune.rundir import METRICS_FILE, STATE_FILE, MetricsLog, top5_text
 from bitcli.finetune.state import check_finite, save_state
 from bitcli.images import Reader
+from bitcli.metrics import EvalResult
 from bitcli.ui import log
 
 

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from bitcli.finetune.distributed import Dist, all_max, collective_device
+from bitcli.distributed import Dist, all_max, collective_device
 from bitcli.runtime import autocast
 
 

@@ -16,7 +16,7 @@ from bitcli.config import BitConfig
 from bitcli.data import median_area
 from bitcli.errors import BitError, UsageError
 from bitcli.finetune.datasets import Datasets
-from bitcli.finetune.distributed import Dist
+from bitcli.distributed import Dist
 from bitcli.finetune.memory import auto_batch_split
 from bitcli.finetune.rundir import SUMMARY_FILE
 from bitcli.finetune.start import check_resolution

@@ -30,7 +30,7 @@ from bitcli.preprocess import Preprocess
 from bitcli.ui import log, visible
 
 if TYPE_CHECKING:
-    from bitcli.evaluate import EvalResult
+    from bitcli.metrics import EvalResult
     from bitcli.finetune.plan import Plan
 
 CONFIG_FILE = "finetune_config.json"

@@ -1,7 +1,7 @@
 """One process, or one of `torchrun --nproc_per_node N` (NCCL on GPUs, gloo on CPUs).
 
-Every process runs the same code on its share of each global batch; only the main process (rank 0) prints,
-validates and writes. The helpers here are no-ops in a single process.
+Every process runs the same code on its share of the work; only the main process (rank 0) prints and writes.
+The helpers here are no-ops in a single process.
 """
 
 from __future__ import annotations

@@ -1,0 +1,134 @@
+"""Evaluation metrics: top-1/top-5, loss, per-class accuracy and the confusion matrix, accumulated over
+batches of logits, and the table that shows them to people. `bit eval` and fine-tuning's validation both
+report an EvalResult.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.table import Table
+from rich.text import Text
+
+from bitcli.errors import BitError
+from bitcli.render import console
+from bitcli.ui import visible
+
+OTHER = "(other)"  # confusion-matrix column for predictions outside the evaluated classes
+TOP_K = 5
+NO_TOP5 = "n/a (the model has 5 classes or fewer)"  # the top five would always hold the answer
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    top1: float
+    top5: float | None  # None when the model has at most 5 classes (top-5 would be 1.0 by definition)
+    loss: float
+    count: int
+    per_class: dict[str, float]  # data-set class -> top-1 accuracy on its images
+    labels: list[str]  # rows (true) and columns (predicted) of `confusion`
+    confusion: list[list[int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "top1": self.top1,
+            "top5": self.top5,
+            "loss": self.loss,
+            "count": self.count,
+            "per_class": self.per_class,
+            "confusion": self.confusion,
+            "labels": self.labels,
+        }
+
+
+class Accumulator:
+    """Running counts over batches of logits, so that no [N, classes] array is ever held."""
+
+    def __init__(self, class_names: Sequence[str], class_to_model: Sequence[int], num_model_classes: int) -> None:
+        self.names = list(class_names)
+        self.to_model = np.asarray(class_to_model, dtype=np.int64)
+        self.with_top5 = num_model_classes > TOP_K
+        # Confusion axes: the evaluated classes in the model's label order, then OTHER when needed.
+        order = np.argsort(self.to_model, kind="stable")
+        self.axis_names = [self.names[i] for i in order]
+        self.axis_of_model = {int(self.to_model[i]): a for a, i in enumerate(order)}
+        self.confusion = np.zeros((len(self.names) + 1, len(self.names) + 1), dtype=np.int64)
+        self.correct1 = np.zeros(len(self.names), dtype=np.int64)
+        self.totals = np.zeros(len(self.names), dtype=np.int64)
+        self.correct5 = 0
+        self.loss_sum = 0.0
+
+    def update(self, logits: torch.Tensor, targets: np.ndarray) -> None:
+        """logits: float tensor [b, num_model_classes]; targets: data-set class indices [b]."""
+        model_targets = torch.from_numpy(self.to_model[targets])
+        logits = logits.float().cpu()
+        self.loss_sum += float(F.cross_entropy(logits, model_targets, reduction="sum"))
+        topk = logits.topk(min(TOP_K, logits.shape[1]), dim=1).indices.numpy()
+        pred = topk[:, 0]
+        hit1 = pred == model_targets.numpy()
+        self.correct5 += int((topk == model_targets.numpy()[:, None]).any(axis=1).sum())
+        np.add.at(self.correct1, targets, hit1.astype(np.int64))
+        np.add.at(self.totals, targets, 1)
+        other = len(self.names)
+        rows = np.array([self.axis_of_model[int(self.to_model[t])] for t in targets], dtype=np.int64)
+        cols = np.array([self.axis_of_model.get(int(p), other) for p in pred], dtype=np.int64)
+        np.add.at(self.confusion, (rows, cols), 1)
+
+    def result(self) -> EvalResult:
+        count = int(self.totals.sum())
+        if count == 0:
+            raise BitError("no images were evaluated")
+        n = len(self.names)
+        with_other = bool(self.confusion[:, n].any())
+        size = n + 1 if with_other else n
+        return EvalResult(
+            top1=float(self.correct1.sum() / count),
+            top5=float(self.correct5 / count) if self.with_top5 else None,
+            loss=self.loss_sum / count,
+            count=count,
+            per_class={name: float(self.correct1[i] / self.totals[i]) for i, name in enumerate(self.names) if self.totals[i]},
+            labels=self.axis_names + ([OTHER] if with_other else []),
+            confusion=self.confusion[:size, :size].tolist(),
+        )
+
+
+MAX_CONFUSION_TABLE = 25  # classes; wider matrices are for --format json
+PIPED_WIDTH = 200  # columns of a table that does not go to a terminal: wide enough for long label names
+
+
+def render_table(result: EvalResult, color: bool) -> str:
+    """The report for people. `color`: for a terminal (styled, and as wide as the terminal)."""
+    buf = io.StringIO()
+    out = console(buf, color, width=None if color else PIPED_WIDTH)
+    out.print(f"images  {result.count}")
+    out.print(f"top-1   {result.top1:.4f}")
+    out.print(f"top-5   {result.top5:.4f}" if result.top5 is not None else f"top-5   {NO_TOP5}")
+    out.print(f"loss    {result.loss:.4f}")
+    # Class names are data: Text keeps them literal ("[bold]cat[/bold]" is not markup) and visible() on one
+    # line (a newline in a folder name would break the row).
+    per_class = Table(title="per-class top-1")
+    per_class.add_column("class", overflow="fold")
+    per_class.add_column("accuracy", justify="right")
+    row_of = {name: i for i, name in enumerate(result.labels)}
+    per_class.add_column("images", justify="right")
+    for name, accuracy in result.per_class.items():
+        per_class.add_row(Text(visible(name)), f"{accuracy:.4f}", str(sum(result.confusion[row_of[name]])))
+    out.print(per_class)
+    if len(result.labels) <= MAX_CONFUSION_TABLE:
+        out.print("confusion matrix (rows: true class, columns: predicted class)")
+        confusion = Table()
+        confusion.add_column("")
+        for name in result.labels:
+            confusion.add_column(Text(visible(name)), justify="right")
+        for name, row in zip(result.labels, result.confusion):
+            confusion.add_row(Text(visible(name)), *(str(v) for v in row))
+        out.print(confusion)
+    else:
+        out.print(f"confusion matrix: {len(result.labels)} classes; use --format json to get it")
+    return buf.getvalue()
