@@ -4,6 +4,7 @@ machine's matmul peak, peak memory, and `bit --help` start-up time.
 
     .venv/bin/python benchmarks/predict_throughput.py                     # fp32, everything
     .venv/bin/python benchmarks/predict_throughput.py --precision bf16    # bf16 speed and top-1 agreement
+    .venv/bin/python benchmarks/predict_throughput.py --onnx              # `--model m.onnx`: float32 and int8 exports
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ ROLES = {
     "transformers": "transformers BitForImageClassification, eager, channels-first",
     "timm": "timm resnetv2_50x1_bit, eager, channels-first",
     "timm-tuned": "ablation: timm with bitcli's settings (channels_last, allocator)",
+    "bit-onnx": "bitcli's ONNX engine (onnxruntime, CPU): `bit predict --model m.onnx`, float32 export",
+    "bit-onnx-int8": "bitcli's ONNX engine, static int8 export (QDQ, calibrated on 64 other images)",
 }
+APPROXIMATE = ("bit-bf16", "bit-onnx-int8")  # not meant to equal fp32: top-1 agreement is measured instead
 TARGETS = {"transformers": 1.6, "timm": 1.3}  # fp32 speed-up the issue asks of `bit predict`
 BF16_TARGET = 3.5  # bf16 speed-up over transformers' fp32
 
@@ -42,6 +46,11 @@ def build(role: str, a: dict):
     import torch
 
     batch = np.load(a["batch"])
+    if role.startswith("bit-onnx"):
+        from bitcli.engine import Engine
+        from bitcli.hub import load_checkpoint
+
+        return Engine.load(load_checkpoint(a[role]), torch.device("cpu"), torch.float32).logits, batch  # what `bit predict` builds
     if role.startswith("bit"):
         import bitcli.engine
         from bitcli.engine import Engine
@@ -129,15 +138,14 @@ def model_only(roles: list[str], a: dict, repeats: int) -> tuple[dict, dict]:
                 cpu[role].append(reply["cpu_seconds"])
             ref = replies["transformers"]
             for role, reply in replies.items():
-                if role != "bit-bf16":
+                if role not in APPROXIMATE:
                     top5_ok &= reply["top5"] == ref["top5"]
                     worst = max(worst, float(np.abs(np.array(reply["logits"]) - np.array(ref["logits"])).max()))
             print(f"  round {rep + 1}/{repeats}  load {load():.2f}  " + "  ".join(
                 f"{r} {a['batch_size'] / t[-1]:.3f}" for r, t in times.items()), flush=True)  # fmt: skip
         scale = float(np.abs(np.array(ref["logits"])).max())
         checks = {"top5_identical": top5_ok, "max_abs_logit_diff": worst, "logit_scale": scale}
-        if "bit-bf16" in roles:
-            checks["agreement"] = agreement(procs, a)
+        checks["agreement"] = {role: agreement(procs, a, role) for role in roles if role in APPROXIMATE}
     finally:
         rss = {p.role: p.close()["peak_rss_mib"] for p in procs}
     stats = {
@@ -148,12 +156,32 @@ def model_only(roles: list[str], a: dict, repeats: int) -> tuple[dict, dict]:
     return stats, checks
 
 
-def agreement(procs: list[Contender], a: dict) -> dict:
+def agreement(procs: list[Contender], a: dict, role: str) -> dict:
+    """Top-1 agreement of `role` with bit's fp32 on the agreement images."""
     by_role = {p.role: p for p in procs}
     fp32 = by_role["bit"].ask({"cmd": "top1", "path": a["agree"]})["top1"]
-    bf16 = by_role["bit-bf16"].ask({"cmd": "top1", "path": a["agree"]})["top1"]
-    same = sum(x == y for x, y in zip(fp32, bf16))
+    other = by_role[role].ask({"cmd": "top1", "path": a["agree"]})["top1"]
+    same = sum(x == y for x, y in zip(fp32, other))
     return {"images": len(fp32), "top1_agreement": same / len(fp32)}
+
+
+def onnx_exports(hf: Path, workdir: Path) -> dict[str, str]:
+    """`bit convert` to float32 and int8 (calibrated on 64 realistic images that are not the measured ones),
+    once per workdir."""
+    calibration = workdir / "calibration64"
+    if not calibration.is_dir():
+        calibration.mkdir()
+        for i, im in enumerate(realistic_images(64, seed=3)):
+            im.convert("RGB").save(calibration / f"img{i:03d}.jpg", quality=90)
+    out = {"bit-onnx": workdir / "bit-50.onnx", "bit-onnx-int8": workdir / "bit-50-int8.onnx"}
+    flags = {"bit-onnx": [], "bit-onnx-int8": ["--quantize", "int8", "--calibrate", str(calibration), "--min-agreement", "0"]}
+    for role, path in out.items():
+        if path.is_file():  # like the checkpoint itself, made once per workdir
+            continue
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "bitcli", "convert", str(hf), str(path), "--overwrite", *flags[role]], check=True, cwd=ROOT)
+        print(f"  {role}: bit convert took {time.perf_counter() - t0:.0f} s", flush=True)
+    return {role: str(path) for role, path in out.items()}
 
 
 def end_to_end(hf: Path, workdir: Path, n: int, batch_size: int, repeats: int) -> dict:
@@ -217,6 +245,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads per contender (0: torch's default)")
     p.add_argument("--no-ablations", action="store_true", help="only bit and the two peers")
+    p.add_argument("--onnx", action="store_true", help="bit, transformers and `bit predict --model m.onnx` (float32 and int8)")
     p.add_argument("--e2e-images", type=int, default=64, help="0 skips the end-to-end run")
     p.add_argument("--e2e-repeats", type=int, default=3)
     p.add_argument("--agree-images", type=int, default=200, help="bf16: images in the top-1 agreement check")
@@ -243,10 +272,12 @@ def main() -> None:
     a = {"hf": str(hf), "timm": str(timm_copy(hf, args.workdir)), "batch": str(batch_path),
          "batch_size": args.batch_size, "threads": args.threads}  # fmt: skip
 
-    if args.precision == "bf16":
-        roles = ["bit-bf16", "bit", "transformers"]
+    if args.precision == "bf16" or args.onnx:
+        roles = ["bit-bf16", "bit", "transformers"] if args.precision == "bf16" else ["bit", "transformers", "bit-onnx", "bit-onnx-int8"]
         a["agree"] = str(args.workdir / f"agree{args.agree_images}.npy")
         np.save(a["agree"], uint8_batch(realistic_images(args.agree_images, seed=2), preprocess))
+        if args.onnx:
+            a.update(onnx_exports(hf, args.workdir))
     else:
         roles = ["bit", "transformers", "timm"] + ([] if args.no_ablations else ["bit-cf", "bit-default-alloc", "timm-tuned"])
     results = {"machine": info, "precision": args.precision, "batch_size": args.batch_size,
@@ -276,19 +307,20 @@ def report(r: dict) -> None:
     print(f"{'contender':18s} {'img/s':>7s} {'img/CPU-s':>9s} {'GFLOP/s':>8s} {'% peak':>7s} {'peak RSS MiB':>13s}  what")
     for role, st in s.items():
         gflops = st["images_per_s"] * r["gflop_per_image"]
-        ref = peak["bfloat16"] if role == "bit-bf16" else peak["float32"]
+        ref = peak["bfloat16"] if role == "bit-bf16" else peak["float32"]  # int8: against the fp32 peak too
         print(f"{role:18s} {st['images_per_s']:7.3f} {st['images_per_cpu_s']:9.3f} {gflops:8.1f} {100 * gflops / ref:6.1f}% "
               f"{st['peak_rss_mib']:13.0f}  {ROLES[role]}")  # fmt: skip
     main_role = "bit-bf16" if r["precision"] == "bf16" else "bit"
     for peer, target in ({"transformers": BF16_TARGET} if r["precision"] == "bf16" else TARGETS).items():
+        if peer not in s:  # --onnx runs without timm
+            continue
         ratio = s[main_role]["images_per_s"] / s[peer]["images_per_s"]
         by_cpu = s[main_role]["images_per_cpu_s"] / s[peer]["images_per_cpu_s"]
         print(f"{main_role} / {peer}: {ratio:.2f}x wall, {by_cpu:.2f}x CPU time (target >= {target}x: {'met' if ratio >= target else 'NOT met'})")
     print(f"top-5 identical to transformers (fp32 contenders, every round): {c['top5_identical']}; "
           f"max |logit diff| {c['max_abs_logit_diff']:.2e} (logits up to {c['logit_scale']:.1f})")
-    if "agreement" in c:
-        ag = c["agreement"]
-        print(f"bf16 vs fp32 top-1 agreement: {100 * ag['top1_agreement']:.1f}% over {ag['images']} images (target >= 99%)")
+    for role, ag in c.get("agreement", {}).items():
+        print(f"{role} vs bit fp32 top-1 agreement: {100 * ag['top1_agreement']:.1f}% over {ag['images']} images (target >= 99%)")
     if "end_to_end" in r:
         e, m = r["end_to_end"], s["bit"]["images_per_s"]
         print(f"end to end: {e['images_per_s']:.3f} img/s over {e['images']} JPEGs (long side {e['long_side_px'][0]}-{e['long_side_px'][1]} px), "

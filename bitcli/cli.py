@@ -21,6 +21,8 @@ from bitcli.options import (
     ConvertFormat,
     ConvertOptions,
     DType,
+    EmbedFormat,
+    EmbedOptions,
     EvalFormat,
     EvalOptions,
     FinetuneOptions,
@@ -28,11 +30,16 @@ from bitcli.options import (
     Precision,
     PredictFormat,
     PredictOptions,
+    Quantize,
+    ReportOptions,
     parse_auto_float,
     parse_auto_int,
     parse_device,
+    parse_png_path,
+    parse_data,
     parse_resolution,
     predict_format,
+    embed_format,
 )
 
 T = TypeVar("T")
@@ -97,6 +104,8 @@ DeviceOpt = Annotated[
 PrecisionOpt = Annotated[
     Precision, typer.Option("--precision", case_sensitive=False, help="auto: fp32 on CPU, bf16/fp16 on GPU.")
 ]
+ImageColumnOpt = Annotated[str | None, typer.Option("--image-column", help="A data set's image column (default: its Image feature).")]
+LabelColumnOpt = Annotated[str | None, typer.Option("--label-column", help="A data set's label column (default: its ClassLabel, else 'label').")]
 WorkersOpt = Annotated[
     int,
     typer.Option("--workers", min=0, help="Image-decoding threads (0: decode in the main thread); results do not depend on it."),
@@ -135,17 +144,55 @@ def predict(
 
 
 @app.command()
+def embed(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns; - reads paths from stdin, one per line.", metavar="IMAGES", show_default=False)],
+    model: ModelOpt = "google/bit-50",
+    revision: RevisionOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl.")] = None,
+    fmt: Annotated[
+        EmbedFormat | None,
+        typer.Option("--format", "-f", case_sensitive=False, show_default=False,
+                     help="Default: from --output's suffix; -f jsonl without --output writes to stdout."),
+    ] = None,
+    normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise every vector (unit length).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    workers: WorkersOpt = DEFAULT_WORKERS,
+) -> None:
+    """Image embeddings: the pre-logits features (global average pool after the final GroupNorm + ReLU).
+
+    Exit codes: 0 all embedded, 1 some input failed (the rest are still written), 2 bad flags.
+    """
+    opts = EmbedOptions(
+        images=images, model=model, revision=revision, batch_size=batch_size, device=device, precision=precision,
+        format=embed_format(fmt, output), output=output, normalize=normalize, recursive=recursive, workers=workers,
+    )  # fmt: skip
+    from bitcli import embed as embed_mod
+
+    raise typer.Exit(embed_mod.run(opts))
+
+
+@app.command()
 def convert(
     src: Annotated[str, typer.Argument(metavar="SRC", help="Google .npz, transformers folder, timm folder/file, bitcli .safetensors, or a model spec.")],
-    dst: Annotated[Path, typer.Argument(metavar="DST", help="A .safetensors file (bitcli) or a folder (hf/timm).")],
-    fmt: Annotated[ConvertFormat | None, typer.Option("--format", case_sensitive=False, help="Default: bitcli for *.safetensors, else hf.")] = None,
+    dst: Annotated[Path, typer.Argument(metavar="DST", help="A .safetensors file (bitcli), a .onnx file, or a folder (hf/timm).")],
+    fmt: Annotated[ConvertFormat | None, typer.Option("--format", case_sensitive=False, help="Default: bitcli for *.safetensors, onnx for *.onnx, else hf.")] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="Text file of class names, one per line.")] = None,
     dtype: Annotated[DType, typer.Option("--dtype", case_sensitive=False)] = DType.float32,
     revision: RevisionOpt = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a DST file, or the model files of a DST folder (a folder holding other files is refused).")] = False,
+    opset: Annotated[int | None, typer.Option("--opset", min=18, show_default="18", help="ONNX: the opset to write.")] = None,
+    quantize: Annotated[Quantize | None, typer.Option("--quantize", case_sensitive=False, help="ONNX: static int8 quantisation (needs --calibrate).")] = None,
+    calibrate: Annotated[Path | None, typer.Option("--calibrate", help="ONNX int8: folder of images to calibrate on (and to measure agreement on).")] = None,
+    min_agreement: Annotated[float, typer.Option("--min-agreement", help="ONNX int8: least top-1 agreement with float32 on the calibration images.")] = 0.99,
 ) -> None:
-    """Convert a checkpoint between Google's .npz, bitcli, transformers and timm layouts."""
-    opts = ConvertOptions(src=src, dst=dst, format=fmt, labels=labels, dtype=dtype, revision=revision, overwrite=overwrite)
+    """Convert a checkpoint between Google's .npz, bitcli, transformers and timm layouts, or export it to ONNX."""
+    opts = ConvertOptions(
+        src=src, dst=dst, format=fmt, labels=labels, dtype=dtype, revision=revision, overwrite=overwrite, opset=opset,
+        quantize=quantize, calibrate=calibrate, min_agreement=min_agreement,
+    )  # fmt: skip
     from bitcli import convert as convert_mod
 
     convert_mod.run(opts)
@@ -153,12 +200,15 @@ def convert(
 
 @app.command()
 def finetune(
-    data: Annotated[Path, typer.Argument(metavar="DATA", help="Image folder: one sub-folder per class, or train/ + val/ splits.", show_default=False)],
+    data: Annotated[str, typer.Argument(metavar="DATA", parser=parse_data, show_default=False,
+                                             help="Image folder (one sub-folder per class, or train/ + val/ splits), CSV/JSONL "
+                                             "label file, parquet file or folder, save_to_disk folder, or hf://datasets/OWNER/NAME[@REV][:SPLIT].")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model spec to start from (as for predict); with --random-init "
                                        "an architecture: tiny, small, R50x1 ... R152x4, or a JSON object of BitConfig fields.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder: model, metrics.jsonl, summary.json, checkpoint.")],
     shots: Annotated[int | None, typer.Option("--shots", min=1, help="Train on K images per class (seeded); a smaller class is an error.")] = None,
-    val: Annotated[Path | None, typer.Option("--val", help="Validation image folder (default: DATA/val|valid|validation).")] = None,
+    val: Annotated[str | None, typer.Option("--val", parser=parse_data, metavar="DATA",
+                                                 help="Validation data, any DATA kind (default: DATA's val|valid|validation split).")] = None,
     val_split: Annotated[float | None, typer.Option("--val-split", help="Hold out this fraction of every class for validation.")] = None,
     steps: Annotated[int | None, _auto("auto (HyperRule: 500/10k/20k by data size) or N (boundaries scaled).", "--steps",
                                        lambda v: parse_auto_int(v, 1), "<auto|N>")] = None,
@@ -182,13 +232,18 @@ def finetune(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in --output.")] = False,
     random_init: Annotated[bool, typer.Option("--random-init", help="Start --model's architecture from random weights.")] = False,
     revision: RevisionOpt = None,
+    head_only: Annotated[bool, typer.Option("--head-only", help="Train only the new head; the backbone stays frozen (a linear probe).")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard event files to DIR/tensorboard (needs bitcli[tensorboard]).")] = False,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
 ) -> None:
     """Fine-tune a BiT model on an image folder with the BiT-HyperRule (resumable; torchrun for several processes)."""
     opts = FinetuneOptions(
         data=data, model=model, output=output, shots=shots, val=val, val_split=val_split, steps=steps, lr=lr,
         batch_size=batch_size, batch_split=batch_split, resolution=resolution, mixup=mixup, seed=seed,
         device=device, precision=precision, workers=workers, eval_every=eval_every, save_every=save_every,
-        resume=resume, overwrite=overwrite, random_init=random_init, revision=revision,
+        resume=resume, overwrite=overwrite, random_init=random_init, revision=revision, head_only=head_only,
+        tensorboard=tensorboard, image_column=image_column, label_column=label_column,
     )  # fmt: skip
     from bitcli import finetune as finetune_mod
 
@@ -197,7 +252,9 @@ def finetune(
 
 @app.command("eval")
 def eval_(
-    data: Annotated[Path, typer.Argument(metavar="DATA", help="Image folder with one sub-folder per class, named by a label of the model, its first name, or its index.", show_default=False)],
+    data: Annotated[str, typer.Argument(metavar="DATA", parser=parse_data, show_default=False,
+                                             help="Image folder with one sub-folder per class (named by a label of the model, its first name, or its index), "
+                                             "or any DATA of finetune: label file, parquet, save_to_disk folder, hf://datasets/OWNER/NAME[@REV][:SPLIT].")],
     model: ModelOpt = "google/bit-50",
     revision: RevisionOpt = None,
     fmt: Annotated[EvalFormat, typer.Option("--format", "-f", case_sensitive=False)] = EvalFormat.table,
@@ -205,15 +262,30 @@ def eval_(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     workers: WorkersOpt = DEFAULT_WORKERS,
+    plot: Annotated[Path | None, typer.Option("--plot", parser=_parser("--plot", parse_png_path), metavar="FILE.png",
+                                              help="Also draw the confusion matrix, row-normalised, as a PNG (needs bitcli[plots]).")] = None,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
 ) -> None:
-    """Accuracy on a labelled image folder: top-1, top-5 (models with over 5 classes), per-class accuracy, confusion matrix."""
+    """Accuracy on a labelled image folder: top-1, top-5 (models with over 5 classes), per-class accuracy, precision, recall, F1, confusion matrix."""
     opts = EvalOptions(
         data=data, model=model, revision=revision, format=fmt, batch_size=batch_size, device=device,
-        precision=precision, workers=workers,
+        precision=precision, workers=workers, plot=plot, image_column=image_column, label_column=label_column,
     )  # fmt: skip
     from bitcli import evaluate as evaluate_mod
 
     raise typer.Exit(evaluate_mod.run(opts))
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A bit finetune run folder (its --output): finished, running or interrupted.", show_default=False)],
+) -> None:
+    """Summarise a fine-tuning run (plan, progress or final metrics, its files) and redraw its pictures from metrics.jsonl."""
+    opts = ReportOptions(run=run)
+    from bitcli import report as report_mod
+
+    report_mod.run(opts)
 
 
 def main() -> None:

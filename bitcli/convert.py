@@ -25,7 +25,8 @@ def run(opts: ConvertOptions) -> None:
         raise UsageError(f"{dst}: the {fmt.name} layout is a folder; give a folder name without an extension")
     check_dst(dst, fmt, opts.overwrite)
     ckpt = load_checkpoint(opts.src, opts.revision, str(opts.labels) if opts.labels else None)  # readers check every shape
-    fmt.write(ckpt, dst, DTYPES[opts.dtype])
+    ckpt.refuse_graph()
+    fmt.write(ckpt, dst, DTYPES[opts.dtype], **(fmt.write_options(opts) if fmt.write_options else {}))
     cfg = ckpt.config
     if fmt.fixed_eps_library and cfg.ws_eps != 1e-8:
         log(
@@ -39,10 +40,10 @@ def run(opts: ConvertOptions) -> None:
 
 
 def output_format(fmt: ConvertFormat | None, dst: Path) -> ConvertFormat:
-    """--format if given, else bitcli for a *.safetensors DST and hf for anything else."""
+    """--format if given, else bitcli for a *.safetensors DST, onnx for *.onnx and hf for anything else."""
     if fmt is not None:
         return fmt
-    return ConvertFormat.bitcli if dst.suffix.lower() == ".safetensors" else ConvertFormat.hf
+    return {".safetensors": ConvertFormat.bitcli, ".onnx": ConvertFormat.onnx}.get(dst.suffix.lower(), ConvertFormat.hf)
 
 
 def check_dst(dst: Path, fmt: Format, overwrite: bool) -> None:

@@ -1,5 +1,5 @@
-"""Image-folder data sets for fine-tuning and evaluation: layout discovery, few-shot and validation
-sampling, and the BiT train/eval transforms, with every random choice derived from (seed, step).
+"""Data sets for fine-tuning and evaluation (found by bitcli.sources): few-shot and validation
+sampling, decoding, and the BiT train/eval transforms, with every random choice derived from (seed, step).
 
 Deriving each step's sample, crops, flips and MixUp from (seed, step) instead of a running RNG is what makes
 a resumed run bit-identical to an uninterrupted one, and the result independent of --workers and of how
@@ -8,6 +8,7 @@ the global batch is split into micro-batches or across processes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -19,11 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from bitcli.errors import BitError
-from bitcli.images import Reader, list_images
-from bitcli.preprocess import IMAGE_EXTENSIONS, Preprocess, image_size, load_image
-from bitcli.ui import log
-
-VAL_SPLIT_NAMES = ("val", "valid", "validation")
+from bitcli.images import Reader
+from bitcli.preprocess import Preprocess
+from bitcli.sources.rows import Rows, example_name, example_size, load_example
 
 # Independent random streams, each seeded by (seed, stream, counter). (Stream 1 was few-shot sampling, now a
 # seeded hash of each path: see few_shot.)
@@ -37,38 +36,44 @@ def rng(seed: int, stream: int, counter: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, stream, counter])
 
 
-def expected_layout(data: Path) -> str:
-    return (
-        "expected one sub-folder per class, with the images inside (any depth):\n"
-        f"  {data}/\n"
-        "    cat/   001.jpg 002.png ...\n"
-        "    dog/   ...\n"
-        "or a train split beside a validation split:\n"
-        f"  {data}/\n"
-        "    train/cat/...  train/dog/...\n"
-        "    val/cat/...    val/dog/...     (or valid/, validation/)"
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Data sets
 
 
 @dataclass(frozen=True)
 class ImageFolder:
-    """Image paths with class indices; `classes` are the sub-folder names in sorted order."""
+    """Examples with class indices, from any source (bitcli.sources), grouped by class in class order.
+
+    `paths` holds each example's reference: an image file's path (a class folder, a label file), or for a
+    data set's rows a sources.rows.Rows view (row numbers, with `targets` a numpy array). `classes` are the
+    sub-folder names in sorted order, the labels of a label file sorted by name, or a ClassLabel's names.
+    `source` names a label file or data set in messages (None: `root` is the class folder).
+    """
 
     root: Path
     classes: tuple[str, ...]
-    paths: tuple[str, ...]
-    targets: tuple[int, ...]
+    paths: Sequence[str] | Rows
+    targets: Sequence[int]
+    source: str | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, indices: Iterable[int]) -> ImageFolder:
         idx = sorted(int(i) for i in indices)
-        return ImageFolder(self.root, self.classes, tuple(self.paths[i] for i in idx), tuple(self.targets[i] for i in idx))
+        if isinstance(self.paths, Rows):
+            return dataclasses.replace(self, paths=self.paths.take(idx), targets=np.asarray(self.targets)[idx])
+        return dataclasses.replace(self, paths=tuple(self.paths[i] for i in idx), targets=tuple(self.targets[i] for i in idx))
+
+    def name(self, index: int) -> str:
+        """Example `index` for messages: its file, or `data.parquet row 17`."""
+        return example_name(self.paths[index])
+
+    def where(self, c: int | None = None) -> str:
+        """The data set (or class c of it) for messages: the folder (class folder), or the label file or data set."""
+        if self.source is not None:
+            return self.source
+        return str(self.root if c is None else self.root / self.classes[c])
 
     def counts(self) -> list[int]:
         return np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=len(self.classes)).tolist()
@@ -78,77 +83,26 @@ class ImageFolder:
         return [np.flatnonzero(targets == c) for c in range(len(self.classes))]
 
     def relative(self, index: int) -> str:
-        """Image `index`'s path relative to the root (as found under it)."""
+        """Image `index`'s path relative to the root (as found under it), or its row's name."""
+        if isinstance(self.paths, Rows):
+            return str(self.paths[index])
         path, prefix = self.paths[index], str(self.root) + os.sep
         return path[len(prefix) :] if path.startswith(prefix) else path
 
     def fingerprint(self) -> str:
-        """Names, classes and sizes of the files: a resumed run must see the same data. Taken over the
-        images a run uses, so skipping an undecodable file or deleting it gives the same fingerprint."""
+        """Names, classes and sizes of the files (for rows: the data set's files, then each row and class): a
+        resumed run must see the same data. Taken over the images a run uses, so skipping an undecodable file
+        or deleting it gives the same fingerprint."""
         h = hashlib.sha256()
-        for i, (path, target) in enumerate(zip(self.paths, self.targets)):
+        if isinstance(self.paths, Rows):
+            h.update(self.paths.table.identity().encode("utf-8", "surrogateescape"))
+        for i, target in enumerate(self.targets):
             try:
-                size = os.stat(path).st_size
+                size = -1 if isinstance(self.paths, Rows) else os.stat(self.paths[i]).st_size
             except OSError:
                 size = -1
             h.update(f"{self.relative(i)}\t{self.classes[target]}\t{size}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
-
-
-def find_splits(data: Path) -> tuple[Path, Path | None]:
-    """DATA -> (train folder, validation folder or None). DATA/train marks the split layout."""
-    if not data.is_dir():
-        raise BitError(f"{data}: no such folder; pass an image folder with one sub-folder per class")
-    train = data / "train"
-    if not train.is_dir():
-        return data, None
-    for name in VAL_SPLIT_NAMES:
-        if (data / name).is_dir():
-            return train, data / name
-    return train, None
-
-
-def _class_dirs(root: Path) -> list[Path]:
-    try:
-        return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
-    except OSError as exc:
-        raise BitError(f"{root}: cannot list folder ({exc.strerror})") from None
-
-
-def scan(root: Path, classes: Sequence[str] | None = None) -> ImageFolder:
-    """One sub-folder per class. With `classes` (the training classes) the folder may hold a subset of them."""
-    if not root.is_dir():
-        raise BitError(f"{root}: no such folder; pass an image folder with one sub-folder per class")
-    dirs = _class_dirs(root)
-    if not dirs:
-        loose = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir())
-        log(expected_layout(root))
-        why = "holds images but no class sub-folders" if loose else "has no class sub-folders"
-        raise BitError(f"{root}: {why}; put each class's images in a sub-folder named after the class (tree above)")
-    names = tuple(d.name for d in dirs)
-    if classes is None:
-        classes = names
-    else:
-        unknown = [n for n in names if n not in classes]
-        if unknown:
-            raise BitError(
-                f"{root / unknown[0]}: class {unknown[0]!r} is not among the {len(classes)} training classes; "
-                "validation folders must use the training folder names"
-            )
-    index = {name: i for i, name in enumerate(classes)}
-    paths: list[str] = []
-    targets: list[int] = []
-    for d in dirs:
-        images = list_images(d)  # at any depth; names starting with "." are skipped
-        if not images:
-            log(expected_layout(root))
-            raise BitError(
-                f"{d}: class folder {d.name!r} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                "add images or remove the folder"
-            )
-        paths.extend(images)
-        targets.extend([index[d.name]] * len(images))
-    return ImageFolder(root, tuple(classes), tuple(paths), tuple(targets))
 
 
 def few_shot(ds: ImageFolder, shots: int, seed: int, undecodable: Callable[[list[int]], set[int]] | None = None) -> ImageFolder:
@@ -176,7 +130,7 @@ def few_shot(ds: ImageFolder, shots: int, seed: int, undecodable: Callable[[list
                 raise BitError(
                     f"--shots {shots}: class {ds.classes[c]!r} has only {len(taken[c])} training image(s)"
                     + (f" that decode ({bad} could not be decoded)" if bad else "")
-                    + f" ({ds.root / ds.classes[c]}); lower --shots or add images"
+                    + f" ({ds.where(c)}); lower --shots or add images"
                 )
         failed = undecodable([i for idx in wanted.values() for i in idx]) if undecodable is not None else set()
         for c, idx in wanted.items():
@@ -208,7 +162,7 @@ def median_area(ds: ImageFolder, limit: int = 256) -> float:
     picks = np.unique(np.linspace(0, len(ds) - 1, num=min(limit, len(ds))).round().astype(np.int64))
     areas = []
     for i in picks:
-        width, height = image_size(ds.paths[i])  # a bad or huge file: predict's one-line error, word for word
+        width, height = example_size(ds.paths[i])  # a bad or huge file: predict's one-line error, word for word
         areas.append(width * height)
     return float(np.median(areas))
 
@@ -292,7 +246,7 @@ class DecodeCache:
         cached = self._arrays.get(index)
         if cached is not None:
             return cached
-        array = self.transform.to_uint8(load_image(self.ds.paths[index]))
+        array = self.transform.to_uint8(load_example(self.ds.paths[index]))
         with self._lock:
             if index not in self._arrays and self._used + array.nbytes <= self.budget:
                 self._arrays[index] = array
@@ -300,8 +254,9 @@ class DecodeCache:
         return array
 
 
-def find_undecodable(paths: Sequence[str], workers: int, advance: Callable[[int], None] = lambda n: None) -> dict[int, str]:
-    """Decode every image fully, in `workers` threads (0: this one): {index: one-line error} of those that fail.
+def find_undecodable(paths: Sequence, workers: int, advance: Callable[[int], None] = lambda n: None) -> dict[int, str]:
+    """Decode every example (a path or a sources.rows.RowRef) fully, in `workers` threads (0: this one):
+    {index: one-line error} of those that fail.
 
     Run before step 0: a truncated file passes the header scan and would otherwise stop the run at the step
     that first draws it. Decoding is deterministic, so the same files fail every time (a resumed run skips
@@ -309,7 +264,7 @@ def find_undecodable(paths: Sequence[str], workers: int, advance: Callable[[int]
     """
     window = 16 * max(1, workers)  # images per batch of jobs: memory stays bounded on a million-image folder
     batches = (
-        (start, [functools.partial(_decodes, path) for path in paths[start : start + window]])
+        (start, [functools.partial(_decodes, paths[i]) for i in range(start, min(start + window, len(paths)))])
         for start in range(0, len(paths), window)
     )
     failed: dict[int, str] = {}
@@ -319,15 +274,15 @@ def find_undecodable(paths: Sequence[str], workers: int, advance: Callable[[int]
                 if isinstance(result, BitError):
                     failed[start + offset] = str(result)
                 elif isinstance(result, Exception):  # a decoder bug on one odd file must not cost the run either
-                    name = os.fsencode(paths[start + offset]).decode("utf-8", "replace")
+                    name = example_name(paths[start + offset])
                     failed[start + offset] = f"{name}: cannot decode image ({type(result).__name__}: {' '.join(str(result).split())})"
             advance(len(results))
     return failed
 
 
-def _decodes(path: str) -> np.ndarray:
-    """Decode `path` and drop the pixels: only whether it decodes matters (and memory stays small)."""
-    load_image(path)
+def _decodes(ref) -> np.ndarray:
+    """Decode `ref` and drop the pixels: only whether it decodes matters (and memory stays small)."""
+    load_example(ref)
     return np.zeros(0, dtype=np.uint8)
 
 

@@ -7,14 +7,18 @@ The helpers here are no-ops in a single process.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from bitcli.errors import UsageError
+from bitcli.errors import BitError, UsageError
 from bitcli.runtime import resolve_device
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,46 @@ def all_sum(t: torch.Tensor, info: Dist) -> torch.Tensor:
     if info.world > 1:
         dist.all_reduce(t)
     return t
+
+
+def from_main(compute: Callable[[], T], info: Dist) -> T:
+    """compute() run by the main process only, its result on every process: what only one process may do
+    (read stdin, list folders once so that every process splits the same list). A BitError it raises is
+    raised on every process, so that all of them stop with the same message and exit code."""
+    if info.world <= 1:
+        return compute()
+    box: list[object] = [None]
+    if info.main:
+        try:
+            box[0] = compute()
+        except BitError as exc:
+            box[0] = exc
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], BitError):
+        raise box[0]
+    return box[0]  # type: ignore[return-value]
+
+
+def my_share(count: int, info: Dist) -> range:
+    """The items (batches) 0..count-1 this process runs: every world-th one from its rank. Splitting at batch
+    granularity keeps each batch exactly as one process composes it, so the results are bit-identical."""
+    return range(info.rank, count, info.world)
+
+
+def gather_in_order(mine: Iterator[T], count: int, info: Dist) -> Iterator[T]:
+    """The results of items 0..count-1, in that order, on the main process; `mine` yields this process's
+    share (my_share) in order. One round per `world` items: each process hands in its item of the round and
+    the main process yields them, so it streams and holds one round. The other processes yield nothing, but
+    must run to the end: every round is a collective."""
+    if info.world <= 1:
+        yield from mine
+        return
+    for start in range(0, count, info.world):
+        item = next(mine) if start + info.rank < count else None
+        parts: list[object] | None = [None] * info.world if info.main else None
+        dist.gather_object(item, parts, dst=0)
+        if parts is not None:
+            yield from parts[: count - start]  # type: ignore[misc]
 
 
 def wrap(model: torch.nn.Module, info: Dist, device: torch.device) -> torch.nn.Module:

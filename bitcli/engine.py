@@ -40,7 +40,13 @@ class Engine:
 
     @classmethod
     def load(cls, ckpt, device: torch.device, dtype: torch.dtype, need_head: bool = True) -> Engine:
-        """A checkpoint's model on `device`, for inference. need_head: refuse a features-only checkpoint."""
+        """A checkpoint's model on `device`, for inference. need_head: refuse a features-only checkpoint.
+        A checkpoint read from an exported .onnx gets the onnxruntime engine (bitcli.onnx_engine.OnnxEngine,
+        the same interface) at the file's own precision."""
+        if ckpt.graph is not None:
+            from bitcli.onnx_engine import OnnxEngine
+
+            return OnnxEngine.load(ckpt, device)
         model = ckpt.build_model(device=device)
         if need_head and model.head is None:
             raise BitError(f"{ckpt.source}: checkpoint has no classification head; it gives features, not labels")

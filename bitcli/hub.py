@@ -125,7 +125,7 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
     return folder
 
 
-def _hub_answers(repo_id: str, revision: str | None) -> bool | None:
+def _hub_answers(repo_id: str, revision: str | None, repo_type: str = "model") -> bool | None:
     """Ask the Hub about the repo: True if it answered, None if it said nothing within HF_HUB_ETAG_TIMEOUT (10 s),
     False for offline mode or any other failure (snapshot_download then reports it or uses the cache).
 
@@ -138,7 +138,8 @@ def _hub_answers(repo_id: str, revision: str | None) -> bool | None:
         return False
     try:
         with _quiet_hub_logs():
-            HfApi().repo_info(repo_id, revision=revision or constants.DEFAULT_REVISION, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+            HfApi().repo_info(repo_id, revision=revision or constants.DEFAULT_REVISION, repo_type=repo_type,
+                              timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except httpx2.TimeoutException:
         return None
     except Exception:  # noqa: BLE001 -- snapshot_download meets the same failure and turns it into the right error
@@ -150,13 +151,14 @@ def _where(repo_id: str, revision: str | None) -> str:
     return repo_id + (f"@{revision}" if revision else "")
 
 
-def _not_cached(repo_id: str, revision: str | None, what: str) -> BitError:
+def _not_cached(repo_id: str, revision: str | None, what: str, repo_type: str = "model") -> BitError:
     from huggingface_hub import constants
 
     why = "HF_HUB_OFFLINE=1 forbids downloading" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+    flag = "" if repo_type == "model" else f" --repo-type {repo_type}"
     return BitError(
         f"{what} {_where(repo_id, revision)!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}; "
-        f"run `hf download {repo_id}` on a connected machine, or pass a local model path"
+        f"run `hf download{flag} {repo_id}` on a connected machine, or pass a local {repo_type} path"
     )
 
 
@@ -167,26 +169,28 @@ def _absent(repo_id: str, revision: str | None, filename: str, online: bool | No
     return BitError(f"Hub repo {_where(repo_id, revision)!r} has no {filename}" + (f"; {consequence}" if consequence else ""))
 
 
-def _hub_snapshot(repo_id: str, revision: str | None, files: list[str], online: bool | None) -> Path:
+def _hub_snapshot(repo_id: str, revision: str | None, files: list[str], online: bool | None, repo_type: str = "model") -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
 
     where = _where(repo_id, revision)
+    repo = "Hub repo" if repo_type == "model" else f"Hub {repo_type}"
     try:
         with _quiet_hub_logs():
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files, local_files_only=online is None))
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files, local_files_only=online is None,
+                                          repo_type=repo_type))  # fmt: skip
     except hf_errors.IncompleteSnapshotError as exc:  # not online, and a file the Hub once listed was never fetched
-        return Path(exc.snapshot_path)  # hub_snapshot checks that what it needs is there
+        return Path(exc.snapshot_path)  # the caller checks that what it needs is there
     except hf_errors.LocalEntryNotFoundError:
-        raise _not_cached(repo_id, revision, "model") from None
+        raise _not_cached(repo_id, revision, repo_type, repo_type) from None
     except hf_errors.RevisionNotFoundError:
-        raise BitError(f"Hub repo {repo_id!r} has no revision {revision!r}") from None
+        raise BitError(f"{repo} {repo_id!r} has no revision {revision!r}") from None
     except hf_errors.GatedRepoError:
-        raise BitError(f"Hub repo {repo_id!r} is gated; accept its terms and log in with `hf auth login`") from None
+        raise BitError(f"{repo} {repo_id!r} is gated; accept its terms and log in with `hf auth login`") from None
     except hf_errors.RepositoryNotFoundError:
-        raise BitError(f"no Hub repo {repo_id!r} (check the spelling; private repos need `hf auth login`)") from None
+        raise BitError(f"no {repo} {repo_id!r} (check the spelling; private repos need `hf auth login`)") from None
     except hf_errors.HFValidationError as exc:
-        raise BitError(f"model {repo_id!r}: not a valid Hub repo id ({exc})") from None
+        raise BitError(f"{repo_type} {repo_id!r}: not a valid Hub repo id ({exc})") from None
     except (hf_errors.HfHubHTTPError, OSError) as exc:
         raise BitError(f"cannot download {where!r} from the Hub: {' '.join(str(exc).split())[:300]}") from None
 

@@ -42,9 +42,46 @@ class EvalResult:
             "loss": self.loss,
             "count": self.count,
             "per_class": self.per_class,
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+            "macro_f1": self.macro_f1,
             "confusion": self.confusion,
             "labels": self.labels,
         }
+
+    # Precision, recall and F1 by scikit-learn's definitions (precision_recall_fscore_support with
+    # zero_division=0 and labels = the classes in `per_class`), read off the confusion matrix. A prediction
+    # of a label outside the evaluated classes (the (other) column) is a false negative of the true class
+    # and a false positive of no evaluated class, as in scikit-learn when `labels` leaves that label out.
+
+    def _class_counts(self) -> dict[str, tuple[int, int, int]]:
+        """class -> (true positives, predictions of it, images of it), for the classes in `per_class`."""
+        matrix = np.asarray(self.confusion, dtype=np.int64).reshape(len(self.labels), len(self.labels))
+        axis = {name: i for i, name in enumerate(self.labels)}
+        return {
+            name: (int(matrix[i, i]), int(matrix[:, i].sum()), int(matrix[i].sum()))
+            for name, i in ((name, axis[name]) for name in self.per_class)
+        }
+
+    @property
+    def precision(self) -> dict[str, float]:
+        return {name: tp / predicted if predicted else 0.0 for name, (tp, predicted, _) in self._class_counts().items()}
+
+    @property
+    def recall(self) -> dict[str, float]:
+        return {name: tp / images if images else 0.0 for name, (tp, _, images) in self._class_counts().items()}
+
+    @property
+    def f1(self) -> dict[str, float]:
+        # 2TP / (2TP + FP + FN): scikit-learn's form, equal to 2PR / (P + R) and 0 where that is undefined
+        return {name: 2 * tp / (predicted + images) if tp else 0.0 for name, (tp, predicted, images) in self._class_counts().items()}
+
+    @property
+    def macro_f1(self) -> float:
+        """The unweighted mean of the classes' F1 (scikit-learn's average="macro")."""
+        f1 = list(self.f1.values())
+        return float(np.mean(f1)) if f1 else 0.0
 
 
 class Accumulator:
@@ -110,15 +147,20 @@ def render_table(result: EvalResult, color: bool) -> str:
     out.print(f"top-1   {result.top1:.4f}")
     out.print(f"top-5   {result.top5:.4f}" if result.top5 is not None else f"top-5   {NO_TOP5}")
     out.print(f"loss    {result.loss:.4f}")
+    out.print(f"macro F1 {result.macro_f1:.4f}")
     # Class names are data: Text keeps them literal ("[bold]cat[/bold]" is not markup) and visible() on one
     # line (a newline in a folder name would break the row).
-    per_class = Table(title="per-class top-1")
+    per_class = Table(title="per-class top-1, precision and F1")
     per_class.add_column("class", overflow="fold")
-    per_class.add_column("accuracy", justify="right")
+    per_class.add_column("top-1 (recall)", justify="right")
     row_of = {name: i for i, name in enumerate(result.labels)}
     per_class.add_column("images", justify="right")
+    per_class.add_column("precision", justify="right")
+    per_class.add_column("F1", justify="right")
+    precision, f1 = result.precision, result.f1
     for name, accuracy in result.per_class.items():
-        per_class.add_row(Text(visible(name)), f"{accuracy:.4f}", str(sum(result.confusion[row_of[name]])))
+        per_class.add_row(Text(visible(name)), f"{accuracy:.4f}", str(sum(result.confusion[row_of[name]])),
+                          f"{precision[name]:.4f}", f"{f1[name]:.4f}")  # fmt: skip
     out.print(per_class)
     if len(result.labels) <= MAX_CONFUSION_TABLE:
         out.print("confusion matrix (rows: true class, columns: predicted class)")

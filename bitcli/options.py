@@ -48,10 +48,21 @@ class EvalFormat(Choice):
     json = "json"
 
 
+class EmbedFormat(Choice):
+    safetensors = "safetensors"
+    npy = "npy"
+    jsonl = "jsonl"
+
+
 class ConvertFormat(Choice):
     bitcli = "bitcli"
     hf = "hf"
     timm = "timm"
+    onnx = "onnx"
+
+
+class Quantize(Choice):
+    int8 = "int8"
 
 
 class DType(Choice):
@@ -74,6 +85,31 @@ def predict_format(fmt: PredictFormat | None, output: Path | None) -> PredictFor
     inferred = SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
     if fmt is None:
         return inferred or PredictFormat.table
+    if inferred is not None and inferred != fmt:
+        raise UsageError(
+            f"--format {fmt} contradicts --output {display(output)} (a {output.suffix} file holds {inferred}); "
+            f"drop --format or give the file a name that matches"
+        )
+    return fmt
+
+
+EMBED_SUFFIXES = {".safetensors": EmbedFormat.safetensors, ".npy": EmbedFormat.npy, ".jsonl": EmbedFormat.jsonl, ".ndjson": EmbedFormat.jsonl}
+
+
+def embed_format(fmt: EmbedFormat | None, output: Path | None) -> EmbedFormat:
+    """--format if given, else the one --output's suffix names. Embeddings are too long to read on a terminal:
+    stdout takes them only when asked for (-f jsonl), and the binary formats only go to a file."""
+    inferred = EMBED_SUFFIXES.get(output.suffix.lower()) if output is not None else None
+    if output is None:
+        if fmt is None:
+            raise UsageError("give --output FILE (.safetensors, .npy or .jsonl), or -f jsonl to write JSON lines to stdout")
+        if fmt != EmbedFormat.jsonl:
+            raise UsageError(f"--format {fmt} is binary; give --output FILE (only jsonl goes to stdout)")
+        return fmt
+    if fmt is None:
+        if inferred is None:
+            raise UsageError(f"--output {display(output)}: name the file *.safetensors, *.npy or *.jsonl, or give --format")
+        return inferred
     if inferred is not None and inferred != fmt:
         raise UsageError(
             f"--format {fmt} contradicts --output {display(output)} (a {output.suffix} file holds {inferred}); "
@@ -119,6 +155,24 @@ def parse_auto_float(value: str) -> float | None:
     return x
 
 
+def parse_png_path(value: str) -> Path:
+    """A picture's file name: it must end in .png (the only format drawn), so the name says what it holds."""
+    path = Path(value)
+    if path.suffix.lower() != ".png":
+        raise OptionError(f"{value!r}: the picture is a PNG; give a file name ending in .png")
+    return path
+
+
+# DATA of finetune and eval: a path (class folder, label file, parquet, save_to_disk folder), or a Hub data set
+# id kept as typed (a Path would turn hf://datasets/... into hf:/datasets/...).
+DataSpec = Path | str
+HUB_DATA_PREFIX = "hf://"
+
+
+def parse_data(value: str) -> DataSpec:
+    return value if value.startswith(HUB_DATA_PREFIX) else Path(value)
+
+
 def parse_resolution(value: str) -> Resolution | None:
     """`auto` -> None; `CROP` -> HyperRule resize for that crop; `RESIZE:CROP` as given (RESIZE >= CROP)."""
     if value.strip().lower() == "auto":
@@ -151,7 +205,7 @@ class PredictOptions:
 
 @dataclass(frozen=True)
 class EvalOptions:
-    data: Path
+    data: DataSpec
     model: str = "google/bit-50"
     revision: str | None = None
     format: EvalFormat = EvalFormat.table
@@ -159,28 +213,65 @@ class EvalOptions:
     device: str = "auto"
     precision: Precision = Precision.auto
     workers: int = DEFAULT_WORKERS
+    plot: Path | None = None  # also write the confusion matrix here as a PNG
+    image_column: str | None = None  # a data set's image column (None: found from its features)
+    label_column: str | None = None  # ... and its label column
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    images: list[str]
+    model: str = "google/bit-50"
+    revision: str | None = None
+    batch_size: int = 16
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    format: EmbedFormat = EmbedFormat.jsonl  # already reconciled with --output by the CLI (embed_format)
+    output: Path | None = None
+    normalize: bool = False  # L2-normalise each vector
+    recursive: bool = False
+    workers: int = DEFAULT_WORKERS
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
     src: str
     dst: Path
-    format: ConvertFormat | None = None  # None: bitcli for *.safetensors, else hf
+    format: ConvertFormat | None = None  # None: bitcli for *.safetensors, onnx for *.onnx, else hf
     labels: Path | None = None
     dtype: DType = DType.float32
     revision: str | None = None
     overwrite: bool = False
+    opset: int | None = None  # ONNX only: None is bitcli.formats.onnx.DEFAULT_OPSET
+    quantize: Quantize | None = None  # ONNX only: static int8 quantisation, calibrated on `calibrate`'s images
+    calibrate: Path | None = None
+    min_agreement: float = 0.99  # int8 top-1 agreement with float32 below which nothing is written
+
+    def __post_init__(self) -> None:
+        """The ONNX flags' combinations, refused before anything is read (exit 2)."""
+        onnx = self.format == ConvertFormat.onnx or (self.format is None and self.dst.suffix.lower() == ".onnx")
+        given = [flag for flag, value in (("--opset", self.opset), ("--quantize", self.quantize), ("--calibrate", self.calibrate)) if value is not None]
+        if given and not onnx:
+            raise UsageError(f"{given[0]} applies only to an ONNX export; name DST *.onnx")
+        if onnx and self.dtype == DType.bfloat16:
+            raise UsageError("--dtype bfloat16: an ONNX export is float32 or float16 (or --quantize int8)")
+        if (self.quantize is None) != (self.calibrate is None):
+            raise UsageError("--quantize int8 needs --calibrate DIR (images to calibrate on), and --calibrate needs --quantize int8")
+        if self.quantize is not None and self.dtype != DType.float32:
+            raise UsageError(f"--quantize int8 starts from the float32 export; drop --dtype {self.dtype}")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise UsageError(f"--min-agreement {self.min_agreement}: must be between 0 and 1 (a fraction of the calibration images)")
 
 
 @dataclass(frozen=True)
 class FinetuneOptions:
     """The command line as typed, parsed; None means `auto` (the BiT-HyperRule decides in the plan)."""
 
-    data: Path
+    data: DataSpec
     model: str
     output: Path
     shots: int | None = None  # examples per class; None: all
-    val: Path | None = None  # validation folder (default: DATA/val|valid|validation when DATA/train exists)
+    val: DataSpec | None = None  # validation data (default: DATA/val|valid|validation when DATA/train exists)
     val_split: float | None = None  # or hold out this fraction of every training class
     steps: int | None = None
     lr: float = BASE_LR
@@ -198,3 +289,12 @@ class FinetuneOptions:
     overwrite: bool = False
     random_init: bool = False
     revision: str | None = None
+    head_only: bool = False  # train the new head only; the backbone stays the start model's, bit for bit
+    tensorboard: bool = False  # also write TensorBoard event files under DIR/tensorboard
+    image_column: str | None = None  # a data set's image column (None: found from its features)
+    label_column: str | None = None  # ... and its label column
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    run: Path  # a `bit finetune` run folder (--output), finished, running or interrupted

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
 import os
 import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -360,21 +361,29 @@ def _decoding(name: str) -> Iterator[None]:
         raise BitError(f"{name}: cannot decode image ({one_line(exc)}); the file may be truncated or corrupt") from None
 
 
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(width, height) as stored, from the header alone, with load_image's checks and error wording."""
-    name = os.fsencode(path).decode("utf-8", "replace")
+def _checked(path: str | os.PathLike[str] | BinaryIO, name: str | None) -> str:
+    """The printable name of what is opened (even for non-UTF-8 file names), after _check_file for a path."""
+    if isinstance(path, io.IOBase):
+        return name or "image"
+    name = name or os.fsencode(path).decode("utf-8", "replace")
     _check_file(path, name)
+    return name
+
+
+def image_size(path: str | os.PathLike[str] | BinaryIO, name: str | None = None) -> tuple[int, int]:
+    """(width, height) as stored, from the header alone, with load_image's checks and error wording."""
+    name = _checked(path, name)
     with _decoding(name), Image.open(path) as im:
         size = im.size
     _check_size(name, *size)
     return size
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
+def load_image(path: str | os.PathLike[str] | BinaryIO, name: str | None = None) -> Image.Image:
     """Open, decode (first frame), apply EXIF orientation and convert to RGB. Raises BitError on bad files.
+    `path` may be an open binary file (an image cell of a data set) named by `name` in errors.
     The image's info[SOURCE_KEY] holds the printable file name, for errors raised after decoding."""
-    name = os.fsencode(path).decode("utf-8", "replace")  # printable even for non-UTF-8 names
-    _check_file(path, name)
+    name = _checked(path, name)
     with _decoding(name), Image.open(path) as im:
         _check_size(name, im.width, im.height)
         im.seek(0)

@@ -20,7 +20,7 @@ def test_help_lists_every_command():
     code, out, err = run_main("--help")
     assert (code, err) == (0, "")
     commands = re.findall(r"^  (\w+) ", out.split("Commands:\n")[1], flags=re.M)
-    assert commands == ["predict", "convert", "finetune", "eval"]
+    assert commands == ["predict", "embed", "convert", "finetune", "eval", "report"]
 
 
 def test_help_does_not_import_torch():
@@ -61,10 +61,15 @@ EARLY_ANSWERS = [
     (["predict", "x.jpg", "--workers", "-1"], 2, "Error: Invalid value for '--workers': Input should be greater than or equal to 0"),
     (["predict", "x.jpg", "-f", "csv", "-o", "x.json"], 2,
      "Error: --format csv contradicts --output x.json (a .json file holds json); drop --format or give the file a name that matches"),
+    (["embed", "x.jpg", "-f", "npy"], 2, "Error: --format npy is binary; give --output FILE (only jsonl goes to stdout)"),
+    (["embed", "x.jpg", "-f", "csv"], 2, "Error: Invalid value for '--format' / '-f': Value error, 'csv' is not one of 'safetensors', 'npy', 'jsonl'."),
+    (["embed", "x.jpg", "-o", "x.npy", "--batch-size", "0"], 2, "Error: Invalid value for '--batch-size' / '-b': Input should be greater than or equal to 1"),
     (["eval", "data", "-f", "csv"], 2, "Error: Invalid value for '--format' / '-f': Value error, 'csv' is not one of 'table', 'json'."),
     (["eval", "data", "--device", "cuda:x"], 2, "Error: --device 'cuda:x': use auto, cpu, cuda, cuda:N or mps"),
     (["convert", "a", "b", "--dtype", "int8"], 2, "Error: Invalid value for '--dtype': Value error, 'int8' is not one of 'float32', 'float16', 'bfloat16'."),
-    (["convert", "a", "b", "--format", "onnx"], 2, "Error: Invalid value for '--format': Value error, 'onnx' is not one of 'bitcli', 'hf', 'timm'."),
+    (["convert", "a", "b", "--format", "tflite"], 2, "Error: Invalid value for '--format': Value error, 'tflite' is not one of 'bitcli', 'hf', 'timm', 'onnx'."),
+    (["convert", "a", "b.onnx", "--quantize", "int4"], 2, "Error: Invalid value for '--quantize': Value error, 'int4' is not one of 'int8'."),
+    (["convert", "a", "b.onnx", "--opset", "17"], 2, "Error: Invalid value for '--opset': Input should be greater than or equal to 18"),
     (["finetune", "d", "-m", "tiny", "-o", "o", "--steps", "many"], 2, "Error: --steps 'many': use auto or a whole number"),
     (["finetune", "d", "-m", "tiny", "-o", "o", "--steps", "0"], 2, "Error: --steps 0: must be at least 1"),
     (["finetune", "d", "-m", "tiny", "-o", "o", "--batch-split", "x"], 2, "Error: --batch-split 'x': use auto or a whole number"),
@@ -104,10 +109,11 @@ def test_help_lists_the_allowed_values():
     auto = ["<auto|fp32|bf16|fp16>", "<auto|cpu|cuda|cuda:N|mps>"]
     expected = {
         "predict": ["<table|json|jsonl|csv>", *auto],
+        "embed": ["<safetensors|npy|jsonl>", *auto],
         "eval": ["<table|json>", *auto],
         "finetune": [*auto, "--steps <auto|N>", "--batch-split <auto|N>", "--resolution <auto|CROP|RESIZE:CROP>",
                      "--mixup <auto|ALPHA>", "--eval-every <auto|N>", "--save-every <auto|N>"],
-        "convert": ["<bitcli|hf|timm>", "<float32|float16|bfloat16>"],
+        "convert": ["<bitcli|hf|timm|onnx>", "<float32|float16|bfloat16>", "--quantize <int8>"],
     }  # fmt: skip
     for command, choices in expected.items():
         code, out, _ = run_main(command, "--help")
@@ -115,7 +121,7 @@ def test_help_lists_the_allowed_values():
 
 
 def test_workers_has_one_bound_and_one_default_everywhere():
-    for command in ("predict", "eval", "finetune"):
+    for command in ("predict", "embed", "eval", "finetune"):
         out = " ".join(run_main(command, "--help")[1].split())
         assert f"--workers <int range> Image-decoding threads (0: decode in the main thread); results do not depend on it. [default: {DEFAULT_WORKERS}; x>=0]" in out, command
 
@@ -182,13 +188,13 @@ def test_finetune_gets_typed_options_by_keyword(monkeypatch, tmp_path):
     assert run_main(*base, "--steps", "7", "--batch-split", "2", "--resolution", "16", "--mixup", "0.4",
                     "--eval-every", "0", "--save-every", "3", "--device", "CPU", "--workers", "0", "--precision", "BF16",
                     "--shots", "5", "--val-split", "0.25", "--lr", "0.01", "-b", "64", "--seed", "3", "--random-init",
-                    "--resume", "--revision", "v2") == (0, "", "")  # fmt: skip
+                    "--resume", "--revision", "v2", "--head-only") == (0, "", "")  # fmt: skip
     assert run_main(*base) == (0, "", "")
     assert seen == [
         FinetuneOptions(data=tmp_path, model="tiny", output=tmp_path / "run", shots=5, val_split=0.25, steps=7, lr=0.01,
                         batch_size=64, batch_split=2, resolution=Resolution(20, 16), mixup=0.4, seed=3, device="cpu",
                         precision=Precision.bf16, workers=0, eval_every=0, save_every=3, resume=True, random_init=True,
-                        revision="v2"),  # fmt: skip
+                        revision="v2", head_only=True),  # fmt: skip
         FinetuneOptions(data=tmp_path, model="tiny", output=tmp_path / "run"),  # the defaults: every auto flag None
     ]
     assert seen[1].resolution is None and parse_resolution("16") == seen[0].resolution

@@ -300,8 +300,8 @@ def _other_model_folder(tmp: Path) -> Path:
 
 
 def _unknown_suffix(tmp: Path) -> Path:
-    (tmp / "src.onnx").write_bytes(b"\x08\x07")
-    return tmp / "src.onnx"
+    (tmp / "src.tflite").write_bytes(b"\x08\x07")
+    return tmp / "src.tflite"
 
 
 def _truncated_safetensors(tmp: Path) -> Path:
@@ -344,7 +344,7 @@ BAD_INPUTS = {
     "unknown tensor names": (_unknown_names, "unknown tensor name(s) encoder.layer.0.weight; not a BiT checkpoint in timm's"),
     "unknown npz names": (_unknown_npz_names, "unknown array name(s) params/Transformer/encoder/kernel; not a BiT .npz"),
     "other model type": (_other_model_folder, "neither a transformers BiT config"),
-    "unknown file type": (_unknown_suffix, "unknown model file type '.onnx'"),
+    "unknown file type": (_unknown_suffix, "unknown model file type '.tflite'"),
     "truncated safetensors": (_truncated_safetensors, "truncated"),
 }
 

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from bitcli import data
-from bitcli.data import DecodeCache, StepSampler, augment, few_shot, find_splits, find_undecodable, scan
+from bitcli.data import DecodeCache, StepSampler, augment, few_shot, find_undecodable
+from bitcli.sources.folder import find_splits, scan
 from bitcli.errors import BitError
 from bitcli.images import Reader
 from finetune.helpers import truncated_jpeg

@@ -45,7 +45,7 @@ def test_eval_json_is_one_object_and_agrees_with_finetune(trained: tuple[Path, P
     code, out, err = cli("eval", data / "val", "--model", run, "--format", "json", "--device", "cpu")
     assert (code, err) == (0, "")
     result = json.loads(out)  # the whole of stdout is one JSON object
-    assert list(result) == ["top1", "top5", "loss", "count", "per_class", "confusion", "labels"]
+    assert list(result) == ["top1", "top5", "loss", "count", "per_class", "precision", "recall", "f1", "macro_f1", "confusion", "labels"]
     assert result["labels"] == ["blue", "green", "red"]
     confusion = np.array(result["confusion"])
     assert confusion.shape == (3, 3) and confusion.sum() == result["count"] == 12
@@ -58,6 +58,9 @@ def test_eval_json_is_one_object_and_agrees_with_finetune(trained: tuple[Path, P
     assert result["top1"] == summary["val_top1"]
     assert result["top5"] == summary["val_top5"]
     assert result["loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+    stored = json.loads((run / "validation.json").read_text())  # what `bit report` draws confusion.png from
+    assert {k: stored[k] for k in ("confusion", "labels", "precision", "f1", "macro_f1")} == {
+        k: result[k] for k in ("confusion", "labels", "precision", "f1", "macro_f1")}
 
 
 def test_eval_table_and_split_layout(trained: tuple[Path, Path], cli) -> None:
@@ -77,7 +80,8 @@ def test_eval_table_and_split_layout(trained: tuple[Path, Path], cli) -> None:
     assert "per-class top-1" in table and "confusion matrix (rows: true class, columns: predicted class)" in table
     cells = [[c.strip() for c in line.strip("│").split("│")] for line in lines if line.startswith("│")]
     counts = {"blue": 3, "green": 4, "red": 5}
-    assert cells[:3] == [[name, f"{result['per_class'][name]:.4f}", str(counts[name])] for name in ("blue", "green", "red")]
+    assert cells[:3] == [[name, f"{result['per_class'][name]:.4f}", str(counts[name]), f"{result['precision'][name]:.4f}",
+                          f"{result['f1'][name]:.4f}"] for name in ("blue", "green", "red")]  # fmt: skip
     assert cells[3:] == [[name, *map(str, row)] for name, row in zip(result["labels"], result["confusion"])]
 
 

@@ -13,7 +13,7 @@ import torch
 import transformers
 from conftest import BIT50_PREPROCESSOR, run_main, save_hf_model, write_folder
 from PIL import Image
-from sklearn.metrics import accuracy_score, confusion_matrix, top_k_accuracy_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, top_k_accuracy_score
 
 from bitcli.metrics import NO_TOP5, OTHER, Accumulator, EvalResult, render_table
 
@@ -78,7 +78,7 @@ def test_eval_metrics_equal_scikit_learn_on_transformers_logits(model8: Path, fo
     code, out, err = run_main("eval", root, "--model", model8, "--format", "json", "--device", "cpu", "--batch-size", "5", "--workers", "2")
     assert (code, err) == (0, "")
     result = json.loads(out)
-    assert list(result) == ["top1", "top5", "loss", "count", "per_class", "confusion", "labels"]
+    assert list(result) == ["top1", "top5", "loss", "count", "per_class", "precision", "recall", "f1", "macro_f1", "confusion", "labels"]
     assert result["count"] == len(paths) == 20
     assert result["labels"] == [*AXIS, OTHER]
     assert result["confusion"] == expected.tolist()
@@ -86,15 +86,29 @@ def test_eval_metrics_equal_scikit_learn_on_transformers_logits(model8: Path, fo
     assert result["top5"] == top_k_accuracy_score(y_true, logits.numpy(), k=5, labels=np.arange(len(LABELS)))
     assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y_true)).item(), rel=1e-4)
     assert result["per_class"] == {name: expected[i, i] / expected[i].sum() for i, name in enumerate(AXIS)}  # recall
+    # scikit-learn's precision, recall and F1 over the evaluated classes: a prediction outside them (the (other)
+    # column) is a false negative of the true class and a false positive of none of them
+    evaluated = [FOLDERS[name] for name in result["per_class"]]
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=evaluated, zero_division=0)
+    names = list(result["per_class"])
+    assert result["precision"] == dict(zip(names, precision.tolist()))
+    assert result["recall"] == dict(zip(names, recall.tolist())) == result["per_class"]
+    assert result["f1"] == dict(zip(names, f1.tolist()))
+    assert result["macro_f1"] == f1_score(y_true, y_pred, labels=evaluated, average="macro", zero_division=0)
 
     code, table, err = run_main("eval", root, "--model", model8, "--device", "cpu")
     assert (code, err) == (0, "")
-    assert table.splitlines()[:4] == [
+    assert table.splitlines()[:5] == [
         f"images  {len(paths)}",
         f"top-1   {result['top1']:.4f}",
         f"top-5   {result['top5']:.4f}",
         f"loss    {result['loss']:.4f}",
+        f"macro F1 {result['macro_f1']:.4f}",
     ]
+    for name in AXIS:  # the per-class row: top-1 (recall), images, precision, F1
+        cells = [c.strip() for c in next(line for line in table.splitlines() if line.startswith(f"│ {name} ")).split("│")[1:-1]]
+        count = int(expected[AXIS.index(name)].sum())
+        assert cells == [name, f"{result['recall'][name]:.4f}", str(count), f"{result['precision'][name]:.4f}", f"{result['f1'][name]:.4f}"]
 
 
 def test_accumulator_exact_counts() -> None:
@@ -165,3 +179,19 @@ def test_headless_checkpoint_cannot_be_evaluated(tmp_path: Path) -> None:
     code, out, err = run_main("eval", tmp_path / "data", "--model", folder, "--device", "cpu")
     assert (code, out) == (1, "")
     assert err == f"Error: {folder}: checkpoint has no classification head; it gives features, not labels\n"
+
+
+def test_precision_recall_f1_equal_scikit_learn_where_undefined() -> None:
+    """Zero where scikit-learn's zero_division=0 gives zero: a class never predicted (precision 0/0), a class
+    never right (F1 0); predictions of a label outside the data count against the true class's recall only."""
+    acc = Accumulator(["a", "b", "c"], class_to_model=[0, 1, 2], num_model_classes=4)
+    y_true = np.array([0, 0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 3, 1, 0, 0, 3, 3])  # b is never right, c is never predicted, 3 is outside the data
+    acc.update(torch.nn.functional.one_hot(torch.from_numpy(y_pred), 4).float(), y_true)
+    r = acc.result()
+    p, rc, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1, 2], zero_division=0)
+    assert r.precision == dict(zip("abc", p.tolist())) == {"a": 1 / 3, "b": 0.0, "c": 0.0}
+    assert r.recall == dict(zip("abc", rc.tolist())) == {"a": 1 / 3, "b": 0.0, "c": 0.0}
+    assert r.f1 == dict(zip("abc", f.tolist()))
+    assert r.macro_f1 == f1_score(y_true, y_pred, labels=[0, 1, 2], average="macro", zero_division=0) == 1 / 9
+    assert r.labels == ["a", "b", "c", OTHER]

@@ -19,7 +19,8 @@ from conftest import BIT50_PREPROCESSOR, TINY_LABELS, run_main, save_hf_model
 from PIL import Image, ImageFile
 
 from bitcli import preprocess
-from bitcli.data import median_area, scan
+from bitcli.data import median_area
+from bitcli.sources.folder import scan
 from bitcli.errors import BitError
 from bitcli.preprocess import Preprocess, image_size, load_image
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils.deterministic
 
+from bitcli import plots
 from bitcli.data import DecodeCache, eval_transform, train_transform
 from bitcli.engine import Engine
 from bitcli.errors import BitError
@@ -31,8 +32,10 @@ from bitcli.finetune.rundir import (
     write_json,
     write_outputs,
 )
-from bitcli.finetune.start import build_start_model, start_point
+from bitcli.finetune.start import build_start_model, freeze_backbone, start_point, trainable_parameters
 from bitcli.finetune.state import check_finite, load_state
+from bitcli.finetune import tensorboard
+from bitcli.finetune.watch import record_validation
 from bitcli.model import BitModel
 from bitcli.options import FinetuneOptions
 from bitcli.runtime import resolve_precision
@@ -92,7 +95,7 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
     # The engine converts the model to channels_last on a GPU: before the optimizer and DDP take its parameters.
     val_tf = eval_transform(plan.crop, prepared.mean, prepared.std)
     engine = Engine(prepared.model, val_tf.normalize, device, dtype, channels_last=device.type == "cuda")
-    optimizer = bit_sgd(engine.model.parameters())
+    optimizer = bit_sgd(trainable_parameters(engine.model))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start = _resume_point(prepared, opts, engine.model, optimizer, scaler, info)
     ds = prepared.data
@@ -100,13 +103,14 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
         plan=plan, info=info, engine=engine, model=wrap(engine.model, info, device), optimizer=optimizer,
         scaler=scaler, data=ds, train_cache=DecodeCache(ds.train, train_transform(plan.resize), TRAIN_CACHE_BYTES),
         val_cache=DecodeCache(ds.val, val_tf, VAL_CACHE_BYTES) if ds.val is not None else None,
-        output=opts.output, start=start, workers=opts.workers,
+        output=opts.output, start=start, workers=opts.workers, tensorboard=opts.tensorboard,
     )  # fmt: skip
     outcome = train(training)
     if info.main:
         last_eval = outcome.last_eval
         if ds.val is not None and last_eval is None:  # resumed after the last step's checkpoint
             last_eval = validate(training)
+            record_validation(opts.output, plan.steps - 1, last_eval, pictures=plots.available())
         check_finite(engine.model, plan.steps - 1)
         write_outputs(opts.output, engine.model, plan, val_tf, last_eval, outcome.last_loss, outcome.step_times, start, started)
     barrier(info)
@@ -117,6 +121,8 @@ def prepare(opts: FinetuneOptions, info: Dist, device: torch.device, dtype: torc
     can refuse the run, cheapest first: the output folder, the image folders, the flags against the
     architecture, then decoding every image; nothing is written yet."""
     check_output_location(opts)
+    if opts.tensorboard:
+        tensorboard.require()
     mode = output_mode(opts.output, opts.resume, opts.overwrite)
     if mode == "finished":
         if info.main:
@@ -130,6 +136,8 @@ def prepare(opts: FinetuneOptions, info: Dist, device: torch.device, dtype: torc
     ds = usable_datasets(opts, found, functools.partial(shared_undecodable, info=info, device=device, workers=opts.workers))
     model, mean, std = build_start_model(start, len(ds.train.classes), opts.seed)
     model = model.to(device).train()
+    if opts.head_only:
+        freeze_backbone(model)  # before the plan: --batch-split auto sizes micro-batches for what trains
     plan = make_plan(opts, ds, model, info, device, dtype, saved, stated_preprocess(start.ckpt))
     if saved is not None:
         check_same_run(saved, plan, opts.output)

@@ -1,18 +1,20 @@
-"""The run's images: the training and validation folders as found, then only the images that decode, with
+"""The run's images: the training and validation data as found (any source, bitcli.sources), then only the images that decode, with
 --val-split and --shots applied. Everything here happens before any weight is built."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from bitcli.data import ImageFolder, few_shot, find_splits, find_undecodable, scan, split_validation
+from bitcli.data import ImageFolder, few_shot, find_undecodable, split_validation
 from bitcli.errors import BitError, UsageError
 from bitcli.distributed import Dist, all_max, collective_device
 from bitcli.options import FinetuneOptions
+from bitcli.sources.locate import Columns, training_parts, validation_part
+from bitcli.sources.rows import Chain
 from bitcli.ui import log, progress_bar, visible
 
 CHECK_LOG_FROM = 1000  # images: say on stderr that they are being decoded (a progress bar shows on a terminal)
@@ -22,30 +24,32 @@ CHECK_LOG_FROM = 1000  # images: say on stderr that they are being decoded (a pr
 class Datasets:
     train: ImageFolder
     val: ImageFolder | None
-    validation: str | None  # a folder, "F of every class of DIR (seed S)", or None
+    validation: str | None  # a folder (or split of DATA), "F of every class of DIR (seed S)", or None
     skipped: tuple[str, ...] = ()  # images left out because they do not decode (training, then validation)
 
 
 def scan_datasets(opts: FinetuneOptions) -> Datasets:
-    """The image folders as found (headers are not even read yet); refuses layouts that make no classifier."""
+    """The data as found (headers are not even read yet); refuses layouts that make no classifier."""
     if opts.val is not None and opts.val_split is not None:
         raise UsageError("--val and --val-split both name a validation set; pass only one")
-    train_root, val_root = find_splits(opts.data)
+    columns = Columns(opts.image_column, opts.label_column)
+    train_part, val_part = training_parts(opts.data, columns)
     if opts.val is not None:
-        val_root = opts.val
-    elif val_root is not None and opts.val_split is not None:
-        raise UsageError(f"--val-split: {opts.data} already has the validation split {val_root}; drop --val-split")
-    train = scan(train_root)
+        val_part = validation_part(opts.val, columns)
+    elif val_part is not None and opts.val_split is not None:
+        raise UsageError(f"--val-split: {opts.data} already has the validation split {val_part.name}; drop --val-split")
+    train = train_part.scan(None)
     if len(train.classes) < 2:
+        what = "class folder" if train.source is None else "class"
+        fix = "add a sub-folder of images for each other class" if train.source is None else "add examples of other classes"
         raise UsageError(
-            f"{visible(str(train_root))}: holds one class folder ({train.classes[0]!r}); a classifier needs at "
-            "least 2 classes, so add a sub-folder of images for each other class"
+            f"{visible(train_part.name)}: holds one {what} ({train.classes[0]!r}); a classifier needs at least 2 classes, so {fix}"
         )
-    val = scan(val_root, classes=train.classes) if val_root is not None else None
-    return Datasets(train, val, str(val_root) if val_root is not None else None)
+    val = val_part.scan(train.classes) if val_part is not None else None
+    return Datasets(train, val, val_part.name if val_part is not None else None)
 
 
-def usable_datasets(opts: FinetuneOptions, found: Datasets, undecodable: Callable[[list[str]], dict[int, str]]) -> Datasets:
+def usable_datasets(opts: FinetuneOptions, found: Datasets, undecodable: Callable[[Sequence], dict[int, str]]) -> Datasets:
     """The images that decode, then --val-split and --shots.
 
     `undecodable(paths)` decodes them all and returns {index: error} of the failures. Every image the run
@@ -57,22 +61,22 @@ def usable_datasets(opts: FinetuneOptions, found: Datasets, undecodable: Callabl
     skipped: list[str] = []
 
     def without(ds: ImageFolder, failed: dict[int, str] | set[int]) -> ImageFolder:
-        skipped.extend(ds.paths[i] for i in sorted(failed))
+        skipped.extend(ds.name(i) for i in sorted(failed))
         return ds.subset(i for i in range(len(ds)) if i not in failed)
 
     checked_all = opts.shots is None or opts.val_split is not None
     if checked_all:
-        failed = undecodable([*train.paths, *(val.paths if val is not None else ())])
+        failed = undecodable(Chain(train.paths, val.paths if val is not None else ()))
         n = len(train)
         train = without(train, {i for i in failed if i < n})
         if val is not None:
             val = without(val, {i - n for i in failed if i >= n})
         _check_every_class_decodes(train)
     elif val is not None:
-        val = without(val, undecodable(list(val.paths)))
+        val = without(val, undecodable(val.paths))
     if opts.val_split is not None:
         train, val = split_validation(train, opts.val_split, opts.seed)
-        validation = f"{opts.val_split:g} of every class of {found.train.root} (seed {opts.seed})"
+        validation = f"{opts.val_split:g} of every class of {found.train.where()} (seed {opts.seed})"
     if opts.shots is not None:
         pool = train
 
@@ -80,7 +84,7 @@ def usable_datasets(opts: FinetuneOptions, found: Datasets, undecodable: Callabl
             if checked_all:
                 return set()
             failed = {indices[j] for j in undecodable([pool.paths[i] for i in indices])}
-            skipped.extend(pool.paths[i] for i in sorted(failed))
+            skipped.extend(pool.name(i) for i in sorted(failed))
             return failed
 
         train = few_shot(pool, opts.shots, opts.seed, failing)
@@ -93,19 +97,19 @@ def _check_every_class_decodes(train: ImageFolder) -> None:
     for c, count in enumerate(train.counts()):
         if count == 0:
             raise BitError(
-                f"{visible(str(train.root / train.classes[c]))}: none of the images of class "
+                f"{visible(train.where(c))}: none of the images of class "
                 f"{train.classes[c]!r} can be decoded (listed above); replace them or remove the folder"
             )
 
 
-def shared_undecodable(paths: list[str], info: Dist, device: torch.device, workers: int) -> dict[int, str]:
+def shared_undecodable(paths: Sequence, info: Dist, device: torch.device, workers: int) -> dict[int, str]:
     """data.find_undecodable over `paths`, shared by the processes (each decodes every world-th image) and
     the same answer in each; the main process reports every failure on stderr."""
     if not paths:
         return {}
     if info.main and len(paths) >= CHECK_LOG_FROM:
         log(f"checking that {len(paths):,} images decode")
-    mine = paths[info.rank :: info.world]
+    mine = paths if info.world == 1 else paths[info.rank :: info.world]  # one process: no copy of a million rows
     bar = progress_bar("checking images", total=len(mine), unit="img") if info.main else contextlib.nullcontext(lambda n: None)
     with bar as advance:
         found = {info.rank + j * info.world: error for j, error in find_undecodable(mine, workers, advance).items()}

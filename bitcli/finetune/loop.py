@@ -31,6 +31,7 @@ from bitcli.finetune.plan import Plan
 from bitcli.finetune.progress import TrainProgress
 from bitcli.finetune.rundir import METRICS_FILE, STATE_FILE, MetricsLog, top5_text
 from bitcli.finetune.state import check_finite, save_state
+from bitcli.finetune.watch import Watch
 from bitcli.images import Reader
 from bitcli.metrics import EvalResult
 from bitcli.ui import log
@@ -52,6 +53,7 @@ class Training:
     output: Path
     start: int  # the first step to take (0, or the checkpoint's when resuming)
     workers: int
+    tensorboard: bool = False  # --tensorboard: the main process also writes TensorBoard events
 
 
 @dataclass
@@ -65,6 +67,7 @@ def train(t: Training) -> Outcome:
     plan, info, engine, model, optimizer, scaler = t.plan, t.info, t.engine, t.model, t.optimizer, t.scaler
     sched = hyperrule.Schedule(plan.boundaries)
     metrics = MetricsLog(t.output / METRICS_FILE, keep_before=t.start) if info.main else None
+    watch = Watch(t.output, t.start, t.tensorboard) if info.main else None
     out = Outcome()
     step = saved_step = t.start
     try:
@@ -108,8 +111,10 @@ def train(t: Training) -> Outcome:
                     barrier(info)
                 if info.main:
                     metrics.write(record)
+                    watch.step(record, out.last_eval if "val_top1" in record else None)
                     if step == plan.steps - 1 or (step + 1) % plan.save_every == 0:
                         check_finite(engine.model, step)
+                        watch.before_checkpoint()
                         save_state(t.output / STATE_FILE, engine.model, optimizer, step + 1, plan, scaler)
                         saved_step = step + 1
                 progress.update(step + 1, lr, out.last_loss, ips)
@@ -120,6 +125,8 @@ def train(t: Training) -> Outcome:
     finally:
         if metrics is not None:
             metrics.close()
+        if watch is not None:
+            watch.close()
     return out
 
 

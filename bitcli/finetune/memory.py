@@ -66,7 +66,10 @@ def _largest_under_budget(model, per_rank: int, splits: list[int], crop: int) ->
     finally:
         for h in hooks:
             h.remove()
-    per_image = sum(sizes) * 4 * 2  # fp32 activations kept for backward, and their gradients
+    if any(p.requires_grad for name, p in model.named_parameters() if not name.startswith("head.")):
+        per_image = sum(sizes) * 4 * 2  # fp32 activations kept for backward, and their gradients
+    else:  # --head-only: nothing is kept for a backward; a few maps of a unit live at once (R50x1: ~5x the largest)
+        per_image = max(sizes) * 4 * 6
     budget = mem_available() // 4 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     why = f"~{per_image / 2**20:.1f} MiB of activations per image, under 1/4 of available memory"
     for split in splits:

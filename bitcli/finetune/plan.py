@@ -20,6 +20,7 @@ from bitcli.distributed import Dist
 from bitcli.finetune.memory import auto_batch_split
 from bitcli.finetune.rundir import SUMMARY_FILE
 from bitcli.finetune.start import check_resolution
+from bitcli.finetune.watch import pictures_line
 from bitcli.formats import BIT_DEFAULT_PREPROCESS
 from bitcli.options import FinetuneOptions
 from bitcli.preprocess import Preprocess
@@ -28,8 +29,11 @@ from bitcli.ui import visible
 # Plan fields that decide the weights: a resumed run must agree on all of them.
 RESULT_FIELDS = (
     "classes", "train_examples", "train_fingerprint", "model", "random_init", "architecture", "shots", "seed",
-    "resize", "crop", "steps", "boundaries", "lr", "batch_size", "mixup",
+    "resize", "crop", "steps", "boundaries", "lr", "batch_size", "mixup", "head_only",
 )  # fmt: skip
+# RESULT_FIELDS added later, with the value that runs started before them had (their plans lack the field;
+# they stay resumable).
+RESULT_DEFAULTS = {"head_only": False}
 # The HyperRule's resolution assumes a start model pre-trained at about 224 px (BiT-M/S). Beyond this factor
 # between the chosen crop and the start model's own, the plan says so (issue 12: a model trained at 32 px
 # reached 0.37 top-1 at the rule's 128 px and 0.93 at its own size).
@@ -51,6 +55,7 @@ class Plan:
     skipped: tuple[str, ...]  # images left out because they do not decode
     model: str
     random_init: bool
+    head_only: bool  # --head-only: the backbone frozen, only the new head trains
     architecture: dict[str, Any]  # BitConfig of the fine-tuned model
     shots: int | None
     seed: int
@@ -72,6 +77,7 @@ class Plan:
     save_every: int
     why: dict[str, str]  # field -> where its value came from
     notes: tuple[str, ...] = ()  # advice printed with the plan (e.g. the start model's own resolution)
+    tensorboard: bool = False  # --tensorboard: TensorBoard events under DIR/tensorboard
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -105,7 +111,8 @@ def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig) -> None:
 def check_same_run(saved: dict[str, Any], plan: Plan, output) -> None:
     """--resume: the saved plan and this one must agree on everything that decides the weights."""
     now = plan.to_dict()
-    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESULT_FIELDS if saved.get(k) != now[k]]
+    before = {k: saved.get(k, RESULT_DEFAULTS.get(k)) for k in RESULT_FIELDS}
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in RESULT_FIELDS if before[k] != now[k]]
     if changed:
         shown = "; ".join(c if len(c) < 120 else c[:117] + "..." for c in changed[:3])
         raise BitError(
@@ -212,7 +219,7 @@ def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, device: to
         why["save_every"] = "auto: 10 checkpoints per run"
     return Plan(
         data=str(opts.data),
-        train_folder=str(ds.train.root),
+        train_folder=ds.train.where(),
         validation=ds.validation,
         classes=ds.train.classes,
         train_examples=n,
@@ -221,6 +228,7 @@ def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, device: to
         skipped=ds.skipped,
         model=opts.model,
         random_init=opts.random_init,
+        head_only=opts.head_only,
         architecture=model.config.to_dict(),
         shots=opts.shots,
         seed=opts.seed,
@@ -242,6 +250,7 @@ def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, device: to
         save_every=save_every,
         why=why,
         notes=_size_notes(opts, res.crop, own_size(own)),
+        tensorboard=opts.tensorboard,
     )
 
 
@@ -267,11 +276,14 @@ def describe(plan: Plan) -> list[str]:
         f"  mixup       {'alpha ' + format(plan.mixup, 'g') if plan.mixup else 'off'}   [{plan.why['mixup']}]",
         f"  batch       {plan.batch_size} = {plan.world_size} process(es) x {plan.batch_split} micro-batch(es) of "
         f"{plan.micro_batch}   [{plan.why['batch_split']}]",
-        f"  optimizer   SGD momentum {plan.momentum}, no weight decay, new head zero-initialised",
+        f"  optimizer   SGD momentum {plan.momentum}, no weight decay, new head zero-initialised"
+        + ("; backbone frozen (--head-only): only the head trains" if plan.head_only else ""),
         f"  device      {plan.device}, {plan.precision}; "
         + (f"validate every {plan.eval_every or plan.steps} steps, " if plan.validation else "")
         + f"checkpoint every {plan.save_every} steps",
     ]
+    lines.append(f"  pictures    {pictures_line(bool(plan.validation))}"
+                 + ("; TensorBoard events in tensorboard/" if plan.tensorboard else ""))  # fmt: skip
     lines[4:4] = [f"  note        {note}" for note in plan.notes]  # after the resolution line
     if plan.skipped:
         n = len(plan.skipped)

@@ -25,6 +25,7 @@ from bitcli.formats import Checkpoint, TensorRef, read_json
 from bitcli.formats.hf import write as write_hf
 from bitcli.writes import atomic_write
 from bitcli.errors import BitError, UsageError
+from bitcli.finetune import tensorboard as board
 from bitcli.options import FinetuneOptions
 from bitcli.preprocess import Preprocess
 from bitcli.ui import log, visible
@@ -39,7 +40,9 @@ SUMMARY_FILE = "summary.json"
 STATE_FILE = "checkpoint.safetensors"
 LOCK_FILE = ".lock"  # held by the writing process while a run is in progress; removed when it ends
 MODEL_FILES = ("model.safetensors", "preprocessor_config.json", "config.json")  # config.json last
-RUN_FILES = (*MODEL_FILES, METRICS_FILE, SUMMARY_FILE, STATE_FILE, CONFIG_FILE)
+VALIDATION_FILE = "validation.json"  # the last validation: metrics, labels and confusion matrix (bitcli.finetune.watch)
+PICTURE_FILES = ("curves.png", "confusion.png")  # bitcli.finetune.watch draws them at every validation
+RUN_FILES = (*MODEL_FILES, METRICS_FILE, SUMMARY_FILE, STATE_FILE, CONFIG_FILE, VALIDATION_FILE, *PICTURE_FILES)
 # Temporary names of bitcli's own writes into DIR (atomic_write: .NAME.XXXXXXXX.tmp; the final model's
 # staging folder .final and its own temporary ..final.XXXXXXXX.tmp). Only these are cleaned up.
 LEFTOVER = re.compile(r"\.(?:%s|\.final)\.[a-z0-9_]{8}\.tmp" % "|".join(re.escape(n) for n in RUN_FILES))
@@ -51,7 +54,7 @@ def check_output_location(opts: FinetuneOptions) -> None:
     and of `bit eval DATA` ("class folder 'myrun' holds no images")."""
     out = opts.output.resolve()
     for flag, folder in (("DATA", opts.data), ("--val", opts.val)):
-        if folder is None:
+        if folder is None or isinstance(folder, str):  # a Hub data set (hf://...) is no folder
             continue
         root = folder.resolve()
         if out == root or root in out.parents:
@@ -98,6 +101,8 @@ def remove_leftovers(output: Path, run_files: bool) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         elif run_files and p.name in RUN_FILES and p.is_file():
             p.unlink()
+        elif run_files and p.name == board.FOLDER and p.is_dir():
+            board.remove_events(p)  # --tensorboard's event files, and the folder if nothing else is in it
 
 
 @contextlib.contextmanager

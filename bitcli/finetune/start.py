@@ -73,6 +73,21 @@ def build_start_model(start: Start, num_classes: int, seed: int) -> tuple[BitMod
     return model, start.ckpt.preprocess.mean, start.ckpt.preprocess.std
 
 
+def freeze_backbone(model: BitModel) -> None:
+    """--head-only: every parameter outside the head stops requiring gradients. Autograd then records nothing
+    before the head (no input of a backbone op requires a gradient: the forward is a no_grad forward, keeping
+    no activations for a backward), StdConv2d standardises each kernel once for the whole run, the optimizer
+    gets the head's parameters only (trainable_parameters) and DDP reduces only those. The backbone has no
+    train/eval-dependent layer (GroupNorm, no BatchNorm or dropout), so its mode changes nothing."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("head."))
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What the optimizer updates: every parameter, or with --head-only the head's."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def total_stride(config: BitConfig) -> int:
     """Input pixels per pixel of the last feature map: 4 in the stem, then 2 in every stage after the first
     until output_stride, where dilation takes over (as BitModel builds it)."""

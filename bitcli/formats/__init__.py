@@ -1,4 +1,4 @@
-"""Checkpoint formats: one module each (bitcli, hf, timm, npz), and the one registry that `bit` finds a
+"""Checkpoint formats: one module each (bitcli, hf, timm, npz, onnx), and the one registry that `bit` finds a
 format's reader (by what a path holds) and writer (by name) in.
 
 Every reader maps its format's names and axis layout onto bitcli's (`tensors.Layout`) and returns lazy
@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bitcli.errors import BitError
-from bitcli.formats import bitcli, hf, npz, timm
+from bitcli.formats import bitcli, hf, npz, onnx, timm
 from bitcli.formats.checkpoint import (
     BIT_DEFAULT_PREPROCESS,
     GOOGLE_EVAL_PREPROCESS,
@@ -43,11 +41,12 @@ class Format:
 
     name: str
     read: Callable[[Path], Checkpoint]
-    write: Callable[[Checkpoint, Path, torch.dtype | None], None]
+    write: Callable[..., None]  # (checkpoint, path, dtype, **write_options(convert's options)) -> None
     folder: bool  # written as a folder of files (else as one file)
     suffixes: tuple[str, ...] = ()  # the model files it reads, by suffix
     claims: Callable[[dict[str, Any]], bool] | None = None  # the model folders it reads, by their config.json
     fixed_eps_library: str | None = None  # the library that reads this layout standardising with its own eps 1e-8
+    write_options: Callable[[Any], dict[str, Any]] | None = None  # keyword arguments its writer takes from ConvertOptions
 
 
 # A folder is read by the first format that claims its config.json: timm's before transformers', as a timm
@@ -60,6 +59,7 @@ FORMATS: dict[str, Format] = {
                fixed_eps_library="timm"),
         Format(hf.NAME, hf.read, hf.write, folder=True, claims=hf.claims, fixed_eps_library="transformers"),
         Format(npz.NAME, npz.read, npz.write, folder=False, suffixes=(".npz",)),
+        Format(onnx.NAME, onnx.read, onnx.write, folder=False, suffixes=(".onnx",), write_options=onnx.write_options),
     )
 }  # fmt: skip
 # Suffixes of model files: a model spec ending in one names a file, never a Hub repo.
@@ -81,7 +81,7 @@ def detect(path: Path) -> Format:
     for fmt in FORMATS.values():
         if suffix in fmt.suffixes:
             return fmt
-    raise BitError(f"{path}: unknown model file type {suffix!r}; use .safetensors, .npz, .bin/.pth or a model folder")
+    raise BitError(f"{path}: unknown model file type {suffix!r}; use .safetensors, .npz, .bin/.pth, .onnx or a model folder")
 
 
 def read(path: Path) -> Checkpoint:

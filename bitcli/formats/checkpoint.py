@@ -40,12 +40,14 @@ class Checkpoint:
     source: str = ""
     format: str = ""
     layout: Layout = BITCLI  # how the source names the tensors, so that errors speak its language
+    graph: Path | None = None  # an exported .onnx holding the weights (tensors is then empty): runs in onnxruntime only
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: ref.load() for k, ref in self.tensors.items()}
 
     def build_model(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> BitModel:
         """The model with these weights, checked for shapes and non-finite values, in eval mode."""
+        self.refuse_graph()
         check_tensors(self.config, self.tensors, self.source, self.layout)
         with torch.device("meta"):
             model = BitModel(self.config)
@@ -57,6 +59,14 @@ class Checkpoint:
             state[key] = t.to(device=device, dtype=dtype)
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
+
+    def refuse_graph(self) -> None:
+        """An exported graph runs (bit predict, bit eval) but gives no weights to build, convert or train."""
+        if self.graph is not None:
+            raise BitError(
+                f"{self.source}: an ONNX export runs in bit predict and bit eval only; its weights are compiled into "
+                "the graph, so convert or fine-tune from the checkpoint it was exported from"
+            )
 
 
 def expected_shapes(config: BitConfig) -> dict[str, tuple[int, ...]]:

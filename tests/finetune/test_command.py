@@ -15,7 +15,7 @@ from PIL import Image
 from bitcli import hyperrule
 from bitcli.finetune import command
 
-from .helpers import FAST, RUN_FILES, TINY, read_metrics, truncated_jpeg
+from .helpers import FAST, RUN_FILES, TINY, VALIDATION_FILES, read_metrics, truncated_jpeg
 
 
 def test_finetune_end_to_end(dataset: Path, tmp_path: Path) -> None:
@@ -27,7 +27,7 @@ def test_finetune_end_to_end(dataset: Path, tmp_path: Path) -> None:
     for word in ("train       36 images", "validation  12 images", "resize 20x20, random crop 16", "8 steps",
                  "mixup       off", "batch       8 = 1 process(es) x", "SGD momentum 0.9", "[--resolution 16]"):  # fmt: skip
         assert word in err, word
-    assert {p.name for p in out.iterdir()} == RUN_FILES
+    assert {p.name for p in out.iterdir()} == RUN_FILES | VALIDATION_FILES
 
     plan = json.loads((out / "finetune_config.json").read_text())
     assert plan["classes"] == ["blue", "green", "red"]

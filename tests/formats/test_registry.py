@@ -14,16 +14,16 @@ from bitcli.options import ConvertFormat
 
 def test_every_convert_format_has_a_writer_and_says_if_it_is_a_folder():
     assert {f.value for f in ConvertFormat} <= set(FORMATS)
-    assert {name: f.folder for name, f in FORMATS.items()} == {"bitcli": False, "timm": True, "hf": True, "npz": False}
+    assert {name: f.folder for name, f in FORMATS.items()} == {"bitcli": False, "timm": True, "hf": True, "npz": False, "onnx": False}
     assert {name: f.fixed_eps_library for name, f in FORMATS.items()} == {
-        "bitcli": None, "timm": "timm", "hf": "transformers", "npz": None,
+        "bitcli": None, "timm": "timm", "hf": "transformers", "npz": None, "onnx": None,
     }  # fmt: skip
-    assert sorted(MODEL_FILE_SUFFIXES) == [".bin", ".npz", ".pt", ".pth", ".safetensors"]
+    assert sorted(MODEL_FILE_SUFFIXES) == [".bin", ".npz", ".onnx", ".pt", ".pth", ".safetensors"]
 
 
 @pytest.mark.parametrize(
     "name, expected",
-    [("m.safetensors", "bitcli"), ("M.NPZ", "npz"), ("m.bin", "timm"), ("m.pth", "timm"), ("m.pt", "timm")],
+    [("m.safetensors", "bitcli"), ("M.NPZ", "npz"), ("m.bin", "timm"), ("m.pth", "timm"), ("m.pt", "timm"), ("m.onnx", "onnx")],
 )
 def test_files_by_suffix(tmp_path, name, expected):
     (tmp_path / name).write_bytes(b"")
@@ -45,12 +45,12 @@ def test_folders_by_config_json(tmp_path, config, expected):
 
 
 def test_what_no_format_reads_is_one_clear_error(tmp_path, tiny_dir):
-    (tmp_path / "m.onnx").write_bytes(b"")
+    (tmp_path / "m.tflite").write_bytes(b"")
     (tmp_path / "empty").mkdir()
     (tmp_path / "vit").mkdir()
     (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
     expected = {
-        "m.onnx": f"{tmp_path / 'm.onnx'}: unknown model file type '.onnx'; use .safetensors, .npz, .bin/.pth or a model folder",
+        "m.tflite": f"{tmp_path / 'm.tflite'}: unknown model file type '.tflite'; use .safetensors, .npz, .bin/.pth, .onnx or a model folder",
         "empty": f"{tmp_path / 'empty'}: folder has no config.json; expected a transformers or timm model folder",
         "vit": f"{tmp_path / 'vit' / 'config.json'}: neither a transformers BiT config (model_type 'bit') nor a timm config",
     }

@@ -1,0 +1,231 @@
+"""The pictures: training curves (loss, learning rate, validation accuracy per step) and the row-normalised
+confusion matrix. Fine-tuning, `bit eval --plot` and `bit report` all draw with these functions.
+
+matplotlib (the `plots` extra) is imported only when a picture is drawn. Drawing is deterministic: a fixed
+figure size and dpi, matplotlib's default style whatever the user's matplotlibrc says, no timestamp or
+version in the PNG, so the same numbers always give the same bytes (`bit report` redraws what training drew).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitcli.errors import BitError
+from bitcli.ui import visible
+from bitcli.writes import atomic_write
+
+INSTALL = "pip install 'bitcli[plots]'"
+DPI = 100
+CURVES_SIZE = (8.0, 8.0)  # inches: 800x800 px
+MAX_CLASSES = 50  # a confusion picture shows every class up to this many; beyond, the most confused ones
+SHOWN_WHEN_SUMMARISED = 30
+ANNOTATE_UP_TO = 20  # classes: each cell also shows its percentage
+MAX_NAME = 24  # characters of a class name on an axis (longer ones end in "…")
+MAX_HEADING = 70  # characters of a confusion picture's first title line: what the narrowest picture holds
+REST = "(all others)"  # the summarised picture's column for predictions of a class that is not shown
+
+
+def available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def require(what: str) -> None:
+    """One line naming the extra to install, before any work is done."""
+    if not available():
+        raise BitError(f"{what} needs matplotlib, which is not installed: {INSTALL}")
+
+
+@contextlib.contextmanager
+def _style(literal: bool) -> Iterator[Any]:
+    """matplotlib with its default style (a user's matplotlibrc would change the picture), no warning for a
+    glyph the font lacks (it shows as a box), and with `literal` every text taken as it is spelled (a class
+    named "$x$" is not mathtext; log-scale tick labels need mathtext, so the curves keep it)."""
+    import matplotlib
+    import matplotlib.style
+
+    with matplotlib.style.context("default"), matplotlib.rc_context({"text.parse_math": not literal, "font.size": 10}):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Glyph .* missing from")
+            yield matplotlib
+
+
+def _png(fig: Any) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})  # no matplotlib version in the file
+    return buf.getvalue()
+
+
+def write_png(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training curves
+
+
+def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of the last `window` values at each step (fewer at the start)."""
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.maximum(np.arange(1, len(values) + 1) - window, 0)]) / counts
+
+
+def curves_png(records: Sequence[Mapping[str, Any]], total_steps: int, title: str) -> bytes:
+    """metrics.jsonl's records (one per step; validation fields on validation steps) as three panels over the
+    steps 0..total_steps: loss (training and validation), validation accuracy, learning rate. `title` is
+    drawn as mathtext: it must not hold data (a name with "$")."""
+    steps = np.array([r["step"] for r in records], dtype=float)
+    loss = np.array([r["loss"] for r in records], dtype=float)
+    lr = np.array([r["lr"] for r in records], dtype=float)
+    val = [r for r in records if r.get("val_top1") is not None]
+    val_steps = [r["step"] for r in val]
+    with _style(literal=False):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=CURVES_SIZE, dpi=DPI, layout="constrained")
+        ax_loss, ax_acc, ax_lr = fig.subplots(3, 1, sharex=True, height_ratios=[3, 2, 1.5])
+        fig.suptitle(title)
+        window = max(len(records) // 50, 1)
+        faint = {"alpha": 0.35, "linewidth": 0.8} if window > 1 else {}  # under its running mean
+        ax_loss.plot(steps, loss, color="tab:blue", label="training loss (each step)", **faint)
+        if window > 1:
+            ax_loss.plot(steps, _moving_average(loss, window), color="tab:blue", linewidth=1.6,
+                         label=f"training loss (mean of {window} steps)")  # fmt: skip
+        if val:
+            ax_loss.plot(val_steps, [r["val_loss"] for r in val], "o-", color="tab:orange", label="validation loss")
+        ax_loss.set_ylabel("loss (cross-entropy)")
+        # Headroom above the highest loss for the legend, so that it never covers a curve.
+        highest = max([*loss, *(r["val_loss"] for r in val)])
+        ax_loss.set_ylim(0, 1.4 * highest if highest > 0 else 1)
+        ax_loss.legend(loc="upper right")
+        ax_loss.grid(alpha=0.3)
+
+        if val:
+            ax_acc.plot(val_steps, [r["val_top1"] for r in val], "o-", color="tab:green",
+                        label=f"validation top-1 (last {val[-1]['val_top1']:.4f})")  # fmt: skip
+            if val[-1].get("val_top5") is not None:
+                ax_acc.plot(val_steps, [r["val_top5"] for r in val], "s--", color="tab:purple",
+                            label=f"validation top-5 (last {val[-1]['val_top5']:.4f})")  # fmt: skip
+            ax_acc.legend(loc="best")
+        ax_acc.set_ylim(0, 1.02)
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.grid(alpha=0.3)
+
+        # Log scale: each /10 decay is an equal step down (the warm-up's lr 0 at step 0 is not drawn).
+        ax_lr.plot(steps[lr > 0], lr[lr > 0], color="tab:red", drawstyle="steps-post")  # constant within a step
+        ax_lr.set_yscale("log")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.grid(alpha=0.3)
+        ax_lr.set_xlabel("optimizer step")
+        margin = 0.015 * max(total_steps, 1)  # the markers of the last validation are drawn whole
+        ax_lr.set_xlim(-margin, max(total_steps, 1) + margin)  # the whole run: a running job shows how far it is
+        ax_lr.xaxis.get_major_locator().set_params(integer=True)
+        return _png(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Confusion matrix
+
+
+def _short(name: str) -> str:
+    name = visible(name)
+    return name if len(name) <= MAX_NAME else name[: MAX_NAME - 1] + "…"
+
+
+def summarise(labels: Sequence[str], confusion: np.ndarray, other: str | None) -> tuple[list[str], list[str], np.ndarray, str]:
+    """(row names, column names, counts, note). Rows are the evaluated classes (not `other`, whose row is
+    empty by construction). Up to MAX_CLASSES classes every class is shown; beyond, the SHOWN_WHEN_SUMMARISED
+    classes with the most errors (as the true or the predicted class), in their order, and one last REST
+    column with the row's predictions of every class not shown, so each row still sums to its images."""
+    rows = [i for i, name in enumerate(labels) if name != other]
+    if len(rows) <= MAX_CLASSES:
+        return [labels[i] for i in rows], list(labels), confusion[rows], ""
+    errors = confusion - np.diag(np.diag(confusion))
+    score = errors.sum(axis=1) + errors.sum(axis=0)
+    shown = sorted(sorted(rows, key=lambda i: (-score[i], i))[:SHOWN_WHEN_SUMMARISED])
+    rest = np.delete(confusion[shown], shown, axis=1).sum(axis=1, keepdims=True)
+    note = f"the {len(shown)} of {len(rows)} classes with the most errors; {REST}: predictions of any other class"
+    return [labels[i] for i in shown], [labels[i] for i in shown] + [REST], np.hstack([confusion[np.ix_(shown, shown)], rest]), note
+
+
+CELL = 0.2  # inches per class from 20 classes: names at 7 pt stay apart
+MIN_MATRIX = 4.0  # inches: the matrix of a few classes
+
+
+def tick_labels(row_names: Sequence[str], col_names: Sequence[str], totals: np.ndarray) -> tuple[list[str], list[str]]:
+    """The names as drawn: shortened, and the true classes with their image counts."""
+    return [f"{_short(r)} ({t})" for r, t in zip(row_names, totals)], [_short(c) for c in col_names]
+
+
+def font_size(classes: int) -> int:
+    return 10 if classes <= 10 else 8 if classes <= 25 else 7
+
+
+def confusion_size(row_ticks: Sequence[str], col_ticks: Sequence[str]) -> tuple[float, float]:
+    """Inches: the matrix (CELL per class, at least MIN_MATRIX) plus room for the longest names, so that long
+    names never squeeze the matrix; the column names stand upright up to 3 characters, else turned 90°."""
+    char = 0.0085 * font_size(max(len(row_ticks), len(col_ticks)))  # inches per character, about
+    longest_column = 1 if upright(col_ticks) else max(map(len, col_ticks))
+    width = max(MIN_MATRIX, CELL * len(col_ticks)) + 2.2 + char * max(map(len, row_ticks))  # + colour bar, label
+    height = max(MIN_MATRIX, CELL * len(row_ticks)) + 1.4 + char * longest_column  # + title, axis label
+    return round(width, 2), round(height, 2)
+
+
+def upright(col_ticks: Sequence[str]) -> bool:
+    return max(map(len, col_ticks)) <= 3
+
+
+def confusion_png(labels: Sequence[str], confusion: Sequence[Sequence[int]], title: str, other: str | None = None) -> bytes:
+    """The confusion matrix normalised by row (each true class's images sum to 1), class names on both axes.
+    `other`: the label of the column of predictions outside the evaluated classes, if any."""
+    counts = np.asarray(confusion, dtype=np.int64).reshape(len(labels), len(labels))
+    row_names, col_names, counts, note = summarise(labels, counts, other)
+    totals = counts.sum(axis=1, keepdims=True)
+    fractions = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    n = max(len(row_names), len(col_names))
+    font = font_size(n)
+    row_ticks, col_ticks = tick_labels(row_names, col_names, totals[:, 0])
+    with _style(literal=True):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=confusion_size(row_ticks, col_ticks), dpi=DPI, layout="constrained")
+        ax = fig.subplots()
+        from matplotlib.colors import PowerNorm
+
+        # The square-root scale makes a confusion of a few percent visible beside a diagonal near 1.
+        norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
+        image = ax.imshow(fractions, cmap="Blues", norm=norm, aspect="auto", interpolation="nearest")
+        bar = fig.colorbar(image, ax=ax, shrink=0.8, ticks=[0, 0.05, 0.2, 0.4, 0.6, 0.8, 1])
+        bar.set_label("fraction of the true class's images")
+        ax.set_title(title + (f"\n{note}" if note else ""), fontsize=11)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class (images)")
+        ax.set_xticks(range(len(col_ticks)), col_ticks, fontsize=font, rotation=0 if upright(col_ticks) else 90)
+        ax.set_yticks(range(len(row_ticks)), row_ticks, fontsize=font)
+        if n <= ANNOTATE_UP_TO:
+            for (i, j), value in np.ndenumerate(fractions):
+                if counts[i, j]:
+                    ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=font - 1,
+                            color="white" if norm(value) > 0.6 else "black")  # fmt: skip
+        return _png(fig)
+
+
+def evaluation_png(result: Mapping[str, Any], heading: str, other: str) -> bytes:
+    """The confusion picture of an evaluation (EvalResult.to_dict(), or a run's stored last validation),
+    titled with `heading` and its top-1 and macro F1."""
+    heading = visible(heading)
+    if len(heading) > MAX_HEADING:  # a long path: its end says most
+        heading = "…" + heading[-(MAX_HEADING - 1):]
+    title = f"{heading}\n{result['count']:,} images, top-1 {result['top1']:.4f}, macro F1 {result['macro_f1']:.4f}"
+    return confusion_png(result["labels"], result["confusion"], title, other)

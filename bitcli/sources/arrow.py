@@ -1,0 +1,81 @@
+"""Folders written by `datasets`' save_to_disk: a Dataset (state.json, dataset_info.json, *.arrow) or a
+DatasetDict (dataset_dict.json and a folder per split). The Arrow files are memory-mapped, as `datasets`
+itself reads them: only the pages of the rows read are loaded."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitcli.errors import BitError
+from bitcli.sources.features import schema_features
+
+STATE = "state.json"
+INFO = "dataset_info.json"
+DICT = "dataset_dict.json"
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    return (folder / DICT).is_file() or ((folder / STATE).is_file() and (folder / INFO).is_file())
+
+
+class ArrowShard:
+    def __init__(self, path: Path, name: str, features: dict | None) -> None:
+        import pyarrow as pa
+
+        self.path, self.name, self.folder = path, name, path.parent
+        try:
+            source = pa.memory_map(str(path))
+            try:
+                self.table = pa.ipc.open_stream(source).read_all()  # save_to_disk writes the streaming format
+            except pa.ArrowInvalid:
+                self.table = pa.ipc.open_file(source).read_all()
+        except (OSError, ValueError) as exc:
+            raise BitError(f"{name}: not an Arrow file pyarrow can read ({' '.join(str(exc).split())[:200]})") from None
+        self.num_rows, self.size, self.schema = self.table.num_rows, path.stat().st_size, self.table.schema
+        self.features = features or schema_features(self.schema)
+
+    def __reduce__(self):  # another process maps the file itself
+        return ArrowShard, (self.path, self.name, self.features)
+
+    def label_batches(self, column: str) -> Iterator[Any]:
+        yield from self.table.column(column).chunks
+
+    def block_starts(self) -> np.ndarray:
+        return np.cumsum([0] + [len(c) for c in self.table.column(0).chunks])
+
+    def read_block(self, block: int, column: str) -> Any:
+        return self.table.column(column).chunk(block)  # zero-copy: a view of the memory map
+
+
+def saved_splits(folder: Path, label: str) -> dict[str | None, list[ArrowShard]]:
+    """{split: shards} of a DatasetDict, {None: shards} of a Dataset."""
+    if (folder / DICT).is_file():
+        splits = _read_json(folder / DICT, label).get("splits") or []
+        return {str(s): _dataset_shards(folder / str(s), f"{label}/{s}") for s in splits}
+    return {None: _dataset_shards(folder, label)}
+
+
+def _dataset_shards(folder: Path, label: str) -> list[ArrowShard]:
+    state = _read_json(folder / STATE, label)
+    features = _read_json(folder / INFO, label).get("features")
+    files = [f.get("filename") for f in state.get("_data_files") or [] if isinstance(f, dict)]
+    if not files:
+        raise BitError(f"{label}/{STATE}: lists no data files; save the data set again with save_to_disk")
+    return [ArrowShard(folder / f, f"{label}/{f}", features if isinstance(features, dict) else None) for f in files]
+
+
+def _read_json(path: Path, label: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BitError(f"{label}/{path.name}: no such file; is this a folder written by save_to_disk?") from None
+    except (OSError, ValueError) as exc:
+        raise BitError(f"{label}/{path.name}: cannot read ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(data, dict):
+        raise BitError(f"{label}/{path.name}: not a JSON object")
+    return data

@@ -1,0 +1,127 @@
+"""hf://datasets/OWNER/NAME: read from a pre-populated Hugging Face cache with HF_HUB_OFFLINE=1, and downloaded
+from the loopback Hub of tests/test_hub_download.py (processes: huggingface_hub reads HF_ENDPOINT at import)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_bit, run_main
+from test_hub_download import FakeHub, git_blob_sha1
+
+from finetune.helpers import FAST, PROCESS_ENV, read_weights
+
+COMMIT = "5e" * 20
+REPO = "org/colors"
+ARGS = ["--steps", "4", "--batch-size", "8", "--eval-every", "0", *FAST]
+
+
+class DatasetHub(FakeHub):
+    """FakeHub serving data set repos: /api/datasets/... and /datasets/... are its model routes."""
+
+    def handle(self, h, method: str) -> None:
+        if h.path.startswith("/api/datasets/"):
+            h.path = "/api/models/" + h.path.removeprefix("/api/datasets/")
+        elif h.path.startswith("/datasets/"):
+            h.path = h.path.removeprefix("/datasets")
+        super().handle(h, method)
+
+
+@pytest.fixture(scope="module")
+def repo_files(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The parquet shards as a Hub data set repo holds them (flat: train-*.parquet, validation-*.parquet)."""
+    folder = tmp_path_factory.mktemp("colors")
+    for shard in (sources["parquet"] / "data").iterdir():
+        shutil.copy(shard, folder / shard.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The folder's run (in a process, as the Hub runs are) and `bit eval` of its validation split."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run = bit(out.parent / "hf", "finetune", sources["folder"], "--output", out, *ARGS)
+    assert run.returncode == 0, run.stderr
+    code, stdout, err = run_main("eval", sources["folder"], "--model", out, "--format", "json")
+    assert code == 0, err
+    return out, json.loads(stdout)
+
+
+def populate_dataset_cache(hub_cache: Path, repo_id: str, files_from: Path, commit: str) -> None:
+    """huggingface_hub's cache layout for a data set repo: blobs, snapshots/<commit>/ links, refs/main."""
+    repo = hub_cache / ("datasets--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit / "data"
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in sorted(files_from.iterdir()):
+        blob = repo / "blobs" / git_blob_sha1(f.read_bytes())
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def bit(home: Path, *args: object, endpoint: str = "http://127.0.0.1:9", offline: bool = True):
+    env = {**PROCESS_ENV, "HF_HOME": str(home), "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "1" if offline else "0",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+    return run_bit(*map(str, args), env=env)
+
+
+def test_cached_dataset_offline_trains_and_evaluates_as_the_folder(repo_files, reference, tmp_path: Path) -> None:
+    populate_dataset_cache(tmp_path / "hf" / "hub", REPO, repo_files, COMMIT)
+    run = bit(tmp_path / "hf", "finetune", f"hf://datasets/{REPO}", "--output", tmp_path / "run", *ARGS)
+    assert run.returncode == 0, run.stderr
+    assert f"train       24 images from hf://datasets/{REPO}:train" in run.stderr
+    a, b = read_weights(reference[0] / "model.safetensors"), read_weights(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    result = bit(tmp_path / "hf", "eval", f"hf://datasets/{REPO}:validation", "--model", reference[0], "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == reference[1]
+
+
+def test_uncached_dataset_offline_is_one_line_with_the_fix(tmp_path: Path) -> None:
+    result = bit(tmp_path / "hf", "eval", "hf://datasets/org/nope@v2", "--model", "x")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("Error: dataset 'org/nope@v2' is not in the Hugging Face cache (")
+    assert "HF_HUB_OFFLINE=1 forbids downloading; run `hf download --repo-type dataset org/nope` on a connected machine" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def hub(repo_files):
+    server = DatasetHub()
+    server.add(REPO, repo_files, COMMIT)
+    server.thread.start()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def test_loopback_hub_downloads_only_the_split_evaluated_then_works_offline(hub, reference, tmp_path: Path) -> None:
+    home = tmp_path / "hf"
+    result = bit(home, "eval", f"hf://datasets/{REPO}:validation", "--model", reference[0], "--format", "json",
+                 endpoint=hub.url, offline=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == reference[1]
+    fetched = {path.rsplit("/", 1)[-1] for method, path in hub.model_requests() if method == "GET" and "/resolve/" in path}
+    assert fetched == {"validation-00000-of-00001.parquet"}  # not the training shards
+    snapshot = home / "hub" / "datasets--org--colors" / "snapshots" / COMMIT
+    assert sorted(p.name for p in snapshot.iterdir()) == ["validation-00000-of-00001.parquet"]
+
+    hub.reset()
+    again = bit(home, "eval", f"hf://datasets/{REPO}:validation", "--model", reference[0], "--format", "json")
+    assert again.returncode == 0 and json.loads(again.stdout) == reference[1], again.stderr
+    assert hub.requests == []
+    missing = bit(home, "eval", f"hf://datasets/{REPO}:test", "--model", reference[0])
+    assert missing.returncode == 1 and "split 'test' of dataset 'org/colors' is not in the Hugging Face cache" in missing.stderr
+
+
+def test_loopback_hub_unknown_dataset_and_split(hub, reference, tmp_path: Path) -> None:
+    result = bit(tmp_path, "eval", "hf://datasets/org/nope", "--model", reference[0], endpoint=hub.url, offline=False)
+    assert result.returncode == 1 and result.stderr == "Error: no Hub dataset 'org/nope' (check the spelling; private repos need `hf auth login`)\n"
+    result = bit(tmp_path, "eval", f"hf://datasets/{REPO}:extra", "--model", reference[0], endpoint=hub.url, offline=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == f"Error: hf://datasets/{REPO}: has no split 'extra' (splits: train, validation)\n"

@@ -1,0 +1,133 @@
+"""The pictures (bitcli.plots): PNGs that decode, have the size the layout gives and show something; the same
+numbers give the same bytes; every class up to 50, the most confused ones beyond; class names drawn literally;
+`bit eval --plot`; one line when matplotlib is missing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_main, write_folder
+from PIL import Image
+
+from bitcli import plots
+from bitcli.metrics import OTHER
+
+
+def decoded(data: bytes | Path) -> np.ndarray:
+    """The picture's pixels; it must be a PNG that is not blank (many colours, not one flat field)."""
+    import io
+
+    image = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+    assert image.format == "PNG"
+    pixels = np.asarray(image.convert("RGB"))
+    assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
+    return pixels
+
+
+def expected_size(row_names: list[str], col_names: list[str], totals: list[int]) -> tuple[int, int]:
+    """Pixels: the layout's inches (matrix, names as drawn) at the fixed dpi."""
+    width, height = plots.confusion_size(*plots.tick_labels(row_names, col_names, np.asarray(totals)))
+    return round(width * plots.DPI), round(height * plots.DPI)
+
+
+def records(steps: int, every: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    out = []
+    for s in range(steps):
+        r = {"step": s, "lr": 0.1 * min(1.0, s / 10), "loss": float(2 * np.exp(-s / 30) + 0.1 * rng.random()), "images_per_s": 50.0}
+        if (s + 1) % every == 0:
+            r |= {"val_top1": 1 - np.exp(-s / 30), "val_top5": None, "val_loss": float(np.exp(-s / 30))}
+        out.append(r)
+    return out
+
+
+def test_confusion_size_leaves_room_for_the_names() -> None:
+    """Ten digits: a 4-inch matrix, upright column names; long names widen the picture, not squeeze the matrix."""
+    digits = [str(d) for d in range(10)]
+    assert plots.confusion_size(*plots.tick_labels(digits, digits, np.full(10, 36))) == (6.71, 5.49)
+    long = ["a very long class name that goes on"] * 10
+    width, height = plots.confusion_size(*plots.tick_labels(long, long, np.full(10, 36)))
+    assert (width, height) == (8.67, 7.44)  # 4 + 2.2 + 29 characters x 0.085 in; 4 + 1.4 + 24 x 0.085 in (turned)
+
+
+def test_curves_are_deterministic_and_span_the_whole_run() -> None:
+    data = plots.curves_png(records(60, 20), total_steps=100, title="training curves: step 60 of 100")
+    pixels = decoded(data)
+    assert pixels.shape == (800, 800, 3)
+    assert plots.curves_png(records(60, 20), 100, "training curves: step 60 of 100") == data  # byte-identical
+    assert b"matplotlib" not in data.lower() and b"Software" not in data  # no version or timestamp in the file
+    assert plots.curves_png(records(61, 20), 100, "training curves: step 60 of 100") != data
+
+
+def confusion(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.diag(rng.integers(20, 40, n)) + rng.poisson(0.5, (n, n))
+
+
+@pytest.mark.parametrize("n", [3, 50])
+def test_confusion_shows_every_class_up_to_50(n: int) -> None:
+    names = [f"class {i}" for i in range(n)]
+    counts = np.pad(confusion(n), ((0, 1), (0, 1)))  # an (other) column and its empty row
+    counts[0, n] = 2
+    data = plots.confusion_png([*names, OTHER], counts.tolist(), "title", other=OTHER)
+    assert decoded(data).shape[1::-1] == expected_size(names, [*names, OTHER], counts[:n].sum(axis=1).tolist())
+    row_names, col_names, shown, note = plots.summarise([*names, OTHER], counts, OTHER)
+    assert (row_names, col_names, note) == (names, [*names, OTHER], "")
+    assert shown.tolist() == counts[:n].tolist()
+
+
+def test_confusion_beyond_50_classes_shows_the_most_confused() -> None:
+    n = 120
+    counts = np.diag(np.full(n, 10))
+    for true, pred, k in [(7, 9, 5), (100, 7, 3), (55, 56, 1)]:  # errors: 7 is in two confusions
+        counts[true, pred] = k
+    names = [f"c{i}" for i in range(n)]
+    rows, cols, shown, note = plots.summarise(names, counts, None)
+    confused = {7, 9, 55, 56, 100}  # every class with an error, then the first classes without (ties: by position)
+    picked = sorted(confused | set([i for i in range(n) if i not in confused][:25]))
+    assert rows == [names[i] for i in picked]
+    assert cols == [*rows, plots.REST]
+    assert shown.sum(axis=1).tolist() == counts[[names.index(r) for r in rows]].sum(axis=1).tolist()  # rows keep their images
+    assert note == f"the 30 of 120 classes with the most errors; {plots.REST}: predictions of any other class"
+    data = plots.confusion_png(names, counts.tolist(), "ImageNet-size", other=None)
+    assert decoded(data).shape[1::-1] == expected_size(rows, cols, shown.sum(axis=1).tolist())
+
+
+def test_class_names_are_drawn_literally() -> None:
+    """"$x^2$" is not mathtext, "[bold]" not markup, a newline is shown as \\n; a long name is shortened."""
+    names = ["$x^2$", "[bold]cat[/bold]", "a\nb", "a very long class name that goes on and on", "猫"]
+    data = plots.confusion_png(names, confusion(5).tolist(), "title with $ in it", other=None)
+    assert decoded(data).shape[1::-1] == expected_size(names, names, confusion(5).sum(axis=1).tolist())
+    assert plots._short(names[3]) == "a very long class name …" and plots._short("a\nb") == "a\\nb"
+
+
+def test_eval_plot_writes_the_confusion_picture(tiny_dir: Path, tmp_path: Path) -> None:
+    write_folder(tmp_path / "data", {"apple": 3, "banana": 3, "cherry": 2})
+    picture = tmp_path / "out" / "confusion.png"
+    code, out, err = run_main("eval", tmp_path / "data", "--model", tiny_dir, "--format", "json", "--device", "cpu", "--plot", picture)
+    assert (code, err) == (0, "")
+    result = json.loads(out)
+    rows = [name for name in result["labels"] if name != OTHER]
+    assert decoded(picture).shape[1::-1] == expected_size(rows, result["labels"], [3, 3, 2])
+    first = picture.read_bytes()
+    code, _, err = run_main("eval", tmp_path / "data", "--model", tiny_dir, "--device", "cpu", "--plot", picture)
+    assert (code, err) == (0, "") and picture.read_bytes() == first  # the same evaluation, the same bytes
+    assert [p.name for p in picture.parent.iterdir()] == ["confusion.png"]  # no temporary file left
+
+    code, out, err = run_main("eval", tmp_path / "data", "--model", tiny_dir, "--plot", tmp_path / "c.pdf")
+    assert (code, out) == (2, "")
+    assert err == f"Error: --plot '{tmp_path / 'c.pdf'}': the picture is a PNG; give a file name ending in .png\n"
+
+
+def test_without_matplotlib_plot_and_report_say_what_to_install(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: find_spec None, import fails
+    assert not plots.available()
+    write_folder(tmp_path / "data", {"apple": 1})
+    code, out, err = run_main("eval", tmp_path / "data", "--model", tiny_dir, "--plot", tmp_path / "c.png")
+    assert (code, out) == (1, "")
+    assert err == "Error: --plot needs matplotlib, which is not installed: pip install 'bitcli[plots]'\n"
+    assert not (tmp_path / "c.png").exists()
