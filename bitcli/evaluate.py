@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bitcli import plots
 from bitcli.data import ImageFolder
 from bitcli.distributed import Dist, from_main, gather_in_order, my_share, setup_distributed, teardown
 from bitcli.engine import Engine
@@ -23,12 +24,11 @@ from bitcli.errors import BitError, one_line
 from bitcli.hub import load_checkpoint
 from bitcli.images import Job, Reader, stack_by_size
 from bitcli.labels import match_classes
-from bitcli import plots
 from bitcli.metrics import OTHER, Accumulator, EvalResult, render_table
 from bitcli.options import EvalFormat, EvalOptions
+from bitcli.runtime import resolve_precision
 from bitcli.sources.locate import Columns, evaluation_part
 from bitcli.sources.rows import load_example
-from bitcli.runtime import resolve_precision
 from bitcli.ui import display, log, progress_bar, visible
 
 

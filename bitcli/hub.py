@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import http.client
-import logging
 import os
 import sys
 import urllib.error
@@ -18,6 +16,7 @@ from bitcli import formats
 from bitcli.config import PUBLISHED_NAME
 from bitcli.errors import BitError
 from bitcli.formats import FORMATS, MODEL_FILE_SUFFIXES, Checkpoint, read_label_file, read_safetensors
+from bitcli.ui import quiet_logger
 
 # What bit finetune writes (bitcli.finetune's CONFIG_FILE and STATE_FORMAT, without importing its training code).
 FINETUNE_CONFIG = "finetune_config.json"
@@ -137,7 +136,7 @@ def _hub_answers(repo_id: str, revision: str | None, repo_type: str = "model") -
     if constants.HF_HUB_OFFLINE:
         return False
     try:
-        with _quiet_hub_logs():
+        with quiet_logger("huggingface_hub"):
             HfApi().repo_info(repo_id, revision=revision or constants.DEFAULT_REVISION, repo_type=repo_type,
                               timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except httpx2.TimeoutException:
@@ -176,7 +175,7 @@ def _hub_snapshot(repo_id: str, revision: str | None, files: list[str], online: 
     where = _where(repo_id, revision)
     repo = "Hub repo" if repo_type == "model" else f"Hub {repo_type}"
     try:
-        with _quiet_hub_logs():
+        with quiet_logger("huggingface_hub"):
             return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files, local_files_only=online is None,
                                           repo_type=repo_type))  # fmt: skip
     except hf_errors.IncompleteSnapshotError as exc:  # not online, and a file the Hub once listed was never fetched
@@ -193,18 +192,6 @@ def _hub_snapshot(repo_id: str, revision: str | None, files: list[str], online: 
         raise BitError(f"{repo_type} {repo_id!r}: not a valid Hub repo id ({exc})") from None
     except (hf_errors.HfHubHTTPError, OSError) as exc:
         raise BitError(f"cannot download {where!r} from the Hub: {' '.join(str(exc).split())[:300]}") from None
-
-
-@contextlib.contextmanager
-def _quiet_hub_logs():
-    """huggingface_hub logs every retry as a warning; our own one-line error says what matters."""
-    logger = logging.getLogger("huggingface_hub")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ MinMax calibration (the ranges the calibration images reach).
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from bitcli.onnx_engine import pixel_values, session
 from bitcli.options import DEFAULT_WORKERS
 from bitcli.predict import decode, failure
 from bitcli.preprocess import Preprocess
-from bitcli.ui import display, log, progress_bar
+from bitcli.ui import display, log, progress_bar, quiet_logger
 
 # The convolutions and the head: nearly all of the arithmetic. GroupNorm (InstanceNormalization in the graph)
 # stays float: it is cheap, sensitive to rounding, and its constant scale and bias are one tensor shared by
@@ -55,7 +53,7 @@ def quantize_int8(proto, preprocess: Preprocess, images: list[np.ndarray], folde
 
     log(f"calibrating int8 on {len(images)} images from {display(folder)}")
     # Through files: quantize_static moves the initialisers of a ModelProto it is given out to external data.
-    with tempfile.TemporaryDirectory(prefix="bitcli-int8-") as tmp, _quiet_root_logger():
+    with tempfile.TemporaryDirectory(prefix="bitcli-int8-") as tmp, quiet_logger(None):
         fp32, prepared, out = (Path(tmp) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         onnx.save(proto, str(fp32))
         quant_pre_process(str(fp32), str(prepared))  # shape inference and graph fusions, as onnxruntime advises
@@ -73,18 +71,6 @@ def quantize_int8(proto, preprocess: Preprocess, images: list[np.ndarray], folde
             f"{min_agreement:g}; nothing was written (calibrate on more images like the ones you will serve, or keep float32)"
         )
     return int8, {"top1_agreement": share, "images": len(images), "min_agreement": min_agreement, "against": "onnx float32"}
-
-
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """onnxruntime's quantisation tools log advice and per-tensor notes on the root logger as warnings."""
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def calibration_images(folder: Path, preprocess: Preprocess) -> list[np.ndarray]:

@@ -4,6 +4,7 @@ and the one place that makes data (paths, labels, error texts) safe to show: lit
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -30,6 +31,19 @@ def progress_bar(description: str, total: int | None, unit: str = "") -> Iterato
     with Progress(*columns, console=stderr_console(), transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.update(task, advance=n)
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str | None) -> Iterator[None]:
+    """Silence a library's warnings for a while (huggingface_hub logs every retry, onnxruntime's quantiser
+    logs advice on the root logger): our own one-line errors say what matters."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def log(message: str) -> None:

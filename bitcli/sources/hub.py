@@ -13,6 +13,7 @@ from bitcli import hub
 from bitcli.errors import BitError, UsageError
 from bitcli.sources.dataset import canonical_split, evaluation_key, training_keys
 from bitcli.sources.parquet import ParquetShard, parquet_files, shard_splits, split_of
+from bitcli.ui import quiet_logger
 
 SPEC = re.compile(r"hf://datasets/(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^:]+))?(?::(?P<split>[\w.-]+))?")
 
@@ -74,7 +75,7 @@ def _needed_files(ds: HubDataset, purpose: str) -> list[str]:
     from huggingface_hub import HfApi
 
     try:
-        with hub._quiet_hub_logs():
+        with quiet_logger("huggingface_hub"):
             listed = HfApi().list_repo_files(ds.repo_id, repo_type="dataset", revision=ds.revision)
     except Exception:  # noqa: BLE001 -- snapshot_download meets the same failure and reports it
         return ["*.parquet"]
