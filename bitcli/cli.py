@@ -32,14 +32,14 @@ from bitcli.options import (
     PredictOptions,
     Quantize,
     ReportOptions,
+    embed_format,
     parse_auto_float,
     parse_auto_int,
+    parse_data,
     parse_device,
     parse_png_path,
-    parse_data,
     parse_resolution,
     predict_format,
-    embed_format,
 )
 
 T = TypeVar("T")
@@ -200,14 +200,14 @@ def convert(
 
 @app.command()
 def finetune(
-    data: Annotated[str, typer.Argument(metavar="DATA", parser=parse_data, show_default=False,
+    data: Annotated[str, typer.Argument(metavar="DATA", show_default=False,
                                              help="Image folder (one sub-folder per class, or train/ + val/ splits), CSV/JSONL "
                                              "label file, parquet file or folder, save_to_disk folder, or hf://datasets/OWNER/NAME[@REV][:SPLIT].")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model spec to start from (as for predict); with --random-init "
                                        "an architecture: tiny, small, R50x1 ... R152x4, or a JSON object of BitConfig fields.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Run folder: model, metrics.jsonl, summary.json, checkpoint.")],
     shots: Annotated[int | None, typer.Option("--shots", min=1, help="Train on K images per class (seeded); a smaller class is an error.")] = None,
-    val: Annotated[str | None, typer.Option("--val", parser=parse_data, metavar="DATA",
+    val: Annotated[str | None, typer.Option("--val", metavar="DATA",
                                                  help="Validation data, any DATA kind (default: DATA's val|valid|validation split).")] = None,
     val_split: Annotated[float | None, typer.Option("--val-split", help="Hold out this fraction of every class for validation.")] = None,
     steps: Annotated[int | None, _auto("auto (HyperRule: 500/10k/20k by data size) or N (boundaries scaled).", "--steps",
@@ -237,9 +237,9 @@ def finetune(
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
 ) -> None:
-    """Fine-tune a BiT model on an image folder with the BiT-HyperRule (resumable; torchrun for several processes)."""
+    """Fine-tune a BiT model on labelled images with the BiT-HyperRule (resumable; torchrun for several processes)."""
     opts = FinetuneOptions(
-        data=data, model=model, output=output, shots=shots, val=val, val_split=val_split, steps=steps, lr=lr,
+        data=parse_data(data), model=model, output=output, shots=shots, val=parse_data(val) if val else None, val_split=val_split, steps=steps, lr=lr,
         batch_size=batch_size, batch_split=batch_split, resolution=resolution, mixup=mixup, seed=seed,
         device=device, precision=precision, workers=workers, eval_every=eval_every, save_every=save_every,
         resume=resume, overwrite=overwrite, random_init=random_init, revision=revision, head_only=head_only,
@@ -252,7 +252,7 @@ def finetune(
 
 @app.command("eval")
 def eval_(
-    data: Annotated[str, typer.Argument(metavar="DATA", parser=parse_data, show_default=False,
+    data: Annotated[str, typer.Argument(metavar="DATA", show_default=False,
                                              help="Image folder with one sub-folder per class (named by a label of the model, its first name, or its index), "
                                              "or any DATA of finetune: label file, parquet, save_to_disk folder, hf://datasets/OWNER/NAME[@REV][:SPLIT].")],
     model: ModelOpt = "google/bit-50",
@@ -267,9 +267,9 @@ def eval_(
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
 ) -> None:
-    """Accuracy on a labelled image folder: top-1, top-5 (models with over 5 classes), per-class accuracy, precision, recall, F1, confusion matrix."""
+    """Accuracy on labelled images: top-1, top-5 (models with over 5 classes), per-class accuracy, precision, recall, F1, confusion matrix."""
     opts = EvalOptions(
-        data=data, model=model, revision=revision, format=fmt, batch_size=batch_size, device=device,
+        data=parse_data(data), model=model, revision=revision, format=fmt, batch_size=batch_size, device=device,
         precision=precision, workers=workers, plot=plot, image_column=image_column, label_column=label_column,
     )  # fmt: skip
     from bitcli import evaluate as evaluate_mod

@@ -169,8 +169,8 @@ def _absent(repo_id: str, revision: str | None, filename: str, online: bool | No
 
 
 def _hub_snapshot(repo_id: str, revision: str | None, files: list[str], online: bool | None, repo_type: str = "model") -> Path:
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
 
     where = _where(repo_id, revision)
     repo = "Hub repo" if repo_type == "model" else f"Hub {repo_type}"

@@ -36,7 +36,12 @@ def quantize_int8(proto, preprocess: Preprocess, images: list[np.ndarray], folde
     """(the int8 ModelProto, what was checked): calibrated on `images` (calibration_images of `folder`), and
     refused when its top-1 agrees with `proto`'s on fewer than `min_agreement` of them."""
     from onnxruntime.quantization import (
-        CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static,
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
     )  # fmt: skip
 
     from bitcli.formats.onnx import INPUT, require

@@ -64,8 +64,8 @@ def save_hf_model(folder: Path, preprocessor: dict | None = None, seed: int = 0,
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory) -> dict[str, Path]:
     """Real photographs (cat, astronaut, coffee, rocket, ...) copied out of the packages that ship them."""
-    import sklearn.datasets
     import skimage.data
+    import sklearn.datasets
 
     out = tmp_path_factory.mktemp("photos")
     found = {}

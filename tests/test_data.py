@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from finetune.helpers import truncated_jpeg
 from PIL import Image
 
 from bitcli import data
 from bitcli.data import DecodeCache, StepSampler, augment, few_shot, find_undecodable
-from bitcli.sources.folder import find_splits, scan
 from bitcli.errors import BitError
 from bitcli.images import Reader
-from finetune.helpers import truncated_jpeg
+from bitcli.sources.folder import find_splits, scan
 
 
 def write_images(root: Path, counts: dict[str, int], size: tuple[int, int] = (12, 10)) -> None:

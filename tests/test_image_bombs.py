@@ -20,9 +20,9 @@ from PIL import Image, ImageFile
 
 from bitcli import preprocess
 from bitcli.data import median_area
-from bitcli.sources.folder import scan
 from bitcli.errors import BitError
 from bitcli.preprocess import Preprocess, image_size, load_image
+from bitcli.sources.folder import scan
 
 NO_CROP = {**BIT50_PREPROCESSOR, "do_center_crop": False}
 

@@ -17,7 +17,6 @@ import transformers
 from conftest import BIT50_PREPROCESSOR, TINY_LABELS, run_main, save_hf_model
 from PIL import Image
 
-
 TINY = dict(embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8, id2label=dict(enumerate(TINY_LABELS)),
             label2id={n: i for i, n in enumerate(TINY_LABELS)})  # fmt: skip
 CROP_64 = {**BIT50_PREPROCESSOR, "size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}}

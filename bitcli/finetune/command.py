@@ -13,10 +13,11 @@ import torch.utils.deterministic
 
 from bitcli import plots
 from bitcli.data import DecodeCache, eval_transform, train_transform
+from bitcli.distributed import Dist, barrier, setup_distributed, teardown, wrap
 from bitcli.engine import Engine
 from bitcli.errors import BitError
+from bitcli.finetune import tensorboard
 from bitcli.finetune.datasets import Datasets, scan_datasets, shared_undecodable, usable_datasets
-from bitcli.distributed import Dist, barrier, setup_distributed, teardown, wrap
 from bitcli.finetune.loop import Training, bit_sgd, train, validate
 from bitcli.finetune.plan import Plan, check_flags, check_same_run, describe, make_plan, stated_preprocess
 from bitcli.finetune.rundir import (
@@ -34,7 +35,6 @@ from bitcli.finetune.rundir import (
 )
 from bitcli.finetune.start import build_start_model, freeze_backbone, start_point, trainable_parameters
 from bitcli.finetune.state import check_finite, load_state
-from bitcli.finetune import tensorboard
 from bitcli.finetune.watch import record_validation
 from bitcli.model import BitModel
 from bitcli.options import FinetuneOptions

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from bitcli.data import ImageFolder, few_shot, find_undecodable, split_validation
-from bitcli.errors import BitError, UsageError
 from bitcli.distributed import Dist, all_max, collective_device
+from bitcli.errors import BitError, UsageError
 from bitcli.options import FinetuneOptions
 from bitcli.sources.locate import Columns, training_parts, validation_part
 from bitcli.sources.rows import Chain

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from bitcli import hyperrule
 from bitcli.data import DecodeCache, StepSample, StepSampler, augment
-from bitcli.engine import Engine
 from bitcli.distributed import Dist, all_sum, barrier
+from bitcli.engine import Engine
 from bitcli.errors import BitError
 from bitcli.evaluate import evaluate
 from bitcli.finetune.datasets import Datasets

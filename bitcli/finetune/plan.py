@@ -14,9 +14,9 @@ import torch
 from bitcli import hyperrule
 from bitcli.config import BitConfig
 from bitcli.data import median_area
+from bitcli.distributed import Dist
 from bitcli.errors import BitError, UsageError
 from bitcli.finetune.datasets import Datasets
-from bitcli.distributed import Dist
 from bitcli.finetune.memory import auto_batch_split
 from bitcli.finetune.rundir import SUMMARY_FILE
 from bitcli.finetune.start import check_resolution

@@ -21,18 +21,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bitcli.formats import Checkpoint, TensorRef, read_json
-from bitcli.formats.hf import write as write_hf
-from bitcli.writes import atomic_write
 from bitcli.errors import BitError, UsageError
 from bitcli.finetune import tensorboard as board
+from bitcli.formats import Checkpoint, TensorRef, read_json
+from bitcli.formats.hf import write as write_hf
 from bitcli.options import FinetuneOptions
 from bitcli.preprocess import Preprocess
 from bitcli.ui import log, visible
+from bitcli.writes import atomic_write
 
 if TYPE_CHECKING:
-    from bitcli.metrics import EvalResult
     from bitcli.finetune.plan import Plan
+    from bitcli.metrics import EvalResult
 
 CONFIG_FILE = "finetune_config.json"
 METRICS_FILE = "metrics.jsonl"

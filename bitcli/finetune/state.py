@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from bitcli.formats import TensorRef, read_safetensors, write_safetensors
 from bitcli.errors import BitError
 from bitcli.finetune.plan import Plan
+from bitcli.formats import TensorRef, read_safetensors, write_safetensors
 
 STATE_FORMAT = "bitcli-finetune-state/1"
 

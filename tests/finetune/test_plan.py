@@ -15,9 +15,9 @@ from PIL import Image
 
 from bitcli.config import BitConfig
 from bitcli.data import ImageFolder
+from bitcli.distributed import Dist
 from bitcli.errors import BitError, UsageError
 from bitcli.finetune.datasets import Datasets
-from bitcli.distributed import Dist
 from bitcli.finetune.plan import check_flags, describe, make_plan, stated_preprocess
 from bitcli.finetune.start import random_init_config
 from bitcli.formats import BIT_DEFAULT_PREPROCESS

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 from conftest import run_main
+from finetune.helpers import FAST, read_weights
 
 from bitcli.finetune import rundir
-from finetune.helpers import FAST, read_weights
 
 from .conftest import CLASSES, folder_rows, image_dataset
 

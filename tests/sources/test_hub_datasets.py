@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_bit, run_main
-from test_hub_download import FakeHub, git_blob_sha1
-
 from finetune.helpers import FAST, PROCESS_ENV, read_weights
+from test_hub_download import FakeHub, git_blob_sha1
 
 COMMIT = "5e" * 20
 REPO = "org/colors"

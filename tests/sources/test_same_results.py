@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_main
-
 from finetune.helpers import FAST, read_weights
 
 KINDS = ["folder", "csv", "jsonl", "parquet", "saved"]
