@@ -118,6 +118,27 @@ def realistic_images(n: int, seed: int = 0) -> list:
     return out
 
 
+
+def jpeg_folders(workdir: Path, n: int, batch_size: int) -> tuple[Path, Path]:
+    """(a folder of n realistic JPEGs, a folder of its first batch_size), made once under workdir: end-to-end
+    runs time both, so that the difference is n - batch_size images at the steady rate (start-up, model load
+    and first-call costs cancel)."""
+    import shutil
+
+    full, first = workdir / f"jpegs-{n}", workdir / f"jpegs-{n}-first{batch_size}"
+    if not full.is_dir():
+        tmp = workdir / "jpegs.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for i, im in enumerate(realistic_images(n, seed=1)):
+            im.save(tmp / f"img{i:03d}.jpg", quality=90)
+        tmp.rename(full)
+    if not first.is_dir():
+        first.mkdir()
+        for p in sorted(full.iterdir())[:batch_size]:
+            shutil.copy(p, first / p.name)
+    return full, first
+
 def uint8_batch(images: list, preprocess) -> np.ndarray:
     """[B, H, W, 3] uint8 after the checkpoint's resize and crop: what `bit predict` feeds its model."""
     return np.stack([preprocess.to_uint8(im) for im in images])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Contender, load, machine, median, r50_checkpoint, realistic_images, serve, uint8_batch  # noqa: E402
+from common import ROOT, Contender, jpeg_folders, load, machine, median, r50_checkpoint, realistic_images, serve, uint8_batch  # noqa: E402
 from rss import run_measured  # noqa: E402
 
 ROLES = {
@@ -112,26 +111,9 @@ def model_only(a: dict, repeats: int) -> dict:
     }
 
 
-def jpeg_folder(workdir: Path, n: int) -> Path:
-    folder = workdir / f"jpegs-{n}"
-    if not folder.is_dir():
-        tmp = workdir / "jpegs.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for i, im in enumerate(realistic_images(n, seed=1)):
-            im.save(tmp / f"img{i:03d}.jpg", quality=90)
-        tmp.rename(folder)
-    return folder
-
-
-def bit_embed_folder(hf: Path, folder: Path, batch_size: int, workdir: Path) -> dict:
-    """`bit embed` over the folder, and over its first batch: the difference is the steady rate (start-up and
-    model load cancel)."""
-    first = workdir / f"{folder.name}-first{batch_size}"
-    if not first.is_dir():
-        first.mkdir()
-        for p in sorted(folder.iterdir())[:batch_size]:
-            shutil.copy(p, first / p.name)
+def bit_embed_folder(hf: Path, folder: Path, first: Path, batch_size: int, workdir: Path) -> dict:
+    """`bit embed` over the folder, and over its first batch (`first`): the difference is the steady rate
+    (start-up and model load cancel)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = workdir / "embeddings.safetensors"
 
@@ -170,7 +152,7 @@ def main() -> None:
 
     batch_path = args.workdir / f"batch{args.batch_size}.npy"
     np.save(batch_path, uint8_batch(realistic_images(args.batch_size), load_checkpoint(str(hf)).preprocess))
-    folder = jpeg_folder(args.workdir, args.e2e_images) if args.e2e_images else None
+    folder, first = jpeg_folders(args.workdir, args.e2e_images, args.batch_size) if args.e2e_images else (None, None)
     a = {"hf": str(hf), "batch": str(batch_path), "batch_size": args.batch_size, "folder": str(folder) if folder else None}
     print(f"model only: R50x1 448 px, batch {args.batch_size}, {args.repeats} rounds; images/s per round", flush=True)
     r = model_only(a, args.repeats)
@@ -179,7 +161,7 @@ def main() -> None:
           f"({rates['bit'] / rates['transformers']:.2f}x); vectors apart by at most {r['max_relative_l2']:.1e} (relative L2); "
           f"peak RSS MiB {r['peak_rss_mib']}")  # fmt: skip
     if folder is not None:
-        e2e = bit_embed_folder(hf, folder, args.batch_size, args.workdir)
+        e2e = bit_embed_folder(hf, folder, first, args.batch_size, args.workdir)
         peer = args.e2e_images / r["transformers_folder_seconds"]
         print(f"end to end over {args.e2e_images} JPEGs, images/s: bit embed {e2e['images_per_s']:.3f} "
               f"(peak RSS {e2e['peak_rss_mib']:.0f} MiB), transformers PIL processor + BitModel {peer:.3f} "

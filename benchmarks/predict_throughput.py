@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rss import run_measured  # noqa: E402
-from common import ROOT, Contender, flops, load, machine, matmul_peaks, matmul_server, median, r50_checkpoint, realistic_images, serve, timm_copy, uint8_batch  # noqa: E402
+from common import ROOT, Contender, flops, jpeg_folders, load, machine, matmul_peaks, matmul_server, median, r50_checkpoint, realistic_images, serve, timm_copy, uint8_batch  # noqa: E402
 
 # What each contender is. Peers run as their documentation shows: eager, channels-first, inference_mode.
 ROLES = {
@@ -187,18 +187,7 @@ def onnx_exports(hf: Path, workdir: Path) -> dict[str, str]:
 def end_to_end(hf: Path, workdir: Path, n: int, batch_size: int, repeats: int) -> dict:
     """`bit predict` over a folder of n JPEGs vs over its first batch: the difference is n - batch images at the
     steady rate, start-up, model load and first-call costs cancelled. Peak RSS is that of the n-image run."""
-    full, first = workdir / f"jpegs-{n}", workdir / f"jpegs-{n}-first{batch_size}"
-    if not full.is_dir():
-        tmp = workdir / "jpegs.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for i, im in enumerate(realistic_images(n, seed=1)):
-            im.save(tmp / f"img{i:03d}.jpg", quality=90)
-        tmp.rename(full)
-    if not first.is_dir():
-        first.mkdir()
-        for p in sorted(full.iterdir())[:batch_size]:
-            shutil.copy(p, first / p.name)
+    full, first = jpeg_folders(workdir, n, batch_size)
     bit = [sys.executable, "-m", "bitcli", "predict", "--model", str(hf), "--device", "cpu", "--format", "jsonl",
            "--batch-size", str(batch_size)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
