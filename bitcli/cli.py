@@ -288,12 +288,30 @@ def report(
     report_mod.run(opts)
 
 
+def _click_exceptions():
+    """click's exception classes: Typer 0.2x carries its own copy of click (typer._click), older Typers use click."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
     """Console-script entry: user errors become one `Error:` line; BIT_DEBUG=1 shows tracebacks."""
     from bitcli.errors import BitError, UsageError
 
+    click = _click_exceptions()
     try:
-        app()
+        code = app(prog_name="bit", standalone_mode=False)  # click's own errors come back here, to be shown as bitcli's are
+    except getattr(click, "NoArgsIsHelpError", ()) as exc:  # `bit` alone (click >= 8.2): the help, on stderr, exit 2
+        print(exc.format_message(), file=sys.stderr)
+        sys.exit(2)
+    except click.UsageError as exc:  # a flag click refuses (a choice, a bound, an unknown option): one line too
+        command = exc.ctx.command_path if exc.ctx is not None else "bit"
+        message = " ".join(exc.format_message().replace("Value error, ", "").split())
+        print(f"Error: {message}" + ("" if "-h" in message else f" (`{command} -h` lists the options)"), file=sys.stderr)
+        sys.exit(2)
     except BitError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, UsageError) else 1)
@@ -305,3 +323,4 @@ def main() -> None:
             raise
         print(f"Error: internal error: {type(exc).__name__}: {exc} (rerun with BIT_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(3)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -164,11 +164,7 @@ def _explicit(where: Path | str) -> str | None:
 
 
 def _folder_part(root: Path) -> Part:
-    return Part(str(root), functools.partial(_scan_folder, root))
-
-
-def _scan_folder(root: Path, classes: Sequence[str] | None) -> ImageFolder:
-    return folder.scan(root, classes)
+    return Part(str(root), functools.partial(folder.scan, root))
 
 
 def _label_part(labels, split: str | None) -> Part:
