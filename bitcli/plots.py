@@ -206,8 +206,10 @@ def confusion_png(labels: Sequence[str], confusion: Sequence[Sequence[int]], tit
         # The square-root scale makes a confusion of a few percent visible beside a diagonal near 1.
         norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
         image = ax.imshow(fractions, cmap="Blues", norm=norm, aspect="auto", interpolation="nearest")
-        bar = fig.colorbar(image, ax=ax, shrink=0.8, ticks=[0, 0.05, 0.2, 0.4, 0.6, 0.8, 1])
-        bar.set_label("fraction of the true class's images")
+        ticks = [0, 0.05, 0.2, 0.4, 0.6, 0.8, 1]
+        bar = fig.colorbar(image, ax=ax, shrink=0.8, ticks=ticks)
+        bar.set_ticks(ticks, labels=[f"{100 * t:.0f}%" for t in ticks])  # percent, as the numbers in the cells
+        bar.set_label("% of the true class's images")
         ax.set_title(title + (f"\n{note}" if note else ""), fontsize=11)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class (images)")
