@@ -106,6 +106,12 @@ PrecisionOpt = Annotated[
 ]
 ImageColumnOpt = Annotated[str | None, typer.Option("--image-column", help="A data set's image column (default: its Image feature).")]
 LabelColumnOpt = Annotated[str | None, typer.Option("--label-column", help="A data set's label column (default: its ClassLabel, else 'label').")]
+# predict's and embed's inputs
+ImagesArg = Annotated[
+    list[str],
+    typer.Argument(help="Image files, folders or glob patterns; - reads paths from stdin, one per line.", metavar="IMAGES", show_default=False),
+]
+RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")]
 WorkersOpt = Annotated[
     int,
     typer.Option("--workers", min=0, help="Image-decoding threads (0: decode in the main thread); results do not depend on it."),
@@ -114,7 +120,7 @@ WorkersOpt = Annotated[
 
 @app.command()
 def predict(
-    images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns; - reads paths from stdin, one per line.", metavar="IMAGES", show_default=False)],
+    images: ImagesArg,
     model: ModelOpt = "google/bit-50",
     revision: RevisionOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to report per image.")] = 5,
@@ -127,7 +133,7 @@ def predict(
                      help="Default: from --output's suffix (.json, .jsonl, .csv), else table."),
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    recursive: RecursiveOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
 ) -> None:
     """Classify images: top-k labels with probabilities.
@@ -145,7 +151,7 @@ def predict(
 
 @app.command()
 def embed(
-    images: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns; - reads paths from stdin, one per line.", metavar="IMAGES", show_default=False)],
+    images: ImagesArg,
     model: ModelOpt = "google/bit-50",
     revision: RevisionOpt = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl.")] = None,
@@ -158,7 +164,7 @@ def embed(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    recursive: RecursiveOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
 ) -> None:
     """Image embeddings: the pre-logits features (global average pool after the final GroupNorm + ReLU).

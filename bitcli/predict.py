@@ -216,7 +216,7 @@ def run_batches(
     emit(report.release())  # arguments that named nothing come out as soon as their turn comes
     bar = progress_bar(verb, total=len(paths), unit="img") if info.main else contextlib.nullcontext(lambda n: None)
     with bar as advance, Reader(workers) as reader:
-        batches = reader.outcomes(_jobs(paths, preprocess, batch_size, my_share(count, info)))
+        batches = reader.outcomes(decode_jobs(paths, preprocess, batch_size, my_share(count, info)))
         mine = (list(_outcomes(chunk, results, compute)) for chunk, results in batches)
         try:
             for outcomes in gather_in_order(mine, count, info):
@@ -230,7 +230,7 @@ def run_batches(
     return False
 
 
-def _jobs(paths: list[str], preprocess: Preprocess, batch_size: int, batches: range) -> Iterator[tuple[list[str], list[Job]]]:
+def decode_jobs(paths: list[str], preprocess: Preprocess, batch_size: int, batches: range) -> Iterator[tuple[list[str], list[Job]]]:
     """The chunks of batch_size paths numbered in `batches`, with their decode jobs; the reader decodes a
     chunk ahead of the model."""
     for b in batches:

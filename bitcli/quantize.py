@@ -10,7 +10,6 @@ MinMax calibration (the ranges the calibration images reach).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +17,10 @@ import numpy as np
 import torch
 
 from bitcli.errors import BitError
-from bitcli.images import Job, Reader, list_images, stack_by_size
+from bitcli.images import Reader, list_images, stack_by_size
 from bitcli.onnx_engine import pixel_values, session
 from bitcli.options import DEFAULT_WORKERS
-from bitcli.predict import decode, failure
+from bitcli.predict import decode_jobs, failure
 from bitcli.preprocess import Preprocess
 from bitcli.ui import display, log, progress_bar, quiet_logger
 
@@ -84,8 +83,7 @@ def calibration_images(folder: Path, preprocess: Preprocess) -> list[np.ndarray]
     if not folder.is_dir():
         raise BitError(f"--calibrate {display(folder)}: not a folder; give a folder of images like the ones you will serve")
     paths = list_images(folder, recursive=True)
-    chunks = (paths[i : i + BATCH] for i in range(0, len(paths), BATCH))
-    jobs: Iterator[tuple[list[str], list[Job]]] = ((chunk, [lambda p=p: decode(p, preprocess) for p in chunk]) for chunk in chunks)
+    jobs = decode_jobs(paths, preprocess, BATCH, range(-(-len(paths) // BATCH)))
     images = []
     with progress_bar("decoding calibration images", total=len(paths), unit="img") as advance, Reader(DEFAULT_WORKERS) as reader:
         for chunk, results in reader.outcomes(jobs):

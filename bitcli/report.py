@@ -6,7 +6,6 @@ training draws). Works on a finished run, on one still going (its lock is held) 
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,9 @@ from bitcli.finetune.rundir import (
     VALIDATION_FILE,
     read_saved_plan,
 )
+from bitcli.finetune.state import read_state
 from bitcli.finetune.watch import draw_pictures, read_records
-from bitcli.formats import read_json, read_safetensors
+from bitcli.formats import read_json
 from bitcli.options import ReportOptions
 from bitcli.ui import display, visible
 
@@ -137,7 +137,6 @@ def checkpoint_step(folder: Path) -> int | None:
     """The step the checkpoint continues from; None without a readable one (only its header is read)."""
     if not (folder / STATE_FILE).is_file():
         return None
-    with contextlib.suppress(BitError, KeyError, ValueError, TypeError):
-        _, meta = read_safetensors(folder / STATE_FILE)
-        return int(json.loads(meta["state"])["next_step"])
+    with contextlib.suppress(BitError):
+        return read_state(folder / STATE_FILE)[2]
     return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,17 +43,23 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     write_safetensors(path, refs, {"format": STATE_FORMAT, "state": json.dumps(state)})
 
 
-def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: Plan,
-               scaler: torch.amp.GradScaler) -> int:  # fmt: skip
-    """Restore weights, momentum, RNG and the fp16 loss scale; return the step to continue from."""
+def read_state(path: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(the tensors, lazily; the state; the step to continue from) of a checkpoint, its header read only;
+    one line when it is not a bit finetune checkpoint or its state is damaged."""
     refs, meta = read_safetensors(path)
     if meta.get("format") != STATE_FORMAT:
         raise BitError(f"{path}: not a bit finetune checkpoint; remove it or use --overwrite")
     try:
         state = json.loads(meta["state"])
-        next_step = int(state["next_step"])
+        return refs, state, int(state["next_step"])
     except (KeyError, ValueError, TypeError):
         raise BitError(f"{path}: checkpoint state is damaged; use --overwrite to start again") from None
+
+
+def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: Plan,
+               scaler: torch.amp.GradScaler) -> int:  # fmt: skip
+    """Restore weights, momentum, RNG and the fp16 loss scale; return the step to continue from."""
+    refs, state, next_step = read_state(path)
     if state.get("train_fingerprint") != plan.train_fingerprint:
         raise BitError(f"{path}: the training images changed since this checkpoint; restore them or use --overwrite")
     weights = {k.removeprefix("model."): r.load() for k, r in refs.items() if k.startswith("model.")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +31,21 @@ def bit_process(*args: object) -> list[str]:
 def torchrun(nproc: int, *args: object) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
             "-m", "bitcli", *map(str, args)]  # fmt: skip
+
+
+def one_and_two_processes(dataset: Path, tmp_path: Path, *flags: object) -> tuple[Path, Path, str]:
+    """The same 16-image steps fine-tuned by one process (2 micro-batches, in-process) and by torchrun with two
+    (1 micro-batch each): (one's run folder, two's run folder, two's stderr); both must succeed."""
+    from conftest import run_main
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    code, _, err = run_main("finetune", dataset, "--output", one, "--batch-split", "2", "--batch-size", "16", *flags)
+    assert code == 0, err
+    done = subprocess.run(torchrun(2, "finetune", dataset, "--output", two, "--batch-split", "1", "--batch-size", "16", *flags),
+                          capture_output=True, text=True, env=PROCESS_ENV, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "16 = 2 process(es) x 1 micro-batch(es) of 8" in done.stderr
+    return one, two, done.stderr
 
 
 def read_metrics(run: Path) -> list[dict]:

@@ -12,22 +12,15 @@ import pytest
 import torch
 from conftest import run_main, write_folder
 
-from .helpers import FAST, PROCESS_ENV, TINY, read_metrics, read_weights, torchrun, truncated_jpeg
+from .helpers import FAST, PROCESS_ENV, TINY, one_and_two_processes, read_metrics, read_weights, torchrun, truncated_jpeg
 
 pytestmark = pytest.mark.slow  # two torchrun launches: about 8 s each on 2 cores
 
 
 def test_torchrun_two_processes_match_one(dataset: Path, tmp_path: Path) -> None:
-    common = ["--steps", "4", "--batch-size", "16", "--mixup", "0.3", "--eval-every", "0", "--workers", "1", *FAST[:-2]]
-    one = tmp_path / "one"
-    code, _, err = run_main("finetune", dataset, "--output", one, "--batch-split", "2", *common)
-    assert code == 0, err
-    two = tmp_path / "two"
-    done = subprocess.run(torchrun(2, "finetune", dataset, "--output", two, "--batch-split", "1", *common),
-                          capture_output=True, text=True, env=PROCESS_ENV, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "16 = 2 process(es) x 1 micro-batch(es) of 8" in done.stderr
-    assert done.stderr.count("bit finetune:") == 1  # only rank 0 talks ...
+    one, two, stderr = one_and_two_processes(dataset, tmp_path, "--steps", "4", "--mixup", "0.3", "--eval-every", "0",
+                                             "--workers", "1", *FAST[:-2])  # fmt: skip
+    assert stderr.count("bit finetune:") == 1  # only rank 0 talks ...
     assert len(read_metrics(two)) == 4  # ... and writes
     plan = json.loads((two / "finetune_config.json").read_text())
     assert plan["world_size"] == 2

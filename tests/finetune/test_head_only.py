@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from bitcli.finetune.start import build_start_model, freeze_backbone, random_ini
 from bitcli.hub import load_checkpoint
 from bitcli.model import BitModel
 
-from .helpers import FAST, PROCESS_ENV, read_metrics, read_weights, torchrun
+from .helpers import FAST, one_and_two_processes, read_metrics, read_weights
 from .test_plan import _plan
 
 FROZEN_LINE = "; backbone frozen (--head-only): only the head trains"
@@ -165,16 +164,9 @@ def test_auto_batch_split_counts_no_backward_activations(tmp_path: Path) -> None
 def test_head_only_torchrun_two_processes_match_one(dataset: Path, tmp_path: Path) -> None:
     """DDP over a model whose backbone does not require gradients: it reduces the head's gradients only (no
     find_unused_parameters needed) and trains what one process trains; both keep the backbone."""
-    common = ["--steps", "4", "--batch-size", "16", "--mixup", "0.3", "--eval-every", "0", "--head-only", *FAST[:-2],
-              "--workers", "1"]  # fmt: skip
-    one = tmp_path / "one"
-    code, _, err = run_main("finetune", dataset, "--output", one, "--batch-split", "2", *common)
-    assert code == 0, err
-    two = tmp_path / "two"
-    done = subprocess.run(torchrun(2, "finetune", dataset, "--output", two, "--batch-split", "1", *common),
-                          capture_output=True, text=True, env=PROCESS_ENV, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "16 = 2 process(es) x 1 micro-batch(es) of 8" in done.stderr and FROZEN_LINE in done.stderr
+    one, two, stderr = one_and_two_processes(dataset, tmp_path, "--steps", "4", "--mixup", "0.3", "--eval-every", "0",
+                                             "--head-only", *FAST[:-2], "--workers", "1")  # fmt: skip
+    assert FROZEN_LINE in stderr
     a, b = read_weights(one / "model.safetensors"), read_weights(two / "model.safetensors")
     for key in a.keys() - HEAD_KEYS:
         assert torch.equal(a[key], b[key]), key  # the same random backbone, untouched in both
