@@ -37,7 +37,10 @@ def machine() -> dict:
     import transformers
 
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+        platform.processor(),
+    )
     flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
     meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else "MemTotal: 0 kB"
     mem_kb = int(meminfo.split("MemTotal:")[1].split()[0])
@@ -85,8 +88,8 @@ def timm_copy(hf_folder: Path, workdir: Path) -> Path:
 
 def photos() -> list:
     """The real photographs the tests use (cat, astronaut, coffee, rocket, motorcycle, retina, china, flower)."""
-    import sklearn.datasets
     import skimage.data
+    import sklearn.datasets
     from PIL import Image
 
     paths = [Path(skimage.data.__file__).parent / n for n in SKIMAGE_PHOTOS]
@@ -118,7 +121,6 @@ def realistic_images(n: int, seed: int = 0) -> list:
     return out
 
 
-
 def jpeg_folders(workdir: Path, n: int, batch_size: int) -> tuple[Path, Path]:
     """(a folder of n realistic JPEGs, a folder of its first batch_size), made once under workdir: end-to-end
     runs time both, so that the difference is n - batch_size images at the steady rate (start-up, model load
@@ -138,6 +140,7 @@ def jpeg_folders(workdir: Path, n: int, batch_size: int) -> tuple[Path, Path]:
         for p in sorted(full.iterdir())[:batch_size]:
             shutil.copy(p, first / p.name)
     return full, first
+
 
 def uint8_batch(images: list, preprocess) -> np.ndarray:
     """[B, H, W, 3] uint8 after the checkpoint's resize and crop: what `bit predict` feeds its model."""

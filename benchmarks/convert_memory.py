@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rss import run_measured  # noqa: E402
+from rss import run_measured
 
 VARIANTS = {"R152x4": ((3, 8, 36, 3), 4), "R50x1": ((3, 4, 6, 3), 1)}  # R50x1: a quick check of the script
 CLASSES = 21843  # BiT-M's ImageNet-21k head
@@ -86,7 +86,11 @@ def spot_check(npz: Path, out: Path, fmt: str) -> int:
     with safe_open(str(path), framework="pt") as f:
         for key, name in names.items():
             want = torch.from_numpy(read_member(npz, key))
-            want = want[0, 0].t() if key.endswith("head/conv2d/kernel") else (want.permute(3, 2, 0, 1) if want.ndim == 4 else want)
+            want = (
+                want[0, 0].t()
+                if key.endswith("head/conv2d/kernel")
+                else (want.permute(3, 2, 0, 1) if want.ndim == 4 else want)
+            )
             got = f.get_tensor(name[fmt])
             assert torch.equal(got, want), (key, name[fmt])
         return len(list(f.keys()))
@@ -122,7 +126,9 @@ def main() -> None:
     params = sum(int(np.prod(s)) for s in shapes.values())
     largest = max(shapes, key=lambda k: np.prod(shapes[k]))
     print(machine())
-    print(f"{args.variant}, {args.classes} classes: {params / 1e6:.1f}M parameters in {len(shapes)} arrays; largest {largest} {shapes[largest]}")
+    print(
+        f"{args.variant}, {args.classes} classes: {params / 1e6:.1f}M parameters in {len(shapes)} arrays; largest {largest} {shapes[largest]}"
+    )
     try:
         start = time.perf_counter()
         write_npz(npz, shapes)

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from common import ROOT
 
 CLASSES = [f"class{i:02d}" for i in range(10)]
@@ -74,8 +73,15 @@ def write_parquet(path: Path, rows: int) -> None:
 
 
 def child(code: str, *args: object) -> dict:
-    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT)
+    env = {
+        "PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PATH": "/usr/bin:/bin",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     if out.returncode:
         raise SystemExit(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -18,8 +18,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, Contender, jpeg_folders, load, machine, median, r50_checkpoint, realistic_images, serve, uint8_batch  # noqa: E402
-from rss import run_measured  # noqa: E402
+from common import (
+    ROOT,
+    Contender,
+    jpeg_folders,
+    load,
+    machine,
+    median,
+    r50_checkpoint,
+    realistic_images,
+    serve,
+    uint8_batch,
+)
+from rss import run_measured
 
 ROLES = {
     "bit": "bitcli Engine.features, fp32: exactly what `bit embed` runs",
@@ -43,7 +54,9 @@ def build(role: str, a: dict):
 
     def forward(b: np.ndarray):  # the pixels its processor gives for this checkpoint (mean = std = 0.5)
         with torch.inference_mode():
-            return model(pixel_values=(torch.from_numpy(b).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5).pooler_output.flatten(1)
+            return model(
+                pixel_values=(torch.from_numpy(b).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+            ).pooler_output.flatten(1)
 
     return forward
 
@@ -153,7 +166,12 @@ def main() -> None:
     batch_path = args.workdir / f"batch{args.batch_size}.npy"
     np.save(batch_path, uint8_batch(realistic_images(args.batch_size), load_checkpoint(str(hf)).preprocess))
     folder, first = jpeg_folders(args.workdir, args.e2e_images, args.batch_size) if args.e2e_images else (None, None)
-    a = {"hf": str(hf), "batch": str(batch_path), "batch_size": args.batch_size, "folder": str(folder) if folder else None}
+    a = {
+        "hf": str(hf),
+        "batch": str(batch_path),
+        "batch_size": args.batch_size,
+        "folder": str(folder) if folder else None,
+    }
     print(f"model only: R50x1 448 px, batch {args.batch_size}, {args.repeats} rounds; images/s per round", flush=True)
     r = model_only(a, args.repeats)
     rates = r["images_per_s"]

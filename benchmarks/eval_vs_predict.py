@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, load, machine, median, r50_checkpoint, realistic_images  # noqa: E402
-from rss import run_measured  # noqa: E402
+from common import ROOT, load, machine, median, r50_checkpoint, realistic_images
+from rss import run_measured
 
 TARGET = 0.9  # eval's speed as a fraction of predict's on the same images
 

@@ -18,7 +18,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Contender, flops, load, machine, matmul_peaks, matmul_server, median, r50_checkpoint, realistic_images, serve, timm_copy  # noqa: E402
+from common import (
+    Contender,
+    flops,
+    load,
+    machine,
+    matmul_peaks,
+    matmul_server,
+    median,
+    r50_checkpoint,
+    realistic_images,
+    serve,
+    timm_copy,
+)
 
 ROLES = {
     "bit": "BitModel trained as bitcli/finetune/ does on a CPU (its setup, optimizer and NCHW input)",
@@ -128,7 +140,10 @@ def main() -> None:
         roles = ["bit", "bit-head-only"]
     else:
         roles = ["bit", "timm"] + ([] if args.no_ablations else ["bit-cl", "bit-default-alloc", "timm-tuned"])
-    print(f"train step: R50x1 {args.resolution} px, batch {args.batch_size}, {args.repeats} rounds; steps/s per round", flush=True)
+    print(
+        f"train step: R50x1 {args.resolution} px, batch {args.batch_size}, {args.repeats} rounds; steps/s per round",
+        flush=True,
+    )
     procs = [Contender(Path(__file__).resolve(), role, a) for role in roles]
     times: dict[str, list[float]] = {r: [] for r in roles}
     try:
@@ -145,7 +160,9 @@ def main() -> None:
 
     gflop_per_step = flops(hf, args.resolution, train=True) * args.batch_size / 1e9
     # --head-only: the backbone's forward (the head's backward is a [batch, 2048] x [2048, 1000] product or two)
-    gflop = {r: flops(hf, args.resolution) * args.batch_size / 1e9 if r == "bit-head-only" else gflop_per_step for r in roles}
+    gflop = {
+        r: flops(hf, args.resolution) * args.batch_size / 1e9 if r == "bit-head-only" else gflop_per_step for r in roles
+    }
     peak = matmul_peaks(Path(__file__))["float32"]
     results = {
         "machine": info, "batch_size": args.batch_size, "resolution": args.resolution,
@@ -173,7 +190,10 @@ def compare_with_timm(results: dict, losses: dict[str, list[float]]) -> None:
     # The same weights, data and optimizer must give the same losses, step after step.
     ref = np.array(losses["timm"])
     drift = {r: float(np.abs(np.array(v) - ref).max()) for r, v in losses.items() if r != "timm"}
-    print(f"losses (timm): {np.round(ref, 4).tolist()}; max |loss - timm's|: " + ", ".join(f"{r} {d:.1e}" for r, d in drift.items()))
+    print(
+        f"losses (timm): {np.round(ref, 4).tolist()}; max |loss - timm's|: "
+        + ", ".join(f"{r} {d:.1e}" for r, d in drift.items())
+    )
     results["loss_drift"] = drift
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, load, machine  # noqa: E402
-from conftest import BIT50_PREPROCESSOR, TINY_LABELS, save_hf_model  # noqa: E402
-from rss import run_measured  # noqa: E402
+from common import ROOT, load, machine
+from conftest import BIT50_PREPROCESSOR, TINY_LABELS, save_hf_model
+from rss import run_measured
 
 RUNS = {  # name -> (command, output file, the results it must hold until the end)
     "predict -f json": ("predict", "out.json", "every row (top-5 labels and scores)"),
@@ -55,7 +55,9 @@ def image_folder(workdir: Path, n: int) -> Path:
         tmp.mkdir()
         rng = np.random.default_rng(0)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp / f"img{i:05d}.png", compress_level=1)
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+                tmp / f"img{i:05d}.png", compress_level=1
+            )
         tmp.rename(folder)
     return folder
 
@@ -63,7 +65,19 @@ def image_folder(workdir: Path, n: int) -> Path:
 def measure(model: Path, folder: Path, run: str, workdir: Path) -> dict:
     command, out_name, _ = RUNS[run]
     out = workdir / out_name
-    cmd = [sys.executable, "-m", "bitcli", command, str(folder), "--model", str(model), "--device", "cpu", "-o", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bitcli",
+        command,
+        str(folder),
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
+    ]
     code, seconds, peak, err = run_measured(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
     if code != 0:
         raise RuntimeError(f"{run} failed with exit {code}: {err[-2000:]}")

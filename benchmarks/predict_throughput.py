@@ -21,8 +21,23 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rss import run_measured  # noqa: E402
-from common import ROOT, Contender, flops, jpeg_folders, load, machine, matmul_peaks, matmul_server, median, r50_checkpoint, realistic_images, serve, timm_copy, uint8_batch  # noqa: E402
+from common import (
+    ROOT,
+    Contender,
+    flops,
+    jpeg_folders,
+    load,
+    machine,
+    matmul_peaks,
+    matmul_server,
+    median,
+    r50_checkpoint,
+    realistic_images,
+    serve,
+    timm_copy,
+    uint8_batch,
+)
+from rss import run_measured
 
 # What each contender is. Peers run as their documentation shows: eager, channels-first, inference_mode.
 ROLES = {
@@ -50,7 +65,9 @@ def build(role: str, a: dict):
         from bitcli.engine import Engine
         from bitcli.hub import load_checkpoint
 
-        return Engine.load(load_checkpoint(a[role]), torch.device("cpu"), torch.float32).logits, batch  # what `bit predict` builds
+        return Engine.load(
+            load_checkpoint(a[role]), torch.device("cpu"), torch.float32
+        ).logits, batch  # what `bit predict` builds
     if role.startswith("bit"):
         import bitcli.engine
         from bitcli.engine import Engine
@@ -61,7 +78,9 @@ def build(role: str, a: dict):
         dtype = torch.bfloat16 if role == "bit-bf16" else torch.float32
         ckpt = load_checkpoint(a["hf"])
         if role == "bit-cf":
-            engine = Engine(ckpt.build_model(), ckpt.preprocess.normalize, torch.device("cpu"), dtype, channels_last=False)
+            engine = Engine(
+                ckpt.build_model(), ckpt.preprocess.normalize, torch.device("cpu"), dtype, channels_last=False
+            )
         else:
             engine = Engine.load(ckpt, torch.device("cpu"), dtype)  # what `bit predict` builds
         return engine.logits, batch
@@ -112,11 +131,18 @@ def contender(role: str, a: dict) -> None:
             t0, c0 = time.perf_counter(), time.process_time()
             logits = forward(batch)
             seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-            return {"seconds": seconds, "cpu_seconds": cpu, "top5": logits.topk(5).indices.tolist(), "logits": logits.tolist()}
+            return {
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "top5": logits.topk(5).indices.tolist(),
+                "logits": logits.tolist(),
+            }
         if request["cmd"] == "top1":  # agreement check over many images
             images = np.load(request["path"])
             size = len(batch)
-            return {"top1": [int(i) for k in range(0, len(images), size) for i in forward(images[k : k + size]).argmax(-1)]}
+            return {
+                "top1": [int(i) for k in range(0, len(images), size) for i in forward(images[k : k + size]).argmax(-1)]
+            }
         raise ValueError(request)
 
     serve(handle)
@@ -174,12 +200,19 @@ def onnx_exports(hf: Path, workdir: Path) -> dict[str, str]:
         for i, im in enumerate(realistic_images(64, seed=3)):
             im.convert("RGB").save(calibration / f"img{i:03d}.jpg", quality=90)
     out = {"bit-onnx": workdir / "bit-50.onnx", "bit-onnx-int8": workdir / "bit-50-int8.onnx"}
-    flags = {"bit-onnx": [], "bit-onnx-int8": ["--quantize", "int8", "--calibrate", str(calibration), "--min-agreement", "0"]}
+    flags = {
+        "bit-onnx": [],
+        "bit-onnx-int8": ["--quantize", "int8", "--calibrate", str(calibration), "--min-agreement", "0"],
+    }
     for role, path in out.items():
         if path.is_file():  # like the checkpoint itself, made once per workdir
             continue
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "bitcli", "convert", str(hf), str(path), "--overwrite", *flags[role]], check=True, cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-m", "bitcli", "convert", str(hf), str(path), "--overwrite", *flags[role]],
+            check=True,
+            cwd=ROOT,
+        )
         print(f"  {role}: bit convert took {time.perf_counter() - t0:.0f} s", flush=True)
     return {role: str(path) for role, path in out.items()}
 
@@ -207,7 +240,13 @@ def end_to_end(hf: Path, workdir: Path, n: int, batch_size: int, repeats: int) -
         print(f"  e2e round {rep + 1}/{repeats}  load {load():.2f}  {rates[-1]:.3f} img/s  ({n} imgs {t_full:.1f} s, "
               f"{batch_size} imgs {t_first:.1f} s)", flush=True)  # fmt: skip
     sides = [max(_image_size(p)) for p in full.iterdir()]
-    return {"images_per_s": median(rates), "rates": rates, "peak_rss_mib": rss, "images": n, "long_side_px": [min(sides), max(sides)]}
+    return {
+        "images_per_s": median(rates),
+        "rates": rates,
+        "peak_rss_mib": rss,
+        "images": n,
+        "long_side_px": [min(sides), max(sides)],
+    }
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -234,7 +273,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads per contender (0: torch's default)")
     p.add_argument("--no-ablations", action="store_true", help="only bit and the two peers")
-    p.add_argument("--onnx", action="store_true", help="bit, transformers and `bit predict --model m.onnx` (float32 and int8)")
+    p.add_argument(
+        "--onnx", action="store_true", help="bit, transformers and `bit predict --model m.onnx` (float32 and int8)"
+    )
     p.add_argument("--e2e-images", type=int, default=64, help="0 skips the end-to-end run")
     p.add_argument("--e2e-repeats", type=int, default=3)
     p.add_argument("--agree-images", type=int, default=200, help="bf16: images in the top-1 agreement check")
@@ -262,13 +303,19 @@ def main() -> None:
          "batch_size": args.batch_size, "threads": args.threads}  # fmt: skip
 
     if args.precision == "bf16" or args.onnx:
-        roles = ["bit-bf16", "bit", "transformers"] if args.precision == "bf16" else ["bit", "transformers", "bit-onnx", "bit-onnx-int8"]
+        roles = (
+            ["bit-bf16", "bit", "transformers"]
+            if args.precision == "bf16"
+            else ["bit", "transformers", "bit-onnx", "bit-onnx-int8"]
+        )
         a["agree"] = str(args.workdir / f"agree{args.agree_images}.npy")
         np.save(a["agree"], uint8_batch(realistic_images(args.agree_images, seed=2), preprocess))
         if args.onnx:
             a.update(onnx_exports(hf, args.workdir))
     else:
-        roles = ["bit", "transformers", "timm"] + ([] if args.no_ablations else ["bit-cf", "bit-default-alloc", "timm-tuned"])
+        roles = ["bit", "transformers", "timm"] + (
+            [] if args.no_ablations else ["bit-cf", "bit-default-alloc", "timm-tuned"]
+        )
     results = {"machine": info, "precision": args.precision, "batch_size": args.batch_size,
                "gflop_per_image": flops(hf, 448) / 1e9, "matmul_gflops": matmul_peaks(Path(__file__), args.precision)}  # fmt: skip
 
@@ -291,9 +338,13 @@ def main() -> None:
 def report(r: dict) -> None:
     s, c = r["model_only"], r["checks"]
     peak = r["matmul_gflops"]
-    print(f"\nmachine: {r['machine']['cpu']}, {r['machine']['cores']} cores; load {r['load'][0]:.2f} -> {r['load'][1]:.2f}")
+    print(
+        f"\nmachine: {r['machine']['cpu']}, {r['machine']['cores']} cores; load {r['load'][0]:.2f} -> {r['load'][1]:.2f}"
+    )
     print("matmul peak (torch.mm 4096^2): " + ", ".join(f"{d} {g:.1f} GFLOP/s" for d, g in peak.items()))
-    print(f"{'contender':18s} {'img/s':>7s} {'img/CPU-s':>9s} {'GFLOP/s':>8s} {'% peak':>7s} {'peak RSS MiB':>13s}  what")
+    print(
+        f"{'contender':18s} {'img/s':>7s} {'img/CPU-s':>9s} {'GFLOP/s':>8s} {'% peak':>7s} {'peak RSS MiB':>13s}  what"
+    )
     for role, st in s.items():
         gflops = st["images_per_s"] * r["gflop_per_image"]
         ref = peak["bfloat16"] if role == "bit-bf16" else peak["float32"]  # int8: against the fp32 peak too
@@ -305,15 +356,23 @@ def report(r: dict) -> None:
             continue
         ratio = s[main_role]["images_per_s"] / s[peer]["images_per_s"]
         by_cpu = s[main_role]["images_per_cpu_s"] / s[peer]["images_per_cpu_s"]
-        print(f"{main_role} / {peer}: {ratio:.2f}x wall, {by_cpu:.2f}x CPU time (target >= {target}x: {'met' if ratio >= target else 'NOT met'})")
-    print(f"top-5 identical to transformers (fp32 contenders, every round): {c['top5_identical']}; "
-          f"max |logit diff| {c['max_abs_logit_diff']:.2e} (logits up to {c['logit_scale']:.1f})")
+        print(
+            f"{main_role} / {peer}: {ratio:.2f}x wall, {by_cpu:.2f}x CPU time (target >= {target}x: {'met' if ratio >= target else 'NOT met'})"
+        )
+    print(
+        f"top-5 identical to transformers (fp32 contenders, every round): {c['top5_identical']}; "
+        f"max |logit diff| {c['max_abs_logit_diff']:.2e} (logits up to {c['logit_scale']:.1f})"
+    )
     for role, ag in c.get("agreement", {}).items():
-        print(f"{role} vs bit fp32 top-1 agreement: {100 * ag['top1_agreement']:.1f}% over {ag['images']} images (target >= 99%)")
+        print(
+            f"{role} vs bit fp32 top-1 agreement: {100 * ag['top1_agreement']:.1f}% over {ag['images']} images (target >= 99%)"
+        )
     if "end_to_end" in r:
         e, m = r["end_to_end"], s["bit"]["images_per_s"]
-        print(f"end to end: {e['images_per_s']:.3f} img/s over {e['images']} JPEGs (long side {e['long_side_px'][0]}-{e['long_side_px'][1]} px), "
-              f"{100 * e['images_per_s'] / m:.0f}% of model-only (target >= 85%); bit predict peak RSS {e['peak_rss_mib']:.0f} MiB")
+        print(
+            f"end to end: {e['images_per_s']:.3f} img/s over {e['images']} JPEGs (long side {e['long_side_px'][0]}-{e['long_side_px'][1]} px), "
+            f"{100 * e['images_per_s'] / m:.0f}% of model-only (target >= 85%); bit predict peak RSS {e['peak_rss_mib']:.0f} MiB"
+        )
         print(f"bit --help: {r['help_seconds']:.3f} s median (target < 0.3 s)")
 
 

@@ -64,7 +64,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _app(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """The options before the command (the app's help is Typer's `help=` above)."""
 
@@ -104,17 +106,28 @@ DeviceOpt = Annotated[
 PrecisionOpt = Annotated[
     Precision, typer.Option("--precision", case_sensitive=False, help="auto: fp32 on CPU, bf16/fp16 on GPU.")
 ]
-ImageColumnOpt = Annotated[str | None, typer.Option("--image-column", help="A data set's image column (default: its Image feature).")]
-LabelColumnOpt = Annotated[str | None, typer.Option("--label-column", help="A data set's label column (default: its ClassLabel, else 'label').")]
+ImageColumnOpt = Annotated[
+    str | None, typer.Option("--image-column", help="A data set's image column (default: its Image feature).")
+]
+LabelColumnOpt = Annotated[
+    str | None,
+    typer.Option("--label-column", help="A data set's label column (default: its ClassLabel, else 'label')."),
+]
 # predict's and embed's inputs
 ImagesArg = Annotated[
     list[str],
-    typer.Argument(help="Image files, folders or glob patterns; - reads paths from stdin, one per line.", metavar="IMAGES", show_default=False),
+    typer.Argument(
+        help="Image files, folders or glob patterns; - reads paths from stdin, one per line.",
+        metavar="IMAGES",
+        show_default=False,
+    ),
 ]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")]
 WorkersOpt = Annotated[
     int,
-    typer.Option("--workers", min=0, help="Image-decoding threads (0: decode in the main thread); results do not depend on it."),
+    typer.Option(
+        "--workers", min=0, help="Image-decoding threads (0: decode in the main thread); results do not depend on it."
+    ),
 ]
 
 
@@ -129,8 +142,13 @@ def predict(
     precision: PrecisionOpt = Precision.auto,
     fmt: Annotated[
         PredictFormat | None,
-        typer.Option("--format", "-f", case_sensitive=False, show_default=False,
-                     help="Default: from --output's suffix (.json, .jsonl, .csv), else table."),
+        typer.Option(
+            "--format",
+            "-f",
+            case_sensitive=False,
+            show_default=False,
+            help="Default: from --output's suffix (.json, .jsonl, .csv), else table.",
+        ),
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
     recursive: RecursiveOpt = False,
@@ -154,11 +172,19 @@ def embed(
     images: ImagesArg,
     model: ModelOpt = "google/bit-50",
     revision: RevisionOpt = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl."),
+    ] = None,
     fmt: Annotated[
         EmbedFormat | None,
-        typer.Option("--format", "-f", case_sensitive=False, show_default=False,
-                     help="Default: from --output's suffix; -f jsonl without --output writes to stdout."),
+        typer.Option(
+            "--format",
+            "-f",
+            case_sensitive=False,
+            show_default=False,
+            help="Default: from --output's suffix; -f jsonl without --output writes to stdout.",
+        ),
     ] = None,
     normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise every vector (unit length).")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
@@ -182,17 +208,49 @@ def embed(
 
 @app.command()
 def convert(
-    src: Annotated[str, typer.Argument(metavar="SRC", help="Google .npz, transformers folder, timm folder/file, bitcli .safetensors, or a model spec.")],
-    dst: Annotated[Path, typer.Argument(metavar="DST", help="A .safetensors file (bitcli), a .onnx file, or a folder (hf/timm).")],
-    fmt: Annotated[ConvertFormat | None, typer.Option("--format", case_sensitive=False, help="Default: bitcli for *.safetensors, onnx for *.onnx, else hf.")] = None,
+    src: Annotated[
+        str,
+        typer.Argument(
+            metavar="SRC",
+            help="Google .npz, transformers folder, timm folder/file, bitcli .safetensors, or a model spec.",
+        ),
+    ],
+    dst: Annotated[
+        Path, typer.Argument(metavar="DST", help="A .safetensors file (bitcli), a .onnx file, or a folder (hf/timm).")
+    ],
+    fmt: Annotated[
+        ConvertFormat | None,
+        typer.Option(
+            "--format", case_sensitive=False, help="Default: bitcli for *.safetensors, onnx for *.onnx, else hf."
+        ),
+    ] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="Text file of class names, one per line.")] = None,
     dtype: Annotated[DType, typer.Option("--dtype", case_sensitive=False)] = DType.float32,
     revision: RevisionOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a DST file, or the model files of a DST folder (a folder holding other files is refused).")] = False,
-    opset: Annotated[int | None, typer.Option("--opset", min=18, show_default="18", help="ONNX: the opset to write.")] = None,
-    quantize: Annotated[Quantize | None, typer.Option("--quantize", case_sensitive=False, help="ONNX: static int8 quantisation (needs --calibrate).")] = None,
-    calibrate: Annotated[Path | None, typer.Option("--calibrate", help="ONNX int8: folder of images to calibrate on (and to measure agreement on).")] = None,
-    min_agreement: Annotated[float, typer.Option("--min-agreement", help="ONNX int8: least top-1 agreement with float32 on the calibration images.")] = 0.99,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a DST file, or the model files of a DST folder (a folder holding other files is refused).",
+        ),
+    ] = False,
+    opset: Annotated[
+        int | None, typer.Option("--opset", min=18, show_default="18", help="ONNX: the opset to write.")
+    ] = None,
+    quantize: Annotated[
+        Quantize | None,
+        typer.Option("--quantize", case_sensitive=False, help="ONNX: static int8 quantisation (needs --calibrate)."),
+    ] = None,
+    calibrate: Annotated[
+        Path | None,
+        typer.Option("--calibrate", help="ONNX int8: folder of images to calibrate on (and to measure agreement on)."),
+    ] = None,
+    min_agreement: Annotated[
+        float,
+        typer.Option(
+            "--min-agreement", help="ONNX int8: least top-1 agreement with float32 on the calibration images."
+        ),
+    ] = 0.99,
 ) -> None:
     """Convert a checkpoint between Google's .npz, bitcli, transformers and timm layouts, or export it to ONNX."""
     opts = ConvertOptions(
@@ -206,40 +264,118 @@ def convert(
 
 @app.command()
 def finetune(
-    data: Annotated[str, typer.Argument(metavar="DATA", show_default=False,
-                                             help="Image folder (one sub-folder per class, or train/ + val/ splits), CSV/JSONL "
-                                             "label file, parquet file or folder, save_to_disk folder, or hf://datasets/OWNER/NAME[@REV][:SPLIT].")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model spec to start from (as for predict); with --random-init "
-                                       "an architecture: tiny, small, R50x1 ... R152x4, or a JSON object of BitConfig fields.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder: model, metrics.jsonl, summary.json, checkpoint.")],
-    shots: Annotated[int | None, typer.Option("--shots", min=1, help="Train on K images per class (seeded); a smaller class is an error.")] = None,
-    val: Annotated[str | None, typer.Option("--val", metavar="DATA",
-                                                 help="Validation data, any DATA kind (default: DATA's val|valid|validation split).")] = None,
-    val_split: Annotated[float | None, typer.Option("--val-split", help="Hold out this fraction of every class for validation.")] = None,
-    steps: Annotated[int | None, _auto("auto (HyperRule: 500/10k/20k by data size) or N (boundaries scaled).", "--steps",
-                                       lambda v: parse_auto_int(v, 1), "<auto|N>")] = None,
+    data: Annotated[
+        str,
+        typer.Argument(
+            metavar="DATA",
+            show_default=False,
+            help="Image folder (one sub-folder per class, or train/ + val/ splits), CSV/JSONL "
+            "label file, parquet file or folder, save_to_disk folder, or hf://datasets/OWNER/NAME[@REV][:SPLIT].",
+        ),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model spec to start from (as for predict); with --random-init "
+            "an architecture: tiny, small, R50x1 ... R152x4, or a JSON object of BitConfig fields.",
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Run folder: model, metrics.jsonl, summary.json, checkpoint.")
+    ],
+    shots: Annotated[
+        int | None,
+        typer.Option("--shots", min=1, help="Train on K images per class (seeded); a smaller class is an error."),
+    ] = None,
+    val: Annotated[
+        str | None,
+        typer.Option(
+            "--val", metavar="DATA", help="Validation data, any DATA kind (default: DATA's val|valid|validation split)."
+        ),
+    ] = None,
+    val_split: Annotated[
+        float | None, typer.Option("--val-split", help="Hold out this fraction of every class for validation.")
+    ] = None,
+    steps: Annotated[
+        int | None,
+        _auto(
+            "auto (HyperRule: 500/10k/20k by data size) or N (boundaries scaled).",
+            "--steps",
+            lambda v: parse_auto_int(v, 1),
+            "<auto|N>",
+        ),
+    ] = None,
     lr: Annotated[float, typer.Option("--lr", help="Base learning rate (linear warm-up, then /10 steps).")] = BASE_LR,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Global batch per optimizer step.")] = BATCH_SIZE,
-    batch_split: Annotated[int | None, _auto("Micro-batches per step (gradient accumulation): auto or N.", "--batch-split",
-                                             lambda v: parse_auto_int(v, 1), "<auto|N>")] = None,
-    resolution: Annotated[Resolution | None, _auto("auto (HyperRule: 128 or 480), CROP, or RESIZE:CROP.", "--resolution",
-                                                   parse_resolution, "<auto|CROP|RESIZE:CROP>")] = None,
-    mixup: Annotated[float | None, _auto("auto (HyperRule: 0.1 from 20k images) or ALPHA; 0 disables.", "--mixup",
-                                         parse_auto_float, "<auto|ALPHA>")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds few-shot sampling, data order, augmentation, random init.")] = 0,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Global batch per optimizer step.")
+    ] = BATCH_SIZE,
+    batch_split: Annotated[
+        int | None,
+        _auto(
+            "Micro-batches per step (gradient accumulation): auto or N.",
+            "--batch-split",
+            lambda v: parse_auto_int(v, 1),
+            "<auto|N>",
+        ),
+    ] = None,
+    resolution: Annotated[
+        Resolution | None,
+        _auto(
+            "auto (HyperRule: 128 or 480), CROP, or RESIZE:CROP.",
+            "--resolution",
+            parse_resolution,
+            "<auto|CROP|RESIZE:CROP>",
+        ),
+    ] = None,
+    mixup: Annotated[
+        float | None,
+        _auto(
+            "auto (HyperRule: 0.1 from 20k images) or ALPHA; 0 disables.", "--mixup", parse_auto_float, "<auto|ALPHA>"
+        ),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seeds few-shot sampling, data order, augmentation, random init.")
+    ] = 0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     workers: WorkersOpt = DEFAULT_WORKERS,
-    eval_every: Annotated[int | None, _auto("Validate every N steps (auto: 5 times per run; 0: only at the end).", "--eval-every",
-                                            lambda v: parse_auto_int(v, 0), "<auto|N>")] = None,
-    save_every: Annotated[int | None, _auto("Write the resumable checkpoint every N steps (auto: 10 times per run).", "--save-every",
-                                            lambda v: parse_auto_int(v, 1), "<auto|N>")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --output from its checkpoint.")] = False,
+    eval_every: Annotated[
+        int | None,
+        _auto(
+            "Validate every N steps (auto: 5 times per run; 0: only at the end).",
+            "--eval-every",
+            lambda v: parse_auto_int(v, 0),
+            "<auto|N>",
+        ),
+    ] = None,
+    save_every: Annotated[
+        int | None,
+        _auto(
+            "Write the resumable checkpoint every N steps (auto: 10 times per run).",
+            "--save-every",
+            lambda v: parse_auto_int(v, 1),
+            "<auto|N>",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the unfinished run in --output from its checkpoint.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in --output.")] = False,
-    random_init: Annotated[bool, typer.Option("--random-init", help="Start --model's architecture from random weights.")] = False,
+    random_init: Annotated[
+        bool, typer.Option("--random-init", help="Start --model's architecture from random weights.")
+    ] = False,
     revision: RevisionOpt = None,
-    head_only: Annotated[bool, typer.Option("--head-only", help="Train only the new head; the backbone stays frozen (a linear probe).")] = False,
-    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard event files to DIR/tensorboard (needs bitcli[tensorboard]).")] = False,
+    head_only: Annotated[
+        bool, typer.Option("--head-only", help="Train only the new head; the backbone stays frozen (a linear probe).")
+    ] = False,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard", help="Also write TensorBoard event files to DIR/tensorboard (needs bitcli[tensorboard])."
+        ),
+    ] = False,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
 ) -> None:
@@ -258,9 +394,15 @@ def finetune(
 
 @app.command("eval")
 def eval_(
-    data: Annotated[str, typer.Argument(metavar="DATA", show_default=False,
-                                             help="Image folder with one sub-folder per class (named by a label of the model, its first name, or its index), "
-                                             "or any DATA of finetune: label file, parquet, save_to_disk folder, hf://datasets/OWNER/NAME[@REV][:SPLIT].")],
+    data: Annotated[
+        str,
+        typer.Argument(
+            metavar="DATA",
+            show_default=False,
+            help="Image folder with one sub-folder per class (named by a label of the model, its first name, or its index), "
+            "or any DATA of finetune: label file, parquet, save_to_disk folder, hf://datasets/OWNER/NAME[@REV][:SPLIT].",
+        ),
+    ],
     model: ModelOpt = "google/bit-50",
     revision: RevisionOpt = None,
     fmt: Annotated[EvalFormat, typer.Option("--format", "-f", case_sensitive=False)] = EvalFormat.table,
@@ -268,8 +410,15 @@ def eval_(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     workers: WorkersOpt = DEFAULT_WORKERS,
-    plot: Annotated[Path | None, typer.Option("--plot", parser=_parser("--plot", parse_png_path), metavar="FILE.png",
-                                              help="Also draw the confusion matrix, row-normalised, as a PNG (needs bitcli[plots]).")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            parser=_parser("--plot", parse_png_path),
+            metavar="FILE.png",
+            help="Also draw the confusion matrix, row-normalised, as a PNG (needs bitcli[plots]).",
+        ),
+    ] = None,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
 ) -> None:
@@ -285,7 +434,14 @@ def eval_(
 
 @app.command()
 def report(
-    run: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A bit finetune run folder (its --output): finished, running or interrupted.", show_default=False)],
+    run: Annotated[
+        Path,
+        typer.Argument(
+            metavar="RUN_DIR",
+            help="A bit finetune run folder (its --output): finished, running or interrupted.",
+            show_default=False,
+        ),
+    ],
 ) -> None:
     """Summarise a fine-tuning run (plan, progress or final metrics, its files) and redraw its pictures from metrics.jsonl."""
     opts = ReportOptions(run=run)
@@ -309,14 +465,18 @@ def main() -> None:
 
     click = _click_exceptions()
     try:
-        code = app(prog_name="bit", standalone_mode=False)  # click's own errors come back here, to be shown as bitcli's are
+        code = app(
+            prog_name="bit", standalone_mode=False
+        )  # click's own errors come back here, to be shown as bitcli's are
     except getattr(click, "NoArgsIsHelpError", ()) as exc:  # `bit` alone (click >= 8.2): the help, on stderr, exit 2
         print(exc.format_message(), file=sys.stderr)
         sys.exit(2)
     except click.UsageError as exc:  # a flag click refuses (a choice, a bound, an unknown option): one line too
         command = exc.ctx.command_path if exc.ctx is not None else "bit"
         message = " ".join(exc.format_message().replace("Value error, ", "").split())
-        print(f"Error: {message}" + ("" if "-h" in message else f" (`{command} -h` lists the options)"), file=sys.stderr)
+        print(
+            f"Error: {message}" + ("" if "-h" in message else f" (`{command} -h` lists the options)"), file=sys.stderr
+        )
         sys.exit(2)
     except BitError as exc:
         print(f"Error: {exc}", file=sys.stderr)
@@ -327,6 +487,9 @@ def main() -> None:
     except Exception as exc:
         if os.environ.get("BIT_DEBUG"):
             raise
-        print(f"Error: internal error: {type(exc).__name__}: {exc} (rerun with BIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"Error: internal error: {type(exc).__name__}: {exc} (rerun with BIT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         sys.exit(3)
     sys.exit(code if isinstance(code, int) else 0)

@@ -146,7 +146,7 @@ class BitConfig:
 
     def timm_architecture(self) -> str:
         """The timm model name that has this layout, or a BitError when timm has none."""
-        for depth, depths in DEPTHS.items():
+        for depth in DEPTHS:
             for width in (1, 2, 3, 4):
                 if self == BitConfig.resnet(depth, width, num_classes=self.num_classes, ws_eps=1e-8):
                     return f"resnetv2_{depth}x{width}_bit"

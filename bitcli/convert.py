@@ -24,7 +24,9 @@ def run(opts: ConvertOptions) -> None:
     if fmt.folder and dst.suffix:
         raise UsageError(f"{dst}: the {fmt.name} layout is a folder; give a folder name without an extension")
     check_dst(dst, fmt, opts.overwrite)
-    ckpt = load_checkpoint(opts.src, opts.revision, str(opts.labels) if opts.labels else None)  # readers check every shape
+    ckpt = load_checkpoint(
+        opts.src, opts.revision, str(opts.labels) if opts.labels else None
+    )  # readers check every shape
     ckpt.refuse_graph()
     fmt.write(ckpt, dst, DTYPES[opts.dtype], **(fmt.write_options(opts) if fmt.write_options else {}))
     cfg = ckpt.config
@@ -53,11 +55,15 @@ def check_dst(dst: Path, fmt: Format, overwrite: bool) -> None:
     never written into (the writer checks again)."""
     if not fmt.folder:
         if dst.is_dir():
-            raise BitError(f"{dst}: is a folder; a {fmt.name} checkpoint is one file, so pick a file name (*{fmt.suffixes[0]})")
+            raise BitError(
+                f"{dst}: is a folder; a {fmt.name} checkpoint is one file, so pick a file name (*{fmt.suffixes[0]})"
+            )
         if dst.exists() and not overwrite:
             raise BitError(f"{dst}: already exists; pass --overwrite to replace this file")
         return
     if not (dst.exists() or dst.is_symlink()):
         return
     if model_files_in(dst) and not overwrite:  # an empty folder is simply filled
-        raise BitError(f"{dst}: already holds a model; pass --overwrite to replace its model files ({MODEL_FILES_SHOWN})")
+        raise BitError(
+            f"{dst}: already holds a model; pass --overwrite to replace its model files ({MODEL_FILES_SHOWN})"
+        )

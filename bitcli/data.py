@@ -63,7 +63,9 @@ class ImageFolder:
         idx = sorted(int(i) for i in indices)
         if isinstance(self.paths, Rows):
             return dataclasses.replace(self, paths=self.paths.take(idx), targets=np.asarray(self.targets)[idx])
-        return dataclasses.replace(self, paths=tuple(self.paths[i] for i in idx), targets=tuple(self.targets[i] for i in idx))
+        return dataclasses.replace(
+            self, paths=tuple(self.paths[i] for i in idx), targets=tuple(self.targets[i] for i in idx)
+        )
 
     def name(self, index: int) -> str:
         """Example `index` for messages: its file, or `data.parquet row 17`."""
@@ -105,7 +107,9 @@ class ImageFolder:
         return h.hexdigest()
 
 
-def few_shot(ds: ImageFolder, shots: int, seed: int, undecodable: Callable[[list[int]], set[int]] | None = None) -> ImageFolder:
+def few_shot(
+    ds: ImageFolder, shots: int, seed: int, undecodable: Callable[[list[int]], set[int]] | None = None
+) -> ImageFolder:
     """Exactly `shots` decodable images of every class, the same for the same seed and files.
 
     Each class's images are ranked by a seeded hash of their path, and the first `shots` that decode are
@@ -275,7 +279,9 @@ def find_undecodable(paths: Sequence, workers: int, advance: Callable[[int], Non
                     failed[start + offset] = str(result)
                 elif isinstance(result, Exception):  # a decoder bug on one odd file must not cost the run either
                     name = example_name(paths[start + offset])
-                    failed[start + offset] = f"{name}: cannot decode image ({type(result).__name__}: {' '.join(str(result).split())})"
+                    failed[start + offset] = (
+                        f"{name}: cannot decode image ({type(result).__name__}: {' '.join(str(result).split())})"
+                    )
             advance(len(results))
     return failed
 
@@ -299,4 +305,3 @@ def eval_transform(crop: int, mean: tuple[float, float, float], std: tuple[float
 def augment(image: np.ndarray, top: int, left: int, crop: int, flip: bool) -> np.ndarray:
     out = image[top : top + crop, left : left + crop]
     return np.ascontiguousarray(out[:, ::-1] if flip else out)
-

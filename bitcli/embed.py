@@ -128,7 +128,10 @@ def _stream(output: Path | None, run_all: Callable[[Callable[[list[Embedded]], N
 def _write_table(table: Table, fmt: EmbedFormat, output: Path) -> None:
     vectors = table.embeddings
     if fmt == EmbedFormat.safetensors:
-        metadata = {"paths": json.dumps(table.paths, ensure_ascii=False), "errors": json.dumps(table.errors, ensure_ascii=False)}
+        metadata = {
+            "paths": json.dumps(table.paths, ensure_ascii=False),
+            "errors": json.dumps(table.errors, ensure_ascii=False),
+        }
         tensor = TensorRef(vectors.shape, torch.float32, lambda: torch.from_numpy(vectors))  # written without a copy
         write_safetensors(output, {"embeddings": tensor}, metadata)
         return
@@ -153,7 +156,10 @@ def check_listable(inputs: list[Input], opts: EmbedOptions) -> None:
                     f"{visible(path)}: this path holds a line break, so {display(paths_file(opts.output))} could not "
                     "list it one per line; write .safetensors or .jsonl instead (they keep paths as JSON strings)"
                 )
-    if opts.format == EmbedFormat.safetensors and sum(len(p.encode("utf-8")) + 4 for p in paths) > MAX_SAFETENSORS_PATHS_BYTES:
+    if (
+        opts.format == EmbedFormat.safetensors
+        and sum(len(p.encode("utf-8")) + 4 for p in paths) > MAX_SAFETENSORS_PATHS_BYTES
+    ):
         raise UsageError(
             f"{len(paths)} paths do not fit in a safetensors header (at most about 90 MB of paths); "
             "write .npy (paths in .paths.txt) or .jsonl instead"

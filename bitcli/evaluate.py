@@ -40,7 +40,7 @@ def evaluate(
     workers: int,
     class_to_model: Sequence[int],
     advance: Callable[[int], None] = lambda n: None,
-    info: Dist = Dist(),
+    info: Dist | None = None,
 ) -> EvalResult | None:
     """Accuracy of the engine's model on `ds`; `decode(i)` gives image i as uint8 HWC. class_to_model[c] is
     the model's label index of data-set class c. `workers` decoding threads run a batch ahead of the model.
@@ -48,6 +48,7 @@ def evaluate(
     Under torchrun each process runs every world-th batch (distributed.my_share) and the main process gets
     every batch's logits and accumulates them in batch order: the same updates with the same values as in one
     process, so the same result, bit for bit. The other processes return None."""
+    info = info or Dist()
     acc = Accumulator(ds.classes, class_to_model, engine.num_classes)
     targets = np.asarray(ds.targets, dtype=np.int64)
     count = -(-len(ds) // batch_size)
@@ -63,7 +64,9 @@ def evaluate(
     return acc.result() if info.main else None
 
 
-def _batches(count: int, decode: Callable[[int], np.ndarray], batch_size: int, batches: range) -> Iterator[tuple[np.ndarray, list[Job]]]:
+def _batches(
+    count: int, decode: Callable[[int], np.ndarray], batch_size: int, batches: range
+) -> Iterator[tuple[np.ndarray, list[Job]]]:
     """The batches numbered in `batches` of data-set indices 0..count-1 (batch b: b * batch_size onwards),
     with their decode jobs."""
     for b in batches:
@@ -71,7 +74,9 @@ def _batches(count: int, decode: Callable[[int], np.ndarray], batch_size: int, b
         yield indices, [lambda i=int(i): decode(i) for i in indices]
 
 
-def _logits(engine: Engine, ds: ImageFolder, indices: np.ndarray, results: list[np.ndarray | Exception]) -> list[tuple[np.ndarray, torch.Tensor]] | BitError:
+def _logits(
+    engine: Engine, ds: ImageFolder, indices: np.ndarray, results: list[np.ndarray | Exception]
+) -> list[tuple[np.ndarray, torch.Tensor]] | BitError:
     """(indices, logits on the CPU) per stack of a batch, or the error that stops the pass: returned, not
     raised, so that the main process raises it at this batch's turn, as one process does."""
     try:
@@ -80,7 +85,9 @@ def _logits(engine: Engine, ds: ImageFolder, indices: np.ndarray, results: list[
         return exc
 
 
-def _stacked(ds: ImageFolder, indices: np.ndarray, results: list[np.ndarray | Exception]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _stacked(
+    ds: ImageFolder, indices: np.ndarray, results: list[np.ndarray | Exception]
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(indices, stacked images), one batch per image size: only equal sizes stack, and a checkpoint without
     a centre crop keeps each image's aspect ratio. Accuracy is over a whole pass, so an image that does not
     decode stops it, with a message naming the file."""
@@ -119,11 +126,17 @@ def _run(opts: EvalOptions, info: Dist, device: torch.device) -> int:
         plots.require("--plot")  # before any work
     dtype = resolve_precision(opts.precision, device)
     columns = Columns(opts.image_column, opts.label_column)
-    ds = from_main(lambda: evaluation_part(opts.data, columns).scan(None), info)  # listed once: every process splits the same list
+    ds = from_main(
+        lambda: evaluation_part(opts.data, columns).scan(None), info
+    )  # listed once: every process splits the same list
     ckpt = load_checkpoint(opts.model, opts.revision)
     # Folder names are checked before the model is built (seconds for a big one); a checkpoint without a
     # head has no labels, and Engine.load says so instead.
-    class_to_model = map_classes(ds.classes, ckpt.labels, ckpt.source or opts.model, Path(ds.where())) if ckpt.config.num_classes else []
+    class_to_model = (
+        map_classes(ds.classes, ckpt.labels, ckpt.source or opts.model, Path(ds.where()))
+        if ckpt.config.num_classes
+        else []
+    )
     engine = Engine.load(ckpt, device, dtype)
     preprocess = ckpt.preprocess
     table = opts.format == EvalFormat.table

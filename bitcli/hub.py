@@ -64,7 +64,11 @@ def read_local(path: Path) -> Checkpoint:
     elif path.suffix.lower() == ".safetensors":
         meta = read_safetensors(path)[1]
         _refuse_training_state(path, meta)
-        if meta.get("format") != "bitcli" and path.name == "model.safetensors" and (path.parent / "config.json").is_file():
+        if (
+            meta.get("format") != "bitcli"
+            and path.name == "model.safetensors"
+            and (path.parent / "config.json").is_file()
+        ):
             path = path.parent  # the weights of a transformers or timm folder: read with their config
     return formats.read(path)
 
@@ -137,8 +141,12 @@ def _hub_answers(repo_id: str, revision: str | None, repo_type: str = "model") -
         return False
     try:
         with quiet_logger("huggingface_hub"):
-            HfApi().repo_info(repo_id, revision=revision or constants.DEFAULT_REVISION, repo_type=repo_type,
-                              timeout=constants.HF_HUB_ETAG_TIMEOUT)
+            HfApi().repo_info(
+                repo_id,
+                revision=revision or constants.DEFAULT_REVISION,
+                repo_type=repo_type,
+                timeout=constants.HF_HUB_ETAG_TIMEOUT,
+            )
     except httpx2.TimeoutException:
         return None
     except Exception:  # noqa: BLE001 -- snapshot_download meets the same failure and turns it into the right error
@@ -165,10 +173,14 @@ def _absent(repo_id: str, revision: str | None, filename: str, online: bool | No
     """A file missing from the snapshot: the repo lacks it if the Hub just listed the repo, else the cache does."""
     if not online:
         return _not_cached(repo_id, revision, f"{filename} of model")
-    return BitError(f"Hub repo {_where(repo_id, revision)!r} has no {filename}" + (f"; {consequence}" if consequence else ""))
+    return BitError(
+        f"Hub repo {_where(repo_id, revision)!r} has no {filename}" + (f"; {consequence}" if consequence else "")
+    )
 
 
-def _hub_snapshot(repo_id: str, revision: str | None, files: list[str], online: bool | None, repo_type: str = "model") -> Path:
+def _hub_snapshot(
+    repo_id: str, revision: str | None, files: list[str], online: bool | None, repo_type: str = "model"
+) -> Path:
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import snapshot_download
 
@@ -263,13 +275,17 @@ def _download(url: str, dest: Path, name: str) -> None:
                 try:
                     chunk = response.read(1 << 20)
                 except (OSError, http.client.HTTPException) as exc:
-                    raise BitError(f"{name}: download from {url} broke off after {received} bytes ({exc or type(exc).__name__}); run again") from None
+                    raise BitError(
+                        f"{name}: download from {url} broke off after {received} bytes ({exc or type(exc).__name__}); run again"
+                    ) from None
                 if not chunk:
                     break
                 try:
                     f.write(chunk)
                 except OSError as exc:
-                    raise BitError(f"{name}: cannot write to the model cache {dest.parent} ({exc.strerror}); free space or set BITCLI_CACHE") from None
+                    raise BitError(
+                        f"{name}: cannot write to the model cache {dest.parent} ({exc.strerror}); free space or set BITCLI_CACHE"
+                    ) from None
                 md5.update(chunk)
                 received += len(chunk)
                 progress.update(task, advance=len(chunk))

@@ -85,7 +85,7 @@ class Reader(Generic[T]):
             return self.pool.submit(job)
         try:
             return job()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- a job's failure is its result (Reader.outcomes)
             return exc
 
     @staticmethod

@@ -75,7 +75,10 @@ class EvalResult:
     @property
     def f1(self) -> dict[str, float]:
         # 2TP / (2TP + FP + FN): scikit-learn's form, equal to 2PR / (P + R) and 0 where that is undefined
-        return {name: 2 * tp / (predicted + images) if tp else 0.0 for name, (tp, predicted, images) in self._class_counts().items()}
+        return {
+            name: 2 * tp / (predicted + images) if tp else 0.0
+            for name, (tp, predicted, images) in self._class_counts().items()
+        }
 
     @property
     def macro_f1(self) -> float:
@@ -129,7 +132,9 @@ class Accumulator:
             top5=float(self.correct5 / count) if self.with_top5 else None,
             loss=self.loss_sum / count,
             count=count,
-            per_class={name: float(self.correct1[i] / self.totals[i]) for i, name in enumerate(self.names) if self.totals[i]},
+            per_class={
+                name: float(self.correct1[i] / self.totals[i]) for i, name in enumerate(self.names) if self.totals[i]
+            },
             labels=self.axis_names + ([OTHER] if with_other else []),
             confusion=self.confusion[:size, :size].tolist(),
         )

@@ -47,7 +47,9 @@ def session(model: bytes | str, device: torch.device, name: str):
     try:
         return ort.InferenceSession(model, options, providers=providers(device))
     except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own (Fail, InvalidGraph, ...) and RuntimeError
-        raise BitError(f"{name}: onnxruntime cannot load it ({one_line(exc)}); it may be truncated or corrupt") from None
+        raise BitError(
+            f"{name}: onnxruntime cannot load it ({one_line(exc)}); it may be truncated or corrupt"
+        ) from None
 
 
 class OnnxEngine:
@@ -58,7 +60,12 @@ class OnnxEngine:
 
     @classmethod
     def load(cls, ckpt: Checkpoint, device: torch.device) -> OnnxEngine:
-        return cls(session(str(ckpt.graph), device, ckpt.source), ckpt.preprocess.normalize, ckpt.config.num_classes, ckpt.source)
+        return cls(
+            session(str(ckpt.graph), device, ckpt.source),
+            ckpt.preprocess.normalize,
+            ckpt.config.num_classes,
+            ckpt.source,
+        )
 
     @property
     def num_classes(self) -> int:
@@ -69,8 +76,12 @@ class OnnxEngine:
         try:
             out = self.runner.run([OUTPUT], {INPUT: pixel_values(self.normalize, batch_uint8)})[0]
         except Exception as exc:  # noqa: BLE001 -- a graph that loads but fails to run (wrong sizes for its shapes)
-            raise BitError(f"{self.source}: onnxruntime failed on a batch of {batch_uint8.shape[1]}x{batch_uint8.shape[2]} images ({one_line(exc)})") from None
+            raise BitError(
+                f"{self.source}: onnxruntime failed on a batch of {batch_uint8.shape[1]}x{batch_uint8.shape[2]} images ({one_line(exc)})"
+            ) from None
         return torch.from_numpy(np.asarray(out, dtype=np.float32))
 
     def features(self, batch_uint8: np.ndarray) -> torch.Tensor:
-        raise BitError(f"{self.source}: an ONNX export gives logits only; use the checkpoint it was exported from for features")
+        raise BitError(
+            f"{self.source}: an ONNX export gives logits only; use the checkpoint it was exported from for features"
+        )

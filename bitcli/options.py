@@ -76,7 +76,12 @@ class OptionError(ValueError):
 
 
 # Output formats inferred from --output's suffix when --format is not given.
-SUFFIX_FORMATS = {".json": PredictFormat.json, ".jsonl": PredictFormat.jsonl, ".ndjson": PredictFormat.jsonl, ".csv": PredictFormat.csv}
+SUFFIX_FORMATS = {
+    ".json": PredictFormat.json,
+    ".jsonl": PredictFormat.jsonl,
+    ".ndjson": PredictFormat.jsonl,
+    ".csv": PredictFormat.csv,
+}
 
 
 def predict_format(fmt: PredictFormat | None, output: Path | None) -> PredictFormat:
@@ -93,7 +98,12 @@ def predict_format(fmt: PredictFormat | None, output: Path | None) -> PredictFor
     return fmt
 
 
-EMBED_SUFFIXES = {".safetensors": EmbedFormat.safetensors, ".npy": EmbedFormat.npy, ".jsonl": EmbedFormat.jsonl, ".ndjson": EmbedFormat.jsonl}
+EMBED_SUFFIXES = {
+    ".safetensors": EmbedFormat.safetensors,
+    ".npy": EmbedFormat.npy,
+    ".jsonl": EmbedFormat.jsonl,
+    ".ndjson": EmbedFormat.jsonl,
+}
 
 
 def embed_format(fmt: EmbedFormat | None, output: Path | None) -> EmbedFormat:
@@ -102,13 +112,17 @@ def embed_format(fmt: EmbedFormat | None, output: Path | None) -> EmbedFormat:
     inferred = EMBED_SUFFIXES.get(output.suffix.lower()) if output is not None else None
     if output is None:
         if fmt is None:
-            raise UsageError("give --output FILE (.safetensors, .npy or .jsonl), or -f jsonl to write JSON lines to stdout")
+            raise UsageError(
+                "give --output FILE (.safetensors, .npy or .jsonl), or -f jsonl to write JSON lines to stdout"
+            )
         if fmt != EmbedFormat.jsonl:
             raise UsageError(f"--format {fmt} is binary; give --output FILE (only jsonl goes to stdout)")
         return fmt
     if fmt is None:
         if inferred is None:
-            raise UsageError(f"--output {display(output)}: name the file *.safetensors, *.npy or *.jsonl, or give --format")
+            raise UsageError(
+                f"--output {display(output)}: name the file *.safetensors, *.npy or *.jsonl, or give --format"
+            )
         return inferred
     if inferred is not None and inferred != fmt:
         raise UsageError(
@@ -250,17 +264,25 @@ class ConvertOptions:
     def __post_init__(self) -> None:
         """The ONNX flags' combinations, refused before anything is read (exit 2)."""
         onnx = self.format == ConvertFormat.onnx or (self.format is None and self.dst.suffix.lower() == ".onnx")
-        given = [flag for flag, value in (("--opset", self.opset), ("--quantize", self.quantize), ("--calibrate", self.calibrate)) if value is not None]
+        given = [
+            flag
+            for flag, value in (("--opset", self.opset), ("--quantize", self.quantize), ("--calibrate", self.calibrate))
+            if value is not None
+        ]
         if given and not onnx:
             raise UsageError(f"{given[0]} applies only to an ONNX export; name DST *.onnx")
         if onnx and self.dtype == DType.bfloat16:
             raise UsageError("--dtype bfloat16: an ONNX export is float32 or float16 (or --quantize int8)")
         if (self.quantize is None) != (self.calibrate is None):
-            raise UsageError("--quantize int8 needs --calibrate DIR (images to calibrate on), and --calibrate needs --quantize int8")
+            raise UsageError(
+                "--quantize int8 needs --calibrate DIR (images to calibrate on), and --calibrate needs --quantize int8"
+            )
         if self.quantize is not None and self.dtype != DType.float32:
             raise UsageError(f"--quantize int8 starts from the float32 export; drop --dtype {self.dtype}")
         if not 0.0 <= self.min_agreement <= 1.0:
-            raise UsageError(f"--min-agreement {self.min_agreement}: must be between 0 and 1 (a fraction of the calibration images)")
+            raise UsageError(
+                f"--min-agreement {self.min_agreement}: must be between 0 and 1 (a fraction of the calibration images)"
+            )
 
 
 @dataclass(frozen=True)

@@ -51,10 +51,13 @@ def _style(literal: bool) -> Iterator[Any]:
     import matplotlib
     import matplotlib.style
 
-    with matplotlib.style.context("default"), matplotlib.rc_context({"text.parse_math": not literal, "font.size": 10}):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Glyph .* missing from")
-            yield matplotlib
+    with (
+        matplotlib.style.context("default"),
+        matplotlib.rc_context({"text.parse_math": not literal, "font.size": 10}),
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")
+        yield matplotlib
 
 
 def _png(fig: Any) -> bytes:
@@ -143,7 +146,9 @@ def _short(name: str) -> str:
     return name if len(name) <= MAX_NAME else name[: MAX_NAME - 1] + "…"
 
 
-def summarise(labels: Sequence[str], confusion: np.ndarray, other: str | None) -> tuple[list[str], list[str], np.ndarray, str]:
+def summarise(
+    labels: Sequence[str], confusion: np.ndarray, other: str | None
+) -> tuple[list[str], list[str], np.ndarray, str]:
     """(row names, column names, counts, note). Rows are the evaluated classes (not `other`, whose row is
     empty by construction). Up to MAX_CLASSES classes every class is shown; beyond, the SHOWN_WHEN_SUMMARISED
     classes with the most errors (as the true or the predicted class), in their order, and one last REST
@@ -156,7 +161,12 @@ def summarise(labels: Sequence[str], confusion: np.ndarray, other: str | None) -
     shown = sorted(sorted(rows, key=lambda i: (-score[i], i))[:SHOWN_WHEN_SUMMARISED])
     rest = np.delete(confusion[shown], shown, axis=1).sum(axis=1, keepdims=True)
     note = f"the {len(shown)} of {len(rows)} classes with the most errors; {REST}: predictions of any other class"
-    return [labels[i] for i in shown], [labels[i] for i in shown] + [REST], np.hstack([confusion[np.ix_(shown, shown)], rest]), note
+    return (
+        [labels[i] for i in shown],
+        [labels[i] for i in shown] + [REST],
+        np.hstack([confusion[np.ix_(shown, shown)], rest]),
+        note,
+    )
 
 
 CELL = 0.2  # inches per class from 20 classes: names at 7 pt stay apart
@@ -186,7 +196,9 @@ def upright(col_ticks: Sequence[str]) -> bool:
     return max(map(len, col_ticks)) <= 3
 
 
-def confusion_png(labels: Sequence[str], confusion: Sequence[Sequence[int]], title: str, other: str | None = None) -> bytes:
+def confusion_png(
+    labels: Sequence[str], confusion: Sequence[Sequence[int]], title: str, other: str | None = None
+) -> bytes:
     """The confusion matrix normalised by row (each true class's images sum to 1), class names on both axes.
     `other`: the label of the column of predictions outside the evaluated classes, if any."""
     counts = np.asarray(confusion, dtype=np.int64).reshape(len(labels), len(labels))
@@ -228,6 +240,6 @@ def evaluation_png(result: Mapping[str, Any], heading: str, other: str) -> bytes
     titled with `heading` and its top-1 and macro F1."""
     heading = visible(heading)
     if len(heading) > MAX_HEADING:  # a long path: its end says most
-        heading = "…" + heading[-(MAX_HEADING - 1):]
+        heading = "…" + heading[-(MAX_HEADING - 1) :]
     title = f"{heading}\n{result['count']:,} images, top-1 {result['top1']:.4f}, macro F1 {result['macro_f1']:.4f}"
     return confusion_png(result["labels"], result["confusion"], title, other)

@@ -187,7 +187,10 @@ def exit_code(report: Report, interrupted: bool, info: Dist) -> int:
         for r in report.failed:
             print(f"error: {visible(r.error)}", file=sys.stderr)
         if interrupted:
-            print(f"interrupted: {report.released} of {len(report.inputs)} images done; the results above are complete for those", file=sys.stderr)
+            print(
+                f"interrupted: {report.released} of {len(report.inputs)} images done; the results above are complete for those",
+                file=sys.stderr,
+            )
     if interrupted:  # every process got the signal; no further collective (some may have left a round early)
         return 130
     return from_main(lambda: 1 if report.failed else 0, info)
@@ -230,7 +233,9 @@ def run_batches(
     return False
 
 
-def decode_jobs(paths: list[str], preprocess: Preprocess, batch_size: int, batches: range) -> Iterator[tuple[list[str], list[Job]]]:
+def decode_jobs(
+    paths: list[str], preprocess: Preprocess, batch_size: int, batches: range
+) -> Iterator[tuple[list[str], list[Job]]]:
     """The chunks of batch_size paths numbered in `batches`, with their decode jobs; the reader decodes a
     chunk ahead of the model."""
     for b in batches:
@@ -238,7 +243,9 @@ def decode_jobs(paths: list[str], preprocess: Preprocess, batch_size: int, batch
         yield chunk, [lambda p=p: decode(p, preprocess) for p in chunk]  # `decode` looked up when the job runs
 
 
-def _outcomes(chunk: list[str], results: list[np.ndarray | Exception], compute: Compute) -> Iterator[tuple[str, str | None, Any]]:
+def _outcomes(
+    chunk: list[str], results: list[np.ndarray | Exception], compute: Compute
+) -> Iterator[tuple[str, str | None, Any]]:
     """(path, error, result) per image of a chunk. The decoded images are computed one batch per image
     size: an uncropped checkpoint keeps each image's aspect ratio, and only equal sizes stack."""
     decoded = []

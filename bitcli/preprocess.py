@@ -105,9 +105,13 @@ class Preprocess:
     def _canonical(self) -> Preprocess:
         crop = None if self.crop is None or self.crop == self.resize else self.crop  # an exact resize's crop is a no-op
         rounding = self.crop_rounding if crop else "floor"
-        if crop and isinstance(self.resize, tuple):  # margins known in advance: the rule may not matter
-            if all(_crop_window(r, c, "floor") == _crop_window(r, c, "round") for r, c in zip(self.resize, crop)):
-                rounding = "floor"
+        # margins known in advance: the rule may not matter
+        if (
+            crop
+            and isinstance(self.resize, tuple)
+            and all(_crop_window(r, c, "floor") == _crop_window(r, c, "round") for r, c in zip(self.resize, crop))
+        ):
+            rounding = "floor"
         return dataclasses.replace(self, crop=crop, crop_rounding=rounding)
 
     @classmethod
@@ -286,7 +290,7 @@ def _crop_window(size: int, crop: int, rounding: CropRounding = "floor") -> tupl
     if crop > size:  # transformers pads ceil(pad / 2) before the image; torchvision pad // 2
         return 0, size, (crop - size) // 2 if rounding == "round" else (crop - size + 1) // 2
     if rounding == "round":
-        return int(round((size - crop) / 2.0)), crop, 0
+        return round((size - crop) / 2.0), crop, 0
     return (size - crop) // 2, crop, 0
 
 
@@ -303,9 +307,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         a = np.nan_to_num(np.asarray(image, dtype=np.float64))
         a = a * 255.0 if a.max(initial=0) <= 1.0 else a
         image = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -395,4 +397,3 @@ def load_image(path: str | os.PathLike[str] | BinaryIO, name: str | None = None)
         raise BitError(f"{name}: image has no pixels")
     image.info[SOURCE_KEY] = name
     return image
-

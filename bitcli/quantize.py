@@ -31,7 +31,9 @@ QUANTIZED_OPS = ["Conv", "Gemm"]
 BATCH = 16  # images per decoding chunk and per onnxruntime call while measuring agreement
 
 
-def quantize_int8(proto, preprocess: Preprocess, images: list[np.ndarray], folder: Path, min_agreement: float) -> tuple[Any, dict[str, Any]]:
+def quantize_int8(
+    proto, preprocess: Preprocess, images: list[np.ndarray], folder: Path, min_agreement: float
+) -> tuple[Any, dict[str, Any]]:
     """(the int8 ModelProto, what was checked): calibrated on `images` (calibration_images of `folder`), and
     refused when its top-1 agrees with `proto`'s on fewer than `min_agreement` of them."""
     from onnxruntime.quantization import (
@@ -53,7 +55,9 @@ def quantize_int8(proto, preprocess: Preprocess, images: list[np.ndarray], folde
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             image = next(self.pending, None)
-            return None if image is None else {INPUT: pixel_values(preprocess.normalize, image[None].copy())}  # writable for torch
+            return (
+                None if image is None else {INPUT: pixel_values(preprocess.normalize, image[None].copy())}
+            )  # writable for torch
 
     log(f"calibrating int8 on {len(images)} images from {display(folder)}")
     # Through files: quantize_static moves the initialisers of a ModelProto it is given out to external data.
@@ -74,18 +78,28 @@ def quantize_int8(proto, preprocess: Preprocess, images: list[np.ndarray], folde
             f"int8 top-1 agrees with float32 on {share:.1%} of the calibration images, below --min-agreement "
             f"{min_agreement:g}; nothing was written (calibrate on more images like the ones you will serve, or keep float32)"
         )
-    return int8, {"top1_agreement": share, "images": len(images), "min_agreement": min_agreement, "against": "onnx float32"}
+    return int8, {
+        "top1_agreement": share,
+        "images": len(images),
+        "min_agreement": min_agreement,
+        "against": "onnx float32",
+    }
 
 
 def calibration_images(folder: Path, preprocess: Preprocess) -> list[np.ndarray]:
     """Every image in `folder` (any depth), decoded and resized as the checkpoint says (uint8 HWC); one that
     does not decode is named on stderr and left out."""
     if not folder.is_dir():
-        raise BitError(f"--calibrate {display(folder)}: not a folder; give a folder of images like the ones you will serve")
+        raise BitError(
+            f"--calibrate {display(folder)}: not a folder; give a folder of images like the ones you will serve"
+        )
     paths = list_images(folder, recursive=True)
     jobs = decode_jobs(paths, preprocess, BATCH, range(-(-len(paths) // BATCH)))
     images = []
-    with progress_bar("decoding calibration images", total=len(paths), unit="img") as advance, Reader(DEFAULT_WORKERS) as reader:
+    with (
+        progress_bar("decoding calibration images", total=len(paths), unit="img") as advance,
+        Reader(DEFAULT_WORKERS) as reader,
+    ):
         for chunk, results in reader.outcomes(jobs):
             for path, result in zip(chunk, results):
                 if isinstance(result, Exception):
@@ -102,7 +116,10 @@ def top1_agreement(fp32, int8, images: list[np.ndarray], preprocess: Preprocess)
     """How many images the two graphs give the same top-1 class (onnxruntime on the CPU, batches by size)."""
     from bitcli.formats.onnx import INPUT, OUTPUT
 
-    runners = [session(p.SerializeToString(), torch.device("cpu"), name) for p, name in ((fp32, "the float32 graph"), (int8, "the int8 graph"))]
+    runners = [
+        session(p.SerializeToString(), torch.device("cpu"), name)
+        for p, name in ((fp32, "the float32 graph"), (int8, "the int8 graph"))
+    ]
     agreed = 0
     for _, batch in stack_by_size(enumerate(images)):
         for start in range(0, len(batch), BATCH):

@@ -43,7 +43,9 @@ FILE_NOTES = {
 def run(opts: ReportOptions) -> None:
     folder = opts.run
     if not (folder / CONFIG_FILE).is_file():
-        raise BitError(f"{visible(display(folder))}: holds no bit finetune run ({CONFIG_FILE}); pass the --output folder of a run")
+        raise BitError(
+            f"{visible(display(folder))}: holds no bit finetune run ({CONFIG_FILE}); pass the --output folder of a run"
+        )
     plan = read_saved_plan(folder)
     with_validation = bool(plan.get("validation"))
     if with_validation:
@@ -84,12 +86,16 @@ def progress_lines(folder: Path, plan: dict[str, Any], records: list[dict[str, A
     else:
         saved = checkpoint_step(folder)
         status = f"interrupted after {done} of {steps} steps; " + (
-            f"--resume continues from the checkpoint of step {saved}" if saved else "--resume starts it again (no checkpoint yet)"
+            f"--resume continues from the checkpoint of step {saved}"
+            if saved
+            else "--resume starts it again (no checkpoint yet)"
         )
     lines = [f"status      {status}"]
     if records:
         last = records[-1]
-        lines.append(f"last step   {last['step']}: loss {last['loss']:.4f}, lr {last['lr']:.3g}, {last['images_per_s']:.1f} images/s")
+        lines.append(
+            f"last step   {last['step']}: loss {last['loss']:.4f}, lr {last['lr']:.3g}, {last['images_per_s']:.1f} images/s"
+        )
     validations = [r for r in records if r.get("val_top1") is not None]
     if validations:
         last, best = validations[-1], max(validations, key=lambda r: r["val_top1"])

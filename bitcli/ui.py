@@ -23,7 +23,14 @@ def progress_bar(description: str, total: int | None, unit: str = "") -> Iterato
     if not sys.stderr.isatty():
         yield lambda n: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     # markup=False: a description may come from data (a folder name) and is shown as it is spelled.
     columns = [TextColumn("{task.description}", style="progress.description", markup=False), BarColumn(),

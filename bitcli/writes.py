@@ -29,7 +29,11 @@ class WriteFailed(BitError):
     def __init__(self, target: Path, existed: bool, reason: str, kept: str | None = None) -> None:
         self.reason = reason
         if kept is None:
-            kept = f"the previous {'folder' if target.is_dir() else 'file'} is unchanged" if existed else "nothing was written"
+            kept = (
+                f"the previous {'folder' if target.is_dir() else 'file'} is unchanged"
+                if existed
+                else "nothing was written"
+            )
         super().__init__(f"{target}: cannot write it ({reason}); {kept}")
 
 
@@ -145,9 +149,13 @@ def model_files_in(folder: Path) -> list[str]:
     A symlink to a folder counts as that folder; a symlink or a folder named like a model file is refused:
     bitcli never wrote it, so it never replaces it."""
     if folder.is_symlink() and not folder.exists():
-        raise BitError(f"{folder}: is a symlink to {os.readlink(folder)}, which does not exist; create that folder or pass another")
+        raise BitError(
+            f"{folder}: is a symlink to {os.readlink(folder)}, which does not exist; create that folder or pass another"
+        )
     if not folder.is_dir():
-        raise BitError(f"{folder}: is a file, not a folder; a model folder is written only into a new folder or one holding a model")
+        raise BitError(
+            f"{folder}: is a file, not a folder; a model folder is written only into a new folder or one holding a model"
+        )
     found = []
     for entry in sorted(folder.iterdir()):
         if _is_staging(entry):
@@ -208,7 +216,12 @@ def _move_files_into(tmp: Path, folder: Path) -> None:
     for entry in folder.iterdir():
         if _is_staging(entry):  # the temporary folder of an earlier, killed write
             shutil.rmtree(entry, ignore_errors=True)
-        elif entry.name not in new and MODEL_FOLDER_FILE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+        elif (
+            entry.name not in new
+            and MODEL_FOLDER_FILE.fullmatch(entry.name)
+            and entry.is_file()
+            and not entry.is_symlink()
+        ):
             entry.unlink()  # the previous layout's file, which would contradict the new ones
 
 
@@ -216,4 +229,3 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-

@@ -53,7 +53,9 @@ def read_lemmas(path: Path) -> dict[str, str]:
 def check_name(name: str, where: str) -> str:
     # A loader splits on "\n" and eval matches folder names, so a name must be one clean line
     if not name or name != name.strip() or name.splitlines() != [name] or "\t" in name or not name.isprintable():
-        raise SystemExit(f"{where}: class name {name!r} is empty, padded or holds a line break, tab or control character")
+        raise SystemExit(
+            f"{where}: class name {name!r} is empty, padded or holds a line break, tab or control character"
+        )
     return name
 
 
@@ -81,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         partial = target.with_name(target.name + ".partial")  # never leave a half-written label file
         partial.write_bytes(data)
         partial.replace(target)
-        print(f"{target}: {count} names, {len(data)} bytes (from timm {importlib.metadata.version('timm')})", file=sys.stderr)
+        print(
+            f"{target}: {count} names, {len(data)} bytes (from timm {importlib.metadata.version('timm')})",
+            file=sys.stderr,
+        )
     return 0
 
 

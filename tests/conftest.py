@@ -45,7 +45,9 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(0.05 * noise)
 
 
-def save_hf_model(folder: Path, preprocessor: dict | None = None, seed: int = 0, head_scale: float = 1.0, **config) -> Path:
+def save_hf_model(
+    folder: Path, preprocessor: dict | None = None, seed: int = 0, head_scale: float = 1.0, **config
+) -> Path:
     """head_scale > 1 spreads the logits the way a trained model's are spread (no near-ties in the top-k)."""
     import transformers
 
@@ -86,7 +88,7 @@ def bit50_dir(tmp_path_factory) -> Path:
         tmp_path_factory.mktemp("bit50") / "bit-50",
         BIT50_PREPROCESSOR,
         head_scale=20.0,
-        id2label={i: name for i, name in enumerate(labels)},
+        id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
     )
 
@@ -120,7 +122,9 @@ def write_folder(root: Path, counts: dict[str, int], size: int = 16, seed: int =
             Image.fromarray(array).save(root / name / f"{i:03d}.png")
 
 
-def populate_hf_cache(hub_cache: Path, repo_id: str, files_from: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> None:
+def populate_hf_cache(
+    hub_cache: Path, repo_id: str, files_from: Path, commit: str, refs: tuple[str, ...] = ("main",)
+) -> None:
     """Lay out a model the way huggingface_hub's cache does: blobs, snapshots/<commit>/ links, refs/<name>."""
     repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
     (repo / "blobs").mkdir(parents=True, exist_ok=True)
@@ -157,7 +161,9 @@ def run_main(*args: object) -> tuple[int, str, str]:
     return (code if isinstance(code, int) else (0 if code is None else 1)), out.getvalue(), err.getvalue()
 
 
-def run_bit(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_bit(
+    *args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess (`python -m bitcli`), as a user runs it."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
     return subprocess.run(

@@ -125,7 +125,10 @@ def test_help_lists_the_allowed_values():
 def test_workers_has_one_bound_and_one_default_everywhere():
     for command in ("predict", "embed", "eval", "finetune"):
         out = " ".join(run_main(command, "--help")[1].split())
-        assert f"--workers <int range> Image-decoding threads (0: decode in the main thread); results do not depend on it. [default: {DEFAULT_WORKERS}; x>=0]" in out, command
+        assert (
+            f"--workers <int range> Image-decoding threads (0: decode in the main thread); results do not depend on it. [default: {DEFAULT_WORKERS}; x>=0]"
+            in out
+        ), command
 
 
 def test_predict_gets_typed_options_by_keyword(monkeypatch):
@@ -137,9 +140,19 @@ def test_predict_gets_typed_options_by_keyword(monkeypatch):
             "-f", "JSON", "-o", "out.json", "-r", "--workers", "0"]  # fmt: skip
     assert run_main("predict", *args) == (0, "", "")
     assert seen == [
-        PredictOptions(images=["a.jpg", "b"], model="m", revision="v1", top_k=3, batch_size=8, device="cuda:1",
-                       precision=Precision.bf16, format=PredictFormat.json, output=Path("out.json"), recursive=True,
-                       workers=0)  # fmt: skip
+        PredictOptions(
+            images=["a.jpg", "b"],
+            model="m",
+            revision="v1",
+            top_k=3,
+            batch_size=8,
+            device="cuda:1",
+            precision=Precision.bf16,
+            format=PredictFormat.json,
+            output=Path("out.json"),
+            recursive=True,
+            workers=0,
+        )
     ]
     assert run_main("predict", "x.jpg") == (0, "", "")
     assert seen[-1] == PredictOptions(images=["x.jpg"])  # the defaults
@@ -153,7 +166,13 @@ def test_predict_format_comes_from_the_output_suffix(monkeypatch):
     for name in ("p.csv", "p.NDJSON", "p.Json", "p.txt"):
         assert run_main("predict", "x.jpg", "-o", name)[0] == 0
     assert run_main("predict", "x.jpg")[0] == 0
-    assert seen == [PredictFormat.csv, PredictFormat.jsonl, PredictFormat.json, PredictFormat.table, PredictFormat.table]
+    assert seen == [
+        PredictFormat.csv,
+        PredictFormat.jsonl,
+        PredictFormat.json,
+        PredictFormat.table,
+        PredictFormat.table,
+    ]
 
 
 def test_choices_are_case_insensitive_and_reach_commands_in_lower_case(monkeypatch, tmp_path):
@@ -169,7 +188,12 @@ def test_choices_are_case_insensitive_and_reach_commands_in_lower_case(monkeypat
     assert run_main("eval", tmp_path, "-f", "Json", "--precision", "Bf16")[0] == 0
     assert run_main("convert", "a", tmp_path / "b", "--format", "HF", "--dtype", "Float16")[0] == 0
     assert run_main("finetune", tmp_path, "-m", "tiny", "-o", tmp_path / "run", "--precision", "FP16")[0] == 0
-    assert seen == {"predict": ("fp32", "json"), "eval": ("bf16", "json"), "convert": ("hf", "float16"), "finetune": "fp16"}
+    assert seen == {
+        "predict": ("fp32", "json"),
+        "eval": ("bf16", "json"),
+        "convert": ("hf", "float16"),
+        "finetune": "fp16",
+    }
 
 
 def _convert_choices(args: tuple, kwargs: dict) -> tuple[str, str]:
@@ -193,10 +217,29 @@ def test_finetune_gets_typed_options_by_keyword(monkeypatch, tmp_path):
                     "--resume", "--revision", "v2", "--head-only") == (0, "", "")  # fmt: skip
     assert run_main(*base) == (0, "", "")
     assert seen == [
-        FinetuneOptions(data=tmp_path, model="tiny", output=tmp_path / "run", shots=5, val_split=0.25, steps=7, lr=0.01,
-                        batch_size=64, batch_split=2, resolution=Resolution(20, 16), mixup=0.4, seed=3, device="cpu",
-                        precision=Precision.bf16, workers=0, eval_every=0, save_every=3, resume=True, random_init=True,
-                        revision="v2", head_only=True),  # fmt: skip
+        FinetuneOptions(
+            data=tmp_path,
+            model="tiny",
+            output=tmp_path / "run",
+            shots=5,
+            val_split=0.25,
+            steps=7,
+            lr=0.01,
+            batch_size=64,
+            batch_split=2,
+            resolution=Resolution(20, 16),
+            mixup=0.4,
+            seed=3,
+            device="cpu",
+            precision=Precision.bf16,
+            workers=0,
+            eval_every=0,
+            save_every=3,
+            resume=True,
+            random_init=True,
+            revision="v2",
+            head_only=True,
+        ),
         FinetuneOptions(data=tmp_path, model="tiny", output=tmp_path / "run"),  # the defaults: every auto flag None
     ]
     assert seen[1].resolution is None and parse_resolution("16") == seen[0].resolution

@@ -47,7 +47,9 @@ def r50(tmp_path_factory) -> dict:
     bitcli = folder / "r50.safetensors"
     code, out, err = bit("convert", npz, bitcli)
     assert (code, out) == (0, ""), err
-    assert err.splitlines()[-1] == f"wrote {bitcli} (bitcli): 4 stages [3, 4, 6, 3], width 2048, 1000 classes, 153 tensors"
+    assert (
+        err.splitlines()[-1] == f"wrote {bitcli} (bitcli): 4 stages [3, 4, 6, 3], width 2048, 1000 classes, 153 tensors"
+    )
     return {"arrays": arrays, "npz": npz, "bitcli": bitcli, "folder": folder}
 
 
@@ -94,7 +96,9 @@ def test_round_trip_timm_bitcli_timm_is_bit_identical(tmp_path):
     result, _ = read_st(back / "model.safetensors")
     assert sorted(original) == sorted(result)
     for key, t in original.items():
-        assert result[key].dtype == t.dtype == torch.float32 and result[key].view(torch.int32).equal(t.view(torch.int32)), key
+        assert result[key].dtype == t.dtype == torch.float32 and result[key].view(torch.int32).equal(
+            t.view(torch.int32)
+        ), key
     src_cfg, back_cfg = (json.loads((f / "config.json").read_text()) for f in (source, back))
     assert back_cfg["architecture"] == src_cfg["architecture"] == "resnetv2_50x1_bit"
     assert back_cfg["num_classes"] == 10
@@ -175,7 +179,6 @@ def test_transformers_loads_converted_folder_like_bit_predict(r50, tmp_path, pho
 # --labels and --dtype
 
 
-
 def test_labels_file_travels_into_every_layout(tmp_path, photos):
     npz = tiny_npz(tmp_path / "tiny.npz")
     (tmp_path / "labels.txt").write_text("red fox\n\nsnow leopard\nkōala\n", encoding="utf-8")  # blank lines ignored
@@ -186,7 +189,9 @@ def test_labels_file_travels_into_every_layout(tmp_path, photos):
     id2label = json.loads((tmp_path / "hf" / "config.json").read_text(encoding="utf-8"))["id2label"]
     assert [id2label[str(i)] for i in range(3)] == names
 
-    code, out, err = bit("predict", photos["chelsea.png"], "--model", tmp_path / "out.safetensors", "--format", "json", "--top-k", "3")
+    code, out, err = bit(
+        "predict", photos["chelsea.png"], "--model", tmp_path / "out.safetensors", "--format", "json", "--top-k", "3"
+    )
     assert code == 0, err
     predictions = json.loads(out)[0]["predictions"]
     assert sorted(p["index"] for p in predictions) == [0, 1, 2]
@@ -213,7 +218,9 @@ def test_dtype(tmp_path, dtype, st_name):
     x = inputs(64)
     with torch.no_grad():
         reference = bitcli_model(tmp_path / "hf")(x)  # a half-precision checkpoint still builds and runs
-        assert (reference - timm_from_npz(npz, TINY["depths"], 1, 4, channels=TINY["widths"], stem_chs=32)(x)).abs().max() < 0.05
+        assert (
+            reference - timm_from_npz(npz, TINY["depths"], 1, 4, channels=TINY["widths"], stem_chs=32)(x)
+        ).abs().max() < 0.05
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,9 +260,8 @@ def _member_cut_short(tmp: Path) -> Path:
     """A well-formed zip whose .npy member holds less data than its header promises."""
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.zeros((64,), np.float32))
-    with zipfile.ZipFile(tmp / "src.npz", "w") as zf:
-        with zf.open("resnet/group_norm/gamma.npy", "w") as f:
-            f.write(buf.getvalue()[:-40])
+    with zipfile.ZipFile(tmp / "src.npz", "w") as zf, zf.open("resnet/group_norm/gamma.npy", "w") as f:
+        f.write(buf.getvalue()[:-40])
     return tmp / "src.npz"
 
 
@@ -324,7 +330,9 @@ BAD_INPUTS = {
         "missing resnet/block1/unit01/c/standardized_conv2d/kernel",
     ),
     "wrong shape": (
-        lambda t: _npz_replacing(t, "resnet/block3/unit01/b/standardized_conv2d/kernel", np.zeros((3, 3, 32, 30), np.float32)),
+        lambda t: _npz_replacing(
+            t, "resnet/block3/unit01/b/standardized_conv2d/kernel", np.zeros((3, 3, 32, 30), np.float32)
+        ),
         "wrong shape resnet/block3/unit01/b/standardized_conv2d/kernel (3, 3, 32, 30) (expected (3, 3, 32, 32))",
     ),
     "wrong rank": (
@@ -339,10 +347,19 @@ BAD_INPUTS = {
     "npz member cut short": (_member_cut_short, "array resnet/group_norm/gamma is truncated"),
     "object array": (_object_array, "array resnet/group_norm/gamma holds Python objects (a pickle); bitcli refuses"),
     "single .npy": (_npy_not_npz, "is a single .npy array, not an .npz archive"),
-    "pickled code in torch.save": (_torch_save_evil, "pickled Python objects, not plain weights (it refers to posix.system)"),
+    "pickled code in torch.save": (
+        _torch_save_evil,
+        "pickled Python objects, not plain weights (it refers to posix.system)",
+    ),
     "pickled code in raw pickle": (_raw_pickle_evil, "pickled Python objects, not plain weights"),
-    "unknown tensor names": (_unknown_names, "unknown tensor name(s) encoder.layer.0.weight; not a BiT checkpoint in timm's"),
-    "unknown npz names": (_unknown_npz_names, "unknown array name(s) params/Transformer/encoder/kernel; not a BiT .npz"),
+    "unknown tensor names": (
+        _unknown_names,
+        "unknown tensor name(s) encoder.layer.0.weight; not a BiT checkpoint in timm's",
+    ),
+    "unknown npz names": (
+        _unknown_npz_names,
+        "unknown array name(s) params/Transformer/encoder/kernel; not a BiT .npz",
+    ),
     "other model type": (_other_model_folder, "neither a transformers BiT config"),
     "unknown file type": (_unknown_suffix, "unknown model file type '.tflite'"),
     "truncated safetensors": (_truncated_safetensors, "truncated"),
@@ -373,7 +390,9 @@ def test_bad_input_through_a_real_process(case, tmp_path):
     result = run_bit("convert", src, tmp_path / "out")
     assert result.returncode == 1
     assert result.stdout == ""
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: ") and message in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: ") and message in result.stderr, (
+        result.stderr
+    )
     assert listing(tmp_path) == before
     assert not (tmp_path / "PWNED").exists()
 
@@ -383,8 +402,9 @@ def _corrupt_member_data(npz: Path, member: str) -> None:
     with zipfile.ZipFile(npz) as zf:
         info = zf.getinfo(member)
     data = bytearray(npz.read_bytes())
-    name_len, extra_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little"), int.from_bytes(
-        data[info.header_offset + 28 : info.header_offset + 30], "little"
+    name_len, extra_len = (
+        int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little"),
+        int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little"),
     )
     data[info.header_offset + 30 + name_len + extra_len + info.file_size - 1] ^= 0xFF
     npz.write_bytes(bytes(data))
@@ -425,7 +445,10 @@ def test_existing_dst_needs_overwrite(tmp_path):
         "preprocessor_config.json, pytorch_model.bin), so choose another folder\n"
     )
     code, _, err = bit("convert", npz, tmp_path / "out.safetensors")
-    assert code == 1 and err == f"Error: {tmp_path / 'out.safetensors'}: already exists; pass --overwrite to replace this file\n"
+    assert (
+        code == 1
+        and err == f"Error: {tmp_path / 'out.safetensors'}: already exists; pass --overwrite to replace this file\n"
+    )
     for flags in ([], ["--overwrite"]):
         code, _, err = bit("convert", npz, tmp_path / "out", *flags)
         assert code == 1 and err == refused, err
@@ -466,10 +489,13 @@ def test_bad_labels_file(flags, message, tmp_path):
 def test_timm_layout_needs_a_timm_architecture(tmp_path):
     npz = tiny_npz(tmp_path / "src.npz")
     code, _, err = bit("convert", npz, tmp_path / "out", "--format", "timm")
-    assert (code, err) == (1, (
-        f"Error: {npz}: depths [1, 1, 1, 1] and widths [128, 128, 128, 128] have no timm name (timm's BiT models are "
-        "R50/R101/R152 x1-x4); convert to --format bitcli or hf instead\n"
-    )), err
+    assert (code, err) == (
+        1,
+        (
+            f"Error: {npz}: depths [1, 1, 1, 1] and widths [128, 128, 128, 128] have no timm name (timm's BiT models are "
+            "R50/R101/R152 x1-x4); convert to --format bitcli or hf instead\n"
+        ),
+    ), err
     assert listing(tmp_path) == ["src.npz"]
 
 

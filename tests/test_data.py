@@ -105,7 +105,7 @@ def test_few_shot_takes_exactly_k_per_class(folder: data.ImageFolder, k: int) ->
 
 def test_few_shot_is_deterministic_per_seed(folder: data.ImageFolder) -> None:
     runs = {seed: [few_shot(folder, 4, seed).paths for _ in range(3)] for seed in range(6)}
-    for seed, same in runs.items():
+    for same in runs.values():
         assert same[0] == same[1] == same[2]
     assert len({r[0] for r in runs.values()}) > 1  # other seeds pick other images
 
@@ -206,7 +206,7 @@ def test_bad_image_is_an_error_naming_the_file(tmp_path: Path) -> None:
     write_images(tmp_path, {"a": 1})
     (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
     ds = scan(tmp_path)
-    with Reader(2) as reader, pytest.raises(BitError, match="broken.png"):
+    with Reader(2) as reader, pytest.raises(BitError, match=r"broken\.png"):
         list(reader.run(decode_jobs(len(ds), DecodeCache(ds, data.train_transform(4), 0).get, 2)))
 
 
@@ -218,7 +218,12 @@ def test_find_undecodable_names_every_bad_file(tmp_path: Path) -> None:
     write_images(tmp_path, {"a": 2})
     bad = truncated_jpeg(tmp_path / "a" / "cut.jpg")
     (tmp_path / "a" / "text.png").write_text("not a png")
-    paths = [str(tmp_path / "a" / "000.png"), str(bad), str(tmp_path / "a" / "text.png"), str(tmp_path / "a" / "001.png")]
+    paths = [
+        str(tmp_path / "a" / "000.png"),
+        str(bad),
+        str(tmp_path / "a" / "text.png"),
+        str(tmp_path / "a" / "001.png"),
+    ]
     for workers in (0, 2):
         failed = find_undecodable(paths, workers)
         assert sorted(failed) == [1, 2]
@@ -243,5 +248,7 @@ def test_few_shot_decodes_only_candidates_and_picks_as_if_bad_files_were_gone(tm
     after = scan(tmp_path)
     assert few_shot(after, 3, seed=4).paths == picked.paths  # deleting the file changes nothing else ...
     assert few_shot(after, 3, seed=4).fingerprint() == picked.fingerprint()  # ... so --resume accepts it
-    with pytest.raises(BitError, match=r"class 'a' has only 5 training image\(s\) that decode \(1 could not be decoded\)"):
+    with pytest.raises(
+        BitError, match=r"class 'a' has only 5 training image\(s\) that decode \(1 could not be decoded\)"
+    ):
         few_shot(ds, 6, 4, undecodable)

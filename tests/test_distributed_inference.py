@@ -22,7 +22,7 @@ from PIL import Image
 
 pytestmark = pytest.mark.slow  # three torchrun launches: about 10 s each on 2 cores
 
-TRACER = '''
+TRACER = """
 import os, sys
 _log = os.environ.get("OPEN_TRACE")
 if _log:
@@ -35,7 +35,7 @@ if _log:
             os.write(_fd, (_rank + "\\t" + os.path.abspath(args[0]) + "\\n").encode())
 
     sys.addaudithook(_hook)
-'''
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +61,17 @@ def traced(tmp_path: Path) -> tuple[dict, Path]:
 
 
 def _torchrun(*args: object, env: dict, stdin: bytes = b"") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "bitcli", *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "bitcli",
+        *map(str, args),
+    ]
     return subprocess.run(cmd, input=stdin, capture_output=True, env=env, timeout=300)
 
 

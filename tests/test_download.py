@@ -30,7 +30,7 @@ class Bucket:
         bucket = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 bucket.hits.append(self.path)
                 status, headers, body = bucket.routes.get(self.path, (404, [], b"<Error>NoSuchKey</Error>"))
                 self.send_response(status)
@@ -117,7 +117,10 @@ def _unreachable_url() -> str:
     "case, message",
     [
         ("wrong md5", f"{NAME}: download from {{url}}/{NAME}.npz does not match the server's MD5; the file is corrupt"),
-        ("short body", f"{NAME}: download from {{url}}/{NAME}.npz is incomplete ({{got}} of {{want}} bytes); run again"),
+        (
+            "short body",
+            f"{NAME}: download from {{url}}/{NAME}.npz is incomplete ({{got}} of {{want}} bytes); run again",
+        ),
         ("404", f"{NAME}: download failed, HTTP 404 from {{url}}/{NAME}.npz; check the name"),
         ("unreachable", f"{NAME}: cannot reach {{url}}/{NAME}.npz ("),
         ("not an npz", f"{NAME}: the file downloaded from {{url}}/{NAME}.npz is not a usable BiT .npz (not an .npz"),
@@ -125,7 +128,9 @@ def _unreachable_url() -> str:
         ("offline", f"{NAME}: not in the cache ({{cache}}/{NAME}.npz) and offline mode forbids downloading"),
     ],
 )
-def test_failed_download_is_one_line_and_leaves_the_cache_empty(case, message, bucket, npz_bytes, tmp_path, monkeypatch, photos):
+def test_failed_download_is_one_line_and_leaves_the_cache_empty(
+    case, message, bucket, npz_bytes, tmp_path, monkeypatch, photos
+):
     cache, url = tmp_path / "cache", bucket.url
     fields = {"url": url, "cache": cache}
     if case == "wrong md5":

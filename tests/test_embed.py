@@ -92,7 +92,9 @@ def test_every_format_holds_the_same_vectors_in_input_order(tiny_dir, album):
     assert run_main(*base, "-o", "e.jsonl") == (0, "", "")
     rows = _read_jsonl(Path("e.jsonl").read_text())
     assert [r["path"] for r in rows] == album
-    assert np.array_equal(np.array([r["embedding"] for r in rows], dtype=np.float32), vectors)  # JSON keeps them exactly
+    assert np.array_equal(
+        np.array([r["embedding"] for r in rows], dtype=np.float32), vectors
+    )  # JSON keeps them exactly
 
     code, stdout, err = run_main(*base, "-f", "jsonl")
     assert (code, err) == (0, "")
@@ -126,7 +128,11 @@ def test_bad_inputs_are_listed_and_the_others_embedded(tiny_dir, album):
     expected = _peer(tiny_dir, [Path(p) for p in good])
     code, out, _ = run_main("predict", *args[1:], "-f", "json")  # exactly the errors predict gives
     errors = [row["error"] for row in json.loads(out) if "error" in row]
-    assert code == 1 and errors[0].startswith("broken.jpg: cannot decode image (") and errors[1] == "gone.png: no such file or folder"
+    assert (
+        code == 1
+        and errors[0].startswith("broken.jpg: cannot decode image (")
+        and errors[1] == "gone.png: no such file or folder"
+    )
     stderr = "".join(f"error: {e}\n" for e in errors)
 
     assert run_main(*args, "-o", "b.safetensors") == (1, "", stderr)
@@ -152,7 +158,10 @@ def test_npy_refuses_a_path_with_a_line_break_before_running(tiny_dir, album):
         shutil.copy("chelsea.png", name)
         code, out, err = run_main("embed", "coffee.png", name, "--model", "no/such-model", "-o", "x.npy")
         assert (code, out) == (2, "")
-        assert err.startswith("Error: ") and "x.paths.txt could not list it one per line; write .safetensors or .jsonl" in err
+        assert (
+            err.startswith("Error: ")
+            and "x.paths.txt could not list it one per line; write .safetensors or .jsonl" in err
+        )
         assert err.count("\n") == 1
         assert not Path("x.npy").exists() and not Path("x.paths.txt").exists()
     # the JSON formats keep such a name exactly
@@ -166,7 +175,10 @@ def test_npy_refuses_a_path_with_a_line_break_before_running(tiny_dir, album):
         ([], "give --output FILE (.safetensors, .npy or .jsonl), or -f jsonl to write JSON lines to stdout"),
         (["-f", "npy"], "--format npy is binary; give --output FILE (only jsonl goes to stdout)"),
         (["-o", "e.bin"], "--output e.bin: name the file *.safetensors, *.npy or *.jsonl, or give --format"),
-        (["-o", "e.npy", "-f", "jsonl"], "--format jsonl contradicts --output e.npy (a .npy file holds npy); drop --format or give the file a name that matches"),
+        (
+            ["-o", "e.npy", "-f", "jsonl"],
+            "--format jsonl contradicts --output e.npy (a .npy file holds npy); drop --format or give the file a name that matches",
+        ),
     ],
 )
 def test_output_choices_are_checked_before_anything_runs(tmp_path, monkeypatch, args, message):
@@ -185,8 +197,18 @@ def test_embed_gets_typed_options_by_keyword(monkeypatch):
     assert run_main("embed", *args) == (0, "", "")
     assert run_main("embed", "x.jpg", "-o", "e.Safetensors") == (0, "", "")
     assert seen == [
-        EmbedOptions(images=["a.jpg", "b"], model="m", revision="v1", batch_size=8, device="cuda:1",
-                     precision=Precision.bf16, format=EmbedFormat.npy, output=Path("out.bin"), normalize=True,
-                     recursive=True, workers=0),  # fmt: skip
+        EmbedOptions(
+            images=["a.jpg", "b"],
+            model="m",
+            revision="v1",
+            batch_size=8,
+            device="cuda:1",
+            precision=Precision.bf16,
+            format=EmbedFormat.npy,
+            output=Path("out.bin"),
+            normalize=True,
+            recursive=True,
+            workers=0,
+        ),
         EmbedOptions(images=["x.jpg"], format=EmbedFormat.safetensors, output=Path("e.Safetensors")),
     ]

@@ -93,7 +93,9 @@ def test_channels_last_gives_channels_first_logits(tiny_dir, batch):
 
 
 def test_headless_checkpoint(tmp_path, batch):
-    folder = save_hf_model(tmp_path / "headless", embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8, num_labels=0)
+    folder = save_hf_model(
+        tmp_path / "headless", embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8, num_labels=0
+    )
     ckpt = load_checkpoint(str(folder))
     with pytest.raises(BitError, match="checkpoint has no classification head; it gives features, not labels"):
         Engine.load(ckpt, CPU, torch.float32)

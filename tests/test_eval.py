@@ -45,7 +45,19 @@ def test_eval_json_is_one_object_and_agrees_with_finetune(trained: tuple[Path, P
     code, out, err = cli("eval", data / "val", "--model", run, "--format", "json", "--device", "cpu")
     assert (code, err) == (0, "")
     result = json.loads(out)  # the whole of stdout is one JSON object
-    assert list(result) == ["top1", "top5", "loss", "count", "per_class", "precision", "recall", "f1", "macro_f1", "confusion", "labels"]
+    assert list(result) == [
+        "top1",
+        "top5",
+        "loss",
+        "count",
+        "per_class",
+        "precision",
+        "recall",
+        "f1",
+        "macro_f1",
+        "confusion",
+        "labels",
+    ]
     assert result["labels"] == ["blue", "green", "red"]
     confusion = np.array(result["confusion"])
     assert confusion.shape == (3, 3) and confusion.sum() == result["count"] == 12
@@ -60,7 +72,8 @@ def test_eval_json_is_one_object_and_agrees_with_finetune(trained: tuple[Path, P
     assert result["loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
     stored = json.loads((run / "validation.json").read_text())  # what `bit report` draws confusion.png from
     assert {k: stored[k] for k in ("confusion", "labels", "precision", "f1", "macro_f1")} == {
-        k: result[k] for k in ("confusion", "labels", "precision", "f1", "macro_f1")}
+        k: result[k] for k in ("confusion", "labels", "precision", "f1", "macro_f1")
+    }
 
 
 def test_eval_table_and_split_layout(trained: tuple[Path, Path], cli) -> None:
@@ -102,7 +115,11 @@ def test_eval_subset_of_classes(trained: tuple[Path, Path], tmp_path: Path, cli)
     wrong_red = red + blue
     assert blue[0] > 0  # the model does predict blue: the (other) column is exercised
     assert result["labels"] == ["green", "red", OTHER]  # in the model's label order, then (other)
-    assert result["confusion"] == [[green[1], green[2], green[0]], [wrong_red[1], wrong_red[2], wrong_red[0]], [0, 0, 0]]
+    assert result["confusion"] == [
+        [green[1], green[2], green[0]],
+        [wrong_red[1], wrong_red[2], wrong_red[0]],
+        [0, 0, 0],
+    ]
     assert result["count"] == 12
     assert result["per_class"] == {"green": green[1] / 4, "red": wrong_red[2] / 8}
     assert result["top1"] == (green[1] + wrong_red[2]) / 12
@@ -121,7 +138,11 @@ def test_eval_errors(trained: tuple[Path, Path], tmp_path: Path, cli) -> None:
     assert code == 2 and "--format" in err and "'xml' is not one of 'table', 'json'" in err  # click checks the choice
     (tmp_path / "nosplit" / "train").mkdir(parents=True)
     code, _, err = cli("eval", tmp_path / "nosplit", "--model", run)
-    assert code == 1 and err == f"Error: {tmp_path / 'nosplit'}: has train/ but no val/, valid/ or validation/; pass the folder to evaluate\n"
+    assert (
+        code == 1
+        and err
+        == f"Error: {tmp_path / 'nosplit'}: has train/ but no val/, valid/ or validation/; pass the folder to evaluate\n"
+    )
 
 
 def test_eval_runs_the_model_through_the_engine(trained: tuple[Path, Path], cli, monkeypatch) -> None:
@@ -140,7 +161,9 @@ def test_eval_runs_the_model_through_the_engine(trained: tuple[Path, Path], cli,
         return out
 
     monkeypatch.setattr(Engine, "logits", spy)
-    code, out, err = cli("eval", data / "val", "--model", run, "--format", "json", "--device", "cpu", "-b", "5", "--workers", "0")
+    code, out, err = cli(
+        "eval", data / "val", "--model", run, "--format", "json", "--device", "cpu", "-b", "5", "--workers", "0"
+    )
     assert (code, err) == (0, "")
     assert seen == [(5, True, "cpu", True, False)] * 2 + [(2, True, "cpu", True, False)]
     result = json.loads(out)
@@ -165,7 +188,9 @@ def test_imagenet_folders_by_index_or_first_name(bit50_dir: Path, tmp_path: Path
     with torch.no_grad():
         peer = model(processor([Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]).logits
     assert model.config.id2label[281] == "tabby, tabby cat"
-    assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(peer, torch.tensor([1, 281])).item(), rel=1e-4)
+    assert result["loss"] == pytest.approx(
+        torch.nn.functional.cross_entropy(peer, torch.tensor([1, 281])).item(), rel=1e-4
+    )
 
 
 def test_ambiguous_folder_name_is_refused_listing_the_candidates(bit50_dir: Path, tmp_path: Path, cli) -> None:

@@ -13,7 +13,13 @@ import torch
 import transformers
 from conftest import BIT50_PREPROCESSOR, run_main, save_hf_model, write_folder
 from PIL import Image
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, top_k_accuracy_score
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
 
 from bitcli.metrics import NO_TOP5, OTHER, Accumulator, EvalResult, render_table
 
@@ -75,16 +81,32 @@ def test_eval_metrics_equal_scikit_learn_on_transformers_logits(model8: Path, fo
     expected = oracle_confusion(y_true, y_pred, sorted(FOLDERS.values()))
     assert expected[:, -1].any()  # some images are predicted as a class outside the folder: (other) is exercised
 
-    code, out, err = run_main("eval", root, "--model", model8, "--format", "json", "--device", "cpu", "--batch-size", "5", "--workers", "2")
+    code, out, err = run_main(
+        "eval", root, "--model", model8, "--format", "json", "--device", "cpu", "--batch-size", "5", "--workers", "2"
+    )
     assert (code, err) == (0, "")
     result = json.loads(out)
-    assert list(result) == ["top1", "top5", "loss", "count", "per_class", "precision", "recall", "f1", "macro_f1", "confusion", "labels"]
+    assert list(result) == [
+        "top1",
+        "top5",
+        "loss",
+        "count",
+        "per_class",
+        "precision",
+        "recall",
+        "f1",
+        "macro_f1",
+        "confusion",
+        "labels",
+    ]
     assert result["count"] == len(paths) == 20
     assert result["labels"] == [*AXIS, OTHER]
     assert result["confusion"] == expected.tolist()
     assert result["top1"] == accuracy_score(y_true, y_pred)
     assert result["top5"] == top_k_accuracy_score(y_true, logits.numpy(), k=5, labels=np.arange(len(LABELS)))
-    assert result["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y_true)).item(), rel=1e-4)
+    assert result["loss"] == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, torch.from_numpy(y_true)).item(), rel=1e-4
+    )
     assert result["per_class"] == {name: expected[i, i] / expected[i].sum() for i, name in enumerate(AXIS)}  # recall
     # scikit-learn's precision, recall and F1 over the evaluated classes: a prediction outside them (the (other)
     # column) is a false negative of the true class and a false positive of none of them
@@ -106,9 +128,18 @@ def test_eval_metrics_equal_scikit_learn_on_transformers_logits(model8: Path, fo
         f"macro F1 {result['macro_f1']:.4f}",
     ]
     for name in AXIS:  # the per-class row: top-1 (recall), images, precision, F1
-        cells = [c.strip() for c in next(line for line in table.splitlines() if line.startswith(f"│ {name} ")).split("│")[1:-1]]
+        cells = [
+            c.strip()
+            for c in next(line for line in table.splitlines() if line.startswith(f"│ {name} ")).split("│")[1:-1]
+        ]
         count = int(expected[AXIS.index(name)].sum())
-        assert cells == [name, f"{result['recall'][name]:.4f}", str(count), f"{result['precision'][name]:.4f}", f"{result['f1'][name]:.4f}"]
+        assert cells == [
+            name,
+            f"{result['recall'][name]:.4f}",
+            str(count),
+            f"{result['precision'][name]:.4f}",
+            f"{result['f1'][name]:.4f}",
+        ]
 
 
 def test_accumulator_exact_counts() -> None:
@@ -174,7 +205,9 @@ def test_table_prints_class_names_literally_on_one_line() -> None:
 
 def test_headless_checkpoint_cannot_be_evaluated(tmp_path: Path) -> None:
     """A features-only checkpoint has no labels to match folders against: the head is what is missing."""
-    folder = save_hf_model(tmp_path / "headless", embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8, num_labels=0)
+    folder = save_hf_model(
+        tmp_path / "headless", embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8, num_labels=0
+    )
     write_folder(tmp_path / "data", {"red": 1})
     code, out, err = run_main("eval", tmp_path / "data", "--model", folder, "--device", "cpu")
     assert (code, out) == (1, "")

@@ -88,7 +88,9 @@ def test_channels_last_training_matches_channels_first():
 
 
 def test_bf16_autocast_path_gives_float_logits_near_fp32(tmp_path, photos):
-    folder = save_hf_model(tmp_path / "small", embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], num_groups=8, num_labels=10)
+    folder = save_hf_model(
+        tmp_path / "small", embedding_size=16, hidden_sizes=[32, 64], depths=[1, 2], num_groups=8, num_labels=10
+    )
     ckpt = load_checkpoint(str(folder))
     batch = _photos_uint8(photos, 96)
     fp32 = Engine.load(ckpt, torch.device("cpu"), torch.float32).logits(batch)
@@ -106,7 +108,9 @@ def test_bf16_on_a_cpu_without_bf16_says_it_is_emulated(command, has_bf16, tiny_
     else:
         target = tmp_path / "labelled"
         write_folder(target, {TINY_LABELS[0]: 1, TINY_LABELS[1]: 1})
-    code, out, err = run_main(command, target, "--model", tiny_dir, "--device", "cpu", "--precision", "bf16", "--format", "json")
+    code, out, err = run_main(
+        command, target, "--model", tiny_dir, "--device", "cpu", "--precision", "bf16", "--format", "json"
+    )
     assert code == 0, err
     warning = "warning: this CPU has no bf16 instructions, so --precision bf16 is emulated and slower than fp32\n"
     assert err.endswith(warning) if not has_bf16 else warning not in err

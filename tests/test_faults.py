@@ -95,7 +95,9 @@ def test_full_disk_during_convert_keeps_previous_dst(r50_folder, tiny_dir, tmp_p
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1, result.stderr
     kept = "the previous file is unchanged" if fmt == "bitcli" else "the previous folder is unchanged"
-    assert result.stderr.startswith(f"Error: {dst}: cannot write it (") and result.stderr.endswith(f"); {kept}\n"), result.stderr
+    assert result.stderr.startswith(f"Error: {dst}: cannot write it (") and result.stderr.endswith(f"); {kept}\n"), (
+        result.stderr
+    )
     after = {p.relative_to(tmp_path): _digest(p) for p in tmp_path.rglob("*") if p.is_file()}
     assert after == snapshot  # same files, same bytes: nothing half-written, nothing left over
     assert load_checkpoint(str(dst)).config.hidden_sizes == (32, 64)

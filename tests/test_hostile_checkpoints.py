@@ -88,7 +88,10 @@ def test_object_array_in_npz_is_refused(tmp_path, photos):
     import numpy as np
 
     marker = tmp_path / "pwned"
-    np.savez(tmp_path / "evil.npz", **{"resnet/root_block/standardized_conv2d/kernel": np.array([_Boom(marker)], dtype=object)})
+    np.savez(
+        tmp_path / "evil.npz",
+        **{"resnet/root_block/standardized_conv2d/kernel": np.array([_Boom(marker)], dtype=object)},
+    )
     assert _predict_error(photos, tmp_path / "evil.npz") == (
         f"{tmp_path / 'evil.npz'}: array resnet/root_block/standardized_conv2d/kernel holds Python objects (a pickle); "
         "bitcli refuses to load it"

@@ -33,7 +33,9 @@ def hf_home(tmp_path_factory, tiny_dir):
 
     from timm.models._hub import save_for_hf
 
-    model = timm.create_model("resnetv2_50x1_bit", num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64), crop_pct=1.0))
+    model = timm.create_model(
+        "resnetv2_50x1_bit", num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64), crop_pct=1.0)
+    )
     perturb(model)
     timm_dir = tmp_path_factory.mktemp("timm") / "r50"
     save_for_hf(model, timm_dir, safe_serialization=True)
@@ -84,7 +86,9 @@ def test_revision_selects_another_snapshot(_predict, hf_home, photos):
 
 
 def test_timm_repo_id_from_cache(_predict, hf_home, photos):
-    result = _predict(hf_home, photos["rocket.jpg"], "--model", "timm/resnetv2_50x1_bit.goog_in21k_ft_in1k", "--top-k", "2")
+    result = _predict(
+        hf_home, photos["rocket.jpg"], "--model", "timm/resnetv2_50x1_bit.goog_in21k_ft_in1k", "--top-k", "2"
+    )
     assert result.returncode == 0, result.stderr
     preds = json.loads(result.stdout)[0]["predictions"]
     assert [p["label"] for p in preds] == [f"class_{p['index']}" for p in preds]
@@ -140,7 +144,9 @@ def test_training_state_is_not_a_model_and_the_message_names_the_model(finished_
         f"use {finished_run / 'model.safetensors'} (or the run folder {finished_run})"
     )
     # The weights file of the run's transformers folder is read with the folder's config.json.
-    by_file = run_main("predict", photos["chelsea.png"], "--model", finished_run / "model.safetensors", "--format", "json")
+    by_file = run_main(
+        "predict", photos["chelsea.png"], "--model", finished_run / "model.safetensors", "--format", "json"
+    )
     by_folder = run_main("predict", photos["chelsea.png"], "--model", finished_run, "--format", "json")
     assert by_file[0] == 0 and by_file == by_folder, by_file[2]
 

@@ -70,10 +70,10 @@ class FakeHub:
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 hub.handle(self, "GET")
 
-            def do_HEAD(self) -> None:  # noqa: N802
+            def do_HEAD(self) -> None:
                 hub.handle(self, "HEAD")
 
             def log_message(self, *args) -> None:
@@ -208,7 +208,9 @@ def hub(tmp_path_factory, tiny_dir):
 
     from timm.models._hub import save_for_hf
 
-    model = timm.create_model("resnetv2_50x1_bit", num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64), crop_pct=1.0))
+    model = timm.create_model(
+        "resnetv2_50x1_bit", num_classes=10, pretrained_cfg_overlay=dict(input_size=(3, 64, 64), crop_pct=1.0)
+    )
     perturb(model)
     timm_dir = root / "timm-r50"
     save_for_hf(model, timm_dir, safe_serialization=True)
@@ -363,11 +365,18 @@ def test_bin_only_repo_downloads_pytorch_model_bin(hub, tmp_path, photos, local_
     "model, flags, message, offline_message",
     [
         ("org/nope", [], "no Hub repo 'org/nope'", "'org/nope' is not in the Hugging Face cache"),
-        (REPO, ["--revision", "v2"], "Hub repo 'org/bit-tiny' has no revision 'v2'", "'org/bit-tiny@v2' is not in the Hugging Face cache"),
+        (
+            REPO,
+            ["--revision", "v2"],
+            "Hub repo 'org/bit-tiny' has no revision 'v2'",
+            "'org/bit-tiny@v2' is not in the Hugging Face cache",
+        ),
     ],
     ids=["unknown repo", "unknown revision"],
 )
-def test_unknown_repo_or_revision_is_one_line_and_leaves_no_cache(hub, tmp_path, photos, model, flags, message, offline_message):
+def test_unknown_repo_or_revision_is_one_line_and_leaves_no_cache(
+    hub, tmp_path, photos, model, flags, message, offline_message
+):
     result = predict(tmp_path, hub.url, photos["chelsea.png"], model, *flags)
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
@@ -473,7 +482,11 @@ def test_timm_repo_downloaded_then_used_with_the_hub_down(hub, tmp_path, photos)
         [
             *repo_info(TIMM_REPO),
             ("GET", f"/api/models/{TIMM_REPO}/tree/{COMMIT_TIMM}?recursive=true&expand=false"),
-            *[(method, f"{resolve}/{name}") for name in ["config.json", "model.safetensors"] for method in ("HEAD", "GET")],
+            *[
+                (method, f"{resolve}/{name}")
+                for name in ["config.json", "model.safetensors"]
+                for method in ("HEAD", "GET")
+            ],
         ]
     )
     assert sorted(snapshot_files(tmp_path, TIMM_REPO, COMMIT_TIMM)) == ["config.json", "model.safetensors"]

@@ -100,7 +100,7 @@ def test_scaled_schedule() -> None:
             warmup, *decays, total = sched.boundaries
             assert total == steps
             assert warmup == 0 or warmup >= hyperrule.MIN_WARMUP  # never a "warm-up" that is one step at lr 0
-            assert [warmup, *decays] == sorted(set([warmup, *decays])) and all(d <= steps - 2 for d in decays)
+            assert [warmup, *decays] == sorted({warmup, *decays}) and all(d <= steps - 2 for d in decays)
             lrs = [hyperrule.learning_rate(s, sched) for s in range(steps)]
             assert all(lr > 0 for lr in lrs[1:]) and (lrs[0] > 0) == (warmup == 0)
             assert len(set(lrs[warmup:])) == len(decays) + 1  # every decay is felt by some step
@@ -142,7 +142,9 @@ def test_auto_schedule_run_logs_the_rule_lr_at_every_step(tmp_path: Path) -> Non
     for c in range(3):
         (tmp_path / "data" / f"c{c}").mkdir(parents=True)
         for i in range(7):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / f"c{c}" / f"{i}.png"
+            )
     tiny = '{"depths": [1, 1], "hidden_sizes": [32, 64], "embedding_size": 16, "num_groups": 8}'
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -26,7 +26,9 @@ def test_list_images_sorted_by_relative_path_hidden_names_skipped(tmp_path):
     (tmp_path / "folder.png").mkdir()  # a folder named like an image is not an image
     (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")  # listed: the caller reports it
     os.mkfifo(tmp_path / "pipe.png")
-    assert list_images(tmp_path, recursive=False) == [str(tmp_path / n) for n in ["a.png", "b.JPG", "dangling.jpg", "pipe.png"]]
+    assert list_images(tmp_path, recursive=False) == [
+        str(tmp_path / n) for n in ["a.png", "b.JPG", "dangling.jpg", "pipe.png"]
+    ]
     deep = ["a.png", "b.JPG", "dangling.jpg", "pipe.png", "sub b/d.png", "sub/c.webp", "sub/g.tiff"]
     assert list_images(tmp_path) == [str(tmp_path / n) for n in deep]
 

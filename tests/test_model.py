@@ -130,7 +130,9 @@ def test_config_round_trips():
 
 
 def test_width_factor_in_transformers_config_is_applied():
-    cfg = BitConfig.from_hf({"model_type": "bit", "hidden_sizes": [256, 512, 1024, 2048], "embedding_size": 192, "width_factor": 3}, 10)
+    cfg = BitConfig.from_hf(
+        {"model_type": "bit", "hidden_sizes": [256, 512, 1024, 2048], "embedding_size": 192, "width_factor": 3}, 10
+    )
     assert cfg.hidden_sizes == (768, 1536, 3072, 6144)
 
 

@@ -55,13 +55,17 @@ def exported(tmp_path_factory) -> dict[str, Path]:
     src = save_hf_model(folder / "src", CROP_64, head_scale=20.0, **TINY)
     err = convert_ok(src, folder / "m.onnx")
     assert re.search(r"checked with onnxruntime: logits within \S+ of the largest logit", err), err
-    assert err.splitlines()[-1] == f"wrote {folder / 'm.onnx'} (onnx): 2 stages [1, 1], width 64, 10 classes, 25 tensors"
+    assert (
+        err.splitlines()[-1] == f"wrote {folder / 'm.onnx'} (onnx): 2 stages [1, 1], width 64, 10 classes, 25 tensors"
+    )
     return {"src": src, "onnx": folder / "m.onnx", "folder": folder}
 
 
 def transformers_pixels_and_logits(src: Path, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     model = transformers.BitForImageClassification.from_pretrained(src).eval()
-    pixels = transformers.BitImageProcessorPil.from_pretrained(src)([Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
+    pixels = transformers.BitImageProcessorPil.from_pretrained(src)(
+        [Image.open(p) for p in paths], return_tensors="pt"
+    )["pixel_values"]
     with torch.no_grad():
         return pixels.numpy(), model(pixels).logits.numpy()
 
@@ -93,7 +97,9 @@ def test_graph_interface_and_folded_kernels(exported):
     initializers = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     assert len(convs) == 9 and all(n.input[1] in initializers for n in convs)
-    stem = transformers.BitForImageClassification.from_pretrained(exported["src"]).bit.embedder.convolution.weight.detach()
+    stem = transformers.BitForImageClassification.from_pretrained(
+        exported["src"]
+    ).bit.embedder.convolution.weight.detach()
     kernels = [initializers[n.input[1]] for n in convs if initializers[n.input[1]].shape == (16, 3, 7, 7)]
     assert len(kernels) == 1 and np.array_equal(kernels[0], standardize(stem, 1e-8).numpy())
 
@@ -106,7 +112,11 @@ def test_metadata_round_trips(exported):
     assert meta["bitcli.labels"] == TINY_LABELS
     assert Preprocess.from_dict(meta["bitcli.preprocess"]) == source.preprocess
     assert BitConfig.from_dict(meta["bitcli.config"]) == source.config
-    assert (meta["bitcli.source"], meta["bitcli.version"], meta["bitcli.precision"]) == (str(exported["src"]), bitcli.__version__, "float32")
+    assert (meta["bitcli.source"], meta["bitcli.version"], meta["bitcli.precision"]) == (
+        str(exported["src"]),
+        bitcli.__version__,
+        "float32",
+    )
     assert meta["bitcli.check"]["max_rel_diff"] <= 1e-4 and meta["bitcli.check"]["tolerance"] == 1e-4
     ckpt = load_checkpoint(str(exported["onnx"]))  # what predict and eval read
     assert (ckpt.labels, ckpt.preprocess, ckpt.config) == (source.labels, source.preprocess, source.config)
@@ -135,7 +145,12 @@ def _rows(fmt: str, out: str) -> list[tuple[str, str, float]]:
     if fmt == "json":
         return [(r["path"], p["label"], p["score"]) for r in json.loads(out) for p in r["predictions"]]
     if fmt == "jsonl":
-        return [(r["path"], p["label"], p["score"]) for line in out.splitlines() for r in [json.loads(line)] for p in r["predictions"]]
+        return [
+            (r["path"], p["label"], p["score"])
+            for line in out.splitlines()
+            for r in [json.loads(line)]
+            for p in r["predictions"]
+        ]
     if fmt == "csv":
         return [(r["path"], r["label"], float(r["score"])) for r in csv.DictReader(io.StringIO(out))]
     rows = []  # the table: "│ path │ label (index) │ score │", the path only on a row's first line
@@ -151,8 +166,11 @@ def _rows(fmt: str, out: str) -> list[tuple[str, str, float]]:
 def test_predict_onnx_equals_predict_source(exported, photos, fmt, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")
     images = list(photos.values())
-    runs = [run_main("predict", *images, "--model", m, "--format", fmt, "--top-k", "5") for m in (exported["src"], exported["onnx"])]
-    (code_t, out_t, err_t), (code_o, out_o, err_o) = runs
+    runs = [
+        run_main("predict", *images, "--model", m, "--format", fmt, "--top-k", "5")
+        for m in (exported["src"], exported["onnx"])
+    ]
+    (code_t, out_t, _err_t), (code_o, out_o, err_o) = runs
     assert (code_t, code_o) == (0, 0), err_o
     torch_rows, onnx_rows = _rows(fmt, out_t), _rows(fmt, out_o)
     assert len(torch_rows) == len(images) * 5
@@ -166,7 +184,9 @@ def test_eval_onnx_equals_eval_source(exported, photos, tmp_path):
     for i, (name, path) in enumerate(sorted(photos.items())):
         (tmp_path / TINY_LABELS[i % 3]).mkdir(exist_ok=True)
         Image.open(path).convert("RGB").save(tmp_path / TINY_LABELS[i % 3] / f"{Path(name).stem}.png")
-    results = [run_main("eval", tmp_path, "--model", m, "--format", "json") for m in (exported["src"], exported["onnx"])]
+    results = [
+        run_main("eval", tmp_path, "--model", m, "--format", "json") for m in (exported["src"], exported["onnx"])
+    ]
     assert [r[0] for r in results] == [0, 0], results[1][2]
     torch_json, onnx_json = (json.loads(r[1]) for r in results)
     assert onnx_json["confusion"] == torch_json["confusion"] and onnx_json["top1"] == torch_json["top1"]
@@ -176,13 +196,20 @@ def test_eval_onnx_equals_eval_source(exported, photos, tmp_path):
 def test_uncropped_model_exports_dynamic_height_and_width(photos, tmp_path):
     """Without a centre crop every image keeps its aspect ratio: H and W are dynamic, and the TF "SAME"
     padding of the strided convolutions is computed from them at run time."""
-    src = save_hf_model(tmp_path / "src", {**BIT50_PREPROCESSOR, "size": {"shortest_edge": 64}, "do_center_crop": False}, head_scale=20.0, **TINY)
+    src = save_hf_model(
+        tmp_path / "src",
+        {**BIT50_PREPROCESSOR, "size": {"shortest_edge": 64}, "do_center_crop": False},
+        head_scale=20.0,
+        **TINY,
+    )
     convert_ok(src, tmp_path / "m.onnx")
     dims = [d.dim_param for d in onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim]
     assert dims[0] and dims[2] and dims[3]
     images = [photos[n] for n in ("chelsea.png", "astronaut.png", "china.jpg")]  # 451x300, 512x512, 640x427
     want, got = (run_main("predict", *images, "--model", m, "--format", "json") for m in (src, tmp_path / "m.onnx"))
-    assert [(p["label"]) for r in json.loads(got[1]) for p in r["predictions"]] == [p["label"] for r in json.loads(want[1]) for p in r["predictions"]]
+    assert [(p["label"]) for r in json.loads(got[1]) for p in r["predictions"]] == [
+        p["label"] for r in json.loads(want[1]) for p in r["predictions"]
+    ]
     scores = [np.array([p["score"] for r in json.loads(x[1]) for p in r["predictions"]]) for x in (want, got)]
     assert np.abs(scores[0] - scores[1]).max() <= 1e-4
 
@@ -194,7 +221,9 @@ def test_float16_export(exported, photos, tmp_path):
     assert {kernels[n.input[1]] for n in model.graph.node if n.op_type == "Conv"} == {TensorProto.FLOAT16}
     assert metadata(tmp_path / "h.onnx")["bitcli.precision"] == "float16"
     pixels, want = transformers_pixels_and_logits(exported["src"], list(photos.values())[:5])
-    (got,) = ort.InferenceSession(str(tmp_path / "h.onnx"), providers=["CPUExecutionProvider"]).run(["logits"], {"pixel_values": pixels})
+    (got,) = ort.InferenceSession(str(tmp_path / "h.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"pixel_values": pixels}
+    )
     assert got.dtype == np.float32 and relative_diff(got, want) <= 1e-2  # README: float16's documented tolerance
 
 
@@ -226,7 +255,13 @@ def _one_error_line(code: int, out: str, err: str) -> str:
 def test_damaged_onnx_is_one_line(exported, photos, tmp_path, damage):
     data = exported["onnx"].read_bytes()
     bad = tmp_path / "bad.onnx"
-    bad.write_bytes({"garbage": b"\x08\x07not an onnx file at all\xff\xff" * 50, "truncated": data[: len(data) * 2 // 3], "empty": b""}[damage])
+    bad.write_bytes(
+        {
+            "garbage": b"\x08\x07not an onnx file at all\xff\xff" * 50,
+            "truncated": data[: len(data) * 2 // 3],
+            "empty": b"",
+        }[damage]
+    )
     line = _one_error_line(*run_main("predict", photos["chelsea.png"], "--model", bad))
     assert line.startswith(f"Error: {bad}: ")
     assert re.search(r"truncated or corrupt|truncated one", line), line
@@ -239,13 +274,19 @@ def test_onnx_without_bitcli_metadata_is_one_line(photos, tmp_path):
     other = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph), str(other))
     line = _one_error_line(*run_main("predict", photos["chelsea.png"], "--model", other))
-    assert line == f"Error: {other}: has no bitcli metadata (bitcli.config); bit runs only ONNX files written by `bit convert SRC model.onnx` (a truncated one loses its metadata too)"
+    assert (
+        line
+        == f"Error: {other}: has no bitcli metadata (bitcli.config); bit runs only ONNX files written by `bit convert SRC model.onnx` (a truncated one loses its metadata too)"
+    )
 
 
 @pytest.mark.parametrize("module", ["onnxruntime", "onnx"])
 def test_missing_extra_is_one_line(exported, photos, tmp_path, monkeypatch, module):
     monkeypatch.setitem(sys.modules, module, None)  # `import onnxruntime` now fails, as on a machine without it
-    for args in (("predict", photos["chelsea.png"], "--model", exported["onnx"]), ("convert", exported["src"], tmp_path / "x.onnx")):
+    for args in (
+        ("predict", photos["chelsea.png"], "--model", exported["onnx"]),
+        ("convert", exported["src"], tmp_path / "x.onnx"),
+    ):
         line = _one_error_line(*run_main(*args))
         assert line == "Error: ONNX support is not installed; run: pip install 'bitcli[onnx]'"
     assert not (tmp_path / "x.onnx").exists()
@@ -263,8 +304,14 @@ def test_onnx_is_not_a_source_for_convert(exported, tmp_path):
         (["x.safetensors", "--opset", "18"], "--opset applies only to an ONNX export"),
         (["x.onnx", "--quantize", "int8"], "--quantize int8 needs --calibrate DIR"),
         (["x.onnx", "--dtype", "bfloat16"], "--dtype bfloat16: an ONNX export is float32 or float16"),
-        (["x.onnx", "--quantize", "int8", "--calibrate", ".", "--dtype", "float16"], "--quantize int8 starts from the float32 export"),
-        (["x.onnx", "--quantize", "int8", "--calibrate", ".", "--min-agreement", "1.5"], "--min-agreement 1.5: must be between 0 and 1"),
+        (
+            ["x.onnx", "--quantize", "int8", "--calibrate", ".", "--dtype", "float16"],
+            "--quantize int8 starts from the float32 export",
+        ),
+        (
+            ["x.onnx", "--quantize", "int8", "--calibrate", ".", "--min-agreement", "1.5"],
+            "--min-agreement 1.5: must be between 0 and 1",
+        ),
     ],
 )
 def test_onnx_flag_misuse_exits_2(exported, tmp_path, flags, message):

@@ -37,20 +37,30 @@ def metadata(path: Path) -> dict:
 
 
 def top1(model_path, pixels: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(["logits"], {"pixel_values": pixels})[0].argmax(-1)
+    return (
+        ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        .run(["logits"], {"pixel_values": pixels})[0]
+        .argmax(-1)
+    )
 
 
 def test_int8_reports_onnxruntime_agreement_and_serves(calibration, photos, tmp_path):
     src = save_hf_model(tmp_path / "src", CROP_64, head_scale=20.0, **TINY)
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     assert run_main("convert", src, fp32)[0] == 0
-    code, out, err = run_main("convert", src, int8, "--quantize", "int8", "--calibrate", calibration, "--min-agreement", "0")
+    code, out, err = run_main(
+        "convert", src, int8, "--quantize", "int8", "--calibrate", calibration, "--min-agreement", "0"
+    )
     assert (code, out) == (0, ""), err
     assert f"skipped: {calibration / 'broken.jpg'}: " in err
-    agreed, total = map(int, re.search(r"int8 top-1 agrees with float32 on (\d+) of (\d+) calibration images", err).groups())
+    agreed, total = map(
+        int, re.search(r"int8 top-1 agrees with float32 on (\d+) of (\d+) calibration images", err).groups()
+    )
     # The oracle: onnxruntime on both files, with transformers' own preprocessing of the same photos.
     paths = sorted(p for p in calibration.iterdir() if p.name != "broken.jpg")
-    pixels = transformers.BitImageProcessorPil.from_pretrained(src)([Image.open(p) for p in paths], return_tensors="np")["pixel_values"]
+    pixels = transformers.BitImageProcessorPil.from_pretrained(src)(
+        [Image.open(p) for p in paths], return_tensors="np"
+    )["pixel_values"]
     assert total == len(paths) and agreed == int((top1(fp32, pixels) == top1(int8, pixels)).sum())
     meta = metadata(int8)
     assert meta["bitcli.precision"] == "int8" and meta["bitcli.check"]["top1_agreement"] == agreed / total
@@ -71,7 +81,9 @@ def test_low_agreement_writes_nothing(calibration, tmp_path):
     model = transformers.BitForImageClassification.from_pretrained(src)
     with torch.no_grad():
         head = model.classifier[1]
-        head.weight[1] = head.weight[0] + 1e-5 * torch.randn(head.weight.shape[1], generator=torch.Generator().manual_seed(0))
+        head.weight[1] = head.weight[0] + 1e-5 * torch.randn(
+            head.weight.shape[1], generator=torch.Generator().manual_seed(0)
+        )
         head.bias[1] = head.bias[0]
         head.bias[:2] += 10.0
     model.save_pretrained(src)
@@ -87,6 +99,12 @@ def test_low_agreement_writes_nothing(calibration, tmp_path):
 def test_calibration_folder_without_images(tmp_path):
     src = save_hf_model(tmp_path / "src", CROP_64, **TINY)
     (tmp_path / "empty").mkdir()
-    code, _, err = run_main("convert", src, tmp_path / "x.onnx", "--quantize", "int8", "--calibrate", tmp_path / "empty")
-    assert code == 1 and err.splitlines()[-1] == f"Error: --calibrate {tmp_path / 'empty'}: holds no image that decodes; int8 needs images to calibrate on"
+    code, _, err = run_main(
+        "convert", src, tmp_path / "x.onnx", "--quantize", "int8", "--calibrate", tmp_path / "empty"
+    )
+    assert (
+        code == 1
+        and err.splitlines()[-1]
+        == f"Error: --calibrate {tmp_path / 'empty'}: holds no image that decodes; int8 needs images to calibrate on"
+    )
     assert not (tmp_path / "x.onnx").exists()

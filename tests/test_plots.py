@@ -38,7 +38,12 @@ def records(steps: int, every: int) -> list[dict]:
     rng = np.random.default_rng(0)
     out = []
     for s in range(steps):
-        r = {"step": s, "lr": 0.1 * min(1.0, s / 10), "loss": float(2 * np.exp(-s / 30) + 0.1 * rng.random()), "images_per_s": 50.0}
+        r = {
+            "step": s,
+            "lr": 0.1 * min(1.0, s / 10),
+            "loss": float(2 * np.exp(-s / 30) + 0.1 * rng.random()),
+            "images_per_s": 50.0,
+        }
         if (s + 1) % every == 0:
             r |= {"val_top1": 1 - np.exp(-s / 30), "val_top5": None, "val_loss": float(np.exp(-s / 30))}
         out.append(r)
@@ -91,14 +96,16 @@ def test_confusion_beyond_50_classes_shows_the_most_confused() -> None:
     picked = sorted(confused | set([i for i in range(n) if i not in confused][:25]))
     assert rows == [names[i] for i in picked]
     assert cols == [*rows, plots.REST]
-    assert shown.sum(axis=1).tolist() == counts[[names.index(r) for r in rows]].sum(axis=1).tolist()  # rows keep their images
+    assert (
+        shown.sum(axis=1).tolist() == counts[[names.index(r) for r in rows]].sum(axis=1).tolist()
+    )  # rows keep their images
     assert note == f"the 30 of 120 classes with the most errors; {plots.REST}: predictions of any other class"
     data = plots.confusion_png(names, counts.tolist(), "ImageNet-size", other=None)
     assert decoded(data).shape[1::-1] == expected_size(rows, cols, shown.sum(axis=1).tolist())
 
 
 def test_class_names_are_drawn_literally() -> None:
-    """"$x^2$" is not mathtext, "[bold]" not markup, a newline is shown as \\n; a long name is shortened."""
+    """ "$x^2$" is not mathtext, "[bold]" not markup, a newline is shown as \\n; a long name is shortened."""
     names = ["$x^2$", "[bold]cat[/bold]", "a\nb", "a very long class name that goes on and on", "猫"]
     data = plots.confusion_png(names, confusion(5).tolist(), "title with $ in it", other=None)
     assert decoded(data).shape[1::-1] == expected_size(names, names, confusion(5).sum(axis=1).tolist())
@@ -108,7 +115,9 @@ def test_class_names_are_drawn_literally() -> None:
 def test_eval_plot_writes_the_confusion_picture(tiny_dir: Path, tmp_path: Path) -> None:
     write_folder(tmp_path / "data", {"apple": 3, "banana": 3, "cherry": 2})
     picture = tmp_path / "out" / "confusion.png"
-    code, out, err = run_main("eval", tmp_path / "data", "--model", tiny_dir, "--format", "json", "--device", "cpu", "--plot", picture)
+    code, out, err = run_main(
+        "eval", tmp_path / "data", "--model", tiny_dir, "--format", "json", "--device", "cpu", "--plot", picture
+    )
     assert (code, err) == (0, "")
     result = json.loads(out)
     rows = [name for name in result["labels"] if name != OTHER]

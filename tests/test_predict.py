@@ -31,7 +31,9 @@ def _transformers_top_k(model_dir: Path, paths: list[Path], k: int) -> list[tupl
     pixels = processor([Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         top = model(pixels).logits.softmax(-1).topk(k, dim=-1)
-    return [(i.tolist(), [model.config.id2label[j] for j in i.tolist()], s.numpy()) for s, i in zip(top.values, top.indices)]
+    return [
+        (i.tolist(), [model.config.id2label[j] for j in i.tolist()], s.numpy()) for s, i in zip(top.values, top.indices)
+    ]
 
 
 def _assert_matches_peer(rows: list[dict], peer: list[tuple[list[int], list[str], np.ndarray]], atol: float) -> None:
@@ -66,7 +68,9 @@ def test_formats_agree(tiny_dir, photos, monkeypatch):
     assert [(r["path"], int(r["rank"]), r["label"], int(r["index"])) for r in rows] == [
         (r["path"], rank, p["label"], p["index"]) for r in as_json for rank, p in enumerate(r["predictions"], 1)
     ]
-    assert all(abs(float(r["score"]) - p["score"]) < 1e-6 for r, p in zip(rows, [p for r in as_json for p in r["predictions"]]))
+    assert all(
+        abs(float(r["score"]) - p["score"]) < 1e-6 for r, p in zip(rows, [p for r in as_json for p in r["predictions"]])
+    )
 
     code, table, err = run_main(*base)
     assert (code, err) == (0, "")
@@ -78,7 +82,11 @@ def test_formats_agree(tiny_dir, photos, monkeypatch):
 
 def test_output_file_and_clean_stdout(tiny_dir, photos, tmp_path):
     out = tmp_path / "preds.json"
-    assert run_main("predict", photos["rocket.jpg"], "--model", tiny_dir, "--format", "json", "--output", out) == (0, "", "")
+    assert run_main("predict", photos["rocket.jpg"], "--model", tiny_dir, "--format", "json", "--output", out) == (
+        0,
+        "",
+        "",
+    )
     data = json.loads(out.read_text())
     assert data[0]["path"] == str(photos["rocket.jpg"])
     assert [p.name for p in tmp_path.iterdir()] == ["preds.json"]  # no temporary left behind
@@ -109,8 +117,12 @@ def test_folders_globs_and_recursion(tiny_dir, photos, tmp_path):
 
 def test_batching_does_not_change_results(tiny_dir, photos):
     images = list(photos.values())
-    one = _json(run_main("predict", *images, "--model", tiny_dir, "--format", "json", "--batch-size", "1", "--workers", "0"))
-    many = _json(run_main("predict", *images, "--model", tiny_dir, "--format", "json", "--batch-size", "3", "--workers", "3"))
+    one = _json(
+        run_main("predict", *images, "--model", tiny_dir, "--format", "json", "--batch-size", "1", "--workers", "0")
+    )
+    many = _json(
+        run_main("predict", *images, "--model", tiny_dir, "--format", "json", "--batch-size", "3", "--workers", "3")
+    )
     assert [r["path"] for r in one] == [r["path"] for r in many] == [str(p) for p in images]
     for a, b in zip(one, many):
         assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
@@ -158,8 +170,19 @@ def test_odd_modes_and_rotation_classify_like_upright_rgb(tiny_dir, photos, tmp_
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to view": stored turned the other way
     upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "rotated.png", exif=exif)
-    names = ["rgb.png", "gray.png", "gray_as_rgb.png", "rgba.png", "cmyk.tiff", "palette.png", "palette_as_rgb.png", "rotated.png"]
-    result = run_main("predict", *(tmp_path / n for n in names), "--model", tiny_dir, "--format", "json", "--top-k", "10")
+    names = [
+        "rgb.png",
+        "gray.png",
+        "gray_as_rgb.png",
+        "rgba.png",
+        "cmyk.tiff",
+        "palette.png",
+        "palette_as_rgb.png",
+        "rotated.png",
+    ]
+    result = run_main(
+        "predict", *(tmp_path / n for n in names), "--model", tiny_dir, "--format", "json", "--top-k", "10"
+    )
     assert result[0] == 0, result[2]
     by_name = {Path(r["path"]).name: r["predictions"] for r in _json(result)}
     assert by_name["rgba.png"] == by_name["rgb.png"]
@@ -172,12 +195,24 @@ def test_odd_modes_and_rotation_classify_like_upright_rgb(tiny_dir, photos, tmp_
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--top-k", "0"], "Invalid value for '--top-k' / '-k': Input should be greater than or equal to 1 (`bit predict -h` lists the options)\n"),
+        (
+            ["--top-k", "0"],
+            "Invalid value for '--top-k' / '-k': Input should be greater than or equal to 1 (`bit predict -h` lists the options)\n",
+        ),
         (["--format", "xml"], "Invalid value for '--format' / '-f'"),
-        (["--batch-size", "0"], "Invalid value for '--batch-size' / '-b': Input should be greater than or equal to 1 (`bit predict -h` lists the options)\n"),
-        (["--workers", "-1"], "Invalid value for '--workers': Input should be greater than or equal to 0 (`bit predict -h` lists the options)\n"),
+        (
+            ["--batch-size", "0"],
+            "Invalid value for '--batch-size' / '-b': Input should be greater than or equal to 1 (`bit predict -h` lists the options)\n",
+        ),
+        (
+            ["--workers", "-1"],
+            "Invalid value for '--workers': Input should be greater than or equal to 0 (`bit predict -h` lists the options)\n",
+        ),
         (["--device", "tpu"], "Error: --device 'tpu': use auto, cpu, cuda, cuda:N or mps\n"),
-        (["--device", "cuda"], "Error: --device cuda: CUDA is not available on this machine; use --device cpu or auto\n"),
+        (
+            ["--device", "cuda"],
+            "Error: --device cuda: CUDA is not available on this machine; use --device cpu or auto\n",
+        ),
         (["--precision", "fp8"], "Invalid value for '--precision'"),
         (["--no-such-flag"], "No such option: --no-such-flag"),
     ],
@@ -205,17 +240,23 @@ def test_model_errors_are_one_line(photos, model, message):
 
 def test_model_missing_from_the_hub_cache_is_one_line(photos, tmp_path):
     """A process: huggingface_hub reads HF_HOME (where the cache is) when it is imported."""
-    result = run_bit("predict", photos["chelsea.png"], "--model", "google/no-such-bit", env={"HF_HOME": str(tmp_path / "hf")})
+    result = run_bit(
+        "predict", photos["chelsea.png"], "--model", "google/no-such-bit", env={"HF_HOME": str(tmp_path / "hf")}
+    )
     assert (result.returncode, result.stdout) == (1, "")
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "not in the Hugging Face cache" in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "not in the Hugging Face cache" in lines[0], (
+        result.stderr
+    )
     assert str(tmp_path / "hf") in lines[0]
 
 
 def test_headless_checkpoint_cannot_predict(tmp_path, photos):
     from conftest import save_hf_model
 
-    folder = save_hf_model(tmp_path / "headless", embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8, num_labels=0)
+    folder = save_hf_model(
+        tmp_path / "headless", embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], num_groups=8, num_labels=0
+    )
     code, out, err = run_main("predict", photos["chelsea.png"], "--model", folder)
     assert (code, out) == (1, "")
     assert err == f"Error: {folder}: checkpoint has no classification head; it gives features, not labels\n"

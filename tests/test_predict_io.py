@@ -158,7 +158,9 @@ def test_output_suffix_picks_the_format(album, tiny_dir):
         assert parse(Path(name).read_text()) == ["first.png"], name
 
 
-@pytest.mark.parametrize("fmt, name", [("csv", "p.json"), ("table", "p.csv"), ("json", "p.jsonl"), ("jsonl", "out.JSON")])
+@pytest.mark.parametrize(
+    "fmt, name", [("csv", "p.json"), ("table", "p.csv"), ("json", "p.jsonl"), ("jsonl", "out.JSON")]
+)
 def test_format_contradicting_the_suffix_is_refused_before_loading(album, fmt, name):
     code, out, err = run_main("predict", "first.png", "--model", "no/such-model", "-f", fmt, "-o", name)
     assert (code, out) == (2, "")
@@ -167,7 +169,9 @@ def test_format_contradicting_the_suffix_is_refused_before_loading(album, fmt, n
 
 
 def test_format_matching_the_suffix_in_any_case(album, tiny_dir):
-    code, out, err = run_main("predict", "first.png", "--model", tiny_dir, "-f", "JSON", "-o", "p.Json", "--precision", "FP32")
+    code, out, err = run_main(
+        "predict", "first.png", "--model", tiny_dir, "-f", "JSON", "-o", "p.Json", "--precision", "FP32"
+    )
     assert (code, out, err) == (0, "", "")
     assert json.loads(Path("p.Json").read_text())[0]["path"] == "first.png"
 
@@ -202,7 +206,9 @@ def test_control_characters_in_errors_stay_on_one_stderr_line(album, tiny_dir):
 
 
 def test_visible_escapes_only_what_breaks_a_line():
-    assert ui.visible("a\nb\tc\r\x1b[31m\u2028\u202e ok [x] é 猫") == "a\\nb\\tc\\r\\u001b[31m\\u2028\\u202e ok [x] é 猫"
+    assert (
+        ui.visible("a\nb\tc\r\x1b[31m\u2028\u202e ok [x] é 猫") == "a\\nb\\tc\\r\\u001b[31m\\u2028\\u202e ok [x] é 猫"
+    )
 
 
 def test_an_exception_without_a_message_still_names_its_type(album, tiny_dir, monkeypatch):
@@ -241,7 +247,7 @@ def test_a_folder_that_cannot_be_listed_is_one_error_row(album, tiny_dir, monkey
         return real(folder, recursive)
 
     monkeypatch.setattr(predict, "list_images", list_images)
-    code, out, err = run_main("predict", "first.png", "locked", "last.jpg", "--model", tiny_dir, "-f", "jsonl")
+    code, out, _err = run_main("predict", "first.png", "locked", "last.jpg", "--model", tiny_dir, "-f", "jsonl")
     assert code == 1
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["path"] for r in rows] == ["first.png", "locked", "last.jpg"]
@@ -294,7 +300,9 @@ def test_uncropped_checkpoint_batches_equal_sizes(album, uncropped_model, monkey
     code, out, err = run_main("predict", *names, "--model", uncropped_model, "-f", "json", "-b", "1", "-k", "10")
     for alone, batched in zip(json.loads(out), together):
         assert [p["index"] for p in alone["predictions"]] == [p["index"] for p in batched["predictions"]]
-        assert [p["score"] for p in alone["predictions"]] == pytest.approx([p["score"] for p in batched["predictions"]], abs=1e-5)
+        assert [p["score"] for p in alone["predictions"]] == pytest.approx(
+            [p["score"] for p in batched["predictions"]], abs=1e-5
+        )
 
 
 def test_progress_description_is_literal(monkeypatch):
@@ -304,7 +312,9 @@ def test_progress_description_is_literal(monkeypatch):
     from bitcli import ui
 
     buf = io.StringIO()
-    monkeypatch.setattr(ui, "stderr_console", lambda: Console(file=buf, force_terminal=True, width=100, color_system=None))
+    monkeypatch.setattr(
+        ui, "stderr_console", lambda: Console(file=buf, force_terminal=True, width=100, color_system=None)
+    )
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     with ui.progress_bar("album [red]2024[/red]", total=3, unit="img") as advance:
         advance(1)

@@ -19,7 +19,12 @@ from bitcli.preprocess import Preprocess, load_image
     "processor",
     [
         BIT50_PREPROCESSOR,
-        {**BIT50_PREPROCESSOR, "size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224}, "resample": 3},
+        {
+            **BIT50_PREPROCESSOR,
+            "size": {"shortest_edge": 224},
+            "crop_size": {"height": 224, "width": 224},
+            "resample": 3,
+        },
         {**BIT50_PREPROCESSOR, "size": {"height": 160, "width": 200}, "crop_size": {"height": 128, "width": 127}},
         {},  # BitImageProcessor's own defaults: 224, bicubic, CLIP mean/std
     ],
@@ -52,20 +57,42 @@ def test_metadata_without_the_rounding_field_is_transformers_rule():
 
 
 def test_timm_pretrained_cfg():
-    cfg = {"input_size": [3, 448, 448], "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
+    cfg = {
+        "input_size": [3, 448, 448],
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
     assert Preprocess.from_timm(cfg) == Preprocess(resize=448, crop=(448, 448), crop_rounding="round")
-    cfg = {"input_size": [3, 224, 224], "crop_pct": 0.875, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
-    assert Preprocess.from_timm(cfg) == Preprocess(resize=256, crop=(224, 224), interpolation="bicubic", crop_rounding="round")
+    cfg = {
+        "input_size": [3, 224, 224],
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+    }
+    assert Preprocess.from_timm(cfg) == Preprocess(
+        resize=256, crop=(224, 224), interpolation="bicubic", crop_rounding="round"
+    )
 
 
 def test_to_timm_says_squash_for_an_exact_size_resize():
     """Google's and fine-tuning's eval transforms resize to an exact square: timm's "squash" mode, not a
     shortest-edge resize (which would crop a non-square photo)."""
-    for p in [Preprocess(resize=(480, 480), crop=None), Preprocess.square(160, 128), Preprocess(resize=448, crop=(448, 448))]:
+    for p in [
+        Preprocess(resize=(480, 480), crop=None),
+        Preprocess.square(160, 128),
+        Preprocess(resize=448, crop=(448, 448)),
+    ]:
         assert Preprocess.from_timm(p.to_timm()).same_pixels(dataclasses.replace(p, crop_rounding="round"))
     assert Preprocess(resize=(480, 480), crop=None).to_timm()["crop_mode"] == "squash"
-    assert not Preprocess(resize=448, crop=(448, 448)).same_pixels(Preprocess(resize=448, crop=(448, 448), crop_rounding="round"))
-    assert Preprocess(resize=(64, 64), crop=(64, 64)).same_pixels(Preprocess(resize=(64, 64), crop=None, crop_rounding="round"))
+    assert not Preprocess(resize=448, crop=(448, 448)).same_pixels(
+        Preprocess(resize=448, crop=(448, 448), crop_rounding="round")
+    )
+    assert Preprocess(resize=(64, 64), crop=(64, 64)).same_pixels(
+        Preprocess(resize=(64, 64), crop=None, crop_rounding="round")
+    )
 
 
 def _rgb(path) -> np.ndarray:
@@ -106,7 +133,10 @@ def test_modes_convert_like_their_rgb_form(tmp_path):
     assert np.abs(_rgb(tmp_path / "float.tiff")[..., 0].astype(int) - gray).max() <= 1
 
 
-@pytest.mark.parametrize("orientation, undo", [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270)])
+@pytest.mark.parametrize(
+    "orientation, undo",
+    [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270)],
+)
 def test_exif_orientation_is_applied(tmp_path, orientation, undo):
     rng = np.random.default_rng(1)
     upright = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))

@@ -56,7 +56,9 @@ def test_timm_models_get_timms_pixels_and_hf_models_transformers(timm_bit, photo
 
     path = _resized(photos, tmp_path, size)
     timm_pixels = _timm_transform(timm_bit)(Image.open(path).convert("RGB"))
-    hf_pixels = transformers.BitImageProcessorPil(**BIT50_PREPROCESSOR)(Image.open(path), return_tensors="pt")["pixel_values"][0]
+    hf_pixels = transformers.BitImageProcessorPil(**BIT50_PREPROCESSOR)(Image.open(path), return_tensors="pt")[
+        "pixel_values"
+    ][0]
 
     ours_timm = Preprocess.from_timm(timm_bit.pretrained_cfg)
     assert ours_timm.crop_rounding == "round" and ours_timm.resize == 448 and ours_timm.crop == (448, 448)
@@ -98,13 +100,23 @@ def test_padding_puts_the_odd_pixel_where_each_library_does(photos, tmp_path, li
 
         # crop_pct 1.29: shortest edge floor(128 / 1.29) = 99 (a pad of 29), long edge 247 (a crop margin of
         # 119, whose half timm rounds up).
-        cfg = {"input_size": (3, 128, 128), "crop_pct": 1.29, "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+        cfg = {
+            "input_size": (3, 128, 128),
+            "crop_pct": 1.29,
+            "interpolation": "bilinear",
+            "mean": (0.5,) * 3,
+            "std": (0.5,) * 3,
+        }
         expected = create_transform(**cfg, crop_mode="center")(image)
         ours = Preprocess.from_timm(cfg)
     else:
         import transformers
 
-        processor = {**BIT50_PREPROCESSOR, "size": {"height": 101, "width": 99}, "crop_size": {"height": 128, "width": 128}}
+        processor = {
+            **BIT50_PREPROCESSOR,
+            "size": {"height": 101, "width": 99},
+            "crop_size": {"height": 128, "width": 128},
+        }
         expected = transformers.BitImageProcessorPil(**processor)(image, return_tensors="pt")["pixel_values"][0]
         ours = Preprocess.from_hf(processor)
     got = ours(load_image(path))
@@ -117,7 +129,9 @@ def test_padding_puts_the_odd_pixel_where_each_library_does(photos, tmp_path, li
 
 
 def _predict(model_dir: Path, paths: list[Path], k: int) -> list[torch.Tensor]:
-    code, out, err = run_main("predict", "--model", model_dir, *paths, "--format", "json", "--top-k", k, "--device", "cpu")
+    code, out, err = run_main(
+        "predict", "--model", model_dir, *paths, "--format", "json", "--top-k", k, "--device", "cpu"
+    )
     assert code == 0, err
     rows = json.loads(out)
     return [torch.tensor([p["score"] for p in sorted(r["predictions"], key=lambda p: p["index"])]) for r in rows]
@@ -148,7 +162,9 @@ def test_bit_predict_on_a_timm_folder_equals_timm(photos, tmp_path):
 
 
 def test_npz_prediction_equals_timms_npz_reader_on_googles_480_transform(photos, tmp_path):
-    arrays = google_arrays(TINY["depths"], widths=TINY["widths"], stem=TINY["stem"], num_classes=10, seed=8, head_std=1.0)
+    arrays = google_arrays(
+        TINY["depths"], widths=TINY["widths"], stem=TINY["stem"], num_classes=10, seed=8, head_std=1.0
+    )
     npz = save_npz(tmp_path / "tiny.npz", arrays)
     assert load_checkpoint(str(npz)).preprocess == Preprocess(resize=(480, 480), crop=None) == GOOGLE_EVAL_PREPROCESS
     paths = [_resized(photos, tmp_path, (640, 427)), photos["china.jpg"]]
@@ -210,7 +226,9 @@ def test_hf_to_timm_keeps_transformers_crop_in_bit_and_says_what_timm_does(bit50
     # What timm will do with the folder: its pretrained_cfg is google/bit-50's sizes with torchvision's crop.
     pretrained = cfg["pretrained_cfg"]
     assert Preprocess.from_timm(pretrained) == Preprocess(resize=448, crop=(448, 448), crop_rounding="round")
-    create_transform(**{k: pretrained[k] for k in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")})
+    create_transform(
+        **{k: pretrained[k] for k in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")}
+    )
 
 
 def test_timm_to_hf_keeps_timms_crop_in_bit(tmp_path):

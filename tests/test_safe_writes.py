@@ -149,7 +149,10 @@ def test_bitcli_file_through_a_symlink_keeps_the_link(tiny_dir, tmp_path):
     for flags in ([], ["--overwrite"]):
         code, _, err = convert(tiny_dir, link, *flags)
         assert code == 0, err
-        assert link.is_symlink() and load_checkpoint(str(tmp_path / "store" / "tiny.safetensors")).config.depths == (1, 1)
+        assert link.is_symlink() and load_checkpoint(str(tmp_path / "store" / "tiny.safetensors")).config.depths == (
+            1,
+            1,
+        )
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["tiny.safetensors"]
 
 

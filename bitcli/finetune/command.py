@@ -112,7 +112,9 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
             last_eval = validate(training)
             record_validation(opts.output, plan.steps - 1, last_eval, pictures=plots.available())
         check_finite(engine.model, plan.steps - 1)
-        write_outputs(opts.output, engine.model, plan, val_tf, last_eval, outcome.last_loss, outcome.step_times, start, started)
+        write_outputs(
+            opts.output, engine.model, plan, val_tf, last_eval, outcome.last_loss, outcome.step_times, start, started
+        )
     barrier(info)
 
 
@@ -133,7 +135,9 @@ def prepare(opts: FinetuneOptions, info: Dist, device: torch.device, dtype: torc
     found = scan_datasets(opts)
     start = start_point(opts.model, opts.random_init, opts.revision, len(found.train.classes))
     check_flags(opts, info, start.config)
-    ds = usable_datasets(opts, found, functools.partial(shared_undecodable, info=info, device=device, workers=opts.workers))
+    ds = usable_datasets(
+        opts, found, functools.partial(shared_undecodable, info=info, device=device, workers=opts.workers)
+    )
     model, mean, std = build_start_model(start, len(ds.train.classes), opts.seed)
     model = model.to(device).train()
     if opts.head_only:

@@ -41,7 +41,11 @@ def scan_datasets(opts: FinetuneOptions) -> Datasets:
     train = train_part.scan(None)
     if len(train.classes) < 2:
         what = "class folder" if train.source is None else "class"
-        fix = "add a sub-folder of images for each other class" if train.source is None else "add examples of other classes"
+        fix = (
+            "add a sub-folder of images for each other class"
+            if train.source is None
+            else "add examples of other classes"
+        )
         raise UsageError(
             f"{visible(train_part.name)}: holds one {what} ({train.classes[0]!r}); a classifier needs at least 2 classes, so {fix}"
         )
@@ -49,7 +53,9 @@ def scan_datasets(opts: FinetuneOptions) -> Datasets:
     return Datasets(train, val, val_part.name if val_part is not None else None)
 
 
-def usable_datasets(opts: FinetuneOptions, found: Datasets, undecodable: Callable[[Sequence], dict[int, str]]) -> Datasets:
+def usable_datasets(
+    opts: FinetuneOptions, found: Datasets, undecodable: Callable[[Sequence], dict[int, str]]
+) -> Datasets:
     """The images that decode, then --val-split and --shots.
 
     `undecodable(paths)` decodes them all and returns {index: error} of the failures. Every image the run
@@ -110,7 +116,11 @@ def shared_undecodable(paths: Sequence, info: Dist, device: torch.device, worker
     if info.main and len(paths) >= CHECK_LOG_FROM:
         log(f"checking that {len(paths):,} images decode")
     mine = paths if info.world == 1 else paths[info.rank :: info.world]  # one process: no copy of a million rows
-    bar = progress_bar("checking images", total=len(mine), unit="img") if info.main else contextlib.nullcontext(lambda n: None)
+    bar = (
+        progress_bar("checking images", total=len(mine), unit="img")
+        if info.main
+        else contextlib.nullcontext(lambda n: None)
+    )
     with bar as advance:
         found = {info.rank + j * info.world: error for j, error in find_undecodable(mine, workers, advance).items()}
     if info.world > 1:

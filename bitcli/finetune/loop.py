@@ -174,7 +174,9 @@ def mean_loss(loss_sum: torch.Tensor, t: Training, step: int) -> float:
 # The input pipeline
 
 
-def micro_batches(t: Training, reader: Reader) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]]:
+def micro_batches(
+    t: Training, reader: Reader
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]]:
     """(input, labels, MixUp partner labels or None, λ) of this process's micro-batches, in training order,
     from step t.start on. The images are decoded and augmented on the reader's threads, a batch ahead."""
     plan, info = t.plan, t.info
@@ -203,7 +205,9 @@ def _train_image(cache: DecodeCache, index: int, top: int, left: int, crop: int,
     return augment(cache.get(index), top, left, crop, flip)
 
 
-def _mix(decoded: np.ndarray, needed: np.ndarray, own: np.ndarray, sample: StepSample, targets: np.ndarray, engine: Engine):
+def _mix(
+    decoded: np.ndarray, needed: np.ndarray, own: np.ndarray, sample: StepSample, targets: np.ndarray, engine: Engine
+):
     """(input, labels, partner labels or None) of a micro-batch: the images at batch positions `own`, each
     blended with its MixUp partner (decoded[i] is the image at position needed[i])."""
     row = {int(p): r for r, p in enumerate(needed)}

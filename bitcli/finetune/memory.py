@@ -22,7 +22,9 @@ def mem_available() -> int:
     return 4 << 30
 
 
-def auto_batch_split(model, per_rank: int, crop: int, device: torch.device, dtype: torch.dtype, info: Dist) -> tuple[int, str]:
+def auto_batch_split(
+    model, per_rank: int, crop: int, device: torch.device, dtype: torch.dtype, info: Dist
+) -> tuple[int, str]:
     """(micro-batches per step, why). Every process takes the same number: the largest any of them needs.
 
     On a GPU each candidate is tried for real (out-of-memory moves on to the next); on a CPU the activation
@@ -37,7 +39,9 @@ def auto_batch_split(model, per_rank: int, crop: int, device: torch.device, dtyp
     return int(all_max(t, info).item()), why
 
 
-def _largest_that_runs(model, per_rank: int, splits: list[int], crop: int, device: torch.device, dtype: torch.dtype) -> tuple[int, str]:
+def _largest_that_runs(
+    model, per_rank: int, splits: list[int], crop: int, device: torch.device, dtype: torch.dtype
+) -> tuple[int, str]:
     for split in splits:
         x = out = None
         try:

@@ -295,7 +295,9 @@ def describe(plan: Plan) -> list[str]:
 def describe_schedule(boundaries: tuple[int, ...], lr: float) -> str:
     """'lr 0.003 after a linear warm-up of 100 steps, /10 after steps 200, 300, 400' (short runs: less)."""
     warmup, decays = boundaries[0], boundaries[1:-1]
-    text = f"lr {lr:g} " + (f"after a linear warm-up of {warmup} steps" if warmup else "from the first step (no warm-up)")
+    text = f"lr {lr:g} " + (
+        f"after a linear warm-up of {warmup} steps" if warmup else "from the first step (no warm-up)"
+    )
     if not decays:
         return text + ", no decay"
     return text + f", /10 after step{'s' * (len(decays) > 1)} " + ", ".join(str(d) for d in decays)

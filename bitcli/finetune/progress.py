@@ -26,7 +26,9 @@ class TrainProgress:
                 console=stderr_console(), transient=True,
             )  # fmt: skip
             self.progress.__enter__()
-            self.task = self.progress.add_task("finetune", total=self.total, completed=self.start, lr=0.0, loss=0.0, ips=0.0)
+            self.task = self.progress.add_task(
+                "finetune", total=self.total, completed=self.start, lr=0.0, loss=0.0, ips=0.0
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -45,7 +45,7 @@ PICTURE_FILES = ("curves.png", "confusion.png")  # bitcli.finetune.watch draws t
 RUN_FILES = (*MODEL_FILES, METRICS_FILE, SUMMARY_FILE, STATE_FILE, CONFIG_FILE, VALIDATION_FILE, *PICTURE_FILES)
 # Temporary names of bitcli's own writes into DIR (atomic_write: .NAME.XXXXXXXX.tmp; the final model's
 # staging folder .final and its own temporary ..final.XXXXXXXX.tmp). Only these are cleaned up.
-LEFTOVER = re.compile(r"\.(?:%s|\.final)\.[a-z0-9_]{8}\.tmp" % "|".join(re.escape(n) for n in RUN_FILES))
+LEFTOVER = re.compile(r"\.(?:{}|\.final)\.[a-z0-9_]{{8}}\.tmp".format("|".join(re.escape(n) for n in RUN_FILES)))
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}  # disk full, read-only...
 
 
@@ -81,11 +81,17 @@ def output_mode(output: Path, resume: bool, overwrite: bool) -> str:
     if not output.exists() or not [p for p in output.iterdir() if p.name != LOCK_FILE]:
         return "fresh"
     if not is_run:
-        raise BitError(f"--output {output}: folder is not empty and holds no bit finetune run; choose a new or empty folder")
+        raise BitError(
+            f"--output {output}: folder is not empty and holds no bit finetune run; choose a new or empty folder"
+        )
     if not overwrite:
         if finished:
-            raise BitError(f"--output {output}: holds a finished run; pass --overwrite to replace it, or choose another folder")
-        raise BitError(f"--output {output}: holds an unfinished run; pass --resume to continue it or --overwrite to start again")
+            raise BitError(
+                f"--output {output}: holds a finished run; pass --overwrite to replace it, or choose another folder"
+            )
+        raise BitError(
+            f"--output {output}: holds an unfinished run; pass --resume to continue it or --overwrite to start again"
+        )
     return "overwrite"
 
 
@@ -125,7 +131,9 @@ def lock_output(output: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.close()
-            raise BitError(f"--output {output}: another bit finetune is writing to this folder; wait for it or choose another") from None
+            raise BitError(
+                f"--output {output}: another bit finetune is writing to this folder; wait for it or choose another"
+            ) from None
         try:
             if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
                 break

@@ -35,7 +35,9 @@ def random_init_config(spec: str, num_classes: int) -> BitConfig:
         try:
             fields = json.loads(spec)
         except json.JSONDecodeError as exc:
-            raise BitError(f"--model: not valid JSON ({exc.msg}); e.g. '{{\"depths\": [1, 1], \"hidden_sizes\": [32, 64]}}'") from None
+            raise BitError(
+                f'--model: not valid JSON ({exc.msg}); e.g. \'{{"depths": [1, 1], "hidden_sizes": [32, 64]}}\''
+            ) from None
         if not isinstance(fields, dict):
             raise BitError("--model: the JSON architecture must be an object of BitConfig fields")
         return BitConfig.from_dict({**fields, "num_classes": num_classes})

@@ -35,8 +35,11 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         "next_step": next_step,
         "seed": plan.seed,
         "train_fingerprint": plan.train_fingerprint,
-        "sampler": {"kind": "with-replacement" if plan.train_examples < plan.batch_size else "epochs",
-                    "seed": plan.seed, "next_step": next_step},  # fmt: skip
+        "sampler": {
+            "kind": "with-replacement" if plan.train_examples < plan.batch_size else "epochs",
+            "seed": plan.seed,
+            "next_step": next_step,
+        },
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
     }
     refs = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in tensors.items()}
@@ -72,7 +75,9 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         if ref is None:
             continue
         if tuple(ref.shape) != tuple(p.shape):
-            raise BitError(f"{path}: momentum of {name} has shape {tuple(ref.shape)}, not {tuple(p.shape)}; use --overwrite")
+            raise BitError(
+                f"{path}: momentum of {name} has shape {tuple(ref.shape)}, not {tuple(p.shape)}; use --overwrite"
+            )
         buf = torch.empty_like(p, requires_grad=False)  # the parameter's device, dtype and memory format
         optimizer.state[p]["momentum_buffer"] = buf.copy_(ref.load())
     if "rng.torch" in refs:

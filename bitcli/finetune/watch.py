@@ -65,7 +65,7 @@ def record_validation(run: Path, step: int, result: EvalResult, pictures: bool) 
         return
     try:
         draw_pictures(run)
-    except Exception as exc:  # a picture never stops training; `bit report` draws it again
+    except Exception as exc:  # noqa: BLE001 -- a picture never stops training; `bit report` draws it again
         log(f"could not draw the pictures ({one_line(exc)}); `bit report {visible(str(run))}` draws them later")
 
 

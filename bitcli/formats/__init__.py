@@ -28,10 +28,23 @@ from bitcli.formats.raw import read_json, read_safetensors, write_safetensors
 from bitcli.formats.tensors import Layout, TensorRef
 
 __all__ = [
-    "BIT_DEFAULT_PREPROCESS", "GOOGLE_EVAL_PREPROCESS", "FORMATS", "MODEL_FILE_SUFFIXES", "Checkpoint", "Format",
-    "Layout", "TensorRef",
-    "check_tensors", "detect", "expected_shapes", "infer_config", "read", "read_json", "read_label_file",
-    "read_safetensors", "write_safetensors",
+    "BIT_DEFAULT_PREPROCESS",
+    "FORMATS",
+    "GOOGLE_EVAL_PREPROCESS",
+    "MODEL_FILE_SUFFIXES",
+    "Checkpoint",
+    "Format",
+    "Layout",
+    "TensorRef",
+    "check_tensors",
+    "detect",
+    "expected_shapes",
+    "infer_config",
+    "read",
+    "read_json",
+    "read_label_file",
+    "read_safetensors",
+    "write_safetensors",
 ]  # fmt: skip
 
 
@@ -46,7 +59,9 @@ class Format:
     suffixes: tuple[str, ...] = ()  # the model files it reads, by suffix
     claims: Callable[[dict[str, Any]], bool] | None = None  # the model folders it reads, by their config.json
     fixed_eps_library: str | None = None  # the library that reads this layout standardising with its own eps 1e-8
-    write_options: Callable[[Any], dict[str, Any]] | None = None  # keyword arguments its writer takes from ConvertOptions
+    write_options: Callable[[Any], dict[str, Any]] | None = (
+        None  # keyword arguments its writer takes from ConvertOptions
+    )
 
 
 # A folder is read by the first format that claims its config.json: timm's before transformers', as a timm
@@ -81,7 +96,9 @@ def detect(path: Path) -> Format:
     for fmt in FORMATS.values():
         if suffix in fmt.suffixes:
             return fmt
-    raise BitError(f"{path}: unknown model file type {suffix!r}; use .safetensors, .npz, .bin/.pth, .onnx or a model folder")
+    raise BitError(
+        f"{path}: unknown model file type {suffix!r}; use .safetensors, .npz, .bin/.pth, .onnx or a model folder"
+    )
 
 
 def read(path: Path) -> Checkpoint:

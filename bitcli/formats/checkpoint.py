@@ -55,7 +55,9 @@ class Checkpoint:
         for key, ref in self.tensors.items():
             t = ref.load()
             if t.is_floating_point() and not torch.isfinite(t).all():
-                raise BitError(f"{self.source}: tensor {self.layout.key(key)} holds NaN or infinite values; the checkpoint is corrupt")
+                raise BitError(
+                    f"{self.source}: tensor {self.layout.key(key)} holds NaN or infinite values; the checkpoint is corrupt"
+                )
             state[key] = t.to(device=device, dtype=dtype)
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
@@ -97,13 +99,17 @@ def check_tensors(config: BitConfig, tensors: Mapping[str, TensorRef], source: s
         raise BitError(f"{source}: weights do not match the architecture: " + "; ".join(problems))
     for key, ref in tensors.items():
         if not ref.dtype.is_floating_point:
-            raise BitError(f"{source}: tensor {layout.key(key)} has dtype {ref.dtype}; BiT weights must be floating point")
+            raise BitError(
+                f"{source}: tensor {layout.key(key)} has dtype {ref.dtype}; BiT weights must be floating point"
+            )
 
 
 _UNIT_KEY = re.compile(r"^stages\.(\d+)\.units\.(\d+)\.")
 
 
-def infer_config(shapes: Mapping[str, tuple[int, ...]], source: str, layout: Layout = BITCLI, **overrides: Any) -> BitConfig:
+def infer_config(
+    shapes: Mapping[str, tuple[int, ...]], source: str, layout: Layout = BITCLI, **overrides: Any
+) -> BitConfig:
     """Depth, width and class count of a BiT from its bitcli-named tensor shapes (never from a file name)."""
     stem = shapes.get("stem.conv.weight")
     if stem is None or len(stem) != 4:
@@ -120,7 +126,9 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], source: str, layout: Lay
         found = units.get(s, set())
         gap = next((u for u in range(max(found, default=0) + 1) if u not in found), None)
         if gap is not None:  # a stage, or a unit inside one, is absent while later ones exist
-            raise BitError(f"{source}: missing {layout.key(f'stages.{s}.units.{gap}.conv1.weight')} (and the rest of that unit)")
+            raise BitError(
+                f"{source}: missing {layout.key(f'stages.{s}.units.{gap}.conv1.weight')} (and the rest of that unit)"
+            )
         conv3 = shapes.get(f"stages.{s}.units.0.conv3.weight")
         if conv3 is None or not conv3:
             raise BitError(f"{source}: missing {layout.key(f'stages.{s}.units.0.conv3.weight')}")

@@ -81,10 +81,14 @@ def read(path: Path) -> Checkpoint:
     except BitError as exc:
         raise BitError(f"{path}: {exc}") from None
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
-        raise BitError(f"{path}: bitcli metadata is damaged ({one_line(exc)}); export it again with bit convert") from None
+        raise BitError(
+            f"{path}: bitcli metadata is damaged ({one_line(exc)}); export it again with bit convert"
+        ) from None
     inputs, outputs = [i.name for i in proto.graph.input], [o.name for o in proto.graph.output]
     if inputs != [INPUT] or outputs != [OUTPUT]:
-        raise BitError(f"{path}: graph has inputs {inputs} and outputs {outputs}, not [{INPUT!r}] and [{OUTPUT!r}]; export it again with bit convert")
+        raise BitError(
+            f"{path}: graph has inputs {inputs} and outputs {outputs}, not [{INPUT!r}] and [{OUTPUT!r}]; export it again with bit convert"
+        )
     if not config.num_classes:
         raise BitError(f"{path}: metadata describes a model without a classification head")
     labels = checked_labels(labels, config.num_classes, str(path))
@@ -120,7 +124,9 @@ def write(ckpt: Checkpoint, path: Path, dtype: torch.dtype | None = None, *, ops
     sizes = input_sizes(ckpt.preprocess)
     proto = export(model, dtype, opset, sizes[0], dynamic_size=len(sizes) > 1)
     check: dict[str, Any] = prove(proto, model, ckpt.preprocess, sizes, dtype)
-    log(f"checked with onnxruntime: logits within {check['max_rel_diff']:.1e} of the largest logit of the torch model's (allowed {check['tolerance']:g})")
+    log(
+        f"checked with onnxruntime: logits within {check['max_rel_diff']:.1e} of the largest logit of the torch model's (allowed {check['tolerance']:g})"
+    )
     precision = "float16" if dtype == torch.float16 else "float32"
     if calibrate is not None:
         proto, check = quantize_int8(proto, ckpt.preprocess, images, calibrate, min_agreement)
@@ -221,7 +227,9 @@ def check_batch(preprocess: Preprocess, size: tuple[int, int], count: int = CHEC
     return preprocess.normalize(torch.from_numpy(images)).numpy()
 
 
-def prove(proto, model: BitModel, preprocess: Preprocess, sizes: list[tuple[int, int]], dtype: torch.dtype) -> dict[str, Any]:
+def prove(
+    proto, model: BitModel, preprocess: Preprocess, sizes: list[tuple[int, int]], dtype: torch.dtype
+) -> dict[str, Any]:
     """Run the exported graph with onnxruntime and the torch model (fp32) on the fixed batch at every size;
     a relative difference above TOLERANCE[dtype] is an error. Returns what was checked, for the metadata."""
     from bitcli.onnx_engine import session

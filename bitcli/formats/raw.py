@@ -71,7 +71,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
         handle = safe_open(str(path), framework="pt")
     except BitError:
         raise
-    except Exception as exc:  # malformed JSON, wrong field types, the Rust reader's own checks
+    except Exception as exc:  # noqa: BLE001 -- malformed JSON, wrong field types, the Rust reader's own checks
         raise BitError(f"{path}: not a valid safetensors file ({one_line(exc)})") from None
 
     def loader(key: str) -> Callable[[], torch.Tensor]:
@@ -81,14 +81,20 @@ def read_safetensors(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
     return refs, dict(metadata)
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, TensorRef], metadata: dict[str, str], dtype: torch.dtype | None = None) -> None:
+def write_safetensors(
+    path: Path, tensors: Mapping[str, TensorRef], metadata: dict[str, str], dtype: torch.dtype | None = None
+) -> None:
     """Stream tensors into a safetensors file one at a time (peak memory: one tensor), atomically."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for key, ref in tensors.items():
         out_dtype = dtype if (dtype is not None and ref.dtype.is_floating_point) else ref.dtype
         nbytes = _numel(ref.shape) * torch.empty((), dtype=out_dtype).element_size()
-        header[key] = {"dtype": _ST_NAMES[out_dtype], "shape": list(ref.shape), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {
+            "dtype": _ST_NAMES[out_dtype],
+            "shape": list(ref.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned, as the reference writer does
@@ -130,7 +136,7 @@ def read_torch_bin(path: Path) -> dict[str, TensorRef]:
             f"{path}: pickled Python objects, not plain weights ({detail}); bitcli never unpickles those. "
             "If you trust the file, re-save its weights as safetensors with the tool that wrote it"
         ) from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 -- the unpickler's own errors, of many types
         raise BitError(f"{path}: not a torch weights file ({one_line(exc)[:200]})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -150,7 +156,11 @@ def folder_weights(folder: Path) -> dict[str, TensorRef]:
 
 
 # numpy dtypes a BiT .npz may hold (any byte order), and their torch equivalents.
-_NPZ_DTYPES = {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}
+_NPZ_DTYPES = {
+    np.dtype("float16"): torch.float16,
+    np.dtype("float32"): torch.float32,
+    np.dtype("float64"): torch.float64,
+}
 
 
 def read_npz_arrays(path: Path) -> dict[str, TensorRef]:
@@ -166,7 +176,9 @@ def read_npz_arrays(path: Path) -> dict[str, TensorRef]:
         if magic == b"\x93NUMPY":
             raise BitError(f"{path}: is a single .npy array, not an .npz archive of named arrays") from None
         if magic.startswith(b"PK\x03\x04"):
-            raise BitError(f"{path}: the .npz archive is truncated (its zip directory is missing); download or copy it again") from None
+            raise BitError(
+                f"{path}: the .npz archive is truncated (its zip directory is missing); download or copy it again"
+            ) from None
         raise BitError(f"{path}: not an .npz (zip) archive ({one_line(exc)})") from None
     refs: dict[str, TensorRef] = {}
     for info in zf.infolist():
@@ -187,7 +199,9 @@ def read_npz_arrays(path: Path) -> dict[str, TensorRef]:
     return refs
 
 
-def _npy_header(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> tuple[tuple[int, ...], np.dtype, int]:
+def _npy_header(
+    path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str
+) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, offset of the data) of one .npy member, from its header alone."""
     try:
         with zf.open(info) as fh:
@@ -203,7 +217,7 @@ def _npy_header(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str
         raise
     except zipfile.BadZipFile as exc:  # a small member is read whole with its header: CRC checked here
         raise BitError(f"{path}: array {key} is corrupt ({one_line(exc)}); download or copy the file again") from None
-    except Exception as exc:  # not a .npy member, a damaged header, a zip entry that cannot be opened
+    except Exception as exc:  # noqa: BLE001 -- not a .npy member, a damaged header, a zip entry that cannot be opened
         raise BitError(f"{path}: member {info.filename} is not a readable .npy array ({one_line(exc)})") from None
 
 
@@ -212,8 +226,10 @@ def _npz_loader(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str
         try:
             with zf.open(info) as fh:
                 array = np.lib.format.read_array(fh, allow_pickle=False)
-        except Exception as exc:  # CRC mismatch, a member cut short
-            raise BitError(f"{path}: array {key} cannot be read ({one_line(exc)}); the file is corrupt, download or copy it again") from None
+        except Exception as exc:  # noqa: BLE001 -- CRC mismatch, a member cut short
+            raise BitError(
+                f"{path}: array {key} cannot be read ({one_line(exc)}); the file is corrupt, download or copy it again"
+            ) from None
         if not array.dtype.isnative:
             array = array.astype(array.dtype.newbyteorder("="))
         return torch.from_numpy(np.ascontiguousarray(array))

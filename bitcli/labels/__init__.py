@@ -89,11 +89,15 @@ class LabelMatcher:
             index, count = int(name), len(self.labels)
             if index < count:
                 return index
-            raise BitError(f"{prefix}: class index {index} is out of range: {self.source} has {count} classes (0-{count - 1})")
+            raise BitError(
+                f"{prefix}: class index {index} is out of range: {self.source} has {count} classes (0-{count - 1})"
+            )
         if candidates is None:
             candidates = self._short.get(key)
         if candidates is None:
-            how = "labels" if self._numbered else "labels (the full name, or its first name when unique) or class indices"
+            how = (
+                "labels" if self._numbered else "labels (the full name, or its first name when unique) or class indices"
+            )
             raise BitError(
                 f"{prefix}: class {name!r} is not a label of {self.source} ({self._examples()}); "
                 f"name the class folders after the model's {how}"

@@ -117,7 +117,9 @@ class DatasetSplit:
         for shard in self.shards[1:]:
             for column in (columns.image, columns.label):
                 if column not in shard.schema.names:
-                    raise BitError(f"{shard.name}: has no column {column!r}, which {first.name} has; all shards need the same columns")
+                    raise BitError(
+                        f"{shard.name}: has no column {column!r}, which {first.name} has; all shards need the same columns"
+                    )
         codes, names = self._label_codes(columns)
         if classes is None:
             empty = np.flatnonzero(np.bincount(codes, minlength=len(names)) == 0)

@@ -33,7 +33,9 @@ def schema_features(schema) -> dict[str, Any] | None:
     return features if isinstance(features, dict) else None
 
 
-def choose_columns(schema, features: dict[str, Any] | None, image: str | None, label: str | None, where: str) -> Columns:
+def choose_columns(
+    schema, features: dict[str, Any] | None, image: str | None, label: str | None, where: str
+) -> Columns:
     """The image and label columns: named by the flags, else found from the features (see README, Data sources)."""
     import pyarrow as pa
 
@@ -52,19 +54,27 @@ def choose_columns(schema, features: dict[str, Any] | None, image: str | None, l
             raise BitError(f"{where}: {why}; name it with --image-column (columns: {listing})")
         image = found[0]
     if not _holds_images(schema.field(image).type):
-        raise BitError(f"{where}: column {image!r} holds {schema.field(image).type}, not images; name the image column with --image-column")
+        raise BitError(
+            f"{where}: column {image!r} holds {schema.field(image).type}, not images; name the image column with --image-column"
+        )
     if label is None:
         found = [n for n in present if _type(features.get(n)) == "ClassLabel"]
         if len(found) > 1:
-            raise BitError(f"{where}: several ClassLabel columns ({', '.join(found)}); name the label column with --label-column")
+            raise BitError(
+                f"{where}: several ClassLabel columns ({', '.join(found)}); name the label column with --label-column"
+            )
         if not found and FALLBACK_LABEL not in present:
-            raise BitError(f"{where}: no label column (a ClassLabel, or a column named 'label'); name it with --label-column (columns: {listing})")
+            raise BitError(
+                f"{where}: no label column (a ClassLabel, or a column named 'label'); name it with --label-column (columns: {listing})"
+            )
         label = found[0] if found else FALLBACK_LABEL
     kind = schema.field(label).type
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
     if not (pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise BitError(f"{where}: label column {label!r} holds {kind}; labels must be class names or integers (--label-column)")
+        raise BitError(
+            f"{where}: label column {label!r} holds {kind}; labels must be class names or integers (--label-column)"
+        )
     feature = features.get(label)
     names = tuple(str(n) for n in feature.get("names") or ()) if _type(feature) == "ClassLabel" else None
     return Columns(image, label, names or None)

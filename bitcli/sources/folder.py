@@ -26,6 +26,7 @@ def expected_layout(data: Path) -> str:
         "    val/cat/...    val/dog/...     (or valid/, validation/)"
     )
 
+
 def find_splits(data: Path) -> tuple[Path, Path | None]:
     """DATA -> (train folder, validation folder or None). DATA/train marks the split layout."""
     if not data.is_dir():
@@ -38,11 +39,13 @@ def find_splits(data: Path) -> tuple[Path, Path | None]:
             return train, data / name
     return train, None
 
+
 def _class_dirs(root: Path) -> list[Path]:
     try:
         return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
     except OSError as exc:
         raise BitError(f"{root}: cannot list folder ({exc.strerror})") from None
+
 
 def scan(root: Path, classes: Sequence[str] | None = None) -> ImageFolder:
     """One sub-folder per class. With `classes` (the training classes) the folder may hold a subset of them."""
@@ -78,4 +81,3 @@ def scan(root: Path, classes: Sequence[str] | None = None) -> ImageFolder:
         paths.extend(images)
         targets.extend([index[d.name]] * len(images))
     return ImageFolder(root, tuple(classes), tuple(paths), tuple(targets))
-

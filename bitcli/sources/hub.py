@@ -41,7 +41,9 @@ class HubDataset:
 def parse(spec: str) -> HubDataset:
     found = SPEC.fullmatch(spec)
     if found is None:
-        raise UsageError(f"{spec}: use hf://datasets/OWNER/NAME, optionally with @REVISION and :SPLIT (hf://datasets/OWNER/NAME@main:test)")
+        raise UsageError(
+            f"{spec}: use hf://datasets/OWNER/NAME, optionally with @REVISION and :SPLIT (hf://datasets/OWNER/NAME@main:test)"
+        )
     return HubDataset(found["repo"], found["revision"], found["split"])
 
 
@@ -59,8 +61,12 @@ def hub_splits(ds: HubDataset, purpose: str) -> dict[str | None, list[ParquetSha
     folder = hub._hub_snapshot(ds.repo_id, ds.revision, patterns, online, "dataset")
     files = [f for f in parquet_files(folder) if online is not True or f.relative_to(folder).as_posix() in patterns]
     if not files:
-        raise hub._not_cached(ds.repo_id, ds.revision, "parquet files of dataset", "dataset") if not online else BitError(
-            f"{ds.label}: has no parquet files; bit reads Hub data sets in parquet (try @refs/convert/parquet)"
+        raise (
+            hub._not_cached(ds.repo_id, ds.revision, "parquet files of dataset", "dataset")
+            if not online
+            else BitError(
+                f"{ds.label}: has no parquet files; bit reads Hub data sets in parquet (try @refs/convert/parquet)"
+            )
         )
     splits = shard_splits(folder, files, ds.label, ds.split)
     if ds.key is not None and ds.key not in splits:

@@ -72,7 +72,9 @@ def read_label_file(path: Path) -> LabelFile:
             value = _field(record, "split", where)
             split = SPLITS.get(value.lower())
             if split is None:
-                raise BitError(f"{where}: unknown split {value!r}; use train, val or test (or leave the split column out)")
+                raise BitError(
+                    f"{where}: unknown split {value!r}; use train, val or test (or leave the split column out)"
+                )
         full = os.path.join(path.parent, image)
         if not os.path.lexists(full):  # a dangling link or a pipe is listed, and named when it does not decode
             raise BitError(f"{where}: {full}: no such file; fix the path (relative to {path.parent}) or remove the row")
@@ -83,7 +85,9 @@ def read_label_file(path: Path) -> LabelFile:
 def _field(record: dict, column: str, where: str) -> str:
     value = record.get(column)
     if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
-        raise BitError(f"{where}: no {column} (each row needs path and label{', and split' if column == 'split' else ''})")
+        raise BitError(
+            f"{where}: no {column} (each row needs path and label{', and split' if column == 'split' else ''})"
+        )
     return str(value).strip()
 
 
@@ -91,7 +95,9 @@ def _csv_records(f, path: Path) -> Iterator[tuple[int, dict]]:
     reader = csv.DictReader(f)
     missing = [c for c in ("path", "label") if c not in (reader.fieldnames or [])]
     if missing:
-        raise BitError(f"{path}:1: the header has no {' or '.join(missing)} column; the first row must name the columns: path,label[,split]")
+        raise BitError(
+            f"{path}:1: the header has no {' or '.join(missing)} column; the first row must name the columns: path,label[,split]"
+        )
     start = 2
     for record in reader:
         yield start, record
@@ -107,5 +113,7 @@ def _jsonl_records(f, path: Path) -> Iterator[tuple[int, dict]]:
         except ValueError as exc:
             raise BitError(f"{path}:{line}: not valid JSON ({exc}); write one object a line") from None
         if not isinstance(record, dict):
-            raise BitError(f"{path}:{line}: not a JSON object; write one object a line, e.g. {{\"path\": \"a.jpg\", \"label\": \"cat\"}}")
+            raise BitError(
+                f'{path}:{line}: not a JSON object; write one object a line, e.g. {{"path": "a.jpg", "label": "cat"}}'
+            )
         yield line, record

@@ -61,7 +61,9 @@ def training_parts(data: str | Path, columns: Columns) -> tuple[Part, Part | Non
     from bitcli.sources.dataset import training_keys
 
     splits, label, hint = _dataset_splits(kind, where, columns, "train")
-    train_key, val_key = (_explicit(where), None) if _explicit(where) is not None else training_keys(list(splits), label, hint)
+    train_key, val_key = (
+        (_explicit(where), None) if _explicit(where) is not None else training_keys(list(splits), label, hint)
+    )
     val = _dataset_part(splits, val_key, label, columns) if val_key is not None and val_key in splits else None
     return _dataset_part(splits, train_key, label, columns), val
 
@@ -133,7 +135,9 @@ def _kind(data: str | Path) -> tuple[str, Path | str]:
         if _parquet_folder(path):
             return "parquet", path
     elif path.exists():
-        raise BitError(f"{path}: is a file; pass a class folder, a label file (.csv, .jsonl), a .parquet file or hf://datasets/OWNER/NAME")
+        raise BitError(
+            f"{path}: is a file; pass a class folder, a label file (.csv, .jsonl), a .parquet file or hf://datasets/OWNER/NAME"
+        )
     return "folder", path
 
 

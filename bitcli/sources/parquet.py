@@ -28,7 +28,9 @@ class ParquetShard:
         try:
             self.file = pq.ParquetFile(path)
         except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
-            raise BitError(f"{name}: not a parquet file pyarrow can read ({' '.join(str(exc).split())[:200]})") from None
+            raise BitError(
+                f"{name}: not a parquet file pyarrow can read ({' '.join(str(exc).split())[:200]})"
+            ) from None
         meta = self.file.metadata
         self.num_rows, self.size = meta.num_rows, path.stat().st_size
         self.schema = self.file.schema_arrow
@@ -72,7 +74,9 @@ def split_of(relative: str, wanted: str | None = None) -> str | None:
     return None
 
 
-def shard_splits(folder: Path, files: list[Path], label: str, wanted: str | None = None) -> dict[str | None, list[ParquetShard]]:
+def shard_splits(
+    folder: Path, files: list[Path], label: str, wanted: str | None = None
+) -> dict[str | None, list[ParquetShard]]:
     """{split: shards} of a folder's parquet files; {None: all} when no file names a split. `label` is how
     the folder is named in messages (its path, or hf://datasets/OWNER/NAME)."""
     if not files:

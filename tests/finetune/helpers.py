@@ -16,8 +16,15 @@ from bitcli.preprocess import image_size
 
 TINY = '{"depths": [1, 1], "hidden_sizes": [32, 64], "embedding_size": 16, "num_groups": 8}'
 FAST = ["--random-init", "--model", TINY, "--resolution", "16", "--workers", "2"]
-RUN_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "metrics.jsonl", "summary.json",
-             "finetune_config.json", "checkpoint.safetensors"}  # fmt: skip (no .lock: it goes when the run ends)
+RUN_FILES = {
+    "config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "finetune_config.json",
+    "checkpoint.safetensors",
+}  # fmt: skip (no .lock: it goes when the run ends)
 VALIDATION_FILES = {"validation.json", "curves.png", "confusion.png"}  # and these in a run with a validation set
 # Processes that a test compares with in-process runs (one intra-op thread, see conftest.one_thread) use one
 # thread too: results are bit-identical for the same thread count.

@@ -46,7 +46,11 @@ def test_finetune_end_to_end(dataset: Path, tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_top1"] == metrics[-1]["val_top1"] and summary["val_top5"] is None  # 3 classes: no top-5
     assert f"done: val top-1 {summary['val_top1']:.4f}, top-5 n/a on 12 images\n" in err
-    assert summary["steps"] == 8 and summary["val_examples"] == 12 and set(summary["val_per_class"]) == {"blue", "green", "red"}
+    assert (
+        summary["steps"] == 8
+        and summary["val_examples"] == 12
+        and set(summary["val_per_class"]) == {"blue", "green", "red"}
+    )
 
     # The model is a transformers folder: bitcli and transformers load it and agree on the logits.
     from transformers import BitForImageClassification
@@ -111,7 +115,9 @@ def test_val_split(tmp_path: Path) -> None:
     train_only = tmp_path / "only"
     write_folder(train_only, {"a": 10, "b": 10})
     out = tmp_path / "run"
-    code, _, err = run_main("finetune", train_only, "--output", out, "--val-split", "0.2", "--steps", "1", "--batch-size", "4", *FAST)
+    code, _, err = run_main(
+        "finetune", train_only, "--output", out, "--val-split", "0.2", "--steps", "1", "--batch-size", "4", *FAST
+    )
     assert code == 0, err
     plan = json.loads((out / "finetune_config.json").read_text())
     assert (plan["train_examples"], plan["val_examples"]) == (16, 4)
@@ -132,8 +138,14 @@ def test_degenerate_runs_are_refused_before_any_weight_is_built(tmp_path: Path, 
     monkeypatch.setattr(command, "build_start_model", never)
     before = sorted(tmp_path.rglob("*"))
     cases = [
-        ([one, "--output", out, *FAST], f"{one}: holds one class folder ('red'); a classifier needs at least 2 classes"),
-        ([data, "--output", data / "myrun", *FAST], f"--output {data / 'myrun'}: is inside the image folder {data} (DATA)"),
+        (
+            [one, "--output", out, *FAST],
+            f"{one}: holds one class folder ('red'); a classifier needs at least 2 classes",
+        ),
+        (
+            [data, "--output", data / "myrun", *FAST],
+            f"--output {data / 'myrun'}: is inside the image folder {data} (DATA)",
+        ),
         ([data, "--output", data, *FAST], f"--output {data}: is the image folder {data} (DATA)"),
         ([data, "--output", val / "x" / "run", "--val", val, *FAST], f"is inside the image folder {val} (--val)"),
         ([data, "--output", out, "--random-init", "--model", TINY, "--resolution", "1"], "use a crop of at least 8"),

@@ -12,7 +12,16 @@ import pytest
 import torch
 from conftest import run_main, write_folder
 
-from .helpers import FAST, PROCESS_ENV, TINY, one_and_two_processes, read_metrics, read_weights, torchrun, truncated_jpeg
+from .helpers import (
+    FAST,
+    PROCESS_ENV,
+    TINY,
+    one_and_two_processes,
+    read_metrics,
+    read_weights,
+    torchrun,
+    truncated_jpeg,
+)
 
 pytestmark = pytest.mark.slow  # two torchrun launches: about 8 s each on 2 cores
 

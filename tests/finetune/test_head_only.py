@@ -16,7 +16,13 @@ from bitcli.distributed import Dist
 from bitcli.errors import BitError
 from bitcli.finetune import rundir
 from bitcli.finetune.plan import check_same_run, describe
-from bitcli.finetune.start import build_start_model, freeze_backbone, random_init_config, start_point, trainable_parameters
+from bitcli.finetune.start import (
+    build_start_model,
+    freeze_backbone,
+    random_init_config,
+    start_point,
+    trainable_parameters,
+)
 from bitcli.hub import load_checkpoint
 from bitcli.model import BitModel
 
@@ -110,7 +116,9 @@ def test_head_only_resume_is_bit_identical(dataset: Path, tmp_path: Path, monkey
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     ma, mb = read_metrics(straight), read_metrics(stopped)
     assert [m["step"] for m in mb] == list(range(8))
-    assert [(m["lr"], m["loss"], m.get("val_top1")) for m in ma] == [(m["lr"], m["loss"], m.get("val_top1")) for m in mb]
+    assert [(m["lr"], m["loss"], m.get("val_top1")) for m in ma] == [
+        (m["lr"], m["loss"], m.get("val_top1")) for m in mb
+    ]
 
 
 @pytest.mark.parametrize("first, then", [(["--head-only"], []), ([], ["--head-only"])])
@@ -142,7 +150,8 @@ def test_plans_from_before_head_only_still_resume(tmp_path: Path) -> None:
         check_same_run(saved, probe, tmp_path)
     assert not any("frozen" in line for line in describe(full))
     assert [line for line in describe(probe) if "frozen" in line] == [
-        "  optimizer   SGD momentum 0.9, no weight decay, new head zero-initialised" + FROZEN_LINE]
+        "  optimizer   SGD momentum 0.9, no weight decay, new head zero-initialised" + FROZEN_LINE
+    ]
 
 
 def test_auto_batch_split_counts_no_backward_activations(tmp_path: Path) -> None:

@@ -95,7 +95,10 @@ def test_bit_recipe_zero_head_then_the_whole_network_trains(dataset: Path, tmp_p
     tuned = load_checkpoint(str(out)).build_model().state_dict()
     moved = {k for k, v in backbone.items() if v.is_floating_point() and not torch.equal(tuned[k], v)}
     assert moved == {k for k, v in backbone.items() if v.is_floating_point()}  # every backbone weight trained
-    assert torch.count_nonzero(tuned["head.weight"]) > 0 and tuned["head.weight"].shape == (3, model.config.num_features)
+    assert torch.count_nonzero(tuned["head.weight"]) > 0 and tuned["head.weight"].shape == (
+        3,
+        model.config.num_features,
+    )
 
 
 DIGITS_MIN_TOP1 = 0.85  # measured 0.894 (tiny BiT from random weights, 200 steps, 16 px); see examples/README.md

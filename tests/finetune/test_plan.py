@@ -49,7 +49,9 @@ def _folder(tmp_path: Path, size: tuple[int, int], n: int) -> ImageFolder:
 
 def _plan(tmp_path: Path, size: tuple[int, int], n: int, **flags):
     ds = _folder(tmp_path, size, n)
-    opts = FinetuneOptions(data=ds.root, model="tiny", output=tmp_path / "out", random_init=True, batch_split=1, **flags)
+    opts = FinetuneOptions(
+        data=ds.root, model="tiny", output=tmp_path / "out", random_init=True, batch_split=1, **flags
+    )
     model = BitModel(random_init_config("tiny", 2))
     return make_plan(opts, Datasets(ds, None, None), model, Dist(), torch.device("cpu"), torch.float32, None)
 
@@ -116,7 +118,9 @@ def test_typed_options_are_checked_for_callers_other_than_the_cli() -> None:
 
 
 def test_random_init_specs() -> None:
-    assert random_init_config("tiny", 3) == BitConfig(depths=(1, 1), hidden_sizes=(32, 64), embedding_size=16, num_groups=8, num_classes=3)
+    assert random_init_config("tiny", 3) == BitConfig(
+        depths=(1, 1), hidden_sizes=(32, 64), embedding_size=16, num_groups=8, num_classes=3
+    )
     assert random_init_config("R50x1", 7) == BitConfig.resnet(50, 1, num_classes=7)
     assert random_init_config(TINY, 2) == random_init_config("tiny", 2)
     for bad, message in [("R51x1", "use a preset"), ("{nope", "not valid JSON"), ('{"depth": [1]}', "unknown field")]:

@@ -69,9 +69,8 @@ def test_overwrite_removes_only_what_bitcli_wrote(tmp_path: Path) -> None:
 def test_lock_is_exclusive_and_gone_when_the_run_ends(tmp_path: Path) -> None:
     with lock_output(tmp_path):
         assert (tmp_path / ".lock").is_file()
-        with pytest.raises(BitError, match="another bit finetune is writing to this folder"):
-            with lock_output(tmp_path):
-                pass
+        with pytest.raises(BitError, match="another bit finetune is writing to this folder"), lock_output(tmp_path):
+            pass
     assert not (tmp_path / ".lock").exists()
     with lock_output(tmp_path):  # and the folder can be locked again
         pass

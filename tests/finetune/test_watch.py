@@ -47,7 +47,9 @@ def test_pictures_at_every_validation_equal_what_report_draws(dataset: Path, tmp
     assert (validation["top1"], validation["per_class"]) == (summary["val_top1"], summary["val_per_class"])
     assert sum(map(sum, validation["confusion"])) == validation["count"] == 12
     assert decoded(out / "curves.png").shape == (800, 800, 3)
-    assert decoded(out / "confusion.png").shape[1::-1] == expected_size(["blue", "green", "red"], ["blue", "green", "red"], [4, 4, 4])
+    assert decoded(out / "confusion.png").shape[1::-1] == expected_size(
+        ["blue", "green", "red"], ["blue", "green", "red"], [4, 4, 4]
+    )
 
     before = {name: (out / name).read_bytes() for name in PICTURES}
     (out / "confusion.png").unlink()
@@ -57,7 +59,10 @@ def test_pictures_at_every_validation_equal_what_report_draws(dataset: Path, tmp
     lines = report.splitlines()
     assert "status      finished" in lines
     assert f"validation  step 7: top-1 {summary['val_top1']:.4f}, top-5 n/a, loss {summary['val_loss']:.4f}" in report
-    assert f"  {out / 'model.safetensors'}  the fine-tuned model" in report and f"  {out / 'metrics.jsonl'}  one line per step" in report
+    assert (
+        f"  {out / 'model.safetensors'}  the fine-tuned model" in report
+        and f"  {out / 'metrics.jsonl'}  one line per step" in report
+    )
     assert lines[-1] == f"pictures    {out / 'curves.png'}, {out / 'confusion.png'}"
 
 
@@ -91,7 +96,12 @@ def test_tensorboard_scalars_equal_metrics_across_a_resume(dataset: Path, tmp_pa
 
     files = sorted((out / "tensorboard").iterdir())
     assert len(files) == 2 and all(f.name.startswith(tensorboard.EVENT_PREFIX) for f in files)
-    logged = [e.step for f in files for e in EventFileLoader(str(f)).Load() if any(v.tag == "train/loss" for v in e.summary.value)]
+    logged = [
+        e.step
+        for f in files
+        for e in EventFileLoader(str(f)).Load()
+        if any(v.tag == "train/loss" for v in e.summary.value)
+    ]
     assert logged.count(6) == 2  # the interrupted run's step 6 is on disk: the resume's purge hides it
 
     board = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
@@ -119,7 +129,9 @@ def test_no_pictures_without_a_validation_set(tmp_path: Path) -> None:
     assert "status      finished" in report
 
 
-def test_without_matplotlib_training_runs_and_report_says_what_to_install(dataset: Path, tmp_path: Path, monkeypatch) -> None:
+def test_without_matplotlib_training_runs_and_report_says_what_to_install(
+    dataset: Path, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     out = tmp_path / "run"
     code, _, err = run_main("finetune", dataset, "--output", out, *SHORT)
@@ -134,11 +146,17 @@ def test_without_matplotlib_training_runs_and_report_says_what_to_install(datase
 def test_tensorboard_missing_or_not_a_run(dataset: Path, tmp_path: Path, monkeypatch) -> None:
     code, out, err = run_main("report", tmp_path)
     assert (code, out) == (1, "")
-    assert err == f"Error: {tmp_path}: holds no bit finetune run (finetune_config.json); pass the --output folder of a run\n"
+    assert (
+        err
+        == f"Error: {tmp_path}: holds no bit finetune run (finetune_config.json); pass the --output folder of a run\n"
+    )
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     code, _, err = run_main("finetune", dataset, "--output", tmp_path / "run", "--tensorboard", *SHORT)
     assert code == 1
-    assert err == "Error: --tensorboard needs the tensorboard package, which is not installed: pip install 'bitcli[tensorboard]'\n"
+    assert (
+        err
+        == "Error: --tensorboard needs the tensorboard package, which is not installed: pip install 'bitcli[tensorboard]'\n"
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -138,7 +138,7 @@ def bitcli_model(path: Path) -> torch.nn.Module:
 
 def read_st(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 -- safe_open is not iterable
 
 
 def inputs(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -149,7 +149,10 @@ TINY = dict(depths=(1, 1, 1, 1), widths=(128, 128, 128, 128), stem=32)
 
 
 def tiny_npz(path: Path, num_classes: int = 3, seed: int = 0) -> Path:
-    return save_npz(path, google_arrays(TINY["depths"], widths=TINY["widths"], stem=TINY["stem"], num_classes=num_classes, seed=seed))
+    return save_npz(
+        path,
+        google_arrays(TINY["depths"], widths=TINY["widths"], stem=TINY["stem"], num_classes=num_classes, seed=seed),
+    )
 
 
 def convert_ok(*args: object) -> None:

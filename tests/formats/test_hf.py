@@ -38,5 +38,7 @@ def test_transformers_placeholder_names_become_the_defaults_for_any_head_size(tm
 
 def test_a_name_that_only_looks_like_a_placeholder_is_kept(tmp_path):
     names = ["LABEL_0", "cat", "dog"]
-    folder = save_hf_model(tmp_path / "m", id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, **TINY)
+    folder = save_hf_model(
+        tmp_path / "m", id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}, **TINY
+    )
     assert hf.read(folder).labels == names

@@ -14,7 +14,13 @@ from bitcli.options import ConvertFormat
 
 def test_every_convert_format_has_a_writer_and_says_if_it_is_a_folder():
     assert {f.value for f in ConvertFormat} <= set(FORMATS)
-    assert {name: f.folder for name, f in FORMATS.items()} == {"bitcli": False, "timm": True, "hf": True, "npz": False, "onnx": False}
+    assert {name: f.folder for name, f in FORMATS.items()} == {
+        "bitcli": False,
+        "timm": True,
+        "hf": True,
+        "npz": False,
+        "onnx": False,
+    }
     assert {name: f.fixed_eps_library for name, f in FORMATS.items()} == {
         "bitcli": None, "timm": "timm", "hf": "transformers", "npz": None, "onnx": None,
     }  # fmt: skip
@@ -23,7 +29,14 @@ def test_every_convert_format_has_a_writer_and_says_if_it_is_a_folder():
 
 @pytest.mark.parametrize(
     "name, expected",
-    [("m.safetensors", "bitcli"), ("M.NPZ", "npz"), ("m.bin", "timm"), ("m.pth", "timm"), ("m.pt", "timm"), ("m.onnx", "onnx")],
+    [
+        ("m.safetensors", "bitcli"),
+        ("M.NPZ", "npz"),
+        ("m.bin", "timm"),
+        ("m.pth", "timm"),
+        ("m.pt", "timm"),
+        ("m.onnx", "onnx"),
+    ],
 )
 def test_files_by_suffix(tmp_path, name, expected):
     (tmp_path / name).write_bytes(b"")

@@ -52,7 +52,9 @@ def _refs(state: dict[str, torch.Tensor]) -> dict[str, TensorRef]:
 
 
 def test_unknown_names_are_listed_at_once(tmp_path):
-    refs = _refs({"stem.conv.weight": torch.zeros(16, 3, 7, 7), "fc.weight": torch.zeros(2, 2), "pos_embed": torch.zeros(1)})
+    refs = _refs(
+        {"stem.conv.weight": torch.zeros(16, 3, 7, 7), "fc.weight": torch.zeros(2, 2), "pos_embed": torch.zeros(1)}
+    )
     with pytest.raises(BitError) as err:
         timm.read_weights(tmp_path / "m.pth", refs)
     assert str(err.value) == (

@@ -15,7 +15,9 @@ CLASSES = ["blue", "green", "red"]
 
 def folder_rows(root: Path, split: str) -> list[tuple[str, str]]:
     """(path relative to root, class) of a class folder split, in the folder's order."""
-    return [(p.relative_to(root).as_posix(), c) for c in CLASSES for p in sorted((root / "folder" / split / c).iterdir())]
+    return [
+        (p.relative_to(root).as_posix(), c) for c in CLASSES for p in sorted((root / "folder" / split / c).iterdir())
+    ]
 
 
 def interleave(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -29,7 +31,10 @@ def image_dataset(root: Path, rows: list[tuple[str, str]]):
 
     features = Features({"image": Image(), "label": ClassLabel(names=CLASSES)})
     return Dataset.from_dict(
-        {"image": [{"bytes": (root / p).read_bytes(), "path": None} for p, _ in rows], "label": [CLASSES.index(c) for _, c in rows]},
+        {
+            "image": [{"bytes": (root / p).read_bytes(), "path": None} for p, _ in rows],
+            "label": [CLASSES.index(c) for _, c in rows],
+        },
         features=features,
     )
 
@@ -42,7 +47,9 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train, val = interleave(folder_rows(root, "train")), interleave(folder_rows(root, "val"))
     labelled = [(p, c, "train") for p, c in train] + [(p, c, "val") for p, c in val]
     (root / "labels.csv").write_text("path,label,split\n" + "".join(f"{p},{c},{s}\n" for p, c, s in labelled))
-    (root / "labels.jsonl").write_text("".join(json.dumps({"path": p, "label": c, "split": s}) + "\n" for p, c, s in labelled))
+    (root / "labels.jsonl").write_text(
+        "".join(json.dumps({"path": p, "label": c, "split": s}) + "\n" for p, c, s in labelled)
+    )
     half = len(train) // 2
     (root / "parquet" / "data").mkdir(parents=True)
     image_dataset(root, train[:half]).to_parquet(root / "parquet" / "data" / "train-00000-of-00002.parquet")
@@ -50,7 +57,9 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     image_dataset(root, val).to_parquet(root / "parquet" / "data" / "validation-00000-of-00001.parquet")
     from datasets import DatasetDict
 
-    DatasetDict({"train": image_dataset(root, train), "validation": image_dataset(root, val)}).save_to_disk(root / "saved")
+    DatasetDict({"train": image_dataset(root, train), "validation": image_dataset(root, val)}).save_to_disk(
+        root / "saved"
+    )
     return {
         "folder": root / "folder", "csv": root / "labels.csv", "jsonl": root / "labels.jsonl", "parquet": root / "parquet",
         "saved": root / "saved", "val_parquet": root / "parquet" / "data" / "validation-00000-of-00001.parquet",

@@ -36,7 +36,10 @@ def test_label_file_rows(sources: dict[str, Path], tmp_path: Path) -> None:
         f"Error: {bad}:3: {tmp_path}/folder/train/red/nope.png: no such file; fix the path (relative to {tmp_path}) or remove the row\n"
     )
     bad.write_text("\n".join([lines[0], lines[1].replace(",train", ",dev")]) + "\n")
-    assert finetune_error(bad, tmp_path) == f"Error: {bad}:2: unknown split 'dev'; use train, val or test (or leave the split column out)\n"
+    assert (
+        finetune_error(bad, tmp_path)
+        == f"Error: {bad}:2: unknown split 'dev'; use train, val or test (or leave the split column out)\n"
+    )
     jsonl = tmp_path / "labels.jsonl"
     jsonl.write_text('{"path": "folder/train/red/000.png", "label": "red"}\n{"path": "folder/train/red/001.png"}\n')
     assert finetune_error(jsonl, tmp_path) == f"Error: {jsonl}:2: no label (each row needs path and label)\n"
@@ -77,11 +80,19 @@ def test_parquet_rows_and_columns(sources: dict[str, Path], tmp_path: Path) -> N
     assert code == 0, err
     a, b = read_weights(tmp_path / "a" / "model.safetensors"), read_weights(tmp_path / "b" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    code, _, err = run_main("finetune", sources["parquet"], "--output", tmp_path / "run", *ARGS, "--image-column", "picture")
-    assert code == 2 and err == f"Error: --image-column picture: {sources['parquet']}:train has no such column (columns: image, label)\n"
+    code, _, err = run_main(
+        "finetune", sources["parquet"], "--output", tmp_path / "run", *ARGS, "--image-column", "picture"
+    )
+    assert (
+        code == 2
+        and err
+        == f"Error: --image-column picture: {sources['parquet']}:train has no such column (columns: image, label)\n"
+    )
 
 
-def test_unreadable_image_cell_is_skipped_in_training_and_named_in_eval(sources: dict[str, Path], tmp_path: Path) -> None:
+def test_unreadable_image_cell_is_skipped_in_training_and_named_in_eval(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
     """A cell that is not an image: finetune skips it before step 0 and names the row; eval stops naming it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -90,14 +101,21 @@ def test_unreadable_image_cell_is_skipped_in_training_and_named_in_eval(sources:
     images = table.column("image").to_pylist()
     images[5] = {"bytes": b"not an image", "path": None}
     broken = tmp_path / "broken.parquet"
-    pq.write_table(table.set_column(0, "image", pa.array(images, type=table.schema.field("image").type)).replace_schema_metadata(table.schema.metadata), broken)
+    pq.write_table(
+        table.set_column(0, "image", pa.array(images, type=table.schema.field("image").type)).replace_schema_metadata(
+            table.schema.metadata
+        ),
+        broken,
+    )
     code, _, err = run_main("finetune", broken, "--output", tmp_path / "run", *ARGS)
     assert code == 0, err
     line = f"skipped {broken} row 5: not an image PIL can read (empty, corrupt or another format)\n"
     assert line in err
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped"] == [f"{broken} row 5"]
     code, _, err = run_main("eval", broken, "--model", tmp_path / "run")
-    assert code == 1 and err.endswith(f"Error: {broken} row 5: not an image PIL can read (empty, corrupt or another format)\n"), err
+    assert code == 1 and err.endswith(
+        f"Error: {broken} row 5: not an image PIL can read (empty, corrupt or another format)\n"
+    ), err
 
 
 def test_without_pyarrow_one_line_names_the_extra(sources: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
@@ -108,13 +126,17 @@ def test_without_pyarrow_one_line_names_the_extra(sources: dict[str, Path], tmp_
     )
 
 
-def test_val_split_on_parquet_is_the_folder_s_and_shots_take_k_per_class(sources: dict[str, Path], tmp_path: Path) -> None:
+def test_val_split_on_parquet_is_the_folder_s_and_shots_take_k_per_class(
+    sources: dict[str, Path], tmp_path: Path
+) -> None:
     train_shards = sources["parquet"] / "data"
     only_train = tmp_path / "train_only"
     only_train.mkdir()
     for shard in train_shards.glob("train-*"):
         (only_train / shard.name).symlink_to(shard)
-    code, _, err = run_main("finetune", sources["folder"] / "train", "--output", tmp_path / "a", *ARGS, "--val-split", "0.25")
+    code, _, err = run_main(
+        "finetune", sources["folder"] / "train", "--output", tmp_path / "a", *ARGS, "--val-split", "0.25"
+    )
     assert code == 0, err
     code, _, err = run_main("finetune", only_train, "--output", tmp_path / "b", *ARGS, "--val-split", "0.25")
     assert code == 0, err
@@ -133,7 +155,19 @@ def test_resume_refuses_a_changed_parquet_source(sources: dict[str, Path], tmp_p
     root = sources["csv"].parent
     rows = folder_rows(root, "train")
     image_dataset(root, rows).to_parquet(data)
-    args = ["finetune", data, "--output", tmp_path / "run", "--steps", "4", "--save-every", "1", "--batch-size", "4", *FAST]
+    args = [
+        "finetune",
+        data,
+        "--output",
+        tmp_path / "run",
+        "--steps",
+        "4",
+        "--save-every",
+        "1",
+        "--batch-size",
+        "4",
+        *FAST,
+    ]
     real_write = rundir.MetricsLog.write
 
     def interrupt(self, record: dict) -> None:
@@ -144,6 +178,6 @@ def test_resume_refuses_a_changed_parquet_source(sources: dict[str, Path], tmp_p
     monkeypatch.setattr(rundir.MetricsLog, "write", interrupt)
     assert run_main(*args)[0] == 130
     monkeypatch.setattr(rundir.MetricsLog, "write", real_write)
-    image_dataset(root, rows[:-1] + [(rows[-1][0], CLASSES[0])]).to_parquet(data)  # one row relabelled
+    image_dataset(root, [*rows[:-1], (rows[-1][0], CLASSES[0])]).to_parquet(data)  # one row relabelled
     code, _, err = run_main(*args, "--resume")
     assert code == 1 and "was started with other settings (train_fingerprint" in err, err

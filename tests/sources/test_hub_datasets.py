@@ -77,7 +77,9 @@ def test_cached_dataset_offline_trains_and_evaluates_as_the_folder(repo_files, r
     assert f"train       24 images from hf://datasets/{REPO}:train" in run.stderr
     a, b = read_weights(reference[0] / "model.safetensors"), read_weights(tmp_path / "run" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    result = bit(tmp_path / "hf", "eval", f"hf://datasets/{REPO}:validation", "--model", reference[0], "--format", "json")
+    result = bit(
+        tmp_path / "hf", "eval", f"hf://datasets/{REPO}:validation", "--model", reference[0], "--format", "json"
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == reference[1]
 
@@ -86,7 +88,10 @@ def test_uncached_dataset_offline_is_one_line_with_the_fix(tmp_path: Path) -> No
     result = bit(tmp_path / "hf", "eval", "hf://datasets/org/nope@v2", "--model", "x")
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("Error: dataset 'org/nope@v2' is not in the Hugging Face cache (")
-    assert "HF_HUB_OFFLINE=1 forbids downloading; run `hf download --repo-type dataset org/nope` on a connected machine" in result.stderr
+    assert (
+        "HF_HUB_OFFLINE=1 forbids downloading; run `hf download --repo-type dataset org/nope` on a connected machine"
+        in result.stderr
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +110,9 @@ def test_loopback_hub_downloads_only_the_split_evaluated_then_works_offline(hub,
                  endpoint=hub.url, offline=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == reference[1]
-    fetched = {path.rsplit("/", 1)[-1] for method, path in hub.model_requests() if method == "GET" and "/resolve/" in path}
+    fetched = {
+        path.rsplit("/", 1)[-1] for method, path in hub.model_requests() if method == "GET" and "/resolve/" in path
+    }
     assert fetched == {"validation-00000-of-00001.parquet"}  # not the training shards
     snapshot = home / "hub" / "datasets--org--colors" / "snapshots" / COMMIT
     assert sorted(p.name for p in snapshot.iterdir()) == ["validation-00000-of-00001.parquet"]
@@ -115,12 +122,21 @@ def test_loopback_hub_downloads_only_the_split_evaluated_then_works_offline(hub,
     assert again.returncode == 0 and json.loads(again.stdout) == reference[1], again.stderr
     assert hub.requests == []
     missing = bit(home, "eval", f"hf://datasets/{REPO}:test", "--model", reference[0])
-    assert missing.returncode == 1 and "split 'test' of dataset 'org/colors' is not in the Hugging Face cache" in missing.stderr
+    assert (
+        missing.returncode == 1
+        and "split 'test' of dataset 'org/colors' is not in the Hugging Face cache" in missing.stderr
+    )
 
 
 def test_loopback_hub_unknown_dataset_and_split(hub, reference, tmp_path: Path) -> None:
     result = bit(tmp_path, "eval", "hf://datasets/org/nope", "--model", reference[0], endpoint=hub.url, offline=False)
-    assert result.returncode == 1 and result.stderr == "Error: no Hub dataset 'org/nope' (check the spelling; private repos need `hf auth login`)\n"
-    result = bit(tmp_path, "eval", f"hf://datasets/{REPO}:extra", "--model", reference[0], endpoint=hub.url, offline=False)
+    assert (
+        result.returncode == 1
+        and result.stderr
+        == "Error: no Hub dataset 'org/nope' (check the spelling; private repos need `hf auth login`)\n"
+    )
+    result = bit(
+        tmp_path, "eval", f"hf://datasets/{REPO}:extra", "--model", reference[0], endpoint=hub.url, offline=False
+    )
     assert result.returncode == 1, result.stderr
     assert result.stderr == f"Error: hf://datasets/{REPO}: has no split 'extra' (splits: train, validation)\n"

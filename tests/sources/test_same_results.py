@@ -28,7 +28,10 @@ def runs(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.mark.parametrize("kind", KINDS[1:])
 def test_every_source_trains_the_folder_s_weights(runs, kind: str) -> None:
-    reference, theirs = read_weights(runs["folder"][0] / "model.safetensors"), read_weights(runs[kind][0] / "model.safetensors")
+    reference, theirs = (
+        read_weights(runs["folder"][0] / "model.safetensors"),
+        read_weights(runs[kind][0] / "model.safetensors"),
+    )
     assert reference.keys() == theirs.keys()
     assert all(torch.equal(reference[k], theirs[k]) for k in reference), f"{kind} trained other weights"
     plan = json.loads((runs[kind][0] / "finetune_config.json").read_text())
