@@ -32,6 +32,8 @@ from bitcli.options import (
     PredictOptions,
     Quantize,
     ReportOptions,
+    check_embed_output,
+    check_output,
     embed_format,
     parse_auto_float,
     parse_auto_int,
@@ -39,6 +41,7 @@ from bitcli.options import (
     parse_device,
     parse_png_path,
     parse_resolution,
+    parse_val_split,
     predict_format,
 )
 
@@ -162,6 +165,7 @@ def predict(
         images=images, model=model, revision=revision, top_k=top_k, batch_size=batch_size, device=device,
         precision=precision, format=predict_format(fmt, output), output=output, recursive=recursive, workers=workers,
     )  # fmt: skip
+    check_output("--output", output)
     from bitcli import predict as predict_mod
 
     raise typer.Exit(predict_mod.run(opts))
@@ -201,6 +205,7 @@ def embed(
         images=images, model=model, revision=revision, batch_size=batch_size, device=device, precision=precision,
         format=embed_format(fmt, output), output=output, normalize=normalize, recursive=recursive, workers=workers,
     )  # fmt: skip
+    check_embed_output(opts.format, output)
     from bitcli import embed as embed_mod
 
     raise typer.Exit(embed_mod.run(opts))
@@ -231,7 +236,8 @@ def convert(
         bool,
         typer.Option(
             "--overwrite",
-            help="Replace a DST file, or the model files of a DST folder (a folder holding other files is refused).",
+            help="Replace a DST file that bitcli wrote, or the model files of a DST folder "
+            "(any other file, or a folder holding other files, is refused).",
         ),
     ] = False,
     opset: Annotated[
@@ -296,7 +302,13 @@ def finetune(
         ),
     ] = None,
     val_split: Annotated[
-        float | None, typer.Option("--val-split", help="Hold out this fraction of every class for validation.")
+        float | None,
+        typer.Option(
+            "--val-split",
+            parser=_parser("--val-split", parse_val_split),
+            metavar="F",
+            help="Hold out this fraction (0 < F < 1) of every class for validation.",
+        ),
     ] = None,
     steps: Annotated[
         int | None,
@@ -387,6 +399,7 @@ def finetune(
         resume=resume, overwrite=overwrite, random_init=random_init, revision=revision, head_only=head_only,
         tensorboard=tensorboard, image_column=image_column, label_column=label_column,
     )  # fmt: skip
+    check_output("--output", output, folder=True)
     from bitcli import finetune as finetune_mod
 
     finetune_mod.run(opts)
@@ -427,6 +440,7 @@ def eval_(
         data=parse_data(data), model=model, revision=revision, format=fmt, batch_size=batch_size, device=device,
         precision=precision, workers=workers, plot=plot, image_column=image_column, label_column=label_column,
     )  # fmt: skip
+    check_output("--plot", plot)
     from bitcli import evaluate as evaluate_mod
 
     raise typer.Exit(evaluate_mod.run(opts))

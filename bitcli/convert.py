@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -11,7 +13,7 @@ from bitcli.formats import FORMATS, Format
 from bitcli.hub import load_checkpoint
 from bitcli.options import ConvertFormat, ConvertOptions, DType
 from bitcli.ui import log
-from bitcli.writes import MODEL_FILES_SHOWN, model_files_in
+from bitcli.writes import MODEL_FILES_SHOWN, model_files_in, unwritable
 
 DTYPES = {DType.float32: torch.float32, DType.float16: torch.float16, DType.bfloat16: torch.bfloat16}
 
@@ -49,21 +51,38 @@ def output_format(fmt: ConvertFormat | None, dst: Path) -> ConvertFormat:
 
 
 def check_dst(dst: Path, fmt: Format, overwrite: bool) -> None:
-    """Refuse a DST that the conversion would have to destroy, before the source is read.
+    """Refuse a DST that the conversion would have to destroy, or could not write, before the source is read.
 
-    --overwrite replaces a DST file, or the model files of a DST folder; a folder holding anything else is
-    never written into (the writer checks again)."""
+    --overwrite replaces a DST file that bitcli wrote (its header says so: Format.foreign), or the model files
+    of a DST folder; any other file, and a folder holding anything else, is never written over (the folder
+    writer checks again). A symlink is judged by the file it points to, which is what would be replaced."""
     if not fmt.folder:
         if dst.is_dir():
             raise BitError(
                 f"{dst}: is a folder; a {fmt.name} checkpoint is one file, so pick a file name (*{fmt.suffixes[0]})"
             )
-        if dst.exists() and not overwrite:
-            raise BitError(f"{dst}: already exists; pass --overwrite to replace this file")
-        return
-    if not (dst.exists() or dst.is_symlink()):
-        return
-    if model_files_in(dst) and not overwrite:  # an empty folder is simply filled
+        if dst.exists():
+            if not overwrite:
+                raise BitError(f"{dst}: already exists; pass --overwrite to replace this file")
+            _refuse_foreign(dst, fmt)
+    elif (dst.exists() or dst.is_symlink()) and model_files_in(dst) and not overwrite:  # an empty folder is filled
         raise BitError(
             f"{dst}: already holds a model; pass --overwrite to replace its model files ({MODEL_FILES_SHOWN})"
         )
+    reason = unwritable(dst, folder=fmt.folder)
+    if reason is not None:
+        raise BitError(f"{dst}: {reason}")
+
+
+def _refuse_foreign(dst: Path, fmt: Format) -> None:
+    """An existing DST file that bitcli did not write (a FIFO or a device is written through: nothing is replaced)."""
+    if not stat.S_ISREG(os.stat(dst).st_mode):
+        return
+    what = fmt.foreign(dst) if fmt.foreign is not None else f"a file bitcli cannot tell as its own {fmt.name} file"
+    if what is None:
+        return
+    subject = f"links to {os.path.realpath(dst)}, which is" if dst.is_symlink() else "is"
+    raise BitError(
+        f"{dst}: {subject} {what}; --overwrite replaces only a file that bitcli wrote, "
+        "so choose another DST or remove this one yourself"
+    )

@@ -6,7 +6,7 @@ own pipeline (predict.expand_inputs, Report, run_batches, exit_code); only what 
 Outputs (EmbedFormat):
 - .safetensors: tensor `embeddings`, float32 [N, D], one row per input that was embedded, in input order;
   metadata `paths` (JSON list of those N paths) and `errors` (JSON list of {"path", "error"}, the failed inputs).
-- .npy: the same [N, D] array, and its N paths in FILE.paths.txt, one per line.
+- .npy: the same [N, D] array, and its N paths in FILE.paths.txt, one per line (both written, or neither).
 - .jsonl: one {"path", "embedding"} (or {"path", "error"}) per input, streamed as soon as it and every line
   before it are done; nothing is held.
 """
@@ -28,12 +28,12 @@ from bitcli.errors import UsageError
 from bitcli.formats.raw import write_safetensors
 from bitcli.formats.tensors import TensorRef
 from bitcli.hub import load_checkpoint
-from bitcli.options import EmbedFormat, EmbedOptions
+from bitcli.options import EmbedFormat, EmbedOptions, paths_file
 from bitcli.predict import Input, Report, drop, exit_code, expand_inputs, print_lines, run_batches
 from bitcli.render import json_lines
 from bitcli.runtime import resolve_precision
 from bitcli.ui import display, visible
-from bitcli.writes import atomic_write
+from bitcli.writes import atomic_write, write_together
 
 # The safetensors reader refuses a header over 100 MB (safetensors' MAX_HEADER_SIZE); the paths live there.
 MAX_SAFETENSORS_PATHS_BYTES = 90_000_000
@@ -135,14 +135,10 @@ def _write_table(table: Table, fmt: EmbedFormat, output: Path) -> None:
         tensor = TensorRef(vectors.shape, torch.float32, lambda: torch.from_numpy(vectors))  # written without a copy
         write_safetensors(output, {"embeddings": tensor}, metadata)
         return
-    atomic_write(output, lambda f: np.save(f, vectors, allow_pickle=False))
-    atomic_write(paths_file(output), lambda f: f.write("".join(p + "\n" for p in table.paths).encode("utf-8")))
-
-
-def paths_file(output: Path) -> Path:
-    """Where the paths of FILE.npy go: FILE.paths.txt (a name without .npy gets .paths.txt appended)."""
-    name = output.name[: -len(".npy")] if output.name.lower().endswith(".npy") else output.name
-    return output.with_name(name + ".paths.txt")
+    listing = "".join(p + "\n" for p in table.paths).encode("utf-8")
+    write_together(  # an array without its paths (or paths without their array) would be misread
+        [(output, lambda f: np.save(f, vectors, allow_pickle=False)), (paths_file(output), lambda f: f.write(listing))]
+    )
 
 
 def check_listable(inputs: list[Input], opts: EmbedOptions) -> None:

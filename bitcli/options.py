@@ -16,6 +16,7 @@ from pathlib import Path
 from bitcli.errors import BitError, UsageError
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution, resolution_for_crop
 from bitcli.ui import display
+from bitcli.writes import unwritable
 
 # Image-decoding threads for every command (0: decode in the calling thread); results never depend on it.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -175,6 +176,41 @@ def parse_png_path(value: str) -> Path:
     if path.suffix.lower() != ".png":
         raise OptionError(f"{value!r}: the picture is a PNG; give a file name ending in .png")
     return path
+
+
+def parse_val_split(value: str) -> float:
+    """--val-split: the fraction of every class held out, strictly between 0 and 1."""
+    try:
+        fraction = float(value)
+    except ValueError:
+        raise OptionError(f"{value!r}: use a fraction between 0 and 1, e.g. 0.1") from None
+    if not 0.0 < fraction < 1.0:  # `not`: NaN is refused too
+        raise OptionError(f"{value}: use a fraction between 0 and 1 (both excluded), e.g. 0.1")
+    return fraction
+
+
+def check_output(flag: str, path: Path | None, folder: bool = False) -> None:
+    """Refuse (exit 2, before any work) an output path that the write at the end could not make:
+    a folder where the file goes, a parent that is a file, a folder that cannot be written in."""
+    reason = unwritable(path, folder) if path is not None else None
+    if reason is not None:
+        raise UsageError(f"{flag} {display(path)}: {reason}")
+
+
+def check_embed_output(fmt: EmbedFormat, output: Path | None) -> None:
+    """check_output for embed: FILE.npy, and FILE.paths.txt beside it (both are written, or neither)."""
+    check_output("--output", output)
+    if fmt == EmbedFormat.npy and output is not None:
+        listing = paths_file(output)
+        reason = unwritable(listing)
+        if reason is not None:
+            raise UsageError(f"--output {display(output)}: its paths go to {display(listing)}, which {reason}")
+
+
+def paths_file(output: Path) -> Path:
+    """Where embed writes the paths of FILE.npy: FILE.paths.txt (a name without .npy gets .paths.txt appended)."""
+    name = output.name[: -len(".npy")] if output.name.lower().endswith(".npy") else output.name
+    return output.with_name(name + ".paths.txt")
 
 
 # DATA of finetune and eval: a path (class folder, label file, parquet, save_to_disk folder), or a Hub data set

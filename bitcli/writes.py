@@ -4,23 +4,29 @@ A file is written to a temporary name beside it and renamed over it when complet
 leaves the old file or the new one, never half of one. Only a regular file (or a new path) is renamed over:
 a symlink is written through to the file it points to, and a FIFO, a terminal, /dev/null or /dev/stdout is
 opened and written like any other program would (renaming over them would replace the link, leave the FIFO's
-reader waiting forever, or replace a device node). A model folder is written file by file and only ever
-replaces model files (config.json, the weights, preprocessor_config.json), never the user's other files.
+reader waiting forever, or replace a device node). Files that belong together (an array and its list of
+paths) are all renamed into place only when every one is complete: both or neither. A model folder is
+written file by file and only ever replaces model files (config.json, the weights, preprocessor_config.json),
+never the user's other files. Whether an output can be written at all (`unwritable`) is checked before a
+command's work, so that a folder in the way is found in a second, not after minutes of computing.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bitcli.errors import BitError, one_line
+from bitcli.ui import display
 
 
 class WriteFailed(BitError):
@@ -46,34 +52,83 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     this process inherited. Anything else (a FIFO, a character device such as /dev/null) is opened and
     written directly, as is an existing writable file in a folder that does not let us create the
     temporary file (then a failed write leaves it incomplete, as a shell's `>` would)."""
-    path = Path(path)
-    fd = _inherited_fd(path)
-    if fd is not None:
-        _write_directly(path, write, fd)
-        return
-    target, atomic = _write_target(path)
-    if not atomic:
-        _write_directly(path if target is None else target, write)
-        return
-    existed = target.exists()
-    tmp = None
+    write_together([(path, write)])
+
+
+@dataclass
+class _Staged:
+    """A file being written under a temporary name beside `target`, to be renamed over it."""
+
+    path: Path  # as the caller named it (errors name it)
+    target: Path  # the regular file, or new path, that the temporary file replaces (a symlink's target)
+    existed: bool
+    tmp: Path | None = None
+    renamed: bool = False
+
+
+def write_together(files: Sequence[tuple[Path, Callable[[Any], None]]]) -> None:
+    """Files that belong together (embed's FILE.npy and FILE.paths.txt), each written as atomic_write writes
+    one: all of them are replaced, or none.
+
+    Every file to be renamed into place is first filled under its temporary name; only when all are
+    complete, and no folder has taken one of their names, are they renamed, one after the other (the
+    renames take microseconds and cannot run out of space). A failure before that removes bitcli's
+    temporary files and leaves every old file as it was. Files written directly (a FIFO, a device,
+    /dev/stdout) are written after the others are complete."""
+    staged: list[tuple[_Staged, Callable[[Any], None]]] = []
+    direct: list[tuple[Path, Callable[[Any], None], int | None]] = []
+    for path, write in files:
+        path = Path(path)
+        fd = _inherited_fd(path)
+        target, atomic = (None, False) if fd is not None else _write_target(path)
+        if atomic:
+            staged.append((_Staged(path, target, target.exists()), write))
+        else:
+            direct.append((path if target is None else target, write, fd))
+    current: _Staged | None = None
     try:
-        if not path.is_symlink():  # a link's dangling target folder is not ours to create
-            path.parent.mkdir(parents=True, exist_ok=True)
-        mode = stat.S_IMODE(target.stat().st_mode) if existed else 0o666 & ~_umask()  # mkstemp makes 0600
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
+        for current, write in staged:
+            _fill_temporary(current, write)
+        for path, write, fd in direct:
+            _write_directly(path, write, fd)
+        for current, _ in staged:
+            if current.target.is_dir():  # a rename over it would fail after the others were renamed
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        for current, _ in staged:
+            os.replace(current.tmp, current.target)
+            current.renamed = True
     except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise WriteFailed(path, existed, exc.strerror or one_line(exc)) from None
+        for s, _ in staged:
+            if s.tmp is not None and not s.renamed:
+                s.tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and current is not None:
+            kept = _kept([s for s, _ in staged], [p for p, _ in files])
+            raise WriteFailed(current.path, current.existed, exc.strerror or one_line(exc), kept) from None
         raise
+
+
+def _fill_temporary(staged: _Staged, write: Callable[[Any], None]) -> None:
+    path, target = staged.path, staged.target
+    if not path.is_symlink():  # a link's dangling target folder is not ours to create
+        path.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(target.stat().st_mode) if staged.existed else 0o666 & ~_umask()  # mkstemp makes 0600
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    staged.tmp = Path(tmp)
+    with os.fdopen(fd, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+
+
+def _kept(staged: list[_Staged], paths: list[Path]) -> str | None:
+    """What a failed write_together of several files left (None: WriteFailed's own words for one file)."""
+    if len(paths) == 1:
+        return None
+    renamed = [str(s.path) for s in staged if s.renamed]
+    if renamed:  # a rename refused after others succeeded (a race with another program): say which
+        return f"only {' and '.join(renamed)} {'was' if len(renamed) == 1 else 'were'} replaced"
+    return f"nothing was written: {' and '.join(map(str, paths))} are as they were"
 
 
 def _write_target(path: Path) -> tuple[Path | None, bool]:
@@ -122,6 +177,67 @@ def _write_directly(path: Path, write: Callable[[Any], None], fd: int | None = N
             f.flush()
     except OSError as exc:
         raise WriteFailed(path, True, exc.strerror or one_line(exc), kept="the output may be incomplete") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Before the work: can the output be written at the end?
+
+
+def unwritable(path: Path, folder: bool = False) -> str | None:
+    """Why the write of `path` (a file; with `folder`, a folder) at the end of a command would fail, or None.
+
+    Checked before the work, so that a typo costs no minutes of computing: a folder where a file goes (or a
+    file where a folder goes), a parent that is a file or a symlink to nothing, a folder this user cannot
+    create files in (os.access: nothing is created or probed on disk; root passes it except on a read-only
+    file system). Missing parent folders are fine: the write creates them. The write itself still goes
+    through atomic_write at the end."""
+    path = Path(path)
+    if not folder and _inherited_fd(path) is not None:
+        return None
+    try:
+        st = os.stat(path)  # follows symlinks: a link is written through
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return f"cannot be written ({exc.strerror})"
+        if os.path.islink(path):
+            return _dangling_link(path, folder)
+        return _new_path(path)
+    if stat.S_ISDIR(st.st_mode):
+        if not folder:
+            return "is a folder; give a file name"
+        return None if os.access(path, os.W_OK | os.X_OK) else "is a folder that cannot be written in; choose another"
+    if folder:
+        return "is not a folder; give a folder name"
+    real = os.path.realpath(path)
+    if stat.S_ISREG(st.st_mode) and os.access(os.path.dirname(real), os.W_OK | os.X_OK):
+        return None  # replaced by a rename
+    return None if os.access(real, os.W_OK) else "cannot be written (no permission); choose another path"
+
+
+def _dangling_link(path: Path, folder: bool) -> str | None:
+    """A symlink to a path that does not exist: atomic_write creates the target file, never its folder."""
+    target = os.readlink(path)
+    parent = Path(os.path.realpath(path)).parent
+    if folder or not parent.is_dir():
+        missing = "which does not exist; create it" if folder else "whose folder does not exist; create that folder"
+        return f"is a symlink to {display(target)}, {missing} or choose another path"
+    return _writable_folder(parent)
+
+
+def _new_path(path: Path) -> str | None:
+    """A path that does not exist yet: its nearest existing ancestor must be a folder that takes new files."""
+    parent = next((p for p in path.parents if os.path.lexists(p)), Path("."))
+    if os.path.islink(parent) and not os.path.exists(parent):
+        return f"{display(parent)} is a symlink to {display(os.readlink(parent))}, which does not exist; choose another path"
+    if not os.path.isdir(parent):
+        return f"{display(parent)} is not a folder; choose another path"
+    return _writable_folder(parent)
+
+
+def _writable_folder(folder: Path) -> str | None:
+    if os.access(folder, os.W_OK | os.X_OK):
+        return None
+    return f"the folder {display(folder)} cannot be written in; choose another path"
 
 
 # ----------------------------------------------------------------------------------------------------------

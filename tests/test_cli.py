@@ -81,6 +81,15 @@ EARLY_ANSWERS = [
     (["finetune", "d", "-m", "tiny", "-o", "o", "--resolution", "8:16"], 2,
      "Error: --resolution '8:16': use auto, CROP (e.g. 128) or RESIZE:CROP with RESIZE >= CROP"),
     (["finetune", "d", "-m", "tiny", "-o", "o", "--device", "gpu"], 2, "Error: --device 'gpu': use auto, cpu, cuda, cuda:N or mps"),
+    (["finetune", "d", "-m", "tiny", "-o", "o", "--val-split", "1.5"], 2, "Error: --val-split 1.5: use a fraction between 0 and 1 (both excluded), e.g. 0.1"),
+    (["finetune", "d", "-m", "tiny", "-o", "o", "--val-split", "0"], 2, "Error: --val-split 0: use a fraction between 0 and 1 (both excluded), e.g. 0.1"),
+    (["finetune", "d", "-m", "tiny", "-o", "o", "--val-split", "-0.2"], 2, "Error: --val-split -0.2: use a fraction between 0 and 1 (both excluded), e.g. 0.1"),
+    (["finetune", "d", "-m", "tiny", "-o", "o", "--val-split", "nan"], 2, "Error: --val-split nan: use a fraction between 0 and 1 (both excluded), e.g. 0.1"),
+    (["finetune", "d", "-m", "tiny", "-o", "o", "--val-split", "tenth"], 2, "Error: --val-split 'tenth': use a fraction between 0 and 1, e.g. 0.1"),
+    # output paths that cannot be written (tests/test_safe_writes.py has the rest)
+    (["predict", "x.jpg", "-o", "/"], 2, "Error: --output /: is a folder; give a file name"),
+    (["eval", "d", "--plot", "/dev/null/c.png"], 2, "Error: --plot /dev/null/c.png: /dev/null is not a folder; choose another path"),
+    (["finetune", "d", "-m", "tiny", "-o", "/dev/null/run"], 2, "Error: --output /dev/null/run: /dev/null is not a folder; choose another path"),
 ]  # fmt: skip
 
 

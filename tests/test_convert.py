@@ -433,8 +433,8 @@ def test_small_corrupt_member_is_found_before_writing(tmp_path):
 
 
 def test_existing_dst_needs_overwrite(tmp_path):
-    """--overwrite replaces a bitcli file, or the model files of a folder; a folder holding anything else is
-    refused either way (tests/test_safe_writes.py has the rest)."""
+    """--overwrite replaces a bitcli file, or the model files of a folder; any other file, and a folder holding
+    anything else, is refused either way (tests/test_safe_writes.py has the rest)."""
     npz = tiny_npz(tmp_path / "src.npz")
     (tmp_path / "out.safetensors").write_bytes(b"keep me")
     (tmp_path / "out").mkdir()
@@ -457,9 +457,19 @@ def test_existing_dst_needs_overwrite(tmp_path):
     assert listing(tmp_path) == ["out", "out.safetensors", "src.npz"]
 
     (tmp_path / "out" / "keep.txt").unlink()
+    code, _, err = bit("convert", npz, tmp_path / "out.safetensors", "--overwrite")  # not a file bitcli wrote
+    assert code == 1 and err == (
+        f"Error: {tmp_path / 'out.safetensors'}: is not a safetensors file; --overwrite replaces only a file that "
+        "bitcli wrote, so choose another DST or remove this one yourself\n"
+    )
+    assert (tmp_path / "out.safetensors").read_bytes() == b"keep me"
+    (tmp_path / "out.safetensors").unlink()
+    assert bit("convert", npz, tmp_path / "out.safetensors")[0] == 0
+    inode = (tmp_path / "out.safetensors").stat().st_ino
     for dst in ("out.safetensors", "out"):
         code, _, err = bit("convert", npz, tmp_path / dst, "--overwrite")
         assert code == 0, err
+    assert (tmp_path / "out.safetensors").stat().st_ino != inode  # bitcli's own file was replaced
     code, _, err = bit("convert", npz, tmp_path / "out")
     assert code == 1 and err == (
         f"Error: {tmp_path / 'out'}: already holds a model; pass --overwrite to replace its model files "

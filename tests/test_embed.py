@@ -169,6 +169,28 @@ def test_npy_refuses_a_path_with_a_line_break_before_running(tiny_dir, album):
     assert _read_safetensors(Path("ok.safetensors"))[1] == ["two\nlines.png"]
 
 
+def test_npy_and_its_paths_are_written_together_or_not_at_all(tiny_dir, album, monkeypatch):
+    """FILE.npy without FILE.paths.txt (or beside an older one) could not be read right. A folder named
+    FILE.paths.txt is refused before the model loads (exit 2); should the paths still fail to be written
+    (the folder appearing during the run), the old FILE.npy stays and no temporary file is left."""
+    import bitcli.cli
+
+    Path("p.npy").write_bytes(b"an older array")
+    Path("p.paths.txt").mkdir()
+    before = sorted(p.name for p in Path().iterdir())
+    assert run_main("embed", "chelsea.png", "--model", tiny_dir, "-o", "p.npy") == (
+        2, "", "Error: --output p.npy: its paths go to p.paths.txt, which is a folder; give a file name\n",
+    )  # fmt: skip
+    monkeypatch.setattr(bitcli.cli, "check_embed_output", lambda fmt, output: None, raising=False)
+    code, out, err = run_main("embed", "chelsea.png", "--model", tiny_dir, "-o", "p.npy")
+    assert (code, out) == (1, "") and err == (
+        "Error: p.paths.txt: cannot write it (Is a directory); nothing was written: p.npy and p.paths.txt are as "
+        "they were\n"
+    )
+    assert Path("p.npy").read_bytes() == b"an older array" and Path("p.paths.txt").is_dir()
+    assert sorted(p.name for p in Path().iterdir()) == before
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -235,13 +235,38 @@ def test_failed_proof_writes_nothing(exported, tmp_path, monkeypatch):
     import bitcli.formats.onnx as onnx_format
 
     dst = tmp_path / "m.onnx"
-    dst.write_bytes(b"previous")
+    previous = exported["onnx"].read_bytes()  # an earlier export: --overwrite may replace it
+    dst.write_bytes(previous)
     monkeypatch.setitem(onnx_format.TOLERANCE, torch.float32, -1.0)  # no difference can pass
     code, out, err = run_main("convert", exported["src"], dst, "--overwrite")
     assert code == 1 and out == ""
     assert err.splitlines()[-1].startswith("Error: the exported graph differs from the torch model by ")
     assert "nothing was written" in err
-    assert dst.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert dst.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_overwrite_tells_bitcli_exports_from_other_files(exported, tmp_path):
+    """What `bit convert --overwrite` may replace, read from the protobuf's top-level fields alone: bitcli's own
+    export, and not another tool's ONNX file, a truncated export or text."""
+    from bitcli.formats.onnx import foreign
+
+    data = exported["onnx"].read_bytes()
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])  # fmt: skip
+    other = helper.make_model(graph)
+    other.metadata_props.add(key="author", value="someone else")
+    files = {"other.onnx": other.SerializeToString(), "truncated.onnx": data[: len(data) // 2],
+             "notes.onnx": b"my notes\n", "empty.onnx": b""}  # fmt: skip
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    assert foreign(exported["onnx"]) is None
+    assert {name: foreign(tmp_path / name) for name in files} == {
+        "other.onnx": "an ONNX file without bitcli's metadata (bitcli.config)",
+        "truncated.onnx": "not an ONNX file",
+        "notes.onnx": "not an ONNX file",
+        "empty.onnx": "not an ONNX file",
+    }
 
 
 def _one_error_line(code: int, out: str, err: str) -> str:

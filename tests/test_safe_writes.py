@@ -271,3 +271,177 @@ def test_output_file_in_a_folder_that_refuses_new_files_is_written_in_place(tiny
     assert out.stat().st_ino == inode
     assert out.read_text() == expected_json(tiny_dir, photos["chelsea.png"])
     assert sorted(p.name for p in locked.iterdir()) == ["results.json"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bit convert --overwrite onto a file: only what bitcli wrote is replaced
+
+
+@pytest.fixture
+def no_conversion(monkeypatch):
+    """Reading the source fails the test: a refusal must come before any conversion or export work."""
+    import bitcli.convert
+
+    def read_source(*args: object) -> None:
+        raise AssertionError("the source was read")
+
+    monkeypatch.setattr(bitcli.convert, "load_checkpoint", read_source)
+
+
+REPLACES_ONLY_OURS = (
+    "--overwrite replaces only a file that bitcli wrote, so choose another DST or remove this one yourself"
+)
+
+
+@pytest.mark.parametrize(
+    "name, content, what",
+    [
+        ("notes.onnx", b"my notes\n", "is not an ONNX file"),
+        ("notes.safetensors", b"my notes\n", "is not a safetensors file"),
+        ("weights.safetensors", None, "is a safetensors file without bitcli's metadata"),
+    ],
+)
+def test_overwrite_refuses_a_file_bitcli_did_not_write(tiny_dir, tmp_path, no_conversion, name, content, what):
+    dst = tmp_path / name
+    if content is None:  # another tool's safetensors (timm's, transformers'): no bitcli metadata
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, str(dst))
+    else:
+        dst.write_bytes(content)
+    before = snapshot(tmp_path)
+    message = one_error_line(*convert(tiny_dir, dst, "--overwrite")[::2])
+    assert message == f"{dst}: {what}; {REPLACES_ONLY_OURS}"
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("onnx_extra", ["installed", "missing"])
+def test_overwrite_through_a_symlink_judges_and_keeps_its_target(tiny_dir, tmp_path, no_conversion, monkeypatch,
+                                                                 onnx_extra):  # fmt: skip
+    """The link's target is what would be overwritten; it is read without onnx, so the refusal is the same
+    whether the extra is installed or not."""
+    if onnx_extra == "missing":
+        monkeypatch.setitem(sys.modules, "onnx", None)
+    (tmp_path / "target.txt").write_text("mine")
+    link = tmp_path / "link.onnx"
+    link.symlink_to("target.txt")
+    before = snapshot(tmp_path)
+    message = one_error_line(*convert(tiny_dir, link, "--overwrite")[::2])
+    assert message == f"{link}: links to {tmp_path / 'target.txt'}, which is not an ONNX file; {REPLACES_ONLY_OURS}"
+    assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output paths are checked before the work: a typo costs no minutes
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A folder with a file and folders in the way of outputs; the current folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    for folder in ("results", "dir.npy", "plot.png", "p.paths.txt"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "link.json").symlink_to("missing/x.json")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["predict", "x.jpg", "-o", "results"], "--output results: is a folder; give a file name"),
+        (["predict", "x.jpg", "-o", "notes.txt/p.json"], "--output notes.txt/p.json: notes.txt is not a folder; choose another path"),
+        (["predict", "x.jpg", "-o", "notes.txt/a/b/p.csv"], "--output notes.txt/a/b/p.csv: notes.txt is not a folder; choose another path"),
+        (["predict", "x.jpg", "-o", "link.json"],
+         "--output link.json: is a symlink to missing/x.json, whose folder does not exist; create that folder or choose another path"),
+        (["embed", "x.jpg", "-o", "dir.npy"], "--output dir.npy: is a folder; give a file name"),
+        (["embed", "x.jpg", "-o", "p.npy"], "--output p.npy: its paths go to p.paths.txt, which is a folder; give a file name"),
+        (["embed", "x.jpg", "-o", "notes.txt/e.safetensors"],
+         "--output notes.txt/e.safetensors: notes.txt is not a folder; choose another path"),
+        (["eval", "data", "--plot", "plot.png"], "--plot plot.png: is a folder; give a file name"),
+        (["eval", "data", "--plot", "notes.txt/c.png"], "--plot notes.txt/c.png: notes.txt is not a folder; choose another path"),
+        (["finetune", "data", "-m", "tiny", "-o", "notes.txt/run"], "--output notes.txt/run: notes.txt is not a folder; choose another path"),
+        (["finetune", "data", "-m", "tiny", "-o", "notes.txt"], "--output notes.txt: is not a folder; give a folder name"),
+    ],
+)  # fmt: skip
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(workdir, args, message):
+    """Exit 2 while the command line is read: the model ('no/such-model') and the data are never looked at."""
+    before = snapshot(workdir)
+    model = [] if "-m" in args else ["--model", "no/such-model"]
+    assert run_main(*args, *model) == (2, "", f"Error: {message}\n")
+    assert snapshot(workdir) == before
+
+
+def test_an_output_folder_that_refuses_new_files_is_refused_before_any_work(workdir, monkeypatch):
+    """Root ignores permission bits, so the folder's are simulated (as os.access would answer a user)."""
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: False if Path(p) == Path("results") else real_access(p, mode, **kw)
+    )
+    before = snapshot(workdir)
+    assert run_main("predict", "x.jpg", "--model", "no/such-model", "-o", "results/p.json") == (
+        2, "", "Error: --output results/p.json: the folder results cannot be written in; choose another path\n",
+    )  # fmt: skip
+    assert snapshot(workdir) == before
+
+
+def test_missing_output_folders_are_still_created(tiny_dir, photos, workdir):
+    predict_json(tiny_dir, photos["chelsea.png"], "new/deeper/p.json")
+    assert (workdir / "new" / "deeper" / "p.json").read_text() == expected_json(tiny_dir, photos["chelsea.png"])
+
+
+@pytest.mark.parametrize(
+    "dst, flags, problem",
+    [
+        ("notes.txt/m.onnx", [], "{notes} is not a folder; choose another path"),
+        ("notes.txt/m.safetensors", ["--overwrite"], "{notes} is not a folder; choose another path"),
+        ("notes.txt/hf", ["--format", "hf"], "{notes} is not a folder; choose another path"),
+        ("locked/m.safetensors", [], "the folder {locked} cannot be written in; choose another path"),
+        ("locked/hf", ["--format", "hf"], "the folder {locked} cannot be written in; choose another path"),
+    ],
+)
+def test_convert_refuses_a_dst_it_could_not_write_before_reading_the_source(tiny_dir, workdir, no_conversion,
+                                                                             monkeypatch, dst, flags, problem):  # fmt: skip
+    """Not after an export of many seconds; exit 1, as convert's other DST checks (made after torch loads)."""
+    locked = workdir / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real_access(p, mode, **kw))
+    before = snapshot(workdir)
+    message = one_error_line(*convert(tiny_dir, workdir / dst, *flags)[::2])
+    assert message == f"{workdir / dst}: " + problem.format(notes=workdir / "notes.txt", locked=locked)
+    assert snapshot(workdir) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files that belong together: both or neither
+
+
+def test_files_written_together_are_all_replaced_or_none(tmp_path):
+    from bitcli.writes import WriteFailed, write_together
+
+    array, paths = tmp_path / "p.npy", tmp_path / "p.paths.txt"
+    array.write_bytes(b"old array")
+    paths.mkdir()  # in the way of the second file, found only when its temporary file is complete
+    with pytest.raises(WriteFailed) as caught:
+        write_together([(array, lambda f: f.write(b"new array")), (paths, lambda f: f.write(b"new paths"))])
+    assert str(caught.value) == (
+        f"{paths}: cannot write it (Is a directory); nothing was written: {array} and {paths} are as they were"
+    )
+    assert snapshot(tmp_path) == {"p.npy": hashlib.sha256(b"old array").hexdigest(), "p.paths.txt": "dir"}
+
+    paths.rmdir()
+    paths.write_bytes(b"old paths")
+
+    def disk_full(f) -> None:
+        f.write(b"half of the paths")
+        raise OSError(28, "No space left on device")
+
+    before = snapshot(tmp_path)
+    with pytest.raises(WriteFailed, match="No space left on device"):
+        write_together([(array, lambda f: f.write(b"new array")), (paths, disk_full)])
+    assert snapshot(tmp_path) == before  # no temporary file left either
+
+    write_together([(array, lambda f: f.write(b"new array")), (paths, lambda f: f.write(b"new paths"))])
+    assert (array.read_bytes(), paths.read_bytes()) == (b"new array", b"new paths")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.npy", "p.paths.txt"]

@@ -62,6 +62,9 @@ class Format:
     write_options: Callable[[Any], dict[str, Any]] | None = (
         None  # keyword arguments its writer takes from ConvertOptions
     )
+    # A one-file format: what an existing file is when this writer did not write it (None when it did), from
+    # its header; `bit convert --overwrite` replaces only files it wrote. Without it, no file is replaced.
+    foreign: Callable[[Path], str | None] | None = None
 
 
 # A folder is read by the first format that claims its config.json: timm's before transformers', as a timm
@@ -69,12 +72,13 @@ class Format:
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format(bitcli.NAME, bitcli.read, bitcli.write, folder=False, suffixes=(".safetensors",)),
+        Format(bitcli.NAME, bitcli.read, bitcli.write, folder=False, suffixes=(".safetensors",), foreign=bitcli.foreign),
         Format(timm.NAME, timm.read, timm.write, folder=True, suffixes=(".bin", ".pth", ".pt"), claims=timm.claims,
                fixed_eps_library="timm"),
         Format(hf.NAME, hf.read, hf.write, folder=True, claims=hf.claims, fixed_eps_library="transformers"),
         Format(npz.NAME, npz.read, npz.write, folder=False, suffixes=(".npz",)),
-        Format(onnx.NAME, onnx.read, onnx.write, folder=False, suffixes=(".onnx",), write_options=onnx.write_options),
+        Format(onnx.NAME, onnx.read, onnx.write, folder=False, suffixes=(".onnx",), write_options=onnx.write_options,
+               foreign=onnx.foreign),
     )
 }  # fmt: skip
 # Suffixes of model files: a model spec ending in one names a file, never a Hub repo.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from bitcli.formats.raw import read_safetensors, write_safetensors
 from bitcli.preprocess import Preprocess
 
 NAME = "bitcli"
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE)
 
 
 def read(path: Path) -> Checkpoint:
@@ -44,3 +46,23 @@ def write(ckpt: Checkpoint, path: Path, dtype: torch.dtype | None = None) -> Non
         "preprocess": json.dumps(ckpt.preprocess.to_dict()),
     }
     write_safetensors(path, ckpt.tensors, meta, dtype)
+
+
+def foreign(path: Path) -> str | None:
+    """None when `path` is a file this writer wrote (its header's metadata says format bitcli), else what it
+    is; `bit convert --overwrite` replaces only the former. Only the header is read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            header = json.loads(f.read(size)) if 2 <= size <= MAX_HEADER_BYTES else None
+    except OSError as exc:
+        return f"a file that cannot be read ({exc.strerror})"
+    except ValueError:  # not JSON, or not UTF-8
+        header = None
+    if not isinstance(header, dict):
+        return "not a safetensors file"
+    metadata = header.get("__metadata__")
+    if isinstance(metadata, dict) and metadata.get("format") == NAME:
+        return None
+    return "a safetensors file without bitcli's metadata"

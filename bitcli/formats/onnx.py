@@ -13,6 +13,7 @@ onnx and onnxruntime are the optional extra `bitcli[onnx]`, imported only here a
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import warnings
 from collections.abc import Iterator
@@ -93,6 +94,77 @@ def read(path: Path) -> Checkpoint:
         raise BitError(f"{path}: metadata describes a model without a classification head")
     labels = checked_labels(labels, config.num_classes, str(path))
     return Checkpoint(config, labels, preprocess, {}, str(path), NAME, graph=path)
+
+
+# ModelProto's field numbers (onnx.proto), and the wire types of protobuf's encoding.
+_IR_VERSION, _GRAPH, _METADATA_PROPS = 1, 7, 14
+_VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+_MAX_FIELDS = 100_000  # an ONNX model has a few dozen top-level fields; more means it is something else
+_MAX_ENTRY = 64 << 20  # a metadata entry read to find its key (bitcli's largest, 21k labels, is under 1 MB)
+
+
+def foreign(path: Path) -> str | None:
+    """None when `path` is an ONNX file that bitcli's export wrote (its metadata_props hold bitcli.config),
+    else what it is; `bit convert --overwrite` replaces only the former. The protobuf is read field by field
+    at its top level, skipping over the graph: milliseconds for any size, and onnx need not be installed."""
+    try:
+        with open(path, "rb") as f:
+            fields = _top_level_fields(f, path.stat().st_size)
+    except OSError as exc:
+        return f"a file that cannot be read ({exc.strerror})"
+    if fields is None or _IR_VERSION not in fields or _GRAPH not in fields:
+        return "not an ONNX file"
+    if CONFIG not in fields.get(_METADATA_PROPS, []):
+        return "an ONNX file without bitcli's metadata (bitcli.config)"
+    return None
+
+
+def _top_level_fields(f, size: int) -> dict[int, list[str]] | None:
+    """{field number: the keys of its metadata entries (for metadata_props), else []} of a ModelProto, or None
+    when the bytes are not a protobuf message."""
+    fields: dict[int, list[str]] = {}
+    for _ in range(_MAX_FIELDS):
+        tag = _varint(f)
+        if tag is None:
+            return fields  # the end of the message, on a field boundary
+        number, wire = tag >> 3, tag & 7
+        length = {_FIXED64: 8, _FIXED32: 4}.get(wire)
+        if wire == _VARINT:
+            length = 0 if _varint(f) is not None else -1
+        elif wire == _LEN:
+            length = _varint(f)
+        if number == 0 or length is None or length < 0 or f.tell() + length > size:
+            return None
+        keys = fields.setdefault(number, [])
+        if number == _METADATA_PROPS and wire == _LEN and length <= _MAX_ENTRY:
+            keys.append(_entry_key(f.read(length)))
+        else:
+            f.seek(length, 1)
+    return None
+
+
+def _entry_key(entry: bytes) -> str:
+    """The key (field 1) of a StringStringEntryProto; '' when it has none."""
+    stream = io.BytesIO(entry)
+    tag = _varint(stream)
+    if tag != (1 << 3 | _LEN):
+        return ""
+    length = _varint(stream)
+    return stream.read(length or 0).decode("utf-8", "replace")
+
+
+def _varint(f) -> int | None:
+    """A base-128 varint; None at the end of the stream (or inside a varint cut short)."""
+    value = shift = 0
+    while shift < 70:
+        byte = f.read(1)
+        if not byte:
+            return None
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
