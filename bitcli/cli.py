@@ -14,6 +14,7 @@ from typing import Annotated, TypeVar
 import typer
 
 import bitcli
+from bitcli.architectures import DEFAULT_MODEL
 from bitcli.errors import UsageError
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution
 from bitcli.options import (
@@ -137,7 +138,7 @@ WorkersOpt = Annotated[
 @app.command()
 def predict(
     images: ImagesArg,
-    model: ModelOpt = "google/bit-50",
+    model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to report per image.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
@@ -174,7 +175,7 @@ def predict(
 @app.command()
 def embed(
     images: ImagesArg,
-    model: ModelOpt = "google/bit-50",
+    model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     output: Annotated[
         Path | None,
@@ -416,7 +417,7 @@ def eval_(
             "or any DATA of finetune: label file, parquet, save_to_disk folder, hf://datasets/OWNER/NAME[@REV][:SPLIT].",
         ),
     ],
-    model: ModelOpt = "google/bit-50",
+    model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     fmt: Annotated[EvalFormat, typer.Option("--format", "-f", case_sensitive=False)] = EvalFormat.table,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,

@@ -1,9 +1,9 @@
-"""The architecture of a BiT model as one typed, serialisable dataclass, and the peers' ways of naming it."""
+"""The architecture of a BiT model as one typed, serialisable dataclass, and transformers' config.json for it.
+Named architectures (R50x1, BiT-M-R50x1, resnetv2_50x1_bit) are in bitcli.architectures."""
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -12,12 +12,7 @@ from bitcli.errors import BitError
 LayerType = Literal["preactivation", "bottleneck"]
 Padding = Literal["SAME", "VALID"] | None
 
-DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
-BASE_WIDTHS = (256, 512, 1024, 2048)
-
-# Google's published checkpoint names, e.g. BiT-M-R50x1, BiT-S-R101x3-ILSVRC2012.
-PUBLISHED_NAME = re.compile(r"^BiT-([SM])-R(50|101|152)x([1-4])(-ILSVRC2012)?$")
-TIMM_BIT_ARCH = re.compile(r"^resnetv2_(50|101|152)x([1-4])_bit(?:\.\w+)?$")
+BASE_WIDTHS = (256, 512, 1024, 2048)  # stage widths of a x1 BiT (transformers' default hidden_sizes)
 
 
 def make_div(value: float, divisor: int = 8) -> int:
@@ -63,28 +58,6 @@ class BitConfig:
     @property
     def num_features(self) -> int:
         return self.hidden_sizes[-1]
-
-    @classmethod
-    def resnet(cls, depth: int, width: int = 1, **overrides: Any) -> BitConfig:
-        """A published BiT layout: R{depth}x{width}."""
-        if depth not in DEPTHS:
-            raise BitError(f"no BiT ResNet of depth {depth}; choose one of {sorted(DEPTHS)}")
-        return cls(
-            depths=DEPTHS[depth],
-            hidden_sizes=tuple(w * width for w in BASE_WIDTHS),
-            embedding_size=64 * width,
-            **overrides,
-        )
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> BitConfig:
-        """`R50x1`, `BiT-M-R101x3`, `resnetv2_152x2_bit` -> the config of that architecture."""
-        for pattern in (re.compile(r"^R(50|101|152)x([1-4])$", re.I), PUBLISHED_NAME, TIMM_BIT_ARCH):
-            m = pattern.match(name)
-            if m:
-                digits = [g for g in m.groups() if g and g.isdigit()]
-                return cls.resnet(int(digits[0]), int(digits[1]), **overrides)
-        raise BitError(f"unknown architecture {name!r}; use e.g. R50x1, R101x3, R152x4")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,13 +114,3 @@ class BitConfig:
             "output_stride": self.output_stride,
             "width_factor": 1,
         }
-
-    # timm -------------------------------------------------------------------------------------------------
-
-    def timm_architecture(self) -> str:
-        """The timm model name that has this layout, or a BitError when timm has none."""
-        for depth in DEPTHS:
-            for width in (1, 2, 3, 4):
-                if self == BitConfig.resnet(depth, width, num_classes=self.num_classes, ws_eps=1e-8):
-                    return f"resnetv2_{depth}x{width}_bit"
-        raise BitError("this layout has no timm name (timm's BiT models are R50/101/152 x1-x4, eps 1e-8)")

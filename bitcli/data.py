@@ -299,7 +299,7 @@ def train_transform(resize: int) -> Preprocess:
 
 def eval_transform(crop: int, mean: tuple[float, float, float], std: tuple[float, float, float]) -> Preprocess:
     """BiT evaluation: resize straight to the crop size (no crop); this travels with the fine-tuned weights."""
-    return Preprocess.square(crop, crop, interpolation="bilinear", mean=mean, std=std)
+    return Preprocess.square(crop, crop, mean=mean, std=std)
 
 
 def augment(image: np.ndarray, top: int, left: int, crop: int, flip: bool) -> np.ndarray:

@@ -48,7 +48,7 @@ class Engine:
 
             return OnnxEngine.load(ckpt, device)
         model = ckpt.build_model(device=device)
-        if need_head and model.head is None:
+        if need_head and not model.has_head:
             raise BitError(f"{ckpt.source}: checkpoint has no classification head; it gives features, not labels")
         return cls(model, ckpt.preprocess.normalize, device, dtype, channels_last=True)
 

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from bitcli import formats
-from bitcli.config import PUBLISHED_NAME
+from bitcli.architectures import is_published_name
 from bitcli.errors import BitError
 from bitcli.formats import FORMATS, MODEL_FILE_SUFFIXES, Checkpoint, read_label_file, read_safetensors
 from bitcli.ui import quiet_logger
@@ -28,7 +28,7 @@ def load_checkpoint(spec: str, revision: str | None = None, labels_file: str | N
     path = Path(spec).expanduser()
     if path.exists():
         ckpt = read_local(path)
-    elif PUBLISHED_NAME.match(spec.removesuffix(".npz")):
+    elif is_published_name(spec.removesuffix(".npz")):
         cached = download_published(spec.removesuffix(".npz"))
         try:
             ckpt = formats.read(cached)

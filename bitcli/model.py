@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +66,9 @@ class StdConv2d(nn.Conv2d):
             pad = 0
         else:
             pad = ((stride - 1) + dilation * (kernel_size - 1)) // 2
-        super().__init__(in_channels, out_channels, kernel_size, stride, pad, dilation, bias=False)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride=stride, padding=pad, dilation=dilation, bias=False
+        )
         self.eps = eps
         self._cache: tuple[tuple[int, int, torch.dtype, torch.device], torch.Tensor] | None = None
 
@@ -83,79 +88,111 @@ class StdConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_same:
             x = pad_same(x, self.kernel_size[0], self.stride[0], self.dilation[0])
-        return F.conv2d(x, self.standardized_weight(), None, self.stride, self.padding, self.dilation)
+        w = self.standardized_weight()
+        return F.conv2d(x, w, bias=None, stride=self.stride, padding=self.padding, dilation=self.dilation)
 
 
 class GroupNormAct(nn.GroupNorm):
-    """GroupNorm, optionally followed by ReLU."""
+    """GroupNorm, then ReLU (or nothing where the unit adds the shortcut first)."""
 
-    def __init__(self, num_groups: int, channels: int, eps: float, act: bool = True) -> None:
+    def __init__(self, channels: int, *, num_groups: int, eps: float, apply_act: bool = True) -> None:
         super().__init__(num_groups, channels, eps=eps)
-        self.act = act
+        self.act = nn.ReLU(inplace=True) if apply_act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return F.relu(x, inplace=True) if self.act else x
+        return self.act(F.group_norm(x, self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps))
+
+
+class PadSame(nn.Module):
+    """TF "SAME" padding for a `kernel`/`stride` window, computed from each input's size."""
+
+    def __init__(self, kernel: int, stride: int) -> None:
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pad_same(x, self.kernel, self.stride, dilation=1)
 
 
 class Stem(nn.Module):
-    """7x7/2 conv, then a 3x3/2 max-pool over a zero-padded map (not MaxPool2d(padding=1): zeros, not -inf)."""
+    """7x7/2 conv, then a 3x3/2 max-pool (GroupNorm+ReLU between them in v1.5 models)."""
 
-    def __init__(self, cfg: BitConfig) -> None:
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        *,
+        preact: bool,
+        fixed_pad: bool,
+        dynamic_pool_pad: bool,
+        conv_layer: Callable[..., nn.Module],
+        norm_layer: Callable[..., nn.Module],
+    ) -> None:
         super().__init__()
-        self.conv = StdConv2d(cfg.in_channels, cfg.embedding_size, 7, 2, padding=cfg.global_padding, eps=cfg.ws_eps)
-        self.zero_pad = cfg.global_padding != "SAME"
-        self.dynamic_pool_pad = cfg.embedding_dynamic_padding
-        self.norm = (
-            GroupNormAct(cfg.num_groups, cfg.embedding_size, cfg.gn_eps) if cfg.layer_type == "bottleneck" else None
-        )
+        self.conv = conv_layer(in_chs, out_chs, kernel_size=7, stride=2)
+        # BiT's fixed approximation of SAME before the pool: zeros, not MaxPool2d(padding=1)'s -inf
+        self.pad = nn.ConstantPad2d(1, 0.0) if fixed_pad else nn.Identity()
+        self.norm = nn.Identity() if preact else norm_layer(out_chs)
+        self.pool_pad = PadSame(kernel=3, stride=2) if dynamic_pool_pad else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        if self.zero_pad:
-            x = F.pad(x, [1, 1, 1, 1])
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.dynamic_pool_pad:
-            x = pad_same(x, 3, 2, 1)
+        x = self.pool_pad(self.norm(self.pad(self.conv(x))))
         return F.max_pool2d(x, 3, 2)
 
 
 class Downsample(nn.Module):
     """1x1 strided projection on the shortcut of a stage's first unit (GroupNorm after it in v1.5 units)."""
 
-    def __init__(self, cfg: BitConfig, in_ch: int, out_ch: int, stride: int) -> None:
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        *,
+        stride: int,
+        preact: bool,
+        conv_layer: Callable[..., nn.Module],
+        norm_layer: Callable[..., nn.Module],
+    ) -> None:
         super().__init__()
-        self.conv = StdConv2d(in_ch, out_ch, 1, stride, padding=cfg.global_padding, eps=cfg.ws_eps)
-        self.norm = (
-            GroupNormAct(cfg.num_groups, out_ch, cfg.gn_eps, act=False) if cfg.layer_type == "bottleneck" else None
-        )
+        self.conv = conv_layer(in_chs, out_chs, kernel_size=1, stride=stride)
+        self.norm = nn.Identity() if preact else norm_layer(out_chs, apply_act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        return self.norm(x) if self.norm is not None else x
+        return self.norm(self.conv(x))
 
 
 class PreActBottleneck(nn.Module):
-    """ResNetV2 unit: norm+ReLU first, the shortcut projection taken from that pre-activation."""
+    """ResNetV2 unit: norm+ReLU first, the shortcut projection taken from that pre-activation. No dilation:
+    transformers' and timm's BiT apply none inside pre-activation units."""
 
     def __init__(
-        self, cfg: BitConfig, in_ch: int, mid_ch: int, out_ch: int, stride: int, dilation: int, project: bool
+        self,
+        in_chs: int,
+        out_chs: int,
+        *,
+        mid_chs: int,
+        stride: int,
+        project: bool,
+        conv_layer: Callable[..., nn.Module],
+        norm_layer: Callable[..., nn.Module],
     ) -> None:
         super().__init__()
-        del dilation  # transformers and timm's BiT apply no dilation inside pre-activation units
-        g, eps, pad = cfg.num_groups, cfg.ws_eps, cfg.global_padding
-        self.downsample = Downsample(cfg, in_ch, out_ch, stride) if project else None
-        self.norm1 = GroupNormAct(g, in_ch, cfg.gn_eps)
-        self.conv1 = StdConv2d(in_ch, mid_ch, 1, padding=pad, eps=eps)
-        self.norm2 = GroupNormAct(g, mid_ch, cfg.gn_eps)
-        self.conv2 = StdConv2d(mid_ch, mid_ch, 3, stride, padding=pad, eps=eps)
-        self.norm3 = GroupNormAct(g, mid_ch, cfg.gn_eps)
-        self.conv3 = StdConv2d(mid_ch, out_ch, 1, padding=pad, eps=eps)
+        self.project = project  # Google's unit: the projection reads the pre-activation, the identity the input
+        self.downsample = (
+            Downsample(in_chs, out_chs, stride=stride, preact=True, conv_layer=conv_layer, norm_layer=norm_layer)
+            if project
+            else nn.Identity()
+        )
+        self.norm1 = norm_layer(in_chs)
+        self.conv1 = conv_layer(in_chs, mid_chs, kernel_size=1)
+        self.norm2 = norm_layer(mid_chs)
+        self.conv2 = conv_layer(mid_chs, mid_chs, kernel_size=3, stride=stride)
+        self.norm3 = norm_layer(mid_chs)
+        self.conv3 = conv_layer(mid_chs, out_chs, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_pre = self.norm1(x)
-        shortcut = self.downsample(x_pre) if self.downsample is not None else x
+        shortcut = self.downsample(x_pre if self.project else x)
         x = self.conv1(x_pre)
         x = self.conv2(self.norm2(x))
         x = self.conv3(self.norm3(x))
@@ -166,20 +203,32 @@ class Bottleneck(nn.Module):
     """Non-pre-activation (v1.5) unit, as in transformers' "bottleneck" layer type (DPT-hybrid's backbone)."""
 
     def __init__(
-        self, cfg: BitConfig, in_ch: int, mid_ch: int, out_ch: int, stride: int, dilation: int, project: bool
+        self,
+        in_chs: int,
+        out_chs: int,
+        *,
+        mid_chs: int,
+        stride: int,
+        dilation: int,
+        project: bool,
+        conv_layer: Callable[..., nn.Module],
+        norm_layer: Callable[..., nn.Module],
     ) -> None:
         super().__init__()
-        g, eps, pad = cfg.num_groups, cfg.ws_eps, cfg.global_padding
-        self.downsample = Downsample(cfg, in_ch, out_ch, stride) if project else None
-        self.conv1 = StdConv2d(in_ch, mid_ch, 1, padding=pad, eps=eps)
-        self.norm1 = GroupNormAct(g, mid_ch, cfg.gn_eps)
-        self.conv2 = StdConv2d(mid_ch, mid_ch, 3, stride, dilation, padding=pad, eps=eps)
-        self.norm2 = GroupNormAct(g, mid_ch, cfg.gn_eps)
-        self.conv3 = StdConv2d(mid_ch, out_ch, 1, padding=pad, eps=eps)
-        self.norm3 = GroupNormAct(g, out_ch, cfg.gn_eps, act=False)
+        self.downsample = (
+            Downsample(in_chs, out_chs, stride=stride, preact=False, conv_layer=conv_layer, norm_layer=norm_layer)
+            if project
+            else nn.Identity()
+        )
+        self.conv1 = conv_layer(in_chs, mid_chs, kernel_size=1)
+        self.norm1 = norm_layer(mid_chs)
+        self.conv2 = conv_layer(mid_chs, mid_chs, kernel_size=3, stride=stride, dilation=dilation)
+        self.norm2 = norm_layer(mid_chs)
+        self.conv3 = conv_layer(mid_chs, out_chs, kernel_size=1)
+        self.norm3 = norm_layer(out_chs, apply_act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = self.downsample(x) if self.downsample is not None else x
+        shortcut = self.downsample(x)
         x = self.norm1(self.conv1(x))
         x = self.norm2(self.conv2(x))
         x = self.norm3(self.conv3(x))
@@ -187,45 +236,94 @@ class Bottleneck(nn.Module):
 
 
 class Stage(nn.Module):
-    def __init__(self, cfg: BitConfig, index: int, in_ch: int, stride: int, dilation: int) -> None:
+    """`depth` units; the first changes the width and stride and always carries the shortcut projection (as
+    Google's unit01/a/proj). unit_layer(in_chs, out_chs, stride=, project=) builds one unit."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        *,
+        depth: int,
+        stride: int,
+        first_unit_layer: Callable[..., nn.Module],
+        unit_layer: Callable[..., nn.Module],
+    ) -> None:
         super().__init__()
-        unit = PreActBottleneck if cfg.layer_type == "preactivation" else Bottleneck
-        out_ch, mid_ch = cfg.hidden_sizes[index], cfg.mid_sizes[index]
-        # The first unit keeps the previous stage's dilation for its 3x3 conv (timm/transformers rule) and
-        # always carries the shortcut projection (as in Google's unit01/a/proj).
-        first_dilation = 1 if dilation in (1, 2) else 2
-        units = []
-        for i in range(cfg.depths[index]):
-            first = i == 0
-            units.append(
-                unit(cfg, in_ch, mid_ch, out_ch, stride if first else 1, first_dilation if first else dilation, first)
-            )
-            in_ch = out_ch
-        self.units = nn.Sequential(*units)
+        first = first_unit_layer(in_chs, out_chs, stride=stride, project=True)
+        rest = [unit_layer(out_chs, out_chs, stride=1, project=False) for _ in range(depth - 1)]
+        self.units = nn.Sequential(first, *rest)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.units(x)
 
 
+def unit_layers(
+    preact: bool,
+    *,
+    mid_chs: int,
+    dilation: int,
+    conv_layer: Callable[..., nn.Module],
+    norm_layer: Callable[..., nn.Module],
+) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
+    """(the builder of a stage's first unit, of its other units) for a stage dilated by `dilation`."""
+    if preact:
+        unit = partial(PreActBottleneck, mid_chs=mid_chs, conv_layer=conv_layer, norm_layer=norm_layer)
+        return unit, unit
+    # The first unit keeps the previous stage's dilation for its 3x3 conv (timm/transformers rule).
+    first_dilation = 1 if dilation in (1, 2) else 2
+    first = partial(Bottleneck, mid_chs=mid_chs, dilation=first_dilation, conv_layer=conv_layer, norm_layer=norm_layer)
+    rest = partial(Bottleneck, mid_chs=mid_chs, dilation=dilation, conv_layer=conv_layer, norm_layer=norm_layer)
+    return first, rest
+
+
 class BitModel(nn.Module):
-    """ResNetV2 as used by BiT. forward() gives logits; forward_features()/pre_logits() give the features."""
+    """ResNetV2 as used by BiT. forward() gives logits; forward_features()/pre_logits() give the features.
+    A model with num_classes 0 has no head (an nn.Identity): forward() then gives the pre-logits."""
 
     def __init__(self, cfg: BitConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.stem = Stem(cfg)
-        stages, in_ch, reduction, dilation = [], cfg.embedding_size, 4, 1
-        for index in range(len(cfg.depths)):
+        conv_layer = partial(StdConv2d, padding=cfg.global_padding, eps=cfg.ws_eps)
+        norm_layer = partial(GroupNormAct, num_groups=cfg.num_groups, eps=cfg.gn_eps)
+        preact = cfg.layer_type == "preactivation"
+        self.stem = Stem(
+            cfg.in_channels,
+            cfg.embedding_size,
+            preact=preact,
+            fixed_pad=cfg.global_padding != "SAME",
+            dynamic_pool_pad=cfg.embedding_dynamic_padding,
+            conv_layer=conv_layer,
+            norm_layer=norm_layer,
+        )
+        stages, in_chs, reduction, dilation = [], cfg.embedding_size, 4, 1
+        for index, (depth, out_chs, mid_chs) in enumerate(zip(cfg.depths, cfg.hidden_sizes, cfg.mid_sizes)):
             stride = 1 if index == 0 else 2
             if reduction >= cfg.output_stride:
                 dilation, stride = dilation * stride, 1
-            stages.append(Stage(cfg, index, in_ch, stride, dilation))
-            in_ch, reduction = cfg.hidden_sizes[index], reduction * stride
+            first_unit_layer, unit_layer = unit_layers(
+                preact, mid_chs=mid_chs, dilation=dilation, conv_layer=conv_layer, norm_layer=norm_layer
+            )
+            stages.append(
+                Stage(
+                    in_chs,
+                    out_chs,
+                    depth=depth,
+                    stride=stride,
+                    first_unit_layer=first_unit_layer,
+                    unit_layer=unit_layer,
+                )
+            )
+            in_chs, reduction = out_chs, reduction * stride
         self.stages = nn.Sequential(*stages)
-        preact = cfg.layer_type == "preactivation"
-        self.norm = GroupNormAct(cfg.num_groups, cfg.num_features, cfg.gn_eps) if preact else None
-        self.head = nn.Linear(cfg.num_features, cfg.num_classes) if cfg.num_classes else None
+        self.norm = norm_layer(cfg.num_features) if preact else nn.Identity()
+        self.head = nn.Linear(cfg.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
         self.reset_parameters()
+
+    @property
+    def has_head(self) -> bool:
+        """False for a features-only model (num_classes 0): forward() gives pre-logits, not logits."""
+        return isinstance(self.head, nn.Linear)
 
     def reset_parameters(self) -> None:
         if self.stem.conv.weight.is_meta:  # shape-only models (checkpoint checks, loading) need no init: ~2 s saved
@@ -236,27 +334,25 @@ class BitModel(nn.Module):
             elif isinstance(m, nn.GroupNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if self.head is not None:  # BiT transfers start from a zero head
+        if self.has_head:  # BiT transfers start from a zero head
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a zero-initialised one for `num_classes` classes."""
-        self.config = BitConfig.from_dict({**self.config.to_dict(), "num_classes": num_classes})
-        self.head = None
+        """Replace the head with a zero-initialised one for `num_classes` classes (none for 0)."""
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+        self.head = nn.Identity()
         if num_classes:
-            ref = self.norm.weight if self.norm is not None else next(self.parameters())
+            ref = self.stem.conv.weight
             self.head = nn.Linear(self.config.num_features, num_classes, device=ref.device, dtype=ref.dtype)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
-        return self.norm(x) if self.norm is not None else x  # [B, C, H/32, W/32]
+        return self.norm(self.stages(self.stem(x)))  # [B, C, H/32, W/32]
 
     def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).mean(dim=(2, 3))  # [B, C]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.pre_logits(x)
-        return self.head(features) if self.head is not None else features
+        return self.head(self.pre_logits(x))

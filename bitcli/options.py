@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from bitcli.architectures import DEFAULT_MODEL
 from bitcli.errors import BitError, UsageError
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution, resolution_for_crop
 from bitcli.ui import display
@@ -241,7 +242,7 @@ def parse_resolution(value: str) -> Resolution | None:
 @dataclass(frozen=True)
 class PredictOptions:
     images: list[str]
-    model: str = "google/bit-50"
+    model: str = DEFAULT_MODEL
     revision: str | None = None
     top_k: int = 5
     batch_size: int = 16
@@ -256,7 +257,7 @@ class PredictOptions:
 @dataclass(frozen=True)
 class EvalOptions:
     data: DataSpec
-    model: str = "google/bit-50"
+    model: str = DEFAULT_MODEL
     revision: str | None = None
     format: EvalFormat = EvalFormat.table
     batch_size: int = 32
@@ -271,7 +272,7 @@ class EvalOptions:
 @dataclass(frozen=True)
 class EmbedOptions:
     images: list[str]
-    model: str = "google/bit-50"
+    model: str = DEFAULT_MODEL
     revision: str | None = None
     batch_size: int = 16
     device: str = "auto"

@@ -77,9 +77,16 @@ class Preprocess:
             raise BitError(f"preprocessing: crop_rounding must be 'floor' or 'round', not {self.crop_rounding!r}")
 
     @classmethod
-    def square(cls, resize: int, crop: int, **kw: Any) -> Preprocess:
-        """Google's fine-tuning eval transform: resize to a square, then (optionally) crop."""
-        return cls(resize=(resize, resize), crop=(crop, crop), **kw)
+    def square(
+        cls,
+        resize: int,
+        crop: int,
+        *,
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    ) -> Preprocess:
+        """Google's fine-tuning eval transform: resize to a square (bilinear), then centre-crop a square."""
+        return cls(resize=(resize, resize), crop=(crop, crop), interpolation="bilinear", mean=mean, std=std)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

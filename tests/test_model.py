@@ -8,6 +8,7 @@ import torch
 import transformers
 from conftest import perturb, save_hf_model
 
+from bitcli.architectures import from_name
 from bitcli.config import BitConfig
 from bitcli.formats import expected_shapes
 from bitcli.formats.timm import LAYOUT as TIMM
@@ -55,7 +56,7 @@ def test_logits_match_timm_resnetv2_50x1_bit(tmp_path):
 
     save_for_hf(reference, tmp_path / "timm", safe_serialization=True)
     ckpt = load_checkpoint(str(tmp_path / "timm"))
-    assert ckpt.format == "timm" and ckpt.config == BitConfig.resnet(50, 1)
+    assert ckpt.format == "timm" and ckpt.config == from_name("R50x1")
     ours = ckpt.build_model()
     x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -72,7 +73,7 @@ def test_every_published_variant_has_timms_tensors(name):
     with torch.device("meta"):
         reference = timm.create_model(f"resnetv2_{depth}x{width}_bit", num_classes=21843)
     want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
-    ours = expected_shapes(BitConfig.from_name(name, num_classes=21843))
+    ours = expected_shapes(from_name(name, num_classes=21843))
     mapped = {TIMM.key(k): TIMM.shape(k, s) for k, s in ours.items()}
     assert mapped == want
     assert mapped["head.fc.weight"] == (21843, 2048 * int(width), 1, 1)
@@ -82,7 +83,7 @@ def test_parameter_counts_of_published_variants():
     counts = {}
     for name in ["R50x1", "R152x4"]:
         with torch.device("meta"):
-            model = BitModel(BitConfig.from_name(name, num_classes=1000))
+            model = BitModel(from_name(name, num_classes=1000))
         counts[name] = sum(p.numel() for p in model.parameters())
     assert counts == {"R50x1": 25_549_352, "R152x4": 936_533_224}
 

@@ -4,33 +4,26 @@ are checked against the architecture first."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from bitcli.architectures import from_name, known_names
 from bitcli.config import BitConfig
 from bitcli.errors import BitError, UsageError
 from bitcli.hub import load_checkpoint
 from bitcli.hyperrule import Resolution
 from bitcli.model import BitModel
 
-# --random-init architectures besides the published ones (R50x1 ... R152x4). For demos and tests.
-ARCH_PRESETS = {
-    "tiny": BitConfig(depths=(1, 1), hidden_sizes=(32, 64), embedding_size=16, num_groups=8),
-    "small": BitConfig(depths=(1, 1, 1, 1), hidden_sizes=(32, 64, 128, 256), embedding_size=16, num_groups=8),
-}
 RANDOM_INIT_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # BiT's normalisation: pixels to [-1, 1]
 
 
 def random_init_config(spec: str, num_classes: int) -> BitConfig:
-    """`--random-init --model`: a preset (tiny, small), a published layout (R50x1 ... R152x4), or a JSON
-    object of BitConfig fields such as '{"depths": [1, 1], "hidden_sizes": [32, 64], "embedding_size": 16,
-    "num_groups": 8}'."""
-    if spec in ARCH_PRESETS:
-        return dataclasses.replace(ARCH_PRESETS[spec], num_classes=num_classes)
+    """`--random-init --model`: a named architecture (a preset such as tiny, R50x1 ... R152x4, or a published
+    name; bitcli.architectures), or a JSON object of BitConfig fields such as '{"depths": [1, 1],
+    "hidden_sizes": [32, 64], "embedding_size": 16, "num_groups": 8}'."""
     if spec.lstrip().startswith("{"):
         try:
             fields = json.loads(spec)
@@ -42,11 +35,11 @@ def random_init_config(spec: str, num_classes: int) -> BitConfig:
             raise BitError("--model: the JSON architecture must be an object of BitConfig fields")
         return BitConfig.from_dict({**fields, "num_classes": num_classes})
     try:
-        return BitConfig.from_name(spec, num_classes=num_classes)
+        return from_name(spec, num_classes=num_classes)
     except BitError:
         raise BitError(
-            f"--random-init --model {spec!r}: use a preset ({', '.join(ARCH_PRESETS)}), an architecture "
-            "(R50x1 ... R152x4) or a JSON object of BitConfig fields"
+            f"--random-init --model {spec!r}: use a preset or architecture ({known_names()}) "
+            "or a JSON object of BitConfig fields"
         ) from None
 
 

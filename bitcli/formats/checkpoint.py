@@ -108,9 +108,10 @@ _UNIT_KEY = re.compile(r"^stages\.(\d+)\.units\.(\d+)\.")
 
 
 def infer_config(
-    shapes: Mapping[str, tuple[int, ...]], source: str, layout: Layout = BITCLI, **overrides: Any
+    shapes: Mapping[str, tuple[int, ...]], source: str, layout: Layout = BITCLI, *, ws_eps: float
 ) -> BitConfig:
-    """Depth, width and class count of a BiT from its bitcli-named tensor shapes (never from a file name)."""
+    """Depth, width and class count of a BiT from its bitcli-named tensor shapes (never from a file name); the
+    standardisation eps, which no shape shows, from the format."""
     stem = shapes.get("stem.conv.weight")
     if stem is None or len(stem) != 4:
         raise BitError(f"{source}: has no {layout.key('stem.conv.weight')}; this is not a BiT checkpoint")
@@ -135,17 +136,16 @@ def infer_config(
         depths.append(len(found))
         hidden.append(int(conv3[0]))
     head = shapes.get("head.weight")
-    values: dict[str, Any] = dict(
-        depths=tuple(depths),
-        hidden_sizes=tuple(hidden),
-        embedding_size=int(stem[0]),
-        in_channels=int(stem[1]),
-        num_classes=int(head[0]) if head else 0,
-        layer_type="bottleneck" if "stem.norm.weight" in shapes else "preactivation",
-    )
-    values.update(overrides)
     try:
-        return BitConfig(**values)
+        return BitConfig(
+            depths=tuple(depths),
+            hidden_sizes=tuple(hidden),
+            embedding_size=int(stem[0]),
+            in_channels=int(stem[1]),
+            num_classes=int(head[0]) if head else 0,
+            layer_type="bottleneck" if "stem.norm.weight" in shapes else "preactivation",
+            ws_eps=ws_eps,
+        )
     except BitError as exc:  # e.g. widths that do not split into GroupNorm's 32 groups
         raise BitError(f"{source}: tensor shapes describe no valid BiT ({exc})") from None
 

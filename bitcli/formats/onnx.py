@@ -183,7 +183,7 @@ def write(ckpt: Checkpoint, path: Path, dtype: torch.dtype | None = None, *, ops
     if opset > onnx.defs.onnx_opset_version():
         raise BitError(f"--opset {opset}: this onnx package writes opsets up to {onnx.defs.onnx_opset_version()}")
     model = ckpt.build_model()
-    if model.head is None:
+    if not model.has_head:
         raise BitError(f"{ckpt.source}: checkpoint has no classification head; an ONNX export gives logits")
     size = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
     if size > PROTOBUF_LIMIT:

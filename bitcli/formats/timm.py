@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from bitcli.architectures import from_name, timm_name
 from bitcli.config import BitConfig
 from bitcli.errors import BitError
 from bitcli.formats.checkpoint import (
@@ -95,7 +96,7 @@ def _check_config(path: Path, cfg: dict[str, Any], config: BitConfig) -> None:
     if arch is None:
         return
     try:
-        named = BitConfig.from_name(arch, num_classes=config.num_classes, ws_eps=config.ws_eps)
+        named = dataclasses.replace(from_name(arch, num_classes=config.num_classes), ws_eps=config.ws_eps)
     except BitError:
         raise BitError(f"{path}: timm architecture {arch!r} is not a BiT model (resnetv2_*_bit)") from None
     if named != config:
@@ -107,7 +108,7 @@ def _check_config(path: Path, cfg: dict[str, Any], config: BitConfig) -> None:
 def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> None:
     """timm's hub layout (config.json + model.safetensors); only for the layouts timm has a name for."""
     try:
-        arch = dataclasses.replace(ckpt.config, ws_eps=1e-8).timm_architecture()  # the eps travels in WS_EPS_KEY
+        arch = timm_name(dataclasses.replace(ckpt.config, ws_eps=1e-8))  # the eps travels in WS_EPS_KEY
     except BitError:
         cfg = ckpt.config
         raise BitError(

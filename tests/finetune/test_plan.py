@@ -13,6 +13,7 @@ import torch
 from conftest import BIT50_PREPROCESSOR, run_main, save_hf_model, write_folder
 from PIL import Image
 
+from bitcli.architectures import from_name
 from bitcli.config import BitConfig
 from bitcli.data import ImageFolder
 from bitcli.distributed import Dist
@@ -121,7 +122,7 @@ def test_random_init_specs() -> None:
     assert random_init_config("tiny", 3) == BitConfig(
         depths=(1, 1), hidden_sizes=(32, 64), embedding_size=16, num_groups=8, num_classes=3
     )
-    assert random_init_config("R50x1", 7) == BitConfig.resnet(50, 1, num_classes=7)
+    assert random_init_config("R50x1", 7) == from_name("R50x1", num_classes=7)
     assert random_init_config(TINY, 2) == random_init_config("tiny", 2)
     for bad, message in [("R51x1", "use a preset"), ("{nope", "not valid JSON"), ('{"depth": [1]}', "unknown field")]:
         with pytest.raises(BitError, match=message):

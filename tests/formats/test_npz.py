@@ -65,7 +65,7 @@ def test_headless_npz_matches_timm_features(tmp_path):
     npz = save_npz(tmp_path / "BiT-S-R50x1.npz", arrays)
     convert_ok(npz, tmp_path / "out.safetensors")
     ours = bitcli_model(tmp_path / "out.safetensors")
-    assert ours.head is None and ours.config.num_classes == 0
+    assert not ours.has_head and ours.config.num_classes == 0
     x = inputs(96)
     with torch.no_grad():
         features = ours(x)

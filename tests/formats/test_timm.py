@@ -3,11 +3,13 @@ errors in timm's own names and shapes. Logit agreement with timm is in tests/tes
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from bitcli.config import BitConfig
+from bitcli.architectures import from_name
 from bitcli.errors import BitError
 from bitcli.formats import expected_shapes, hf, timm
 from bitcli.formats.tensors import TensorRef
@@ -15,7 +17,7 @@ from bitcli.formats.tensors import TensorRef
 
 @pytest.mark.parametrize("layout", [timm.LAYOUT, hf.LAYOUT], ids=["timm", "hf"])
 def test_key_maps_invert_each_other_for_every_tensor(layout):
-    shapes = expected_shapes(BitConfig.from_name("R152x4", num_classes=10, layer_type="bottleneck"))
+    shapes = expected_shapes(dataclasses.replace(from_name("R152x4", num_classes=10), layer_type="bottleneck"))
     names = {layout.source_key(k) for k in shapes}
     assert len(names) == len(shapes) and None not in names
     assert all(layout.bitcli_key(layout.source_key(k)) == k for k in shapes)
