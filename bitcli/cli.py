@@ -5,6 +5,7 @@ before a command module (or torch) is imported; command modules are imported laz
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -75,6 +76,17 @@ def _app(
     """The options before the command (the app's help is Typer's `help=` above)."""
 
 
+def _command(name: str | None = None) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """app.command, with `bit --help` listing the whole first paragraph of the docstring (click would cut it to
+    what fits one line, ending in "...")."""
+
+    def register(func: Callable[..., None]) -> Callable[..., None]:
+        summary = " ".join((inspect.getdoc(func) or "").split("\n\n")[0].split())
+        return app.command(name, short_help=summary)(func)
+
+    return register
+
+
 def _parser(flag: str, parse: Callable[[str], T]) -> Callable[[str], T]:
     """A flag's value parser: a value `parse` refuses is one `Error: FLAG VALUE: how to fix it` line, exit 2,
     while the command line is read (the command's module and torch are never imported)."""
@@ -93,14 +105,15 @@ def _auto(help: str, flag: str, parse: Callable[[str], object], metavar: str) ->
     return typer.Option(flag, parser=_parser(flag, parse), metavar=metavar, show_default="auto", help=help)
 
 
-ModelOpt = Annotated[
-    str,
-    typer.Option(
-        "--model", "-m",
-        help="Hub repo id (google/bit-50, timm/resnetv2_50x1_bit.goog_in21k_ft_in1k), published name "
-        "(BiT-M-R50x1), or a local .safetensors/.npz/.bin file or model folder.",
-    ),
-]  # fmt: skip
+MODEL_HELP = (
+    "Hub repo id (google/bit-50, timm/resnetv2_50x1_bit.goog_in21k_ft_in1k), published name (BiT-M-R50x1), "
+    "or a local .safetensors/.npz/.bin file or model folder"
+)
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP + ", or a .onnx file from bit convert.")]
+EmbedModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP + ".")]  # an .onnx gives logits only
+BatchOpt = Annotated[
+    int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass: more is faster, up to memory.")
+]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit.")]
 DeviceOpt = Annotated[
     str,
@@ -135,13 +148,13 @@ WorkersOpt = Annotated[
 ]
 
 
-@app.command()
+@_command()
 def predict(
     images: ImagesArg,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to report per image.")] = 5,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
+    batch_size: BatchOpt = 16,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     fmt: Annotated[
@@ -172,10 +185,10 @@ def predict(
     raise typer.Exit(predict_mod.run(opts))
 
 
-@app.command()
+@_command()
 def embed(
     images: ImagesArg,
-    model: ModelOpt = DEFAULT_MODEL,
+    model: EmbedModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     output: Annotated[
         Path | None,
@@ -192,7 +205,7 @@ def embed(
         ),
     ] = None,
     normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise every vector (unit length).")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 16,
+    batch_size: BatchOpt = 16,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     recursive: RecursiveOpt = False,
@@ -212,7 +225,7 @@ def embed(
     raise typer.Exit(embed_mod.run(opts))
 
 
-@app.command()
+@_command()
 def convert(
     src: Annotated[
         str,
@@ -231,7 +244,10 @@ def convert(
         ),
     ] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="Text file of class names, one per line.")] = None,
-    dtype: Annotated[DType, typer.Option("--dtype", case_sensitive=False)] = DType.float32,
+    dtype: Annotated[
+        DType,
+        typer.Option("--dtype", case_sensitive=False, help="The written weights' type (ONNX: its arithmetic too)."),
+    ] = DType.float32,
     revision: RevisionOpt = None,
     overwrite: Annotated[
         bool,
@@ -269,7 +285,7 @@ def convert(
     convert_mod.run(opts)
 
 
-@app.command()
+@_command()
 def finetune(
     data: Annotated[
         str,
@@ -406,7 +422,7 @@ def finetune(
     finetune_mod.run(opts)
 
 
-@app.command("eval")
+@_command("eval")
 def eval_(
     data: Annotated[
         str,
@@ -419,8 +435,16 @@ def eval_(
     ],
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
-    fmt: Annotated[EvalFormat, typer.Option("--format", "-f", case_sensitive=False)] = EvalFormat.table,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1)] = 32,
+    fmt: Annotated[
+        EvalFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            case_sensitive=False,
+            help="table: for people; json: every metric (per class too) and the whole confusion matrix.",
+        ),
+    ] = EvalFormat.table,
+    batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     workers: WorkersOpt = DEFAULT_WORKERS,
@@ -447,7 +471,7 @@ def eval_(
     raise typer.Exit(evaluate_mod.run(opts))
 
 
-@app.command()
+@_command()
 def report(
     run: Annotated[
         Path,

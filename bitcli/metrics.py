@@ -173,7 +173,10 @@ def render_table(result: EvalResult, color: bool) -> str:
         confusion.add_column("")
         for name in result.labels:
             confusion.add_column(Text(visible(name)), justify="right")
-        for name, row in zip(result.labels, result.confusion):
+        rows = list(zip(result.labels, result.confusion))
+        if rows[-1][0] == OTHER and not any(rows[-1][1]):
+            rows.pop()  # the (other) column has no row: no image is of a class outside the evaluated ones
+        for name, row in rows:
             confusion.add_row(Text(visible(name)), *(str(v) for v in row))
         out.print(confusion)
     else:

@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from bitcli import fonts
 from bitcli.errors import BitError
-from bitcli.ui import visible
+from bitcli.ui import log, visible
 from bitcli.writes import atomic_write
 
 INSTALL = "pip install 'bitcli[plots]'"
@@ -44,20 +45,40 @@ def require(what: str) -> None:
 
 
 @contextlib.contextmanager
-def _style(literal: bool) -> Iterator[Any]:
-    """matplotlib with its default style (a user's matplotlibrc would change the picture), no warning for a
-    glyph the font lacks (it shows as a box), and with `literal` every text taken as it is spelled (a class
+def _style(literal: bool, families: Sequence[str] = (fonts.DEFAULT,)) -> Iterator[Any]:
+    """matplotlib with its default style (a user's matplotlibrc would change the picture), the font `families`
+    in fallback order (fonts.fallback), no warning of matplotlib's for a glyph they lack (it shows as a box;
+    warn_boxed names the classes instead), and with `literal` every text taken as it is spelled (a class
     named "$x$" is not mathtext; log-scale tick labels need mathtext, so the curves keep it)."""
     import matplotlib
     import matplotlib.style
 
-    with (
-        matplotlib.style.context("default"),
-        matplotlib.rc_context({"text.parse_math": not literal, "font.size": 10}),
-        warnings.catch_warnings(),
-    ):
+    rc: dict[str, Any] = {"text.parse_math": not literal, "font.size": 10}
+    if list(families) != [fonts.DEFAULT]:
+        rc["font.family"] = list(families)
+    with matplotlib.style.context("default"), matplotlib.rc_context(rc), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from")
         yield matplotlib
+
+
+MAX_NAMED = 10  # class names in the warning about characters no font has
+_warned: set[tuple[str, ...]] = set()  # each set of class names is warned about once per process
+
+
+def warn_boxed(names: Sequence[str], title: str, missing: set[str]) -> None:
+    """One line on stderr naming the classes (and the title) drawn with characters that no installed font has,
+    once per process for the same names (fine-tuning draws the same classes at every validation)."""
+    boxed = [visible(name) for name in dict.fromkeys(names) if missing & set(_short(name))]
+    if not missing or tuple(boxed) in _warned:
+        return
+    _warned.add(tuple(boxed))
+    quoted = ", ".join(f"'{name}'" for name in boxed[:MAX_NAMED])
+    more = f" and {len(boxed) - MAX_NAMED} more" if len(boxed) > MAX_NAMED else ""
+    drawn = ([f"the class names {quoted}{more}"] if boxed else []) + (["the title"] if missing & set(title) else [])
+    log(
+        f"warning: no installed font has every character of {' and '.join(drawn)}; the confusion picture shows those characters "
+        "as boxes (install a font that has them, e.g. Noto Sans CJK for Chinese, Japanese and Korean)"
+    )
 
 
 def _png(fig: Any) -> bytes:
@@ -208,7 +229,9 @@ def confusion_png(
     n = max(len(row_names), len(col_names))
     font = font_size(n)
     row_ticks, col_ticks = tick_labels(row_names, col_names, totals[:, 0])
-    with _style(literal=True):
+    families, missing = fonts.fallback([title, *row_ticks, *col_ticks])
+    warn_boxed([*row_names, *col_names], title, missing)
+    with _style(literal=True, families=families):
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=confusion_size(row_ticks, col_ticks), dpi=DPI, layout="constrained")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bitcli's main job end to end, offline, on a fresh machine:
-#   1. create (or reuse) the virtual environment exactly as .ci/run does (.ci/venv),
+#   1. create (or reuse) the virtual environment with what the demo needs: bitcli, its `plots` extra and
+#      scikit-learn (.ci/venv; .ci/run adds the test extras to the same venv),
 #   2. export scikit-learn's handwritten digits as an image folder (train/ and a held-out test/, 32x32 PNG),
 #   3. fine-tune a small BiT from random weights (`bit finetune --random-init`),
 #   4. measure it on the held-out images (`bit eval`) and classify a few of them (`bit predict`),

@@ -23,6 +23,41 @@ def test_help_lists_every_command():
     assert commands == ["predict", "embed", "convert", "finetune", "eval", "report"]
 
 
+def test_help_shows_each_command_s_whole_summary():
+    """`bit --help` lists each command with the whole first paragraph of its help (click cut it at one line)."""
+    from bitcli.cli import app
+
+    code, out, err = run_main("--help")
+    assert (code, err) == (0, "")
+    listed = " ".join(out.split("Commands:\n")[1].split())
+    for command in app.registered_commands:
+        summary = " ".join(command.callback.__doc__.split("\n\n")[0].split())
+        assert f"{command.name or command.callback.__name__} {summary}" in listed, summary
+    assert "..." not in listed
+    assert "eval Accuracy on labelled images: top-1, top-5 (models with over 5 classes), per-class accuracy, " in listed
+
+
+def test_every_option_has_help():
+    """Every argument and option of every command says what it is for (-b, eval's -f and convert's --dtype said
+    nothing); --model names the .onnx files that predict and eval run (embed cannot)."""
+    import typer
+
+    from bitcli.cli import app
+
+    commands = typer.main.get_command(app).commands
+    assert [(name, p.name) for name, c in commands.items() for p in c.params if not p.help] == []
+    for command in ("predict", "embed", "eval"):
+        out = " ".join(run_main(command, "--help")[1].split())
+        assert "-b, --batch-size <int range> Images per forward pass: more is faster, up to memory. [default: " in out
+        onnx = "or a .onnx file from bit convert."
+        assert (onnx in out) == (command != "embed"), command
+    out = " ".join(run_main("eval", "-h")[1].split())
+    assert (
+        "-f, --format <table|json> table: for people; json: every metric (per class too) and the whole confusion "
+        "matrix. [default: table]" in out
+    )
+
+
 def test_help_does_not_import_torch():
     """`bit --help` must answer instantly: the command modules (and torch) load only when a command runs."""
     code = "import sys\nfrom bitcli.cli import app\nprint(sorted(m for m in ('torch', 'numpy', 'PIL', 'huggingface_hub') if m in sys.modules))"

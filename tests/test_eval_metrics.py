@@ -164,6 +164,22 @@ def test_accumulator_exact_counts() -> None:
     assert r.loss == pytest.approx(expected)
 
 
+def test_table_shows_the_other_column_without_an_other_row() -> None:
+    """Predictions outside the evaluated classes get an (other) column; no image is of class (other), so the
+    table has no (other) row (the JSON keeps the square matrix, its last row zero)."""
+    result = EvalResult(top1=0.5, top5=None, loss=0.7, count=4, per_class={"b": 0.5, "a": 0.5}, labels=["a", "b", OTHER],
+                        confusion=[[1, 0, 1], [1, 1, 0], [0, 0, 0]])  # fmt: skip
+    text = render_table(result, color=False)
+    assert text.split("confusion matrix (rows: true class, columns: predicted class)\n")[1] == (
+        "┏━━━┳━━━┳━━━┳━━━━━━━━━┓\n"
+        "┃   ┃ a ┃ b ┃ (other) ┃\n"
+        "┡━━━╇━━━╇━━━╇━━━━━━━━━┩\n"
+        "│ a │ 1 │ 0 │       1 │\n"
+        "│ b │ 1 │ 1 │       0 │\n"
+        "└───┴───┴───┴─────────┘\n"
+    )
+
+
 def test_accumulator_top5_counts_rank_five_and_not_six() -> None:
     acc = Accumulator(["x"], class_to_model=[0], num_model_classes=6)
     ranks = torch.tensor([[0.0, 5, 4, 3, 2, 1], [1.0, 5, 4, 3, 2, 0]])  # class 0 ranked sixth, then fifth

@@ -112,6 +112,102 @@ def test_class_names_are_drawn_literally() -> None:
     assert plots._short(names[3]) == "a very long class name …" and plots._short("a\nb") == "a\\nb"
 
 
+BOXED = "(install a font that has them, e.g. Noto Sans CJK for Chinese, Japanese and Korean)"
+NO_FONT = "\U0010ff00"  # a private-use character of plane 16: no font maps it (Last Resort draws a box for any)
+
+
+def square_font(path: Path, family: str, characters: str) -> Path:
+    """A TrueType font `family` that draws each of `characters` as a filled square (fontTools: matplotlib's)."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    def glyph(filled: bool):
+        pen = TTGlyphPen(None)
+        if filled:
+            pen.moveTo((100, 0))
+            for corner in [(100, 700), (900, 700), (900, 0)]:
+                pen.lineTo(corner)
+            pen.closePath()
+        return pen.glyph()
+
+    names = [f"u{ord(c):X}" for c in characters]
+    builder = FontBuilder(1000, isTTF=True)
+    builder.setupGlyphOrder([".notdef", *names])
+    builder.setupCharacterMap({ord(c): name for c, name in zip(characters, names)})
+    builder.setupGlyf({".notdef": glyph(False), **{name: glyph(True) for name in names}})
+    builder.setupHorizontalMetrics(dict.fromkeys([".notdef", *names], (1000, 100)))
+    builder.setupHorizontalHeader(ascent=800, descent=-200)
+    builder.setupNameTable({"familyName": family, "styleName": "Regular"})
+    builder.setupOS2(sTypoAscender=800, sTypoDescender=-200, usWinAscent=800, usWinDescent=200)
+    builder.setupPost()
+    builder.save(str(path))
+    return path
+
+
+def test_class_names_no_font_can_draw_are_named_once(capsys, monkeypatch) -> None:
+    """A class name with characters no installed font has: one warning line naming those classes literally,
+    however often the picture is drawn (fine-tuning draws it at every validation); the bytes stay the same."""
+    monkeypatch.setattr(plots, "_warned", set(), raising=False)
+    names = ["cat", f"x{NO_FONT}", f"dog\n{NO_FONT}[bold]", "$y$"]
+    first = plots.confusion_png(names, confusion(4).tolist(), "title", other=None)
+    assert plots.confusion_png(names, confusion(4).tolist(), "title", other=None) == first
+    assert capsys.readouterr() == (
+        "",
+        f"warning: no installed font has every character of the class names 'x{NO_FONT}', 'dog\\n{NO_FONT}[bold]'; "
+        f"the confusion picture shows those characters as boxes {BOXED}\n",
+    )
+    plots.confusion_png(["cat", "dog"], confusion(2).tolist(), f"run {NO_FONT}", other=None)
+    assert capsys.readouterr().err == (
+        f"warning: no installed font has every character of the title; the confusion picture shows those characters "
+        f"as boxes {BOXED}\n"
+    )
+    many = [f"{i}{NO_FONT}" for i in range(12)]  # the first ten are named
+    plots.confusion_png(many, confusion(12).tolist(), f"run {NO_FONT}", other=None)
+    assert capsys.readouterr().err == (
+        "warning: no installed font has every character of the class names "
+        + ", ".join(f"'{name}'" for name in many[:10])
+        + f" and 2 more and the title; the confusion picture shows those characters as boxes {BOXED}\n"
+    )
+
+
+def test_names_the_default_font_lacks_are_drawn_with_an_installed_font_that_has_them(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """DejaVu Sans has no 猫: a font that has it follows in matplotlib's fallback list, and nothing is warned."""
+    from matplotlib import font_manager
+
+    monkeypatch.setattr(plots, "_warned", set(), raising=False)
+    names, counts = ["猫", f"x{NO_FONT}", "cat"], confusion(3).tolist()
+    without = plots.confusion_png(names, counts, "title", other=None)
+    assert f"'x{NO_FONT}'" in capsys.readouterr().err
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", list(font_manager.fontManager.ttflist))  # put back after
+    font_manager.fontManager.addfont(square_font(tmp_path / "squares.ttf", "Bitcli Squares", f"猫{NO_FONT}"))
+    with_font = plots.confusion_png(names, counts, "title", other=None)
+    assert capsys.readouterr() == ("", "")
+    assert with_font != without  # squares, not Last Resort's boxes
+    assert plots.confusion_png(names, counts, "title", other=None) == with_font  # deterministic
+    from bitcli import fonts
+
+    assert fonts.fallback(names) == (["DejaVu Sans", "Bitcli Squares"], set())
+    assert fonts.fallback(["cat", "Ωμέγα", "Ж"]) == (["DejaVu Sans"], set())  # DejaVu Sans has them: no fallback
+
+
+def test_a_font_installed_after_matplotlib_built_its_cache_is_found(tmp_path: Path, monkeypatch) -> None:
+    """matplotlib lists the fonts of its cache; one installed since (apt-get install fonts-noto-cjk) is found."""
+    from matplotlib import font_manager
+
+    from bitcli import fonts
+
+    path = square_font(tmp_path / "late.ttf", "Bitcli Late", NO_FONT)
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", list(font_manager.fontManager.ttflist))
+    monkeypatch.setattr(font_manager, "findSystemFonts", lambda *a, **kw: [str(path)])
+    fonts._add_fonts_installed_since_the_cache.cache_clear()
+    try:
+        assert fonts.fallback([NO_FONT]) == (["DejaVu Sans", "Bitcli Late"], set())
+    finally:
+        fonts._add_fonts_installed_since_the_cache.cache_clear()  # the real system fonts, for later tests
+
+
 def test_eval_plot_writes_the_confusion_picture(tiny_dir: Path, tmp_path: Path) -> None:
     write_folder(tmp_path / "data", {"apple": 3, "banana": 3, "cherry": 2})
     picture = tmp_path / "out" / "confusion.png"
