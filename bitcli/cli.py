@@ -482,7 +482,7 @@ def report(
         ),
     ],
 ) -> None:
-    """Summarise a fine-tuning run (plan, progress or final metrics, its files) and redraw its pictures from metrics.jsonl."""
+    """Summarise a fine-tuning run (plan, progress or final metrics, its files and pictures); it only reads the folder."""
     opts = ReportOptions(run=run)
     from bitcli import report as report_mod
 

@@ -1,9 +1,9 @@
 """The pictures: training curves (loss, learning rate, validation accuracy per step) and the row-normalised
-confusion matrix. Fine-tuning, `bit eval --plot` and `bit report` all draw with these functions.
+confusion matrix. Fine-tuning (at every validation) and `bit eval --plot` draw with these functions.
 
 matplotlib (the `plots` extra) is imported only when a picture is drawn. Drawing is deterministic: a fixed
 figure size and dpi, matplotlib's default style whatever the user's matplotlibrc says, no timestamp or
-version in the PNG, so the same numbers always give the same bytes (`bit report` redraws what training drew).
+version in the PNG, so the same numbers always give the same bytes.
 """
 
 from __future__ import annotations

@@ -1,32 +1,39 @@
-"""`bit report RUN_DIR`: a fine-tuning run from its files alone (its plan, how far it got or its final metrics,
-where its files are), with its pictures redrawn from metrics.jsonl and validation.json (the same bytes that
-training draws). Works on a finished run, on one still going (its lock is held) and on an interrupted one.
+"""`bit report RUN_DIR`: a fine-tuning run from its files alone: its plan, whether it finished (and what a run
+that says so lacks), how far it got, its last step and validation, where its files and pictures are. Works on
+a finished run, on one still going (its lock is held) and on an interrupted one.
+
+It only reads. It never writes into the run folder (training draws the pictures, at every validation), so a
+read-only run is reported like any other, and it imports nothing of the training stack (no torch, numpy or
+matplotlib: bitcli.finetune.runfiles reads the files), so it answers in a fraction of a second. Lines of
+metrics.jsonl that are no step record of the run (a torn last line, garbage) are skipped and counted; absurd
+numbers (a loss of 1e308, NaN, a 40-digit step) print as short words.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitcli import plots
-from bitcli.errors import BitError
+from bitcli.errors import BitError, one_line
 from bitcli.finetune import tensorboard
-from bitcli.finetune.rundir import (
+from bitcli.finetune.runfiles import (
     CONFIG_FILE,
     LOCK_FILE,
     METRICS_FILE,
     MODEL_FILES,
+    PICTURE_FILES,
     STATE_FILE,
     SUMMARY_FILE,
     VALIDATION_FILE,
+    checkpoint_step,
+    metrics_lines,
     read_saved_plan,
 )
-from bitcli.finetune.state import read_state
-from bitcli.finetune.watch import draw_pictures, read_records
-from bitcli.formats import read_json
 from bitcli.options import ReportOptions
+from bitcli.reads import read_json
 from bitcli.ui import display, visible
 
 # What each file of a run holds, in the order listed.
@@ -38,6 +45,7 @@ FILE_NOTES = {
     STATE_FILE: "resumable checkpoint",
     CONFIG_FILE: "the plan",
 }
+MAX_DIGITS = 15  # a whole number longer than this prints in e-notation
 
 
 def run(opts: ReportOptions) -> None:
@@ -47,65 +55,155 @@ def run(opts: ReportOptions) -> None:
             f"{visible(display(folder))}: holds no bit finetune run ({CONFIG_FILE}); pass the --output folder of a run"
         )
     plan = read_saved_plan(folder)
-    with_validation = bool(plan.get("validation"))
-    if with_validation:
-        plots.require("bit report")  # before anything is printed: one line
-    records = read_records(folder)
-    lines = plan_lines(plan) + progress_lines(folder, plan, records) + file_lines(folder)
-    if not with_validation:
-        lines.append("pictures    none: the run has no validation set")
-    else:
-        drawn = draw_pictures(folder)
-        shown = ", ".join(visible(display(p)) for p in drawn) or "none yet (drawn at the first validation)"
-        lines.append(f"pictures    {shown}")
+    try:
+        steps = planned_steps(plan)
+        head = plan_lines(plan)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise BitError(
+            f"{visible(display(folder / CONFIG_FILE))}: not the plan bit finetune writes ({one_line(exc)}); restore it"
+        ) from None
+    metrics = Metrics.read(folder / METRICS_FILE, steps)
+    kind, status = run_status(folder, steps, metrics)
+    lines = [*head, f"status      {status}", *step_lines(metrics)]
+    lines += [*validation_lines(folder), *file_lines(folder), pictures_line(folder, plan, kind)]
     sys.stdout.write("".join(line + "\n" for line in lines))
     sys.stdout.flush()
 
 
+def whole(n: int, grouped: bool = False) -> str:
+    """A step or a count as people read it: its digits (grouped by thousands), or e-notation beyond
+    MAX_DIGITS of them (a hand-edited 300-digit step stays one short word)."""
+    digits = str(abs(n))
+    if len(digits) > MAX_DIGITS:
+        return f"{'-' if n < 0 else ''}{digits[0]}.{digits[1:3]}e+{len(digits) - 1}"
+    return f"{n:,}" if grouped else str(n)
+
+
+def decimal(x: float, places: int) -> str:
+    """A metric with `places` decimals; from a million on in e-notation (a diverged loss of 1e308 is not 309
+    digits); nan and inf as such."""
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.{places}f}" if abs(x) < 1e6 else f"{x:.4g}"
+
+
+def planned_steps(plan: dict[str, Any]) -> int:
+    steps = plan["steps"]
+    if type(steps) is not int or steps < 1:
+        raise ValueError("steps is not a whole number of at least 1")
+    return steps
+
+
 def plan_lines(plan: dict[str, Any]) -> list[str]:
     source = f"random {plan['model']}" if plan.get("random_init") else plan["model"]
-    validation = f"{plan['val_examples']:,} images ({plan['validation']})" if plan.get("validation") else "none"
+    validation = (
+        f"{whole(plan['val_examples'], grouped=True)} images ({plan['validation']})"
+        if plan.get("validation")
+        else "none"
+    )
     mixup = f"mixup {plan['mixup']:g}" if plan.get("mixup") else "no mixup"
     return [
-        f"model       {visible(str(source))} -> {len(plan['classes'])} classes",
-        f"train       {plan['train_examples']:,} images from {visible(str(plan['train_folder']))}",
+        f"model       {visible(str(source))} -> {whole(len(plan['classes']))} classes",
+        f"train       {whole(plan['train_examples'], grouped=True)} images from {visible(str(plan['train_folder']))}",
         f"validation  {visible(validation)}",
-        f"schedule    {plan['steps']} steps of {plan['batch_size']} images, lr {plan['lr']:g}, crop {plan['crop']}, "
-        f"{mixup}; {plan['device']}, {plan['precision']}",
+        f"schedule    {whole(plan['steps'])} steps of {whole(plan['batch_size'])} images, lr {plan['lr']:g}, "
+        f"crop {whole(plan['crop'])}, {mixup}; {plan['device']}, {plan['precision']}",
     ]
 
 
-def progress_lines(folder: Path, plan: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
-    """Status (finished, running, interrupted), the last step and the last validation."""
-    steps = int(plan["steps"])
-    done = records[-1]["step"] + 1 if records else 0
-    if (folder / SUMMARY_FILE).is_file():
-        status = "finished"
-    elif lock_held(folder):
-        status = f"running: {done} of {steps} steps done"
-    else:
-        saved = checkpoint_step(folder)
-        status = f"interrupted after {done} of {steps} steps; " + (
-            f"--resume continues from the checkpoint of step {saved}"
-            if saved
-            else "--resume starts it again (no checkpoint yet)"
+@dataclass
+class Metrics:
+    """What the report shows of metrics.jsonl, gathered in one pass over its lines (none is kept)."""
+
+    lines: int = 0
+    skipped: int = 0  # lines that are no step record of the run
+    first_skipped: int = 0  # the first one's line number
+    last: dict[str, Any] | None = None
+    last_validation: dict[str, Any] | None = None
+    best_validation: dict[str, Any] | None = None  # the highest top-1 (the first of equals; NaN counts lowest)
+
+    @classmethod
+    def read(cls, path: Path, steps: int) -> Metrics:
+        metrics = cls()
+        for number, record in metrics_lines(path, steps):
+            metrics.lines = number
+            if record is None:
+                metrics.skipped += 1
+                metrics.first_skipped = metrics.first_skipped or number
+                continue
+            metrics.last = record
+            if record.get("val_top1") is not None:
+                metrics.last_validation = record
+                best = metrics.best_validation
+                if best is None or _top1_rank(record) > _top1_rank(best):
+                    metrics.best_validation = record
+        return metrics
+
+
+def _top1_rank(record: dict[str, Any]) -> float:
+    return -math.inf if math.isnan(record["val_top1"]) else record["val_top1"]
+
+
+def run_status(folder: Path, steps: int, metrics: Metrics) -> tuple[str, str]:
+    """(finished | running | incomplete | interrupted, the status line's text). Finished means the summary and
+    every model file are there: a run that lacks one has no model to use."""
+    done = metrics.last["step"] + 1 if metrics.last else 0
+    missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
+    ended = (folder / SUMMARY_FILE).is_file()
+    if ended and not missing:
+        return "finished", "finished"
+    if lock_held(folder):
+        return "running", f"running: {whole(done)} of {whole(steps)} steps done"
+    if ended:
+        return "incomplete", (
+            f"not finished: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing "
+            f"(training ended, {SUMMARY_FILE} is there: moved or deleted since?)"
         )
-    lines = [f"status      {status}"]
-    if records:
-        last = records[-1]
+    saved = saved_step(folder)
+    return "interrupted", f"interrupted after {whole(done)} of {whole(steps)} steps; " + (
+        f"--resume continues from the checkpoint of step {whole(saved)}"
+        if saved
+        else "--resume starts it again (no checkpoint yet)"
+    )
+
+
+def step_lines(metrics: Metrics) -> list[str]:
+    """The skipped lines (how many, the first), the last step and the last and best validation."""
+    lines = []
+    if metrics.skipped:
         lines.append(
-            f"last step   {last['step']}: loss {last['loss']:.4f}, lr {last['lr']:.3g}, {last['images_per_s']:.1f} images/s"
+            f"skipped     {metrics.skipped:,} of {metrics.lines:,} lines of {METRICS_FILE}: not a step record of "
+            f"this run (the first: line {metrics.first_skipped:,})"
         )
-    validations = [r for r in records if r.get("val_top1") is not None]
-    if validations:
-        last, best = validations[-1], max(validations, key=lambda r: r["val_top1"])
-        top5 = "n/a" if last.get("val_top5") is None else f"{last['val_top5']:.4f}"
-        lines.append(f"validation  step {last['step']}: top-1 {last['val_top1']:.4f}, top-5 {top5}, loss {last['val_loss']:.4f}"
-                     f"; best top-1 {best['val_top1']:.4f} at step {best['step']}")  # fmt: skip
-    if (folder / VALIDATION_FILE).is_file():
-        stored = read_json(folder / VALIDATION_FILE)
-        lines.append(f"macro F1    {stored['macro_f1']:.4f} at step {stored['step']} ({stored['count']:,} images)")
+    if last := metrics.last:
+        lines.append(
+            f"last step   {whole(last['step'])}: loss {decimal(last['loss'], 4)}, lr {last['lr']:.3g}, "
+            f"{decimal(last['images_per_s'], 1)} images/s"
+        )
+    if (last := metrics.last_validation) and (best := metrics.best_validation):
+        top5 = "n/a" if last.get("val_top5") is None else decimal(last["val_top5"], 4)
+        lines.append(
+            f"validation  step {whole(last['step'])}: top-1 {decimal(last['val_top1'], 4)}, top-5 {top5}, "
+            f"loss {decimal(last['val_loss'], 4)}; best top-1 {decimal(best['val_top1'], 4)} at step {whole(best['step'])}"
+        )
     return lines
+
+
+def validation_lines(folder: Path) -> list[str]:
+    """The macro F1 of the stored last validation (validation.json), or why it cannot be read."""
+    path = folder / VALIDATION_FILE
+    if not path.is_file():
+        return []
+    try:
+        stored = read_json(path)
+        f1, step, count = stored["macro_f1"], stored["step"], stored["count"]
+        if type(f1) not in (int, float) or type(step) is not int or type(count) is not int:
+            raise TypeError("macro_f1, step or count is not a number")
+        return [f"macro F1    {decimal(float(f1), 4)} at step {whole(step)} ({whole(count, grouped=True)} images)"]
+    except BitError as exc:
+        return [f"macro F1    unreadable: {visible(str(exc))}"]
+    except (KeyError, TypeError, OverflowError) as exc:
+        return [f"macro F1    unreadable: {visible(display(path))}: not as bit finetune writes it ({one_line(exc)})"]
 
 
 def file_lines(folder: Path) -> list[str]:
@@ -117,6 +215,25 @@ def file_lines(folder: Path) -> list[str]:
     if board.is_dir():
         lines.append(f"  {visible(display(board))}  TensorBoard events: tensorboard --logdir {visible(display(board))}")
     return lines
+
+
+def pictures_line(folder: Path, plan: dict[str, Any], kind: str) -> str:
+    """The pictures the run has; training draws them (report never does), so without them: how to get them."""
+    if not plan.get("validation"):
+        return "pictures    none: the run has no validation set"
+    drawn = [folder / name for name in PICTURE_FILES if (folder / name).is_file()]
+    if drawn:
+        return "pictures    " + ", ".join(visible(display(p)) for p in drawn)
+    if not (folder / VALIDATION_FILE).is_file():
+        return "pictures    none yet (training draws them at the first validation)"
+    from bitcli.plots import INSTALL  # (numpy, on this path only)
+
+    how = f"none: training draws them at every validation when matplotlib is installed ({INSTALL})"
+    if kind == "interrupted":
+        how += "; then --resume draws them at its next validation"
+    elif kind == "finished":
+        how += f"; `bit eval DATA --model {visible(display(folder))} --plot confusion.png` draws a confusion matrix"
+    return f"pictures    {how}"
 
 
 def lock_held(folder: Path) -> bool:
@@ -139,10 +256,11 @@ def lock_held(folder: Path) -> bool:
         return False
 
 
-def checkpoint_step(folder: Path) -> int | None:
+def saved_step(folder: Path) -> int | None:
     """The step the checkpoint continues from; None without a readable one (only its header is read)."""
     if not (folder / STATE_FILE).is_file():
         return None
-    with contextlib.suppress(BitError):
-        return read_state(folder / STATE_FILE)[2]
-    return None
+    try:
+        return checkpoint_step(folder / STATE_FILE)
+    except BitError:
+        return None

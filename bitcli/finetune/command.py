@@ -21,18 +21,15 @@ from bitcli.finetune.datasets import Datasets, scan_datasets, shared_undecodable
 from bitcli.finetune.loop import Training, bit_sgd, train, validate
 from bitcli.finetune.plan import Plan, check_flags, check_same_run, describe, make_plan, stated_preprocess
 from bitcli.finetune.rundir import (
-    CONFIG_FILE,
-    STATE_FILE,
-    SUMMARY_FILE,
     WRITE_ERRORS,
     check_output_location,
     lock_output,
     output_mode,
-    read_saved_plan,
     remove_leftovers,
     write_json,
     write_outputs,
 )
+from bitcli.finetune.runfiles import CONFIG_FILE, STATE_FILE, SUMMARY_FILE, read_saved_plan
 from bitcli.finetune.start import build_start_model, freeze_backbone, start_point, trainable_parameters
 from bitcli.finetune.state import check_finite, load_state
 from bitcli.finetune.watch import record_validation

@@ -29,7 +29,8 @@ from bitcli.evaluate import evaluate
 from bitcli.finetune.datasets import Datasets
 from bitcli.finetune.plan import Plan
 from bitcli.finetune.progress import TrainProgress
-from bitcli.finetune.rundir import METRICS_FILE, STATE_FILE, MetricsLog, top5_text
+from bitcli.finetune.rundir import MetricsLog, top5_text
+from bitcli.finetune.runfiles import METRICS_FILE, STATE_FILE
 from bitcli.finetune.state import check_finite, save_state
 from bitcli.finetune.watch import Watch
 from bitcli.images import Reader

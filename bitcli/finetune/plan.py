@@ -18,7 +18,7 @@ from bitcli.distributed import Dist
 from bitcli.errors import BitError, UsageError
 from bitcli.finetune.datasets import Datasets
 from bitcli.finetune.memory import auto_batch_split
-from bitcli.finetune.rundir import SUMMARY_FILE
+from bitcli.finetune.runfiles import SUMMARY_FILE
 from bitcli.finetune.start import check_resolution
 from bitcli.finetune.watch import pictures_line
 from bitcli.formats import BIT_DEFAULT_PREPROCESS

@@ -1,5 +1,6 @@
 """The run folder (--output): which folders may be used and how, its lock, the files a run writes there
-(plan, metrics log, summary, the final model) and the clean-up of interrupted writes.
+(plan, metrics log, summary, the final model; their names are in bitcli.finetune.runfiles) and the clean-up
+of interrupted writes.
 
 A run only ever writes RUN_FILES (under temporary names first) and only ever removes those and its own
 temporary files: the folder may hold the user's files too.
@@ -23,7 +24,8 @@ import torch
 
 from bitcli.errors import BitError, UsageError
 from bitcli.finetune import tensorboard as board
-from bitcli.formats import Checkpoint, TensorRef, read_json
+from bitcli.finetune.runfiles import CONFIG_FILE, LOCK_FILE, MODEL_FILES, RUN_FILES, SUMMARY_FILE
+from bitcli.formats import Checkpoint, TensorRef
 from bitcli.formats.hf import write as write_hf
 from bitcli.options import FinetuneOptions
 from bitcli.preprocess import Preprocess
@@ -34,15 +36,6 @@ if TYPE_CHECKING:
     from bitcli.finetune.plan import Plan
     from bitcli.metrics import EvalResult
 
-CONFIG_FILE = "finetune_config.json"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-STATE_FILE = "checkpoint.safetensors"
-LOCK_FILE = ".lock"  # held by the writing process while a run is in progress; removed when it ends
-MODEL_FILES = ("model.safetensors", "preprocessor_config.json", "config.json")  # config.json last
-VALIDATION_FILE = "validation.json"  # the last validation: metrics, labels and confusion matrix (bitcli.finetune.watch)
-PICTURE_FILES = ("curves.png", "confusion.png")  # bitcli.finetune.watch draws them at every validation
-RUN_FILES = (*MODEL_FILES, METRICS_FILE, SUMMARY_FILE, STATE_FILE, CONFIG_FILE, VALIDATION_FILE, *PICTURE_FILES)
 # Temporary names of bitcli's own writes into DIR (atomic_write: .NAME.XXXXXXXX.tmp; the final model's
 # staging folder .final and its own temporary ..final.XXXXXXXX.tmp). Only these are cleaned up.
 LEFTOVER = re.compile(r"\.(?:{}|\.final)\.[a-z0-9_]{{8}}\.tmp".format("|".join(re.escape(n) for n in RUN_FILES)))
@@ -151,10 +144,6 @@ def lock_output(output: Path) -> Iterator[None]:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def read_saved_plan(output: Path) -> dict[str, Any]:
-    return read_json(output / CONFIG_FILE)
 
 
 class MetricsLog:

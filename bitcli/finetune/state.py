@@ -17,9 +17,8 @@ import torch
 
 from bitcli.errors import BitError
 from bitcli.finetune.plan import Plan
+from bitcli.finetune.runfiles import STATE_FORMAT, checkpoint_state
 from bitcli.formats import TensorRef, read_safetensors, write_safetensors
-
-STATE_FORMAT = "bitcli-finetune-state/1"
 
 
 def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_step: int, plan: Plan,
@@ -50,13 +49,8 @@ def read_state(path: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
     """(the tensors, lazily; the state; the step to continue from) of a checkpoint, its header read only;
     one line when it is not a bit finetune checkpoint or its state is damaged."""
     refs, meta = read_safetensors(path)
-    if meta.get("format") != STATE_FORMAT:
-        raise BitError(f"{path}: not a bit finetune checkpoint; remove it or use --overwrite")
-    try:
-        state = json.loads(meta["state"])
-        return refs, state, int(state["next_step"])
-    except (KeyError, ValueError, TypeError):
-        raise BitError(f"{path}: checkpoint state is damaged; use --overwrite to start again") from None
+    state, next_step = checkpoint_state(path, meta)
+    return refs, state, next_step
 
 
 def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: Plan,

@@ -2,24 +2,24 @@
 at every validation the stored validation (DIR/validation.json: metrics, labels, confusion matrix) and the
 pictures, curves.png and confusion.png, redrawn from the run's files.
 
-The pictures are drawn from the files alone (metrics.jsonl, validation.json, finetune_config.json), so
-`bit report DIR` draws the same bytes at any time. A picture is a side product: a missing matplotlib (the plan
-said so) or a failed drawing never stops training.
+The pictures are drawn from the files alone (metrics.jsonl, validation.json, finetune_config.json): the same
+files give the same bytes. Only training draws them (`bit report` lists them, it never writes into a run). A
+picture is a side product: a missing matplotlib (the plan said so) or a failed drawing never stops training.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bitcli import plots
 from bitcli.errors import one_line
-from bitcli.finetune.rundir import METRICS_FILE, PICTURE_FILES, VALIDATION_FILE, read_saved_plan, write_json
+from bitcli.finetune.rundir import write_json
+from bitcli.finetune.runfiles import METRICS_FILE, PICTURE_FILES, VALIDATION_FILE, metrics_lines, read_saved_plan
 from bitcli.finetune.tensorboard import Board
-from bitcli.formats import read_json
 from bitcli.metrics import OTHER
-from bitcli.ui import log, visible
+from bitcli.reads import read_json
+from bitcli.ui import log
 
 if TYPE_CHECKING:
     from bitcli.metrics import EvalResult
@@ -27,16 +27,9 @@ if TYPE_CHECKING:
 CURVES, CONFUSION = PICTURE_FILES
 
 
-def read_records(run: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records, up to a torn last line (a run killed while writing it)."""
-    records = []
-    path = run / METRICS_FILE
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else ():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            break
-    return records
+def read_records(run: Path, steps: int) -> list[dict[str, Any]]:
+    """metrics.jsonl's step records; a line that is none (a torn last line of a killed run) is left out."""
+    return [record for _, record in metrics_lines(run / METRICS_FILE, steps) if record is not None]
 
 
 def draw_pictures(run: Path) -> list[Path]:
@@ -44,7 +37,7 @@ def draw_pictures(run: Path) -> list[Path]:
     validation). Raises BitError without matplotlib."""
     plots.require("drawing a run's pictures")
     plan = read_saved_plan(run)
-    records = read_records(run)
+    records = read_records(run, int(plan["steps"]))
     written = []
     if records:
         title = f"training curves: {records[-1]['step'] + 1} of {plan['steps']} steps"
@@ -65,8 +58,8 @@ def record_validation(run: Path, step: int, result: EvalResult, pictures: bool) 
         return
     try:
         draw_pictures(run)
-    except Exception as exc:  # noqa: BLE001 -- a picture never stops training; `bit report` draws it again
-        log(f"could not draw the pictures ({one_line(exc)}); `bit report {visible(str(run))}` draws them later")
+    except Exception as exc:  # noqa: BLE001 -- a picture never stops training
+        log(f"could not draw the pictures ({one_line(exc)}); training goes on, the next validation tries again")
 
 
 class Watch:

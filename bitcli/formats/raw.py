@@ -20,6 +20,8 @@ from safetensors import safe_open
 
 from bitcli.errors import BitError, one_line
 from bitcli.formats.tensors import TensorRef
+from bitcli.reads import file_size, safetensors_header
+from bitcli.reads import read_json as read_json  # still read from here by the format modules
 from bitcli.writes import atomic_write
 
 _ST_DTYPES = {
@@ -30,55 +32,24 @@ _ST_DTYPES = {
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-def file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError as exc:
-        raise BitError(f"{path}: cannot read ({exc.strerror})") from None
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BitError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BitError(f"{path}: not valid JSON ({one_line(exc)})") from None
-    if not isinstance(data, dict):
-        raise BitError(f"{path}: expected a JSON object")
-    return data
-
-
 def read_safetensors(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
     """Lazy references to every tensor, and the metadata. The header is validated before anything is read."""
-    size = file_size(path)
+    header, metadata = safetensors_header(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise BitError(f"{path}: file is too short to be safetensors (truncated or empty)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise BitError(f"{path}: safetensors header runs past the end of the file (truncated)")
-            header = json.loads(f.read(n))
-        metadata = header.pop("__metadata__", None) or {}
-        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-        if 8 + n + end > size:
-            raise BitError(f"{path}: safetensors data runs past the end of the file (truncated)")
         for key, v in header.items():
             if v["dtype"] not in _ST_DTYPES:
                 raise BitError(f"{path}: tensor {key} has unsupported dtype {v['dtype']}")
         handle = safe_open(str(path), framework="pt")
     except BitError:
         raise
-    except Exception as exc:  # noqa: BLE001 -- malformed JSON, wrong field types, the Rust reader's own checks
+    except Exception as exc:  # noqa: BLE001 -- wrong field types, the Rust reader's own checks
         raise BitError(f"{path}: not a valid safetensors file ({one_line(exc)})") from None
 
     def loader(key: str) -> Callable[[], torch.Tensor]:
         return lambda: handle.get_tensor(key)
 
     refs = {k: TensorRef(tuple(v["shape"]), _ST_DTYPES[v["dtype"]], loader(k)) for k, v in header.items()}
-    return refs, dict(metadata)
+    return refs, metadata
 
 
 def write_safetensors(

@@ -1,0 +1,92 @@
+"""The files of a run folder by name, and what reads them with the standard library alone: the saved plan,
+metrics.jsonl's step records, the checkpoint's state (from its header). `bit report` reads a run with this
+module and no other part of the training stack, so it answers in a fraction of a second without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bitcli.errors import BitError
+from bitcli.reads import read_json, safetensors_header
+
+CONFIG_FILE = "finetune_config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+STATE_FILE = "checkpoint.safetensors"
+LOCK_FILE = ".lock"  # held by the writing process while a run is in progress; removed when it ends
+MODEL_FILES = ("model.safetensors", "preprocessor_config.json", "config.json")  # config.json last
+VALIDATION_FILE = "validation.json"  # the last validation: metrics, labels and confusion matrix (bitcli.finetune.watch)
+PICTURE_FILES = ("curves.png", "confusion.png")  # bitcli.finetune.watch draws them at every validation
+RUN_FILES = (*MODEL_FILES, METRICS_FILE, SUMMARY_FILE, STATE_FILE, CONFIG_FILE, VALIDATION_FILE, *PICTURE_FILES)
+
+STATE_FORMAT = "bitcli-finetune-state/1"  # the checkpoint's metadata "format" (bitcli.finetune.state)
+# metrics.jsonl: the numbers of every step's record, and those a validation step adds (val_top5 is null for a
+# model of 5 classes or fewer).
+STEP_NUMBERS = ("lr", "loss", "images_per_s")
+VALIDATION_NUMBERS = ("val_top1", "val_top5", "val_loss")
+
+
+def read_saved_plan(output: Path) -> dict[str, Any]:
+    return read_json(output / CONFIG_FILE)
+
+
+def checkpoint_state(path: Path, metadata: dict[str, str]) -> tuple[dict[str, Any], int]:
+    """(the state, the step to continue from) in a checkpoint's metadata; one line when it is not a bit
+    finetune checkpoint or its state is damaged."""
+    if metadata.get("format") != STATE_FORMAT:
+        raise BitError(f"{path}: not a bit finetune checkpoint; remove it or use --overwrite")
+    try:
+        state = json.loads(metadata["state"])
+        return state, int(state["next_step"])
+    except (KeyError, ValueError, TypeError):
+        raise BitError(f"{path}: checkpoint state is damaged; use --overwrite to start again") from None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint continues from, read from its header alone (no tensor, no torch)."""
+    return checkpoint_state(path, safetensors_header(path)[1])[1]
+
+
+def metrics_lines(path: Path, steps: int) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """(line number from 1, its record) for each line of metrics.jsonl, read as it is streamed (a run of a
+    million steps is not held in memory); the record is None for a line that is no step record of this run
+    of `steps` steps: not JSON (a torn last line, garbage), a field missing or of another type. Numbers come
+    back as floats. No file: no lines."""
+    try:
+        file = open(path, "rb")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise BitError(f"{path}: cannot read ({exc.strerror})") from None
+    with file:
+        for number, line in enumerate(file, 1):
+            yield number, step_record(line, steps)
+
+
+def step_record(line: bytes, steps: int) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, an integer of over 4300 digits; deep nesting
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step")
+    if type(step) is not int or not 0 <= step < steps:  # type(): True is an int too
+        return None
+    for key in STEP_NUMBERS + VALIDATION_NUMBERS:
+        value = record.get(key)
+        if value is None and key in VALIDATION_NUMBERS:
+            continue
+        if type(value) not in (int, float):
+            return None
+        try:
+            record[key] = float(value)
+        except OverflowError:  # an integer beyond any float
+            return None
+    if record.get("val_top1") is not None and record.get("val_loss") is None:
+        return None
+    return record
