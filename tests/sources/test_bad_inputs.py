@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -180,4 +181,9 @@ def test_resume_refuses_a_changed_parquet_source(sources: dict[str, Path], tmp_p
     monkeypatch.setattr(rundir.MetricsLog, "write", real_write)
     image_dataset(root, [*rows[:-1], (rows[-1][0], CLASSES[0])]).to_parquet(data)  # one row relabelled
     code, _, err = run_main(*args, "--resume")
-    assert code == 1 and "was started with other settings (train_fingerprint" in err, err
+    assert code == 1 and re.fullmatch(
+        rf"Error: --resume: the training data of {re.escape(str(tmp_path / 'run'))} changed since the run started "
+        r"\(train_fingerprint [0-9a-f]{12}\.\.\. -> [0-9a-f]{12}\.\.\.\): restore the images and labels it started "
+        r"with \(and its --val-split, if any\), or pass --overwrite to start again\n",
+        err,
+    ), err
