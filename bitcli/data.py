@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ STREAM_VAL_SPLIT = 2
 STREAM_EPOCH = 3  # counter: epoch; the order in which an epoch visits the training set
 STREAM_REPLACEMENT = 4  # counter: step; small data sets are sampled with replacement
 STREAM_AUGMENT = 5  # counter: step; crops, flips, MixUp partners and lambda
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def rng(seed: int, stream: int, counter: int = 0) -> np.random.Generator:
@@ -105,6 +109,16 @@ class ImageFolder:
                 size = -1
             h.update(f"{self.relative(i)}\t{self.classes[target]}\t{size}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
+
+
+def class_order(names: Iterable[str]) -> tuple[str, ...]:
+    """Class names (folder names, label values) in class order: by number when every one is an integer ("2"
+    before "10"), else by name. Every source orders its classes this way, so the same rows make the same
+    classifier whatever holds them (a ClassLabel keeps its own index order)."""
+    ordered = sorted(set(names))
+    if ordered and all(_INTEGER.fullmatch(name) for name in ordered):
+        ordered.sort(key=int)  # stable: "01" and "1" keep their order by name
+    return tuple(ordered)
 
 
 def few_shot(
