@@ -23,7 +23,7 @@ import numpy as np
 from bitcli.errors import BitError
 from bitcli.images import Reader
 from bitcli.preprocess import Preprocess
-from bitcli.sources.rows import Rows, example_name, example_size, load_example
+from bitcli.sources.rows import Rows, RowView, example_name, example_size, load_example
 
 # Independent random streams, each seeded by (seed, stream, counter). (Stream 1 was few-shot sampling, now a
 # seeded hash of each path: see few_shot.)
@@ -48,9 +48,9 @@ def rng(seed: int, stream: int, counter: int = 0) -> np.random.Generator:
 class ImageFolder:
     """Examples with class indices, from any source (bitcli.sources), grouped by class in class order.
 
-    `paths` holds each example's reference: an image file's path (a class folder, a label file), or for a
-    data set's rows a sources.rows.Rows view (row numbers, with `targets` a numpy array). `classes` are the
-    sub-folder names in sorted order, the labels of a label file sorted by name, or a ClassLabel's names.
+    `paths` holds each example's reference: an image file's path (a class folder), or for the rows of a label
+    file or data set a sources.rows view (RowPaths, Rows: row numbers, with `targets` a numpy array).
+    `classes` are the sub-folder names or label values in class_order, or a ClassLabel's names.
     `source` names a label file or data set in messages (None: `root` is the class folder).
     """
 
@@ -65,7 +65,7 @@ class ImageFolder:
 
     def subset(self, indices: Iterable[int]) -> ImageFolder:
         idx = sorted(int(i) for i in indices)
-        if isinstance(self.paths, Rows):
+        if isinstance(self.paths, RowView):
             return dataclasses.replace(self, paths=self.paths.take(idx), targets=np.asarray(self.targets)[idx])
         return dataclasses.replace(
             self, paths=tuple(self.paths[i] for i in idx), targets=tuple(self.targets[i] for i in idx)

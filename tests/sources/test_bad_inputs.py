@@ -46,7 +46,8 @@ def test_label_file_rows(sources: dict[str, Path], tmp_path: Path) -> None:
     assert finetune_error(jsonl, tmp_path) == f"Error: {jsonl}:2: no label (each row needs path and label)\n"
     bad.write_text("file,label\nfolder/train/red/000.png,red\n")
     assert finetune_error(bad, tmp_path) == (
-        f"Error: {bad}:1: the header has no path column; the first row must name the columns: path,label[,split]\n"
+        f"Error: {bad}:1: the header has no path column (its columns: 'file', 'label'); the first row must name the "
+        "columns: path,label[,split]\n"
     )
 
 
