@@ -44,11 +44,8 @@ class LabelFile:
         self.split_codes = np.frombuffer(rows.splits, dtype=np.int8)
         self.lines = np.frombuffer(rows.lines, dtype=np.int64)
         self.names = list(rows.names)  # label values, in order of first appearance (a row's label indexes it)
-
-    @property
-    def splits(self) -> set[str | None]:
-        """The splits its rows have: {None} without a split column."""
-        return {SPLIT_KEYS[code] for code in np.unique(self.split_codes)}
+        present = np.bincount(self.split_codes, minlength=len(SPLIT_KEYS))
+        self.splits = {key for key, count in zip(SPLIT_KEYS, present) if count}  # {None}: no split column
 
     def key(self, split: str) -> str:
         """FILE:SPLIT's SPLIT (val, valid, ... as in the split column) -> its key, which some rows must have."""
