@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 from bitcli.errors import BitError
 from bitcli.images import Reader
 from bitcli.preprocess import Preprocess
-from bitcli.sources.rows import Rows, example_name, example_size, load_example
+from bitcli.sources.rows import Rows, RowView, example_name, example_size, load_example
 
 # Independent random streams, each seeded by (seed, stream, counter). (Stream 1 was few-shot sampling, now a
 # seeded hash of each path: see few_shot.)
@@ -30,6 +31,9 @@ STREAM_VAL_SPLIT = 2
 STREAM_EPOCH = 3  # counter: epoch; the order in which an epoch visits the training set
 STREAM_REPLACEMENT = 4  # counter: step; small data sets are sampled with replacement
 STREAM_AUGMENT = 5  # counter: step; crops, flips, MixUp partners and lambda
+
+
+_INTEGER = re.compile(r"-?[0-9]+")
 
 
 def rng(seed: int, stream: int, counter: int = 0) -> np.random.Generator:
@@ -44,9 +48,9 @@ def rng(seed: int, stream: int, counter: int = 0) -> np.random.Generator:
 class ImageFolder:
     """Examples with class indices, from any source (bitcli.sources), grouped by class in class order.
 
-    `paths` holds each example's reference: an image file's path (a class folder, a label file), or for a
-    data set's rows a sources.rows.Rows view (row numbers, with `targets` a numpy array). `classes` are the
-    sub-folder names in sorted order, the labels of a label file sorted by name, or a ClassLabel's names.
+    `paths` holds each example's reference: an image file's path (a class folder), or for the rows of a label
+    file or data set a sources.rows view (RowPaths, Rows: row numbers, with `targets` a numpy array).
+    `classes` are the sub-folder names or label values in class_order, or a ClassLabel's names.
     `source` names a label file or data set in messages (None: `root` is the class folder).
     """
 
@@ -61,7 +65,7 @@ class ImageFolder:
 
     def subset(self, indices: Iterable[int]) -> ImageFolder:
         idx = sorted(int(i) for i in indices)
-        if isinstance(self.paths, Rows):
+        if isinstance(self.paths, RowView):
             return dataclasses.replace(self, paths=self.paths.take(idx), targets=np.asarray(self.targets)[idx])
         return dataclasses.replace(
             self, paths=tuple(self.paths[i] for i in idx), targets=tuple(self.targets[i] for i in idx)
@@ -105,6 +109,16 @@ class ImageFolder:
                 size = -1
             h.update(f"{self.relative(i)}\t{self.classes[target]}\t{size}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
+
+
+def class_order(names: Iterable[str]) -> tuple[str, ...]:
+    """Class names (folder names, label values) in class order: by number when every one is an integer ("2"
+    before "10"), else by name. Every source orders its classes this way, so the same rows make the same
+    classifier whatever holds them (a ClassLabel keeps its own index order)."""
+    ordered = sorted(set(names))
+    if ordered and all(_INTEGER.fullmatch(name) for name in ordered):
+        ordered.sort(key=int)  # stable: "01" and "1" keep their order by name
+    return tuple(ordered)
 
 
 def few_shot(

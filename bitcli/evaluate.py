@@ -105,10 +105,13 @@ def _stacked(
 # The command
 
 
-def map_classes(classes: Sequence[str], labels: Sequence[str], source: str, root: Path) -> list[int]:
-    """Data-set class folder names -> the model's label indices: the full label, a class index, or a first
-    name that only one label has (an ambiguous one, such as ImageNet's two "crane"s, is refused)."""
-    return match_classes(classes, labels, source, root)
+def map_classes(
+    classes: Sequence[str], labels: Sequence[str], source: str, root: Path, data: str | None = None
+) -> list[int]:
+    """Data-set class folder names (or labels of `data`'s rows) -> the model's label indices: the full label, a
+    class index, or a first name that only one label has (an ambiguous one, such as ImageNet's two "crane"s, is
+    refused)."""
+    return match_classes(classes, labels, source, root, data)
 
 
 def run(opts: EvalOptions) -> int:
@@ -133,7 +136,7 @@ def _run(opts: EvalOptions, info: Dist, device: torch.device) -> int:
     # Folder names are checked before the model is built (seconds for a big one); a checkpoint without a
     # head has no labels, and Engine.load says so instead.
     class_to_model = (
-        map_classes(ds.classes, ckpt.labels, ckpt.source or opts.model, Path(ds.where()))
+        map_classes(ds.classes, ckpt.labels, ckpt.source or opts.model, ds.root, ds.source)
         if ckpt.config.num_classes
         else []
     )

@@ -42,6 +42,15 @@ def test_scan_class_folders(tmp_path: Path) -> None:
     assert ds.targets == (0, 0, 0, 1, 1, 1)
 
 
+def test_class_order_is_by_number_when_every_class_is_an_integer(tmp_path: Path) -> None:
+    assert data.class_order(["10", "2", "0", "1", "11", "2"]) == ("0", "1", "2", "10", "11")
+    assert data.class_order(["-1", "10", "01", "1", "9"]) == ("-1", "01", "1", "9", "10")  # "01" and "1": by name
+    assert data.class_order(["10", "2", "b"]) == ("10", "2", "b")  # not all integers: by name
+    assert data.class_order(["1.5", "10", "2"]) == ("1.5", "10", "2")
+    write_images(tmp_path, {"10": 1, "9": 1, "100": 1})
+    assert scan(tmp_path).classes == ("9", "10", "100")
+
+
 @pytest.mark.parametrize("val_name", ["val", "valid", "validation"])
 def test_find_splits(tmp_path: Path, val_name: str) -> None:
     write_images(tmp_path / "train", {"a": 2, "b": 2})

@@ -31,6 +31,8 @@ RESULT_FIELDS = (
     "classes", "train_examples", "train_fingerprint", "model", "random_init", "architecture", "shots", "seed",
     "resize", "crop", "steps", "boundaries", "lr", "batch_size", "mixup", "head_only",
 )  # fmt: skip
+# The RESULT_FIELDS that follow from the data alone: with the flags unchanged, the data changed.
+DATA_FIELDS = ("classes", "train_examples", "train_fingerprint")
 # RESULT_FIELDS added later, with the value that runs started before them had (their plans lack the field;
 # they stay resumable).
 RESULT_DEFAULTS = {"head_only": False}
@@ -109,16 +111,31 @@ def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig) -> None:
 
 
 def check_same_run(saved: dict[str, Any], plan: Plan, output) -> None:
-    """--resume: the saved plan and this one must agree on everything that decides the weights."""
+    """--resume: the saved plan and this one must agree on everything that decides the weights. When only the
+    training data differs (same flags), the message says so: repeating the flags cannot fix that."""
     now = plan.to_dict()
     before = {k: saved.get(k, RESULT_DEFAULTS.get(k)) for k in RESULT_FIELDS}
-    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in RESULT_FIELDS if before[k] != now[k]]
-    if changed:
-        shown = "; ".join(c if len(c) < 120 else c[:117] + "..." for c in changed[:3])
+    changed = [k for k in RESULT_FIELDS if before[k] != now[k]]
+    if not changed:
+        return
+    if set(changed) <= set(DATA_FIELDS):
+        shown = "; ".join(_change(k, before[k], now[k]) for k in changed)
         raise BitError(
-            f"--resume: {output} was started with other settings ({shown}); repeat the original flags "
-            "or pass --overwrite to start again"
+            f"--resume: the training data of {output} changed since the run started ({shown}): restore the images "
+            "and labels it started with (and its --val-split, if any), or pass --overwrite to start again"
         )
+    shown = "; ".join(_change(k, before[k], now[k]) for k in changed[:3])
+    raise BitError(
+        f"--resume: {output} was started with other settings ({shown}); repeat the original flags "
+        "or pass --overwrite to start again"
+    )
+
+
+def _change(field: str, before: Any, now: Any) -> str:
+    if field == "train_fingerprint" and isinstance(before, str) and isinstance(now, str):
+        return f"{field} {before[:12]}... -> {now[:12]}..."
+    text = f"{field} {before!r} -> {now!r}"
+    return text if len(text) < 120 else text[:117] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------------

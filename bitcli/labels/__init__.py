@@ -67,9 +67,10 @@ class LabelMatcher:
     A name that fits several classes (ImageNet-1k's two "crane"s, 134 and 517) is refused, never guessed.
     """
 
-    def __init__(self, labels: Sequence[str], source: str = "the model") -> None:
+    def __init__(self, labels: Sequence[str], source: str = "the model", rows: bool = False) -> None:
         self.labels = [str(x) for x in labels]
         self.source = source
+        self.rows = rows  # the names are labels of rows (a label file, a data set), not folder names: advice says so
         self._full: dict[str, list[int]] = {}
         self._short: dict[str, list[int]] = {}
         # With labels that are numbers ("0", "1", "10", "2" sorted as text) a number is only ever a label:
@@ -98,9 +99,9 @@ class LabelMatcher:
             how = (
                 "labels" if self._numbered else "labels (the full name, or its first name when unique) or class indices"
             )
+            fix = "label the rows with" if self.rows else "name the class folders after"
             raise BitError(
-                f"{prefix}: class {name!r} is not a label of {self.source} ({self._examples()}); "
-                f"name the class folders after the model's {how}"
+                f"{prefix}: class {name!r} is not a label of {self.source} ({self._examples()}); {fix} the model's {how}"
             )
         if len(candidates) > 1:
             shown = ", ".join(f"{i} {self.labels[i]!r}" for i in candidates[:_SHOWN])
@@ -108,7 +109,8 @@ class LabelMatcher:
             fix = (
                 "give the model distinct labels (bit convert --labels FILE)"
                 if self._numbered
-                else f"name the folder by the class index instead, e.g. {str(candidates[0])!r}"
+                else f"{'label its rows' if self.rows else 'name the folder'} by the class index instead, e.g. "
+                f"{str(candidates[0])!r}"
             )
             raise BitError(
                 f"{prefix}: class {name!r} is ambiguous: {len(candidates)} labels of {self.source} match it "
@@ -126,13 +128,21 @@ def match_class(name: str, labels: Sequence[str], where: str | Path | None = Non
     return LabelMatcher(labels, source).match(name, where)
 
 
-def match_classes(classes: Sequence[str], labels: Sequence[str], source: str, root: Path) -> list[int]:
-    """Every class folder under `root` -> its label index; two folders naming one class are refused."""
-    matcher = LabelMatcher(labels, source)
+def match_classes(
+    classes: Sequence[str], labels: Sequence[str], source: str, root: Path, data: str | None = None
+) -> list[int]:
+    """Every class folder under `root` -> its label index; two folders naming one class are refused. With `data`
+    (a label file or data set, for messages) the classes are labels of its rows, and errors name it instead."""
+    matcher = LabelMatcher(labels, source, rows=data is not None)
     owner: dict[int, str] = {}
     indices = []
     for name in classes:
-        index = matcher.match(name, root / name)
+        index = matcher.match(name, root / name if data is None else data)
+        if index in owner and data is not None:
+            raise BitError(
+                f"{data}: classes {owner[index]!r} and {name!r} name the same class ({index} "
+                f"{matcher.labels[index]!r}); relabel the rows of one"
+            )
         if index in owner:
             raise BitError(
                 f"{root / name}: names the same class as {root / owner[index]} ({index} {matcher.labels[index]!r}); "

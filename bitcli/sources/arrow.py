@@ -56,17 +56,32 @@ def saved_splits(folder: Path, label: str) -> dict[str | None, list[ArrowShard]]
     """{split: shards} of a DatasetDict, {None: shards} of a Dataset."""
     if (folder / DICT).is_file():
         splits = _read_json(folder / DICT, label).get("splits") or []
-        return {str(s): _dataset_shards(folder / str(s), f"{label}/{s}") for s in splits}
+        if not isinstance(splits, list):
+            raise BitError(f"{label}/{DICT}: 'splits' is not a list; save the data set again with save_to_disk")
+        names = [_inside(s, f"{label}/{DICT}", "split") for s in splits]
+        return {name: _dataset_shards(folder / name, f"{label}/{name}") for name in names}
     return {None: _dataset_shards(folder, label)}
 
 
 def _dataset_shards(folder: Path, label: str) -> list[ArrowShard]:
     state = _read_json(folder / STATE, label)
     features = _read_json(folder / INFO, label).get("features")
-    files = [f.get("filename") for f in state.get("_data_files") or [] if isinstance(f, dict)]
+    files = [_inside(f.get("filename"), f"{label}/{STATE}", "data file") for f in state.get("_data_files") or []
+             if isinstance(f, dict)]  # fmt: skip
     if not files:
         raise BitError(f"{label}/{STATE}: lists no data files; save the data set again with save_to_disk")
     return [ArrowShard(folder / f, f"{label}/{f}", features if isinstance(features, dict) else None) for f in files]
+
+
+def _inside(name: object, where: str, what: str) -> str:
+    """A name that a save_to_disk JSON file gives (a split's folder, a data file): one plain name inside the
+    folder, as save_to_disk writes them. An absolute path or '..' would read files elsewhere."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        shown = json.dumps(name, ensure_ascii=False)[:300]
+        raise BitError(
+            f"{where}: {what} {shown} is not a name inside the folder; save the data set again with save_to_disk"
+        )
+    return name
 
 
 def _read_json(path: Path, label: str) -> dict:

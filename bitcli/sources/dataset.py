@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bitcli.data import ImageFolder
+from bitcli.data import ImageFolder, class_order
 from bitcli.errors import BitError
 from bitcli.sources.features import Columns, choose_columns, image_cell
 from bitcli.sources.rows import Rows
@@ -110,8 +110,8 @@ class DatasetSplit:
 
     def scan(self, classes: Sequence[str] | None, image: str | None, label: str | None) -> ImageFolder:
         """The rows grouped by class, in row order within a class. Classes: the ClassLabel's names in index
-        order, else the label values sorted by name; with `classes` (training's) the rows' labels are mapped
-        to them by name."""
+        order, else the label values in data.class_order (by number when all are integers, else by name); with
+        `classes` (training's) the rows' labels are mapped to them by name."""
         first = self.shards[0]
         self.columns = columns = choose_columns(first.schema, first.features, image, label, self.name)
         for shard in self.shards[1:]:
@@ -145,7 +145,7 @@ class DatasetSplit:
         return ImageFolder(self.root, classes, Rows(self, order), targets[order], source=self.name)
 
     def _label_codes(self, columns: Columns) -> tuple[np.ndarray, list[str]]:
-        """Each row's index into the list of names (the ClassLabel's, or the values sorted by name)."""
+        """Each row's index into the list of names (the ClassLabel's, or the values in data.class_order)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -174,7 +174,7 @@ class DatasetSplit:
                 row += len(values)
         if columns.names is not None:
             return codes, list(columns.names)
-        names = sorted(seen)
+        names = list(class_order(seen))
         rank = np.empty(len(seen), dtype=np.int64)
         rank[[seen[n] for n in names]] = np.arange(len(names))
         return rank[codes], names

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from bitcli.data import ImageFolder
+from bitcli.data import ImageFolder, class_order
 from bitcli.errors import BitError
 from bitcli.images import list_images
 from bitcli.preprocess import IMAGE_EXTENSIONS
@@ -41,10 +41,12 @@ def find_splits(data: Path) -> tuple[Path, Path | None]:
 
 
 def _class_dirs(root: Path) -> list[Path]:
+    """The class sub-folders, in class order (data.class_order: by number when every name is an integer)."""
     try:
-        return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+        dirs = {p.name: p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
     except OSError as exc:
         raise BitError(f"{root}: cannot list folder ({exc.strerror})") from None
+    return [dirs[name] for name in class_order(dirs)]
 
 
 def scan(root: Path, classes: Sequence[str] | None = None) -> ImageFolder:

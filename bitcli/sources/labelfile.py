@@ -1,111 +1,326 @@
 """Label files: a CSV (header row) or JSONL (one object a line) with `path` and `label` columns and an optional
-`split` column (train, val, valid, validation or test), image paths relative to the file's folder."""
+`split` column (train, val, valid, validation or test), image paths relative to the file's folder.
+
+The file is read as a stream and each row checked as it is read (its columns, its split, that its image
+exists), so the first bad row is reported when it is reached. Rows are kept packed: the paths as one UTF-8
+blob with offsets, labels, splits and line numbers as numpy arrays (21 bytes a row beside the paths' text),
+never a Python object per row, as a data set of rows keeps its (label, row) index.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import stat
+from array import array
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from bitcli.data import ImageFolder
+import numpy as np
+
+from bitcli.data import ImageFolder, class_order
 from bitcli.errors import BitError
+from bitcli.sources.rows import RowPath, RowPaths
+from bitcli.ui import log, visible
 
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 SPLITS = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation", "test": "test"}
+SPLIT_KEYS = (None, "train", "validation", "test")  # a row's split code indexes this (None: no split column)
+COLUMNS = ("path", "label", "split")
+HEADER = "path,label[,split]"
+DELIMITERS = (",", ";", "\t")  # tried in this order on the header row: the first that finds path and label
+MISSING = object()  # a column a row does not have
 
 
-@dataclass(frozen=True)
-class Row:
-    where: str  # "labels.csv:18", for messages
-    path: str  # the image's path (relative ones joined to the label file's folder)
-    label: str
-
-
-@dataclass(frozen=True)
 class LabelFile:
-    path: Path
-    splits: dict[str | None, list[Row]]  # {None: rows} without a split column
+    """A label file's rows, packed; a sources.rows.PathTable (RowPaths make each row's RowPath on demand)."""
+
+    def __init__(self, path: Path, rows: _Packed) -> None:
+        self.path, self.folder = path, path.parent
+        self.blob = rows.blob
+        self.offsets = np.frombuffer(rows.ends, dtype=np.int64)
+        self.labels = np.frombuffer(rows.labels, dtype=np.int32)
+        self.split_codes = np.frombuffer(rows.splits, dtype=np.int8)
+        self.lines = np.frombuffer(rows.lines, dtype=np.int64)
+        self.names = list(rows.names)  # label values, in order of first appearance (a row's label indexes it)
+        present = np.bincount(self.split_codes, minlength=len(SPLIT_KEYS))
+        self.splits = {key for key, count in zip(SPLIT_KEYS, present) if count}  # {None}: no split column
+
+    def key(self, split: str) -> str:
+        """FILE:SPLIT's SPLIT (val, valid, ... as in the split column) -> its key, which some rows must have."""
+        key = SPLITS.get(split.lower())
+        if None in self.splits:
+            raise BitError(
+                f"{self.path}: has no split column, so no split {split!r}; pass {self.path} to use every row"
+            )
+        if key not in self.splits:
+            listed = ", ".join(s for s in SPLIT_KEYS if s in self.splits)
+            raise BitError(f"{self.path}: no row has split {split!r} (splits: {listed})")
+        return key
+
+    def row(self, row: int) -> str:
+        """`labels.csv:18`, for messages."""
+        return f"{self.path}:{self.lines[row]}"
+
+    def text(self, row: int) -> str:
+        """The row's path as the file gives it."""
+        return self.blob[self.offsets[row] : self.offsets[row + 1]].decode("utf-8")
+
+    def row_path(self, row: int) -> RowPath:
+        return RowPath(os.path.join(self.folder, self.text(row)), self.row(row))
 
     def scan(self, split: str | None, classes: Sequence[str] | None) -> ImageFolder:
-        """The rows of `split`, grouped by class (classes sorted by name), in file order within a class. With
-        `classes` (training's) each label must be one of them."""
-        rows = self.splits.get(split, [])
+        """The rows of `split` (None: every row), grouped by class, in file order within a class. Classes: the
+        labels in data.class_order; with `classes` (training's) each label must be one of them."""
+        if split is None:
+            rows = np.arange(len(self.labels))
+        else:
+            rows = np.flatnonzero(self.split_codes == SPLIT_KEYS.index(split))
+        labels = self.labels[rows]
+        present = np.flatnonzero(np.bincount(labels, minlength=len(self.names)))
         if classes is None:
-            classes = tuple(sorted({r.label for r in rows}))
+            classes = class_order(self.names[i] for i in present)
         index = {name: i for i, name in enumerate(classes)}
-        for r in rows:
-            if r.label not in index:
-                raise BitError(
-                    f"{r.where}: class {r.label!r} is not among the {len(classes)} training classes; "
-                    "validation rows must use the training labels"
-                )
-        ordered = sorted(rows, key=lambda r: index[r.label])  # stable: file order within a class
+        mapping = np.asarray([index.get(name, -1) for name in self.names], dtype=np.int64)
+        targets = mapping[labels]
+        unknown = np.flatnonzero(targets < 0)
+        if len(unknown):
+            row = int(rows[unknown[0]])
+            raise BitError(
+                f"{self.row(row)}: class {self.names[self.labels[row]]!r} is not among the {len(classes)} training "
+                "classes; validation rows must use the training labels"
+            )
+        order = np.argsort(targets, kind="stable")  # grouped by class, file order within a class
         source = str(self.path) if split is None else f"{self.path} (split {split})"
-        return ImageFolder(self.path.parent, tuple(classes), tuple(r.path for r in ordered),
-                           tuple(index[r.label] for r in ordered), source=source)  # fmt: skip
+        return ImageFolder(self.folder, tuple(classes), RowPaths(self, rows[order]), targets[order], source=source)
 
 
 def read_label_file(path: Path) -> LabelFile:
-    """Every row, checked: its columns, its split value, and that its image exists."""
+    """Every row, checked as it is read: its columns, its split value, and that its image exists; then
+    repeated rows (a warning) and an image listed under two labels (an error)."""
     kind = SUFFIXES[path.suffix.lower()]
+    rows = _Packed(path)
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            records = list(_csv_records(f, path) if kind == "csv" else _jsonl_records(f, path))
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM (Excel's "CSV UTF-8") is dropped
+            for row in _csv_records(f, path) if kind == "csv" else _jsonl_records(f, path):
+                rows.add(*row)
     except FileNotFoundError:
         raise BitError(f"{path}: no such file") from None
     except UnicodeDecodeError:
         raise BitError(f"{path}: not UTF-8 text; save the label file as UTF-8") from None
     except OSError as exc:
         raise BitError(f"{path}: cannot read ({exc.strerror})") from None
-    if not records:
+    if not len(rows.lines):
         raise BitError(f"{path}: holds no rows; list one image a row with its path and label")
-    has_split = any("split" in record for _, record in records)
-    splits: dict[str | None, list[Row]] = {}
-    for line, record in records:
-        where = f"{path}:{line}"
-        image, label = _field(record, "path", where), _field(record, "label", where)
-        split = None
-        if has_split:
-            value = _field(record, "split", where)
-            split = SPLITS.get(value.lower())
-            if split is None:
-                raise BitError(
-                    f"{where}: unknown split {value!r}; use train, val or test (or leave the split column out)"
-                )
-        full = os.path.join(path.parent, image)
-        if not os.path.lexists(full):  # a dangling link or a pipe is listed, and named when it does not decode
-            raise BitError(f"{where}: {full}: no such file; fix the path (relative to {path.parent}) or remove the row")
-        splits.setdefault(split, []).append(Row(where, full, label))
-    return LabelFile(path, splits)
+    labels = LabelFile(path, rows)
+    _check_repeats(labels, np.frombuffer(rows.keys, dtype=np.int64))
+    return labels
 
 
-def _field(record: dict, column: str, where: str) -> str:
-    value = record.get(column)
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
-        raise BitError(
-            f"{where}: no {column} (each row needs path and label{', and split' if column == 'split' else ''})"
+class _Packed:
+    """The rows read so far, checked and packed. add() is the loop of a million-row file: cells are checked
+    by the fast path first, and messages are formatted only for a bad row."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.folder = path, path.parent
+        self.prefix = os.path.join(self.folder, "")  # what a relative path is joined to ("./", "data/")
+        self.blob = bytearray()  # the paths as written, one after the other
+        self.ends = array("q", [0])  # where each path starts in blob, then where the last one ends
+        self.labels, self.splits, self.lines = array("i"), array("b"), array("q")
+        self.keys = array("q")  # hash of each image's normalised path, to find repeated rows
+        self.names: dict[str, int] = {}
+        self.has_split: bool | None = None  # the first row decides: every row has a split, or none
+
+    def add(self, line: int, image: object, label: object, split: object) -> None:
+        image = image.strip() if type(image) is str else image
+        if not image or type(image) is not str:
+            image = _text(image, "path", f"{self.path}:{line}")
+        label = label.strip() if type(label) is str else label
+        if not label or type(label) is not str:
+            label = _text(label, "label", f"{self.path}:{line}")
+        if self.has_split is None:
+            self.has_split = split is not MISSING
+        code = 0
+        if self.has_split:
+            code = _SPLIT_CODES.get(split.strip().lower(), -1) if type(split) is str else -1
+            if code < 0:
+                raise self.bad_split(line, split)
+        elif split is not MISSING:
+            raise BitError(
+                f"{self.path}:{line}: has a split, but line {self.lines[0]} has none; give every row a split, or none"
+            )
+        full = image if image.startswith("/") else self.prefix + image
+        _check_exists(full, self, line)
+        self.blob += image.encode("utf-8")
+        self.ends.append(len(self.blob))
+        self.labels.append(self.names.setdefault(label, len(self.names)))
+        self.splits.append(code)
+        self.lines.append(line)
+        self.keys.append(hash(os.path.normpath(full)))  # repeats are looked for once every row is in
+
+    def bad_split(self, line: int, split: object) -> BitError:
+        """What is wrong with a split cell that is not a split's name."""
+        value = _text(split, "split", f"{self.path}:{line}")
+        return BitError(
+            f"{self.path}:{line}: unknown split {value!r}; use train, val or test (or leave the split column out)"
         )
-    return str(value).strip()
 
 
-def _csv_records(f, path: Path) -> Iterator[tuple[int, dict]]:
-    reader = csv.DictReader(f)
-    missing = [c for c in ("path", "label") if c not in (reader.fieldnames or [])]
-    if missing:
+_SPLIT_CODES = {name: SPLIT_KEYS.index(key) for name, key in SPLITS.items()}
+
+
+def _check_exists(full: str, rows: _Packed, line: int) -> None:
+    """The image a row names must exist and not be a folder (a dangling link is listed, and named when it does
+    not decode)."""
+    try:
+        mode = os.stat(full).st_mode
+    except ValueError:  # a NUL character
+        raise BitError(f"{rows.path}:{line}: the path holds a NUL character (\\0); fix the row or remove it") from None
+    except OSError:
+        if not os.path.islink(full):
+            raise BitError(
+                f"{rows.path}:{line}: {visible(full)}: no such file; fix the path (relative to {rows.folder}) or "
+                "remove the row"
+            ) from None
+        return
+    if stat.S_ISDIR(mode):
         raise BitError(
-            f"{path}:1: the header has no {' or '.join(missing)} column; the first row must name the columns: path,label[,split]"
+            f"{rows.path}:{line}: {visible(full)}: is a folder, not an image; list each image in a row of its own"
         )
-    start = 2
-    for record in reader:
-        yield start, record
-        start = reader.line_num + 1  # a quoted field may span lines
 
 
-def _jsonl_records(f, path: Path) -> Iterator[tuple[int, dict]]:
+_KINDS = {bool: "a boolean", float: "a number with a fraction", list: "a list", dict: "an object"}
+
+
+def _text(value: object, column: str, where: str) -> str:
+    """A cell as text: a string (trimmed), or a whole number (JSONL labels: 3 is "3")."""
+    if isinstance(value, str):
+        if value.strip():
+            return value.strip()
+    elif isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    elif value is not MISSING and value is not None:
+        found = json.dumps(value, ensure_ascii=False)
+        found = found if len(found) <= 40 else found[:37] + "..."
+        kind = _KINDS.get(type(value), type(value).__name__)
+        raise BitError(
+            f"{where}: {column} {found} is {kind}; a {column} is a string"
+            + (' or a whole number (e.g. "cat" or 3)' if column == "label" else "")
+        )
+    elif value is None:
+        raise BitError(f"{where}: {column} is null; give every row a {column}")
+    raise BitError(f"{where}: no {column} (each row needs path and label{', and split' if column == 'split' else ''})")
+
+
+def _check_repeats(labels: LabelFile, keys: np.ndarray) -> None:
+    """An image listed twice under one label is a warning (each row counts, as listed); under two labels, an
+    error naming both rows. Rows are matched by their normalised path (its hash, then the paths compared)."""
+    order = np.argsort(keys, kind="stable")  # equal paths together, in file order
+    ordered = keys[order]
+    starts = np.ones(len(keys), dtype=bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    if starts.all():
+        return
+    first = order[np.maximum.accumulate(np.where(starts, np.arange(len(keys)), 0))]  # each row's group's first
+    repeats, conflicts = [], []
+    for row, earlier in zip(order[~starts].tolist(), first[~starts].tolist()):
+        if os.path.normpath(labels.row_path(row)) != os.path.normpath(labels.row_path(earlier)):
+            continue  # two paths with one hash
+        (repeats if labels.labels[row] == labels.labels[earlier] else conflicts).append((row, earlier))
+    if conflicts:
+        row, earlier = min(conflicts)
+        raise BitError(
+            f"{labels.row(row)}: {visible(labels.text(row))} is labelled {labels.names[labels.labels[row]]!r} here but "
+            f"{labels.names[labels.labels[earlier]]!r} on line {labels.lines[earlier]}; an image has one label: "
+            "fix one of the rows or remove it"
+        )
+    if repeats:
+        row, earlier = min(repeats)
+        log(visible(
+            f"{labels.path}: {len(repeats)} row(s) repeat the image and label of an earlier row (first: line "
+            f"{labels.lines[row]} repeats line {labels.lines[earlier]}); each row is used, so those images count "
+            "more than once"
+        ))  # fmt: skip
+        across = [(r, e) for r, e in repeats if labels.split_codes[r] != labels.split_codes[e]]
+        if across:
+            row, earlier = min(across)
+            log(visible(
+                f"{labels.path}: {len(across)} of them repeat a row of another split (first: line {labels.lines[row]}, "
+                f"split {SPLIT_KEYS[labels.split_codes[row]]}, repeats line {labels.lines[earlier]}, split "
+                f"{SPLIT_KEYS[labels.split_codes[earlier]]}): those images are trained on and validated on"
+            ))  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Records: (line, path, label, split) as the rows come
+
+
+def _csv_records(f, path: Path) -> Iterator[tuple[int, object, object, object]]:
+    """(line, path, label, split) of each row: a cell the row lacks is MISSING."""
+    header = f.readline()
+    if not header:
+        raise BitError(f"{path}: is empty; the first row must name the columns: {HEADER}")
+    delimiter, columns = _header(header, path)
+    at = [columns["path"], columns["label"], columns.get("split", -1)]
+    width = max(at) + 1
+    reader = csv.reader(f, delimiter=delimiter)
+    start = 2  # the line the next record starts on (a quoted field may span lines)
+    try:
+        for cells in reader:
+            if cells:  # not a blank line
+                if len(cells) < width:
+                    cells += [MISSING] * (width - len(cells))
+                row = start, cells[at[0]], cells[at[1]], cells[at[2]] if at[2] >= 0 else MISSING
+                if reader.line_num + 2 - start > 1:  # the record spans lines: a quote left open?
+                    _one_line(row, path)
+                yield row
+            start = reader.line_num + 2
+    except csv.Error as exc:
+        if "field limit" in str(exc):
+            raise BitError(
+                f'{path}:{start}: a field runs over {csv.field_size_limit():,} characters: a quote (") opened in '
+                "this row and never closed swallows the lines after it; close or remove the quote"
+            ) from None
+        raise BitError(f"{path}:{start}: not valid CSV ({exc})") from None
+
+
+def _one_line(row: tuple, path: Path) -> None:
+    """Paths, labels and splits hold no line break: one that does is what a quote left open reads as."""
+    for column, value in zip(COLUMNS, row[1:]):
+        if isinstance(value, str) and ("\n" in value or "\r" in value):
+            raise BitError(
+                f'{path}:{row[0]}: the {column} holds a line break; a quote (") opened in this row is not closed '
+                "before the next line: close or remove it"
+            )
+
+
+def _header(line: str, path: Path) -> tuple[str, dict[str, int]]:
+    """The delimiter and {column: index} from the header row; names are matched without case or spaces."""
+    tried = []
+    for delimiter in DELIMITERS:
+        cells = next(csv.reader([line], delimiter=delimiter), [])
+        names = [c.strip().lower() for c in cells]
+        if "path" in names and "label" in names:
+            return delimiter, {c: names.index(c) for c in COLUMNS if c in names}
+        tried.append((len(cells), delimiter, cells))
+    _, delimiter, cells = max(tried, key=lambda t: t[0])  # the cells as the likeliest delimiter splits them
+    names = [c.strip().lower() for c in cells]
+    missing = " or ".join(c for c in ("path", "label") if c not in names)
+    found = ", ".join(repr(c.strip()) for c in cells) or "none"
+    split = {",": "", ";": ", split at semicolons", "\t": ", split at tabs"}[delimiter]
+    raise BitError(
+        visible(
+            f"{path}:1: the header has no {missing} column (its columns{split}: {found}); the first row must name "
+            f"the columns: {HEADER}"
+        )
+    )
+
+
+def _jsonl_records(f, path: Path) -> Iterator[tuple[int, object, object, object]]:
+    empty = True
     for line, text in enumerate(f, 1):
+        empty = False
         if not text.strip():
             continue
         try:
@@ -116,4 +331,8 @@ def _jsonl_records(f, path: Path) -> Iterator[tuple[int, dict]]:
             raise BitError(
                 f'{path}:{line}: not a JSON object; write one object a line, e.g. {{"path": "a.jpg", "label": "cat"}}'
             )
-        yield line, record
+        if "path" not in record or "label" not in record:  # keys in another case: "Path", "Label"
+            record = {str(k).strip().lower(): v for k, v in record.items()} | record
+        yield line, record.get("path", MISSING), record.get("label", MISSING), record.get("split", MISSING)
+    if empty:
+        raise BitError(f'{path}: is empty; write one object a line, e.g. {{"path": "a.jpg", "label": "cat"}}')

@@ -3,7 +3,7 @@ training uses the train part and validates on the validation part; `bit eval` ev
 or the whole data set when it has no train part.
 
 DATA is a class folder, a label file (.csv, .jsonl), a parquet file or folder of parquet shards, a folder
-written by save_to_disk, or hf://datasets/OWNER/NAME[@REVISION][:SPLIT].
+written by save_to_disk (each of the last four optionally with :SPLIT), or hf://datasets/OWNER/NAME[@REVISION][:SPLIT].
 """
 
 from __future__ import annotations
@@ -44,59 +44,71 @@ class Columns:
 
 
 def training_parts(data: str | Path, columns: Columns) -> tuple[Part, Part | None]:
-    """(training part, validation part or None) of DATA."""
-    kind, where = _kind(data)
-    if kind == "folder":
-        train, val = folder.find_splits(where)
+    """(training part, validation part or None) of DATA. A named split (FILE:SPLIT, hf://...:SPLIT) is all
+    training data, as an unsplit source is."""
+    src = _source(data)
+    if src.kind == "folder":
+        train, val = folder.find_splits(src.where)
         return _folder_part(train), _folder_part(val) if val is not None else None
-    if kind == "labels":
+    if src.kind == "labels":
         from bitcli.sources.labelfile import read_label_file
 
-        labels = read_label_file(where)
-        train_key, val_key = (None, None) if None in labels.splits else ("train", "validation")
-        if train_key not in labels.splits:
-            raise BitError(f"{where}: no row has split train; mark the rows to train on with split train")
-        val = _label_part(labels, val_key) if val_key in labels.splits else None
-        return _label_part(labels, train_key), val
+        labels = read_label_file(src.where)
+        if src.split is not None:
+            return _label_part(labels, labels.key(src.split)), None
+        if None in labels.splits:
+            return _label_part(labels, None), None
+        if "train" not in labels.splits:
+            raise BitError(
+                f"{src.where}: no row has split train; mark the rows to train on with split train, or name the "
+                f"split to train on ({src.where}:SPLIT)"
+            )
+        val = _label_part(labels, "validation") if "validation" in labels.splits else None
+        return _label_part(labels, "train"), val
     from bitcli.sources.dataset import training_keys
 
-    splits, label, hint = _dataset_splits(kind, where, columns, "train")
-    train_key, val_key = (
-        (_explicit(where), None) if _explicit(where) is not None else training_keys(list(splits), label, hint)
-    )
+    splits, label, hint = _dataset_splits(src, columns, "train")
+    key = _key(src)
+    train_key, val_key = (key, None) if key is not None else training_keys(list(splits), label, hint)
     val = _dataset_part(splits, val_key, label, columns) if val_key is not None and val_key in splits else None
     return _dataset_part(splits, train_key, label, columns), val
 
 
 def evaluation_part(data: str | Path, columns: Columns, say: bool = True) -> Part:
-    """What `bit eval DATA` evaluates: DATA itself, or its validation part when it has a train part
-    (said on stderr when `say`)."""
-    kind, where = _kind(data)
-    if kind == "folder":
-        train, val = folder.find_splits(where)
-        if train == where:
-            return _folder_part(where)
+    """What `bit eval DATA` evaluates: DATA itself, its named split, or its validation part when it has a
+    train part (said on stderr when `say`)."""
+    src = _source(data)
+    if src.kind == "folder":
+        train, val = folder.find_splits(src.where)
+        if train == src.where:
+            return _folder_part(src.where)
         if val is None:
-            raise BitError(f"{where}: has train/ but no val/, valid/ or validation/; pass the folder to evaluate")
+            raise BitError(f"{src.where}: has train/ but no val/, valid/ or validation/; pass the folder to evaluate")
         part = _folder_part(val)
-    elif kind == "labels":
-        from bitcli.sources.labelfile import LabelFile, read_label_file
+    elif src.kind == "labels":
+        from bitcli.sources.labelfile import read_label_file
 
-        labels = read_label_file(where)
-        if None in labels.splits:
+        labels = read_label_file(src.where)
+        if src.split is not None:
+            return _label_part(labels, labels.key(src.split))
+        if None in labels.splits or "train" not in labels.splits:  # every row, as a folder without train/
             return _label_part(labels, None)
-        if "train" not in labels.splits:  # a split column without train rows: all of it, as a folder without train/
-            return _label_part(LabelFile(where, {None: [r for rows in labels.splits.values() for r in rows]}), None)
         if "validation" not in labels.splits:
-            raise BitError(f"{where}: has train rows but no val rows; mark the rows to evaluate with split val")
+            others = [s for s in labels.splits if s != "train"]
+            raise BitError(
+                f"{src.where}: has train rows but no val rows; mark the rows to evaluate with split val"
+                + (f", or name the split to evaluate ({src.where}:{others[0]})" if others else "")
+            )
         part = _label_part(labels, "validation")
     else:
         from bitcli.sources.dataset import evaluation_key
 
-        splits, label, hint = _dataset_splits(kind, where, columns, "eval")
-        key = _explicit(where) if _explicit(where) is not None else evaluation_key(list(splits), label, hint)
-        part = _dataset_part(splits, key, label, columns)
-        if key in (None, _explicit(where)) or len(splits) == 1:
+        splits, label, hint = _dataset_splits(src, columns, "eval")
+        key = _key(src)
+        part = _dataset_part(
+            splits, key if key is not None else evaluation_key(list(splits), label, hint), label, columns
+        )
+        if key is not None or None in splits or len(splits) == 1:
             return part
     if say:
         log(f"evaluating the validation split {visible(part.name)}")
@@ -105,9 +117,9 @@ def evaluation_part(data: str | Path, columns: Columns, say: bool = True) -> Par
 
 def validation_part(data: str | Path, columns: Columns) -> Part:
     """--val: a class folder as it is; another source as `bit eval` would take it."""
-    kind, where = _kind(data)
-    if kind == "folder":
-        return _folder_part(where)
+    src = _source(data)
+    if src.kind == "folder":
+        return _folder_part(src.where)
     return evaluation_part(data, columns, say=False)
 
 
@@ -115,30 +127,56 @@ def validation_part(data: str | Path, columns: Columns) -> Part:
 # Which source
 
 
-def _kind(data: str | Path) -> tuple[str, Path | str]:
-    """("folder" | "labels" | "parquet" | "saved" | "hub", the path or spec)."""
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "folder" | "labels" | "parquet" | "saved" | "hub"
+    where: Path | str  # the path, or the hub spec as typed
+    split: str | None = None  # FILE:SPLIT's SPLIT (a hub spec's is parsed from `where`)
+
+
+def _source(data: str | Path) -> Source:
+    """DATA's source. `FILE:SPLIT` names a split of a label file, a parquet file or folder, or a save_to_disk
+    folder: a path that exists is taken as it is, and a trailing `:NAME` is a split only when the part before it
+    is such a source (a path may itself hold ':')."""
     if isinstance(data, str) and data.startswith(HUB_DATA_PREFIX):  # (bitcli.sources.hub imports torch via bitcli.hub)
-        return "hub", str(data)
+        return Source("hub", str(data))
     path = Path(data)
+    base, colon, split = str(data).rpartition(":")
+    if colon and base and split and "/" not in split and not os.path.lexists(path):
+        before = Path(base)
+        kind = _kind(before) if _splittable(before) else None
+        if kind is not None and kind != "folder":
+            return Source(kind, before, split)
+    return Source(_kind(path), path)
+
+
+def _splittable(path: Path) -> bool:
+    """Could hold splits: a label or parquet file (named so: one that is missing is reported as such), or a folder."""
+    suffix = path.suffix.lower()
+    return path.is_dir() or suffix in LABEL_SUFFIXES or suffix == ".parquet"
+
+
+def _kind(path: Path) -> str:
+    """The kind of source a path is: folder, labels, parquet or saved (a save_to_disk folder)."""
     suffix = path.suffix.lower()
     if suffix in LABEL_SUFFIXES and not path.is_dir():
-        return "labels", path
+        return "labels"
     if suffix == ".parquet" and not path.is_dir():
         if not path.exists():
             raise BitError(f"{path}: no such file")
-        return "parquet", path
+        return "parquet"
     if path.is_dir():
         from bitcli.sources.arrow import is_saved_dataset
 
         if is_saved_dataset(path):
-            return "saved", path
+            return "saved"
         if _parquet_folder(path):
-            return "parquet", path
+            return "parquet"
     elif path.exists():
         raise BitError(
             f"{path}: is a file; pass a class folder, a label file (.csv, .jsonl), a .parquet file or hf://datasets/OWNER/NAME"
         )
-    return "folder", path
+    return "folder"
 
 
 def _parquet_folder(path: Path) -> bool:
@@ -154,13 +192,17 @@ def _parquet_folder(path: Path) -> bool:
     return found
 
 
-def _explicit(where: Path | str) -> str | None:
-    """The split a hub spec names after ':', as its key."""
-    if isinstance(where, str):
+def _key(src: Source) -> str | None:
+    """The split named (FILE:SPLIT, or a hub spec's ':SPLIT'), as its key among the data set's splits."""
+    if src.kind == "hub":
         from bitcli.sources.hub import parse
 
-        return parse(where).key
-    return None
+        return parse(str(src.where)).key
+    if src.split is None:
+        return None
+    from bitcli.sources.dataset import canonical_split
+
+    return canonical_split(src.split) or src.split
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,35 +218,41 @@ def _label_part(labels, split: str | None) -> Part:
     return Part(name, functools.partial(labels.scan, split))
 
 
-def _dataset_splits(kind: str, where: Path | str, columns: Columns, purpose: str):
+def _dataset_splits(src: Source, columns: Columns, purpose: str):
     """({split: shards}, label for messages, hint naming how to choose a split)."""
     if importlib.util.find_spec("pyarrow") is None:
-        raise BitError(f"reading {visible(str(where))} needs pyarrow, which is not installed: {INSTALL}")
-    if kind == "hub":
+        raise BitError(f"reading {visible(str(src.where))} needs pyarrow, which is not installed: {INSTALL}")
+    if src.kind == "hub":
         from bitcli.sources.hub import hub_splits, parse
 
-        ds = parse(str(where))
+        ds = parse(str(src.where))
         return hub_splits(ds, purpose), ds.label, ds.hint
-    if kind == "saved":
+    path = Path(src.where)
+    hint = f"name the split to use ({path}:SPLIT), or {LOCAL_HINT}"
+    if src.kind == "saved":
         from bitcli.sources.arrow import saved_splits
         from bitcli.sources.dataset import canonical_split
 
-        found = saved_splits(Path(where), str(where))
-        return {canonical_split(k) or k if k is not None else None: v for k, v in found.items()}, str(where), LOCAL_HINT
+        found = saved_splits(path, str(path))
+        return {canonical_split(k) or k if k is not None else None: v for k, v in found.items()}, str(path), hint
     from bitcli.sources.parquet import parquet_files, shard_splits
 
-    path = Path(where)
     if path.is_dir():
-        return shard_splits(path, parquet_files(path), str(path)), str(path), LOCAL_HINT
+        return shard_splits(path, parquet_files(path), str(path), src.split), str(path), hint
     from bitcli.sources.parquet import ParquetShard
 
-    return {None: [ParquetShard(path, str(path))]}, str(path), LOCAL_HINT
+    return {None: [ParquetShard(path, str(path))]}, str(path), hint
 
 
 def _dataset_part(splits: dict, key: str | None, label: str, columns: Columns) -> Part:
     from bitcli.sources.dataset import DatasetSplit
 
     if key not in splits:
+        if list(splits) == [None]:
+            raise BitError(
+                f"{label}: has no splits (shard names or a DatasetDict give them), so no split {key!r}; "
+                f"pass {label} to use every row"
+            )
         raise BitError(f"{label}: has no split {key!r} (splits: {', '.join(map(str, splits))})")
     name = label if key is None else f"{label}:{key}"
     root = Path(label) if not label.startswith("hf://") else splits[key][0].folder

@@ -63,9 +63,9 @@ def parquet_files(folder: Path) -> list[Path]:
 def split_of(relative: str, wanted: str | None = None) -> str | None:
     """The split a shard belongs to, from its name or a folder's ('data/train-00000-of-00002.parquet',
     'validation/0000.parquet'): the nearest part that is, or starts with, a split keyword followed by one
-    of -._ or a digit. `wanted` also recognises that (custom) split name."""
+    of -._ or a digit. `wanted` also recognises that (custom) split name; a keyword ('val') keeps its key."""
     words = [(split, word) for split, keywords in SPLIT_KEYWORDS.items() for word in keywords]
-    if wanted is not None:
+    if wanted is not None and not any(wanted.lower() in keywords for keywords in SPLIT_KEYWORDS.values()):
         words.insert(0, (wanted, wanted))
     for part in reversed(relative.removesuffix(".parquet").split("/")):
         for split, word in sorted(words, key=lambda w: -len(w[1])):

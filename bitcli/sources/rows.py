@@ -1,9 +1,10 @@
-"""Examples that are rows of a table (a parquet or Arrow data set) rather than files, and the one function
-that opens any example as an image.
+"""Examples that are rows of a table (a parquet or Arrow data set, or a label file) rather than files found in
+a folder, and the one function that opens any example as an image.
 
-An example's reference is a file path (str) or a RowRef: (table, row). A data set of rows holds its
-references as a Rows view over a numpy array of row numbers, so memory grows by 8 bytes a row, never by a
-Python object per row; RowRef objects exist only while an image is being read.
+An example's reference is a file path (str), a RowPath (a file path that a label file's row lists) or a
+RowRef: (table, row). A data set of rows holds its references as a view (Rows, RowPaths) over a numpy array
+of row numbers, so memory grows by a few bytes a row, never by a Python object per row; RowRef and RowPath
+objects exist only while an image is being read.
 """
 
 from __future__ import annotations
@@ -36,31 +37,76 @@ class RowRef:
         return self.table.row_name(self.row)
 
 
-class Rows(Sequence[RowRef]):
-    """Row numbers of one table, as a sequence of RowRefs made on demand."""
+class RowPath(str):
+    """An image file's path, as a label file's row lists it; `row` names the row ("labels.csv:18"), so that an
+    error decoding the image names the row as every other error about it does."""
 
-    def __init__(self, table: RowTable, rows: np.ndarray) -> None:
+    row: str
+
+    def __new__(cls, path: str, row: str) -> RowPath:
+        self = super().__new__(cls, path)
+        self.row = row
+        return self
+
+    def __reduce__(self):
+        return RowPath, (str(self), self.row)
+
+
+class PathTable(Protocol):
+    """A label file's rows (bitcli.sources.labelfile.LabelFile)."""
+
+    def row_path(self, row: int) -> RowPath: ...
+
+
+class RowView(Sequence):
+    """Row numbers of one table, as a sequence of references made on demand."""
+
+    def __init__(self, table, rows: np.ndarray) -> None:
         self.table, self.rows = table, np.asarray(rows, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return type(self)(self.table, self.rows[index])
+        return self._ref(int(self.rows[index]))
+
+    def _ref(self, row: int):
+        raise NotImplementedError
+
+    def take(self, indices: Sequence[int] | np.ndarray):
+        return type(self)(self.table, self.rows[np.asarray(indices, dtype=np.int64)])
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.table is self.table and np.array_equal(other.rows, self.rows)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class Rows(RowView, Sequence[RowRef]):
+    """Rows of a data set's split: RowRefs."""
+
+    table: RowTable
 
     @overload
     def __getitem__(self, index: int) -> RowRef: ...
     @overload
     def __getitem__(self, index: slice) -> Rows: ...
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            return Rows(self.table, self.rows[index])
-        return RowRef(self.table, int(self.rows[index]))
+        return super().__getitem__(index)
 
-    def take(self, indices: Sequence[int] | np.ndarray) -> Rows:
-        return Rows(self.table, self.rows[np.asarray(indices, dtype=np.int64)])
+    def _ref(self, row: int) -> RowRef:
+        return RowRef(self.table, row)
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Rows) and other.table is self.table and np.array_equal(other.rows, self.rows)
 
-    __hash__ = None  # type: ignore[assignment]
+class RowPaths(RowView, Sequence[str]):
+    """Rows of a label file: the RowPaths of their images."""
+
+    table: PathTable
+
+    def _ref(self, row: int) -> RowPath:
+        return self.table.row_path(row)
 
 
 class Chain(Sequence):
@@ -94,6 +140,8 @@ def example_name(ref: str | os.PathLike[str] | RowRef) -> str:
 def load_example(ref: str | os.PathLike[str] | RowRef) -> Image.Image:
     """Any example as an RGB image, with preprocess.load_image's checks (pixel limits, EXIF, modes) and its
     one-line errors, which name the row for a table's cell."""
+    if isinstance(ref, RowPath):
+        return load_image(ref, name=_row_name(ref))
     if not isinstance(ref, RowRef):
         return load_image(ref)
     cell = ref.table.image_cell(ref.row)
@@ -104,9 +152,16 @@ def load_example(ref: str | os.PathLike[str] | RowRef) -> Image.Image:
 
 def example_size(ref: str | os.PathLike[str] | RowRef) -> tuple[int, int]:
     """(width, height) from the header alone, as preprocess.image_size reads a file's."""
+    if isinstance(ref, RowPath):
+        return image_size(ref, name=_row_name(ref))
     if not isinstance(ref, RowRef):
         return image_size(ref)
     cell = ref.table.image_cell(ref.row)
     if isinstance(cell, str):
         return image_size(cell)
     return image_size(io.BytesIO(cell), name=str(ref))
+
+
+def _row_name(ref: RowPath) -> str:
+    """`labels.csv:18: data/cat/0042.jpg`: how errors about a label file's image name it."""
+    return f"{ref.row}: {example_name(str(ref))}"

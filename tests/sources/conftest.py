@@ -73,3 +73,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def linked(tmp_path: Path, sources: dict[str, Path]) -> Path:
+    """tmp_path with `folder` linking to the sources' images: a label file written there lists them by the
+    same relative paths as labels.csv does."""
+    if not (tmp_path / "folder").exists():
+        (tmp_path / "folder").symlink_to(sources["folder"])
+    return tmp_path
+
+
+def write_csv(path: Path, rows: list[tuple[str, ...]], header: str = "path,label") -> Path:
+    path.write_text(header + "\n" + "".join(",".join(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path: Path, rows: list[tuple[str, ...]], columns: tuple[str, ...] = ("path", "label")) -> Path:
+    path.write_text("".join(json.dumps(dict(zip(columns, row))) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model fine-tuned (2 steps) on the sources' folder: blue, green, red."""
+    from conftest import run_main
+    from finetune.helpers import FAST
+
+    run = tmp_path_factory.mktemp("model") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, _, err = run_main("finetune", sources["folder"], "--output", run, "--steps", "2", "--batch-size", "8",
+                                "--eval-every", "0", *FAST)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    return run

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -45,7 +46,8 @@ def test_label_file_rows(sources: dict[str, Path], tmp_path: Path) -> None:
     assert finetune_error(jsonl, tmp_path) == f"Error: {jsonl}:2: no label (each row needs path and label)\n"
     bad.write_text("file,label\nfolder/train/red/000.png,red\n")
     assert finetune_error(bad, tmp_path) == (
-        f"Error: {bad}:1: the header has no path column; the first row must name the columns: path,label[,split]\n"
+        f"Error: {bad}:1: the header has no path column (its columns: 'file', 'label'); the first row must name the "
+        "columns: path,label[,split]\n"
     )
 
 
@@ -180,4 +182,9 @@ def test_resume_refuses_a_changed_parquet_source(sources: dict[str, Path], tmp_p
     monkeypatch.setattr(rundir.MetricsLog, "write", real_write)
     image_dataset(root, [*rows[:-1], (rows[-1][0], CLASSES[0])]).to_parquet(data)  # one row relabelled
     code, _, err = run_main(*args, "--resume")
-    assert code == 1 and "was started with other settings (train_fingerprint" in err, err
+    assert code == 1 and re.fullmatch(
+        rf"Error: --resume: the training data of {re.escape(str(tmp_path / 'run'))} changed since the run started "
+        r"\(train_fingerprint [0-9a-f]{12}\.\.\. -> [0-9a-f]{12}\.\.\.\): restore the images and labels it started "
+        r"with \(and its --val-split, if any\), or pass --overwrite to start again\n",
+        err,
+    ), err

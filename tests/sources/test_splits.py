@@ -1,0 +1,214 @@
+"""Splits and class order alike in every source: an unsplit source has no validation set (issue 20, item 1),
+integer labels are ordered by number (item 2), FILE:SPLIT names a split of a label file, parquet or
+save_to_disk folder (item 10), and a save_to_disk folder's JSON files cannot name files outside it (item 14)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_main, write_folder
+from finetune.helpers import FAST, read_weights
+
+from .conftest import folder_rows, interleave, linked, write_csv, write_jsonl
+
+ARGS = ["--steps", "1", "--batch-size", "4", "--eval-every", "0", *FAST]
+UNSPLIT = ["folder", "csv", "jsonl", "parquet", "saved"]
+
+
+def unsplit(kind: str, sources: dict[str, Path], tmp_path: Path) -> Path:
+    """The 24 training images of the sources, as one source of `kind` without splits."""
+    root = sources["csv"].parent
+    rows = interleave(folder_rows(root, "train"))
+    if kind == "folder":
+        return sources["folder"] / "train"
+    if kind == "csv":
+        return write_csv(linked(tmp_path, sources) / "plain.csv", rows)
+    if kind == "jsonl":
+        return write_jsonl(linked(tmp_path, sources) / "plain.jsonl", rows)
+    from .conftest import image_dataset
+
+    if kind == "parquet":
+        image_dataset(root, rows).to_parquet(tmp_path / "plain.parquet")
+        return tmp_path / "plain.parquet"
+    image_dataset(root, rows).save_to_disk(tmp_path / "saved")
+    return tmp_path / "saved"
+
+
+def plan_of(run: Path) -> dict:
+    return json.loads((run / "finetune_config.json").read_text())
+
+
+@pytest.mark.parametrize("kind", UNSPLIT)
+def test_an_unsplit_source_has_no_validation_set_and_val_split_holds_one_out(
+    kind: str, sources: dict[str, Path], tmp_path: Path
+) -> None:
+    data = unsplit(kind, sources, tmp_path)
+    code, _, err = run_main("finetune", data, "--output", tmp_path / "a", *ARGS)
+    assert code == 0, err
+    assert "\n  validation  none (pass --val DIR or --val-split F)\n" in err
+    plan = plan_of(tmp_path / "a")
+    assert (plan["train_examples"], plan["val_examples"], plan["validation"]) == (24, 0, None)
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["val_examples"] == 0
+
+    code, _, err = run_main("finetune", data, "--output", tmp_path / "b", *ARGS, "--val-split", "0.25")
+    assert code == 0, err
+    plan = plan_of(tmp_path / "b")
+    assert (plan["train_examples"], plan["val_examples"]) == (18, 6)
+    assert plan["validation"] == f"0.25 of every class of {data} (seed 0)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Integer labels
+
+
+NUMBERS = [str(n) for n in range(12)]
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Classes 0..11, two images each, as a class folder, a CSV, a JSONL, a parquet file whose label column
+    holds integers (no ClassLabel) and a save_to_disk folder of the same; rows mixed across classes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset, Features, Image, Value
+
+    root = tmp_path_factory.mktemp("numbered")
+    write_folder(root / "digits", dict.fromkeys(NUMBERS, 2))
+    rows = [(f"digits/{n}/{i:03d}.png", n) for i in range(2) for n in reversed(NUMBERS)]
+    images = [(root / p).read_bytes() for p, _ in rows]
+    pq.write_table(pa.table({"image": images, "label": [int(n) for _, n in rows]}), root / "digits.parquet")
+    Dataset.from_dict(
+        {"image": [{"bytes": b, "path": None} for b in images], "label": [int(n) for _, n in rows]},
+        features=Features({"image": Image(), "label": Value("int64")}),
+    ).save_to_disk(root / "saved")
+    return {
+        "folder": root / "digits", "csv": write_csv(root / "digits.csv", rows),
+        "jsonl": write_jsonl(root / "digits.jsonl", [(p, int(n)) for p, n in rows]),  # JSON numbers
+        "parquet": root / "digits.parquet", "saved": root / "saved",
+    }  # fmt: skip
+
+
+def test_integer_labels_are_ordered_by_number_and_train_the_same_model_in_every_source(
+    numbered: dict[str, Path], tmp_path: Path
+) -> None:
+    weights = {}
+    for kind, data in numbered.items():
+        code, _, err = run_main("finetune", data, "--output", tmp_path / kind, "--steps", "2", "--batch-size", "8",
+                                "--eval-every", "0", *FAST)  # fmt: skip
+        assert code == 0, err
+        assert plan_of(tmp_path / kind)["classes"] == NUMBERS, kind
+        config = json.loads((tmp_path / kind / "config.json").read_text())
+        assert config["id2label"] == {n: n for n in NUMBERS}, kind
+        weights[kind] = read_weights(tmp_path / kind / "model.safetensors")
+    for kind, theirs in weights.items():
+        assert all(torch.equal(weights["folder"][k], theirs[k]) for k in theirs), f"{kind} trained other weights"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FILE:SPLIT
+
+
+def eval_json(data: object, model: Path) -> dict:
+    code, out, err = run_main("eval", data, "--model", model, "--format", "json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_file_split_evaluates_that_split_of_a_label_file(sources: dict[str, Path], model: Path, tmp_path: Path) -> None:
+    """Rows marked test are evaluated as `FILE:test`; `bit eval FILE` says how to reach them."""
+    root = sources["csv"].parent
+    rows = [(p, c, "train") for p, c in folder_rows(root, "train")] + [
+        (p, c, "test") for p, c in folder_rows(root, "val")
+    ]
+    linked(tmp_path, sources)
+    reference = eval_json(sources["folder"] / "val", model)
+    for table in (write_csv(tmp_path / "t.csv", rows, "path,label,split"),
+                  write_jsonl(tmp_path / "t.jsonl", rows, ("path", "label", "split"))):  # fmt: skip
+        code, out, err = run_main("eval", table, "--model", model)
+        assert (code, out) == (1, ""), err
+        assert err == (
+            f"Error: {table}: has train rows but no val rows; mark the rows to evaluate with split val, or name "
+            f"the split to evaluate ({table}:test)\n"
+        )
+        result = eval_json(f"{table}:test", model)
+        assert result["count"] == 9
+        assert result == reference
+        assert eval_json(f"{table}:train", model)["count"] == 24
+        code, _, err = run_main("eval", f"{table}:validation", "--model", model)
+        assert (code, err) == (1, f"Error: {table}: no row has split 'validation' (splits: train, test)\n")
+    # --val FILE:SPLIT validates on those rows
+    code, _, err = run_main("finetune", sources["folder"] / "train", "--output", tmp_path / "run", *ARGS,
+                            "--val", f"{tmp_path / 't.csv'}:test")  # fmt: skip
+    assert code == 0, err
+    assert plan_of(tmp_path / "run")["val_examples"] == 9
+    assert f"\n  validation  9 images ({tmp_path / 't.csv'} (split test))\n" in err
+    # without a split column, every row is evaluated; FILE:SPLIT says there are no splits
+    plain = write_csv(tmp_path / "plain.csv", [r[:2] for r in rows])
+    assert eval_json(plain, model)["count"] == 33
+    code, _, err = run_main("eval", f"{plain}:test", "--model", model)
+    assert (code, err) == (
+        1,
+        f"Error: {plain}: has no split column, so no split 'test'; pass {plain} to use every row\n",
+    )
+
+
+def test_file_split_of_parquet_and_save_to_disk(sources: dict[str, Path], model: Path, tmp_path: Path) -> None:
+    reference = eval_json(sources["folder"] / "val", model)
+    for data in (sources["parquet"], sources["saved"]):
+        for split in ("validation", "val"):
+            assert eval_json(f"{data}:{split}", model) == reference
+        assert eval_json(f"{data}:train", model)["count"] == 24
+        code, _, err = run_main("eval", f"{data}:test", "--model", model)
+        assert (code, err) == (1, f"Error: {data}: has no split 'test' (splits: train, validation)\n")
+    # shards named val-*: `:val` is their split, as `:validation` is
+    (tmp_path / "pq").mkdir()
+    for shard in (sources["parquet"] / "data").iterdir():
+        (tmp_path / "pq" / shard.name.replace("validation-", "val-")).symlink_to(shard)
+    assert eval_json(f"{tmp_path / 'pq'}:val", model) == reference
+    # a parquet file has no splits
+    code, _, err = run_main("eval", f"{sources['val_parquet']}:test", "--model", model)
+    assert (code, err) == (1, (
+        f"Error: {sources['val_parquet']}: has no splits (shard names or a DatasetDict give them), so no split "
+        f"'test'; pass {sources['val_parquet']} to use every row\n"
+    ))  # fmt: skip
+
+
+def test_a_path_holding_a_colon_is_taken_as_it_is(sources: dict[str, Path], model: Path, tmp_path: Path) -> None:
+    (tmp_path / "a:val").symlink_to(sources["folder"] / "val")
+    assert eval_json(tmp_path / "a:val", model)["count"] == 9
+    colon = linked(tmp_path / "x:y", sources) if (tmp_path / "x:y").mkdir() is None else None
+    table = write_csv(colon / "t.csv", [(p, c, "val") for p, c in folder_rows(colon, "val")], "path,label,split")
+    assert eval_json(f"{table}:val", model)["count"] == 9  # the split val of x:y/t.csv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# save_to_disk's JSON files
+
+
+def test_save_to_disk_names_stay_inside_the_folder(sources: dict[str, Path], tmp_path: Path) -> None:
+    saved = tmp_path / "saved"
+    shutil.copytree(sources["saved"], saved)
+    outside = tmp_path / "outside"
+    shutil.copytree(sources["saved"] / "train", outside)
+    state = json.loads((saved / "train" / "state.json").read_text())
+    escaped = dict(state, _data_files=[{"filename": str(outside / state["_data_files"][0]["filename"])}])
+    (saved / "train" / "state.json").write_text(json.dumps(escaped))
+    name = json.dumps(escaped["_data_files"][0]["filename"])
+    code, out, err = run_main("finetune", saved, "--output", tmp_path / "run", *ARGS)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"Error: {saved}/train/state.json: data file {name} is not a name inside the folder; save the data set "
+        "again with save_to_disk\n"
+    )
+    assert not (tmp_path / "run").exists()
+    (saved / "train" / "state.json").write_text(json.dumps(state))
+    (saved / "dataset_dict.json").write_text(json.dumps({"splits": ["../outside", "validation"]}))
+    code, out, err = run_main("eval", saved, "--model", tmp_path / "unused")
+    assert (code, err) == (1, (
+        f'Error: {saved}/dataset_dict.json: split "../outside" is not a name inside the folder; save the data set '
+        "again with save_to_disk\n"
+    ))  # fmt: skip
