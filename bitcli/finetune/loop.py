@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from bitcli import hyperrule
 from bitcli.data import DecodeCache, StepSample, StepSampler, augment
 from bitcli.distributed import Dist, all_sum, barrier
-from bitcli.engine import Engine
 from bitcli.errors import BitError
-from bitcli.evaluate import evaluate
+from bitcli.evaluation import evaluate
 from bitcli.finetune.datasets import Datasets
 from bitcli.finetune.plan import Plan
 from bitcli.finetune.progress import TrainProgress
@@ -35,6 +34,7 @@ from bitcli.finetune.state import check_finite, save_state
 from bitcli.finetune.watch import Watch
 from bitcli.images import Reader
 from bitcli.metrics import EvalResult
+from bitcli.torch_engine import TorchEngine
 from bitcli.ui import log
 
 
@@ -44,7 +44,7 @@ class Training:
 
     plan: Plan
     info: Dist
-    engine: Engine  # the model itself (engine.model), its device, precision and input conversion
+    engine: TorchEngine  # the model itself (engine.model), its device, precision and input conversion
     model: torch.nn.Module  # what the training forward runs: engine.model, or DistributedDataParallel over it
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # enabled for fp16 only
@@ -145,7 +145,8 @@ def validation_due(plan: Plan, step: int) -> bool:
 
 def validate(t: Training) -> EvalResult:
     val = t.data.val
-    return evaluate(t.engine, val, t.val_cache.get, t.plan.micro_batch, t.workers, list(range(len(val.classes))))
+    return evaluate(t.engine, val, t.val_cache.get, batch_size=t.plan.micro_batch, workers=t.workers,
+                    class_to_model=list(range(len(val.classes))))  # fmt: skip
 
 
 def gradient_sync(model: torch.nn.Module, info: Dist, last: bool):
@@ -207,7 +208,12 @@ def _train_image(cache: DecodeCache, index: int, top: int, left: int, crop: int,
 
 
 def _mix(
-    decoded: np.ndarray, needed: np.ndarray, own: np.ndarray, sample: StepSample, targets: np.ndarray, engine: Engine
+    decoded: np.ndarray,
+    needed: np.ndarray,
+    own: np.ndarray,
+    sample: StepSample,
+    targets: np.ndarray,
+    engine: TorchEngine,
 ):
     """(input, labels, partner labels or None) of a micro-batch: the images at batch positions `own`, each
     blended with its MixUp partner (decoded[i] is the image at position needed[i])."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from bitcli.data import ImageFolder, class_order
 from bitcli.errors import BitError
 from bitcli.images import list_images
 from bitcli.preprocess import IMAGE_EXTENSIONS
+from bitcli.sources.examples import ImageFolder, class_order
 from bitcli.ui import log
 
 VAL_SPLIT_NAMES = ("val", "valid", "validation")
@@ -41,7 +41,7 @@ def find_splits(data: Path) -> tuple[Path, Path | None]:
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    """The class sub-folders, in class order (data.class_order: by number when every name is an integer)."""
+    """The class sub-folders, in class order (examples.class_order: by number when every name is an integer)."""
     try:
         dirs = {p.name: p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
     except OSError as exc:

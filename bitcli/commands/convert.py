@@ -1,4 +1,5 @@
-"""`bit convert`: any supported checkpoint in, bitcli / transformers / timm out, streamed tensor by tensor."""
+"""`bit convert`: any supported checkpoint in, bitcli / transformers / timm out, streamed tensor by tensor (the
+format writers, bitcli.formats), or an ONNX export (bitcli.export: the graph is proven before it is written)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from bitcli.errors import BitError, UsageError
+from bitcli.export import write_onnx
 from bitcli.formats import FORMATS, Format
 from bitcli.hub import load_checkpoint
 from bitcli.options import ConvertFormat, ConvertOptions, DType
@@ -30,7 +32,11 @@ def run(opts: ConvertOptions) -> None:
         opts.src, opts.revision, str(opts.labels) if opts.labels else None
     )  # readers check every shape
     ckpt.refuse_graph()
-    fmt.write(ckpt, dst, DTYPES[opts.dtype], **(fmt.write_options(opts) if fmt.write_options else {}))
+    if fmt.write is None:  # ONNX: an export, not a file writer (it needs the engine to prove the graph)
+        write_onnx(ckpt, dst, DTYPES[opts.dtype], opset=opts.opset, calibrate=opts.calibrate,
+                   min_agreement=opts.min_agreement)  # fmt: skip
+    else:
+        fmt.write(ckpt, dst, DTYPES[opts.dtype])
     cfg = ckpt.config
     if fmt.fixed_eps_library and cfg.ws_eps != 1e-8:
         log(
