@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import run_main, save_hf_model
 
@@ -114,3 +115,59 @@ def test_uncropped_checkpoint_batches_equal_sizes(album, uncropped_model, monkey
         assert [p["score"] for p in alone["predictions"]] == pytest.approx(
             [p["score"] for p in batched["predictions"]], abs=1e-5
         )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pipeline.run itself, on made-up images
+
+
+def _image(ref: int) -> np.ndarray:
+    """Image `ref`: 2x3 when ref is even, else 3x2, every pixel `ref`; refs from 90 on fail to decode."""
+    if ref >= 90:
+        raise BitError(f"image {ref}: cannot read it") if ref % 2 else ValueError("bad\n  header")
+    return np.full((2, 3, 3) if ref % 2 == 0 else (3, 2, 3), ref, dtype=np.uint8)
+
+
+def _first_pixels(batch: np.ndarray) -> list[int]:
+    return [int(image[0, 0, 0]) for image in batch]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_run_gives_every_input_in_order_with_failures_in_place(workers):
+    computed: list[tuple[int, ...]] = []
+
+    def compute(batch: np.ndarray) -> list[int]:
+        computed.append(batch.shape)
+        return _first_pixels(batch)
+
+    refs = [1, 2, 91, 4, 3, 90, 6]
+    batches = list(pipeline.run(refs, _image, compute, batch_size=4, workers=workers, name=lambda r: f"img{r}.png"))
+    assert [len(b) for b in batches] == [4, 3]
+    outcomes = [(o.ref, o.error, o.value) for b in batches for o in b]
+    assert outcomes == [
+        (1, None, 1), (2, None, 2), (91, "image 91: cannot read it", None), (4, None, 4),
+        (3, None, 3), (90, "img90.png: cannot decode image (bad header)", None), (6, None, 6),
+    ]  # fmt: skip
+    # one compute call per image size within each batch, in the order the sizes first appear
+    assert computed == [(1, 3, 2, 3), (2, 2, 3, 3), (1, 3, 2, 3), (1, 2, 3, 3)]
+    assert [b.stacks for b in batches] == [[[0], [1, 3]], [[0], [2]]]
+
+
+def test_run_without_compute_gives_the_decoded_images_and_advances_per_batch():
+    done: list[int] = []
+    batches = list(pipeline.run(range(5), _image, None, batch_size=2, workers=1, advance=done.append))
+    assert done == [2, 2, 1] and all(b.stacks == [] for b in batches)
+    assert [int(o.value[0, 0, 0]) for b in batches for o in b] == [0, 1, 2, 3, 4]
+
+
+def test_a_compute_error_is_raised_at_its_batch_s_turn():
+    def compute(batch: np.ndarray) -> list[int]:
+        if 4 in _first_pixels(batch):
+            raise BitError("the engine failed on image 4")
+        return _first_pixels(batch)
+
+    seen = []
+    with pytest.raises(BitError, match="the engine failed on image 4"):
+        for batch in pipeline.run(range(8), _image, compute, batch_size=2, workers=2):
+            seen.append([o.value for o in batch])
+    assert seen == [[0, 1], [2, 3]]  # the batches before it are delivered, nothing after it
