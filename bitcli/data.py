@@ -156,7 +156,7 @@ class StepSampler:
         if self.mixup:
             lam = float(g.beta(self.mixup, self.mixup))
             partners = g.permutation(self.batch)
-        return StepSample(self.indices(step), tops, lefts, flips, partners, lam)
+        return StepSample(self.indices(step), tops, lefts, flips, partners=partners, lam=lam)
 
 
 # ----------------------------------------------------------------------------------------------------------

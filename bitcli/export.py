@@ -58,15 +58,15 @@ def write_onnx(ckpt: Checkpoint, path: Path, dtype: torch.dtype, *, opset: int |
     images = calibration_images(calibrate, ckpt.preprocess) if calibrate is not None else []
     sizes = input_sizes(ckpt.preprocess)
     proto = export(model, dtype, opset, sizes[0], dynamic_size=len(sizes) > 1)
-    check: dict[str, Any] = prove(proto, model, ckpt.preprocess, sizes, dtype)
+    check: dict[str, Any] = prove(proto, model, ckpt.preprocess, sizes=sizes, dtype=dtype)
     log(
         f"checked with onnxruntime: logits within {check['max_rel_diff']:.1e} of the largest logit of the torch model's (allowed {check['tolerance']:g})"
     )
     precision = "float16" if dtype == torch.float16 else "float32"
     if calibrate is not None:
-        proto, check = quantize_int8(proto, ckpt.preprocess, images, calibrate, min_agreement)
+        proto, check = quantize_int8(proto, ckpt.preprocess, images, folder=calibrate, min_agreement=min_agreement)
         precision = "int8"
-    onnx_file.save(proto, path, ckpt, precision, check)
+    onnx_file.save(proto, path, ckpt, precision=precision, check=check)
 
 
 def input_sizes(preprocess: Preprocess) -> list[tuple[int, int]]:

@@ -67,19 +67,19 @@ class OnnxEngine:
 
     device = CPU
 
-    def __init__(self, runner, preprocess: Preprocess, num_classes: int, labels: Sequence[str], source: str) -> None:
+    def __init__(self, runner, preprocess: Preprocess, num_classes: int, *, labels: Sequence[str], source: str) -> None:
         self.runner, self.preprocess, self._num_classes = runner, preprocess, num_classes
         self.labels, self.source = labels, source
 
     @classmethod
     def load(cls, ckpt: Checkpoint, device: torch.device) -> OnnxEngine:
         runner = session(str(ckpt.graph), device, ckpt.source)
-        return cls(runner, ckpt.preprocess, ckpt.config.num_classes, ckpt.labels, ckpt.source)
+        return cls(runner, ckpt.preprocess, ckpt.config.num_classes, labels=ckpt.labels, source=ckpt.source)
 
     @classmethod
     def of_graph(cls, proto, preprocess: Preprocess, name: str) -> OnnxEngine:
         """A ModelProto in memory (an export being proven or quantised), on the CPU; `name` names it in messages."""
-        return cls(session(proto.SerializeToString(), CPU, name), preprocess, 0, (), name)
+        return cls(session(proto.SerializeToString(), CPU, name), preprocess, 0, labels=(), source=name)
 
     @property
     def num_classes(self) -> int:

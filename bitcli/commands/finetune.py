@@ -71,7 +71,7 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
                          channels_last=device.type == "cuda")  # fmt: skip
     optimizer = bit_sgd(trainable_parameters(engine.model))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start = resume_point(prepared, opts, engine.model, optimizer, scaler, info)
+    start = resume_point(prepared, opts, info, model=engine.model, optimizer=optimizer, scaler=scaler)
     ds = prepared.data
     training = Training(
         plan=plan, info=info, engine=engine, model=wrap(engine.model, info, device), optimizer=optimizer,
@@ -86,7 +86,6 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
             last_eval = validate(training)
             record_validation(opts.output, plan.steps - 1, last_eval, pictures=extras.available("plots"))
         check_finite(engine.model, plan.steps - 1)
-        write_outputs(
-            opts.output, engine.model, plan, val_tf, last_eval, outcome.last_loss, outcome.step_times, start, started
-        )
+        write_outputs(opts.output, engine.model, plan, val_tf, last_eval=last_eval, last_loss=outcome.last_loss,
+                      step_times=outcome.step_times, start=start, started=started)  # fmt: skip
     barrier(info)

@@ -116,7 +116,7 @@ def train(t: Training) -> Outcome:
                     if step == plan.steps - 1 or (step + 1) % plan.save_every == 0:
                         check_finite(engine.model, step)
                         watch.before_checkpoint()
-                        save_state(t.output / STATE_FILE, engine.model, optimizer, step + 1, plan, scaler)
+                        save_state(t.output / STATE_FILE, engine.model, optimizer, step + 1, plan=plan, scaler=scaler)
                         saved_step = step + 1
                 progress.update(step + 1, lr, out.last_loss, ips)
     except KeyboardInterrupt:
@@ -182,7 +182,8 @@ def micro_batches(
     """(input, labels, MixUp partner labels or None, λ) of this process's micro-batches, in training order,
     from step t.start on. The images are decoded and augmented on the reader's threads, a batch ahead."""
     plan, info = t.plan, t.info
-    sampler = StepSampler(len(t.data.train), plan.batch_size, plan.seed, plan.resize - plan.crop, plan.mixup)
+    sampler = StepSampler(len(t.data.train), plan.batch_size, plan.seed, max_offset=plan.resize - plan.crop,
+                          mixup=plan.mixup)  # fmt: skip
     targets = np.asarray(t.data.train.targets, dtype=np.int64)
     per_rank, m = plan.batch_size // info.world, plan.micro_batch
 
@@ -200,11 +201,11 @@ def micro_batches(
                 ]  # fmt: skip
 
     for (sample, own, needed), decoded in reader.run(jobs()):
-        yield (*_mix(decoded, needed, own, sample, targets, t.engine), sample.lam)
+        yield (*_mix(decoded, needed, own, sample, targets=targets, engine=t.engine), sample.lam)
 
 
 def _train_image(cache: DecodeCache, index: int, top: int, left: int, crop: int, flip: bool) -> np.ndarray:
-    return augment(cache.get(index), top, left, crop, flip)
+    return augment(cache.get(index), top, left, crop=crop, flip=flip)
 
 
 def _mix(

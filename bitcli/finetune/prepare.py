@@ -56,13 +56,13 @@ def prepare(opts: FinetuneOptions, info: Dist, device: torch.device, dtype: torc
     model = model.to(device).train()
     if opts.head_only:
         freeze_backbone(model)  # before the plan: --batch-split auto sizes micro-batches for what trains
-    plan = make_plan(opts, ds, model, info, device, dtype, saved, stated_preprocess(start.ckpt))
+    plan = make_plan(opts, ds, model, info, device=device, dtype=dtype, saved=saved, own=stated_preprocess(start.ckpt))
     if saved is not None:
         check_same_run(saved, plan, opts.output)
-    return Prepared(mode, ds, model, mean, std, plan)
+    return Prepared(mode=mode, data=ds, model=model, mean=mean, std=std, plan=plan)
 
 
-def resume_point(prepared: Prepared, opts: FinetuneOptions, model, optimizer, scaler, info: Dist) -> int:
+def resume_point(prepared: Prepared, opts: FinetuneOptions, info: Dist, *, model, optimizer, scaler) -> int:
     """The step to start from: 0, or with --resume the checkpoint's (weights, momentum, RNG restored)."""
     if prepared.mode != "resume":
         return 0
@@ -71,7 +71,7 @@ def resume_point(prepared: Prepared, opts: FinetuneOptions, model, optimizer, sc
         if info.main:
             log(f"no checkpoint in {opts.output} yet; starting from step 0")
         return 0
-    start = load_state(state_path, model, optimizer, prepared.plan, scaler)
+    start = load_state(state_path, model, optimizer, prepared.plan, scaler=scaler)
     if info.main:
         log(f"resuming at step {start} of {prepared.plan.steps} from {state_path}")
     return start

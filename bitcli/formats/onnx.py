@@ -70,7 +70,9 @@ def read(path: Path) -> Checkpoint:
     if not config.num_classes:
         raise BitError(f"{path}: metadata describes a model without a classification head")
     labels = checked_labels(labels, config.num_classes, str(path))
-    return Checkpoint(config, labels, preprocess, {}, str(path), NAME, graph=path)
+    return Checkpoint(
+        config=config, labels=labels, preprocess=preprocess, tensors={}, source=str(path), format=NAME, graph=path
+    )
 
 
 # ModelProto's field numbers (onnx.proto), and the wire types of protobuf's encoding.

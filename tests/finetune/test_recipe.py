@@ -91,9 +91,9 @@ def _record(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
         seen["loss"].append((logits.detach().clone(), y, y_mix, lam))
         return real_loss(logits, y, y_mix, lam)
 
-    def sampler(*args):
-        seen["sampler"].append(args)
-        return real_sampler(*args)
+    def sampler(*args, **keywords):  # (num_examples, batch_size, seed, max_offset, mixup), however they are passed
+        seen["sampler"].append((*args, *keywords.values()))
+        return real_sampler(*args, **keywords)
 
     monkeypatch.setattr(loop, "_mix", mix)
     monkeypatch.setattr(loop, "mixup_cross_entropy", loss)
