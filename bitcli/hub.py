@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bitcli import formats
 from bitcli.architectures import is_published_name
-from bitcli.errors import BitError
+from bitcli.errors import BitError, one_line
 from bitcli.formats import FORMATS, MODEL_FILE_SUFFIXES, Checkpoint, read_label_file, read_safetensors
 from bitcli.ui import quiet_logger
 
@@ -203,7 +203,7 @@ def _hub_snapshot(
     except hf_errors.HFValidationError as exc:
         raise BitError(f"{repo_type} {repo_id!r}: not a valid Hub repo id ({exc})") from None
     except (hf_errors.HfHubHTTPError, OSError) as exc:
-        raise BitError(f"cannot download {where!r} from the Hub: {' '.join(str(exc).split())[:300]}") from None
+        raise BitError(f"cannot download {where!r} from the Hub: {one_line(exc)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

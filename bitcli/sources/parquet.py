@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from bitcli.errors import BitError
+from bitcli.errors import BitError, one_line
 from bitcli.sources.dataset import SPLIT_KEYWORDS
 from bitcli.sources.features import schema_features
 
@@ -28,9 +28,7 @@ class ParquetShard:
         try:
             self.file = pq.ParquetFile(path)
         except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
-            raise BitError(
-                f"{name}: not a parquet file pyarrow can read ({' '.join(str(exc).split())[:200]})"
-            ) from None
+            raise BitError(f"{name}: not a parquet file pyarrow can read ({one_line(exc, limit=200)})") from None
         meta = self.file.metadata
         self.num_rows, self.size = meta.num_rows, path.stat().st_size
         self.schema = self.file.schema_arrow
