@@ -20,21 +20,10 @@ from bitcli.data import ImageFolder, class_order
 from bitcli.errors import BitError
 from bitcli.sources.features import Columns, choose_columns, image_cell
 from bitcli.sources.rows import Rows
+from bitcli.sources.splits import canonical_split  # noqa: F401 -- sources.locate imports it from here
 
 CACHE_BLOCKS = 8  # row groups kept (of the image column): threads decoding neighbouring rows share them
 CACHE_BYTES = 64 << 20
-
-# Split names as Hugging Face `datasets` recognises them in file, folder and split names.
-SPLIT_KEYWORDS = {
-    "train": ("train", "training"),
-    "validation": ("validation", "valid", "val", "dev"),
-    "test": ("test", "testing", "eval", "evaluation"),
-}
-
-
-def canonical_split(name: str) -> str | None:
-    """'val' -> 'validation', 'training' -> 'train'; None for other names."""
-    return next((split for split, words in SPLIT_KEYWORDS.items() if name.lower() in words), None)
 
 
 class Shard(Protocol):
