@@ -32,6 +32,8 @@ class Choice(str, Enum):
 
 
 class Precision(Choice):
+    """--precision (bitcli.runtime.resolve_precision picks the dtype each means on a device)."""
+
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
@@ -134,6 +136,7 @@ def embed_format(fmt: EmbedFormat | None, output: Path | None) -> EmbedFormat:
     return fmt
 
 
+# --device's spellings (the one home of them: bitcli.runtime only decides whether this machine has the device).
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -143,6 +146,12 @@ def parse_device(value: str) -> str:
     if not DEVICE_PATTERN.fullmatch(spec):
         raise OptionError(f"{value!r}: use auto, cpu, cuda, cuda:N or mps")
     return spec
+
+
+def device_parts(value: str) -> tuple[str, int | None]:
+    """A --device value -> (auto, cpu, cuda or mps; the N of cuda:N, else None). OptionError as parse_device."""
+    kind, _, index = parse_device(value).partition(":")
+    return kind, int(index) if index else None
 
 
 def parse_auto_int(value: str, minimum: int) -> int | None:
