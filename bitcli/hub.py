@@ -17,6 +17,7 @@ from bitcli.architectures import is_published_name
 from bitcli.errors import BitError, one_line
 from bitcli.formats import FORMATS, MODEL_FILE_SUFFIXES, Checkpoint, read_label_file, read_safetensors
 from bitcli.ui import quiet_logger
+from bitcli.writes import replaced_when_complete
 
 # What bit finetune writes (bitcli.finetune's CONFIG_FILE and STATE_FORMAT, without importing its training code).
 FINETUNE_CONFIG = "finetune_config.json"
@@ -233,17 +234,19 @@ def download_published(name: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BitError(f"cannot create the model cache {target.parent} ({exc.strerror}); set BITCLI_CACHE") from None
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
-        _download(url, tmp, name)
-        try:
-            FORMATS["npz"].read(tmp)  # a file that does not parse as a BiT .npz never enters the cache
-        except BitError as exc:
-            problem = str(exc).removeprefix(f"{tmp}: ")
-            raise BitError(f"{name}: the file downloaded from {url} is not a usable BiT .npz ({problem})") from None
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with replaced_when_complete(target) as tmp:
+            _download(url, tmp, name)
+            try:
+                FORMATS["npz"].read(tmp)  # a file that does not parse as a BiT .npz never enters the cache
+            except BitError as exc:
+                problem = str(exc).removeprefix(f"{tmp}: ")
+                raise BitError(f"{name}: the file downloaded from {url} is not a usable BiT .npz ({problem})") from None
+    except OSError as exc:  # creating, syncing or renaming the temporary file (the download's own are BitErrors)
+        raise BitError(
+            f"{name}: cannot write to the model cache {target.parent} ({exc.strerror or one_line(exc)}); "
+            "free space or set BITCLI_CACHE"
+        ) from None
     return target
 
 

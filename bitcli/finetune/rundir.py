@@ -30,7 +30,7 @@ from bitcli.formats.hf import write as write_hf
 from bitcli.options import FinetuneOptions
 from bitcli.preprocess import Preprocess
 from bitcli.ui import log, visible
-from bitcli.writes import atomic_write
+from bitcli.writes import atomic_write, move_files_into
 
 if TYPE_CHECKING:
     from bitcli.finetune.plan import Plan
@@ -176,8 +176,7 @@ def write_final_model(ckpt: Checkpoint, output: Path) -> None:
     staging = output / ".final"
     shutil.rmtree(staging, ignore_errors=True)
     write_hf(ckpt, staging)
-    for name in MODEL_FILES:
-        os.replace(staging / name, output / name)
+    move_files_into(staging, output, MODEL_FILES)
     staging.rmdir()
 
 
