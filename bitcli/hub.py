@@ -15,7 +15,7 @@ from pathlib import Path
 from bitcli import formats
 from bitcli.architectures import is_published_name
 from bitcli.errors import BitError, one_line
-from bitcli.formats import FORMATS, MODEL_FILE_SUFFIXES, Checkpoint, read_label_file, read_safetensors
+from bitcli.formats import FORMATS, MODEL_FILE_SUFFIXES, Checkpoint, read_class_names, read_safetensors
 from bitcli.ui import quiet_logger
 from bitcli.writes import replaced_when_complete
 
@@ -49,7 +49,7 @@ def load_checkpoint(spec: str, revision: str | None = None, labels_file: str | N
             "or a published BiT name (e.g. BiT-M-R50x1)"
         )
     if labels_file is not None:
-        ckpt.labels = read_label_file(Path(labels_file), ckpt.config.num_classes)
+        ckpt.labels = read_class_names(Path(labels_file), ckpt.config.num_classes)
     return ckpt
 
 

@@ -163,7 +163,7 @@ def checked_labels(labels: list[str] | None, num_classes: int, source: str) -> l
     return [str(x) for x in labels]
 
 
-def read_label_file(path: Path, num_classes: int) -> list[str]:
+def read_class_names(path: Path, num_classes: int) -> list[str]:
     """`--labels FILE`: one class name per line (blank lines ignored), as many as the head has classes."""
     try:
         labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
