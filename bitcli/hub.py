@@ -119,13 +119,16 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
 
         disable_progress_bars()
     online = _hub_answers(repo_id, revision)
-    folder = _hub_snapshot(repo_id, revision, ["config.json", "preprocessor_config.json", "model.safetensors"], online)
+    wanted = ["config.json", "preprocessor_config.json", "model.safetensors"]
+    folder = _hub_snapshot(repo_id, revision, wanted, online=online)
     if not (folder / "config.json").is_file():
-        raise _absent(repo_id, revision, "config.json", online, "it is not a transformers or timm model")
+        raise _absent(
+            repo_id, revision, "config.json", online=online, consequence="it is not a transformers or timm model"
+        )
     if not (folder / "model.safetensors").is_file():
-        folder = _hub_snapshot(repo_id, revision, ["pytorch_model.bin"], online)
+        folder = _hub_snapshot(repo_id, revision, ["pytorch_model.bin"], online=online)
         if not (folder / "pytorch_model.bin").is_file():
-            raise _absent(repo_id, revision, "model.safetensors or pytorch_model.bin", online, "")
+            raise _absent(repo_id, revision, "model.safetensors or pytorch_model.bin", online=online)
     return folder
 
 
@@ -170,7 +173,9 @@ def _not_cached(repo_id: str, revision: str | None, what: str, repo_type: str = 
     )
 
 
-def _absent(repo_id: str, revision: str | None, filename: str, online: bool | None, consequence: str) -> BitError:
+def _absent(
+    repo_id: str, revision: str | None, filename: str, *, online: bool | None, consequence: str = ""
+) -> BitError:
     """A file missing from the snapshot: the repo lacks it if the Hub just listed the repo, else the cache does."""
     if not online:
         return _not_cached(repo_id, revision, f"{filename} of model")
@@ -180,7 +185,7 @@ def _absent(repo_id: str, revision: str | None, filename: str, online: bool | No
 
 
 def _hub_snapshot(
-    repo_id: str, revision: str | None, files: list[str], online: bool | None, repo_type: str = "model"
+    repo_id: str, revision: str | None, files: list[str], *, online: bool | None, repo_type: str = "model"
 ) -> Path:
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import snapshot_download

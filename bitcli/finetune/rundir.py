@@ -185,7 +185,15 @@ def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_e
     """The fine-tuned model (fp32, with the evaluation preprocessing and the class names) and summary.json."""
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     tensors = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in state.items()}
-    write_final_model(Checkpoint(model.config, list(plan.classes), transform, tensors, str(output), "hf"), output)
+    ckpt = Checkpoint(
+        config=model.config,
+        labels=list(plan.classes),
+        preprocess=transform,
+        tensors=tensors,
+        source=str(output),
+        format="hf",
+    )
+    write_final_model(ckpt, output)
     trained = sum(step_times)
     summary = {
         "steps": plan.steps,

@@ -69,7 +69,15 @@ def read(folder: Path) -> Checkpoint:
     tensors = LAYOUT.refs_to_bitcli(str(folder), refs)
     check_tensors(config, tensors, str(folder), LAYOUT)
     labels = checked_labels(_labels(hf, num_classes), num_classes, str(folder))
-    return Checkpoint(config, labels, preprocess, tensors, str(folder), NAME, LAYOUT)
+    return Checkpoint(
+        config=config,
+        labels=labels,
+        preprocess=preprocess,
+        tensors=tensors,
+        source=str(folder),
+        format=NAME,
+        layout=LAYOUT,
+    )
 
 
 def _labels(hf: dict[str, Any], num_classes: int) -> list[str] | None:

@@ -74,7 +74,15 @@ def read_weights(path: Path, refs: dict[str, TensorRef], timm_cfg: dict[str, Any
     preprocess = _preprocess(path, cfg)
     check_tensors(config, tensors, str(path), LAYOUT)
     labels = checked_labels(cfg.get("label_names"), config.num_classes, str(path))
-    return Checkpoint(config, labels, preprocess, tensors, str(path), NAME, LAYOUT)
+    return Checkpoint(
+        config=config,
+        labels=labels,
+        preprocess=preprocess,
+        tensors=tensors,
+        source=str(path),
+        format=NAME,
+        layout=LAYOUT,
+    )
 
 
 def _preprocess(path: Path, cfg: dict[str, Any]) -> Preprocess:

@@ -102,7 +102,7 @@ class DatasetSplit:
         order, else the label values in data.class_order (by number when all are integers, else by name); with
         `classes` (training's) the rows' labels are mapped to them by name."""
         first = self.shards[0]
-        self.columns = columns = choose_columns(first.schema, first.features, image, label, self.name)
+        self.columns = columns = choose_columns(first.schema, first.features, image=image, label=label, where=self.name)
         for shard in self.shards[1:]:
             for column in (columns.image, columns.label):
                 if column not in shard.schema.names:

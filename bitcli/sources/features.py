@@ -37,7 +37,7 @@ def schema_features(schema) -> dict[str, Any] | None:
 
 
 def choose_columns(
-    schema, features: dict[str, Any] | None, image: str | None, label: str | None, where: str
+    schema, features: dict[str, Any] | None, *, image: str | None, label: str | None, where: str
 ) -> Columns:
     """The image and label columns: named by the flags, else found from the features (see README, Data sources)."""
     import pyarrow as pa

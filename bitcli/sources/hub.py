@@ -59,7 +59,7 @@ def hub_splits(ds: HubDataset, purpose: str) -> dict[str | None, list[ParquetSha
     patterns = ["*.parquet"]
     if online:
         patterns = _needed_files(ds, purpose)
-    folder = hub._hub_snapshot(ds.repo_id, ds.revision, patterns, online, "dataset")
+    folder = hub._hub_snapshot(ds.repo_id, ds.revision, patterns, online=online, repo_type="dataset")
     files = [f for f in parquet_files(folder) if online is not True or f.relative_to(folder).as_posix() in patterns]
     if not files:
         raise (
