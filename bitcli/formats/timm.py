@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bitcli.architectures import from_name, timm_name
+from bitcli.architectures import TIMM_LAYOUTS, from_name, timm_name
 from bitcli.config import BitConfig
 from bitcli.errors import BitError
 from bitcli.formats.checkpoint import (
@@ -122,7 +122,7 @@ def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> N
         cfg = ckpt.config
         raise BitError(
             f"{ckpt.source}: depths {list(cfg.depths)} and widths {list(cfg.hidden_sizes)} have no timm name "
-            "(timm's BiT models are R50/R101/R152 x1-x4); convert to --format bitcli or hf instead"
+            f"(timm's BiT models are {TIMM_LAYOUTS}); convert to --format bitcli or hf instead"
         ) from None
     tensors = LAYOUT.refs_from_bitcli(ckpt.source, ckpt.tensors)
     pretrained = {"architecture": arch, **preprocess_to_timm(ckpt.preprocess), "num_classes": ckpt.config.num_classes}
