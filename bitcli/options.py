@@ -348,7 +348,7 @@ class FinetuneOptions:
     model: str
     output: Path
     shots: int | None = None  # examples per class; None: all
-    val: DataSpec | None = None  # validation data (default: DATA/val|valid|validation when DATA/train exists)
+    val: DataSpec | None = None  # validation data (default: DATA's validation split: sources.splits names it)
     val_split: float | None = None  # or hold out this fraction of every training class
     steps: int | None = None
     lr: float = BASE_LR
