@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from bitcli import hub
 from bitcli.errors import BitError, UsageError
-from bitcli.sources.dataset import canonical_split, evaluation_key, training_keys
+from bitcli.sources.dataset import evaluation_key, training_keys
 from bitcli.sources.parquet import ParquetShard, parquet_files, shard_splits, split_of
+from bitcli.sources.splits import canonical_split
 from bitcli.ui import quiet_logger
 
 SPEC = re.compile(r"hf://datasets/(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^:]+))?(?::(?P<split>[\w.-]+))?")
@@ -58,7 +59,7 @@ def hub_splits(ds: HubDataset, purpose: str) -> dict[str | None, list[ParquetSha
     patterns = ["*.parquet"]
     if online:
         patterns = _needed_files(ds, purpose)
-    folder = hub._hub_snapshot(ds.repo_id, ds.revision, patterns, online, "dataset")
+    folder = hub._hub_snapshot(ds.repo_id, ds.revision, patterns, online=online, repo_type="dataset")
     files = [f for f in parquet_files(folder) if online is not True or f.relative_to(folder).as_posix() in patterns]
     if not files:
         raise (
