@@ -1,6 +1,9 @@
 """Every BiT architecture bitcli knows by name, in one table: bitcli's name (R50x1, or a preset such as tiny),
 Google's published checkpoint names (BiT-M-R50x1) and timm's model name (resnetv2_50x1_bit). Torch-free: the
-CLI reads it while it parses flags."""
+CLI reads it while it parses flags.
+
+bitcli names every R{50,101,152}x{1,2,3,4} layout (for --random-init), but Google published, and timm builds,
+only six of them (PUBLISHED_LAYOUTS): only those have published and timm names."""
 
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ DEFAULT_MODEL = "google/bit-50"  # --model's default: transformers' R50x1 (BiT-M
 
 DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}  # units per stage of each ResNet depth
 WIDTHS = (1, 2, 3, 4)  # width factors: channels of every stage (and the stem) times this
+# (depth, width) of the layouts Google published (bit_models/BiT-{S,M}-R50x1.npz ...) and timm builds
+# (resnetv2_50x1_bit ...): R50x1, R50x3, R101x1, R101x3, R152x2, R152x4. No R50x2 exists in either.
+PUBLISHED_LAYOUTS = ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))
 
 
 @dataclass(frozen=True)
@@ -37,25 +43,27 @@ class Architecture:
 
 
 def _resnet(depth: int, width: int) -> Architecture:
-    """R{depth}x{width}: BiT-S (ImageNet-1k) and BiT-M (ImageNet-21k) upstream weights, and the same fine-tuned
-    on ILSVRC-2012."""
+    """R{depth}x{width}. A published layout has BiT-S (ImageNet-1k) and BiT-M (ImageNet-21k) upstream weights,
+    the same fine-tuned on ILSVRC-2012, and a timm model; the others only bitcli's name."""
     name = f"R{depth}x{width}"
+    published = (depth, width) in PUBLISHED_LAYOUTS
     return Architecture(
         name=name,
         depths=DEPTHS[depth],
         hidden_sizes=tuple(w * width for w in BASE_WIDTHS),
         embedding_size=64 * width,
-        published=tuple(f"BiT-{up}-{name}{tuned}" for up in "SM" for tuned in ("", "-ILSVRC2012")),
-        timm=f"resnetv2_{depth}x{width}_bit",
+        published=tuple(f"BiT-{up}-{name}{tuned}" for up in "SM" for tuned in ("", "-ILSVRC2012")) if published else (),
+        timm=f"resnetv2_{depth}x{width}_bit" if published else None,
     )
 
 
-ARCHITECTURES = (
-    *(_resnet(depth, width) for depth in DEPTHS for width in WIDTHS),
+_PRESETS = (
     Architecture("tiny", depths=(1, 1), hidden_sizes=(32, 64), embedding_size=16, num_groups=8),
     Architecture("small", depths=(1, 1, 1, 1), hidden_sizes=(32, 64, 128, 256), embedding_size=16, num_groups=8),
 )
-PRESETS = tuple(a.name for a in ARCHITECTURES if not a.published)  # --random-init layouts nobody published
+ARCHITECTURES = (*(_resnet(depth, width) for depth in DEPTHS for width in WIDTHS), *_PRESETS)
+PRESETS = tuple(a.name for a in _PRESETS)  # small layouts for demos and tests (--random-init)
+TIMM_LAYOUTS = ", ".join(a.name for a in ARCHITECTURES if a.timm)  # for messages: R50x1, R50x3, ...
 
 _BY_OWN_NAME = {a.name.lower(): a for a in ARCHITECTURES}  # bitcli's names in any case: r50x1, R50X1
 _BY_PUBLISHED_NAME = {p: a for a in ARCHITECTURES for p in a.published}
@@ -99,4 +107,4 @@ def timm_name(config: BitConfig) -> str:
     for arch in ARCHITECTURES:
         if arch.timm and arch.config(config.num_classes) == config:
             return arch.timm
-    raise BitError("this layout has no timm name (timm's BiT models are R50/101/152 x1-x4, eps 1e-8)")
+    raise BitError(f"this layout has no timm name (timm's BiT models are {TIMM_LAYOUTS}, eps 1e-8)")

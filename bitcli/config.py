@@ -1,5 +1,6 @@
-"""The architecture of a BiT model as one typed, serialisable dataclass, and transformers' config.json for it.
-Named architectures (R50x1, BiT-M-R50x1, resnetv2_50x1_bit) are in bitcli.architectures."""
+"""The architecture of a BiT model as one typed, serialisable dataclass. Named architectures (R50x1,
+BiT-M-R50x1, resnetv2_50x1_bit) are in bitcli.architectures; transformers' config.json for it is in
+bitcli.formats.hf."""
 
 from __future__ import annotations
 
@@ -73,44 +74,3 @@ class BitConfig:
             if key in values:
                 values[key] = tuple(int(v) for v in values[key])
         return cls(**values)
-
-    # transformers' BitConfig ------------------------------------------------------------------------------
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any], num_classes: int) -> BitConfig:
-        if hf.get("model_type", "bit") != "bit":
-            raise BitError(f"config.json describes a {hf.get('model_type')!r} model, not BiT ('bit')")
-        if hf.get("hidden_act", "relu") != "relu":
-            raise BitError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only relu)")
-        width = int(hf.get("width_factor", 1))
-        padding = hf.get("global_padding")
-        return cls(
-            depths=tuple(hf.get("depths", (3, 4, 6, 3))),
-            hidden_sizes=tuple(make_div(h * width) for h in hf.get("hidden_sizes", BASE_WIDTHS)),
-            embedding_size=int(hf.get("embedding_size", 64)),
-            num_classes=num_classes,
-            layer_type=hf.get("layer_type", "preactivation"),
-            global_padding=padding.upper() if isinstance(padding, str) else None,
-            embedding_dynamic_padding=bool(hf.get("embedding_dynamic_padding", False)),
-            num_groups=int(hf.get("num_groups", 32)),
-            output_stride=int(hf.get("output_stride", 32)),
-            in_channels=int(hf.get("num_channels", 3)),
-        )
-
-    def to_hf(self) -> dict[str, Any]:
-        return {
-            "model_type": "bit",
-            "architectures": ["BitForImageClassification"],
-            "num_channels": self.in_channels,
-            "embedding_size": self.embedding_size,
-            "hidden_sizes": list(self.hidden_sizes),
-            "depths": list(self.depths),
-            "layer_type": self.layer_type,
-            "hidden_act": "relu",
-            "global_padding": self.global_padding,
-            "num_groups": self.num_groups,
-            "drop_path_rate": 0.0,
-            "embedding_dynamic_padding": self.embedding_dynamic_padding,
-            "output_stride": self.output_stride,
-            "width_factor": 1,
-        }

@@ -9,6 +9,6 @@ class UsageError(BitError):
     """A flag value that cannot work (or not on this machine): exit code 2, like any other bad flag."""
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (at most 300 characters), or its type's name if it has none."""
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
+def one_line(exc: BaseException, *, limit: int = 300) -> str:
+    """An exception's message on one line (at most `limit` characters), or its type's name if it has none."""
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__

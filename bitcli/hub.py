@@ -14,9 +14,10 @@ from pathlib import Path
 
 from bitcli import formats
 from bitcli.architectures import is_published_name
-from bitcli.errors import BitError
-from bitcli.formats import FORMATS, MODEL_FILE_SUFFIXES, Checkpoint, read_label_file, read_safetensors
+from bitcli.errors import BitError, one_line
+from bitcli.formats import FORMATS, MODEL_FILE_SUFFIXES, Checkpoint, read_class_names, read_safetensors
 from bitcli.ui import quiet_logger
+from bitcli.writes import replaced_when_complete
 
 # What bit finetune writes (bitcli.finetune's CONFIG_FILE and STATE_FORMAT, without importing its training code).
 FINETUNE_CONFIG = "finetune_config.json"
@@ -48,7 +49,7 @@ def load_checkpoint(spec: str, revision: str | None = None, labels_file: str | N
             "or a published BiT name (e.g. BiT-M-R50x1)"
         )
     if labels_file is not None:
-        ckpt.labels = read_label_file(Path(labels_file), ckpt.config.num_classes)
+        ckpt.labels = read_class_names(Path(labels_file), ckpt.config.num_classes)
     return ckpt
 
 
@@ -118,13 +119,16 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
 
         disable_progress_bars()
     online = hub_answers(repo_id, revision)
-    folder = fetch_snapshot(repo_id, revision, ["config.json", "preprocessor_config.json", "model.safetensors"], online)
+    wanted = ["config.json", "preprocessor_config.json", "model.safetensors"]
+    folder = fetch_snapshot(repo_id, revision, wanted, online=online)
     if not (folder / "config.json").is_file():
-        raise _absent(repo_id, revision, "config.json", online, "it is not a transformers or timm model")
+        raise _absent(
+            repo_id, revision, "config.json", online=online, consequence="it is not a transformers or timm model"
+        )
     if not (folder / "model.safetensors").is_file():
-        folder = fetch_snapshot(repo_id, revision, ["pytorch_model.bin"], online)
+        folder = fetch_snapshot(repo_id, revision, ["pytorch_model.bin"], online=online)
         if not (folder / "pytorch_model.bin").is_file():
-            raise _absent(repo_id, revision, "model.safetensors or pytorch_model.bin", online, "")
+            raise _absent(repo_id, revision, "model.safetensors or pytorch_model.bin", online=online)
     return folder
 
 
@@ -171,7 +175,9 @@ def not_cached(repo_id: str, revision: str | None, what: str, repo_type: str = "
     )
 
 
-def _absent(repo_id: str, revision: str | None, filename: str, online: bool | None, consequence: str) -> BitError:
+def _absent(
+    repo_id: str, revision: str | None, filename: str, *, online: bool | None, consequence: str = ""
+) -> BitError:
     """A file missing from the snapshot: the repo lacks it if the Hub just listed the repo, else the cache does."""
     if not online:
         return not_cached(repo_id, revision, f"{filename} of model")
@@ -181,7 +187,7 @@ def _absent(repo_id: str, revision: str | None, filename: str, online: bool | No
 
 
 def fetch_snapshot(
-    repo_id: str, revision: str | None, files: list[str], online: bool | None, repo_type: str = "model"
+    repo_id: str, revision: str | None, files: list[str], *, online: bool | None, repo_type: str = "model"
 ) -> Path:
     """The snapshot folder holding the repo's `files` (patterns), cached or downloaded (only the cache when
     `online` is None: see hub_answers); every Hub failure is one line. Models and data sets (bitcli.sources.hub)
@@ -208,7 +214,7 @@ def fetch_snapshot(
     except hf_errors.HFValidationError as exc:
         raise BitError(f"{repo_type} {repo_id!r}: not a valid Hub repo id ({exc})") from None
     except (hf_errors.HfHubHTTPError, OSError) as exc:
-        raise BitError(f"cannot download {where!r} from the Hub: {' '.join(str(exc).split())[:300]}") from None
+        raise BitError(f"cannot download {where!r} from the Hub: {one_line(exc)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,17 +244,19 @@ def download_published(name: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BitError(f"cannot create the model cache {target.parent} ({exc.strerror}); set BITCLI_CACHE") from None
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
     try:
-        _download(url, tmp, name)
-        try:
-            FORMATS["npz"].read(tmp)  # a file that does not parse as a BiT .npz never enters the cache
-        except BitError as exc:
-            problem = str(exc).removeprefix(f"{tmp}: ")
-            raise BitError(f"{name}: the file downloaded from {url} is not a usable BiT .npz ({problem})") from None
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with replaced_when_complete(target) as tmp:
+            _download(url, tmp, name)
+            try:
+                FORMATS["npz"].read(tmp)  # a file that does not parse as a BiT .npz never enters the cache
+            except BitError as exc:
+                problem = str(exc).removeprefix(f"{tmp}: ")
+                raise BitError(f"{name}: the file downloaded from {url} is not a usable BiT .npz ({problem})") from None
+    except OSError as exc:  # creating, syncing or renaming the temporary file (the download's own are BitErrors)
+        raise BitError(
+            f"{name}: cannot write to the model cache {target.parent} ({exc.strerror or one_line(exc)}); "
+            "free space or set BITCLI_CACHE"
+        ) from None
     return target
 
 

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 from bitcli.architectures import DEFAULT_MODEL
 from bitcli.errors import BitError, UsageError
@@ -32,6 +33,8 @@ class Choice(str, Enum):
 
 
 class Precision(Choice):
+    """--precision (bitcli.runtime.resolve_precision picks the dtype each means on a device)."""
+
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
@@ -73,45 +76,55 @@ class DType(Choice):
     bfloat16 = "bfloat16"
 
 
+C = TypeVar("C", bound=Choice)
+
+
 class OptionError(ValueError):
     """A flag value that does not parse; the CLI turns it into a usage error (exit 2) naming the flag."""
 
 
-# Output formats inferred from --output's suffix when --format is not given.
-SUFFIX_FORMATS = {
+# What a file name's suffix says it holds (matched in any case): the one home of suffix -> output format, for
+# predict's and embed's --output and convert's DST. A suffix that is not listed names no format.
+PREDICT_SUFFIXES = {
     ".json": PredictFormat.json,
     ".jsonl": PredictFormat.jsonl,
     ".ndjson": PredictFormat.jsonl,
     ".csv": PredictFormat.csv,
 }
-
-
-def predict_format(fmt: PredictFormat | None, output: Path | None) -> PredictFormat:
-    """--format if given, else the one --output's suffix names (table for any other suffix or for stdout).
-    An explicit --format that contradicts the suffix is refused: the file would not hold what its name says."""
-    inferred = SUFFIX_FORMATS.get(output.suffix.lower()) if output is not None else None
-    if fmt is None:
-        return inferred or PredictFormat.table
-    if inferred is not None and inferred != fmt:
-        raise UsageError(
-            f"--format {fmt} contradicts --output {display(output)} (a {output.suffix} file holds {inferred}); "
-            f"drop --format or give the file a name that matches"
-        )
-    return fmt
-
-
 EMBED_SUFFIXES = {
     ".safetensors": EmbedFormat.safetensors,
     ".npy": EmbedFormat.npy,
     ".jsonl": EmbedFormat.jsonl,
     ".ndjson": EmbedFormat.jsonl,
 }
+CONVERT_SUFFIXES = {".safetensors": ConvertFormat.bitcli, ".onnx": ConvertFormat.onnx}  # any other DST: hf
+
+
+def suffix_format(path: Path | None, suffixes: dict[str, C]) -> C | None:
+    """The format `path`'s suffix names in `suffixes`, or None (no path, or a suffix not listed)."""
+    return suffixes.get(path.suffix.lower()) if path is not None else None
+
+
+def _refuse_contradiction(fmt: Choice | None, output: Path | None, inferred: Choice | None) -> None:
+    """An explicit --format that contradicts the suffix: the file would not hold what its name says."""
+    if fmt is not None and inferred is not None and inferred != fmt:
+        raise UsageError(
+            f"--format {fmt} contradicts --output {display(output)} (a {output.suffix} file holds {inferred}); "
+            f"drop --format or give the file a name that matches"
+        )
+
+
+def predict_format(fmt: PredictFormat | None, output: Path | None) -> PredictFormat:
+    """--format if given, else the one --output's suffix names (table for any other suffix or for stdout).
+    An explicit --format that contradicts the suffix is refused."""
+    inferred = suffix_format(output, PREDICT_SUFFIXES)
+    _refuse_contradiction(fmt, output, inferred)
+    return fmt if fmt is not None else inferred or PredictFormat.table
 
 
 def embed_format(fmt: EmbedFormat | None, output: Path | None) -> EmbedFormat:
     """--format if given, else the one --output's suffix names. Embeddings are too long to read on a terminal:
     stdout takes them only when asked for (-f jsonl), and the binary formats only go to a file."""
-    inferred = EMBED_SUFFIXES.get(output.suffix.lower()) if output is not None else None
     if output is None:
         if fmt is None:
             raise UsageError(
@@ -120,20 +133,19 @@ def embed_format(fmt: EmbedFormat | None, output: Path | None) -> EmbedFormat:
         if fmt != EmbedFormat.jsonl:
             raise UsageError(f"--format {fmt} is binary; give --output FILE (only jsonl goes to stdout)")
         return fmt
-    if fmt is None:
-        if inferred is None:
-            raise UsageError(
-                f"--output {display(output)}: name the file *.safetensors, *.npy or *.jsonl, or give --format"
-            )
-        return inferred
-    if inferred is not None and inferred != fmt:
-        raise UsageError(
-            f"--format {fmt} contradicts --output {display(output)} (a {output.suffix} file holds {inferred}); "
-            f"drop --format or give the file a name that matches"
-        )
-    return fmt
+    inferred = suffix_format(output, EMBED_SUFFIXES)
+    if fmt is None and inferred is None:
+        raise UsageError(f"--output {display(output)}: name the file *.safetensors, *.npy or *.jsonl, or give --format")
+    _refuse_contradiction(fmt, output, inferred)
+    return fmt if fmt is not None else inferred
 
 
+def convert_format(fmt: ConvertFormat | None, dst: Path) -> ConvertFormat:
+    """--format if given, else bitcli for a *.safetensors DST, onnx for *.onnx and hf (a folder) for anything else."""
+    return fmt if fmt is not None else suffix_format(dst, CONVERT_SUFFIXES) or ConvertFormat.hf
+
+
+# --device's spellings (the one home of them: bitcli.runtime only decides whether this machine has the device).
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -143,6 +155,12 @@ def parse_device(value: str) -> str:
     if not DEVICE_PATTERN.fullmatch(spec):
         raise OptionError(f"{value!r}: use auto, cpu, cuda, cuda:N or mps")
     return spec
+
+
+def device_parts(value: str) -> tuple[str, int | None]:
+    """A --device value -> (auto, cpu, cuda or mps; the N of cuda:N, else None). OptionError as parse_device."""
+    kind, _, index = parse_device(value).partition(":")
+    return kind, int(index) if index else None
 
 
 def parse_auto_int(value: str, minimum: int) -> int | None:
@@ -300,7 +318,7 @@ class ConvertOptions:
 
     def __post_init__(self) -> None:
         """The ONNX flags' combinations, refused before anything is read (exit 2)."""
-        onnx = self.format == ConvertFormat.onnx or (self.format is None and self.dst.suffix.lower() == ".onnx")
+        onnx = convert_format(self.format, self.dst) == ConvertFormat.onnx
         given = [
             flag
             for flag, value in (("--opset", self.opset), ("--quantize", self.quantize), ("--calibrate", self.calibrate))
@@ -330,7 +348,7 @@ class FinetuneOptions:
     model: str
     output: Path
     shots: int | None = None  # examples per class; None: all
-    val: DataSpec | None = None  # validation data (default: DATA/val|valid|validation when DATA/train exists)
+    val: DataSpec | None = None  # validation data (default: DATA's validation split: sources.splits names it)
     val_split: float | None = None  # or hold out this fraction of every training class
     steps: int | None = None
     lr: float = BASE_LR

@@ -1,4 +1,6 @@
-"""Image loading (any file PIL can decode, any mode, EXIF orientation) and the checkpoint's eval transform."""
+"""Image loading (any file PIL can decode, any mode, EXIF orientation) and the checkpoint's eval transform.
+How transformers (preprocessor_config.json) and timm (pretrained_cfg) write the transform is in
+bitcli.formats.hf and bitcli.formats.timm."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
-_PIL_FILTERS = {
+PIL_FILTERS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -48,15 +50,11 @@ _SUPPORT = {"nearest": 1.0, "bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0, "bo
 # for pixel what transformers and timm compute. Only thin strips (aspect ratios beyond ~80:1 at 448) resize more;
 # for them only the cropped region is resized (_resize_region).
 FULL_RESIZE_PIXELS = 16_000_000
-# transformers stores PIL's resampling enum values.
-_PIL_CODES = {int(v): k for k, v in _PIL_FILTERS.items()}
 # Where a centre crop starts when the margin is odd. "floor": transformers' rule, top = (h - ch) // 2 (and an
 # image smaller than the crop sits ceil(pad / 2) from the top). "round": torchvision's CenterCrop, which timm's
 # eval transform uses, top = int(round((h - ch) / 2)) with Python's half-to-even round (and a smaller image sits
 # pad // 2 from the top). They differ by a pixel, which a confident head can notice.
 CropRounding = Literal["floor", "round"]
-# preprocessor_config.json key for torchvision's rule, which transformers' BitImageProcessor cannot express.
-HF_ROUNDING_KEY = "bitcli_crop_rounding"
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ class Preprocess:
     crop_rounding: CropRounding = "floor"  # transformers' centre-crop offsets, or "round": timm's (torchvision's)
 
     def __post_init__(self) -> None:
-        if self.interpolation not in _PIL_FILTERS:
+        if self.interpolation not in PIL_FILTERS:
             raise BitError(f"preprocessing: unknown interpolation {self.interpolation!r}")
         if self.crop_rounding not in ("floor", "round"):
             raise BitError(f"preprocessing: crop_rounding must be 'floor' or 'round', not {self.crop_rounding!r}")
@@ -121,97 +119,6 @@ class Preprocess:
             rounding = "floor"
         return dataclasses.replace(self, crop=crop, crop_rounding=rounding)
 
-    @classmethod
-    def from_hf(cls, p: dict[str, Any]) -> Preprocess:
-        """A transformers preprocessor_config.json (defaults are BitImageProcessor's)."""
-        size = p.get("size", {"shortest_edge": 224})
-        if isinstance(size, int):
-            size = {"shortest_edge": size}
-        if "shortest_edge" in size:
-            resize: Any = int(size["shortest_edge"])
-        elif "height" in size and "width" in size:
-            resize = (int(size["height"]), int(size["width"]))
-        else:
-            raise BitError(f"preprocessor_config.json: unsupported size {size}")
-        crop = p.get("crop_size", {"height": 224, "width": 224})
-        if isinstance(crop, int):
-            crop = {"height": crop, "width": crop}
-        if p.get("do_rescale", True) and abs(float(p.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
-            raise BitError("preprocessor_config.json: only rescale_factor 1/255 is supported")
-        normalize = p.get("do_normalize", True)
-        return cls(
-            resize=resize if p.get("do_resize", True) else None,
-            crop=(int(crop["height"]), int(crop["width"])) if p.get("do_center_crop", True) else None,
-            interpolation=_PIL_CODES.get(int(p.get("resample", 3)), "bicubic"),
-            mean=tuple(p.get("image_mean", (0.48145466, 0.4578275, 0.40821073))) if normalize else (0.0,) * 3,
-            std=tuple(p.get("image_std", (0.26862954, 0.26130258, 0.27577711))) if normalize else (1.0,) * 3,
-            crop_rounding=p.get(HF_ROUNDING_KEY, "floor"),  # written by to_hf for a timm model; else transformers'
-        )
-
-    def to_hf(self) -> dict[str, Any]:
-        if isinstance(self.resize, int):
-            size: dict[str, int] = {"shortest_edge": self.resize}
-        elif self.resize is not None:
-            size = {"height": self.resize[0], "width": self.resize[1]}
-        else:
-            size = {"shortest_edge": 224}
-        crop = self.crop or (224, 224)
-        return {
-            "image_processor_type": "BitImageProcessor",
-            "do_resize": self.resize is not None,
-            "size": size,
-            "resample": int(_PIL_FILTERS[self.interpolation]),
-            "do_center_crop": self.crop is not None,
-            "crop_size": {"height": crop[0], "width": crop[1]},
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": list(self.mean),
-            "image_std": list(self.std),
-            "do_convert_rgb": True,
-            # transformers ignores this key and floors; bit reads it back and keeps the source's (timm's) crop.
-            **({HF_ROUNDING_KEY: self.crop_rounding} if self.crop_rounding != "floor" and self.crop else {}),
-        }
-
-    @classmethod
-    def from_timm(cls, cfg: dict[str, Any]) -> Preprocess:
-        """timm's pretrained_cfg: resize shortest edge to input/crop_pct, centre crop input_size."""
-        _, h, w = cfg.get("input_size", (3, 224, 224))
-        crop_pct = float(cfg.get("crop_pct", 0.875))
-        mode = cfg.get("crop_mode", "center")
-        if mode == "squash":
-            resize: Any = (math.floor(h / crop_pct), math.floor(w / crop_pct))
-        elif mode == "center":
-            resize = math.floor(h / crop_pct) if h == w else (math.floor(h / crop_pct), math.floor(w / crop_pct))
-        else:
-            raise BitError(f"timm pretrained_cfg: crop_mode {mode!r} is not supported")
-        return cls(
-            resize=resize,
-            crop=(int(h), int(w)),
-            interpolation=cfg.get("interpolation", "bilinear"),
-            mean=tuple(cfg.get("mean", (0.5,) * 3)),
-            std=tuple(cfg.get("std", (0.5,) * 3)),
-            crop_rounding="round",  # timm's eval transform crops with torchvision's CenterCrop
-        )
-
-    def to_timm(self) -> dict[str, Any]:
-        """The closest pretrained_cfg; timm.write records the exact transform beside it where timm differs."""
-        crop = self.crop or (self.resize if isinstance(self.resize, tuple) else (224, 224))
-        short = self.resize if isinstance(self.resize, int) else crop[0]
-        squash = isinstance(self.resize, tuple)  # a resize to an exact size is timm's "squash" mode
-        scale = self.resize[0] if squash else short
-        crop_pct = crop[0] / scale
-        if math.floor(crop[0] / crop_pct) < scale:  # timm floors crop / crop_pct: keep it from landing a pixel short
-            crop_pct = math.nextafter(crop_pct, 0.0)
-        return {
-            "input_size": [3, crop[0], crop[1]],
-            "interpolation": self.interpolation,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "crop_pct": crop_pct,
-            "crop_mode": "squash" if squash else "center",
-        }
-
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(w, h) after the resize step, before the crop."""
         if self.resize is None:
@@ -226,7 +133,7 @@ class Preprocess:
         """Resize, then centre crop (padding with black where the crop is larger), as transformers does."""
         w, h = image.size
         rw, rh = self.resized_size(w, h)
-        resample = _PIL_FILTERS[self.interpolation]
+        resample = PIL_FILTERS[self.interpolation]
         if self.crop is None:
             if rw * rh > MAX_IMAGE_PIXELS:
                 raise BitError(
@@ -287,7 +194,7 @@ def _resize_region(
     left, top = max(int(box[0] - reach_x), 0), max(int(box[1] - reach_y), 0)
     right, bottom = min(math.ceil(box[2] + reach_x), w), min(math.ceil(box[3] + reach_y), h)
     shifted = (box[0] - left, box[1] - top, box[2] - left, box[3] - top)
-    return image.crop((left, top, right, bottom)).resize((xn, yn), _PIL_FILTERS[interpolation], box=shifted)
+    return image.crop((left, top, right, bottom)).resize((xn, yn), PIL_FILTERS[interpolation], box=shifted)
 
 
 def _crop_window(size: int, crop: int, rounding: CropRounding = "floor") -> tuple[int, int, int]:

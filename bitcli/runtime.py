@@ -4,40 +4,41 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import re
 import sys
 from pathlib import Path
 
 import torch
 
 from bitcli.errors import UsageError
+from bitcli.options import OptionError, Precision, device_parts
 from bitcli.ui import log
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(spec: str) -> torch.device:
+    """--device (spelled as bitcli.options.parse_device accepts it) -> that device, if this machine has it;
+    auto picks CUDA, then Apple MPS, then the CPU."""
+    try:
+        kind, index = device_parts(spec)
+    except OptionError as exc:
+        raise UsageError(f"--device {exc}") from None
     spec = spec.strip().lower()
-    if spec == "auto":
+    if kind == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if re.fullmatch(r"cuda(:\d+)?", spec):
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    if kind == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {spec}: CUDA is not available on this machine; use --device cpu or auto")
-        index = int(spec.split(":")[1]) if ":" in spec else 0
-        if index >= torch.cuda.device_count():
+        if (index or 0) >= torch.cuda.device_count():
             raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
-        return torch.device(spec)
-    if spec == "mps":
-        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise UsageError("--device mps: Apple MPS is not available on this machine; use --device cpu or auto")
-        return torch.device("mps")
-    raise UsageError(f"--device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
+        return torch.device("cuda", index)
+    if kind == "mps" and not _mps_available():
+        raise UsageError("--device mps: Apple MPS is not available on this machine; use --device cpu or auto")
+    return torch.device(kind)
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -61,10 +62,10 @@ def _cpu_has_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+def resolve_precision(precision: Precision | str, device: torch.device) -> torch.dtype:
     """auto: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPU (exact, the reference numbers)."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision not in tuple(Precision):
+        raise UsageError(f"--precision {precision!r}: use one of {', '.join(p.value for p in Precision)}")
     if precision == "fp32":
         return torch.float32
     if precision == "bf16":

@@ -13,6 +13,7 @@ command's work, so that a folder in the way is found in a second, not after minu
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -20,7 +21,7 @@ import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,13 +113,40 @@ def _fill_temporary(staged: _Staged, write: Callable[[Any], None]) -> None:
     if not path.is_symlink():  # a link's dangling target folder is not ours to create
         path.parent.mkdir(parents=True, exist_ok=True)
     mode = stat.S_IMODE(target.stat().st_mode) if staged.existed else 0o666 & ~_umask()  # mkstemp makes 0600
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    staged.tmp = Path(tmp)
+    fd, staged.tmp = _temporary_beside(target)
     with os.fdopen(fd, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    os.chmod(tmp, mode)
+    os.chmod(staged.tmp, mode)
+
+
+def _temporary_beside(target: Path) -> tuple[int, Path]:
+    """A new, empty file .NAME.XXXXXXXX.tmp in `target`'s folder (the same file system: a rename moves it)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    return fd, Path(tmp)
+
+
+@contextlib.contextmanager
+def replaced_when_complete(target: Path) -> Iterator[Path]:
+    """A temporary file beside `target` for the block to fill by its name (a download) and check; when the
+    block ends without an error the file is synced to disk and renamed over `target`, else removed. `target`
+    (a new path or a regular file: a cache entry, never a user's output) is never seen half-written.
+    For outputs, with their symlinks, FIFOs and devices, use atomic_write."""
+    fd, tmp = _temporary_beside(target)
+    os.close(fd)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a new file gets the usual permissions
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _kept(staged: list[_Staged], paths: list[Path]) -> str | None:
@@ -324,10 +352,17 @@ def atomic_folder(folder: Path, fill: Callable[[Path], None]) -> None:
         raise
 
 
+def move_files_into(staging: Path, folder: Path, names: Iterable[str]) -> None:
+    """The named files of `staging` (a folder on `folder`'s file system) renamed over the same names in
+    `folder`, config.json last: it names the layout, so a kill between two renames (microseconds) leaves at
+    worst new weights beside the old config.json, and every file is whole, old or new."""
+    for name in sorted(names, key=lambda name: name == "config.json"):
+        os.replace(staging / name, folder / name)
+
+
 def _move_files_into(tmp: Path, folder: Path) -> None:
-    new = sorted((p.name for p in tmp.iterdir()), key=lambda name: name == "config.json")  # it names the layout
-    for name in new:
-        os.replace(tmp / name, folder / name)
+    new = [p.name for p in tmp.iterdir()]
+    move_files_into(tmp, folder, new)
     tmp.rmdir()
     for entry in folder.iterdir():
         if _is_staging(entry):  # the temporary folder of an earlier, killed write

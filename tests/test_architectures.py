@@ -1,6 +1,7 @@
 """The registry of named architectures (bitcli.architectures): every layout under each of its names (bitcli's,
 Google's published ones, timm's), the errors for other names, and that it loads without torch. That the
-layouts build timm's own tensors is in tests/test_model.py."""
+layouts build timm's own tensors is in tests/test_model.py. Google published, and timm builds, six of the
+twelve R50/R101/R152 x1-x4 layouts; the other six have bitcli's name only."""
 
 from __future__ import annotations
 
@@ -11,17 +12,30 @@ import sys
 import pytest
 from conftest import run_main
 
-from bitcli.architectures import ARCHITECTURES, DEFAULT_MODEL, PRESETS, from_name, is_published_name, timm_name
+from bitcli.architectures import (
+    ARCHITECTURES,
+    DEFAULT_MODEL,
+    PRESETS,
+    TIMM_LAYOUTS,
+    find,
+    from_name,
+    is_published_name,
+    timm_name,
+)
 from bitcli.config import BitConfig
 from bitcli.errors import BitError
 from bitcli.finetune.start import random_init_config
 
-LAYOUTS = [a for a in ARCHITECTURES if a.published]
+LAYOUTS = [a for a in ARCHITECTURES if a.name not in PRESETS]
 KNOWN = "R50x1, R50x2, R50x3, R50x4, R101x1, R101x2, R101x3, R101x4, R152x1, R152x2, R152x3, R152x4, tiny, small"
+# What Google published (storage.googleapis.com/bit_models) and timm builds (timm.list_models("resnetv2_*_bit")).
+PUBLISHED = ["R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4"]
+UNPUBLISHED = ["R50x2", "R50x4", "R101x2", "R101x4", "R152x1", "R152x3"]
 
 
 def test_the_table_holds_every_bit_layout_and_the_presets():
     assert [a.name for a in LAYOUTS] == KNOWN.split(", ")[:12]
+    assert [a.name for a in LAYOUTS if a.published] == [a.name for a in LAYOUTS if a.timm] == PUBLISHED
     assert PRESETS == ("tiny", "small")
     assert from_name("R50x1") == BitConfig(
         depths=(3, 4, 6, 3), hidden_sizes=(256, 512, 1024, 2048), embedding_size=64, num_groups=32, num_classes=1000
@@ -38,7 +52,7 @@ def test_the_table_holds_every_bit_layout_and_the_presets():
     )
 
 
-@pytest.mark.parametrize("arch", LAYOUTS, ids=lambda a: a.name)
+@pytest.mark.parametrize("arch", [a for a in LAYOUTS if a.name in PUBLISHED], ids=lambda a: a.name)
 def test_every_name_of_a_layout_gives_its_config_and_back(arch):
     """name -> config -> timm name -> config, and the same config under Google's four names and timm's tags."""
     depth, width = arch.name[1:].split("x")
@@ -51,6 +65,31 @@ def test_every_name_of_a_layout_gives_its_config_and_back(arch):
     for published in arch.published:
         assert is_published_name(published)
         assert from_name(published, num_classes=21843) == config
+
+
+@pytest.mark.parametrize("name", UNPUBLISHED)
+def test_an_unpublished_layout_has_bitclis_name_only(name):
+    """R50x2 builds for --random-init, but no BiT-M-R50x2 was published and timm has no resnetv2_50x2_bit."""
+    depth, width = name[1:].split("x")
+    arch = find(name)
+    assert (arch.published, arch.timm) == ((), None)
+    assert random_init_config(name, 2) == from_name(name, num_classes=2)
+    assert from_name(name).hidden_sizes == tuple(w * int(width) for w in (256, 512, 1024, 2048))
+    for published in (f"BiT-M-{name}", f"BiT-S-{name}", f"BiT-M-{name}-ILSVRC2012"):
+        assert not is_published_name(published)
+        assert find(published) is None
+    assert find(f"resnetv2_{depth}x{width}_bit") is None
+    with pytest.raises(BitError) as info:
+        timm_name(from_name(name))
+    assert str(info.value) == (
+        "this layout has no timm name (timm's BiT models are R50x1, R50x3, R101x1, R101x3, R152x2, R152x4, eps 1e-8)"
+    )
+
+
+def test_timm_layouts_are_the_ones_timm_has():
+    timm = pytest.importorskip("timm")
+    assert sorted(timm.list_models("resnetv2_*_bit")) == sorted(find(n).timm for n in PUBLISHED)
+    assert ", ".join(PUBLISHED) == TIMM_LAYOUTS
 
 
 def test_timm_names_only_the_layouts_it_builds():

@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import run_main
 
+from bitcli.errors import UsageError
 from bitcli.hyperrule import Resolution
 from bitcli.options import DEFAULT_WORKERS, FinetuneOptions, Precision, PredictFormat, PredictOptions, parse_resolution
 
@@ -217,6 +219,26 @@ def test_predict_format_comes_from_the_output_suffix(monkeypatch):
         PredictFormat.table,
         PredictFormat.table,
     ]
+
+
+def test_output_formats_from_suffixes_have_one_table():
+    """predict's and embed's --output and convert's DST: the suffix names the format in any case (options)."""
+    from bitcli.options import ConvertFormat, ConvertOptions, EmbedFormat, convert_format, embed_format, predict_format
+
+    assert [predict_format(None, Path(n)) for n in ("a.JSONL", "a.ndjson", "a.csv", "a.json", "a.png")] == [
+        "jsonl", "jsonl", "csv", "json", "table",
+    ]  # fmt: skip
+    assert [embed_format(None, Path(n)) for n in ("a.NPY", "a.Safetensors", "a.ndjson")] == [
+        EmbedFormat.npy, EmbedFormat.safetensors, EmbedFormat.jsonl,
+    ]  # fmt: skip
+    dsts = {"m.safetensors": "bitcli", "m.ONNX": "onnx", "m.Onnx": "onnx", "folder": "hf", "m.npz": "hf"}
+    assert {name: convert_format(None, Path(name)) for name in dsts} == dsts
+    assert convert_format(ConvertFormat.timm, Path("m.onnx")) == "timm"
+    # the ONNX flags are checked against the same answer
+    assert ConvertOptions(src="a", dst=Path("m.ONNX"), opset=18).opset == 18
+    for name in ("m.safetensors", "folder"):
+        with pytest.raises(UsageError, match=r"^--opset applies only to an ONNX export; name DST \*\.onnx$"):
+            ConvertOptions(src="a", dst=Path(name), opset=18)
 
 
 def test_choices_are_case_insensitive_and_reach_commands_in_lower_case(monkeypatch, tmp_path):

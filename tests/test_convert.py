@@ -503,10 +503,60 @@ def test_timm_layout_needs_a_timm_architecture(tmp_path):
         1,
         (
             f"Error: {npz}: depths [1, 1, 1, 1] and widths [128, 128, 128, 128] have no timm name (timm's BiT models are "
-            "R50/R101/R152 x1-x4); convert to --format bitcli or hf instead\n"
+            "R50x1, R50x3, R101x1, R101x3, R152x2, R152x4); convert to --format bitcli or hf instead\n"
         ),
     ), err
     assert listing(tmp_path) == ["src.npz"]
+
+
+def sparse_bitcli_file(path: Path, name: str) -> Path:
+    """A bitcli .safetensors of architecture `name` whose tensor bytes are a hole in the file (zeros that take
+    no disk space): a full-size layout to convert, for a refusal that comes before any tensor is read."""
+    from bitcli.architectures import from_name
+    from bitcli.formats import expected_shapes
+    from bitcli.preprocess import Preprocess
+
+    config = from_name(name, num_classes=10)
+    header, offset = {}, 0
+    for key, shape in sorted(expected_shapes(config).items()):
+        size = 4 * int(np.prod(shape))
+        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "bitcli", "config": json.dumps(config.to_dict()),
+                              "labels": json.dumps([f"c{i}" for i in range(10)]),
+                              "preprocess": json.dumps(Preprocess().to_dict())}  # fmt: skip
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + offset)
+    return path
+
+
+def test_an_r50x2_has_no_timm_model_to_convert_to(tmp_path):
+    """timm builds R50x1, R50x3, R101x1, R101x3, R152x2 and R152x4 only: it cannot create resnetv2_50x2_bit,
+    so writing one would give a folder timm cannot load."""
+    src = sparse_bitcli_file(tmp_path / "r50x2.safetensors", "R50x2")
+    code, out, err = bit("convert", src, tmp_path / "out", "--format", "timm")
+    assert (code, out) == (1, ""), err
+    assert err == (
+        f"Error: {src}: depths [3, 4, 6, 3] and widths [512, 1024, 2048, 4096] have no timm name (timm's BiT "
+        "models are R50x1, R50x3, R101x1, R101x3, R152x2, R152x4); convert to --format bitcli or hf instead\n"
+    )
+    assert listing(tmp_path) == ["r50x2.safetensors"]
+
+
+def test_an_unpublished_name_is_not_downloaded(tmp_path, monkeypatch):
+    """BiT-M-R50x2 was never published: it is not looked for in Google's bucket."""
+    monkeypatch.setenv("BITCLI_MODELS_URL", "http://127.0.0.1:9/never-asked")
+    monkeypatch.setenv("BITCLI_CACHE", str(tmp_path / "cache"))
+    code, out, err = bit("convert", "BiT-M-R50x2", tmp_path / "out.safetensors")
+    assert (code, out) == (1, "")
+    assert err == (
+        "Error: model 'BiT-M-R50x2': no such file or folder, and not a Hub repo id (org/name) or a published BiT "
+        "name (e.g. BiT-M-R50x1)\n"
+    )
+    assert listing(tmp_path) == []
 
 
 def test_written_files_get_ordinary_permissions(r50, tmp_path):

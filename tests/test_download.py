@@ -172,3 +172,30 @@ def test_download_through_a_real_process_reports_one_line(bucket, npz_bytes, tmp
         "the file is corrupt, run again\n"
     )
     assert listing(tmp_path / "cache") == []
+
+
+def test_a_cache_that_refuses_the_rename_is_one_line_and_stays_empty(bucket, npz_bytes, tmp_path, monkeypatch, photos):
+    """The download is complete and checked, but the cache cannot take it (a full disk, a read-only cache):
+    one line naming the cache and the fix, and no temporary file left in it."""
+    import errno
+    import os
+
+    bucket.serve(npz_bytes)
+    cache = tmp_path / "cache"
+    for key, value in env_for(bucket.url, cache).items():
+        monkeypatch.setenv(key, value)
+    real_replace = os.replace
+
+    def full_cache(src, dst):
+        if Path(dst).parent == cache:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_cache)
+    code, out, err = bit("predict", photos["chelsea.png"], "--model", NAME, "--format", "json")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"Error: {NAME}: cannot write to the model cache {cache} (No space left on device); free space or set "
+        "BITCLI_CACHE\n"
+    )
+    assert listing(cache) == []

@@ -21,6 +21,7 @@ from PIL import Image, ImageFile
 from bitcli import preprocess
 from bitcli.data import median_area
 from bitcli.errors import BitError
+from bitcli.formats.hf import preprocess_from_hf
 from bitcli.preprocess import Preprocess, image_size, load_image
 from bitcli.sources.folder import scan
 
@@ -133,7 +134,7 @@ def test_strip_crop_matches_the_full_resize(tmp_path):
     for interpolation in ["bilinear", "bicubic", "lanczos"]:
         ours = Preprocess(resize=64, crop=(64, 64), interpolation=interpolation)
         assert ours.resized_size(20000, 3)[0] * 64 > 16_000_000  # 426,666x64: the cropped path
-        full = strip.resize(ours.resized_size(20000, 3), preprocess._PIL_FILTERS[interpolation])
+        full = strip.resize(ours.resized_size(20000, 3), preprocess.PIL_FILTERS[interpolation])
         left = (full.width - 64) // 2
         expected = np.asarray(full.crop((left, 0, left + 64, 64)), dtype=int)
         assert np.abs(np.asarray(ours.resize_and_crop(strip), dtype=int) - expected).max() <= 1, interpolation
@@ -144,7 +145,7 @@ def test_cropped_region_path_agrees_with_transformers_on_photos(photos, monkeypa
     """Forced onto ordinary photos, the region path stays within one level of transformers' pipeline."""
     monkeypatch.setattr(preprocess, "FULL_RESIZE_PIXELS", 0)
     reference = transformers.BitImageProcessorPil(**processor)
-    ours = Preprocess.from_hf(processor)
+    ours = preprocess_from_hf(processor)
     for path in photos.values():
         expected = reference(Image.open(path), return_tensors="pt")["pixel_values"][0]
         got = ours(load_image(path))

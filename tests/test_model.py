@@ -11,6 +11,7 @@ from conftest import perturb, save_hf_model
 from bitcli.architectures import from_name
 from bitcli.config import BitConfig
 from bitcli.formats import expected_shapes
+from bitcli.formats.hf import config_from_hf, config_to_hf
 from bitcli.formats.timm import LAYOUT as TIMM
 from bitcli.hub import load_checkpoint
 from bitcli.model import BitModel
@@ -125,13 +126,13 @@ def test_config_round_trips():
     cfg = BitConfig(depths=(1, 2), hidden_sizes=(32, 64), embedding_size=16, num_groups=8, num_classes=5,
                     layer_type="bottleneck", global_padding="SAME", embedding_dynamic_padding=True, output_stride=16)  # fmt: skip
     assert BitConfig.from_dict(cfg.to_dict()) == cfg
-    assert BitConfig.from_hf(cfg.to_hf(), num_classes=5) == cfg
-    hf = transformers.BitConfig(**cfg.to_hf())  # transformers accepts what we write
+    assert config_from_hf(config_to_hf(cfg), num_classes=5) == cfg
+    hf = transformers.BitConfig(**config_to_hf(cfg))  # transformers accepts what we write
     assert list(hf.hidden_sizes) == [32, 64] and hf.global_padding == "SAME"
 
 
 def test_width_factor_in_transformers_config_is_applied():
-    cfg = BitConfig.from_hf(
+    cfg = config_from_hf(
         {"model_type": "bit", "hidden_sizes": [256, 512, 1024, 2048], "embedding_size": 192, "width_factor": 3}, 10
     )
     assert cfg.hidden_sizes == (768, 1536, 3072, 6144)

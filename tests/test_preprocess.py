@@ -12,6 +12,8 @@ from conftest import BIT50_PREPROCESSOR
 from PIL import Image
 
 from bitcli.errors import BitError
+from bitcli.formats.hf import preprocess_from_hf, preprocess_to_hf
+from bitcli.formats.timm import preprocess_from_timm, preprocess_to_timm
 from bitcli.preprocess import Preprocess, load_image
 
 
@@ -31,7 +33,7 @@ from bitcli.preprocess import Preprocess, load_image
 )
 def test_pixels_equal_transformers_pil_pipeline(photos, processor):
     reference = transformers.BitImageProcessorPil(**processor)
-    ours = Preprocess.from_hf(processor)
+    ours = preprocess_from_hf(processor)
     for path in photos.values():
         expected = reference(Image.open(path), return_tensors="pt")["pixel_values"][0]
         got = ours(load_image(path))
@@ -44,9 +46,9 @@ def test_hf_round_trip_of_preprocessing():
         Preprocess(), Preprocess.square(160, 128), Preprocess(resize=256, crop=(224, 224), interpolation="bicubic"),
         Preprocess(resize=448, crop=(448, 448), crop_rounding="round"),  # timm's crop, in a bitcli_ key
     ]:  # fmt: skip
-        assert Preprocess.from_hf(p.to_hf()) == p
+        assert preprocess_from_hf(preprocess_to_hf(p)) == p
         assert Preprocess.from_dict(p.to_dict()) == p
-    assert "bitcli_crop_rounding" not in Preprocess().to_hf()  # transformers' own rule needs no extra key
+    assert "bitcli_crop_rounding" not in preprocess_to_hf(Preprocess())  # transformers' own rule needs no extra key
 
 
 def test_metadata_without_the_rounding_field_is_transformers_rule():
@@ -64,7 +66,7 @@ def test_timm_pretrained_cfg():
         "mean": [0.5] * 3,
         "std": [0.5] * 3,
     }
-    assert Preprocess.from_timm(cfg) == Preprocess(resize=448, crop=(448, 448), crop_rounding="round")
+    assert preprocess_from_timm(cfg) == Preprocess(resize=448, crop=(448, 448), crop_rounding="round")
     cfg = {
         "input_size": [3, 224, 224],
         "crop_pct": 0.875,
@@ -72,7 +74,7 @@ def test_timm_pretrained_cfg():
         "mean": [0.5] * 3,
         "std": [0.5] * 3,
     }
-    assert Preprocess.from_timm(cfg) == Preprocess(
+    assert preprocess_from_timm(cfg) == Preprocess(
         resize=256, crop=(224, 224), interpolation="bicubic", crop_rounding="round"
     )
 
@@ -85,8 +87,8 @@ def test_to_timm_says_squash_for_an_exact_size_resize():
         Preprocess.square(160, 128),
         Preprocess(resize=448, crop=(448, 448)),
     ]:
-        assert Preprocess.from_timm(p.to_timm()).same_pixels(dataclasses.replace(p, crop_rounding="round"))
-    assert Preprocess(resize=(480, 480), crop=None).to_timm()["crop_mode"] == "squash"
+        assert preprocess_from_timm(preprocess_to_timm(p)).same_pixels(dataclasses.replace(p, crop_rounding="round"))
+    assert preprocess_to_timm(Preprocess(resize=(480, 480), crop=None))["crop_mode"] == "squash"
     assert not Preprocess(resize=448, crop=(448, 448)).same_pixels(
         Preprocess(resize=448, crop=(448, 448), crop_rounding="round")
     )

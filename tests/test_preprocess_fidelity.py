@@ -20,6 +20,8 @@ from formats.helpers import TINY, convert_ok, google_arrays, save_npz, timm_from
 from PIL import Image
 
 from bitcli.formats import GOOGLE_EVAL_PREPROCESS
+from bitcli.formats.hf import preprocess_from_hf
+from bitcli.formats.timm import preprocess_from_timm
 from bitcli.hub import load_checkpoint
 from bitcli.preprocess import Preprocess, load_image
 
@@ -60,13 +62,13 @@ def test_timm_models_get_timms_pixels_and_hf_models_transformers(timm_bit, photo
         "pixel_values"
     ][0]
 
-    ours_timm = Preprocess.from_timm(timm_bit.pretrained_cfg)
+    ours_timm = preprocess_from_timm(timm_bit.pretrained_cfg)
     assert ours_timm.crop_rounding == "round" and ours_timm.resize == 448 and ours_timm.crop == (448, 448)
     got = ours_timm(load_image(path))
     assert got.shape == timm_pixels.shape == (3, 448, 448)
     assert (got - timm_pixels).abs().max() <= 1e-6
 
-    got = Preprocess.from_hf(BIT50_PREPROCESSOR)(load_image(path))
+    got = preprocess_from_hf(BIT50_PREPROCESSOR)(load_image(path))
     assert (got - hf_pixels).abs().max() <= 1e-6
     # The two libraries really disagree where the margin's half rounds up (so each match above means something).
     assert ((timm_pixels - hf_pixels).abs().max() > 0.01) == (size in DIFFER_448)
@@ -78,7 +80,7 @@ def test_thin_strip_region_path_uses_timms_rounding(timm_bit, tmp_path):
     rng = np.random.default_rng(0)
     strip = tmp_path / "strip.png"
     Image.fromarray(rng.integers(0, 256, (100, 8007, 3), dtype=np.uint8)).save(strip)  # 35871x448 resized
-    ours = Preprocess.from_timm(timm_bit.pretrained_cfg)
+    ours = preprocess_from_timm(timm_bit.pretrained_cfg)
     w, h = ours.resized_size(8007, 100)
     assert (w, h) == (35871, 448) and w * h > 16_000_000  # the region path
     assert (w - 448) % 4 == 3  # odd margin 35423: torchvision's offset is floor's plus one
@@ -108,7 +110,7 @@ def test_padding_puts_the_odd_pixel_where_each_library_does(photos, tmp_path, li
             "std": (0.5,) * 3,
         }
         expected = create_transform(**cfg, crop_mode="center")(image)
-        ours = Preprocess.from_timm(cfg)
+        ours = preprocess_from_timm(cfg)
     else:
         import transformers
 
@@ -118,7 +120,7 @@ def test_padding_puts_the_odd_pixel_where_each_library_does(photos, tmp_path, li
             "crop_size": {"height": 128, "width": 128},
         }
         expected = transformers.BitImageProcessorPil(**processor)(image, return_tensors="pt")["pixel_values"][0]
-        ours = Preprocess.from_hf(processor)
+        ours = preprocess_from_hf(processor)
     got = ours(load_image(path))
     assert got.shape == expected.shape == (3, 128, 128)
     assert (got - expected).abs().max() <= 1e-6
@@ -216,16 +218,16 @@ def test_hf_to_timm_keeps_transformers_crop_in_bit_and_says_what_timm_does(bit50
 
     convert_ok(bit50_dir, tmp_path / "timm", "--format", "timm")
     cfg = json.loads((tmp_path / "timm" / "config.json").read_text())
-    assert cfg["bitcli_preprocess"] == json.loads(json.dumps(Preprocess.from_hf(BIT50_PREPROCESSOR).to_dict()))
+    assert cfg["bitcli_preprocess"] == json.loads(json.dumps(preprocess_from_hf(BIT50_PREPROCESSOR).to_dict()))
     assert cfg["bitcli_preprocess"]["crop_rounding"] == "floor"
     assert cfg["bitcli_preprocess_note"] == (
         "bit preprocesses with bitcli_preprocess (the source model's own transform); timm's create_transform "
         "follows pretrained_cfg, which differs: crop_rounding 'round' instead of 'floor'"
     )
-    assert load_checkpoint(str(tmp_path / "timm")).preprocess == Preprocess.from_hf(BIT50_PREPROCESSOR)
+    assert load_checkpoint(str(tmp_path / "timm")).preprocess == preprocess_from_hf(BIT50_PREPROCESSOR)
     # What timm will do with the folder: its pretrained_cfg is google/bit-50's sizes with torchvision's crop.
     pretrained = cfg["pretrained_cfg"]
-    assert Preprocess.from_timm(pretrained) == Preprocess(resize=448, crop=(448, 448), crop_rounding="round")
+    assert preprocess_from_timm(pretrained) == Preprocess(resize=448, crop=(448, 448), crop_rounding="round")
     create_transform(
         **{k: pretrained[k] for k in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")}
     )

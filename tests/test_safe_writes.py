@@ -445,3 +445,50 @@ def test_files_written_together_are_all_replaced_or_none(tmp_path):
     write_together([(array, lambda f: f.write(b"new array")), (paths, lambda f: f.write(b"new paths"))])
     assert (array.read_bytes(), paths.read_bytes()) == (b"new array", b"new paths")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.npy", "p.paths.txt"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One home for atomic replace: the model cache's download and the run folder's final model use writes.py
+
+
+def test_a_cache_entry_appears_whole_or_not_at_all(tmp_path):
+    from bitcli.writes import replaced_when_complete
+
+    target = tmp_path / "BiT-M-R50x1.npz"
+    with replaced_when_complete(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".BiT-M-R50x1.npz.") and tmp.name.endswith(".tmp")
+        assert not target.exists()  # nothing under the final name while it is written
+        tmp.write_bytes(b"complete")
+    assert target.read_bytes() == b"complete"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_umask()  # not mkstemp's 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BiT-M-R50x1.npz"]
+
+    other = tmp_path / "BiT-S-R50x1.npz"
+    with pytest.raises(ValueError, match=r"^not a BiT"), replaced_when_complete(other) as tmp:
+        tmp.write_bytes(b"<html>")
+        raise ValueError("not a BiT .npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BiT-M-R50x1.npz"]  # no entry, no temporary file
+
+
+def test_files_moved_into_a_folder_rename_config_json_last(tiny_dir, tmp_path, monkeypatch):
+    from bitcli import writes
+    from bitcli.finetune.rundir import write_final_model
+    from bitcli.formats import read
+
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(writes.os, "replace", lambda a, b: renamed.append(Path(b).name) or real_replace(a, b))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")  # the run's other files stay
+    write_final_model(read(tiny_dir), run)
+    assert renamed[-3:] == ["model.safetensors", "preprocessor_config.json", "config.json"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        "config.json", "metrics.jsonl", "model.safetensors", "preprocessor_config.json",
+    ]  # fmt: skip
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -13,7 +13,7 @@ from bitcli.errors import BitError, UsageError
 from bitcli.export import write_onnx
 from bitcli.formats import FORMATS, Format
 from bitcli.hub import load_checkpoint
-from bitcli.options import ConvertFormat, ConvertOptions, DType
+from bitcli.options import ConvertOptions, DType, convert_format
 from bitcli.ui import log
 from bitcli.writes import MODEL_FILES_SHOWN, model_files_in, unwritable
 
@@ -22,7 +22,7 @@ DTYPES = {DType.float32: torch.float32, DType.float16: torch.float16, DType.bflo
 
 def run(opts: ConvertOptions) -> None:
     dst = opts.dst
-    fmt = FORMATS[output_format(opts.format, dst).value]
+    fmt = FORMATS[convert_format(opts.format, dst).value]
     if not fmt.folder and dst.suffix.lower() not in fmt.suffixes:
         raise UsageError(f"{dst}: a {fmt.name} checkpoint is one file; name it *{fmt.suffixes[0]}")
     if fmt.folder and dst.suffix:
@@ -47,13 +47,6 @@ def run(opts: ConvertOptions) -> None:
         f"wrote {dst} ({fmt.name}): {len(cfg.depths)} stages {list(cfg.depths)}, width {cfg.num_features}, "
         f"{cfg.num_classes} classes, {len(ckpt.tensors)} tensors"
     )
-
-
-def output_format(fmt: ConvertFormat | None, dst: Path) -> ConvertFormat:
-    """--format if given, else bitcli for a *.safetensors DST, onnx for *.onnx and hf for anything else."""
-    if fmt is not None:
-        return fmt
-    return {".safetensors": ConvertFormat.bitcli, ".onnx": ConvertFormat.onnx}.get(dst.suffix.lower(), ConvertFormat.hf)
 
 
 def check_dst(dst: Path, fmt: Format, overwrite: bool) -> None:

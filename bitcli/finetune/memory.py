@@ -23,7 +23,7 @@ def mem_available() -> int:
 
 
 def auto_batch_split(
-    model, per_rank: int, crop: int, device: torch.device, dtype: torch.dtype, info: Dist
+    model, per_rank: int, *, crop: int, device: torch.device, dtype: torch.dtype, info: Dist
 ) -> tuple[int, str]:
     """(micro-batches per step, why). Every process takes the same number: the largest any of them needs.
 
@@ -32,7 +32,7 @@ def auto_batch_split(
     """
     splits = [d for d in range(1, per_rank + 1) if per_rank % d == 0]
     if device.type == "cuda":
-        chosen, why = _largest_that_runs(model, per_rank, splits, crop, device, dtype)
+        chosen, why = _largest_that_runs(model, per_rank, splits, crop=crop, device=device, dtype=dtype)
     else:
         chosen, why = _largest_under_budget(model, per_rank, splits, crop)
     t = torch.tensor([chosen], device=collective_device(device))
@@ -40,7 +40,7 @@ def auto_batch_split(
 
 
 def _largest_that_runs(
-    model, per_rank: int, splits: list[int], crop: int, device: torch.device, dtype: torch.dtype
+    model, per_rank: int, splits: list[int], *, crop: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[int, str]:
     for split in splits:
         x = out = None

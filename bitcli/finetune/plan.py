@@ -205,14 +205,14 @@ def _mixup(alpha: float | None, n: int) -> tuple[float | None, str]:
     return alpha or None, f"--mixup {alpha:g}"  # 0: off
 
 
-def _batch_split(opts: FinetuneOptions, model, crop: int, info: Dist, device: torch.device, dtype: torch.dtype,
+def _batch_split(opts: FinetuneOptions, model, *, crop: int, info: Dist, device: torch.device, dtype: torch.dtype,
                  saved: dict[str, Any] | None) -> tuple[int, str]:  # fmt: skip
     per_rank = opts.batch_size // info.world
     if opts.batch_split is not None:
         return opts.batch_split, f"--batch-split {opts.batch_split}"
     if saved is not None and saved.get("world_size") == info.world and per_rank % int(saved["batch_split"]) == 0:
         return int(saved["batch_split"]), "auto: kept from the run being resumed"
-    split, reason = auto_batch_split(model, per_rank, crop, device, dtype, info)
+    split, reason = auto_batch_split(model, per_rank, crop=crop, device=device, dtype=dtype, info=info)
     return split, f"auto: {reason}"
 
 
@@ -225,7 +225,9 @@ def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, device: to
     res, why["resolution"] = _resolution(opts, ds)
     sched, why["steps"] = _schedule(opts.steps, n)
     alpha, why["mixup"] = _mixup(opts.mixup, n)
-    split, why["batch_split"] = _batch_split(opts, model, res.crop, info, device, dtype, saved)
+    split, why["batch_split"] = _batch_split(
+        opts, model, crop=res.crop, info=info, device=device, dtype=dtype, saved=saved
+    )
     eval_every, save_every = opts.eval_every, opts.save_every
     if eval_every is None:
         eval_every = math.ceil(sched.steps / 5)

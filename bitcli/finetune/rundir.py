@@ -30,7 +30,7 @@ from bitcli.formats.hf import write as write_hf
 from bitcli.options import FinetuneOptions
 from bitcli.preprocess import Preprocess
 from bitcli.ui import log, visible
-from bitcli.writes import atomic_write
+from bitcli.writes import atomic_write, move_files_into
 
 if TYPE_CHECKING:
     from bitcli.finetune.plan import Plan
@@ -176,8 +176,7 @@ def write_final_model(ckpt: Checkpoint, output: Path) -> None:
     staging = output / ".final"
     shutil.rmtree(staging, ignore_errors=True)
     write_hf(ckpt, staging)
-    for name in MODEL_FILES:
-        os.replace(staging / name, output / name)
+    move_files_into(staging, output, MODEL_FILES)
     staging.rmdir()
 
 
@@ -186,7 +185,15 @@ def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_e
     """The fine-tuned model (fp32, with the evaluation preprocessing and the class names) and summary.json."""
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     tensors = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in state.items()}
-    write_final_model(Checkpoint(model.config, list(plan.classes), transform, tensors, str(output), "hf"), output)
+    ckpt = Checkpoint(
+        config=model.config,
+        labels=list(plan.classes),
+        preprocess=transform,
+        tensors=tensors,
+        source=str(output),
+        format="hf",
+    )
+    write_final_model(ckpt, output)
     trained = sum(step_times)
     summary = {
         "steps": plan.steps,

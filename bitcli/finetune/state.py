@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from bitcli.errors import BitError
+from bitcli.errors import BitError, one_line
 from bitcli.finetune.plan import Plan
 from bitcli.finetune.runfiles import STATE_FORMAT, checkpoint_state
 from bitcli.formats import TensorRef, read_safetensors, write_safetensors
@@ -63,7 +63,7 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
-        raise BitError(f"{path}: checkpoint does not fit the model ({' '.join(str(exc).split())[:200]})") from None
+        raise BitError(f"{path}: checkpoint does not fit the model ({one_line(exc, limit=200)})") from None
     for name, p in model.named_parameters():
         ref = refs.get(f"momentum.{name}")
         if ref is None:

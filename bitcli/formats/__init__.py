@@ -22,7 +22,7 @@ from bitcli.formats.checkpoint import (
     check_tensors,
     expected_shapes,
     infer_config,
-    read_label_file,
+    read_class_names,
 )
 from bitcli.formats.raw import read_json, read_safetensors, write_safetensors
 from bitcli.formats.tensors import Layout, TensorRef
@@ -41,8 +41,8 @@ __all__ = [
     "expected_shapes",
     "infer_config",
     "read",
+    "read_class_names",
     "read_json",
-    "read_label_file",
     "read_safetensors",
     "write_safetensors",
 ]  # fmt: skip

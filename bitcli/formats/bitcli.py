@@ -34,7 +34,8 @@ def read(path: Path) -> Checkpoint:
     except (KeyError, ValueError, TypeError) as exc:
         raise BitError(f"{path}: bitcli metadata is damaged ({one_line(exc)}); convert the source again") from None
     check_tensors(config, refs, str(path))
-    return Checkpoint(config, checked_labels(labels, config.num_classes, str(path)), preprocess, refs, str(path), NAME)
+    labels = checked_labels(labels, config.num_classes, str(path))
+    return Checkpoint(config=config, labels=labels, preprocess=preprocess, tensors=refs, source=str(path), format=NAME)
 
 
 def write(ckpt: Checkpoint, path: Path, dtype: torch.dtype | None = None) -> None:

@@ -24,11 +24,6 @@ BIT_DEFAULT_PREPROCESS = Preprocess(resize=448, crop=(448, 448), interpolation="
 # input_pipeline_tf2_or_jax.py): the whole image resized to the crop size, bilinear, no centre crop, [-1, 1];
 # 480x480 is the HyperRule's crop for ImageNet-size images, at which the -ILSVRC2012 weights were evaluated.
 GOOGLE_EVAL_PREPROCESS = Preprocess(resize=(480, 480), crop=None, interpolation="bilinear")
-# timm's own pretrained_cfg for its BiT weights (resnetv2_*_bit.goog_in21k_ft_in1k: 448, crop_pct 1.0,
-# bilinear), for bare timm state dicts that carry no config: timm crops them with torchvision's rounding.
-TIMM_DEFAULT_PREPROCESS = Preprocess.from_timm(
-    {"input_size": (3, 448, 448), "crop_pct": 1.0, "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3}
-)
 
 
 @dataclass
@@ -163,7 +158,7 @@ def checked_labels(labels: list[str] | None, num_classes: int, source: str) -> l
     return [str(x) for x in labels]
 
 
-def read_label_file(path: Path, num_classes: int) -> list[str]:
+def read_class_names(path: Path, num_classes: int) -> list[str]:
     """`--labels FILE`: one class name per line (blank lines ignored), as many as the head has classes."""
     try:
         labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,5 +1,6 @@
-"""transformers' folder layout (google/bit-50): config.json, model.safetensors or pytorch_model.bin, and
-preprocessor_config.json."""
+"""transformers' folder layout (google/bit-50): config.json (its BitConfig), model.safetensors or
+pytorch_model.bin, and preprocessor_config.json (its BitImageProcessor), to and from bitcli's BitConfig and
+Preprocess."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bitcli.config import BitConfig
+from bitcli.config import BASE_WIDTHS, BitConfig, make_div
 from bitcli.errors import BitError
 from bitcli.formats.checkpoint import (
     BIT_DEFAULT_PREPROCESS,
@@ -23,7 +24,7 @@ from bitcli.formats.checkpoint import (
 )
 from bitcli.formats.raw import folder_weights, read_json, write_safetensors
 from bitcli.formats.tensors import Layout, renaming
-from bitcli.preprocess import Preprocess
+from bitcli.preprocess import PIL_FILTERS, Preprocess
 from bitcli.writes import atomic_folder
 
 NAME = "hf"
@@ -42,6 +43,10 @@ LAYOUT = Layout(
     bitcli_key=_TO_BITCLI,
 )
 _PLACEHOLDER = re.compile(r"LABEL_\d+")  # what transformers names classes nobody named
+# preprocessor_config.json key for torchvision's centre-crop rounding (a timm model's), which transformers'
+# BitImageProcessor cannot express: transformers ignores it and floors, bit reads it back.
+HF_ROUNDING_KEY = "bitcli_crop_rounding"
+_PIL_CODES = {int(v): k for k, v in PIL_FILTERS.items()}  # transformers stores PIL's resampling enum values
 
 
 def claims(config: dict[str, Any]) -> bool:
@@ -55,16 +60,24 @@ def read(folder: Path) -> Checkpoint:
     head = refs.get("classifier.1.weight")
     num_classes = head.shape[0] if head is not None else 0
     try:
-        config = BitConfig.from_hf(hf, num_classes)
+        config = config_from_hf(hf, num_classes)
     except BitError as exc:
         raise BitError(f"{folder / 'config.json'}: {exc}") from None
     config = dataclasses.replace(config, ws_eps=stored_ws_eps(hf, 1e-8, folder / "config.json"))
     pre_path = folder / "preprocessor_config.json"
-    preprocess = Preprocess.from_hf(read_json(pre_path)) if pre_path.is_file() else BIT_DEFAULT_PREPROCESS
+    preprocess = preprocess_from_hf(read_json(pre_path)) if pre_path.is_file() else BIT_DEFAULT_PREPROCESS
     tensors = LAYOUT.refs_to_bitcli(str(folder), refs)
     check_tensors(config, tensors, str(folder), LAYOUT)
     labels = checked_labels(_labels(hf, num_classes), num_classes, str(folder))
-    return Checkpoint(config, labels, preprocess, tensors, str(folder), NAME, LAYOUT)
+    return Checkpoint(
+        config=config,
+        labels=labels,
+        preprocess=preprocess,
+        tensors=tensors,
+        source=str(folder),
+        format=NAME,
+        layout=LAYOUT,
+    )
 
 
 def _labels(hf: dict[str, Any], num_classes: int) -> list[str] | None:
@@ -81,7 +94,7 @@ def _labels(hf: dict[str, Any], num_classes: int) -> list[str] | None:
 def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> None:
     """transformers layout, through atomic_folder: a new folder appears complete or not at all, an existing one
     has its model files replaced (and must hold nothing else)."""
-    hf = ckpt.config.to_hf()
+    hf = config_to_hf(ckpt.config)
     hf["id2label"] = {str(i): name for i, name in enumerate(ckpt.labels)}
     hf["label2id"] = {name: i for i, name in enumerate(ckpt.labels)}
     hf[WS_EPS_KEY] = ckpt.config.ws_eps  # transformers ignores it (its eps is fixed at 1e-8); bitcli reads it back
@@ -91,7 +104,109 @@ def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> N
 
     def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        (tmp / "preprocessor_config.json").write_text(json.dumps(ckpt.preprocess.to_hf(), indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(json.dumps(preprocess_to_hf(ckpt.preprocess), indent=2) + "\n")
         write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"}, dtype)
 
     atomic_folder(folder, fill)
+
+
+# transformers' BitConfig --------------------------------------------------------------------------------
+
+
+def config_from_hf(hf: dict[str, Any], num_classes: int) -> BitConfig:
+    """A transformers config.json (defaults are transformers' BitConfig's) as bitcli's BitConfig."""
+    if hf.get("model_type", "bit") != "bit":
+        raise BitError(f"config.json describes a {hf.get('model_type')!r} model, not BiT ('bit')")
+    if hf.get("hidden_act", "relu") != "relu":
+        raise BitError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only relu)")
+    width = int(hf.get("width_factor", 1))
+    padding = hf.get("global_padding")
+    return BitConfig(
+        depths=tuple(hf.get("depths", (3, 4, 6, 3))),
+        hidden_sizes=tuple(make_div(h * width) for h in hf.get("hidden_sizes", BASE_WIDTHS)),
+        embedding_size=int(hf.get("embedding_size", 64)),
+        num_classes=num_classes,
+        layer_type=hf.get("layer_type", "preactivation"),
+        global_padding=padding.upper() if isinstance(padding, str) else None,
+        embedding_dynamic_padding=bool(hf.get("embedding_dynamic_padding", False)),
+        num_groups=int(hf.get("num_groups", 32)),
+        output_stride=int(hf.get("output_stride", 32)),
+        in_channels=int(hf.get("num_channels", 3)),
+    )
+
+
+def config_to_hf(cfg: BitConfig) -> dict[str, Any]:
+    """transformers' config.json for `cfg` (widths pre-multiplied: its width_factor > 1 does not work)."""
+    return {
+        "model_type": "bit",
+        "architectures": ["BitForImageClassification"],
+        "num_channels": cfg.in_channels,
+        "embedding_size": cfg.embedding_size,
+        "hidden_sizes": list(cfg.hidden_sizes),
+        "depths": list(cfg.depths),
+        "layer_type": cfg.layer_type,
+        "hidden_act": "relu",
+        "global_padding": cfg.global_padding,
+        "num_groups": cfg.num_groups,
+        "drop_path_rate": 0.0,
+        "embedding_dynamic_padding": cfg.embedding_dynamic_padding,
+        "output_stride": cfg.output_stride,
+        "width_factor": 1,
+    }
+
+
+# transformers' BitImageProcessor (preprocessor_config.json) ------------------------------------------------
+
+
+def preprocess_from_hf(p: dict[str, Any]) -> Preprocess:
+    """A transformers preprocessor_config.json (defaults are BitImageProcessor's)."""
+    size = p.get("size", {"shortest_edge": 224})
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    if "shortest_edge" in size:
+        resize: Any = int(size["shortest_edge"])
+    elif "height" in size and "width" in size:
+        resize = (int(size["height"]), int(size["width"]))
+    else:
+        raise BitError(f"preprocessor_config.json: unsupported size {size}")
+    crop = p.get("crop_size", {"height": 224, "width": 224})
+    if isinstance(crop, int):
+        crop = {"height": crop, "width": crop}
+    if p.get("do_rescale", True) and abs(float(p.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+        raise BitError("preprocessor_config.json: only rescale_factor 1/255 is supported")
+    normalize = p.get("do_normalize", True)
+    return Preprocess(
+        resize=resize if p.get("do_resize", True) else None,
+        crop=(int(crop["height"]), int(crop["width"])) if p.get("do_center_crop", True) else None,
+        interpolation=_PIL_CODES.get(int(p.get("resample", 3)), "bicubic"),
+        mean=tuple(p.get("image_mean", (0.48145466, 0.4578275, 0.40821073))) if normalize else (0.0,) * 3,
+        std=tuple(p.get("image_std", (0.26862954, 0.26130258, 0.27577711))) if normalize else (1.0,) * 3,
+        crop_rounding=p.get(HF_ROUNDING_KEY, "floor"),  # written by preprocess_to_hf for a timm model
+    )
+
+
+def preprocess_to_hf(pre: Preprocess) -> dict[str, Any]:
+    """preprocessor_config.json for `pre` (BitImageProcessor's keys, and HF_ROUNDING_KEY for timm's crop)."""
+    if isinstance(pre.resize, int):
+        size: dict[str, int] = {"shortest_edge": pre.resize}
+    elif pre.resize is not None:
+        size = {"height": pre.resize[0], "width": pre.resize[1]}
+    else:
+        size = {"shortest_edge": 224}
+    crop = pre.crop or (224, 224)
+    return {
+        "image_processor_type": "BitImageProcessor",
+        "do_resize": pre.resize is not None,
+        "size": size,
+        "resample": int(PIL_FILTERS[pre.interpolation]),
+        "do_center_crop": pre.crop is not None,
+        "crop_size": {"height": crop[0], "width": crop[1]},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(pre.mean),
+        "image_std": list(pre.std),
+        "do_convert_rgb": True,
+        # transformers ignores this key and floors; bit reads it back and keeps the source's (timm's) crop.
+        **({HF_ROUNDING_KEY: pre.crop_rounding} if pre.crop_rounding != "floor" and pre.crop else {}),
+    }

@@ -79,7 +79,15 @@ def read(path: Path) -> Checkpoint:
     config = infer_config(shapes, str(path), LAYOUT, ws_eps=GOOGLE_WS_EPS)
     check_tensors(config, tensors, str(path), LAYOUT)
     labels = checked_labels(None, config.num_classes, str(path))
-    return Checkpoint(config, labels, GOOGLE_EVAL_PREPROCESS, tensors, str(path), NAME, LAYOUT)
+    return Checkpoint(
+        config=config,
+        labels=labels,
+        preprocess=GOOGLE_EVAL_PREPROCESS,
+        tensors=tensors,
+        source=str(path),
+        format=NAME,
+        layout=LAYOUT,
+    )
 
 
 def _check_rank(path: Path, npz_name: str, key: str, ref: TensorRef) -> None:

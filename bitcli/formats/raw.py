@@ -108,7 +108,7 @@ def read_torch_bin(path: Path) -> dict[str, TensorRef]:
             "If you trust the file, re-save its weights as safetensors with the tool that wrote it"
         ) from None
     except Exception as exc:  # noqa: BLE001 -- the unpickler's own errors, of many types
-        raise BitError(f"{path}: not a torch weights file ({one_line(exc)[:200]})") from None
+        raise BitError(f"{path}: not a torch weights file ({one_line(exc, limit=200)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -1,20 +1,21 @@
 """timm's layout: a hub folder (config.json with "architecture", model.safetensors or pytorch_model.bin), or a
-bare state dict (.safetensors without bitcli metadata, .bin, .pth, .pt). timm's head is a 1x1 convolution."""
+bare state dict (.safetensors without bitcli metadata, .bin, .pth, .pt). timm's head is a 1x1 convolution.
+Its pretrained_cfg, to and from bitcli's Preprocess, is here too."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bitcli.architectures import from_name, timm_name
+from bitcli.architectures import TIMM_LAYOUTS, from_name, timm_name
 from bitcli.config import BitConfig
 from bitcli.errors import BitError
 from bitcli.formats.checkpoint import (
-    TIMM_DEFAULT_PREPROCESS,
     WS_EPS_KEY,
     Checkpoint,
     check_tensors,
@@ -73,7 +74,15 @@ def read_weights(path: Path, refs: dict[str, TensorRef], timm_cfg: dict[str, Any
     preprocess = _preprocess(path, cfg)
     check_tensors(config, tensors, str(path), LAYOUT)
     labels = checked_labels(cfg.get("label_names"), config.num_classes, str(path))
-    return Checkpoint(config, labels, preprocess, tensors, str(path), NAME, LAYOUT)
+    return Checkpoint(
+        config=config,
+        labels=labels,
+        preprocess=preprocess,
+        tensors=tensors,
+        source=str(path),
+        format=NAME,
+        layout=LAYOUT,
+    )
 
 
 def _preprocess(path: Path, cfg: dict[str, Any]) -> Preprocess:
@@ -82,7 +91,7 @@ def _preprocess(path: Path, cfg: dict[str, Any]) -> Preprocess:
     try:
         if own is not None:
             return Preprocess.from_dict(own)
-        return Preprocess.from_timm(pretrained) if pretrained else TIMM_DEFAULT_PREPROCESS
+        return preprocess_from_timm(pretrained) if pretrained else TIMM_DEFAULT_PREPROCESS
     except BitError as exc:
         raise BitError(f"{path / 'config.json'}: {exc}") from None
     except (TypeError, ValueError, AttributeError) as exc:
@@ -113,10 +122,10 @@ def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> N
         cfg = ckpt.config
         raise BitError(
             f"{ckpt.source}: depths {list(cfg.depths)} and widths {list(cfg.hidden_sizes)} have no timm name "
-            "(timm's BiT models are R50/R101/R152 x1-x4); convert to --format bitcli or hf instead"
+            f"(timm's BiT models are {TIMM_LAYOUTS}); convert to --format bitcli or hf instead"
         ) from None
     tensors = LAYOUT.refs_from_bitcli(ckpt.source, ckpt.tensors)
-    pretrained = {"architecture": arch, **ckpt.preprocess.to_timm(), "num_classes": ckpt.config.num_classes}
+    pretrained = {"architecture": arch, **preprocess_to_timm(ckpt.preprocess), "num_classes": ckpt.config.num_classes}
     cfg = {
         "architecture": arch,
         "num_classes": ckpt.config.num_classes,
@@ -138,7 +147,7 @@ def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> N
 def _preprocess_record(preprocess: Preprocess, pretrained: dict[str, Any]) -> dict[str, Any]:
     """Where timm's transform for `pretrained` would give other pixels than the model's own preprocessing,
     the exact one (read back by bitcli) and a note saying what timm does differently; else nothing."""
-    timm_view = Preprocess.from_timm(pretrained)
+    timm_view = preprocess_from_timm(pretrained)
     if timm_view.same_pixels(preprocess):
         return {}
     ours, theirs = preprocess.to_dict(), timm_view.to_dict()
@@ -148,3 +157,53 @@ def _preprocess_record(preprocess: Preprocess, pretrained: dict[str, Any]) -> di
         f"follows pretrained_cfg, which differs: {fields}"
     )
     return {PREPROCESS_KEY: ours, PREPROCESS_NOTE_KEY: note}
+
+
+# timm's pretrained_cfg --------------------------------------------------------------------------------------
+
+
+def preprocess_from_timm(cfg: dict[str, Any]) -> Preprocess:
+    """timm's pretrained_cfg: resize shortest edge to input/crop_pct, centre crop input_size."""
+    _, h, w = cfg.get("input_size", (3, 224, 224))
+    crop_pct = float(cfg.get("crop_pct", 0.875))
+    mode = cfg.get("crop_mode", "center")
+    if mode == "squash":
+        resize: Any = (math.floor(h / crop_pct), math.floor(w / crop_pct))
+    elif mode == "center":
+        resize = math.floor(h / crop_pct) if h == w else (math.floor(h / crop_pct), math.floor(w / crop_pct))
+    else:
+        raise BitError(f"timm pretrained_cfg: crop_mode {mode!r} is not supported")
+    return Preprocess(
+        resize=resize,
+        crop=(int(h), int(w)),
+        interpolation=cfg.get("interpolation", "bilinear"),
+        mean=tuple(cfg.get("mean", (0.5,) * 3)),
+        std=tuple(cfg.get("std", (0.5,) * 3)),
+        crop_rounding="round",  # timm's eval transform crops with torchvision's CenterCrop
+    )
+
+
+def preprocess_to_timm(pre: Preprocess) -> dict[str, Any]:
+    """The closest pretrained_cfg; write records the exact transform beside it where timm differs."""
+    crop = pre.crop or (pre.resize if isinstance(pre.resize, tuple) else (224, 224))
+    short = pre.resize if isinstance(pre.resize, int) else crop[0]
+    squash = isinstance(pre.resize, tuple)  # a resize to an exact size is timm's "squash" mode
+    scale = pre.resize[0] if squash else short
+    crop_pct = crop[0] / scale
+    if math.floor(crop[0] / crop_pct) < scale:  # timm floors crop / crop_pct: keep it from landing a pixel short
+        crop_pct = math.nextafter(crop_pct, 0.0)
+    return {
+        "input_size": [3, crop[0], crop[1]],
+        "interpolation": pre.interpolation,
+        "mean": list(pre.mean),
+        "std": list(pre.std),
+        "crop_pct": crop_pct,
+        "crop_mode": "squash" if squash else "center",
+    }
+
+
+# timm's own pretrained_cfg for its BiT weights (resnetv2_*_bit.goog_in21k_ft_in1k: 448, crop_pct 1.0,
+# bilinear), for bare timm state dicts that carry no config: timm crops them with torchvision's rounding.
+TIMM_DEFAULT_PREPROCESS = preprocess_from_timm(
+    {"input_size": (3, 448, 448), "crop_pct": 1.0, "interpolation": "bilinear", "mean": (0.5,) * 3, "std": (0.5,) * 3}
+)

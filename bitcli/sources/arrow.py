@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from bitcli.errors import BitError
+from bitcli.errors import BitError, one_line
 from bitcli.sources.features import schema_features
 
 STATE = "state.json"
@@ -35,7 +35,7 @@ class ArrowShard:
             except pa.ArrowInvalid:
                 self.table = pa.ipc.open_file(source).read_all()
         except (OSError, ValueError) as exc:
-            raise BitError(f"{name}: not an Arrow file pyarrow can read ({' '.join(str(exc).split())[:200]})") from None
+            raise BitError(f"{name}: not an Arrow file pyarrow can read ({one_line(exc, limit=200)})") from None
         self.num_rows, self.size, self.schema = self.table.num_rows, path.stat().st_size, self.table.schema
         self.features = features or schema_features(self.schema)
 
@@ -90,7 +90,7 @@ def _read_json(path: Path, label: str) -> dict:
     except FileNotFoundError:
         raise BitError(f"{label}/{path.name}: no such file; is this a folder written by save_to_disk?") from None
     except (OSError, ValueError) as exc:
-        raise BitError(f"{label}/{path.name}: cannot read ({' '.join(str(exc).split())[:200]})") from None
+        raise BitError(f"{label}/{path.name}: cannot read ({one_line(exc, limit=200)})") from None
     if not isinstance(data, dict):
         raise BitError(f"{label}/{path.name}: not a JSON object")
     return data

@@ -20,21 +20,10 @@ from bitcli.errors import BitError
 from bitcli.sources.examples import ImageFolder, class_order
 from bitcli.sources.features import Columns, choose_columns, image_cell
 from bitcli.sources.rows import Rows
+from bitcli.sources.splits import canonical_split  # noqa: F401 -- sources.locate imports it from here
 
 CACHE_BLOCKS = 8  # row groups kept (of the image column): threads decoding neighbouring rows share them
 CACHE_BYTES = 64 << 20
-
-# Split names as Hugging Face `datasets` recognises them in file, folder and split names.
-SPLIT_KEYWORDS = {
-    "train": ("train", "training"),
-    "validation": ("validation", "valid", "val", "dev"),
-    "test": ("test", "testing", "eval", "evaluation"),
-}
-
-
-def canonical_split(name: str) -> str | None:
-    """'val' -> 'validation', 'training' -> 'train'; None for other names."""
-    return next((split for split, words in SPLIT_KEYWORDS.items() if name.lower() in words), None)
 
 
 class Shard(Protocol):
@@ -113,7 +102,7 @@ class DatasetSplit:
         order, else the label values in examples.class_order (by number when all are integers, else by name); with
         `classes` (training's) the rows' labels are mapped to them by name."""
         first = self.shards[0]
-        self.columns = columns = choose_columns(first.schema, first.features, image, label, self.name)
+        self.columns = columns = choose_columns(first.schema, first.features, image=image, label=label, where=self.name)
         for shard in self.shards[1:]:
             for column in (columns.image, columns.label):
                 if column not in shard.schema.names:

@@ -16,9 +16,12 @@ FALLBACK_LABEL = "label"  # the label column when no column is a ClassLabel
 
 @dataclass(frozen=True)
 class Columns:
-    image: str
-    label: str
-    names: tuple[str, ...] | None  # the ClassLabel's names (classes in index order); None: values, by name
+    """A data set's image and label columns: as --image-column and --label-column give them (None: found from
+    the features), or as choose_columns found them (both named). Its repr is part of a run's fingerprint."""
+
+    image: str | None = None
+    label: str | None = None
+    names: tuple[str, ...] | None = None  # the ClassLabel's names (classes in index order); None: values, by name
 
 
 def schema_features(schema) -> dict[str, Any] | None:
@@ -34,7 +37,7 @@ def schema_features(schema) -> dict[str, Any] | None:
 
 
 def choose_columns(
-    schema, features: dict[str, Any] | None, image: str | None, label: str | None, where: str
+    schema, features: dict[str, Any] | None, *, image: str | None, label: str | None, where: str
 ) -> Columns:
     """The image and label columns: named by the flags, else found from the features (see README, Data sources)."""
     import pyarrow as pa
@@ -77,7 +80,7 @@ def choose_columns(
         )
     feature = features.get(label)
     names = tuple(str(n) for n in feature.get("names") or ()) if _type(feature) == "ClassLabel" else None
-    return Columns(image, label, names or None)
+    return Columns(image=image, label=label, names=names or None)
 
 
 def _type(feature: Any) -> str | None:

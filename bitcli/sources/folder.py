@@ -1,7 +1,9 @@
-"""Class folders: one sub-folder of images per class, or train/ beside val/ (valid/, validation/)."""
+"""Class folders: one sub-folder of images per class, or train/ beside val/ (any split name of
+bitcli.sources.splits: training/, valid/, validation/, dev/ too)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,9 +11,8 @@ from bitcli.errors import BitError
 from bitcli.images import list_images
 from bitcli.preprocess import IMAGE_EXTENSIONS
 from bitcli.sources.examples import ImageFolder, class_order
+from bitcli.sources.splits import SPLIT_KEYWORDS, canonical_split
 from bitcli.ui import log
-
-VAL_SPLIT_NAMES = ("val", "valid", "validation")
 
 
 def expected_layout(data: Path) -> str:
@@ -23,21 +24,32 @@ def expected_layout(data: Path) -> str:
         "or a train split beside a validation split:\n"
         f"  {data}/\n"
         "    train/cat/...  train/dog/...\n"
-        "    val/cat/...    val/dog/...     (or valid/, validation/)"
+        "    val/cat/...    val/dog/...     (or valid/, validation/, dev/)"
     )
 
 
 def find_splits(data: Path) -> tuple[Path, Path | None]:
-    """DATA -> (train folder, validation folder or None). DATA/train marks the split layout."""
+    """DATA -> (train folder, validation folder or None). A train folder (DATA/train) marks the split layout."""
     if not data.is_dir():
         raise BitError(f"{data}: no such folder; pass an image folder with one sub-folder per class")
-    train = data / "train"
-    if not train.is_dir():
+    folders = _split_folders(data)
+    if "train" not in folders:
         return data, None
-    for name in VAL_SPLIT_NAMES:
-        if (data / name).is_dir():
-            return train, data / name
-    return train, None
+    return folders["train"], folders.get("validation")
+
+
+def _split_folders(data: Path) -> dict[str, Path]:
+    """{split: sub-folder} of DATA's sub-folders named a split (any case); where two name one split, the word
+    the table lists first wins (val/ before valid/). Only names that are split words are looked at."""
+    rank = {word: i for words in SPLIT_KEYWORDS.values() for i, word in enumerate(words)}
+    try:
+        names = [name for name in os.listdir(data) if name.lower() in rank]
+    except OSError as exc:
+        raise BitError(f"{data}: cannot list folder ({exc.strerror})") from None
+    found: dict[str, Path] = {}
+    for _, name in sorted((rank[name.lower()], name) for name in names if (data / name).is_dir()):
+        found.setdefault(canonical_split(name), data / name)
+    return found
 
 
 def _class_dirs(root: Path) -> list[Path]:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from bitcli import hub
 from bitcli.errors import BitError, UsageError
-from bitcli.sources.dataset import canonical_split, evaluation_key, training_keys
+from bitcli.sources.dataset import evaluation_key, training_keys
 from bitcli.sources.parquet import ParquetShard, parquet_files, shard_splits, split_of
+from bitcli.sources.splits import canonical_split
 from bitcli.ui import quiet_logger
 
 SPEC = re.compile(r"hf://datasets/(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[^:]+))?(?::(?P<split>[\w.-]+))?")

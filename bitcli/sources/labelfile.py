@@ -1,5 +1,6 @@
 """Label files: a CSV (header row) or JSONL (one object a line) with `path` and `label` columns and an optional
-`split` column (train, val, valid, validation or test), image paths relative to the file's folder.
+`split` column (train, val or test, or another name of bitcli.sources.splits: valid, dev ...), image paths
+relative to the file's folder.
 
 The file is read as a stream and each row checked as it is read (its columns, its split, that its image
 exists), so the first bad row is reported when it is reached. Rows are kept packed: the paths as one UTF-8
@@ -22,11 +23,11 @@ import numpy as np
 from bitcli.errors import BitError
 from bitcli.sources.examples import ImageFolder, class_order
 from bitcli.sources.rows import RowPath, RowPaths
+from bitcli.sources.splits import SPLIT_KEYWORDS, canonical_split
 from bitcli.ui import log, visible
 
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-SPLITS = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation", "test": "test"}
-SPLIT_KEYS = (None, "train", "validation", "test")  # a row's split code indexes this (None: no split column)
+SPLIT_KEYS = (None, *SPLIT_KEYWORDS)  # a row's split code indexes this (None: no split column)
 COLUMNS = ("path", "label", "split")
 HEADER = "path,label[,split]"
 DELIMITERS = (",", ";", "\t")  # tried in this order on the header row: the first that finds path and label
@@ -49,7 +50,7 @@ class LabelFile:
 
     def key(self, split: str) -> str:
         """FILE:SPLIT's SPLIT (val, valid, ... as in the split column) -> its key, which some rows must have."""
-        key = SPLITS.get(split.lower())
+        key = canonical_split(split)
         if None in self.splits:
             raise BitError(
                 f"{self.path}: has no split column, so no split {split!r}; pass {self.path} to use every row"
@@ -167,7 +168,7 @@ class _Packed:
         )
 
 
-_SPLIT_CODES = {name: SPLIT_KEYS.index(key) for name, key in SPLITS.items()}
+_SPLIT_CODES = {word: SPLIT_KEYS.index(key) for key, words in SPLIT_KEYWORDS.items() for word in words}
 
 
 def _check_exists(full: str, rows: _Packed, line: int) -> None:

@@ -20,6 +20,7 @@ from bitcli.options import HUB_DATA_PREFIX
 from bitcli.preprocess import IMAGE_EXTENSIONS
 from bitcli.sources import folder
 from bitcli.sources.examples import ImageFolder
+from bitcli.sources.features import Columns
 from bitcli.sources.labelfile import SUFFIXES as LABEL_SUFFIXES
 from bitcli.ui import log, visible
 
@@ -32,14 +33,6 @@ class Part:
 
     name: str  # for messages: a folder, "labels.csv (split validation)", "hf://datasets/o/n:validation"
     scan: Callable[[Sequence[str] | None], ImageFolder]
-
-
-@dataclass(frozen=True)
-class Columns:
-    """--image-column and --label-column as given (None: found from the data set's features)."""
-
-    image: str | None = None
-    label: str | None = None
 
 
 def training_parts(data: str | Path, columns: Columns) -> tuple[Part, Part | None]:

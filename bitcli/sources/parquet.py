@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from bitcli.errors import BitError
-from bitcli.sources.dataset import SPLIT_KEYWORDS
+from bitcli.errors import BitError, one_line
 from bitcli.sources.features import schema_features
+from bitcli.sources.splits import SPLIT_KEYWORDS, canonical_split
 
 LABEL_BATCH = 1 << 16  # label values read at a time while scanning
 
@@ -28,9 +28,7 @@ class ParquetShard:
         try:
             self.file = pq.ParquetFile(path)
         except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
-            raise BitError(
-                f"{name}: not a parquet file pyarrow can read ({' '.join(str(exc).split())[:200]})"
-            ) from None
+            raise BitError(f"{name}: not a parquet file pyarrow can read ({one_line(exc, limit=200)})") from None
         meta = self.file.metadata
         self.num_rows, self.size = meta.num_rows, path.stat().st_size
         self.schema = self.file.schema_arrow
@@ -65,7 +63,7 @@ def split_of(relative: str, wanted: str | None = None) -> str | None:
     'validation/0000.parquet'): the nearest part that is, or starts with, a split keyword followed by one
     of -._ or a digit. `wanted` also recognises that (custom) split name; a keyword ('val') keeps its key."""
     words = [(split, word) for split, keywords in SPLIT_KEYWORDS.items() for word in keywords]
-    if wanted is not None and not any(wanted.lower() in keywords for keywords in SPLIT_KEYWORDS.values()):
+    if wanted is not None and canonical_split(wanted) is None:
         words.insert(0, (wanted, wanted))
     for part in reversed(relative.removesuffix(".parquet").split("/")):
         for split, word in sorted(words, key=lambda w: -len(w[1])):

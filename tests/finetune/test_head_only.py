@@ -164,7 +164,7 @@ def test_auto_batch_split_counts_no_backward_activations(tmp_path: Path) -> None
     for frozen in (False, True):
         if frozen:
             freeze_backbone(model)
-        _, why = auto_batch_split(model, 8, 64, torch.device("cpu"), torch.float32, Dist())
+        _, why = auto_batch_split(model, 8, crop=64, device=torch.device("cpu"), dtype=torch.float32, info=Dist())
         mib[frozen] = float(re.search(r"~([\d.]+) MiB", why).group(1))
     assert 0 < mib[True] < mib[False] / 4
 

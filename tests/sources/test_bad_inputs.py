@@ -36,10 +36,10 @@ def test_label_file_rows(sources: dict[str, Path], tmp_path: Path) -> None:
     assert finetune_error(bad, tmp_path) == (
         f"Error: {bad}:3: {tmp_path}/folder/train/red/nope.png: no such file; fix the path (relative to {tmp_path}) or remove the row\n"
     )
-    bad.write_text("\n".join([lines[0], lines[1].replace(",train", ",dev")]) + "\n")
+    bad.write_text("\n".join([lines[0], lines[1].replace(",train", ",holdout")]) + "\n")
     assert (
         finetune_error(bad, tmp_path)
-        == f"Error: {bad}:2: unknown split 'dev'; use train, val or test (or leave the split column out)\n"
+        == f"Error: {bad}:2: unknown split 'holdout'; use train, val or test (or leave the split column out)\n"
     )
     jsonl = tmp_path / "labels.jsonl"
     jsonl.write_text('{"path": "folder/train/red/000.png", "label": "red"}\n{"path": "folder/train/red/001.png"}\n')

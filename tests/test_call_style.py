@@ -1,0 +1,105 @@
+"""Calls say what they pass (issue 21): no call of bitcli's own functions, methods or classes with more than
+four positional arguments (pass the rest by keyword, or make them keyword-only with `*`), and no `**kwargs`
+sink in bitcli's own definitions. Read from the source with ast: a call is matched to bitcli by the name it
+calls (`f(...)`, `obj.f(...)`), so a call of another library's function that shares a name with one of
+bitcli's counts too (none does today)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "bitcli"
+MAX_POSITIONAL = 4
+
+# "FILE:NAME" allows the calls of NAME in FILE (none since issue 21's pipeline restructuring was merged). An entry
+# that no longer matches a call fails the test, so that the list only ever shrinks.
+ALLOWED_CALLS: set[str] = set()
+# `def f(..., **kwargs)` in these files is allowed for the same reason (none today).
+ALLOWED_KWARGS: set[str] = set()
+
+FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def parse(files: list[Path], root: Path) -> dict[str, ast.Module]:
+    return {f.relative_to(root).as_posix(): ast.parse(f.read_text(encoding="utf-8"), str(f)) for f in files}
+
+
+def defined_names(trees: dict[str, ast.Module]) -> set[str]:
+    """Every function, method and class that the package defines, at any depth."""
+    return {n.name for tree in trees.values() for n in ast.walk(tree) if isinstance(n, (*FUNCTIONS, ast.ClassDef))}
+
+
+def called_name(call: ast.Call) -> str | None:
+    if isinstance(call.func, ast.Name):
+        return call.func.id
+    if isinstance(call.func, ast.Attribute):
+        return call.func.attr
+    return None
+
+
+def long_calls(trees: dict[str, ast.Module]) -> list[tuple[str, str, int, int]]:
+    """(file, called name, line, positional count) of each call of a defined name with too many positionals."""
+    names = defined_names(trees)
+    found = []
+    for path, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and called_name(node) in names and len(node.args) > MAX_POSITIONAL:
+                found.append((path, called_name(node), node.lineno, len(node.args)))
+    return sorted(found)
+
+
+def kwargs_sinks(trees: dict[str, ast.Module]) -> list[tuple[str, str, int]]:
+    """(file, function, line) of each definition (lambdas too) that takes **kwargs."""
+    found = []
+    for path, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, (*FUNCTIONS, ast.Lambda)) and node.args.kwarg is not None:
+                found.append((path, getattr(node, "name", "<lambda>"), node.lineno))
+    return sorted(found)
+
+
+@pytest.fixture(scope="module")
+def trees() -> dict[str, ast.Module]:
+    return parse(sorted(PACKAGE.rglob("*.py")), ROOT)
+
+
+def test_no_call_of_bitcli_passes_more_than_four_positional_arguments(trees) -> None:
+    calls = long_calls(trees)
+    bad = [f"{path}:{line}: {name}() with {n} positional arguments" for path, name, line, n in calls
+           if f"{path}:{name}" not in ALLOWED_CALLS]  # fmt: skip
+    assert not bad, "pass the arguments after the fourth by keyword:\n" + "\n".join(bad)
+    stale = ALLOWED_CALLS - {f"{path}:{name}" for path, name, _, _ in calls}
+    assert not stale, f"no longer needed: remove from ALLOWED_CALLS: {sorted(stale)}"
+
+
+def test_no_kwargs_sinks_in_bitcli(trees) -> None:
+    sinks = kwargs_sinks(trees)
+    bad = [f"{path}:{line}: def {name}(..., **...)" for path, name, line in sinks if path not in ALLOWED_KWARGS]
+    assert not bad, "name the parameters instead of taking **kwargs:\n" + "\n".join(bad)
+    assert not ALLOWED_KWARGS - {path for path, _, _ in sinks}, "remove stale entries from ALLOWED_KWARGS"
+
+
+def test_the_checks_find_what_they_look_for(tmp_path: Path) -> None:
+    """The checks themselves, on a small package: a long call of its own function, a method, a class, and a
+    **kwargs sink are found; a long call of a function it does not define, and a keyword call, are not."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text(
+        "import os\n"
+        "def f(a, b, c, d, e): ...\n"
+        "class K:\n"
+        "    def m(self, *args, **options): ...\n"
+        "def g(x):\n"
+        "    f(1, 2, 3, 4, 5)\n"
+        "    f(1, 2, 3, 4, e=5)\n"
+        "    x.m(1, 2, 3, 4, 5, 6)\n"
+        "    os.path.join(1, 2, 3, 4, 5)\n"
+        "    return K(1, 2, 3, 4, *x)\n"
+        "h = lambda **kw: kw\n"
+    )
+    trees = parse([tmp_path / "pkg" / "a.py"], tmp_path)
+    assert long_calls(trees) == [("pkg/a.py", "K", 10, 5), ("pkg/a.py", "f", 6, 5), ("pkg/a.py", "m", 8, 6)]
+    assert kwargs_sinks(trees) == [("pkg/a.py", "<lambda>", 11), ("pkg/a.py", "m", 4)]

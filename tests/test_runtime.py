@@ -1,0 +1,70 @@
+"""--device and --precision have one home for their spellings (bitcli.options); bitcli.runtime only decides
+whether this machine has the device and which dtype a precision means on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitcli import runtime
+from bitcli.errors import UsageError
+from bitcli.options import OptionError, Precision, parse_device
+
+SPELLINGS = ["auto", "cpu", "CPU", " cpu ", "cuda", "cuda:0", "CUDA:1", "cuda:007", "mps", "tpu", "gpu", "cuda:x",
+             "cuda:", "cpu:0", "mps:1", ""]  # fmt: skip
+
+
+def with_cuda(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_runtime_refuses_exactly_the_spellings_the_flag_refuses(spelling: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with_cuda(monkeypatch, 8)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    try:
+        parse_device(spelling)
+    except OptionError as exc:
+        with pytest.raises(UsageError) as refused:
+            runtime.resolve_device(spelling)
+        assert str(refused.value) == f"--device {exc}"
+        assert str(refused.value) == f"--device {spelling!r}: use auto, cpu, cuda, cuda:N or mps"
+        return
+    assert isinstance(runtime.resolve_device(spelling), torch.device)
+
+
+def test_cuda_index_is_read_as_a_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuda:007 is device 7 (torch.device('cuda:007') itself raises), and an index past the count is one line."""
+    with_cuda(monkeypatch, 8)
+    assert runtime.resolve_device("cuda:007") == torch.device("cuda", 7)
+    assert runtime.resolve_device("CUDA") == torch.device("cuda")
+    assert runtime.resolve_device("auto") == torch.device("cuda")
+    with pytest.raises(UsageError, match=r"^--device cuda:99999999999999999999: only 8 CUDA device\(s\) here$"):
+        runtime.resolve_device("cuda:99999999999999999999")
+    with_cuda(monkeypatch, 0)
+    with pytest.raises(UsageError) as refused:
+        runtime.resolve_device("cuda:1")
+    assert str(refused.value) == "--device cuda:1: CUDA is not available on this machine; use --device cpu or auto"
+
+
+def test_no_mps_here_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with_cuda(monkeypatch, 0)
+    assert runtime.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(UsageError) as refused:
+        runtime.resolve_device("MPS")
+    assert str(refused.value) == "--device mps: Apple MPS is not available on this machine; use --device cpu or auto"
+
+
+def test_precision_values_are_the_flag_choices() -> None:
+    cpu = torch.device("cpu")
+    assert runtime.resolve_precision(Precision.fp32, cpu) is torch.float32
+    assert runtime.resolve_precision("auto", cpu) is torch.float32
+    assert runtime.resolve_precision("bf16", cpu) is torch.bfloat16
+    with pytest.raises(UsageError) as refused:
+        runtime.resolve_precision("fp8", cpu)
+    assert str(refused.value) == "--precision 'fp8': use one of auto, fp32, bf16, fp16"
+    assert [p.value for p in Precision] == ["auto", "fp32", "bf16", "fp16"]
+    with pytest.raises(UsageError, match=r"^--precision fp16 is for GPUs; on a CPU use bf16 or fp32$"):
+        runtime.resolve_precision(Precision.fp16, cpu)
