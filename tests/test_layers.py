@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import bitcli
 
 ROOT = Path(bitcli.__file__).parent
@@ -146,10 +148,14 @@ def layer(module: str) -> int | None:
     return None
 
 
-def test_the_graph_sees_lazy_imports_and_packages():
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    return import_graph()
+
+
+def test_the_graph_sees_lazy_imports_and_packages(graph):
     """The reader itself: a function-level import is an edge, a TYPE_CHECKING one is not, and importing a
     module runs the packages above it (but not the importer's own)."""
-    graph = import_graph()
     assert "bitcli.commands.predict" in graph["bitcli.cli"]  # imported inside the Typer function
     assert "bitcli.formats" in graph["bitcli.onnx_engine"]  # from bitcli.formats.onnx import ...: runs formats/__init__
     assert "bitcli.formats.onnx" in graph["bitcli.formats"] and "bitcli.formats" not in graph["bitcli.formats.onnx"]
@@ -157,12 +163,11 @@ def test_the_graph_sees_lazy_imports_and_packages():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_no_import_circles():
-    assert cycles(import_graph()) == []
+def test_no_import_circles(graph):
+    assert cycles(graph) == []
 
 
-def test_no_module_below_the_cli_imports_a_command():
-    graph = import_graph()
+def test_no_module_below_the_cli_imports_a_command(graph):
     offenders = sorted(
         f"{module} -> {target}"
         for module, targets in graph.items()
@@ -173,8 +178,7 @@ def test_no_module_below_the_cli_imports_a_command():
     assert offenders == []
 
 
-def test_every_module_has_a_layer_and_imports_only_downwards():
-    graph = import_graph()
+def test_every_module_has_a_layer_and_imports_only_downwards(graph):
     assert sorted(m for m in graph if layer(m) is None) == []
     upward = sorted(
         f"{module} (layer {layer(module)}) -> {target} (layer {layer(target)})"
