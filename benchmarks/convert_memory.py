@@ -136,7 +136,7 @@ def main() -> None:
         print(f"wrote {npz} ({size / 1e9:.3f} GB = {size / 2**30:.3f} GiB) in {time.perf_counter() - start:.0f} s")
 
         probe = (
-            "import bitcli.convert, bitcli.hub; from bitcli.config import BitConfig; from bitcli.formats import "
+            "import bitcli.commands.convert, bitcli.hub; from bitcli.config import BitConfig; from bitcli.formats import "
             f"expected_shapes; expected_shapes(BitConfig(depths={depths}, hidden_sizes={tuple(256 * width * 2**s for s in range(4))}, "
             f"embedding_size={64 * width}, num_classes={args.classes}))"
         )

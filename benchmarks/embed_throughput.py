@@ -33,7 +33,7 @@ from common import (
 from rss import run_measured
 
 ROLES = {
-    "bit": "bitcli Engine.features, fp32: exactly what `bit embed` runs",
+    "bit": "bitcli TorchEngine.features, fp32: exactly what `bit embed` runs",
     "transformers": "transformers BitModel pooler_output, eager, channels-first",
 }
 
@@ -43,10 +43,10 @@ def build(role: str, a: dict):
     import torch
 
     if role == "bit":
-        from bitcli.engine import Engine
+        from bitcli.engine import load_engine
         from bitcli.hub import load_checkpoint
 
-        engine = Engine.load(load_checkpoint(a["hf"]), torch.device("cpu"), torch.float32, need_head=False)
+        engine = load_engine(load_checkpoint(a["hf"]), torch.device("cpu"), torch.float32, need_head=False)
         return engine.features
     import transformers
 

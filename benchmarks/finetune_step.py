@@ -51,8 +51,8 @@ def contender(role: str, a: dict) -> None:
     x = torch.from_numpy(np.load(a["batch"])).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
     y = torch.from_numpy(np.load(a["labels"]))
     if role.startswith("bit"):
-        from bitcli.finetune.command import use_deterministic_algorithms
         from bitcli.finetune.loop import bit_sgd
+        from bitcli.finetune.prepare import use_deterministic_algorithms
         from bitcli.finetune.start import freeze_backbone, trainable_parameters
         from bitcli.hub import load_checkpoint
         from bitcli.runtime import reuse_freed_memory

@@ -41,8 +41,8 @@ from rss import run_measured
 
 # What each contender is. Peers run as their documentation shows: eager, channels-first, inference_mode.
 ROLES = {
-    "bit": "bitcli Engine, fp32: exactly what `bit predict` runs",
-    "bit-bf16": "bitcli Engine, --precision bf16 (autocast)",
+    "bit": "bitcli TorchEngine, fp32: exactly what `bit predict` runs",
+    "bit-bf16": "bitcli TorchEngine, --precision bf16 (autocast)",
     "bit-cf": "ablation: bitcli's plain path (channels-first, glibc's default allocator)",
     "bit-default-alloc": "ablation: bitcli channels_last with glibc's default allocator",
     "transformers": "transformers BitForImageClassification, eager, channels-first",
@@ -62,27 +62,26 @@ def build(role: str, a: dict):
 
     batch = np.load(a["batch"])
     if role.startswith("bit-onnx"):
-        from bitcli.engine import Engine
+        from bitcli.engine import load_engine
         from bitcli.hub import load_checkpoint
 
-        return Engine.load(
+        return load_engine(
             load_checkpoint(a[role]), torch.device("cpu"), torch.float32
         ).logits, batch  # what `bit predict` builds
     if role.startswith("bit"):
-        import bitcli.engine
-        from bitcli.engine import Engine
+        import bitcli.torch_engine
+        from bitcli.engine import load_engine
         from bitcli.hub import load_checkpoint
+        from bitcli.torch_engine import TorchEngine
 
         if role in ("bit-cf", "bit-default-alloc"):
-            bitcli.engine.reuse_freed_memory = lambda: None  # ablation: keep glibc's behaviour
+            bitcli.torch_engine.reuse_freed_memory = lambda: None  # ablation: keep glibc's behaviour
         dtype = torch.bfloat16 if role == "bit-bf16" else torch.float32
         ckpt = load_checkpoint(a["hf"])
         if role == "bit-cf":
-            engine = Engine(
-                ckpt.build_model(), ckpt.preprocess.normalize, torch.device("cpu"), dtype, channels_last=False
-            )
+            engine = TorchEngine(ckpt.build_model(), ckpt.preprocess, torch.device("cpu"), dtype, channels_last=False)
         else:
-            engine = Engine.load(ckpt, torch.device("cpu"), dtype)  # what `bit predict` builds
+            engine = load_engine(ckpt, torch.device("cpu"), dtype)  # what `bit predict` builds
         return engine.logits, batch
 
     def pixels(b: np.ndarray):  # the peers' own processors give these pixels for this checkpoint (mean = std = 0.5)

@@ -9,45 +9,83 @@ import inspect
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
 
 import bitcli
 from bitcli.architectures import DEFAULT_MODEL
-from bitcli.errors import UsageError
-from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution
+from bitcli.cli_options import (
+    BatchOpt,
+    BatchSplitOpt,
+    CalibrateOpt,
+    ConvertFormatOpt,
+    ConvertOverwriteOpt,
+    DeviceOpt,
+    DstArg,
+    DTypeOpt,
+    EmbedFormatOpt,
+    EmbedModelOpt,
+    EmbedOutputOpt,
+    EvalDataArg,
+    EvalEveryOpt,
+    EvalFormatOpt,
+    FinetuneDataArg,
+    GlobalBatchOpt,
+    HeadOnlyOpt,
+    ImageColumnOpt,
+    ImagesArg,
+    LabelColumnOpt,
+    LabelsOpt,
+    LrOpt,
+    MinAgreementOpt,
+    MixupOpt,
+    ModelOpt,
+    NormalizeOpt,
+    OpsetOpt,
+    PlotOpt,
+    PrecisionOpt,
+    PredictFormatOpt,
+    PredictOutputOpt,
+    QuantizeOpt,
+    RandomInitOpt,
+    RecursiveOpt,
+    ResolutionOpt,
+    ResumeOpt,
+    RevisionOpt,
+    RunDirArg,
+    RunOutputOpt,
+    RunOverwriteOpt,
+    SaveEveryOpt,
+    SeedOpt,
+    ShotsOpt,
+    SrcArg,
+    StartModelOpt,
+    StepsOpt,
+    TensorboardOpt,
+    TopKOpt,
+    ValOpt,
+    ValSplitOpt,
+    WorkersOpt,
+)
+from bitcli.hyperrule import BASE_LR, BATCH_SIZE
 from bitcli.options import (
     DEFAULT_WORKERS,
-    ConvertFormat,
     ConvertOptions,
     DType,
-    EmbedFormat,
     EmbedOptions,
     EvalFormat,
     EvalOptions,
     FinetuneOptions,
-    OptionError,
     Precision,
-    PredictFormat,
     PredictOptions,
-    Quantize,
     ReportOptions,
     check_embed_output,
     check_output,
     embed_format,
-    parse_auto_float,
-    parse_auto_int,
     parse_data,
-    parse_device,
-    parse_png_path,
-    parse_resolution,
-    parse_val_split,
     predict_format,
 )
-
-T = TypeVar("T")
 
 app = typer.Typer(
     name="bit",
@@ -87,87 +125,17 @@ def _command(name: str | None = None) -> Callable[[Callable[..., None]], Callabl
     return register
 
 
-def _parser(flag: str, parse: Callable[[str], T]) -> Callable[[str], T]:
-    """A flag's value parser: a value `parse` refuses is one `Error: FLAG VALUE: how to fix it` line, exit 2,
-    while the command line is read (the command's module and torch are never imported)."""
-
-    def parser(value: str) -> T:
-        try:
-            return parse(value)
-        except OptionError as exc:
-            raise UsageError(f"{flag} {exc}") from None
-
-    return parser
-
-
-def _auto(help: str, flag: str, parse: Callable[[str], object], metavar: str) -> typer.models.OptionInfo:
-    """An `auto|VALUE` option: None (the default) means auto, decided by the command."""
-    return typer.Option(flag, parser=_parser(flag, parse), metavar=metavar, show_default="auto", help=help)
-
-
-MODEL_HELP = (
-    "Hub repo id (google/bit-50, timm/resnetv2_50x1_bit.goog_in21k_ft_in1k), published name (BiT-M-R50x1), "
-    "or a local .safetensors/.npz/.bin file or model folder"
-)
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP + ", or a .onnx file from bit convert.")]
-EmbedModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP + ".")]  # an .onnx gives logits only
-BatchOpt = Annotated[
-    int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass: more is faster, up to memory.")
-]
-RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit.")]
-DeviceOpt = Annotated[
-    str,
-    typer.Option("--device", parser=_parser("--device", parse_device), metavar="<auto|cpu|cuda|cuda:N|mps>",
-                 help="Where the model runs; auto: a GPU if there is one."),
-]  # fmt: skip
-PrecisionOpt = Annotated[
-    Precision, typer.Option("--precision", case_sensitive=False, help="auto: fp32 on CPU, bf16/fp16 on GPU.")
-]
-ImageColumnOpt = Annotated[
-    str | None, typer.Option("--image-column", help="A data set's image column (default: its Image feature).")
-]
-LabelColumnOpt = Annotated[
-    str | None,
-    typer.Option("--label-column", help="A data set's label column (default: its ClassLabel, else 'label')."),
-]
-# predict's and embed's inputs
-ImagesArg = Annotated[
-    list[str],
-    typer.Argument(
-        help="Image files, folders or glob patterns; - reads paths from stdin, one per line.",
-        metavar="IMAGES",
-        show_default=False,
-    ),
-]
-RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")]
-WorkersOpt = Annotated[
-    int,
-    typer.Option(
-        "--workers", min=0, help="Image-decoding threads (0: decode in the main thread); results do not depend on it."
-    ),
-]
-
-
 @_command()
 def predict(
     images: ImagesArg,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to report per image.")] = 5,
+    top_k: TopKOpt = 5,
     batch_size: BatchOpt = 16,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
-    fmt: Annotated[
-        PredictFormat | None,
-        typer.Option(
-            "--format",
-            "-f",
-            case_sensitive=False,
-            show_default=False,
-            help="Default: from --output's suffix (.json, .jsonl, .csv), else table.",
-        ),
-    ] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
+    fmt: PredictFormatOpt = None,
+    output: PredictOutputOpt = None,
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
 ) -> None:
@@ -180,9 +148,9 @@ def predict(
         precision=precision, format=predict_format(fmt, output), output=output, recursive=recursive, workers=workers,
     )  # fmt: skip
     check_output("--output", output)
-    from bitcli import predict as predict_mod
+    from bitcli.commands import predict as predict_command
 
-    raise typer.Exit(predict_mod.run(opts))
+    raise typer.Exit(predict_command.run(opts))
 
 
 @_command()
@@ -190,21 +158,9 @@ def embed(
     images: ImagesArg,
     model: EmbedModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl."),
-    ] = None,
-    fmt: Annotated[
-        EmbedFormat | None,
-        typer.Option(
-            "--format",
-            "-f",
-            case_sensitive=False,
-            show_default=False,
-            help="Default: from --output's suffix; -f jsonl without --output writes to stdout.",
-        ),
-    ] = None,
-    normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise every vector (unit length).")] = False,
+    output: EmbedOutputOpt = None,
+    fmt: EmbedFormatOpt = None,
+    normalize: NormalizeOpt = False,
     batch_size: BatchOpt = 16,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
@@ -220,191 +176,61 @@ def embed(
         format=embed_format(fmt, output), output=output, normalize=normalize, recursive=recursive, workers=workers,
     )  # fmt: skip
     check_embed_output(opts.format, output)
-    from bitcli import embed as embed_mod
+    from bitcli.commands import embed as embed_command
 
-    raise typer.Exit(embed_mod.run(opts))
+    raise typer.Exit(embed_command.run(opts))
 
 
 @_command()
 def convert(
-    src: Annotated[
-        str,
-        typer.Argument(
-            metavar="SRC",
-            help="Google .npz, transformers folder, timm folder/file, bitcli .safetensors, or a model spec.",
-        ),
-    ],
-    dst: Annotated[
-        Path, typer.Argument(metavar="DST", help="A .safetensors file (bitcli), a .onnx file, or a folder (hf/timm).")
-    ],
-    fmt: Annotated[
-        ConvertFormat | None,
-        typer.Option(
-            "--format", case_sensitive=False, help="Default: bitcli for *.safetensors, onnx for *.onnx, else hf."
-        ),
-    ] = None,
-    labels: Annotated[Path | None, typer.Option("--labels", help="Text file of class names, one per line.")] = None,
-    dtype: Annotated[
-        DType,
-        typer.Option("--dtype", case_sensitive=False, help="The written weights' type (ONNX: its arithmetic too)."),
-    ] = DType.float32,
+    src: SrcArg,
+    dst: DstArg,
+    fmt: ConvertFormatOpt = None,
+    labels: LabelsOpt = None,
+    dtype: DTypeOpt = DType.float32,
     revision: RevisionOpt = None,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite",
-            help="Replace a DST file that bitcli wrote, or the model files of a DST folder "
-            "(any other file, or a folder holding other files, is refused).",
-        ),
-    ] = False,
-    opset: Annotated[
-        int | None, typer.Option("--opset", min=18, show_default="18", help="ONNX: the opset to write.")
-    ] = None,
-    quantize: Annotated[
-        Quantize | None,
-        typer.Option("--quantize", case_sensitive=False, help="ONNX: static int8 quantisation (needs --calibrate)."),
-    ] = None,
-    calibrate: Annotated[
-        Path | None,
-        typer.Option("--calibrate", help="ONNX int8: folder of images to calibrate on (and to measure agreement on)."),
-    ] = None,
-    min_agreement: Annotated[
-        float,
-        typer.Option(
-            "--min-agreement", help="ONNX int8: least top-1 agreement with float32 on the calibration images."
-        ),
-    ] = 0.99,
+    overwrite: ConvertOverwriteOpt = False,
+    opset: OpsetOpt = None,
+    quantize: QuantizeOpt = None,
+    calibrate: CalibrateOpt = None,
+    min_agreement: MinAgreementOpt = 0.99,
 ) -> None:
     """Convert a checkpoint between Google's .npz, bitcli, transformers and timm layouts, or export it to ONNX."""
     opts = ConvertOptions(
         src=src, dst=dst, format=fmt, labels=labels, dtype=dtype, revision=revision, overwrite=overwrite, opset=opset,
         quantize=quantize, calibrate=calibrate, min_agreement=min_agreement,
     )  # fmt: skip
-    from bitcli import convert as convert_mod
+    from bitcli.commands import convert as convert_command
 
-    convert_mod.run(opts)
+    convert_command.run(opts)
 
 
 @_command()
 def finetune(
-    data: Annotated[
-        str,
-        typer.Argument(
-            metavar="DATA",
-            show_default=False,
-            help="Image folder (one sub-folder per class, or train/ + val/ splits), CSV/JSONL "
-            "label file, parquet file or folder, save_to_disk folder, or hf://datasets/OWNER/NAME[@REV][:SPLIT].",
-        ),
-    ],
-    model: Annotated[
-        str,
-        typer.Option(
-            "--model",
-            "-m",
-            help="Model spec to start from (as for predict); with --random-init "
-            "an architecture: tiny, small, R50x1 ... R152x4, or a JSON object of BitConfig fields.",
-        ),
-    ],
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Run folder: model, metrics.jsonl, summary.json, checkpoint.")
-    ],
-    shots: Annotated[
-        int | None,
-        typer.Option("--shots", min=1, help="Train on K images per class (seeded); a smaller class is an error."),
-    ] = None,
-    val: Annotated[
-        str | None,
-        typer.Option(
-            "--val", metavar="DATA", help="Validation data, any DATA kind (default: DATA's val|valid|validation split)."
-        ),
-    ] = None,
-    val_split: Annotated[
-        float | None,
-        typer.Option(
-            "--val-split",
-            parser=_parser("--val-split", parse_val_split),
-            metavar="F",
-            help="Hold out this fraction (0 < F < 1) of every class for validation.",
-        ),
-    ] = None,
-    steps: Annotated[
-        int | None,
-        _auto(
-            "auto (HyperRule: 500/10k/20k by data size) or N (boundaries scaled).",
-            "--steps",
-            lambda v: parse_auto_int(v, 1),
-            "<auto|N>",
-        ),
-    ] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Base learning rate (linear warm-up, then /10 steps).")] = BASE_LR,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Global batch per optimizer step.")
-    ] = BATCH_SIZE,
-    batch_split: Annotated[
-        int | None,
-        _auto(
-            "Micro-batches per step (gradient accumulation): auto or N.",
-            "--batch-split",
-            lambda v: parse_auto_int(v, 1),
-            "<auto|N>",
-        ),
-    ] = None,
-    resolution: Annotated[
-        Resolution | None,
-        _auto(
-            "auto (HyperRule: 128 or 480), CROP, or RESIZE:CROP.",
-            "--resolution",
-            parse_resolution,
-            "<auto|CROP|RESIZE:CROP>",
-        ),
-    ] = None,
-    mixup: Annotated[
-        float | None,
-        _auto(
-            "auto (HyperRule: 0.1 from 20k images) or ALPHA; 0 disables.", "--mixup", parse_auto_float, "<auto|ALPHA>"
-        ),
-    ] = None,
-    seed: Annotated[
-        int, typer.Option("--seed", help="Seeds few-shot sampling, data order, augmentation, random init.")
-    ] = 0,
+    data: FinetuneDataArg,
+    model: StartModelOpt,
+    output: RunOutputOpt,
+    shots: ShotsOpt = None,
+    val: ValOpt = None,
+    val_split: ValSplitOpt = None,
+    steps: StepsOpt = None,
+    lr: LrOpt = BASE_LR,
+    batch_size: GlobalBatchOpt = BATCH_SIZE,
+    batch_split: BatchSplitOpt = None,
+    resolution: ResolutionOpt = None,
+    mixup: MixupOpt = None,
+    seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     workers: WorkersOpt = DEFAULT_WORKERS,
-    eval_every: Annotated[
-        int | None,
-        _auto(
-            "Validate every N steps (auto: 5 times per run; 0: only at the end).",
-            "--eval-every",
-            lambda v: parse_auto_int(v, 0),
-            "<auto|N>",
-        ),
-    ] = None,
-    save_every: Annotated[
-        int | None,
-        _auto(
-            "Write the resumable checkpoint every N steps (auto: 10 times per run).",
-            "--save-every",
-            lambda v: parse_auto_int(v, 1),
-            "<auto|N>",
-        ),
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the unfinished run in --output from its checkpoint.")
-    ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in --output.")] = False,
-    random_init: Annotated[
-        bool, typer.Option("--random-init", help="Start --model's architecture from random weights.")
-    ] = False,
+    eval_every: EvalEveryOpt = None,
+    save_every: SaveEveryOpt = None,
+    resume: ResumeOpt = False,
+    overwrite: RunOverwriteOpt = False,
+    random_init: RandomInitOpt = False,
     revision: RevisionOpt = None,
-    head_only: Annotated[
-        bool, typer.Option("--head-only", help="Train only the new head; the backbone stays frozen (a linear probe).")
-    ] = False,
-    tensorboard: Annotated[
-        bool,
-        typer.Option(
-            "--tensorboard", help="Also write TensorBoard event files to DIR/tensorboard (needs bitcli[tensorboard])."
-        ),
-    ] = False,
+    head_only: HeadOnlyOpt = False,
+    tensorboard: TensorboardOpt = False,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
 ) -> None:
@@ -417,46 +243,22 @@ def finetune(
         tensorboard=tensorboard, image_column=image_column, label_column=label_column,
     )  # fmt: skip
     check_output("--output", output, folder=True)
-    from bitcli import finetune as finetune_mod
+    from bitcli.commands import finetune as finetune_command
 
-    finetune_mod.run(opts)
+    finetune_command.run(opts)
 
 
 @_command("eval")
 def eval_(
-    data: Annotated[
-        str,
-        typer.Argument(
-            metavar="DATA",
-            show_default=False,
-            help="Image folder with one sub-folder per class (named by a label of the model, its first name, or its index), "
-            "or any DATA of finetune: label file, parquet, save_to_disk folder, hf://datasets/OWNER/NAME[@REV][:SPLIT].",
-        ),
-    ],
+    data: EvalDataArg,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
-    fmt: Annotated[
-        EvalFormat,
-        typer.Option(
-            "--format",
-            "-f",
-            case_sensitive=False,
-            help="table: for people; json: every metric (per class too) and the whole confusion matrix.",
-        ),
-    ] = EvalFormat.table,
+    fmt: EvalFormatOpt = EvalFormat.table,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
     workers: WorkersOpt = DEFAULT_WORKERS,
-    plot: Annotated[
-        Path | None,
-        typer.Option(
-            "--plot",
-            parser=_parser("--plot", parse_png_path),
-            metavar="FILE.png",
-            help="Also draw the confusion matrix, row-normalised, as a PNG (needs bitcli[plots]).",
-        ),
-    ] = None,
+    plot: PlotOpt = None,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
 ) -> None:
@@ -466,27 +268,18 @@ def eval_(
         precision=precision, workers=workers, plot=plot, image_column=image_column, label_column=label_column,
     )  # fmt: skip
     check_output("--plot", plot)
-    from bitcli import evaluate as evaluate_mod
+    from bitcli.commands import eval as eval_command
 
-    raise typer.Exit(evaluate_mod.run(opts))
+    raise typer.Exit(eval_command.run(opts))
 
 
 @_command()
-def report(
-    run: Annotated[
-        Path,
-        typer.Argument(
-            metavar="RUN_DIR",
-            help="A bit finetune run folder (its --output): finished, running or interrupted.",
-            show_default=False,
-        ),
-    ],
-) -> None:
+def report(run: RunDirArg) -> None:
     """Summarise a fine-tuning run (plan, progress or final metrics, its files and pictures); it only reads the folder."""
     opts = ReportOptions(run=run)
-    from bitcli import report as report_mod
+    from bitcli.commands import report as report_command
 
-    report_mod.run(opts)
+    report_command.run(opts)
 
 
 def _click_exceptions():

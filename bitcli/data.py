@@ -1,5 +1,5 @@
-"""Data sets for fine-tuning and evaluation (found by bitcli.sources): few-shot and validation
-sampling, decoding, and the BiT train/eval transforms, with every random choice derived from (seed, step).
+"""Training data (data sets found by bitcli.sources): few-shot and validation sampling, decoding with a
+cache, and the BiT train/eval transforms, with every random choice derived from (seed, step).
 
 Deriving each step's sample, crops, flips and MixUp from (seed, step) instead of a running RNG is what makes
 a resumed run bit-identical to an uninterrupted one, and the result independent of --workers and of how
@@ -8,22 +8,17 @@ the global batch is split into micro-batches or across processes.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
-import os
-import re
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from bitcli.errors import BitError
-from bitcli.images import Reader
 from bitcli.preprocess import Preprocess
-from bitcli.sources.rows import Rows, RowView, example_name, example_size, load_example
+from bitcli.sources.examples import ImageFolder
+from bitcli.sources.rows import example_size, load_example
 
 # Independent random streams, each seeded by (seed, stream, counter). (Stream 1 was few-shot sampling, now a
 # seeded hash of each path: see few_shot.)
@@ -33,92 +28,12 @@ STREAM_REPLACEMENT = 4  # counter: step; small data sets are sampled with replac
 STREAM_AUGMENT = 5  # counter: step; crops, flips, MixUp partners and lambda
 
 
-_INTEGER = re.compile(r"-?[0-9]+")
-
-
 def rng(seed: int, stream: int, counter: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, stream, counter])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data sets
-
-
-@dataclass(frozen=True)
-class ImageFolder:
-    """Examples with class indices, from any source (bitcli.sources), grouped by class in class order.
-
-    `paths` holds each example's reference: an image file's path (a class folder), or for the rows of a label
-    file or data set a sources.rows view (RowPaths, Rows: row numbers, with `targets` a numpy array).
-    `classes` are the sub-folder names or label values in class_order, or a ClassLabel's names.
-    `source` names a label file or data set in messages (None: `root` is the class folder).
-    """
-
-    root: Path
-    classes: tuple[str, ...]
-    paths: Sequence[str] | Rows
-    targets: Sequence[int]
-    source: str | None = None
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def subset(self, indices: Iterable[int]) -> ImageFolder:
-        idx = sorted(int(i) for i in indices)
-        if isinstance(self.paths, RowView):
-            return dataclasses.replace(self, paths=self.paths.take(idx), targets=np.asarray(self.targets)[idx])
-        return dataclasses.replace(
-            self, paths=tuple(self.paths[i] for i in idx), targets=tuple(self.targets[i] for i in idx)
-        )
-
-    def name(self, index: int) -> str:
-        """Example `index` for messages: its file, or `data.parquet row 17`."""
-        return example_name(self.paths[index])
-
-    def where(self, c: int | None = None) -> str:
-        """The data set (or class c of it) for messages: the folder (class folder), or the label file or data set."""
-        if self.source is not None:
-            return self.source
-        return str(self.root if c is None else self.root / self.classes[c])
-
-    def counts(self) -> list[int]:
-        return np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=len(self.classes)).tolist()
-
-    def by_class(self) -> list[np.ndarray]:
-        targets = np.asarray(self.targets, dtype=np.int64)
-        return [np.flatnonzero(targets == c) for c in range(len(self.classes))]
-
-    def relative(self, index: int) -> str:
-        """Image `index`'s path relative to the root (as found under it), or its row's name."""
-        if isinstance(self.paths, Rows):
-            return str(self.paths[index])
-        path, prefix = self.paths[index], str(self.root) + os.sep
-        return path[len(prefix) :] if path.startswith(prefix) else path
-
-    def fingerprint(self) -> str:
-        """Names, classes and sizes of the files (for rows: the data set's files, then each row and class): a
-        resumed run must see the same data. Taken over the images a run uses, so skipping an undecodable file
-        or deleting it gives the same fingerprint."""
-        h = hashlib.sha256()
-        if isinstance(self.paths, Rows):
-            h.update(self.paths.table.identity().encode("utf-8", "surrogateescape"))
-        for i, target in enumerate(self.targets):
-            try:
-                size = -1 if isinstance(self.paths, Rows) else os.stat(self.paths[i]).st_size
-            except OSError:
-                size = -1
-            h.update(f"{self.relative(i)}\t{self.classes[target]}\t{size}\n".encode("utf-8", "surrogateescape"))
-        return h.hexdigest()
-
-
-def class_order(names: Iterable[str]) -> tuple[str, ...]:
-    """Class names (folder names, label values) in class order: by number when every one is an integer ("2"
-    before "10"), else by name. Every source orders its classes this way, so the same rows make the same
-    classifier whatever holds them (a ClassLabel keeps its own index order)."""
-    ordered = sorted(set(names))
-    if ordered and all(_INTEGER.fullmatch(name) for name in ordered):
-        ordered.sort(key=int)  # stable: "01" and "1" keep their order by name
-    return tuple(ordered)
 
 
 def few_shot(
@@ -241,7 +156,7 @@ class StepSampler:
         if self.mixup:
             lam = float(g.beta(self.mixup, self.mixup))
             partners = g.permutation(self.batch)
-        return StepSample(self.indices(step), tops, lefts, flips, partners, lam)
+        return StepSample(self.indices(step), tops, lefts, flips, partners=partners, lam=lam)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,40 +185,6 @@ class DecodeCache:
                 self._arrays[index] = array
                 self._used += array.nbytes
         return array
-
-
-def find_undecodable(paths: Sequence, workers: int, advance: Callable[[int], None] = lambda n: None) -> dict[int, str]:
-    """Decode every example (a path or a sources.rows.RowRef) fully, in `workers` threads (0: this one):
-    {index: one-line error} of those that fail.
-
-    Run before step 0: a truncated file passes the header scan and would otherwise stop the run at the step
-    that first draws it. Decoding is deterministic, so the same files fail every time (a resumed run skips
-    the same ones).
-    """
-    window = 16 * max(1, workers)  # images per batch of jobs: memory stays bounded on a million-image folder
-    batches = (
-        (start, [functools.partial(_decodes, paths[i]) for i in range(start, min(start + window, len(paths)))])
-        for start in range(0, len(paths), window)
-    )
-    failed: dict[int, str] = {}
-    with Reader(workers) as reader:
-        for start, results in reader.outcomes(batches):
-            for offset, result in enumerate(results):
-                if isinstance(result, BitError):
-                    failed[start + offset] = str(result)
-                elif isinstance(result, Exception):  # a decoder bug on one odd file must not cost the run either
-                    name = example_name(paths[start + offset])
-                    failed[start + offset] = (
-                        f"{name}: cannot decode image ({type(result).__name__}: {' '.join(str(result).split())})"
-                    )
-            advance(len(results))
-    return failed
-
-
-def _decodes(ref) -> np.ndarray:
-    """Decode `ref` and drop the pixels: only whether it decodes matters (and memory stays small)."""
-    load_example(ref)
-    return np.zeros(0, dtype=np.uint8)
 
 
 def train_transform(resize: int) -> Preprocess:

@@ -6,6 +6,7 @@ The helpers here are no-ops in a single process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,8 +33,19 @@ class Dist:
         return self.rank == 0
 
 
-def setup_distributed(device_spec: str) -> tuple[Dist, torch.device]:
-    """(this process's place, its device); joins the process group when started by torchrun."""
+@contextlib.contextmanager
+def process_group(device_spec: str) -> Iterator[tuple[Dist, torch.device]]:
+    """(this process's place, its device) for a command's whole run: joins the process group when started by
+    torchrun, and leaves it however the run ends. Every command that runs a model runs inside one."""
+    info, device = _join(device_spec)
+    try:
+        yield info, device
+    finally:
+        if info.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _join(device_spec: str) -> tuple[Dist, torch.device]:
     device = resolve_device(device_spec)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -46,11 +58,6 @@ def setup_distributed(device_spec: str) -> tuple[Dist, torch.device]:
         raise UsageError(f"--device {device_spec}: distributed runs use CUDA (NCCL) or the CPU (gloo)")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info, device
-
-
-def teardown(info: Dist) -> None:
-    if info.world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def barrier(info: Dist) -> None:

@@ -1,88 +1,61 @@
-"""The one inference engine: a BiT model on a device at a precision, turning uint8 image batches into logits
-or features. predict, eval and fine-tuning's validation all run the model through it, so that the device
-placement, normalisation, memory format, allocator policy, autocast and inference mode are decided once.
+"""The engine: what every command runs a model through, whichever runtime holds it. uint8 image batches in
+(decoded and resized by the engine's `preprocess`), float32 logits or features out.
+
+Two engines implement the Protocol: bitcli.torch_engine.TorchEngine (a BiT model in torch) and
+bitcli.onnx_engine.OnnxEngine (an exported `.onnx` in onnxruntime); `load_engine` picks one for a checkpoint.
+Commands and the pipeline know only this interface. What a model gives beyond logits and features is added
+here first, then in both engines: later capabilities (Grad-CAM's activations of the final norm, temperature
+scaling, multi-label sigmoid scores, test-time flips) belong in this Protocol, not in a command.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from bitcli.errors import BitError
-from bitcli.runtime import autocast, reuse_freed_memory
+from bitcli.formats.checkpoint import Checkpoint
+from bitcli.onnx_engine import OnnxEngine
+from bitcli.preprocess import Preprocess
+from bitcli.torch_engine import TorchEngine
 
 
-class Engine:
-    """`model` (a BitModel) on `device`; `normalize` turns a uint8 [B, H, W, 3] tensor into the model's input.
+class Engine(Protocol):
+    """A model ready to run on uint8 [B, H, W, 3] batches that `preprocess` decoded (bitcli.pipeline)."""
 
-    channels_last: activations in NHWC. For inference it is faster on every device (weight-standardised kernels
-    are computed once per load in that layout); fine-tuning passes False on a CPU, where PyTorch's
-    channels_last GroupNorm backward is about 2x slower and cancels the gain of the convolutions.
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        normalize: Callable[[torch.Tensor], torch.Tensor],
-        device: torch.device,
-        dtype: torch.dtype,
-        channels_last: bool = True,
-    ) -> None:
-        if device.type == "cpu":
-            reuse_freed_memory()  # activations re-use the heap instead of fresh, zeroed pages every batch
-        self.normalize, self.device, self.dtype, self.channels_last = normalize, device, dtype, channels_last
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-
-    @classmethod
-    def load(cls, ckpt, device: torch.device, dtype: torch.dtype, need_head: bool = True) -> Engine:
-        """A checkpoint's model on `device`, for inference. need_head: refuse a features-only checkpoint.
-        A checkpoint read from an exported .onnx gets the onnxruntime engine (bitcli.onnx_engine.OnnxEngine,
-        the same interface) at the file's own precision."""
-        if ckpt.graph is not None:
-            from bitcli.onnx_engine import OnnxEngine
-
-            return OnnxEngine.load(ckpt, device)
-        model = ckpt.build_model(device=device)
-        if need_head and not model.has_head:
-            raise BitError(f"{ckpt.source}: checkpoint has no classification head; it gives features, not labels")
-        return cls(model, ckpt.preprocess.normalize, device, dtype, channels_last=True)
+    source: str  # the checkpoint it came from, for messages
+    device: torch.device  # where its outputs are
+    preprocess: Preprocess  # how images are decoded and normalised for it
+    labels: Sequence[str]  # class names, by logit index (empty for a features-only model)
 
     @property
-    def num_classes(self) -> int:
-        return self.model.config.num_classes
-
-    def to_input(self, batch_uint8: np.ndarray) -> torch.Tensor:
-        """uint8 [B, H, W, 3] (numpy) -> the normalised float input on the device, in the engine's memory format.
-        (Normalising permutes the NHWC pixels without copying them: the result is channels_last in memory
-        until it is made contiguous.)"""
-        x = self.normalize(torch.from_numpy(batch_uint8).to(self.device, non_blocking=True))
-        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-
-    def autocast(self):
-        """The precision context for a forward pass (a no-op in fp32)."""
-        return autocast(self.device, self.dtype)
-
-    @contextlib.contextmanager
-    def _inference(self) -> Iterator[None]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode(), self.autocast():
-                yield
-        finally:
-            self.model.train(was_training)
+    def num_classes(self) -> int: ...
 
     def logits(self, batch_uint8: np.ndarray) -> torch.Tensor:
-        """float32 logits [B, classes] (features [B, D] for a head-less model)."""
-        with self._inference():
-            return self.model(self.to_input(batch_uint8)).float()
+        """float32 [B, classes]."""
+        ...
 
     def features(self, batch_uint8: np.ndarray) -> torch.Tensor:
-        """float32 pre-logits [B, D]: final GroupNorm + ReLU, then global average pooling."""
-        with self._inference():
-            return self.model.pre_logits(self.to_input(batch_uint8)).float()
+        """float32 pre-logits [B, D] (the final norm and ReLU, then global average pooling)."""
+        ...
+
+
+def load_engine(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, need_head: bool = True) -> Engine:
+    """The checkpoint's model on `device`, for inference: onnxruntime for a checkpoint read from an exported
+    `.onnx` (at the file's own precision: `dtype` does not apply), else torch at `dtype`. need_head: refuse a
+    features-only checkpoint."""
+    if ckpt.graph is not None:
+        return OnnxEngine.load(ckpt, device)
+    return TorchEngine.load(ckpt, device, dtype, need_head)
+
+
+def top_k(logits: torch.Tensor, labels: Sequence[str], k: int) -> list[list[dict]]:
+    """Per row of logits, the k most probable classes, best first: {"label", "index", "score"}."""
+    probs = torch.softmax(logits, dim=-1)
+    scores, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return [
+        [{"label": labels[i], "index": i, "score": round(s, 6)} for s, i in zip(row_s, row_i)]
+        for row_s, row_i in zip(scores.cpu().tolist(), indices.cpu().tolist())
+    ]

@@ -118,21 +118,21 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    online = _hub_answers(repo_id, revision)
+    online = hub_answers(repo_id, revision)
     wanted = ["config.json", "preprocessor_config.json", "model.safetensors"]
-    folder = _hub_snapshot(repo_id, revision, wanted, online=online)
+    folder = fetch_snapshot(repo_id, revision, wanted, online=online)
     if not (folder / "config.json").is_file():
         raise _absent(
             repo_id, revision, "config.json", online=online, consequence="it is not a transformers or timm model"
         )
     if not (folder / "model.safetensors").is_file():
-        folder = _hub_snapshot(repo_id, revision, ["pytorch_model.bin"], online=online)
+        folder = fetch_snapshot(repo_id, revision, ["pytorch_model.bin"], online=online)
         if not (folder / "pytorch_model.bin").is_file():
             raise _absent(repo_id, revision, "model.safetensors or pytorch_model.bin", online=online)
     return folder
 
 
-def _hub_answers(repo_id: str, revision: str | None, repo_type: str = "model") -> bool | None:
+def hub_answers(repo_id: str, revision: str | None, repo_type: str = "model") -> bool | None:
     """Ask the Hub about the repo: True if it answered, None if it said nothing within HF_HUB_ETAG_TIMEOUT (10 s),
     False for offline mode or any other failure (snapshot_download then reports it or uses the cache).
 
@@ -162,7 +162,9 @@ def _where(repo_id: str, revision: str | None) -> str:
     return repo_id + (f"@{revision}" if revision else "")
 
 
-def _not_cached(repo_id: str, revision: str | None, what: str, repo_type: str = "model") -> BitError:
+def not_cached(repo_id: str, revision: str | None, what: str, repo_type: str = "model") -> BitError:
+    """The error for `what` of a repo (a model, or a data set's files: bitcli.sources.hub) that is not cached and
+    cannot be downloaded now: where the cache is and how to fill it."""
     from huggingface_hub import constants
 
     why = "HF_HUB_OFFLINE=1 forbids downloading" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
@@ -178,15 +180,18 @@ def _absent(
 ) -> BitError:
     """A file missing from the snapshot: the repo lacks it if the Hub just listed the repo, else the cache does."""
     if not online:
-        return _not_cached(repo_id, revision, f"{filename} of model")
+        return not_cached(repo_id, revision, f"{filename} of model")
     return BitError(
         f"Hub repo {_where(repo_id, revision)!r} has no {filename}" + (f"; {consequence}" if consequence else "")
     )
 
 
-def _hub_snapshot(
+def fetch_snapshot(
     repo_id: str, revision: str | None, files: list[str], *, online: bool | None, repo_type: str = "model"
 ) -> Path:
+    """The snapshot folder holding the repo's `files` (patterns), cached or downloaded (only the cache when
+    `online` is None: see hub_answers); every Hub failure is one line. Models and data sets (bitcli.sources.hub)
+    alike."""
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import snapshot_download
 
@@ -199,7 +204,7 @@ def _hub_snapshot(
     except hf_errors.IncompleteSnapshotError as exc:  # not online, and a file the Hub once listed was never fetched
         return Path(exc.snapshot_path)  # the caller checks that what it needs is there
     except hf_errors.LocalEntryNotFoundError:
-        raise _not_cached(repo_id, revision, repo_type, repo_type) from None
+        raise not_cached(repo_id, revision, repo_type, repo_type) from None
     except hf_errors.RevisionNotFoundError:
         raise BitError(f"{repo} {repo_id!r} has no revision {revision!r}") from None
     except hf_errors.GatedRepoError:

@@ -1,6 +1,8 @@
-"""The inference engine for an exported `.onnx` (bitcli.formats.onnx): the same interface as bitcli.engine.Engine
-(uint8 batches in, float32 logits out, `num_classes`), with onnxruntime running the graph, so that `bit predict`
-and `bit eval` run either without knowing which. Engine.load picks this one for a checkpoint read from `.onnx`.
+"""The onnxruntime engine (bitcli.engine.Engine) for an exported `.onnx` (bitcli.formats.onnx): uint8 batches in,
+float32 logits out, with onnxruntime running the graph, so that `bit predict` and `bit eval` run either engine
+without knowing which. bitcli.engine.load_engine picks this one for a checkpoint read from `.onnx`; the export's
+proof and the int8 agreement check (bitcli.export, bitcli.quantize) run their graphs through it too, and every
+onnxruntime session bitcli makes is made by `session` here.
 
 Pixels are normalised exactly as the torch engine does (Preprocess.normalize, from the file's metadata); the
 precision is the file's own (float32, float16 or int8), so --precision does not apply.
@@ -8,16 +10,20 @@ precision is the file's own (float32, float16 or int8), so --precision does not 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from bitcli import extras
 from bitcli.errors import BitError, one_line
 from bitcli.formats.checkpoint import Checkpoint
-from bitcli.formats.onnx import INPUT, OUTPUT, require
+from bitcli.formats.onnx import INPUT, OUTPUT
+from bitcli.preprocess import Preprocess
 from bitcli.ui import log
+
+CPU = torch.device("cpu")
 
 
 def pixel_values(normalize: Callable[[torch.Tensor], torch.Tensor], batch_uint8: np.ndarray) -> np.ndarray:
@@ -28,7 +34,8 @@ def pixel_values(normalize: Callable[[torch.Tensor], torch.Tensor], batch_uint8:
 
 def providers(device: torch.device) -> list[Any]:
     """onnxruntime's execution providers for `device`: CUDA (then CPU) where this onnxruntime has it, else CPU."""
-    _, ort = require()
+    import onnxruntime as ort
+
     if device.type == "cuda":
         if "CUDAExecutionProvider" in ort.get_available_providers():
             return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
@@ -40,8 +47,10 @@ def providers(device: torch.device) -> list[Any]:
 
 def session(model: bytes | str, device: torch.device, name: str):
     """An onnxruntime InferenceSession of a serialised graph or a file, with every graph optimisation on;
-    one line naming `name` when onnxruntime cannot load it."""
-    _, ort = require()
+    one line naming `name` when onnxruntime cannot load it. The only place bitcli makes one."""
+    extras.require("onnx", "ONNX support")
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings (e.g. unused initialisers) are not the user's
     try:
@@ -53,19 +62,24 @@ def session(model: bytes | str, device: torch.device, name: str):
 
 
 class OnnxEngine:
-    """An exported graph in an onnxruntime session; `normalize` turns a uint8 [B, H, W, 3] tensor into its input."""
+    """An exported graph in an onnxruntime session; `preprocess` decodes images for it and normalises a uint8
+    [B, H, W, 3] batch into its input. Its logits come back on the CPU (`device`), whichever provider ran it."""
 
-    def __init__(self, runner, normalize, num_classes: int, source: str) -> None:
-        self.runner, self.normalize, self._num_classes, self.source = runner, normalize, num_classes, source
+    device = CPU
+
+    def __init__(self, runner, preprocess: Preprocess, num_classes: int, *, labels: Sequence[str], source: str) -> None:
+        self.runner, self.preprocess, self._num_classes = runner, preprocess, num_classes
+        self.labels, self.source = labels, source
 
     @classmethod
     def load(cls, ckpt: Checkpoint, device: torch.device) -> OnnxEngine:
-        return cls(
-            session(str(ckpt.graph), device, ckpt.source),
-            ckpt.preprocess.normalize,
-            ckpt.config.num_classes,
-            ckpt.source,
-        )
+        runner = session(str(ckpt.graph), device, ckpt.source)
+        return cls(runner, ckpt.preprocess, ckpt.config.num_classes, labels=ckpt.labels, source=ckpt.source)
+
+    @classmethod
+    def of_graph(cls, proto, preprocess: Preprocess, name: str) -> OnnxEngine:
+        """A ModelProto in memory (an export being proven or quantised), on the CPU; `name` names it in messages."""
+        return cls(session(proto.SerializeToString(), CPU, name), preprocess, 0, labels=(), source=name)
 
     @property
     def num_classes(self) -> int:
@@ -74,7 +88,7 @@ class OnnxEngine:
     def logits(self, batch_uint8: np.ndarray) -> torch.Tensor:
         """float32 logits [B, classes], on the CPU."""
         try:
-            out = self.runner.run([OUTPUT], {INPUT: pixel_values(self.normalize, batch_uint8)})[0]
+            out = self.runner.run([OUTPUT], {INPUT: pixel_values(self.preprocess.normalize, batch_uint8)})[0]
         except Exception as exc:  # noqa: BLE001 -- a graph that loads but fails to run (wrong sizes for its shapes)
             raise BitError(
                 f"{self.source}: onnxruntime failed on a batch of {batch_uint8.shape[1]}x{batch_uint8.shape[2]} images ({one_line(exc)})"

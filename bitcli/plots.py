@@ -1,7 +1,7 @@
 """The pictures: training curves (loss, learning rate, validation accuracy per step) and the row-normalised
 confusion matrix. Fine-tuning (at every validation) and `bit eval --plot` draw with these functions.
 
-matplotlib (the `plots` extra) is imported only when a picture is drawn. Drawing is deterministic: a fixed
+matplotlib (the `plots` extra, bitcli.extras) is imported only when a picture is drawn. Drawing is deterministic: a fixed
 figure size and dpi, matplotlib's default style whatever the user's matplotlibrc says, no timestamp or
 version in the PNG, so the same numbers always give the same bytes.
 """
@@ -9,7 +9,6 @@ version in the PNG, so the same numbers always give the same bytes.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,11 +18,9 @@ from typing import Any
 import numpy as np
 
 from bitcli import fonts
-from bitcli.errors import BitError
 from bitcli.ui import log, visible
 from bitcli.writes import atomic_write
 
-INSTALL = "pip install 'bitcli[plots]'"
 DPI = 100
 CURVES_SIZE = (8.0, 8.0)  # inches: 800x800 px
 MAX_CLASSES = 50  # a confusion picture shows every class up to this many; beyond, the most confused ones
@@ -32,16 +29,6 @@ ANNOTATE_UP_TO = 20  # classes: each cell also shows its percentage
 MAX_NAME = 24  # characters of a class name on an axis (longer ones end in "…")
 MAX_HEADING = 70  # characters of a confusion picture's first title line: what the narrowest picture holds
 REST = "(all others)"  # the summarised picture's column for predictions of a class that is not shown
-
-
-def available() -> bool:
-    return importlib.util.find_spec("matplotlib") is not None
-
-
-def require(what: str) -> None:
-    """One line naming the extra to install, before any work is done."""
-    if not available():
-        raise BitError(f"{what} needs matplotlib, which is not installed: {INSTALL}")
 
 
 @contextlib.contextmanager

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from bitcli import pipeline
 from bitcli.errors import BitError
-from bitcli.images import Reader, list_images, stack_by_size
-from bitcli.onnx_engine import pixel_values, session
+from bitcli.formats.onnx import INPUT
+from bitcli.images import list_images, stack_by_size
+from bitcli.inputs import path_decoder
+from bitcli.onnx_engine import OnnxEngine, pixel_values
 from bitcli.options import DEFAULT_WORKERS
-from bitcli.predict import decode_jobs, failure
 from bitcli.preprocess import Preprocess
 from bitcli.ui import display, log, progress_bar, quiet_logger
 
@@ -36,6 +37,7 @@ def quantize_int8(
 ) -> tuple[Any, dict[str, Any]]:
     """(the int8 ModelProto, what was checked): calibrated on `images` (calibration_images of `folder`), and
     refused when its top-1 agrees with `proto`'s on fewer than `min_agreement` of them."""
+    import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -44,10 +46,6 @@ def quantize_int8(
         quant_pre_process,
         quantize_static,
     )  # fmt: skip
-
-    from bitcli.formats.onnx import INPUT, require
-
-    onnx, _ = require()
 
     class Feed(CalibrationDataReader):  # onnxruntime pulls one input at a time until None
         def __init__(self) -> None:
@@ -94,36 +92,26 @@ def calibration_images(folder: Path, preprocess: Preprocess) -> list[np.ndarray]
             f"--calibrate {display(folder)}: not a folder; give a folder of images like the ones you will serve"
         )
     paths = list_images(folder, recursive=True)
-    jobs = decode_jobs(paths, preprocess, BATCH, range(-(-len(paths) // BATCH)))
     images = []
-    with (
-        progress_bar("decoding calibration images", total=len(paths), unit="img") as advance,
-        Reader(DEFAULT_WORKERS) as reader,
-    ):
-        for chunk, results in reader.outcomes(jobs):
-            for path, result in zip(chunk, results):
-                if isinstance(result, Exception):
-                    log(f"skipped: {failure(path, result)}")
-                else:
-                    images.append(result)
-            advance(len(chunk))
+    with progress_bar("decoding calibration images", total=len(paths), unit="img") as advance:
+        batches = pipeline.run(paths, path_decoder(preprocess), None, batch_size=BATCH, workers=DEFAULT_WORKERS,
+                               advance=advance)  # fmt: skip
+        for outcome in (o for batch in batches for o in batch):
+            if outcome.error is not None:
+                log(f"skipped: {outcome.error}")
+            else:
+                images.append(outcome.value)
     if not images:
         raise BitError(f"--calibrate {display(folder)}: holds no image that decodes; int8 needs images to calibrate on")
     return images
 
 
 def top1_agreement(fp32, int8, images: list[np.ndarray], preprocess: Preprocess) -> int:
-    """How many images the two graphs give the same top-1 class (onnxruntime on the CPU, batches by size)."""
-    from bitcli.formats.onnx import INPUT, OUTPUT
-
-    runners = [
-        session(p.SerializeToString(), torch.device("cpu"), name)
-        for p, name in ((fp32, "the float32 graph"), (int8, "the int8 graph"))
-    ]
+    """How many images the two graphs give the same top-1 class (the ONNX engine on the CPU, batches by size)."""
+    engines = [OnnxEngine.of_graph(proto, preprocess, name) for proto, name in ((fp32, "the float32 graph"), (int8, "the int8 graph"))]  # fmt: skip
     agreed = 0
     for _, batch in stack_by_size(enumerate(images)):
         for start in range(0, len(batch), BATCH):
-            x = pixel_values(preprocess.normalize, batch[start : start + BATCH])
-            a, b = (r.run([OUTPUT], {INPUT: x})[0].argmax(-1) for r in runners)
+            a, b = (engine.logits(batch[start : start + BATCH]).argmax(-1) for engine in engines)
             agreed += int((a == b).sum())
     return agreed

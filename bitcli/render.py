@@ -99,3 +99,9 @@ def write_text(text: str, output: Path | None) -> None:
     else:
         sys.stdout.write(text)
         sys.stdout.flush()
+
+
+def print_lines(rows: list) -> None:
+    """Rows as JSON lines on stdout, flushed: a pipe sees each as soon as it is ready."""
+    sys.stdout.write(json_lines(rows))
+    sys.stdout.flush()

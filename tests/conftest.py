@@ -78,6 +78,16 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     return found
 
 
+@pytest.fixture()
+def album(tmp_path, photos, monkeypatch) -> Path:
+    """The working folder for a predict test, holding first.png (a cat) and last.jpg (a rocket)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "250")  # the table is as wide as the terminal: keep names unfolded
+    shutil.copy(photos["chelsea.png"], tmp_path / "first.png")
+    shutil.copy(photos["rocket.jpg"], tmp_path / "last.jpg")
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def bit50_dir(tmp_path_factory) -> Path:
     """A random-weight model in google/bit-50's exact layout, labels and preprocessing, saved by transformers."""

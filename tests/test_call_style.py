@@ -15,30 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "bitcli"
 MAX_POSITIONAL = 4
 
-# Calls in files another branch (issue 21's pipeline restructuring) rewrites at the same time: they are fixed
-# after that branch is merged, and this list is then emptied. "FILE:NAME" allows the calls of NAME in FILE.
-# An entry that no longer matches a call fails the test, so that the list only ever shrinks.
-ALLOWED_CALLS = {
-    "bitcli/data.py:StepSample",  # StepSample(6) in sample
-    "bitcli/embed.py:run_batches",  # run_batches(8) in run_all
-    "bitcli/evaluate.py:match_classes",  # match_classes(5) in map_classes
-    "bitcli/evaluate.py:map_classes",  # map_classes(5) in _run
-    "bitcli/evaluate.py:evaluate",  # evaluate(8) in _run
-    "bitcli/finetune/command.py:_resume_point",  # _resume_point(6) in _run
-    "bitcli/finetune/command.py:make_plan",  # make_plan(8) in prepare (bitcli/finetune/plan.py)
-    "bitcli/finetune/command.py:Prepared",  # Prepared(6) in prepare
-    "bitcli/finetune/command.py:load_state",  # load_state(5) in _resume_point (bitcli/finetune/state.py)
-    "bitcli/finetune/command.py:write_outputs",  # write_outputs(9) in _run (bitcli/finetune/rundir.py)
-    "bitcli/finetune/loop.py:evaluate",  # evaluate(6) in validate
-    "bitcli/finetune/loop.py:StepSampler",  # StepSampler(5) in micro_batches (bitcli/data.py)
-    "bitcli/finetune/loop.py:augment",  # augment(5) in _train_image
-    "bitcli/finetune/loop.py:_mix",  # _mix(6) in micro_batches
-    "bitcli/finetune/loop.py:save_state",  # save_state(6) in train (bitcli/finetune/state.py)
-    "bitcli/formats/onnx.py:Checkpoint",  # Checkpoint(6) in read
-    "bitcli/formats/onnx.py:prove",  # prove(5) in write
-    "bitcli/formats/onnx.py:quantize_int8",  # quantize_int8(5) in write (bitcli/quantize.py)
-    "bitcli/predict.py:run_batches",  # run_batches(7) in _run
-}
+# "FILE:NAME" allows the calls of NAME in FILE (none since issue 21's pipeline restructuring was merged). An entry
+# that no longer matches a call fails the test, so that the list only ever shrinks.
+ALLOWED_CALLS: set[str] = set()
 # `def f(..., **kwargs)` in these files is allowed for the same reason (none today).
 ALLOWED_KWARGS: set[str] = set()
 

@@ -178,7 +178,7 @@ def test_workers_has_one_bound_and_one_default_everywhere():
 
 
 def test_predict_gets_typed_options_by_keyword(monkeypatch):
-    from bitcli import predict
+    from bitcli.commands import predict
 
     seen = []
     monkeypatch.setattr(predict, "run", lambda opts: seen.append(opts) or 0)
@@ -205,7 +205,7 @@ def test_predict_gets_typed_options_by_keyword(monkeypatch):
 
 
 def test_predict_format_comes_from_the_output_suffix(monkeypatch):
-    from bitcli import predict
+    from bitcli.commands import predict
 
     seen = []
     monkeypatch.setattr(predict, "run", lambda opts: seen.append(opts.format) or 0)
@@ -243,7 +243,8 @@ def test_output_formats_from_suffixes_have_one_table():
 
 def test_choices_are_case_insensitive_and_reach_commands_in_lower_case(monkeypatch, tmp_path):
     """`-f JSON`, `--precision FP32`, `--dtype Float16`, `--format HF`: the commands get the lower-case values."""
-    from bitcli import convert, evaluate, finetune, predict
+    from bitcli.commands import convert, finetune, predict
+    from bitcli.commands import eval as evaluate
 
     seen = {}
     monkeypatch.setattr(predict, "run", lambda opts: seen.setdefault("predict", (opts.precision, opts.format)) and 0)
@@ -272,7 +273,7 @@ def _convert_choices(args: tuple, kwargs: dict) -> tuple[str, str]:
 
 def test_finetune_gets_typed_options_by_keyword(monkeypatch, tmp_path):
     """`auto|N` flags arrive parsed (None: auto), choices as Enums: finetune.run(FinetuneOptions)."""
-    from bitcli import finetune
+    from bitcli.commands import finetune
 
     seen = []
     monkeypatch.setattr(finetune, "run", seen.append)

@@ -570,7 +570,7 @@ def test_written_files_get_ordinary_permissions(r50, tmp_path):
 
 def test_run_takes_typed_options_by_keyword(tmp_path):
     """What the CLI calls: convert.run(ConvertOptions); no --format and a DST without a suffix: hf."""
-    from bitcli import convert
+    from bitcli.commands import convert
     from bitcli.options import ConvertOptions, DType
 
     npz = tiny_npz(tmp_path / "src.npz")

@@ -1,5 +1,5 @@
 """Image-folder discovery, few-shot and validation sampling, per-step sampling, transforms, decoding (the
-decode cache under bitcli.images.Reader, the check that finds undecodable images)."""
+decode cache under bitcli.images.Reader). (The check that finds undecodable images: finetune/test_datasets.py.)"""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from finetune.helpers import truncated_jpeg
 from PIL import Image
 
 from bitcli import data
-from bitcli.data import DecodeCache, StepSampler, augment, few_shot, find_undecodable
+from bitcli.data import DecodeCache, StepSampler, augment, few_shot
 from bitcli.errors import BitError
 from bitcli.images import Reader
+from bitcli.sources import examples
+from bitcli.sources.examples import ImageFolder
 from bitcli.sources.folder import find_splits, scan
 
 
@@ -43,10 +44,10 @@ def test_scan_class_folders(tmp_path: Path) -> None:
 
 
 def test_class_order_is_by_number_when_every_class_is_an_integer(tmp_path: Path) -> None:
-    assert data.class_order(["10", "2", "0", "1", "11", "2"]) == ("0", "1", "2", "10", "11")
-    assert data.class_order(["-1", "10", "01", "1", "9"]) == ("-1", "01", "1", "9", "10")  # "01" and "1": by name
-    assert data.class_order(["10", "2", "b"]) == ("10", "2", "b")  # not all integers: by name
-    assert data.class_order(["1.5", "10", "2"]) == ("1.5", "10", "2")
+    assert examples.class_order(["10", "2", "0", "1", "11", "2"]) == ("0", "1", "2", "10", "11")
+    assert examples.class_order(["-1", "10", "01", "1", "9"]) == ("-1", "01", "1", "9", "10")  # "01" and "1": by name
+    assert examples.class_order(["10", "2", "b"]) == ("10", "2", "b")  # not all integers: by name
+    assert examples.class_order(["1.5", "10", "2"]) == ("1.5", "10", "2")
     write_images(tmp_path, {"10": 1, "9": 1, "100": 1})
     assert scan(tmp_path).classes == ("9", "10", "100")
 
@@ -97,14 +98,14 @@ def test_validation_class_must_be_a_training_class(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> data.ImageFolder:
+def folder(tmp_path_factory: pytest.TempPathFactory) -> ImageFolder:
     root = tmp_path_factory.mktemp("folder")
     write_images(root, {"a": 9, "b": 5, "c": 14}, size=(4, 4))
     return scan(root)
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
-def test_few_shot_takes_exactly_k_per_class(folder: data.ImageFolder, k: int) -> None:
+def test_few_shot_takes_exactly_k_per_class(folder: ImageFolder, k: int) -> None:
     picked = few_shot(folder, k, seed=0)
     assert picked.counts() == [k, k, k]
     assert len(set(picked.paths)) == 3 * k
@@ -112,21 +113,21 @@ def test_few_shot_takes_exactly_k_per_class(folder: data.ImageFolder, k: int) ->
         assert folder.targets[folder.paths.index(path)] == target
 
 
-def test_few_shot_is_deterministic_per_seed(folder: data.ImageFolder) -> None:
+def test_few_shot_is_deterministic_per_seed(folder: ImageFolder) -> None:
     runs = {seed: [few_shot(folder, 4, seed).paths for _ in range(3)] for seed in range(6)}
     for same in runs.values():
         assert same[0] == same[1] == same[2]
     assert len({r[0] for r in runs.values()}) > 1  # other seeds pick other images
 
 
-def test_few_shot_too_few_images_names_the_class(folder: data.ImageFolder) -> None:
+def test_few_shot_too_few_images_names_the_class(folder: ImageFolder) -> None:
     with pytest.raises(BitError, match=r"--shots 6: class 'b' has only 5 training image\(s\)"):
         few_shot(folder, 6, seed=0)
     with pytest.raises(BitError):
         few_shot(folder, 0, seed=0)
 
 
-def test_split_validation_is_stratified_disjoint_and_seeded(folder: data.ImageFolder) -> None:
+def test_split_validation_is_stratified_disjoint_and_seeded(folder: ImageFolder) -> None:
     train, val = data.split_validation(folder, 0.2, seed=3)
     assert val.counts() == [2, 1, 3]  # round(0.2 * n) of every class
     assert train.counts() == [7, 4, 11]
@@ -136,7 +137,7 @@ def test_split_validation_is_stratified_disjoint_and_seeded(folder: data.ImageFo
         data.split_validation(folder, 1.5, seed=0)
 
 
-def test_fingerprint_follows_the_files(folder: data.ImageFolder) -> None:
+def test_fingerprint_follows_the_files(folder: ImageFolder) -> None:
     assert folder.fingerprint() == scan(folder.root).fingerprint()
     assert folder.fingerprint() != folder.subset(range(len(folder) - 1)).fingerprint()
 
@@ -198,7 +199,7 @@ def decode_jobs(count: int, decode, batch_size: int):
 
 
 @pytest.mark.parametrize("workers", [0, 1, 3])
-def test_cached_decoding_does_not_depend_on_workers(folder: data.ImageFolder, workers: int) -> None:
+def test_cached_decoding_does_not_depend_on_workers(folder: ImageFolder, workers: int) -> None:
     cache = DecodeCache(folder, data.train_transform(6), budget_bytes=200)  # caches only a couple of images
     with Reader(workers) as reader:
         batches = list(reader.run(decode_jobs(len(folder), cache.get, 5)))
@@ -221,23 +222,6 @@ def test_bad_image_is_an_error_naming_the_file(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # Images that do not decode
-
-
-def test_find_undecodable_names_every_bad_file(tmp_path: Path) -> None:
-    write_images(tmp_path, {"a": 2})
-    bad = truncated_jpeg(tmp_path / "a" / "cut.jpg")
-    (tmp_path / "a" / "text.png").write_text("not a png")
-    paths = [
-        str(tmp_path / "a" / "000.png"),
-        str(bad),
-        str(tmp_path / "a" / "text.png"),
-        str(tmp_path / "a" / "001.png"),
-    ]
-    for workers in (0, 2):
-        failed = find_undecodable(paths, workers)
-        assert sorted(failed) == [1, 2]
-        assert failed[1].startswith(f"{bad}: cannot decode image (") and "truncated" in failed[1]
-        assert failed[2] == f"{paths[2]}: not an image PIL can read (empty, corrupt or another format)"
 
 
 def test_few_shot_decodes_only_candidates_and_picks_as_if_bad_files_were_gone(tmp_path: Path) -> None:

@@ -210,7 +210,7 @@ def test_output_choices_are_checked_before_anything_runs(tmp_path, monkeypatch, 
 
 
 def test_embed_gets_typed_options_by_keyword(monkeypatch):
-    from bitcli import embed
+    from bitcli.commands import embed
 
     seen = []
     monkeypatch.setattr(embed, "run", lambda opts: seen.append(opts) or 0)

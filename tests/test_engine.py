@@ -1,4 +1,4 @@
-"""The one inference engine (bitcli.engine.Engine) against transformers on the same uint8 pixels: logits,
+"""The torch engine (bitcli.torch_engine.TorchEngine, what bitcli.engine.load_engine gives for a torch checkpoint) against transformers on the same uint8 pixels: logits,
 features, the model's train/eval mode, and the channels_last fast path against channels-first."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import transformers
 from conftest import save_hf_model
 from PIL import Image
 
-from bitcli.engine import Engine
+from bitcli.engine import load_engine
 from bitcli.errors import BitError
 from bitcli.hub import load_checkpoint
+from bitcli.torch_engine import TorchEngine
 
 CPU = torch.device("cpu")
 
@@ -31,7 +32,7 @@ def _pixels(batch: np.ndarray) -> torch.Tensor:
 
 
 def test_logits_equal_transformers(tiny_dir, batch):
-    engine = Engine.load(load_checkpoint(str(tiny_dir)), CPU, torch.float32)
+    engine = load_engine(load_checkpoint(str(tiny_dir)), CPU, torch.float32)
     got = engine.logits(batch)
     peer = transformers.BitForImageClassification.from_pretrained(tiny_dir).eval()
     with torch.no_grad():
@@ -42,7 +43,7 @@ def test_logits_equal_transformers(tiny_dir, batch):
 
 
 def test_features_equal_transformers_pooler_output(tiny_dir, batch):
-    engine = Engine.load(load_checkpoint(str(tiny_dir)), CPU, torch.float32)
+    engine = load_engine(load_checkpoint(str(tiny_dir)), CPU, torch.float32)
     got = engine.features(batch)
     peer = transformers.BitModel.from_pretrained(tiny_dir).eval()  # the backbone of the same checkpoint
     with torch.no_grad():
@@ -53,7 +54,7 @@ def test_features_equal_transformers_pooler_output(tiny_dir, batch):
 
 def test_the_model_keeps_its_mode(tiny_dir, batch):
     """Inference runs in eval mode and leaves the model as it found it, also when the forward pass fails."""
-    engine = Engine.load(load_checkpoint(str(tiny_dir)), CPU, torch.float32)
+    engine = load_engine(load_checkpoint(str(tiny_dir)), CPU, torch.float32)
     seen, fail = [], []
 
     def hook(module, args):
@@ -76,7 +77,7 @@ def test_the_model_keeps_its_mode(tiny_dir, batch):
 
 
 def test_outputs_are_inference_tensors(tiny_dir, batch):
-    engine = Engine.load(load_checkpoint(str(tiny_dir)), CPU, torch.float32)
+    engine = load_engine(load_checkpoint(str(tiny_dir)), CPU, torch.float32)
     logits = engine.logits(batch)
     assert logits.is_inference() and not logits.requires_grad
     assert all(p.grad is None for p in engine.model.parameters())
@@ -84,8 +85,8 @@ def test_outputs_are_inference_tensors(tiny_dir, batch):
 
 def test_channels_last_gives_channels_first_logits(tiny_dir, batch):
     ckpt = load_checkpoint(str(tiny_dir))
-    fast = Engine(ckpt.build_model(), ckpt.preprocess.normalize, CPU, torch.float32, channels_last=True)
-    plain = Engine(ckpt.build_model(), ckpt.preprocess.normalize, CPU, torch.float32, channels_last=False)
+    fast = TorchEngine(ckpt.build_model(), ckpt.preprocess, CPU, torch.float32, channels_last=True)
+    plain = TorchEngine(ckpt.build_model(), ckpt.preprocess, CPU, torch.float32, channels_last=False)
     assert fast.to_input(batch).is_contiguous(memory_format=torch.channels_last)
     assert plain.to_input(batch).is_contiguous()
     a, b = fast.logits(batch), plain.logits(batch)
@@ -98,6 +99,6 @@ def test_headless_checkpoint(tmp_path, batch):
     )
     ckpt = load_checkpoint(str(folder))
     with pytest.raises(BitError, match="checkpoint has no classification head; it gives features, not labels"):
-        Engine.load(ckpt, CPU, torch.float32)
-    engine = Engine.load(ckpt, CPU, torch.float32, need_head=False)
+        load_engine(ckpt, CPU, torch.float32)
+    engine = load_engine(ckpt, CPU, torch.float32, need_head=False)
     assert torch.equal(engine.logits(batch), engine.features(batch))  # a head-less model's output is its features

@@ -17,7 +17,7 @@ from bitcli.metrics import OTHER
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(data root with train/ and val/, the fine-tuned run folder)."""
-    from bitcli.finetune import run
+    from bitcli.commands.finetune import run
     from bitcli.hyperrule import resolution_for_crop
     from bitcli.options import FinetuneOptions
 
@@ -148,19 +148,19 @@ def test_eval_errors(trained: tuple[Path, Path], tmp_path: Path, cli) -> None:
 def test_eval_runs_the_model_through_the_engine(trained: tuple[Path, Path], cli, monkeypatch) -> None:
     """On a CPU too, eval's batches go through the one engine (channels_last, inference mode), and the
     batch size changes nothing but speed."""
-    from bitcli.engine import Engine
+    from bitcli.torch_engine import TorchEngine
 
     data, run = trained
     whole = json.loads(cli("eval", data / "val", "--model", run, "--format", "json", "--device", "cpu")[1])
     seen = []
-    logits = Engine.logits
+    logits = TorchEngine.logits
 
-    def spy(self: Engine, batch: np.ndarray) -> torch.Tensor:
+    def spy(self: TorchEngine, batch: np.ndarray) -> torch.Tensor:
         out = logits(self, batch)
         seen.append((len(batch), self.channels_last, self.device.type, out.is_inference(), self.model.training))
         return out
 
-    monkeypatch.setattr(Engine, "logits", spy)
+    monkeypatch.setattr(TorchEngine, "logits", spy)
     code, out, err = cli(
         "eval", data / "val", "--model", run, "--format", "json", "--device", "cpu", "-b", "5", "--workers", "0"
     )

@@ -10,9 +10,9 @@ from conftest import TINY_LABELS, perturb, run_main, save_hf_model, write_folder
 
 from bitcli import runtime
 from bitcli.config import BitConfig
-from bitcli.engine import Engine
 from bitcli.hub import load_checkpoint
 from bitcli.model import BitModel, StdConv2d, standardize
+from bitcli.torch_engine import TorchEngine
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def _plain(model: BitModel, batch: np.ndarray, preprocess) -> torch.Tensor:
 
 def test_engine_matches_plain_eager_path(r50_dir, photos):
     ckpt = load_checkpoint(str(r50_dir))
-    fast = Engine.load(ckpt, torch.device("cpu"), torch.float32)
+    fast = TorchEngine.load(ckpt, torch.device("cpu"), torch.float32)
     assert fast.channels_last
     batch = _photos_uint8(photos, 160)
     expected = _plain(ckpt.build_model(), batch, ckpt.preprocess)
@@ -93,8 +93,8 @@ def test_bf16_autocast_path_gives_float_logits_near_fp32(tmp_path, photos):
     )
     ckpt = load_checkpoint(str(folder))
     batch = _photos_uint8(photos, 96)
-    fp32 = Engine.load(ckpt, torch.device("cpu"), torch.float32).logits(batch)
-    bf16 = Engine.load(ckpt, torch.device("cpu"), torch.bfloat16).logits(batch)
+    fp32 = TorchEngine.load(ckpt, torch.device("cpu"), torch.float32).logits(batch)
+    bf16 = TorchEngine.load(ckpt, torch.device("cpu"), torch.bfloat16).logits(batch)
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     assert (bf16 - fp32).abs().max() < 0.05 * fp32.abs().max()
 

@@ -232,12 +232,12 @@ def test_float16_export(exported, photos, tmp_path):
 
 
 def test_failed_proof_writes_nothing(exported, tmp_path, monkeypatch):
-    import bitcli.formats.onnx as onnx_format
+    import bitcli.export
 
     dst = tmp_path / "m.onnx"
     previous = exported["onnx"].read_bytes()  # an earlier export: --overwrite may replace it
     dst.write_bytes(previous)
-    monkeypatch.setitem(onnx_format.TOLERANCE, torch.float32, -1.0)  # no difference can pass
+    monkeypatch.setitem(bitcli.export.TOLERANCE, torch.float32, -1.0)  # no difference can pass
     code, out, err = run_main("convert", exported["src"], dst, "--overwrite")
     assert code == 1 and out == ""
     assert err.splitlines()[-1].startswith("Error: the exported graph differs from the torch model by ")

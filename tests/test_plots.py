@@ -13,7 +13,7 @@ import pytest
 from conftest import run_main, write_folder
 from PIL import Image
 
-from bitcli import plots
+from bitcli import extras, plots
 from bitcli.metrics import OTHER
 
 
@@ -230,7 +230,7 @@ def test_eval_plot_writes_the_confusion_picture(tiny_dir: Path, tmp_path: Path) 
 
 def test_without_matplotlib_plot_and_report_say_what_to_install(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: find_spec None, import fails
-    assert not plots.available()
+    assert not extras.available("plots")
     write_folder(tmp_path / "data", {"apple": 1})
     code, out, err = run_main("eval", tmp_path / "data", "--model", tiny_dir, "--plot", tmp_path / "c.png")
     assert (code, out) == (1, "")

@@ -280,12 +280,12 @@ def test_output_file_in_a_folder_that_refuses_new_files_is_written_in_place(tiny
 @pytest.fixture
 def no_conversion(monkeypatch):
     """Reading the source fails the test: a refusal must come before any conversion or export work."""
-    import bitcli.convert
+    import bitcli.commands.convert
 
     def read_source(*args: object) -> None:
         raise AssertionError("the source was read")
 
-    monkeypatch.setattr(bitcli.convert, "load_checkpoint", read_source)
+    monkeypatch.setattr(bitcli.commands.convert, "load_checkpoint", read_source)
 
 
 REPLACES_ONLY_OURS = (

@@ -21,7 +21,7 @@ def _calls(tree: ast.AST):
 
 def test_sources_were_found():
     found = {p.relative_to(Path(bitcli.__file__).parent).as_posix() for p in SOURCES}
-    assert found >= {"cli.py", "formats/raw.py", "formats/npz.py", "hub.py", "model.py", "predict.py"}
+    assert found >= {"cli.py", "formats/raw.py", "formats/npz.py", "hub.py", "model.py", "commands/predict.py"}
 
 
 def test_no_unpickling_anywhere():

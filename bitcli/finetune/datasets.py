@@ -7,14 +7,17 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from bitcli.data import ImageFolder, few_shot, find_undecodable, split_validation
+from bitcli import pipeline
+from bitcli.data import few_shot, split_validation
 from bitcli.distributed import Dist, all_max, collective_device
 from bitcli.errors import BitError, UsageError
 from bitcli.options import FinetuneOptions
+from bitcli.sources.examples import ImageFolder
 from bitcli.sources.locate import Columns, training_parts, validation_part
-from bitcli.sources.rows import Chain
+from bitcli.sources.rows import Chain, example_name, load_example
 from bitcli.ui import log, progress_bar, visible
 
 CHECK_LOG_FROM = 1000  # images: say on stderr that they are being decoded (a progress bar shows on a terminal)
@@ -108,8 +111,30 @@ def _check_every_class_decodes(train: ImageFolder) -> None:
             )
 
 
+def find_undecodable(
+    examples: Sequence, workers: int, advance: Callable[[int], None] = lambda n: None
+) -> dict[int, str]:
+    """Decode every example (a path or a sources.rows.RowRef) fully, through the pipeline on `workers` threads
+    (0: this one): {index: one-line error} of those that fail.
+
+    Run before step 0: a truncated file passes the header scan and would otherwise stop the run at the step
+    that first draws it. Decoding is deterministic, so the same files fail every time (a resumed run skips
+    the same ones).
+    """
+    window = 16 * max(1, workers)  # images per batch: memory stays bounded on a million-image folder
+    batches = pipeline.run(range(len(examples)), lambda i: _decodes(examples[i]), None, batch_size=window,
+                           workers=workers, name=lambda i: example_name(examples[i]), advance=advance)  # fmt: skip
+    return {o.ref: o.error for batch in batches for o in batch if o.error is not None}
+
+
+def _decodes(ref) -> np.ndarray:
+    """Decode `ref` and drop the pixels: only whether it decodes matters (and memory stays small)."""
+    load_example(ref)
+    return np.zeros(0, dtype=np.uint8)
+
+
 def shared_undecodable(paths: Sequence, info: Dist, device: torch.device, workers: int) -> dict[int, str]:
-    """data.find_undecodable over `paths`, shared by the processes (each decodes every world-th image) and
+    """find_undecodable over `paths`, shared by the processes (each decodes every world-th image) and
     the same answer in each; the main process reports every failure on stderr."""
     if not paths:
         return {}

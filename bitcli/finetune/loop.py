@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from bitcli import hyperrule
 from bitcli.data import DecodeCache, StepSample, StepSampler, augment
 from bitcli.distributed import Dist, all_sum, barrier
-from bitcli.engine import Engine
 from bitcli.errors import BitError
-from bitcli.evaluate import evaluate
+from bitcli.evaluation import evaluate
 from bitcli.finetune.datasets import Datasets
 from bitcli.finetune.plan import Plan
 from bitcli.finetune.progress import TrainProgress
@@ -35,6 +34,7 @@ from bitcli.finetune.state import check_finite, save_state
 from bitcli.finetune.watch import Watch
 from bitcli.images import Reader
 from bitcli.metrics import EvalResult
+from bitcli.torch_engine import TorchEngine
 from bitcli.ui import log
 
 
@@ -44,7 +44,7 @@ class Training:
 
     plan: Plan
     info: Dist
-    engine: Engine  # the model itself (engine.model), its device, precision and input conversion
+    engine: TorchEngine  # the model itself (engine.model), its device, precision and input conversion
     model: torch.nn.Module  # what the training forward runs: engine.model, or DistributedDataParallel over it
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # enabled for fp16 only
@@ -116,7 +116,7 @@ def train(t: Training) -> Outcome:
                     if step == plan.steps - 1 or (step + 1) % plan.save_every == 0:
                         check_finite(engine.model, step)
                         watch.before_checkpoint()
-                        save_state(t.output / STATE_FILE, engine.model, optimizer, step + 1, plan, scaler)
+                        save_state(t.output / STATE_FILE, engine.model, optimizer, step + 1, plan=plan, scaler=scaler)
                         saved_step = step + 1
                 progress.update(step + 1, lr, out.last_loss, ips)
     except KeyboardInterrupt:
@@ -145,7 +145,8 @@ def validation_due(plan: Plan, step: int) -> bool:
 
 def validate(t: Training) -> EvalResult:
     val = t.data.val
-    return evaluate(t.engine, val, t.val_cache.get, t.plan.micro_batch, t.workers, list(range(len(val.classes))))
+    return evaluate(t.engine, val, t.val_cache.get, batch_size=t.plan.micro_batch, workers=t.workers,
+                    class_to_model=list(range(len(val.classes))))  # fmt: skip
 
 
 def gradient_sync(model: torch.nn.Module, info: Dist, last: bool):
@@ -181,7 +182,8 @@ def micro_batches(
     """(input, labels, MixUp partner labels or None, λ) of this process's micro-batches, in training order,
     from step t.start on. The images are decoded and augmented on the reader's threads, a batch ahead."""
     plan, info = t.plan, t.info
-    sampler = StepSampler(len(t.data.train), plan.batch_size, plan.seed, plan.resize - plan.crop, plan.mixup)
+    sampler = StepSampler(len(t.data.train), plan.batch_size, plan.seed, max_offset=plan.resize - plan.crop,
+                          mixup=plan.mixup)  # fmt: skip
     targets = np.asarray(t.data.train.targets, dtype=np.int64)
     per_rank, m = plan.batch_size // info.world, plan.micro_batch
 
@@ -199,15 +201,20 @@ def micro_batches(
                 ]  # fmt: skip
 
     for (sample, own, needed), decoded in reader.run(jobs()):
-        yield (*_mix(decoded, needed, own, sample, targets, t.engine), sample.lam)
+        yield (*_mix(decoded, needed, own, sample, targets=targets, engine=t.engine), sample.lam)
 
 
 def _train_image(cache: DecodeCache, index: int, top: int, left: int, crop: int, flip: bool) -> np.ndarray:
-    return augment(cache.get(index), top, left, crop, flip)
+    return augment(cache.get(index), top, left, crop=crop, flip=flip)
 
 
 def _mix(
-    decoded: np.ndarray, needed: np.ndarray, own: np.ndarray, sample: StepSample, targets: np.ndarray, engine: Engine
+    decoded: np.ndarray,
+    needed: np.ndarray,
+    own: np.ndarray,
+    sample: StepSample,
+    targets: np.ndarray,
+    engine: TorchEngine,
 ):
     """(input, labels, partner labels or None) of a micro-batch: the images at batch positions `own`, each
     blended with its MixUp partner (decoded[i] is the image at position needed[i])."""

@@ -11,16 +11,15 @@ from typing import Any
 
 import torch
 
-from bitcli import hyperrule
+from bitcli import extras, hyperrule
 from bitcli.config import BitConfig
 from bitcli.data import median_area
 from bitcli.distributed import Dist
 from bitcli.errors import BitError, UsageError
 from bitcli.finetune.datasets import Datasets
 from bitcli.finetune.memory import auto_batch_split
-from bitcli.finetune.runfiles import SUMMARY_FILE
+from bitcli.finetune.runfiles import PICTURE_FILES, SUMMARY_FILE
 from bitcli.finetune.start import check_resolution
-from bitcli.finetune.watch import pictures_line
 from bitcli.formats import BIT_DEFAULT_PREPROCESS
 from bitcli.options import FinetuneOptions
 from bitcli.preprocess import Preprocess
@@ -309,6 +308,15 @@ def describe(plan: Plan) -> list[str]:
         lines.insert(3, f"  skipped     {n} image{'s' * (n != 1)} that do{'es' * (n == 1)} not decode (listed above; "
                         f"{SUMMARY_FILE} lists {'them' if n != 1 else 'it'} too)")  # fmt: skip
     return lines
+
+
+def pictures_line(has_validation: bool) -> str:
+    """The plan's line about the pictures (bitcli.finetune.watch draws them)."""
+    if not has_validation:
+        return "none: no validation set"
+    if not extras.available("plots"):
+        return f"none: {extras.missing('plots')} is not installed ({extras.install('plots')})"
+    return f"{', '.join(PICTURE_FILES)}: redrawn at every validation"
 
 
 def describe_schedule(boundaries: tuple[int, ...], lr: float) -> str:

@@ -9,15 +9,11 @@ The writer is flushed before every checkpoint, so every step before a checkpoint
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bitcli.errors import BitError
-
-INSTALL = "pip install 'bitcli[tensorboard]'"
 FOLDER = "tensorboard"  # under the run folder
 EVENT_PREFIX = "events.out.tfevents."  # the names SummaryWriter gives its files
 # TensorBoard tag -> metrics.jsonl key
@@ -29,12 +25,6 @@ TAGS = {
     "val/top5": "val_top5",
     "val/loss": "val_loss",
 }
-
-
-def require() -> None:
-    """--tensorboard without the package: one line, before anything is loaded or written."""
-    if importlib.util.find_spec("tensorboard") is None:
-        raise BitError(f"--tensorboard needs the tensorboard package, which is not installed: {INSTALL}")
 
 
 def remove_events(folder: Path) -> None:

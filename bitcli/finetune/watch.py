@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bitcli import plots
+from bitcli import extras, plots
 from bitcli.errors import one_line
 from bitcli.finetune.rundir import write_json
 from bitcli.finetune.runfiles import METRICS_FILE, PICTURE_FILES, VALIDATION_FILE, metrics_lines, read_saved_plan
@@ -35,7 +35,7 @@ def read_records(run: Path, steps: int) -> list[dict[str, Any]]:
 def draw_pictures(run: Path) -> list[Path]:
     """curves.png and confusion.png from the run's files; returns those written (none before the first
     validation). Raises BitError without matplotlib."""
-    plots.require("drawing a run's pictures")
+    extras.require("plots", "drawing a run's pictures")
     plan = read_saved_plan(run)
     records = read_records(run, int(plan["steps"]))
     written = []
@@ -67,7 +67,7 @@ class Watch:
 
     def __init__(self, run: Path, start: int, tensorboard: bool) -> None:
         self.run = run
-        self.pictures = plots.available()
+        self.pictures = extras.available("plots")
         self.board = Board(run, start) if tensorboard else None
 
     def step(self, record: dict[str, Any], validation: EvalResult | None) -> None:
@@ -87,12 +87,3 @@ class Watch:
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
-
-
-def pictures_line(has_validation: bool) -> str:
-    """The plan's line about the pictures."""
-    if not has_validation:
-        return "none: no validation set"
-    if not plots.available():
-        return f"none: matplotlib is not installed ({plots.INSTALL})"
-    return f"{CURVES}, {CONFUSION}: redrawn at every validation"

@@ -54,14 +54,12 @@ class Format:
 
     name: str
     read: Callable[[Path], Checkpoint]
-    write: Callable[..., None]  # (checkpoint, path, dtype, **write_options(convert's options)) -> None
+    # (checkpoint, path, dtype) -> None; None for ONNX, which is exported (bitcli.export), not written from tensors
+    write: Callable[[Checkpoint, Path, Any], None] | None
     folder: bool  # written as a folder of files (else as one file)
     suffixes: tuple[str, ...] = ()  # the model files it reads, by suffix
     claims: Callable[[dict[str, Any]], bool] | None = None  # the model folders it reads, by their config.json
     fixed_eps_library: str | None = None  # the library that reads this layout standardising with its own eps 1e-8
-    write_options: Callable[[Any], dict[str, Any]] | None = (
-        None  # keyword arguments its writer takes from ConvertOptions
-    )
     # A one-file format: what an existing file is when this writer did not write it (None when it did), from
     # its header; `bit convert --overwrite` replaces only files it wrote. Without it, no file is replaced.
     foreign: Callable[[Path], str | None] | None = None
@@ -77,8 +75,7 @@ FORMATS: dict[str, Format] = {
                fixed_eps_library="timm"),
         Format(hf.NAME, hf.read, hf.write, folder=True, claims=hf.claims, fixed_eps_library="transformers"),
         Format(npz.NAME, npz.read, npz.write, folder=False, suffixes=(".npz",)),
-        Format(onnx.NAME, onnx.read, onnx.write, folder=False, suffixes=(".onnx",), write_options=onnx.write_options,
-               foreign=onnx.foreign),
+        Format(onnx.NAME, onnx.read, None, folder=False, suffixes=(".onnx",), foreign=onnx.foreign),
     )
 }  # fmt: skip
 # Suffixes of model files: a model spec ending in one names a file, never a Hub repo.

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bitcli.data import ImageFolder, class_order
 from bitcli.errors import BitError
+from bitcli.sources.examples import ImageFolder, class_order
 from bitcli.sources.features import Columns, choose_columns, image_cell
 from bitcli.sources.rows import Rows
 from bitcli.sources.splits import canonical_split  # noqa: F401 -- sources.locate imports it from here
@@ -99,7 +99,7 @@ class DatasetSplit:
 
     def scan(self, classes: Sequence[str] | None, image: str | None, label: str | None) -> ImageFolder:
         """The rows grouped by class, in row order within a class. Classes: the ClassLabel's names in index
-        order, else the label values in data.class_order (by number when all are integers, else by name); with
+        order, else the label values in examples.class_order (by number when all are integers, else by name); with
         `classes` (training's) the rows' labels are mapped to them by name."""
         first = self.shards[0]
         self.columns = columns = choose_columns(first.schema, first.features, image=image, label=label, where=self.name)
@@ -134,7 +134,7 @@ class DatasetSplit:
         return ImageFolder(self.root, classes, Rows(self, order), targets[order], source=self.name)
 
     def _label_codes(self, columns: Columns) -> tuple[np.ndarray, list[str]]:
-        """Each row's index into the list of names (the ClassLabel's, or the values in data.class_order)."""
+        """Each row's index into the list of names (the ClassLabel's, or the values in examples.class_order)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 

@@ -7,10 +7,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from bitcli.data import ImageFolder, class_order
 from bitcli.errors import BitError
 from bitcli.images import list_images
 from bitcli.preprocess import IMAGE_EXTENSIONS
+from bitcli.sources.examples import ImageFolder, class_order
 from bitcli.sources.splits import SPLIT_KEYWORDS, canonical_split
 from bitcli.ui import log
 
@@ -53,7 +53,7 @@ def _split_folders(data: Path) -> dict[str, Path]:
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    """The class sub-folders, in class order (data.class_order: by number when every name is an integer)."""
+    """The class sub-folders, in class order (examples.class_order: by number when every name is an integer)."""
     try:
         dirs = {p.name: p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
     except OSError as exc:

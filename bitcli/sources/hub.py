@@ -55,15 +55,15 @@ def hub_splits(ds: HubDataset, purpose: str) -> dict[str | None, list[ParquetSha
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    online = hub._hub_answers(ds.repo_id, ds.revision, "dataset")
+    online = hub.hub_answers(ds.repo_id, ds.revision, "dataset")
     patterns = ["*.parquet"]
     if online:
         patterns = _needed_files(ds, purpose)
-    folder = hub._hub_snapshot(ds.repo_id, ds.revision, patterns, online=online, repo_type="dataset")
+    folder = hub.fetch_snapshot(ds.repo_id, ds.revision, patterns, online=online, repo_type="dataset")
     files = [f for f in parquet_files(folder) if online is not True or f.relative_to(folder).as_posix() in patterns]
     if not files:
         raise (
-            hub._not_cached(ds.repo_id, ds.revision, "parquet files of dataset", "dataset")
+            hub.not_cached(ds.repo_id, ds.revision, "parquet files of dataset", "dataset")
             if not online
             else BitError(
                 f"{ds.label}: has no parquet files; bit reads Hub data sets in parquet (try @refs/convert/parquet)"
@@ -72,7 +72,7 @@ def hub_splits(ds: HubDataset, purpose: str) -> dict[str | None, list[ParquetSha
     splits = shard_splits(folder, files, ds.label, ds.split)
     if ds.key is not None and ds.key not in splits:
         if not online:
-            raise hub._not_cached(ds.repo_id, ds.revision, f"split {ds.split!r} of dataset", "dataset")
+            raise hub.not_cached(ds.repo_id, ds.revision, f"split {ds.split!r} of dataset", "dataset")
         raise BitError(f"{ds.label}: has no split {ds.split!r} (splits: {', '.join(map(str, splits))})")
     return splits
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bitcli.data import ImageFolder, class_order
 from bitcli.errors import BitError
+from bitcli.sources.examples import ImageFolder, class_order
 from bitcli.sources.rows import RowPath, RowPaths
 from bitcli.sources.splits import SPLIT_KEYWORDS, canonical_split
 from bitcli.ui import log, visible
@@ -73,7 +73,7 @@ class LabelFile:
 
     def scan(self, split: str | None, classes: Sequence[str] | None) -> ImageFolder:
         """The rows of `split` (None: every row), grouped by class, in file order within a class. Classes: the
-        labels in data.class_order; with `classes` (training's) each label must be one of them."""
+        labels in examples.class_order; with `classes` (training's) each label must be one of them."""
         if split is None:
             rows = np.arange(len(self.labels))
         else:

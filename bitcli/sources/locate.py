@@ -9,22 +9,21 @@ written by save_to_disk (each of the last four optionally with :SPLIT), or hf://
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bitcli.data import ImageFolder
+from bitcli import extras
 from bitcli.errors import BitError
 from bitcli.options import HUB_DATA_PREFIX
 from bitcli.preprocess import IMAGE_EXTENSIONS
 from bitcli.sources import folder
+from bitcli.sources.examples import ImageFolder
 from bitcli.sources.features import Columns
 from bitcli.sources.labelfile import SUFFIXES as LABEL_SUFFIXES
 from bitcli.ui import log, visible
 
-INSTALL = "pip install 'bitcli[datasets]'"
 LOCAL_HINT = "pass the split's own file or folder"
 
 
@@ -213,8 +212,7 @@ def _label_part(labels, split: str | None) -> Part:
 
 def _dataset_splits(src: Source, columns: Columns, purpose: str):
     """({split: shards}, label for messages, hint naming how to choose a split)."""
-    if importlib.util.find_spec("pyarrow") is None:
-        raise BitError(f"reading {visible(str(src.where))} needs pyarrow, which is not installed: {INSTALL}")
+    extras.require("datasets", f"reading {visible(str(src.where))}")
     if src.kind == "hub":
         from bitcli.sources.hub import hub_splits, parse
 

@@ -13,7 +13,7 @@ from conftest import run_main, write_folder
 from PIL import Image
 
 from bitcli import hyperrule
-from bitcli.finetune import command
+from bitcli.finetune import prepare
 
 from .helpers import FAST, RUN_FILES, TINY, VALIDATION_FILES, read_metrics, truncated_jpeg
 
@@ -135,7 +135,7 @@ def test_degenerate_runs_are_refused_before_any_weight_is_built(tmp_path: Path, 
     def never(*args, **kwargs):
         raise AssertionError("weights were built")
 
-    monkeypatch.setattr(command, "build_start_model", never)
+    monkeypatch.setattr(prepare, "build_start_model", never)
     before = sorted(tmp_path.rglob("*"))
     cases = [
         (

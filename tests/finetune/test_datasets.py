@@ -12,6 +12,7 @@ import torch
 from conftest import run_main, write_folder
 
 from bitcli.finetune import rundir
+from bitcli.finetune.datasets import find_undecodable
 
 from .helpers import FAST, read_weights, truncated_jpeg
 
@@ -86,3 +87,20 @@ def test_a_dangling_link_or_a_pipe_in_a_class_folder_is_named_and_skipped(tmp_pa
     assert f"skipped {fifo}: not a regular file (pipe, socket or device); copy the image to a file\n" in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == [str(fifo), str(link)] and summary["train_examples"] == 8
+
+
+def test_find_undecodable_names_every_bad_file(tmp_path: Path) -> None:
+    write_folder(tmp_path, {"a": 2})
+    bad = truncated_jpeg(tmp_path / "a" / "cut.jpg")
+    (tmp_path / "a" / "text.png").write_text("not a png")
+    paths = [
+        str(tmp_path / "a" / "000.png"),
+        str(bad),
+        str(tmp_path / "a" / "text.png"),
+        str(tmp_path / "a" / "001.png"),
+    ]
+    for workers in (0, 2):
+        failed = find_undecodable(paths, workers)
+        assert sorted(failed) == [1, 2]
+        assert failed[1].startswith(f"{bad}: cannot decode image (") and "truncated" in failed[1]
+        assert failed[2] == f"{paths[2]}: not an image PIL can read (empty, corrupt or another format)"

@@ -15,7 +15,6 @@ from PIL import Image
 
 from bitcli.architectures import from_name
 from bitcli.config import BitConfig
-from bitcli.data import ImageFolder
 from bitcli.distributed import Dist
 from bitcli.errors import BitError, UsageError
 from bitcli.finetune.datasets import Datasets
@@ -27,6 +26,7 @@ from bitcli.hyperrule import Resolution, resolution_for_crop
 from bitcli.model import BitModel
 from bitcli.options import FinetuneOptions
 from bitcli.preprocess import Preprocess
+from bitcli.sources.examples import ImageFolder
 
 from .helpers import FAST, TINY
 

@@ -19,8 +19,8 @@ from PIL import Image
 
 from bitcli import hyperrule
 from bitcli.data import StepSample, StepSampler, eval_transform
-from bitcli.engine import Engine
 from bitcli.finetune import loop
+from bitcli.torch_engine import TorchEngine
 
 from .helpers import FAST
 
@@ -53,8 +53,8 @@ def test_mixup_loss_is_lambda_ce_of_own_labels_plus_one_minus_lambda_ce_of_partn
 
 
 def test_mix_blends_each_image_with_its_partner_by_lambda_and_returns_both_labels() -> None:
-    engine = Engine(torch.nn.Identity(), eval_transform(4, (0.5,) * 3, (0.5,) * 3).normalize, torch.device("cpu"),
-                    torch.float32, channels_last=False)  # fmt: skip
+    engine = TorchEngine(torch.nn.Identity(), eval_transform(4, (0.5,) * 3, (0.5,) * 3), torch.device("cpu"),
+                         torch.float32, channels_last=False)  # fmt: skip
     batch = 6
     indices = np.array([10, 11, 12, 13, 14, 15])  # data-set index of each batch position
     partners = np.array([3, 0, 5, 1, 2, 4])  # position mixed into each position
@@ -91,9 +91,9 @@ def _record(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
         seen["loss"].append((logits.detach().clone(), y, y_mix, lam))
         return real_loss(logits, y, y_mix, lam)
 
-    def sampler(*args):
-        seen["sampler"].append(args)
-        return real_sampler(*args)
+    def sampler(*args, **keywords):  # (num_examples, batch_size, seed, max_offset, mixup), however they are passed
+        seen["sampler"].append((*args, *keywords.values()))
+        return real_sampler(*args, **keywords)
 
     monkeypatch.setattr(loop, "_mix", mix)
     monkeypatch.setattr(loop, "mixup_cross_entropy", loss)

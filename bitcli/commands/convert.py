@@ -1,4 +1,5 @@
-"""`bit convert`: any supported checkpoint in, bitcli / transformers / timm out, streamed tensor by tensor."""
+"""`bit convert`: any supported checkpoint in, bitcli / transformers / timm out, streamed tensor by tensor (the
+format writers, bitcli.formats), or an ONNX export (bitcli.export: the graph is proven before it is written)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 import torch
 
 from bitcli.errors import BitError, UsageError
+from bitcli.export import write_onnx
 from bitcli.formats import FORMATS, Format
 from bitcli.hub import load_checkpoint
-from bitcli.options import ConvertFormat, ConvertOptions, DType
+from bitcli.options import ConvertOptions, DType, convert_format
 from bitcli.ui import log
 from bitcli.writes import MODEL_FILES_SHOWN, model_files_in, unwritable
 
@@ -20,7 +22,7 @@ DTYPES = {DType.float32: torch.float32, DType.float16: torch.float16, DType.bflo
 
 def run(opts: ConvertOptions) -> None:
     dst = opts.dst
-    fmt = FORMATS[output_format(opts.format, dst).value]
+    fmt = FORMATS[convert_format(opts.format, dst).value]
     if not fmt.folder and dst.suffix.lower() not in fmt.suffixes:
         raise UsageError(f"{dst}: a {fmt.name} checkpoint is one file; name it *{fmt.suffixes[0]}")
     if fmt.folder and dst.suffix:
@@ -30,7 +32,11 @@ def run(opts: ConvertOptions) -> None:
         opts.src, opts.revision, str(opts.labels) if opts.labels else None
     )  # readers check every shape
     ckpt.refuse_graph()
-    fmt.write(ckpt, dst, DTYPES[opts.dtype], **(fmt.write_options(opts) if fmt.write_options else {}))
+    if fmt.write is None:  # ONNX: an export, not a file writer (it needs the engine to prove the graph)
+        write_onnx(ckpt, dst, DTYPES[opts.dtype], opset=opts.opset, calibrate=opts.calibrate,
+                   min_agreement=opts.min_agreement)  # fmt: skip
+    else:
+        fmt.write(ckpt, dst, DTYPES[opts.dtype])
     cfg = ckpt.config
     if fmt.fixed_eps_library and cfg.ws_eps != 1e-8:
         log(
@@ -41,13 +47,6 @@ def run(opts: ConvertOptions) -> None:
         f"wrote {dst} ({fmt.name}): {len(cfg.depths)} stages {list(cfg.depths)}, width {cfg.num_features}, "
         f"{cfg.num_classes} classes, {len(ckpt.tensors)} tensors"
     )
-
-
-def output_format(fmt: ConvertFormat | None, dst: Path) -> ConvertFormat:
-    """--format if given, else bitcli for a *.safetensors DST, onnx for *.onnx and hf for anything else."""
-    if fmt is not None:
-        return fmt
-    return {".safetensors": ConvertFormat.bitcli, ".onnx": ConvertFormat.onnx}.get(dst.suffix.lower(), ConvertFormat.hf)
 
 
 def check_dst(dst: Path, fmt: Format, overwrite: bool) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bitcli import extras
 from bitcli.errors import BitError, one_line
 from bitcli.finetune import tensorboard
 from bitcli.finetune.runfiles import (
@@ -226,9 +227,7 @@ def pictures_line(folder: Path, plan: dict[str, Any], kind: str) -> str:
         return "pictures    " + ", ".join(visible(display(p)) for p in drawn)
     if not (folder / VALIDATION_FILE).is_file():
         return "pictures    none yet (training draws them at the first validation)"
-    from bitcli.plots import INSTALL  # (numpy, on this path only)
-
-    how = f"none: training draws them at every validation when matplotlib is installed ({INSTALL})"
+    how = f"none: training draws them at every validation when matplotlib is installed ({extras.install('plots')})"
     if kind == "interrupted":
         how += "; then --resume draws them at its next validation"
     elif kind == "finished":

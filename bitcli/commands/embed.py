@@ -1,7 +1,7 @@
 """`bit embed`: every image's pre-logits features (Engine.features: the final GroupNorm + ReLU, then global
 average pooling; transformers' BitModel pooler_output), in input order, from any checkpoint, with or without
 a head. The arguments, decoding, batching, error rows, exit codes and the torchrun split are `bit predict`'s
-own pipeline (predict.expand_inputs, Report, run_batches, exit_code); only what is computed and written differs.
+(bitcli.inputs, bitcli.pipeline: Report, run_report, exit_code); only what is computed and written differs.
 
 Outputs (EmbedFormat):
 - .safetensors: tensor `embeddings`, float32 [N, D], one row per input that was embedded, in input order;
@@ -22,15 +22,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bitcli.distributed import Dist, from_main, setup_distributed, teardown
-from bitcli.engine import Engine
+from bitcli.distributed import from_main, process_group
+from bitcli.engine import load_engine
 from bitcli.errors import UsageError
 from bitcli.formats.raw import write_safetensors
 from bitcli.formats.tensors import TensorRef
 from bitcli.hub import load_checkpoint
+from bitcli.inputs import Input, expand_inputs, path_decoder
 from bitcli.options import EmbedFormat, EmbedOptions, paths_file
-from bitcli.predict import Input, Report, drop, exit_code, expand_inputs, print_lines, run_batches
-from bitcli.render import json_lines
+from bitcli.pipeline import Report, drop, exit_code, run_report
+from bitcli.render import json_lines, print_lines
 from bitcli.runtime import resolve_precision
 from bitcli.ui import display, visible
 from bitcli.writes import atomic_write, write_together
@@ -77,38 +78,32 @@ class Table:
 
 def run(opts: EmbedOptions) -> int:
     """The whole command; returns the exit code (0, 1 when an input failed, 130 on Ctrl-C)."""
-    info, device = setup_distributed(opts.device)
-    try:
-        return _run(opts, info, device)
-    finally:
-        teardown(info)
+    with process_group(opts.device) as (info, device):
+        dtype = resolve_precision(opts.precision, device)
+        report: Report[Embedded] = Report(from_main(lambda: expand_inputs(opts.images, opts.recursive), info), Embedded)
+        check_listable(report.inputs, opts)  # before the model loads: the output could not hold these paths
+        ckpt = load_checkpoint(opts.model, opts.revision)
+        engine = load_engine(ckpt, device, dtype, need_head=False)  # features exist with or without a head
 
+        def embed(batch: np.ndarray) -> list[np.ndarray]:
+            vectors = engine.features(batch)
+            if opts.normalize:
+                vectors = F.normalize(vectors, dim=1)  # unit length; an all-zero vector stays zero
+            return list(vectors.cpu().numpy())
 
-def _run(opts: EmbedOptions, info: Dist, device: torch.device) -> int:
-    dtype = resolve_precision(opts.precision, device)
-    report: Report[Embedded] = Report(from_main(lambda: expand_inputs(opts.images, opts.recursive), info), Embedded)
-    check_listable(report.inputs, opts)  # before the model loads: the output could not hold these paths
-    ckpt = load_checkpoint(opts.model, opts.revision)
-    engine = Engine.load(ckpt, device, dtype, need_head=False)  # features exist with or without a head
+        def run_all(emit: Callable[[list[Embedded]], None]) -> bool:
+            return run_report(report, path_decoder(engine.preprocess), embed, batch_size=opts.batch_size,
+                              workers=opts.workers, emit=emit, info=info, verb="embedding")  # fmt: skip
 
-    def embed(batch: np.ndarray) -> list[np.ndarray]:
-        vectors = engine.features(batch)
-        if opts.normalize:
-            vectors = F.normalize(vectors, dim=1)  # unit length; an all-zero vector stays zero
-        return list(vectors.cpu().numpy())
-
-    def run_all(emit: Callable[[list[Embedded]], None]) -> bool:
-        return run_batches(report, embed, ckpt.preprocess, opts.batch_size, opts.workers, emit, info, "embedding")
-
-    if not info.main:
-        interrupted = run_all(drop)
-    elif opts.format == EmbedFormat.jsonl:
-        interrupted = _stream(opts.output, run_all)
-    else:
-        table = Table(len(report.inputs), ckpt.config.num_features)
-        interrupted = run_all(table.add)
-        _write_table(table, opts.format, opts.output)
-    return exit_code(report, interrupted, info)
+        if not info.main:
+            interrupted = run_all(drop)
+        elif opts.format == EmbedFormat.jsonl:
+            interrupted = _stream(opts.output, run_all)
+        else:
+            table = Table(len(report.inputs), ckpt.config.num_features)
+            interrupted = run_all(table.add)
+            _write_table(table, opts.format, opts.output)
+        return exit_code(report, interrupted, info)
 
 
 def _stream(output: Path | None, run_all: Callable[[Callable[[list[Embedded]], None]], bool]) -> bool:

@@ -1,0 +1,262 @@
+"""Every flag and argument of the `bit` commands as a typed alias (Annotated with its Typer option), so that a
+command in bitcli.cli declares each option in one line. Values are parsed and checked here while the command line
+is read (bitcli.options' parsers): a bad one exits 2 before a command module, or torch, is imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+
+from bitcli.errors import UsageError
+from bitcli.hyperrule import Resolution
+from bitcli.options import (
+    ConvertFormat,
+    DType,
+    EmbedFormat,
+    EvalFormat,
+    OptionError,
+    Precision,
+    PredictFormat,
+    Quantize,
+    parse_auto_float,
+    parse_auto_int,
+    parse_device,
+    parse_png_path,
+    parse_resolution,
+    parse_val_split,
+)
+
+T = TypeVar("T")
+
+
+def _parser(flag: str, parse: Callable[[str], T]) -> Callable[[str], T]:
+    """A flag's value parser: a value `parse` refuses is one `Error: FLAG VALUE: how to fix it` line, exit 2,
+    while the command line is read (the command's module and torch are never imported)."""
+
+    def parser(value: str) -> T:
+        try:
+            return parse(value)
+        except OptionError as exc:
+            raise UsageError(f"{flag} {exc}") from None
+
+    return parser
+
+
+def _auto(help: str, flag: str, parse: Callable[[str], object], metavar: str) -> typer.models.OptionInfo:
+    """An `auto|VALUE` option: None (the default) means auto, decided by the command."""
+    return typer.Option(flag, parser=_parser(flag, parse), metavar=metavar, show_default="auto", help=help)
+
+
+def _auto_int(minimum: int) -> Callable[[str], int | None]:
+    return lambda v: parse_auto_int(v, minimum)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared by several commands
+
+MODEL_HELP = (
+    "Hub repo id (google/bit-50, timm/resnetv2_50x1_bit.goog_in21k_ft_in1k), published name (BiT-M-R50x1), "
+    "or a local .safetensors/.npz/.bin file or model folder"
+)
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP + ", or a .onnx file from bit convert.")]
+EmbedModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP + ".")]  # an .onnx gives logits only
+BatchOpt = Annotated[
+    int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass: more is faster, up to memory.")
+]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", parser=_parser("--device", parse_device), metavar="<auto|cpu|cuda|cuda:N|mps>",
+                 help="Where the model runs; auto: a GPU if there is one."),
+]  # fmt: skip
+PrecisionOpt = Annotated[
+    Precision, typer.Option("--precision", case_sensitive=False, help="auto: fp32 on CPU, bf16/fp16 on GPU.")
+]
+ImageColumnOpt = Annotated[
+    str | None, typer.Option("--image-column", help="A data set's image column (default: its Image feature).")
+]
+LabelColumnOpt = Annotated[
+    str | None,
+    typer.Option("--label-column", help="A data set's label column (default: its ClassLabel, else 'label')."),
+]
+WorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--workers", min=0, help="Image-decoding threads (0: decode in the main thread); results do not depend on it."
+    ),
+]
+
+# ----------------------------------------------------------------------------------------------------------
+# predict and embed
+
+ImagesArg = Annotated[
+    list[str],
+    typer.Argument(
+        help="Image files, folders or glob patterns; - reads paths from stdin, one per line.",
+        metavar="IMAGES",
+        show_default=False,
+    ),
+]
+RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to report per image.")]
+PredictFormatOpt = Annotated[
+    PredictFormat | None,
+    typer.Option("--format", "-f", case_sensitive=False, show_default=False,
+                 help="Default: from --output's suffix (.json, .jsonl, .csv), else table."),
+]  # fmt: skip
+PredictOutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")]
+EmbedOutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl."),
+]
+EmbedFormatOpt = Annotated[
+    EmbedFormat | None,
+    typer.Option("--format", "-f", case_sensitive=False, show_default=False,
+                 help="Default: from --output's suffix; -f jsonl without --output writes to stdout."),
+]  # fmt: skip
+NormalizeOpt = Annotated[bool, typer.Option("--normalize", help="L2-normalise every vector (unit length).")]
+
+# ----------------------------------------------------------------------------------------------------------
+# convert
+
+SrcArg = Annotated[
+    str,
+    typer.Argument(
+        metavar="SRC", help="Google .npz, transformers folder, timm folder/file, bitcli .safetensors, or a model spec."
+    ),
+]
+DstArg = Annotated[
+    Path, typer.Argument(metavar="DST", help="A .safetensors file (bitcli), a .onnx file, or a folder (hf/timm).")
+]
+ConvertFormatOpt = Annotated[
+    ConvertFormat | None,
+    typer.Option("--format", case_sensitive=False, help="Default: bitcli for *.safetensors, onnx for *.onnx, else hf."),
+]
+LabelsOpt = Annotated[Path | None, typer.Option("--labels", help="Text file of class names, one per line.")]
+DTypeOpt = Annotated[
+    DType, typer.Option("--dtype", case_sensitive=False, help="The written weights' type (ONNX: its arithmetic too).")
+]
+ConvertOverwriteOpt = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Replace a DST file that bitcli wrote, or the model files of a DST folder "
+                 "(any other file, or a folder holding other files, is refused)."),
+]  # fmt: skip
+OpsetOpt = Annotated[int | None, typer.Option("--opset", min=18, show_default="18", help="ONNX: the opset to write.")]
+QuantizeOpt = Annotated[
+    Quantize | None,
+    typer.Option("--quantize", case_sensitive=False, help="ONNX: static int8 quantisation (needs --calibrate)."),
+]
+CalibrateOpt = Annotated[
+    Path | None,
+    typer.Option("--calibrate", help="ONNX int8: folder of images to calibrate on (and to measure agreement on)."),
+]
+MinAgreementOpt = Annotated[
+    float,
+    typer.Option("--min-agreement", help="ONNX int8: least top-1 agreement with float32 on the calibration images."),
+]
+
+# ----------------------------------------------------------------------------------------------------------
+# finetune
+
+FinetuneDataArg = Annotated[
+    str,
+    typer.Argument(metavar="DATA", show_default=False,
+                   help="Image folder (one sub-folder per class, or train/ + val/ splits), CSV/JSONL "
+                   "label file, parquet file or folder, save_to_disk folder, or hf://datasets/OWNER/NAME[@REV][:SPLIT]."),
+]  # fmt: skip
+StartModelOpt = Annotated[
+    str,
+    typer.Option("--model", "-m", help="Model spec to start from (as for predict); with --random-init "
+                 "an architecture: tiny, small, R50x1 ... R152x4, or a JSON object of BitConfig fields."),
+]  # fmt: skip
+RunOutputOpt = Annotated[
+    Path, typer.Option("--output", "-o", help="Run folder: model, metrics.jsonl, summary.json, checkpoint.")
+]
+ShotsOpt = Annotated[
+    int | None,
+    typer.Option("--shots", min=1, help="Train on K images per class (seeded); a smaller class is an error."),
+]
+ValOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--val", metavar="DATA", help="Validation data, any DATA kind (default: DATA's val|valid|validation split)."
+    ),
+]
+ValSplitOpt = Annotated[
+    float | None,
+    typer.Option("--val-split", parser=_parser("--val-split", parse_val_split), metavar="F",
+                 help="Hold out this fraction (0 < F < 1) of every class for validation."),
+]  # fmt: skip
+StepsOpt = Annotated[
+    int | None,
+    _auto("auto (HyperRule: 500/10k/20k by data size) or N (boundaries scaled).", "--steps", _auto_int(1), "<auto|N>"),
+]
+LrOpt = Annotated[float, typer.Option("--lr", help="Base learning rate (linear warm-up, then /10 steps).")]
+GlobalBatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Global batch per optimizer step.")]
+BatchSplitOpt = Annotated[
+    int | None,
+    _auto("Micro-batches per step (gradient accumulation): auto or N.", "--batch-split", _auto_int(1), "<auto|N>"),
+]
+ResolutionOpt = Annotated[
+    Resolution | None,
+    _auto("auto (HyperRule: 128 or 480), CROP, or RESIZE:CROP.", "--resolution", parse_resolution,
+          "<auto|CROP|RESIZE:CROP>"),
+]  # fmt: skip
+MixupOpt = Annotated[
+    float | None,
+    _auto("auto (HyperRule: 0.1 from 20k images) or ALPHA; 0 disables.", "--mixup", parse_auto_float, "<auto|ALPHA>"),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seeds few-shot sampling, data order, augmentation, random init.")]
+EvalEveryOpt = Annotated[
+    int | None,
+    _auto("Validate every N steps (auto: 5 times per run; 0: only at the end).", "--eval-every", _auto_int(0),
+          "<auto|N>"),
+]  # fmt: skip
+SaveEveryOpt = Annotated[
+    int | None,
+    _auto("Write the resumable checkpoint every N steps (auto: 10 times per run).", "--save-every", _auto_int(1),
+          "<auto|N>"),
+]  # fmt: skip
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Continue the unfinished run in --output from its checkpoint.")
+]
+RunOverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in --output.")]
+RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Start --model's architecture from random weights.")]
+HeadOnlyOpt = Annotated[
+    bool, typer.Option("--head-only", help="Train only the new head; the backbone stays frozen (a linear probe).")
+]
+TensorboardOpt = Annotated[
+    bool,
+    typer.Option(
+        "--tensorboard", help="Also write TensorBoard event files to DIR/tensorboard (needs bitcli[tensorboard])."
+    ),
+]
+
+# ----------------------------------------------------------------------------------------------------------
+# eval and report
+
+EvalDataArg = Annotated[
+    str,
+    typer.Argument(metavar="DATA", show_default=False,
+                   help="Image folder with one sub-folder per class (named by a label of the model, its first name, or its index), "
+                   "or any DATA of finetune: label file, parquet, save_to_disk folder, hf://datasets/OWNER/NAME[@REV][:SPLIT]."),
+]  # fmt: skip
+EvalFormatOpt = Annotated[
+    EvalFormat,
+    typer.Option("--format", "-f", case_sensitive=False,
+                 help="table: for people; json: every metric (per class too) and the whole confusion matrix."),
+]  # fmt: skip
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option("--plot", parser=_parser("--plot", parse_png_path), metavar="FILE.png",
+                 help="Also draw the confusion matrix, row-normalised, as a PNG (needs bitcli[plots])."),
+]  # fmt: skip
+RunDirArg = Annotated[
+    Path,
+    typer.Argument(metavar="RUN_DIR", show_default=False,
+                   help="A bit finetune run folder (its --output): finished, running or interrupted."),
+]  # fmt: skip

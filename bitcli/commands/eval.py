@@ -1,0 +1,76 @@
+"""`bit eval`: the accuracy of a model on a labelled data set (bitcli.evaluation), as a table or JSON, and
+optionally the confusion matrix as a picture. Every process evaluates its share of the batches; the main
+process alone reports."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+from bitcli import extras, plots
+from bitcli.distributed import from_main, process_group
+from bitcli.engine import load_engine
+from bitcli.evaluation import evaluate, example_decoder
+from bitcli.hub import load_checkpoint
+from bitcli.labels import match_classes
+from bitcli.metrics import OTHER, EvalResult, render_table
+from bitcli.options import EvalFormat, EvalOptions
+from bitcli.pipeline import no_progress
+from bitcli.runtime import resolve_precision
+from bitcli.sources.examples import ImageFolder
+from bitcli.sources.locate import Columns, evaluation_part
+from bitcli.ui import display, log, progress_bar, visible
+
+
+def run(opts: EvalOptions) -> int:
+    """The whole command; returns the exit code (130 when Ctrl-C stopped the pass)."""
+    with process_group(opts.device) as (info, device):
+        if opts.plot is not None:
+            extras.require("plots", "--plot")  # before any work
+        dtype = resolve_precision(opts.precision, device)
+        columns = Columns(opts.image_column, opts.label_column)
+        # Listed once, by the main process: every process splits the same list.
+        ds = from_main(lambda: evaluation_part(opts.data, columns).scan(None), info)
+        ckpt = load_checkpoint(opts.model, opts.revision)
+        # Folder names are checked before the model is built (seconds for a big one); a checkpoint without a
+        # head has no labels, and load_engine says so instead.
+        class_to_model = (
+            match_classes(ds.classes, ckpt.labels, ckpt.source or opts.model, ds.root, data=ds.source)
+            if ckpt.config.num_classes
+            else []
+        )
+        engine = load_engine(ckpt, device, dtype)
+        show_bar = opts.format == EvalFormat.table and info.main
+        bar = progress_bar("evaluating", total=len(ds), unit="img") if show_bar else contextlib.nullcontext(no_progress)
+        done = 0
+        try:
+            with bar as show:
+
+                def advance(n: int) -> None:
+                    nonlocal done
+                    done += n
+                    show(n)
+
+                result = evaluate(engine, ds, example_decoder(ds, engine.preprocess), batch_size=opts.batch_size,
+                                  workers=opts.workers, class_to_model=class_to_model, advance=advance, info=info)  # fmt: skip
+        except KeyboardInterrupt:  # Ctrl-C: one line, as predict gives (the bar and decode threads are closed by now)
+            if info.main:
+                log(f"interrupted: {done} of {len(ds)} images done; accuracy is reported only for a whole pass")
+            return 130
+        if result is None:  # not the main process: it reports, and any failure there is the run's
+            return 0
+        _report(result, opts, ds)
+        return 0
+
+
+def _report(result: EvalResult, opts: EvalOptions, ds: ImageFolder) -> None:
+    """The main process's output: the table or JSON on stdout, and with --plot the confusion picture."""
+    if opts.format == EvalFormat.table:
+        sys.stdout.write(render_table(result, color=sys.stdout.isatty()))
+    else:
+        sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+    if opts.plot is not None:
+        heading = f"{visible(display(ds.where()))} with {visible(opts.model)}"
+        plots.write_png(opts.plot, plots.evaluation_png(result.to_dict(), heading, OTHER))

@@ -1,0 +1,91 @@
+"""`bit finetune` from start to end: check everything that can refuse the run and plan it (bitcli.finetune.prepare),
+claim the output folder, set up the model, optimizer and processes, train (bitcli.finetune.loop), and write the
+outputs (bitcli.finetune.rundir)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from bitcli import extras
+from bitcli.data import DecodeCache, eval_transform, train_transform
+from bitcli.distributed import Dist, barrier, process_group, wrap
+from bitcli.errors import BitError
+from bitcli.finetune.loop import Training, bit_sgd, train, validate
+from bitcli.finetune.plan import describe
+from bitcli.finetune.prepare import prepare, resume_point, use_deterministic_algorithms
+from bitcli.finetune.rundir import WRITE_ERRORS, lock_output, remove_leftovers, write_json, write_outputs
+from bitcli.finetune.runfiles import CONFIG_FILE
+from bitcli.finetune.start import trainable_parameters
+from bitcli.finetune.state import check_finite
+from bitcli.finetune.watch import record_validation
+from bitcli.options import FinetuneOptions
+from bitcli.runtime import resolve_precision
+from bitcli.torch_engine import TorchEngine
+from bitcli.ui import log
+
+TRAIN_CACHE_BYTES = 1 << 30  # decoded training images kept in memory (per process)
+VAL_CACHE_BYTES = 256 << 20
+
+
+def run(opts: FinetuneOptions) -> None:
+    """Fine-tune as `opts` says; a full or read-only disk is one error line (the run stays resumable)."""
+    with process_group(opts.device) as (info, device):
+        try:
+            with contextlib.ExitStack() as held:  # the output folder's lock, released however the run ends
+                _run(opts, info, device, held)
+        except OSError as exc:
+            if exc.errno not in WRITE_ERRORS:
+                raise
+            where = exc.filename or opts.output
+            raise BitError(
+                f"{where}: cannot write ({exc.strerror}); free some space or choose another --output "
+                "(--resume continues from the last checkpoint)"
+            ) from None
+
+
+def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextlib.ExitStack) -> None:
+    started = time.monotonic()
+    dtype = resolve_precision(str(opts.precision), device)
+    if device.type == "cpu":
+        use_deterministic_algorithms()
+    prepared = prepare(opts, info, device, dtype)
+    if prepared is None:
+        return
+    plan = prepared.plan
+    barrier(info)  # every process has looked at DIR before the first write to it
+    if info.main:
+        for line in describe(plan):
+            log(line)
+        opts.output.mkdir(parents=True, exist_ok=True)
+        held.enter_context(lock_output(opts.output))
+        remove_leftovers(opts.output, run_files=prepared.mode == "overwrite")
+        if prepared.mode != "resume":
+            write_json(opts.output / CONFIG_FILE, plan.to_dict())
+
+    # The engine converts the model to channels_last on a GPU: before the optimizer and DDP take its parameters.
+    val_tf = eval_transform(plan.crop, prepared.mean, prepared.std)
+    engine = TorchEngine(prepared.model, val_tf, device, dtype, labels=plan.classes, source=str(opts.output),
+                         channels_last=device.type == "cuda")  # fmt: skip
+    optimizer = bit_sgd(trainable_parameters(engine.model))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start = resume_point(prepared, opts, info, model=engine.model, optimizer=optimizer, scaler=scaler)
+    ds = prepared.data
+    training = Training(
+        plan=plan, info=info, engine=engine, model=wrap(engine.model, info, device), optimizer=optimizer,
+        scaler=scaler, data=ds, train_cache=DecodeCache(ds.train, train_transform(plan.resize), TRAIN_CACHE_BYTES),
+        val_cache=DecodeCache(ds.val, val_tf, VAL_CACHE_BYTES) if ds.val is not None else None,
+        output=opts.output, start=start, workers=opts.workers, tensorboard=opts.tensorboard,
+    )  # fmt: skip
+    outcome = train(training)
+    if info.main:
+        last_eval = outcome.last_eval
+        if ds.val is not None and last_eval is None:  # resumed after the last step's checkpoint
+            last_eval = validate(training)
+            record_validation(opts.output, plan.steps - 1, last_eval, pictures=extras.available("plots"))
+        check_finite(engine.model, plan.steps - 1)
+        write_outputs(opts.output, engine.model, plan, val_tf, last_eval=last_eval, last_loss=outcome.last_loss,
+                      step_times=outcome.step_times, start=start, started=started)  # fmt: skip
+    barrier(info)

@@ -1,0 +1,41 @@
+"""`bit predict`: expand the arguments into images (bitcli.inputs), classify them through the pipeline
+(bitcli.pipeline) with the engine, and report one row per argument occurrence, in argument order, in any format.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from bitcli.distributed import from_main, process_group
+from bitcli.engine import load_engine, top_k
+from bitcli.hub import load_checkpoint
+from bitcli.inputs import expand_inputs, path_decoder
+from bitcli.options import PredictFormat, PredictOptions
+from bitcli.pipeline import Report, drop, exit_code, run_report
+from bitcli.render import Row, predictions_text, print_lines, write_text
+from bitcli.runtime import resolve_precision
+
+
+def run(opts: PredictOptions) -> int:
+    """The whole command; returns the exit code. Ctrl-C reports what was done and returns 130."""
+    with process_group(opts.device) as (info, device):
+        dtype = resolve_precision(opts.precision, device)
+        report: Report[Row] = Report(from_main(lambda: expand_inputs(opts.images, opts.recursive), info), Row)
+        engine = load_engine(load_checkpoint(opts.model, opts.revision), device, dtype)
+        # jsonl on stdout streams: each line is written as soon as it and every line before it are done (a pipe
+        # sees progress, and an interrupted run has already delivered everything it finished).
+        stream = opts.format == PredictFormat.jsonl and opts.output is None
+        rows: list[Row] = []
+        emit = (print_lines if stream else rows.extend) if info.main else drop
+
+        def classify(batch: np.ndarray) -> list[list[dict]]:
+            return top_k(engine.logits(batch), engine.labels, opts.top_k)
+
+        interrupted = run_report(report, path_decoder(engine.preprocess), classify, batch_size=opts.batch_size,
+                                 workers=opts.workers, emit=emit, info=info, verb="classifying")  # fmt: skip
+        if info.main and not stream:
+            color = opts.output is None and opts.format == PredictFormat.table and sys.stdout.isatty()
+            write_text(predictions_text(rows, opts.format, color), opts.output)
+        return exit_code(report, interrupted, info)

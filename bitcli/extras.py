@@ -1,0 +1,57 @@
+"""The optional extras (`pip install 'bitcli[NAME]'`): which modules each one brings, and the one check that says
+what to install when any of them is missing. Standard library only: `bit report` and the flag checks use it
+without torch.
+
+An extra counts as installed only when every one of its modules is: someone who installed onnx and onnxruntime
+by hand, without the exporter's onnxscript, gets the same one-line hint as someone who installed none of them,
+never an internal error halfway through an export.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from bitcli.errors import BitError
+
+
+@dataclass(frozen=True)
+class Extra:
+    modules: tuple[str, ...]  # every top-level module the extra installs that bitcli imports
+    hint: str  # the error line; {what} is what needs it, {module} the first missing one, {install} the command
+
+
+EXTRAS = {
+    "onnx": Extra(("onnx", "onnxruntime", "onnxscript"), "ONNX support is not installed; run: {install}"),
+    "plots": Extra(("matplotlib",), "{what} needs {module}, which is not installed: {install}"),
+    "tensorboard": Extra(("tensorboard",), "{what} needs the {module} package, which is not installed: {install}"),
+    "datasets": Extra(("pyarrow",), "{what} needs {module}, which is not installed: {install}"),
+}
+
+
+def install(extra: str) -> str:
+    """The command that installs `extra`."""
+    return f"pip install 'bitcli[{extra}]'"
+
+
+def missing(extra: str) -> str | None:
+    """The first module of `extra` that cannot be imported (looked up, not imported: milliseconds), or None."""
+    for module in EXTRAS[extra].modules:
+        try:
+            if importlib.util.find_spec(module) is None:  # (None too when sys.modules holds None for it)
+                return module
+        except (ImportError, ValueError):  # a module without a spec, or a broken package
+            return module
+    return None
+
+
+def available(extra: str) -> bool:
+    return missing(extra) is None
+
+
+def require(extra: str, what: str) -> None:
+    """Nothing when every module of `extra` is installed; else one line naming what to install (exit 1), to be
+    said before any work is done."""
+    module = missing(extra)
+    if module is not None:
+        raise BitError(EXTRAS[extra].hint.format(what=what, module=module, install=install(extra)))
