@@ -184,3 +184,61 @@ def run_bit(
         cwd=cwd,
         timeout=timeout,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A real browser for the pages bitcli writes (Debian's chromium, driven by Playwright's Python package).
+
+CHROMIUM = os.environ.get("BITCLI_CHROMIUM", "/usr/bin/chromium")
+# Headless, and quiet on a machine without a network: no background requests, updates, sync or QUIC probes.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the whole session (it starts in about a second). A missing chromium is a
+    failure, not a skip: `.ci/run` installs Debian's package when it is absent."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium package (bash .ci/run does) or set BITCLI_CHROMIUM")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+class BrowserPage:
+    """A fresh page that records every console error, uncaught exception and failed request, so that a test
+    can assert a page loaded cleanly. `page` is Playwright's Page."""
+
+    def __init__(self, browser) -> None:
+        self.context = browser.new_context(viewport={"width": 1280, "height": 800})
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+        self.page.on("requestfailed", lambda r: self.errors.append(f"request failed: {r.url} ({r.failure})"))
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def browser_page(browser):
+    """A BrowserPage, closed after the test."""
+    page = BrowserPage(browser)
+    try:
+        yield page
+    finally:
+        page.close()
