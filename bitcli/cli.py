@@ -19,6 +19,7 @@ from bitcli.cli_options import (
     BatchOpt,
     BatchSplitOpt,
     CalibrateOpt,
+    ClassWeightsOpt,
     ConvertFormatOpt,
     ConvertOverwriteOpt,
     DeviceOpt,
@@ -27,6 +28,7 @@ from bitcli.cli_options import (
     EmbedFormatOpt,
     EmbedModelOpt,
     EmbedOutputOpt,
+    EmbedTtaOpt,
     EvalDataArg,
     EvalEveryOpt,
     EvalFormatOpt,
@@ -35,12 +37,15 @@ from bitcli.cli_options import (
     HeadOnlyOpt,
     ImageColumnOpt,
     ImagesArg,
+    KeepBestOpt,
     LabelColumnOpt,
     LabelsOpt,
     LrOpt,
     MinAgreementOpt,
+    MinScoreOpt,
     MixupOpt,
     ModelOpt,
+    NoCalibrateOpt,
     NormalizeOpt,
     OpsetOpt,
     PlotOpt,
@@ -56,6 +61,7 @@ from bitcli.cli_options import (
     RunDirArg,
     RunOutputOpt,
     RunOverwriteOpt,
+    SamplerOpt,
     SaveEveryOpt,
     SeedOpt,
     ShotsOpt,
@@ -64,6 +70,7 @@ from bitcli.cli_options import (
     StepsOpt,
     TensorboardOpt,
     TopKOpt,
+    TtaOpt,
     ValOpt,
     ValSplitOpt,
     WorkersOpt,
@@ -85,6 +92,7 @@ from bitcli.options import (
     embed_format,
     parse_data,
     predict_format,
+    reliability_path,
 )
 
 app = typer.Typer(
@@ -138,6 +146,8 @@ def predict(
     output: PredictOutputOpt = None,
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
+    tta: TtaOpt = None,
+    min_score: MinScoreOpt = None,
 ) -> None:
     """Classify images: top-k labels with probabilities.
 
@@ -146,6 +156,7 @@ def predict(
     opts = PredictOptions(
         images=images, model=model, revision=revision, top_k=top_k, batch_size=batch_size, device=device,
         precision=precision, format=predict_format(fmt, output), output=output, recursive=recursive, workers=workers,
+        tta=tta, min_score=min_score,
     )  # fmt: skip
     check_output("--output", output)
     from bitcli.commands import predict as predict_command
@@ -166,6 +177,7 @@ def embed(
     precision: PrecisionOpt = Precision.auto,
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
+    tta: EmbedTtaOpt = None,
 ) -> None:
     """Image embeddings: the pre-logits features (global average pool after the final GroupNorm + ReLU).
 
@@ -174,6 +186,7 @@ def embed(
     opts = EmbedOptions(
         images=images, model=model, revision=revision, batch_size=batch_size, device=device, precision=precision,
         format=embed_format(fmt, output), output=output, normalize=normalize, recursive=recursive, workers=workers,
+        tta=tta,
     )  # fmt: skip
     check_embed_output(opts.format, output)
     from bitcli.commands import embed as embed_command
@@ -233,6 +246,10 @@ def finetune(
     tensorboard: TensorboardOpt = False,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
+    class_weights: ClassWeightsOpt = None,
+    sampler: SamplerOpt = None,
+    keep_best: KeepBestOpt = None,
+    no_calibrate: NoCalibrateOpt = False,
 ) -> None:
     """Fine-tune a BiT model on labelled images with the BiT-HyperRule (resumable; torchrun for several processes)."""
     opts = FinetuneOptions(
@@ -240,7 +257,8 @@ def finetune(
         batch_size=batch_size, batch_split=batch_split, resolution=resolution, mixup=mixup, seed=seed,
         device=device, precision=precision, workers=workers, eval_every=eval_every, save_every=save_every,
         resume=resume, overwrite=overwrite, random_init=random_init, revision=revision, head_only=head_only,
-        tensorboard=tensorboard, image_column=image_column, label_column=label_column,
+        tensorboard=tensorboard, image_column=image_column, label_column=label_column, class_weights=class_weights,
+        sampler=sampler, keep_best=keep_best, calibrate=not no_calibrate,
     )  # fmt: skip
     check_output("--output", output, folder=True)
     from bitcli.commands import finetune as finetune_command
@@ -261,13 +279,17 @@ def eval_(
     plot: PlotOpt = None,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
+    tta: TtaOpt = None,
 ) -> None:
     """Accuracy on labelled images: top-1, top-5 (models with over 5 classes), per-class accuracy, precision, recall, F1, confusion matrix."""
     opts = EvalOptions(
         data=parse_data(data), model=model, revision=revision, format=fmt, batch_size=batch_size, device=device,
         precision=precision, workers=workers, plot=plot, image_column=image_column, label_column=label_column,
+        tta=tta,
     )  # fmt: skip
     check_output("--plot", plot)
+    if plot is not None:
+        check_output("--plot", reliability_path(plot))  # the reliability diagram goes beside it
     from bitcli.commands import eval as eval_command
 
     raise typer.Exit(eval_command.run(opts))

@@ -14,17 +14,21 @@ import typer
 from bitcli.errors import UsageError
 from bitcli.hyperrule import Resolution
 from bitcli.options import (
+    Balance,
     ConvertFormat,
     DType,
     EmbedFormat,
     EvalFormat,
+    KeepBest,
     OptionError,
     Precision,
     PredictFormat,
     Quantize,
+    Tta,
     parse_auto_float,
     parse_auto_int,
     parse_device,
+    parse_min_score,
     parse_png_path,
     parse_resolution,
     parse_val_split,
@@ -89,6 +93,16 @@ WorkersOpt = Annotated[
         "--workers", min=0, help="Image-decoding threads (0: decode in the main thread); results do not depend on it."
     ),
 ]
+TtaOpt = Annotated[
+    Tta | None,
+    typer.Option("--tta", case_sensitive=False, show_default=False,
+                 help="Test-time augmentation: flip = the image and its mirror image, scores averaged (2x the time)."),
+]  # fmt: skip
+EmbedTtaOpt = Annotated[
+    Tta | None,
+    typer.Option("--tta", case_sensitive=False, show_default=False,
+                 help="Test-time augmentation: flip = the mean of the image's and its mirror image's features."),
+]  # fmt: skip
 
 # ----------------------------------------------------------------------------------------------------------
 # predict and embed
@@ -103,6 +117,11 @@ ImagesArg = Annotated[
 ]
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", "-k", min=1, help="Labels to report per image.")]
+MinScoreOpt = Annotated[
+    float | None,
+    typer.Option("--min-score", parser=_parser("--min-score", parse_min_score), metavar="P", show_default=False,
+                 help="An image whose top score is below P (0-1) gets the label unknown (null in JSON), top-k kept."),
+]  # fmt: skip
 PredictFormatOpt = Annotated[
     PredictFormat | None,
     typer.Option("--format", "-f", case_sensitive=False, show_default=False,
@@ -229,6 +248,26 @@ RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Start --mode
 HeadOnlyOpt = Annotated[
     bool, typer.Option("--head-only", help="Train only the new head; the backbone stays frozen (a linear probe).")
 ]
+ClassWeightsOpt = Annotated[
+    Balance | None,
+    typer.Option("--class-weights", case_sensitive=False, show_default=False,
+                 help="balanced: weight each class's loss by n / (classes x its images), as scikit-learn's."),
+]  # fmt: skip
+SamplerOpt = Annotated[
+    Balance | None,
+    typer.Option("--sampler", case_sensitive=False, show_default=False,
+                 help="balanced: each step draws classes uniformly, then an image of the class (seeded)."),
+]  # fmt: skip
+KeepBestOpt = Annotated[
+    KeepBest | None,
+    typer.Option("--keep-best", case_sensitive=False, show_default=False, metavar="METRIC",
+                 help="Also keep the best validated model by METRIC (top1, macro_f1, balanced_accuracy, loss) in DIR/best."),
+]  # fmt: skip
+NoCalibrateOpt = Annotated[
+    bool,
+    typer.Option("--no-calibrate",
+                 help="Do not fit the temperature on the validation set (scores stay the softmax of the logits)."),
+]  # fmt: skip
 TensorboardOpt = Annotated[
     bool,
     typer.Option(
@@ -253,7 +292,8 @@ EvalFormatOpt = Annotated[
 PlotOpt = Annotated[
     Path | None,
     typer.Option("--plot", parser=_parser("--plot", parse_png_path), metavar="FILE.png",
-                 help="Also draw the confusion matrix, row-normalised, as a PNG (needs bitcli[plots])."),
+                 help="Also draw the confusion matrix, row-normalised, as a PNG, and the reliability diagram "
+                 "beside it as FILE-reliability.png (needs bitcli[plots])."),
 ]  # fmt: skip
 RunDirArg = Annotated[
     Path,

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from bitcli import scores
 from bitcli.formats.checkpoint import Checkpoint
 from bitcli.onnx_engine import OnnxEngine
 from bitcli.preprocess import Preprocess
@@ -29,6 +30,7 @@ class Engine(Protocol):
     device: torch.device  # where its outputs are
     preprocess: Preprocess  # how images are decoded and normalised for it
     labels: Sequence[str]  # class names, by logit index (empty for a features-only model)
+    temperature: float  # scores are softmax(logits / temperature) (bitcli.scores); 1 for an uncalibrated model
 
     @property
     def num_classes(self) -> int: ...
@@ -51,11 +53,27 @@ def load_engine(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, need
     return TorchEngine.load(ckpt, device, dtype, need_head)
 
 
-def top_k(logits: torch.Tensor, labels: Sequence[str], k: int) -> list[list[dict]]:
-    """Per row of logits, the k most probable classes, best first: {"label", "index", "score"}."""
-    probs = torch.softmax(logits, dim=-1)
-    scores, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
+def view_logits(engine: Engine, batch_uint8: np.ndarray, tta: str | None = None) -> torch.Tensor:
+    """The engine's logits of every view of the batch (bitcli.scores.views: the batch, and with --tta flip its
+    mirror image), float32 [B, views, classes]. Each view is its own call, at the batch's size."""
+    return scores.stack_views([engine.logits(view) for view in scores.views(batch_uint8, tta)])
+
+
+def view_features(engine: Engine, batch_uint8: np.ndarray, tta: str | None = None) -> torch.Tensor:
+    """The engine's features, float32 [B, D]; with test-time augmentation the mean of the views' features.
+    (The temperature scales scores, not features: it does not apply here.)"""
+    batches = scores.views(batch_uint8, tta)
+    if len(batches) == 1:
+        return engine.features(batch_uint8)
+    return torch.stack([engine.features(view).float() for view in batches]).mean(dim=0)
+
+
+def top_k(logits: torch.Tensor, labels: Sequence[str], k: int, temperature: float = 1.0) -> list[list[dict]]:
+    """Per row of logits [B, classes] (or views [B, V, classes]), the k classes of highest score
+    (bitcli.scores.probabilities at `temperature`), best first: {"label", "index", "score"}."""
+    probs = scores.probabilities(logits, temperature)
+    values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
     return [
         [{"label": labels[i], "index": i, "score": round(s, 6)} for s, i in zip(row_s, row_i)]
-        for row_s, row_i in zip(scores.cpu().tolist(), indices.cpu().tolist())
+        for row_s, row_i in zip(values.cpu().tolist(), indices.cpu().tolist())
     ]

@@ -13,7 +13,7 @@ import torch
 
 from bitcli import pipeline
 from bitcli.distributed import Dist
-from bitcli.engine import Engine
+from bitcli.engine import Engine, view_logits
 from bitcli.errors import BitError
 from bitcli.metrics import Accumulator, EvalResult
 from bitcli.preprocess import Preprocess
@@ -36,6 +36,8 @@ def evaluate(
     class_to_model: Sequence[int],
     advance: Callable[[int], None] = pipeline.no_progress,
     info: Dist = pipeline.ONE_PROCESS,
+    tta: str | None = None,
+    keep: Callable[[torch.Tensor, np.ndarray], None] | None = None,
 ) -> EvalResult | None:
     """Accuracy of the engine's model on `ds`; `decode(i)` gives image i as uint8 HWC. class_to_model[c] is
     the model's label index of data-set class c. Accuracy is over a whole pass, so an image that does not decode
@@ -43,12 +45,16 @@ def evaluate(
 
     The main process accumulates every stack of images exactly as the engine computed it, in batch order: the
     same updates with the same values whatever the number of processes, so the same result, bit for bit. The
-    other processes return None."""
-    acc = Accumulator(ds.classes, class_to_model, engine.num_classes)
+    other processes return None.
+
+    The scores are the engine's (its temperature) over the views of `tta` (bitcli.scores). `keep(logits,
+    targets)`, on the main process: every stack's logits [b, views, classes] and data-set classes [b], in the
+    order they are accumulated (fine-tuning fits the temperature on them)."""
+    acc = Accumulator(ds.classes, class_to_model, engine.num_classes, temperature=engine.temperature, tta=tta)
     targets = np.asarray(ds.targets, dtype=np.int64)
 
     def logits(batch: np.ndarray) -> list[np.ndarray]:
-        return list(engine.logits(batch).cpu().numpy())  # numpy rows: only its own row travels to rank 0
+        return list(view_logits(engine, batch, tta).cpu().numpy())  # numpy rows: only its own travels to rank 0
 
     batches = pipeline.run(range(len(ds)), decode, logits, batch_size=batch_size, workers=workers, info=info,
                            name=ds.name, advance=advance)  # fmt: skip
@@ -61,4 +67,6 @@ def evaluate(
                 outcomes = [batch.outcomes[p] for p in stack]
                 stacked = torch.from_numpy(np.stack([o.value for o in outcomes]))
                 acc.update(stacked, targets[[o.ref for o in outcomes]])
+                if keep is not None:
+                    keep(stacked, targets[[o.ref for o in outcomes]])
     return acc.result() if info.main else None

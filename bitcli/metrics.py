@@ -1,6 +1,11 @@
-"""Evaluation metrics: top-1/top-5, loss, per-class accuracy and the confusion matrix, accumulated over
-batches of logits, and the table that shows them to people. `bit eval` and fine-tuning's validation both
-report an EvalResult.
+"""Evaluation metrics: top-1/top-5, loss, per-class accuracy, the confusion matrix and how far the scores can
+be trusted (NLL, expected calibration error and its reliability bins), accumulated over batches of logits, and
+the table that shows them to people. `bit eval` and fine-tuning's validation both report an EvalResult.
+
+The scores are bitcli.scores' (softmax of logits / T, with test-time augmentation the mean over the views):
+top-1, top-5, the confusion matrix, NLL and ECE are those of the scores as `bit predict` reports them, over the
+model's every class (a prediction of a class outside the evaluated folders is wrong). `loss` is the cross-
+entropy at temperature 1: what training minimises and fine-tuning's validation reports.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 from rich.table import Table
 from rich.text import Text
 
+from bitcli import scores
 from bitcli.errors import BitError
 from bitcli.render import console
 from bitcli.ui import visible
@@ -23,6 +29,9 @@ from bitcli.ui import visible
 OTHER = "(other)"  # confusion-matrix column for predictions outside the evaluated classes
 TOP_K = 5
 NO_TOP5 = "n/a (the model has 5 classes or fewer)"  # the top five would always hold the answer
+ECE_BINS = 15  # equal-width bins of the top-1 score: (0, 1/15], (1/15, 2/15], ... (14/15, 1]
+# The metrics --keep-best can select on, each with whether higher is better.
+SELECTION_METRICS = {"top1": True, "macro_f1": True, "balanced_accuracy": True, "loss": False}
 
 
 @dataclass(frozen=True)
@@ -34,21 +43,53 @@ class EvalResult:
     per_class: dict[str, float]  # data-set class -> top-1 accuracy on its images
     labels: list[str]  # rows (true) and columns (predicted) of `confusion`
     confusion: list[list[int]]
+    nll: float | None = None  # mean -log(score of the true class), with the temperature; None: not measured
+    # ECE_BINS bins of the top-1 score: {"count": [...], "confidence": [mean score or None], "accuracy": [...]}
+    reliability: dict[str, list] | None = None
+    temperature: float = 1.0  # the model's, applied to the scores
+    tta: str | None = None  # test-time augmentation (bitcli.scores.views)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "top1": self.top1,
             "top5": self.top5,
             "loss": self.loss,
+            "nll": self.nll,
+            "ece": self.ece,
             "count": self.count,
             "per_class": self.per_class,
             "precision": self.precision,
             "recall": self.recall,
             "f1": self.f1,
             "macro_f1": self.macro_f1,
+            "balanced_accuracy": self.balanced_accuracy,
             "confusion": self.confusion,
             "labels": self.labels,
+            "reliability": self.reliability,
+            "temperature": self.temperature,
+            "tta": self.tta,
         }
+
+    def metric(self, name: str) -> float:
+        """One of SELECTION_METRICS by name (--keep-best)."""
+        return float(getattr(self, name))
+
+    @property
+    def balanced_accuracy(self) -> float:
+        """The unweighted mean of the classes' recall, over the classes that have images (scikit-learn's
+        balanced_accuracy_score)."""
+        return float(np.mean(list(self.per_class.values()))) if self.per_class else 0.0
+
+    @property
+    def ece(self) -> float | None:
+        """Expected calibration error: over the bins of the top-1 score, |accuracy - mean score| weighted by
+        the bin's share of the images."""
+        if self.reliability is None:
+            return None
+        count = np.asarray(self.reliability["count"], dtype=np.float64)
+        gap = [abs(a - c) if n else 0.0 for n, a, c in
+               zip(count, self.reliability["accuracy"], self.reliability["confidence"])]  # fmt: skip
+        return float(np.dot(count, gap) / count.sum())
 
     # Precision, recall and F1 by scikit-learn's definitions (precision_recall_fscore_support with
     # zero_division=0 and labels = the classes in `per_class`), read off the confusion matrix. A prediction
@@ -88,9 +129,12 @@ class EvalResult:
 
 
 class Accumulator:
-    """Running counts over batches of logits, so that no [N, classes] array is ever held."""
+    """Running counts over batches of logits, so that no [N, classes] array is ever held. `temperature`: the
+    model's (bitcli.scores), applied to every metric but `loss`; `tta`: recorded in the result."""
 
-    def __init__(self, class_names: Sequence[str], class_to_model: Sequence[int], num_model_classes: int) -> None:
+    def __init__(self, class_names: Sequence[str], class_to_model: Sequence[int], num_model_classes: int,
+                 temperature: float = 1.0, tta: str | None = None) -> None:  # fmt: skip
+        self.temperature, self.tta = temperature, tta
         self.names = list(class_names)
         self.to_model = np.asarray(class_to_model, dtype=np.int64)
         self.with_top5 = num_model_classes > TOP_K
@@ -103,14 +147,28 @@ class Accumulator:
         self.totals = np.zeros(len(self.names), dtype=np.int64)
         self.correct5 = 0
         self.loss_sum = 0.0
+        self.nll_sum = 0.0
+        self.bin_count = np.zeros(ECE_BINS, dtype=np.int64)
+        self.bin_score = np.zeros(ECE_BINS, dtype=np.float64)  # sum of the top-1 scores in each bin
+        self.bin_correct = np.zeros(ECE_BINS, dtype=np.int64)
 
     def update(self, logits: torch.Tensor, targets: np.ndarray) -> None:
-        """logits: float tensor [b, num_model_classes]; targets: data-set class indices [b]."""
+        """logits: float tensor [b, num_model_classes], or [b, views, num_model_classes] with test-time
+        augmentation; targets: data-set class indices [b]."""
         model_targets = torch.from_numpy(self.to_model[targets])
         logits = logits.float().cpu()
-        self.loss_sum += float(F.cross_entropy(logits, model_targets, reduction="sum"))
-        topk = logits.topk(min(TOP_K, logits.shape[1]), dim=1).indices.numpy()
+        if logits.ndim == 3 and logits.shape[1] == 1:
+            logits = logits[:, 0]
+        log_p = scores.log_probabilities(logits, self.temperature)
+        plain = log_p if self.temperature == 1.0 else scores.log_probabilities(logits, 1.0)
+        self.loss_sum += float(F.nll_loss(plain, model_targets, reduction="sum"))  # = F.cross_entropy(logits)
+        self.nll_sum += float(F.nll_loss(log_p, model_targets, reduction="sum"))
+        # One view: ranked by the logits themselves (the order of their scores, without a rounding tie).
+        ranked = logits if logits.ndim == 2 else log_p
+        topk = ranked.topk(min(TOP_K, ranked.shape[1]), dim=1).indices.numpy()
         pred = topk[:, 0]
+        self._bin(log_p.gather(1, torch.from_numpy(pred).view(-1, 1))[:, 0].exp().double().numpy(),
+                  pred == model_targets.numpy())  # fmt: skip
         hit1 = pred == model_targets.numpy()
         self.correct5 += int((topk == model_targets.numpy()[:, None]).any(axis=1).sum())
         np.add.at(self.correct1, targets, hit1.astype(np.int64))
@@ -119,6 +177,22 @@ class Accumulator:
         rows = np.array([self.axis_of_model[int(self.to_model[t])] for t in targets], dtype=np.int64)
         cols = np.array([self.axis_of_model.get(int(p), other) for p in pred], dtype=np.int64)
         np.add.at(self.confusion, (rows, cols), 1)
+
+    def _bin(self, top_score: np.ndarray, correct: np.ndarray) -> None:
+        """Count each image's top-1 score in its bin, (lower, upper] (a score of exactly 1 in the last)."""
+        edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
+        bins = np.clip(np.searchsorted(edges, top_score, side="left") - 1, 0, ECE_BINS - 1)
+        np.add.at(self.bin_count, bins, 1)
+        np.add.at(self.bin_score, bins, top_score)
+        np.add.at(self.bin_correct, bins, correct.astype(np.int64))
+
+    def reliability(self) -> dict[str, list]:
+        counts = self.bin_count.tolist()
+        return {
+            "count": counts,
+            "confidence": [float(s / n) if n else None for s, n in zip(self.bin_score, counts)],
+            "accuracy": [float(c / n) if n else None for c, n in zip(self.bin_correct, counts)],
+        }
 
     def result(self) -> EvalResult:
         count = int(self.totals.sum())
@@ -137,6 +211,10 @@ class Accumulator:
             },
             labels=self.axis_names + ([OTHER] if with_other else []),
             confusion=self.confusion[:size, :size].tolist(),
+            nll=self.nll_sum / count,
+            reliability=self.reliability(),
+            temperature=self.temperature,
+            tta=self.tta,
         )
 
 
@@ -153,6 +231,11 @@ def render_table(result: EvalResult, color: bool) -> str:
     out.print(f"top-5   {result.top5:.4f}" if result.top5 is not None else f"top-5   {NO_TOP5}")
     out.print(f"loss    {result.loss:.4f}")
     out.print(f"macro F1 {result.macro_f1:.4f}")
+    out.print(f"balanced accuracy {result.balanced_accuracy:.4f}")
+    if result.nll is not None and result.ece is not None:
+        settings = [f"temperature {result.temperature:.4g}"] * (result.temperature != 1.0)
+        settings += [f"--tta {result.tta}"] * (result.tta is not None)
+        out.print(f"NLL {result.nll:.4f}  ECE {result.ece:.4f}" + (f"  ({', '.join(settings)})" if settings else ""))
     # Class names are data: Text keeps them literal ("[bold]cat[/bold]" is not markup) and visible() on one
     # line (a newline in a folder name would break the row).
     per_class = Table(title="per-class top-1, precision and F1")

@@ -67,14 +67,17 @@ class OnnxEngine:
 
     device = CPU
 
-    def __init__(self, runner, preprocess: Preprocess, num_classes: int, *, labels: Sequence[str], source: str) -> None:
+    def __init__(self, runner, preprocess: Preprocess, num_classes: int, *, labels: Sequence[str], source: str,
+                 temperature: float = 1.0) -> None:  # fmt: skip
         self.runner, self.preprocess, self._num_classes = runner, preprocess, num_classes
-        self.labels, self.source = labels, source
+        # Applied to the scores as the torch engine's is (bitcli.scores): the graph's output stays the logits.
+        self.labels, self.source, self.temperature = labels, source, temperature
 
     @classmethod
     def load(cls, ckpt: Checkpoint, device: torch.device) -> OnnxEngine:
         runner = session(str(ckpt.graph), device, ckpt.source)
-        return cls(runner, ckpt.preprocess, ckpt.config.num_classes, labels=ckpt.labels, source=ckpt.source)
+        return cls(runner, ckpt.preprocess, ckpt.config.num_classes, labels=ckpt.labels, source=ckpt.source,
+                   temperature=ckpt.temperature)  # fmt: skip
 
     @classmethod
     def of_graph(cls, proto, preprocess: Preprocess, name: str) -> OnnxEngine:

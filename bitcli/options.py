@@ -70,6 +70,27 @@ class Quantize(Choice):
     int8 = "int8"
 
 
+class Tta(Choice):
+    """--tta: test-time augmentation (bitcli.scores.views)."""
+
+    flip = "flip"
+
+
+class Balance(Choice):
+    """--class-weights and --sampler: their one non-default value."""
+
+    balanced = "balanced"
+
+
+class KeepBest(Choice):
+    """--keep-best METRIC (bitcli.metrics.SELECTION_METRICS; loss: lower is better)."""
+
+    top1 = "top1"
+    macro_f1 = "macro_f1"
+    balanced_accuracy = "balanced_accuracy"
+    loss = "loss"
+
+
 class DType(Choice):
     float32 = "float32"
     float16 = "float16"
@@ -197,6 +218,22 @@ def parse_png_path(value: str) -> Path:
     return path
 
 
+def parse_min_score(value: str) -> float:
+    """--min-score P: a score between 0 and 1 (both included)."""
+    try:
+        score = float(value)
+    except ValueError:
+        raise OptionError(f"{value!r}: use a score between 0 and 1, e.g. 0.5") from None
+    if not 0.0 <= score <= 1.0:  # `not`: NaN is refused too
+        raise OptionError(f"{value}: use a score between 0 and 1, e.g. 0.5")
+    return score
+
+
+def reliability_path(plot: Path) -> Path:
+    """Where `bit eval --plot FILE.png` draws the reliability diagram: FILE-reliability.png beside it."""
+    return plot.with_name(plot.stem + "-reliability" + plot.suffix)
+
+
 def parse_val_split(value: str) -> float:
     """--val-split: the fraction of every class held out, strictly between 0 and 1."""
     try:
@@ -270,6 +307,8 @@ class PredictOptions:
     output: Path | None = None
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
+    tta: Tta | None = None  # test-time augmentation: the mean of the views' scores
+    min_score: float | None = None  # a top score below this: the image's label is unknown (null)
 
 
 @dataclass(frozen=True)
@@ -282,9 +321,10 @@ class EvalOptions:
     device: str = "auto"
     precision: Precision = Precision.auto
     workers: int = DEFAULT_WORKERS
-    plot: Path | None = None  # also write the confusion matrix here as a PNG
+    plot: Path | None = None  # also write the confusion matrix here as a PNG (and reliability_path(plot))
     image_column: str | None = None  # a data set's image column (None: found from its features)
     label_column: str | None = None  # ... and its label column
+    tta: Tta | None = None
 
 
 @dataclass(frozen=True)
@@ -300,6 +340,7 @@ class EmbedOptions:
     normalize: bool = False  # L2-normalise each vector
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
+    tta: Tta | None = None  # test-time augmentation: the mean of the views' features
 
 
 @dataclass(frozen=True)
@@ -370,6 +411,10 @@ class FinetuneOptions:
     tensorboard: bool = False  # also write TensorBoard event files under DIR/tensorboard
     image_column: str | None = None  # a data set's image column (None: found from its features)
     label_column: str | None = None  # ... and its label column
+    class_weights: Balance | None = None  # balanced: inverse-frequency weights in the loss
+    sampler: Balance | None = None  # balanced: every class equally likely in each step's sample
+    keep_best: KeepBest | None = None  # also keep the best validated model in DIR/best/
+    calibrate: bool = True  # fit a temperature on the validation set (--no-calibrate: off)
 
 
 @dataclass(frozen=True)

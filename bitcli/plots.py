@@ -253,3 +253,55 @@ def evaluation_png(result: Mapping[str, Any], heading: str, other: str) -> bytes
         heading = "…" + heading[-(MAX_HEADING - 1) :]
     title = f"{heading}\n{result['count']:,} images, top-1 {result['top1']:.4f}, macro F1 {result['macro_f1']:.4f}"
     return confusion_png(result["labels"], result["confusion"], title, other)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reliability diagram
+
+RELIABILITY_SIZE = (6.0, 7.0)  # inches: 600x700 px
+
+
+def reliability_png(result: Mapping[str, Any], heading: str) -> bytes:
+    """The reliability diagram of an evaluation (EvalResult.to_dict(), or a stored validation): for each bin of
+    the top-1 score, the accuracy of its images against their mean score (on the diagonal: scores that can be
+    trusted), and below, each bin's share of the images. Titled with `heading`, the ECE and NLL, and the
+    temperature and test-time augmentation the scores were computed with."""
+    rel = result["reliability"]
+    count = np.asarray(rel["count"], dtype=np.float64)
+    bins = len(count)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    centres, width = (edges[:-1] + edges[1:]) / 2, 1.0 / bins
+    filled = count > 0
+    accuracy = np.array([a if a is not None else 0.0 for a in rel["accuracy"]])
+    confidence = np.array([c if c is not None else 0.0 for c in rel["confidence"]])
+    heading = visible(heading)
+    if len(heading) > MAX_HEADING:
+        heading = "…" + heading[-(MAX_HEADING - 1) :]
+    settings = f"temperature {result.get('temperature', 1.0):.4g}" + (
+        f", --tta {result['tta']}" if result.get("tta") else ""
+    )
+    title = (f"{heading}\n{result['count']:,} images, ECE {result['ece']:.4f}, NLL {result['nll']:.4f} "
+             f"({settings})")  # fmt: skip
+    families, missing = fonts.fallback([title])
+    warn_boxed([], title, missing)
+    with _style(literal=True, families=families):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=RELIABILITY_SIZE, dpi=DPI, layout="constrained")
+        ax, ax_share = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+        fig.suptitle(title, fontsize=11)
+        ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfectly calibrated")
+        ax.bar(centres[filled], accuracy[filled], width=width, color="tab:blue", edgecolor="white",
+               label="accuracy of the bin's images")  # fmt: skip
+        ax.bar(centres[filled], confidence[filled] - accuracy[filled], bottom=accuracy[filled], width=width,
+               color="tab:red", alpha=0.3, edgecolor="tab:red", label="gap to their mean top-1 score")  # fmt: skip
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy")
+        ax.legend(loc="upper left")
+        ax.grid(alpha=0.3)
+        ax_share.bar(centres, count / max(count.sum(), 1.0), width=width, color="tab:grey", edgecolor="white")
+        ax_share.set_ylabel("share of images")
+        ax_share.set_xlabel(f"top-1 score ({bins} equal-width bins)")
+        ax_share.grid(alpha=0.3)
+        return _png(fig)

@@ -12,6 +12,7 @@ import io
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -24,19 +25,37 @@ from bitcli.options import PredictFormat
 from bitcli.ui import visible
 from bitcli.writes import atomic_write
 
+UNKNOWN = "unknown"  # how a table shows the label of an image whose top score is below --min-score
+
 
 @dataclass(frozen=True)
 class Row:
-    """One row of `bit predict`'s report: an image's predictions, or why it has none."""
+    """One row of `bit predict`'s report: an image's predictions, or why it has none. Its `label` is the top
+    prediction's, or None (unknown) when `known` is False: its top score is below --min-score (open-set use)."""
 
     path: str  # as the user gave it, made printable (ui.display)
     predictions: list[dict] | None = None  # [{"label": str, "index": int, "score": float}], best first
     error: str | None = None
+    known: bool = True
+
+    @property
+    def label(self) -> str | None:
+        return self.predictions[0]["label"] if self.known and self.predictions else None
 
     def to_dict(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path, "predictions": self.predictions}
+        return {"path": self.path, "label": self.label, "predictions": self.predictions}
+
+
+def row_maker(min_score: float | None) -> Callable[[str, list[dict] | None, str | None], Row]:
+    """pipeline.Report's make_row for predict: a top score (as reported, rounded) below `min_score` is unknown."""
+
+    def make_row(path: str, predictions: list[dict] | None, error: str | None) -> Row:
+        known = min_score is None or not predictions or predictions[0]["score"] >= min_score
+        return Row(path, predictions, error, known=known)
+
+    return make_row
 
 
 def predictions_text(rows: list[Row], fmt: PredictFormat, color: bool) -> str:
@@ -55,16 +74,17 @@ def json_lines(rows: list[Row]) -> str:
 
 
 def _csv(rows: list[Row]) -> str:
-    """One line per (image, rank); a failed image is one line with only its path and error."""
+    """One line per (image, rank); a failed image is one line with only its path and error. image_label: the
+    image's label (the top prediction's) on each of its lines, empty when it is unknown (--min-score)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "rank", "label", "index", "score", "error"])
+    writer.writerow(["path", "rank", "label", "index", "score", "error", "image_label"])
     for r in rows:
         if r.error is not None:
-            writer.writerow([r.path, "", "", "", "", r.error])
+            writer.writerow([r.path, "", "", "", "", r.error, ""])
             continue
         for rank, p in enumerate(r.predictions or [], 1):
-            writer.writerow([r.path, rank, p["label"], p["index"], f"{p['score']:.6f}", ""])
+            writer.writerow([r.path, rank, p["label"], p["index"], f"{p['score']:.6f}", "", r.label or ""])
     return buf.getvalue()
 
 
@@ -78,9 +98,11 @@ def _table(rows: list[Row], color: bool) -> str:
             table.add_row(Text(visible(r.path)), Text.assemble(("error:", "red"), " ", visible(r.error)), "")
             continue
         predictions = r.predictions or []
-        labels = Text("\n").join(Text.assemble(visible(p["label"]), (f" ({p['index']})", "dim")) for p in predictions)
-        scores = "\n".join(f"{p['score']:.4f}" for p in predictions)
-        table.add_row(Text(visible(r.path)), labels, scores)
+        lines = [Text.assemble(visible(p["label"]), (f" ({p['index']})", "dim")) for p in predictions]
+        scores = [f"{p['score']:.4f}" for p in predictions]
+        if not r.known:  # below --min-score: the label is unknown, the top-k follow as usual
+            lines, scores = [Text(UNKNOWN, style="bold yellow"), *lines], ["", *scores]
+        table.add_row(Text(visible(r.path)), Text("\n").join(lines), "\n".join(scores))
     buf = io.StringIO()
     console(buf, color).print(table)
     return buf.getvalue()

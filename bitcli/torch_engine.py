@@ -37,11 +37,12 @@ class TorchEngine:
         labels: Sequence[str] = (),
         source: str = "",
         channels_last: bool = True,
+        temperature: float = 1.0,
     ) -> None:
         if device.type == "cpu":
             reuse_freed_memory()  # activations re-use the heap instead of fresh, zeroed pages every batch
         self.preprocess, self.device, self.dtype, self.channels_last = preprocess, device, dtype, channels_last
-        self.labels, self.source = labels, source
+        self.labels, self.source, self.temperature = labels, source, temperature
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -52,7 +53,8 @@ class TorchEngine:
         model = ckpt.build_model(device=device)
         if need_head and not model.has_head:
             raise BitError(f"{ckpt.source}: checkpoint has no classification head; it gives features, not labels")
-        return cls(model, ckpt.preprocess, device, dtype, labels=ckpt.labels, source=ckpt.source)
+        return cls(model, ckpt.preprocess, device, dtype, labels=ckpt.labels, source=ckpt.source,
+                   temperature=ckpt.temperature)  # fmt: skip
 
     @property
     def num_classes(self) -> int:

@@ -45,19 +45,9 @@ def test_eval_json_is_one_object_and_agrees_with_finetune(trained: tuple[Path, P
     code, out, err = cli("eval", data / "val", "--model", run, "--format", "json", "--device", "cpu")
     assert (code, err) == (0, "")
     result = json.loads(out)  # the whole of stdout is one JSON object
-    assert list(result) == [
-        "top1",
-        "top5",
-        "loss",
-        "count",
-        "per_class",
-        "precision",
-        "recall",
-        "f1",
-        "macro_f1",
-        "confusion",
-        "labels",
-    ]
+    assert list(result) == ["top1", "top5", "loss", "nll", "ece", "count", "per_class", "precision", "recall", "f1",
+                            "macro_f1", "balanced_accuracy", "confusion", "labels", "reliability", "temperature",
+                            "tta"]  # fmt: skip
     assert result["labels"] == ["blue", "green", "red"]
     confusion = np.array(result["confusion"])
     assert confusion.shape == (3, 3) and confusion.sum() == result["count"] == 12
@@ -167,7 +157,12 @@ def test_eval_runs_the_model_through_the_engine(trained: tuple[Path, Path], cli,
     assert (code, err) == (0, "")
     assert seen == [(5, True, "cpu", True, False)] * 2 + [(2, True, "cpu", True, False)]
     result = json.loads(out)
-    assert result.pop("loss") == pytest.approx(whole.pop("loss"), rel=1e-6)
+    for key in ("loss", "nll", "ece"):  # sums of floats in another order
+        assert result.pop(key) == pytest.approx(whole.pop(key), rel=1e-6), key
+    got, want = result.pop("reliability"), whole.pop("reliability")
+    for a, b in zip(got.pop("confidence"), want.pop("confidence"), strict=True):  # None: an empty bin
+        assert a == b if b is None else a == pytest.approx(b, rel=1e-6)
+    assert got == want
     assert result == whole
 
 

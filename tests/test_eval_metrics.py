@@ -3,6 +3,7 @@ the same files), metrics from scikit-learn, loss from torch's cross_entropy."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -15,8 +16,10 @@ from conftest import BIT50_PREPROCESSOR, run_main, save_hf_model, write_folder
 from PIL import Image
 from sklearn.metrics import (
     accuracy_score,
+    balanced_accuracy_score,
     confusion_matrix,
     f1_score,
+    log_loss,
     precision_recall_fscore_support,
     top_k_accuracy_score,
 )
@@ -27,6 +30,8 @@ LABELS = ["tabby, tabby cat", "goldfish, Carassius auratus", "hen", "ostrich", "
 # Class folders: a first name, an index and two full labels; in the model's order: tabby(0), 1(1), hen(2), kite(6)
 FOLDERS = {"tabby": 0, "1": 1, "hen": 2, "kite": 6}
 AXIS = ["tabby", "1", "hen", "kite"]
+EVAL_KEYS = ["top1", "top5", "loss", "nll", "ece", "count", "per_class", "precision", "recall", "f1", "macro_f1",
+             "balanced_accuracy", "confusion", "labels", "reliability", "temperature", "tta"]  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=["crop", "no-crop"])
@@ -63,6 +68,19 @@ def oracle_logits(model_dir: Path, paths: list[Path]) -> torch.Tensor:
         return torch.cat([model(processor(Image.open(p), return_tensors="pt")["pixel_values"]).logits for p in paths])
 
 
+def numpy_ece(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error, written out: 15 equal-width bins (lower, upper] of the top-1 score, the sum
+    over bins of |accuracy - mean top-1 score| weighted by the bin's share of the images."""
+    confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lower, upper in itertools.pairwise(edges):
+        inside = (confidence > lower) & (confidence <= upper)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return ece
+
+
 def oracle_confusion(y_true: np.ndarray, y_pred: np.ndarray, axis: list[int]) -> np.ndarray:
     """scikit-learn's confusion matrix over the evaluated classes, predictions of any other class in one last
     (other) column (its row is all zero: no image belongs to it)."""
@@ -71,6 +89,7 @@ def oracle_confusion(y_true: np.ndarray, y_pred: np.ndarray, axis: list[int]) ->
     return confusion_matrix(y_true, pred, labels=[*axis, other])
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # the (other) predictions
 def test_eval_metrics_equal_scikit_learn_on_transformers_logits(model8: Path, folder8) -> None:
     root, paths, y_true = folder8
     logits = oracle_logits(model8, paths)
@@ -86,19 +105,7 @@ def test_eval_metrics_equal_scikit_learn_on_transformers_logits(model8: Path, fo
     )
     assert (code, err) == (0, "")
     result = json.loads(out)
-    assert list(result) == [
-        "top1",
-        "top5",
-        "loss",
-        "count",
-        "per_class",
-        "precision",
-        "recall",
-        "f1",
-        "macro_f1",
-        "confusion",
-        "labels",
-    ]
+    assert list(result) == EVAL_KEYS
     assert result["count"] == len(paths) == 20
     assert result["labels"] == [*AXIS, OTHER]
     assert result["confusion"] == expected.tolist()
@@ -117,6 +124,13 @@ def test_eval_metrics_equal_scikit_learn_on_transformers_logits(model8: Path, fo
     assert result["recall"] == dict(zip(names, recall.tolist())) == result["per_class"]
     assert result["f1"] == dict(zip(names, f1.tolist()))
     assert result["macro_f1"] == f1_score(y_true, y_pred, labels=evaluated, average="macro", zero_division=0)
+    assert result["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred), abs=1e-12)
+    # NLL and ECE over the model's whole softmax: a prediction outside the evaluated classes is wrong
+    probs = torch.softmax(logits.double(), dim=1).numpy()
+    assert result["nll"] == pytest.approx(log_loss(y_true, probs, labels=np.arange(len(LABELS))), rel=1e-4)
+    assert result["nll"] == pytest.approx(result["loss"], rel=1e-6)  # temperature 1, no test-time augmentation
+    assert result["ece"] == pytest.approx(numpy_ece(probs, y_true), abs=1e-5)
+    assert (result["temperature"], result["tta"]) == (1.0, None)
 
     code, table, err = run_main("eval", root, "--model", model8, "--device", "cpu")
     assert (code, err) == (0, "")

@@ -1,6 +1,6 @@
 """The pictures (bitcli.plots): PNGs that decode, have the size the layout gives and show something; the same
 numbers give the same bytes; every class up to 50, the most confused ones beyond; class names drawn literally;
-`bit eval --plot`; one line when matplotlib is missing."""
+`bit eval --plot` (the confusion picture and the reliability diagram); one line when matplotlib is missing."""
 
 from __future__ import annotations
 
@@ -219,9 +219,14 @@ def test_eval_plot_writes_the_confusion_picture(tiny_dir: Path, tmp_path: Path) 
     rows = [name for name in result["labels"] if name != OTHER]
     assert decoded(picture).shape[1::-1] == expected_size(rows, result["labels"], [3, 3, 2])
     first = picture.read_bytes()
+    reliability = tmp_path / "out" / "confusion-reliability.png"  # the reliability diagram, beside it
+    assert decoded(reliability).shape[1::-1] == (600, 700)
+    second = reliability.read_bytes()
     code, _, err = run_main("eval", tmp_path / "data", "--model", tiny_dir, "--device", "cpu", "--plot", picture)
     assert (code, err) == (0, "") and picture.read_bytes() == first  # the same evaluation, the same bytes
-    assert [p.name for p in picture.parent.iterdir()] == ["confusion.png"]  # no temporary file left
+    assert reliability.read_bytes() == second
+    assert sorted(p.name for p in picture.parent.iterdir()) == ["confusion-reliability.png", "confusion.png"]
+    # (no temporary file left)
 
     code, out, err = run_main("eval", tmp_path / "data", "--model", tiny_dir, "--plot", tmp_path / "c.pdf")
     assert (code, out) == (2, "")
@@ -236,3 +241,17 @@ def test_without_matplotlib_plot_and_report_say_what_to_install(tiny_dir: Path, 
     assert (code, out) == (1, "")
     assert err == "Error: --plot needs matplotlib, which is not installed: pip install 'bitcli[plots]'\n"
     assert not (tmp_path / "c.png").exists()
+
+
+def test_reliability_diagram_is_deterministic_and_shows_the_bins() -> None:
+    """The diagram of a stored evaluation: a PNG of the fixed size, the same bytes for the same numbers, other
+    bytes for other bins; empty bins (None) are drawn as nothing, not as errors."""
+    result = {"count": 100, "ece": 0.0812, "nll": 0.4321, "temperature": 1.5, "tta": "flip",
+              "reliability": {"count": [0] * 10 + [5, 10, 15, 30, 40],
+                              "confidence": [None] * 10 + [0.7, 0.77, 0.84, 0.9, 0.97],
+                              "accuracy": [None] * 10 + [0.6, 0.7, 0.8, 0.9, 1.0]}}  # fmt: skip
+    first = plots.reliability_png(result, "digits with $HOME/model")
+    assert decoded(first).shape[1::-1] == (600, 700)
+    assert plots.reliability_png(result, "digits with $HOME/model") == first
+    other = {**result, "reliability": {**result["reliability"], "accuracy": [None] * 10 + [0.2, 0.3, 0.4, 0.5, 0.6]}}
+    assert plots.reliability_png(other, "digits with $HOME/model") != first

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bitcli.distributed import from_main, process_group
-from bitcli.engine import load_engine
+from bitcli.engine import load_engine, view_features
 from bitcli.errors import UsageError
 from bitcli.formats.raw import write_safetensors
 from bitcli.formats.tensors import TensorRef
@@ -85,8 +85,10 @@ def run(opts: EmbedOptions) -> int:
         ckpt = load_checkpoint(opts.model, opts.revision)
         engine = load_engine(ckpt, device, dtype, need_head=False)  # features exist with or without a head
 
+        tta = str(opts.tta) if opts.tta is not None else None
+
         def embed(batch: np.ndarray) -> list[np.ndarray]:
-            vectors = engine.features(batch)
+            vectors = view_features(engine, batch, tta)  # with --tta: the mean over the views
             if opts.normalize:
                 vectors = F.normalize(vectors, dim=1)  # unit length; an all-zero vector stays zero
             return list(vectors.cpu().numpy())

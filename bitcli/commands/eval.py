@@ -15,12 +15,13 @@ from bitcli.evaluation import evaluate, example_decoder
 from bitcli.hub import load_checkpoint
 from bitcli.labels import match_classes
 from bitcli.metrics import OTHER, EvalResult, render_table
-from bitcli.options import EvalFormat, EvalOptions
+from bitcli.options import EvalFormat, EvalOptions, reliability_path
 from bitcli.pipeline import no_progress
 from bitcli.runtime import resolve_precision
 from bitcli.sources.examples import ImageFolder
 from bitcli.sources.locate import Columns, evaluation_part
 from bitcli.ui import display, log, progress_bar, visible
+from bitcli.writes import write_together
 
 
 def run(opts: EvalOptions) -> int:
@@ -53,7 +54,8 @@ def run(opts: EvalOptions) -> int:
                     show(n)
 
                 result = evaluate(engine, ds, example_decoder(ds, engine.preprocess), batch_size=opts.batch_size,
-                                  workers=opts.workers, class_to_model=class_to_model, advance=advance, info=info)  # fmt: skip
+                                  workers=opts.workers, class_to_model=class_to_model, advance=advance, info=info,
+                                  tta=str(opts.tta) if opts.tta is not None else None)  # fmt: skip
         except KeyboardInterrupt:  # Ctrl-C: one line, as predict gives (the bar and decode threads are closed by now)
             if info.main:
                 log(f"interrupted: {done} of {len(ds)} images done; accuracy is reported only for a whole pass")
@@ -65,7 +67,8 @@ def run(opts: EvalOptions) -> int:
 
 
 def _report(result: EvalResult, opts: EvalOptions, ds: ImageFolder) -> None:
-    """The main process's output: the table or JSON on stdout, and with --plot the confusion picture."""
+    """The main process's output: the table or JSON on stdout, and with --plot the confusion picture and the
+    reliability diagram (FILE-reliability.png), written together."""
     if opts.format == EvalFormat.table:
         sys.stdout.write(render_table(result, color=sys.stdout.isatty()))
     else:
@@ -73,4 +76,7 @@ def _report(result: EvalResult, opts: EvalOptions, ds: ImageFolder) -> None:
     sys.stdout.flush()
     if opts.plot is not None:
         heading = f"{visible(display(ds.where()))} with {visible(opts.model)}"
-        plots.write_png(opts.plot, plots.evaluation_png(result.to_dict(), heading, OTHER))
+        confusion = plots.evaluation_png(result.to_dict(), heading, OTHER)
+        reliability = plots.reliability_png(result.to_dict(), heading)
+        write_together([(opts.plot, lambda f: f.write(confusion)),
+                        (reliability_path(opts.plot), lambda f: f.write(reliability))])  # fmt: skip

@@ -9,12 +9,12 @@ import sys
 import numpy as np
 
 from bitcli.distributed import from_main, process_group
-from bitcli.engine import load_engine, top_k
+from bitcli.engine import load_engine, top_k, view_logits
 from bitcli.hub import load_checkpoint
 from bitcli.inputs import expand_inputs, path_decoder
 from bitcli.options import PredictFormat, PredictOptions
 from bitcli.pipeline import Report, drop, exit_code, run_report
-from bitcli.render import Row, predictions_text, print_lines, write_text
+from bitcli.render import Row, predictions_text, print_lines, row_maker, write_text
 from bitcli.runtime import resolve_precision
 
 
@@ -22,7 +22,8 @@ def run(opts: PredictOptions) -> int:
     """The whole command; returns the exit code. Ctrl-C reports what was done and returns 130."""
     with process_group(opts.device) as (info, device):
         dtype = resolve_precision(opts.precision, device)
-        report: Report[Row] = Report(from_main(lambda: expand_inputs(opts.images, opts.recursive), info), Row)
+        inputs = from_main(lambda: expand_inputs(opts.images, opts.recursive), info)
+        report: Report[Row] = Report(inputs, row_maker(opts.min_score))
         engine = load_engine(load_checkpoint(opts.model, opts.revision), device, dtype)
         # jsonl on stdout streams: each line is written as soon as it and every line before it are done (a pipe
         # sees progress, and an interrupted run has already delivered everything it finished).
@@ -30,8 +31,11 @@ def run(opts: PredictOptions) -> int:
         rows: list[Row] = []
         emit = (print_lines if stream else rows.extend) if info.main else drop
 
+        tta = str(opts.tta) if opts.tta is not None else None
+
         def classify(batch: np.ndarray) -> list[list[dict]]:
-            return top_k(engine.logits(batch), engine.labels, opts.top_k)
+            # The scores: the model's temperature, and with --tta the mean over the views (bitcli.scores).
+            return top_k(view_logits(engine, batch, tta), engine.labels, opts.top_k, engine.temperature)
 
         interrupted = run_report(report, path_decoder(engine.preprocess), classify, batch_size=opts.batch_size,
                                  workers=opts.workers, emit=emit, info=info, verb="classifying")  # fmt: skip

@@ -12,7 +12,14 @@ from bitcli import __version__
 from bitcli.config import BitConfig
 from bitcli.errors import BitError, one_line
 from bitcli.formats import timm
-from bitcli.formats.checkpoint import Checkpoint, check_tensors, checked_labels
+from bitcli.formats.checkpoint import (
+    TEMPERATURE_KEY,
+    Checkpoint,
+    check_tensors,
+    checked_labels,
+    stored_temperature,
+    temperature_record,
+)
 from bitcli.formats.raw import read_safetensors, write_safetensors
 from bitcli.preprocess import Preprocess
 
@@ -29,13 +36,16 @@ def read(path: Path) -> Checkpoint:
         config = BitConfig.from_dict(json.loads(meta["config"]))
         labels = json.loads(meta["labels"])
         preprocess = Preprocess.from_dict(json.loads(meta["preprocess"]))
+        stored = json.loads(meta[TEMPERATURE_KEY]) if TEMPERATURE_KEY in meta else None
     except BitError as exc:
         raise BitError(f"{path}: {exc}") from None
     except (KeyError, ValueError, TypeError) as exc:
         raise BitError(f"{path}: bitcli metadata is damaged ({one_line(exc)}); convert the source again") from None
     check_tensors(config, refs, str(path))
     labels = checked_labels(labels, config.num_classes, str(path))
-    return Checkpoint(config=config, labels=labels, preprocess=preprocess, tensors=refs, source=str(path), format=NAME)
+    temperature = stored_temperature(stored, path)
+    return Checkpoint(config=config, labels=labels, preprocess=preprocess, tensors=refs, source=str(path), format=NAME,
+                      temperature=temperature)  # fmt: skip
 
 
 def write(ckpt: Checkpoint, path: Path, dtype: torch.dtype | None = None) -> None:
@@ -45,6 +55,7 @@ def write(ckpt: Checkpoint, path: Path, dtype: torch.dtype | None = None) -> Non
         "config": json.dumps(ckpt.config.to_dict()),
         "labels": json.dumps(ckpt.labels),
         "preprocess": json.dumps(ckpt.preprocess.to_dict()),
+        **{k: json.dumps(v) for k, v in temperature_record(ckpt).items()},
     }
     write_safetensors(path, ckpt.tensors, meta, dtype)
 

@@ -17,6 +17,7 @@ from bitcli.formats.tensors import BITCLI, Layout, TensorRef, few
 from bitcli.labels import default_labels
 from bitcli.model import BitModel
 from bitcli.preprocess import Preprocess
+from bitcli.scores import check_temperature
 
 # For a transformers folder without preprocessor_config.json: google/bit-50's (shortest edge 448, centre crop 448).
 BIT_DEFAULT_PREPROCESS = Preprocess(resize=448, crop=(448, 448), interpolation="bilinear")
@@ -36,6 +37,7 @@ class Checkpoint:
     format: str = ""
     layout: Layout = BITCLI  # how the source names the tensors, so that errors speak its language
     graph: Path | None = None  # an exported .onnx holding the weights (tensors is then empty): runs in onnxruntime only
+    temperature: float = 1.0  # scores are softmax(logits / temperature) (bitcli.scores); bit finetune fits it
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: ref.load() for k, ref in self.tensors.items()}
@@ -173,6 +175,27 @@ def read_class_names(path: Path, num_classes: int) -> list[str]:
 # whose own libraries hard-code theirs (transformers and timm: 1e-8), so that converting through them changes
 # no number.
 WS_EPS_KEY = "bitcli_ws_eps"
+
+
+# The temperature of a calibrated model (bit finetune fits it on the validation set), in every format bitcli
+# writes: this key in transformers' and timm's config.json (their libraries ignore it: their scores stay
+# uncalibrated), bitcli's safetensors metadata and the ONNX metadata. An uncalibrated model has none (1).
+TEMPERATURE_KEY = "bitcli_temperature"
+
+
+def stored_temperature(value: Any, source: Path | str) -> float:
+    """A stored temperature (None: absent, 1); one line naming the file when it is no number > 0."""
+    if value is None:
+        return 1.0
+    temperature = check_temperature(value)
+    if temperature is None:
+        raise BitError(f"{source}: {TEMPERATURE_KEY} must be a number greater than 0, got {value!r}")
+    return temperature
+
+
+def temperature_record(ckpt: Checkpoint) -> dict[str, float]:
+    """{TEMPERATURE_KEY: T} for a calibrated checkpoint, {} for one at temperature 1 (written as before)."""
+    return {TEMPERATURE_KEY: ckpt.temperature} if ckpt.temperature != 1.0 else {}
 
 
 def stored_ws_eps(cfg: dict[str, Any], default: float, source: Path) -> float:

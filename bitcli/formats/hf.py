@@ -16,11 +16,14 @@ from bitcli.config import BASE_WIDTHS, BitConfig, make_div
 from bitcli.errors import BitError
 from bitcli.formats.checkpoint import (
     BIT_DEFAULT_PREPROCESS,
+    TEMPERATURE_KEY,
     WS_EPS_KEY,
     Checkpoint,
     check_tensors,
     checked_labels,
+    stored_temperature,
     stored_ws_eps,
+    temperature_record,
 )
 from bitcli.formats.raw import folder_weights, read_json, write_safetensors
 from bitcli.formats.tensors import Layout, renaming
@@ -77,6 +80,7 @@ def read(folder: Path) -> Checkpoint:
         source=str(folder),
         format=NAME,
         layout=LAYOUT,
+        temperature=stored_temperature(hf.get(TEMPERATURE_KEY), folder / "config.json"),
     )
 
 
@@ -98,6 +102,7 @@ def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> N
     hf["id2label"] = {str(i): name for i, name in enumerate(ckpt.labels)}
     hf["label2id"] = {name: i for i, name in enumerate(ckpt.labels)}
     hf[WS_EPS_KEY] = ckpt.config.ws_eps  # transformers ignores it (its eps is fixed at 1e-8); bitcli reads it back
+    hf.update(temperature_record(ckpt))  # transformers ignores it too: its softmax stays at temperature 1
     if dtype is not None:
         hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     tensors = LAYOUT.refs_from_bitcli(ckpt.source, ckpt.tensors)

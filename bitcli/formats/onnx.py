@@ -21,7 +21,7 @@ from typing import Any
 from bitcli import __version__, extras
 from bitcli.config import BitConfig
 from bitcli.errors import BitError, one_line
-from bitcli.formats.checkpoint import Checkpoint, checked_labels
+from bitcli.formats.checkpoint import Checkpoint, checked_labels, stored_temperature
 from bitcli.preprocess import Preprocess
 from bitcli.writes import atomic_write
 
@@ -30,6 +30,10 @@ INPUT, OUTPUT = "pixel_values", "logits"
 # metadata_props keys; every value is JSON.
 LABELS, PREPROCESS, CONFIG = "bitcli.labels", "bitcli.preprocess", "bitcli.config"
 SOURCE, VERSION, PRECISION, CHECK = "bitcli.source", "bitcli.version", "bitcli.precision", "bitcli.check"
+# A calibrated model's temperature (absent: 1). The graph's output stays the model's logits, as the torch model
+# gives them (the export is proven against it); bitcli's ONNX engine divides them by it, as the torch engine
+# does, and another runtime must do so itself for calibrated scores.
+TEMPERATURE = "bitcli.temperature"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -56,6 +60,7 @@ def read(path: Path) -> Checkpoint:
         config = BitConfig.from_dict(json.loads(meta[CONFIG]))
         labels = json.loads(meta[LABELS])
         preprocess = Preprocess.from_dict(json.loads(meta[PREPROCESS]))
+        stored = json.loads(meta[TEMPERATURE]) if TEMPERATURE in meta else None
     except BitError as exc:
         raise BitError(f"{path}: {exc}") from None
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -70,8 +75,16 @@ def read(path: Path) -> Checkpoint:
     if not config.num_classes:
         raise BitError(f"{path}: metadata describes a model without a classification head")
     labels = checked_labels(labels, config.num_classes, str(path))
+    temperature = stored_temperature(stored, path)
     return Checkpoint(
-        config=config, labels=labels, preprocess=preprocess, tensors={}, source=str(path), format=NAME, graph=path
+        config=config,
+        labels=labels,
+        preprocess=preprocess,
+        tensors={},
+        source=str(path),
+        format=NAME,
+        graph=path,
+        temperature=temperature,
     )
 
 
@@ -156,6 +169,7 @@ def save(proto, path: Path, ckpt: Checkpoint, precision: str, check: dict[str, A
     values = {
         LABELS: ckpt.labels, PREPROCESS: ckpt.preprocess.to_dict(), CONFIG: ckpt.config.to_dict(),
         SOURCE: ckpt.source, VERSION: __version__, PRECISION: precision, CHECK: check,
+        **({TEMPERATURE: ckpt.temperature} if ckpt.temperature != 1.0 else {}),
     }  # fmt: skip
     del proto.metadata_props[:]
     for key, value in values.items():

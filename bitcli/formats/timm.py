@@ -16,12 +16,15 @@ from bitcli.architectures import TIMM_LAYOUTS, from_name, timm_name
 from bitcli.config import BitConfig
 from bitcli.errors import BitError
 from bitcli.formats.checkpoint import (
+    TEMPERATURE_KEY,
     WS_EPS_KEY,
     Checkpoint,
     check_tensors,
     checked_labels,
     infer_config,
+    stored_temperature,
     stored_ws_eps,
+    temperature_record,
 )
 from bitcli.formats.raw import folder_weights, read_json, read_safetensors, read_torch_bin, write_safetensors
 from bitcli.formats.tensors import Layout, TensorRef, renaming
@@ -82,6 +85,7 @@ def read_weights(path: Path, refs: dict[str, TensorRef], timm_cfg: dict[str, Any
         source=str(path),
         format=NAME,
         layout=LAYOUT,
+        temperature=stored_temperature(cfg.get(TEMPERATURE_KEY), path / "config.json"),
     )
 
 
@@ -134,6 +138,7 @@ def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> N
         "label_names": ckpt.labels,
         "pretrained_cfg": pretrained,
         WS_EPS_KEY: ckpt.config.ws_eps,  # timm builds BiT with 1e-8 and ignores this key; bitcli reads it back
+        **temperature_record(ckpt),  # timm ignores it too: its scores stay at temperature 1
         **_preprocess_record(ckpt.preprocess, pretrained),
     }
 
