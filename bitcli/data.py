@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +26,7 @@ STREAM_VAL_SPLIT = 2
 STREAM_EPOCH = 3  # counter: epoch; the order in which an epoch visits the training set
 STREAM_REPLACEMENT = 4  # counter: step; small data sets are sampled with replacement
 STREAM_AUGMENT = 5  # counter: step; crops, flips, MixUp partners and lambda
+STREAM_BALANCED = 6  # counter: step; --sampler balanced: each position's class, then its example in the class
 
 
 def rng(seed: int, stream: int, counter: int = 0) -> np.random.Generator:
@@ -90,6 +91,13 @@ def split_validation(ds: ImageFolder, fraction: float, seed: int) -> tuple[Image
     return ds.subset(keep), ds.subset(held)
 
 
+def balanced_class_weights(targets: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:
+    """--class-weights balanced: n / (classes x images of the class) per class, float64 (scikit-learn's
+    compute_class_weight("balanced")); a class without training images gets 0 (it is never a target)."""
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    return np.divide(len(targets), num_classes * counts, out=np.zeros(num_classes), where=counts > 0)
+
+
 def median_area(ds: ImageFolder, limit: int = 256) -> float:
     """Median pixel count of up to `limit` evenly spaced images (headers only, nothing is decoded)."""
     picks = np.unique(np.linspace(0, len(ds) - 1, num=min(limit, len(ds))).round().astype(np.int64))
@@ -122,12 +130,24 @@ class StepSampler:
     Data sets at least a batch long are visited epoch by epoch in a seeded random order, the batches running
     on across epoch boundaries so every step is full; smaller ones are sampled with replacement (as Google's
     code does) so every step still sees a full batch.
+
+    With `by_class` (--sampler balanced: each class's example indices) every position of the batch draws a
+    class uniformly, then an example of that class uniformly, with replacement, from rng(seed,
+    STREAM_BALANCED, step): every class is equally likely whatever its size, and step s's sample is still a
+    function of (seed, s) alone, so resuming and sharding over processes stay exact.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, max_offset: int, mixup: float | None) -> None:
+    def __init__(self, num_examples: int, batch_size: int, seed: int, max_offset: int, mixup: float | None,
+                 by_class: Sequence[np.ndarray] | None = None) -> None:  # fmt: skip
         self.n, self.batch, self.seed, self.max_offset, self.mixup = num_examples, batch_size, seed, max_offset, mixup
         self.with_replacement = num_examples < batch_size
         self._orders: dict[int, np.ndarray] = {}
+        self.by_class = None
+        if by_class is not None:  # one flat array of the classes' members, and where each class starts in it
+            by_class = [m for m in by_class if len(m)]  # a class without training images is never drawn
+            sizes = np.array([len(m) for m in by_class], dtype=np.int64)
+            self.by_class = (np.concatenate([np.asarray(m, dtype=np.int64) for m in by_class]),
+                             np.cumsum(sizes) - sizes, sizes)  # fmt: skip
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
@@ -137,6 +157,11 @@ class StepSampler:
         return self._orders[epoch]
 
     def indices(self, step: int) -> np.ndarray:
+        if self.by_class is not None:
+            members, starts, sizes = self.by_class
+            g = rng(self.seed, STREAM_BALANCED, step)
+            classes = g.integers(0, len(sizes), self.batch)
+            return members[starts[classes] + g.integers(0, sizes[classes])]
         if self.with_replacement:
             return rng(self.seed, STREAM_REPLACEMENT, step).integers(0, self.n, self.batch)
         positions = np.arange(step * self.batch, (step + 1) * self.batch, dtype=np.int64)

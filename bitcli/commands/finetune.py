@@ -16,10 +16,18 @@ from bitcli.errors import BitError
 from bitcli.finetune.loop import Training, bit_sgd, train, validate
 from bitcli.finetune.plan import describe
 from bitcli.finetune.prepare import prepare, resume_point, use_deterministic_algorithms
-from bitcli.finetune.rundir import WRITE_ERRORS, lock_output, remove_leftovers, write_json, write_outputs
-from bitcli.finetune.runfiles import CONFIG_FILE
+from bitcli.finetune.rundir import (
+    WRITE_ERRORS,
+    Selection,
+    lock_output,
+    remove_leftovers,
+    write_json,
+    write_outputs,
+)
+from bitcli.finetune.runfiles import CONFIG_FILE, STATE_FILE
+from bitcli.finetune.selection import Best, Logits, calibrate
 from bitcli.finetune.start import trainable_parameters
-from bitcli.finetune.state import check_finite
+from bitcli.finetune.state import check_finite, read_state
 from bitcli.finetune.watch import record_validation
 from bitcli.options import FinetuneOptions
 from bitcli.runtime import resolve_precision
@@ -78,14 +86,35 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
         scaler=scaler, data=ds, train_cache=DecodeCache(ds.train, train_transform(plan.resize), TRAIN_CACHE_BYTES),
         val_cache=DecodeCache(ds.val, val_tf, VAL_CACHE_BYTES) if ds.val is not None else None,
         output=opts.output, start=start, workers=opts.workers, tensorboard=opts.tensorboard,
+        best=best_so_far(opts, plan.keep_best, start),
     )  # fmt: skip
     outcome = train(training)
     if info.main:
-        last_eval = outcome.last_eval
+        last_eval, logits = outcome.last_eval, outcome.last_logits
         if ds.val is not None and last_eval is None:  # resumed after the last step's checkpoint
-            last_eval = validate(training)
+            logits = Logits() if plan.calibrate else None
+            last_eval = validate(training, keep=logits)
             record_validation(opts.output, plan.steps - 1, last_eval, pictures=extras.available("plots"))
         check_finite(engine.model, plan.steps - 1)
+        calibration = calibrate(logits, plan.classes) if logits is not None else None
+        if calibration is not None:
+            log(calibration.describe())
+        selection = Selection(
+            temperature=calibration.temperature if calibration else 1.0,
+            calibration=calibration.to_dict() if calibration else None,
+            best=training.best.to_dict() if training.best is not None else None,
+        )
         write_outputs(opts.output, engine.model, plan, val_tf, last_eval=last_eval, last_loss=outcome.last_loss,
-                      step_times=outcome.step_times, start=start, started=started)  # fmt: skip
+                      step_times=outcome.step_times, start=start, started=started, selection=selection)  # fmt: skip
     barrier(info)
+
+
+def best_so_far(opts: FinetuneOptions, metric: str | None, start: int) -> Best | None:
+    """--keep-best: the best validation of the steps before `start`, as the checkpoint recorded it (a fresh
+    run: none yet)."""
+    if metric is None:
+        return None
+    if start == 0:
+        return Best(metric)
+    _, state, _ = read_state(opts.output / STATE_FILE)  # resume_point has just read and checked it
+    return Best.from_dict(metric, state.get("best"))

@@ -21,6 +21,7 @@ from bitcli import extras
 from bitcli.errors import BitError, one_line
 from bitcli.finetune import tensorboard
 from bitcli.finetune.runfiles import (
+    BEST_FOLDER,
     CONFIG_FILE,
     LOCK_FILE,
     METRICS_FILE,
@@ -66,7 +67,8 @@ def run(opts: ReportOptions) -> None:
     metrics = Metrics.read(folder / METRICS_FILE, steps)
     kind, status = run_status(folder, steps, metrics)
     lines = [*head, f"status      {status}", *step_lines(metrics)]
-    lines += [*validation_lines(folder), *file_lines(folder), pictures_line(folder, plan, kind)]
+    lines += [*validation_lines(folder), *selection_lines(folder), *file_lines(folder)]
+    lines += [*best_file_lines(folder, plan), pictures_line(folder, plan, kind)]
     sys.stdout.write("".join(line + "\n" for line in lines))
     sys.stdout.flush()
 
@@ -205,6 +207,45 @@ def validation_lines(folder: Path) -> list[str]:
         return [f"macro F1    unreadable: {visible(str(exc))}"]
     except (KeyError, TypeError, OverflowError) as exc:
         return [f"macro F1    unreadable: {visible(display(path))}: not as bit finetune writes it ({one_line(exc)})"]
+
+
+def selection_lines(folder: Path) -> list[str]:
+    """What a finished run kept of its validations (summary.json): the fitted temperature with the validation
+    ECE and NLL before and after, and --keep-best's model; a summary that says otherwise shows nothing."""
+    if not (folder / SUMMARY_FILE).is_file():
+        return []
+    try:
+        summary = read_json(folder / SUMMARY_FILE)
+    except BitError:
+        return []
+    lines = []
+    try:
+        if isinstance(cal := summary.get("calibration"), dict):
+            lines.append(f"calibrated  temperature {_number(cal['temperature'], 4)}: validation ECE "
+                         f"{_number(cal['val_ece_before'], 4)} -> {_number(cal['val_ece_after'], 4)}, NLL "
+                         f"{_number(cal['val_nll_before'], 4)} -> {_number(cal['val_nll_after'], 4)}")  # fmt: skip
+        if isinstance(best := summary.get("best"), dict) and best.get("step") is not None:
+            lines.append(f"best        {visible(str(best['metric']))} {_number(best['value'], 4)} after step "
+                         f"{whole(int(best['step']))} (temperature {_number(best['temperature'], 4)}): "
+                         f"{visible(display(folder / BEST_FOLDER))}")  # fmt: skip
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return lines  # a hand-edited summary: what could be read
+    return lines
+
+
+def _number(value: Any, places: int) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("not a number")
+    return decimal(float(value), places)
+
+
+def best_file_lines(folder: Path, plan: dict[str, Any]) -> list[str]:
+    """--keep-best's folder, listed with the run's files."""
+    if not (folder / BEST_FOLDER / MODEL_FILES[0]).is_file():
+        return []
+    metric = visible(str(plan.get("keep_best") or "its metric"))
+    return [f"  {visible(display(folder / BEST_FOLDER))}  the best validated model by {metric} (--keep-best): "
+            "--model for predict and eval"]  # fmt: skip
 
 
 def file_lines(folder: Path) -> list[str]:

@@ -1,5 +1,6 @@
 """The training loop. Per optimizer step: set the lr, forward and backward each micro-batch (the gradients
-add up to the global batch's mean), step the optimizer, log, validate, save.
+add up to the global batch's mean), step the optimizer, log, validate (and with --keep-best keep the best
+model), save.
 
 Each step's images, crops, flips and MixUp come from data.StepSampler as a function of (seed, step), so a
 run resumed from the checkpoint of step s continues exactly as the uninterrupted run would have.
@@ -21,15 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from bitcli import hyperrule
-from bitcli.data import DecodeCache, StepSample, StepSampler, augment
+from bitcli.data import DecodeCache, StepSample, StepSampler, augment, balanced_class_weights
 from bitcli.distributed import Dist, all_sum, barrier
 from bitcli.errors import BitError
 from bitcli.evaluation import evaluate
 from bitcli.finetune.datasets import Datasets
 from bitcli.finetune.plan import Plan
 from bitcli.finetune.progress import TrainProgress
-from bitcli.finetune.rundir import MetricsLog, top5_text
+from bitcli.finetune.rundir import MetricsLog, top5_text, write_best_model
 from bitcli.finetune.runfiles import METRICS_FILE, STATE_FILE
+from bitcli.finetune.selection import Best, Logits, calibrate
 from bitcli.finetune.state import check_finite, save_state
 from bitcli.finetune.watch import Watch
 from bitcli.images import Reader
@@ -55,6 +57,7 @@ class Training:
     start: int  # the first step to take (0, or the checkpoint's when resuming)
     workers: int
     tensorboard: bool = False  # --tensorboard: the main process also writes TensorBoard events
+    best: Best | None = None  # --keep-best: the best validation so far (restored from the checkpoint on resume)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Outcome:
     last_eval: EvalResult | None = None
     last_loss: float = float("nan")  # stays NaN when no step was left to take
     step_times: list[float] = field(default_factory=list)
+    last_logits: Logits | None = None  # the last step's validation logits, to fit the temperature on
 
 
 def train(t: Training) -> Outcome:
@@ -71,6 +75,7 @@ def train(t: Training) -> Outcome:
     watch = Watch(t.output, t.start, t.tensorboard) if info.main else None
     out = Outcome()
     step = saved_step = t.start
+    weight = class_weights(t)
     try:
         with Reader(t.workers) as reader, TrainProgress(info.main, plan.steps, t.start) as progress:
             batches = micro_batches(t, reader)
@@ -88,7 +93,7 @@ def train(t: Training) -> Outcome:
                     with gradient_sync(model, info, last=micro == plan.batch_split - 1):
                         with engine.autocast():
                             logits = model(x)
-                        loss = mixup_cross_entropy(logits.float(), y, y_mix, lam)
+                        loss = mixup_cross_entropy(logits.float(), y, y_mix, lam, weight=weight)
                         scaler.scale(loss / plan.batch_split).backward()
                     loss_sum += loss.detach()
                 out.last_loss = mean_loss(loss_sum, t, step)  # (a NaN stops the run here, before the update)
@@ -105,10 +110,13 @@ def train(t: Training) -> Outcome:
                 record: dict[str, Any] = {"step": step, "lr": lr, "loss": out.last_loss, "images_per_s": ips}
                 if t.val_cache is not None and validation_due(plan, step):
                     if info.main:
-                        out.last_eval = ev = validate(t)
-                        record.update(val_top1=ev.top1, val_top5=ev.top5, val_loss=ev.loss)
+                        ev = validation_step(t, step, out)
+                        record.update(val_top1=ev.top1, val_top5=ev.top5, val_loss=ev.loss, val_macro_f1=ev.macro_f1,
+                                      val_balanced_accuracy=ev.balanced_accuracy)  # fmt: skip
                         progress.log(f"{step + 1}/{plan.steps} steps  lr {lr:.2e}  loss {out.last_loss:.4f}  "
                                      f"val top-1 {ev.top1:.4f}  top-5 {top5_text(ev)}")  # fmt: skip
+                        if t.best is not None and t.best.step == step:
+                            progress.log(f"best {plan.keep_best} so far: {t.best.value:.4f}; its model is in best/")
                     barrier(info)
                 if info.main:
                     metrics.write(record)
@@ -116,7 +124,8 @@ def train(t: Training) -> Outcome:
                     if step == plan.steps - 1 or (step + 1) % plan.save_every == 0:
                         check_finite(engine.model, step)
                         watch.before_checkpoint()
-                        save_state(t.output / STATE_FILE, engine.model, optimizer, step + 1, plan=plan, scaler=scaler)
+                        save_state(t.output / STATE_FILE, engine.model, optimizer, step + 1, plan=plan, scaler=scaler,
+                                   best=t.best.to_dict() if t.best is not None else None)  # fmt: skip
                         saved_step = step + 1
                 progress.update(step + 1, lr, out.last_loss, ips)
     except KeyboardInterrupt:
@@ -143,10 +152,36 @@ def validation_due(plan: Plan, step: int) -> bool:
     return step == plan.steps - 1 or bool(plan.eval_every and (step + 1) % plan.eval_every == 0)
 
 
-def validate(t: Training) -> EvalResult:
+def validate(t: Training, keep: Logits | None = None) -> EvalResult:
     val = t.data.val
     return evaluate(t.engine, val, t.val_cache.get, batch_size=t.plan.micro_batch, workers=t.workers,
-                    class_to_model=list(range(len(val.classes))))  # fmt: skip
+                    class_to_model=list(range(len(val.classes))), keep=keep)  # fmt: skip
+
+
+def validation_step(t: Training, step: int, out: Outcome) -> EvalResult:
+    """The main process's validation after `step`; with --keep-best a better model than the best so far is
+    written to DIR/best/ (calibrated on this validation, unless --no-calibrate) before the step's checkpoint,
+    which records it. The last step's logits are kept for the final model's temperature."""
+    plan = t.plan
+    last = step == plan.steps - 1
+    logits = Logits() if plan.calibrate and (last or t.best is not None) else None
+    out.last_eval = ev = validate(t, keep=logits)
+    if last:
+        out.last_logits = logits
+    if t.best is not None and t.best.improves(ev):
+        temperature = calibrate(logits, plan.classes).temperature if logits is not None else 1.0
+        write_best_model(t.engine.model, plan, t.engine.preprocess, t.output, temperature=temperature)
+        t.best.record(ev, step, temperature)
+    return ev
+
+
+def class_weights(t: Training) -> torch.Tensor | None:
+    """--class-weights balanced: scikit-learn's compute_class_weight("balanced") on the training labels (after
+    --shots and --val-split), float32 on the device; None without the flag."""
+    if t.plan.class_weights is None:
+        return None
+    weights = balanced_class_weights(t.data.train.targets, len(t.plan.classes))
+    return torch.from_numpy(weights).float().to(t.engine.device)
 
 
 def gradient_sync(model: torch.nn.Module, info: Dist, last: bool):
@@ -154,11 +189,24 @@ def gradient_sync(model: torch.nn.Module, info: Dist, last: bool):
     return contextlib.nullcontext() if info.world == 1 or last else model.no_sync()
 
 
-def mixup_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y_mix: torch.Tensor | None, lam: float) -> torch.Tensor:
-    """Cross-entropy; with MixUp the λ-weighted sum over both images' labels (one λ per optimizer step)."""
+def mixup_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y_mix: torch.Tensor | None, lam: float,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Cross-entropy; with MixUp the λ-weighted sum over both images' labels (one λ per optimizer step).
+
+    With class weights (--class-weights), the mean over the images of weight[label] x the image's
+    cross-entropy, for both labels of a MixUp pair. Not PyTorch's weighted mean (reduction="mean" divides by
+    the sum of the batch's weights): that divisor differs between micro-batches and processes, so the
+    gradients of a split batch would no longer add up to the whole batch's, and the weights would no longer
+    scale the loss (a batch of one class would weigh as much as any other)."""
+
+    def ce(target: torch.Tensor) -> torch.Tensor:
+        if weight is None:
+            return F.cross_entropy(logits, target)
+        return F.cross_entropy(logits, target, weight=weight, reduction="none").mean()
+
     if y_mix is None:
-        return F.cross_entropy(logits, y)
-    return lam * F.cross_entropy(logits, y) + (1.0 - lam) * F.cross_entropy(logits, y_mix)
+        return ce(y)
+    return lam * ce(y) + (1.0 - lam) * ce(y_mix)
 
 
 def mean_loss(loss_sum: torch.Tensor, t: Training, step: int) -> float:
@@ -183,7 +231,7 @@ def micro_batches(
     from step t.start on. The images are decoded and augmented on the reader's threads, a batch ahead."""
     plan, info = t.plan, t.info
     sampler = StepSampler(len(t.data.train), plan.batch_size, plan.seed, max_offset=plan.resize - plan.crop,
-                          mixup=plan.mixup)  # fmt: skip
+                          mixup=plan.mixup, by_class=t.data.train.by_class() if plan.sampler else None)  # fmt: skip
     targets = np.asarray(t.data.train.targets, dtype=np.int64)
     per_rank, m = plan.batch_size // info.world, plan.micro_batch
 

@@ -9,11 +9,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from bitcli import extras, hyperrule
 from bitcli.config import BitConfig
-from bitcli.data import median_area
+from bitcli.data import balanced_class_weights, median_area
 from bitcli.distributed import Dist
 from bitcli.errors import BitError, UsageError
 from bitcli.finetune.datasets import Datasets
@@ -28,18 +29,21 @@ from bitcli.ui import visible
 # Plan fields that decide the weights: a resumed run must agree on all of them.
 RESULT_FIELDS = (
     "classes", "train_examples", "train_fingerprint", "model", "random_init", "architecture", "shots", "seed",
-    "resize", "crop", "steps", "boundaries", "lr", "batch_size", "mixup", "head_only",
+    "resize", "crop", "steps", "boundaries", "lr", "batch_size", "mixup", "head_only", "class_weights", "sampler",
+    "keep_best",
 )  # fmt: skip
 # The RESULT_FIELDS that follow from the data alone: with the flags unchanged, the data changed.
 DATA_FIELDS = ("classes", "train_examples", "train_fingerprint")
 # RESULT_FIELDS added later, with the value that runs started before them had (their plans lack the field;
 # they stay resumable).
-RESULT_DEFAULTS = {"head_only": False}
+RESULT_DEFAULTS = {"head_only": False, "class_weights": None, "sampler": None, "keep_best": None}
 # The HyperRule's resolution assumes a start model pre-trained at about 224 px (BiT-M/S). Beyond this factor
 # between the chosen crop and the start model's own, the plan says so (issue 12: a model trained at 32 px
 # reached 0.37 top-1 at the rule's 128 px and 0.93 at its own size).
 OWN_SIZE_RATIO = 2
 HYPERRULE_UPSTREAM = 224  # px: the upstream resolution the rule was made for (BiT-M/S pre-training)
+# Largest over smallest class of the training set beyond which the plan suggests the imbalance flags.
+IMBALANCE_NOTE_RATIO = 5
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,11 @@ class Plan:
     why: dict[str, str]  # field -> where its value came from
     notes: tuple[str, ...] = ()  # advice printed with the plan (e.g. the start model's own resolution)
     tensorboard: bool = False  # --tensorboard: TensorBoard events under DIR/tensorboard
+    class_sizes: tuple[int, ...] = ()  # training images of each class, in `classes` order
+    class_weights: str | None = None  # --class-weights balanced: inverse-frequency weights in the loss
+    sampler: str | None = None  # --sampler balanced: classes drawn uniformly at every step
+    keep_best: str | None = None  # --keep-best METRIC: the best validated model also goes to DIR/best/
+    calibrate: bool = True  # fit the temperature on the validation set at the end (--no-calibrate: off)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -88,8 +97,9 @@ class Plan:
 # Checks that need the data or the architecture (the CLI has already parsed every flag's form)
 
 
-def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig) -> None:
-    """Every flag's range, before any image is decoded or weight built (make_plan relies on them)."""
+def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig, has_validation: bool = True) -> None:
+    """Every flag's range, before any image is decoded or weight built (make_plan relies on them).
+    has_validation: DATA has a validation split of its own."""
     check_resolution(opts.resolution, config)
     for flag, value, minimum in (("--steps", opts.steps, 1), ("--batch-split", opts.batch_split, 1),
                                  ("--eval-every", opts.eval_every, 0), ("--save-every", opts.save_every, 1)):  # fmt: skip
@@ -99,6 +109,11 @@ def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig) -> None:
         raise UsageError(f"--mixup {opts.mixup}: must be a number >= 0")
     if opts.lr <= 0 or not math.isfinite(opts.lr):
         raise UsageError(f"--lr {opts.lr}: must be a positive number")
+    if opts.keep_best is not None and not (has_validation or opts.val_split is not None):
+        raise UsageError(
+            f"--keep-best {opts.keep_best}: selects on the validation set, and the run has none; "
+            "pass --val DATA or --val-split F"
+        )
     if opts.batch_size % info.world:
         raise UsageError(f"--batch-size {opts.batch_size}: must divide evenly over the {info.world} processes")
     per_rank = opts.batch_size // info.world
@@ -191,6 +206,56 @@ def _size_notes(opts: FinetuneOptions, crop: int, own: int | None) -> tuple[str,
     )
 
 
+def imbalance_ratio(sizes: tuple[int, ...]) -> float:
+    """Largest over smallest class (of those with images): 1 for balanced data."""
+    present = [n for n in sizes if n]
+    return max(present) / min(present) if present else 1.0
+
+
+def class_lines(plan: Plan) -> list[str]:
+    """The class histogram in one line (smallest and largest class, imbalance ratio); above
+    IMBALANCE_NOTE_RATIO without a balancing flag, the flags that weigh the classes equally (the HyperRule
+    stays the default); with them, what they do."""
+    sizes = plan.class_sizes
+    if not sizes:  # a plan from before the histogram
+        return []
+    small, large = int(np.argmin(sizes)), int(np.argmax(sizes))
+    ratio = imbalance_ratio(sizes)
+    lines = [f"  classes     {len(sizes)}: smallest {visible(plan.classes[small])!r} ({sizes[small]:,} images), largest "
+             f"{visible(plan.classes[large])!r} ({sizes[large]:,}); imbalance ratio {ratio:.3g}:1"]  # fmt: skip
+    balance = []
+    if plan.class_weights:
+        weights = balanced_class_weights(np.repeat(np.arange(len(sizes)), sizes), len(sizes))
+        balance.append(f"loss weighted by inverse class frequency, {weights.min():.3g} to {weights.max():.3g} "
+                       "(--class-weights balanced)")  # fmt: skip
+    if plan.sampler:
+        balance.append("each step draws classes uniformly, then an image of the class (--sampler balanced)")
+    if balance:
+        lines.append(f"  balance     {'; '.join(balance)}")
+    elif ratio > IMBALANCE_NOTE_RATIO:
+        best = "" if plan.keep_best else "; --keep-best balanced_accuracy keeps the best model by the same measure"
+        lines.append(f"  note        the classes are imbalanced: --class-weights balanced or --sampler balanced weigh "
+                     f"them equally in training{best}")  # fmt: skip
+    return lines
+
+
+def selection_lines(plan: Plan) -> list[str]:
+    """The temperature fit and --keep-best (runs with a validation set)."""
+    if not plan.validation:
+        return []
+    lines = [
+        "  calibrate   a temperature fitted on the validation set after the last step, stored with the model "
+        "(--no-calibrate: off)"
+        if plan.calibrate
+        else "  calibrate   off (--no-calibrate): scores at temperature 1"
+    ]
+    if plan.keep_best:
+        better = "lowest" if plan.keep_best == "loss" else "highest"
+        lines.append(f"  keep best   the validated model of the {better} {plan.keep_best} also goes to best/ "
+                     "(the final model stays the HyperRule's)")  # fmt: skip
+    return lines
+
+
 def _schedule(steps: int | None, n: int) -> tuple[hyperrule.Schedule, str]:
     regime = f"{n:,} training examples"
     if steps is None:
@@ -269,6 +334,11 @@ def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, device: to
         why=why,
         notes=_size_notes(opts, res.crop, own_size(own)),
         tensorboard=opts.tensorboard,
+        class_sizes=tuple(len(m) for m in ds.train.by_class()),
+        class_weights=str(opts.class_weights) if opts.class_weights is not None else None,
+        sampler=str(opts.sampler) if opts.sampler is not None else None,
+        keep_best=str(opts.keep_best) if opts.keep_best is not None else None,
+        calibrate=opts.calibrate,
     )
 
 
@@ -302,6 +372,8 @@ def describe(plan: Plan) -> list[str]:
     ]
     lines.append(f"  pictures    {pictures_line(bool(plan.validation))}"
                  + ("; TensorBoard events in tensorboard/" if plan.tensorboard else ""))  # fmt: skip
+    lines[7:7] = class_lines(plan)  # before the optimizer
+    lines[-1:-1] = selection_lines(plan)  # before the pictures
     lines[4:4] = [f"  note        {note}" for note in plan.notes]  # after the resolution line
     if plan.skipped:
         n = len(plan.skipped)

@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ import torch
 
 from bitcli.errors import BitError, UsageError
 from bitcli.finetune import tensorboard as board
-from bitcli.finetune.runfiles import CONFIG_FILE, LOCK_FILE, MODEL_FILES, RUN_FILES, SUMMARY_FILE
+from bitcli.finetune.runfiles import BEST_FOLDER, CONFIG_FILE, LOCK_FILE, MODEL_FILES, RUN_FILES, SUMMARY_FILE
 from bitcli.formats import Checkpoint, TensorRef
 from bitcli.formats.hf import write as write_hf
 from bitcli.options import FinetuneOptions
@@ -37,8 +38,11 @@ if TYPE_CHECKING:
     from bitcli.metrics import EvalResult
 
 # Temporary names of bitcli's own writes into DIR (atomic_write: .NAME.XXXXXXXX.tmp; the final model's
-# staging folder .final and its own temporary ..final.XXXXXXXX.tmp). Only these are cleaned up.
-LEFTOVER = re.compile(r"\.(?:{}|\.final)\.[a-z0-9_]{{8}}\.tmp".format("|".join(re.escape(n) for n in RUN_FILES)))
+# staging folder .final and its own temporary ..final.XXXXXXXX.tmp; best/ written for the first time:
+# .best.XXXXXXXX.tmp). Only these are cleaned up.
+LEFTOVER = re.compile(
+    r"\.(?:{}|\.final|{})\.[a-z0-9_]{{8}}\.tmp".format("|".join(re.escape(n) for n in RUN_FILES), BEST_FOLDER)
+)
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}  # disk full, read-only...
 
 
@@ -102,6 +106,21 @@ def remove_leftovers(output: Path, run_files: bool) -> None:
             p.unlink()
         elif run_files and p.name == board.FOLDER and p.is_dir():
             board.remove_events(p)  # --tensorboard's event files, and the folder if nothing else is in it
+        elif run_files and p.name == BEST_FOLDER and p.is_dir():
+            _remove_model_folder(p)
+
+
+def _remove_model_folder(folder: Path) -> None:
+    """best/'s model files and bitcli's staging folders in it, and the folder if nothing else is in it."""
+    for p in folder.iterdir():
+        if p.is_symlink():
+            continue
+        if p.name in MODEL_FILES and p.is_file():
+            p.unlink()
+        elif p.name.startswith(".bitcli-staging.") and p.name.endswith(".tmp") and p.is_dir():
+            shutil.rmtree(p)
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when empty: the user's own files stay, and so does the folder
 
 
 @contextlib.contextmanager
@@ -180,20 +199,38 @@ def write_final_model(ckpt: Checkpoint, output: Path) -> None:
     staging.rmdir()
 
 
-def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_eval: EvalResult | None,
-                  last_loss: float, step_times: list[float], start: int, started: float) -> None:  # fmt: skip
-    """The fine-tuned model (fp32, with the evaluation preprocessing and the class names) and summary.json."""
+def model_checkpoint(model, plan: Plan, transform: Preprocess, source: Path, *, temperature: float) -> Checkpoint:
+    """The model as the run writes it: fp32, with the evaluation preprocessing, the class names and the
+    temperature of its scores."""
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     tensors = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in state.items()}
-    ckpt = Checkpoint(
-        config=model.config,
-        labels=list(plan.classes),
-        preprocess=transform,
-        tensors=tensors,
-        source=str(output),
-        format="hf",
+    return Checkpoint(config=model.config, labels=list(plan.classes), preprocess=transform, tensors=tensors,
+                      source=str(source), format="hf", temperature=temperature)  # fmt: skip
+
+
+def write_best_model(model, plan: Plan, transform: Preprocess, output: Path, *, temperature: float) -> None:
+    """--keep-best: the model in DIR/best/, the same files as the final model (a new folder appears whole; an
+    existing one has its files replaced, config.json last)."""
+    write_hf(
+        model_checkpoint(model, plan, transform, output / BEST_FOLDER, temperature=temperature), output / BEST_FOLDER
     )
-    write_final_model(ckpt, output)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the run kept of its validations (bitcli.finetune.selection), for summary.json."""
+
+    temperature: float = 1.0
+    calibration: dict[str, Any] | None = None  # Calibration.to_dict()
+    best: dict[str, Any] | None = None  # Best.to_dict()
+
+
+def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_eval: EvalResult | None,
+                  last_loss: float, step_times: list[float], start: int, started: float,
+                  selection: Selection = Selection()) -> None:  # fmt: skip
+    """The fine-tuned model (fp32, with the evaluation preprocessing, the class names and the temperature) and
+    summary.json."""
+    write_final_model(model_checkpoint(model, plan, transform, output, temperature=selection.temperature), output)
     trained = sum(step_times)
     summary = {
         "steps": plan.steps,
@@ -208,6 +245,10 @@ def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_e
         "resumed_from_step": start or None,
         "wall_time_s": round(time.monotonic() - started, 2),  # this invocation
         "images_per_s": round(plan.batch_size * len(step_times) / trained, 2) if trained else None,
+        "val_balanced_accuracy": last_eval.balanced_accuracy if last_eval else None,
+        "val_macro_f1": last_eval.macro_f1 if last_eval else None,
+        "calibration": selection.calibration,  # the temperature fitted on the last validation, ECE/NLL before, after
+        "best": selection.best,  # --keep-best: the validation whose model is in best/
     }
     write_json(output / SUMMARY_FILE, summary)
     if last_eval:

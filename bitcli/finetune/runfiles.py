@@ -22,6 +22,7 @@ MODEL_FILES = ("model.safetensors", "preprocessor_config.json", "config.json")  
 VALIDATION_FILE = "validation.json"  # the last validation: metrics, labels and confusion matrix (bitcli.finetune.watch)
 PICTURE_FILES = ("curves.png", "confusion.png")  # bitcli.finetune.watch draws them at every validation
 RUN_FILES = (*MODEL_FILES, METRICS_FILE, SUMMARY_FILE, STATE_FILE, CONFIG_FILE, VALIDATION_FILE, *PICTURE_FILES)
+BEST_FOLDER = "best"  # --keep-best: the best validated model, MODEL_FILES in their own folder
 
 STATE_FORMAT = "bitcli-finetune-state/1"  # the checkpoint's metadata "format" (bitcli.finetune.state)
 # metrics.jsonl: the numbers of every step's record, and those a validation step adds (val_top5 is null for a

@@ -22,7 +22,9 @@ from bitcli.formats import TensorRef, read_safetensors, write_safetensors
 
 
 def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_step: int, plan: Plan,
-               scaler: torch.amp.GradScaler) -> None:  # fmt: skip
+               scaler: torch.amp.GradScaler, best: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """`best`: --keep-best's record of the best validation so far (bitcli.finetune.selection.Best), so that a
+    resumed run compares against what the uninterrupted run had at this step."""
     tensors: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         tensors[f"model.{name}"] = p.detach().cpu()
@@ -30,16 +32,18 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         if buf is not None:
             tensors[f"momentum.{name}"] = buf.detach().cpu()
     tensors["rng.torch"] = torch.get_rng_state()
+    kind = "with-replacement" if plan.train_examples < plan.batch_size else "epochs"
     state = {
         "next_step": next_step,
         "seed": plan.seed,
         "train_fingerprint": plan.train_fingerprint,
         "sampler": {
-            "kind": "with-replacement" if plan.train_examples < plan.batch_size else "epochs",
+            "kind": "balanced" if getattr(plan, "sampler", None) else kind,
             "seed": plan.seed,
             "next_step": next_step,
         },
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "best": best,
     }
     refs = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in tensors.items()}
     write_safetensors(path, refs, {"format": STATE_FORMAT, "state": json.dumps(state)})

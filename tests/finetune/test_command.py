@@ -68,12 +68,16 @@ def test_finetune_end_to_end(dataset: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(theirs(x).logits, ours(x), rtol=1e-5, atol=1e-6)
     assert not torch.equal(ours.head.weight, torch.zeros_like(ours.head.weight))  # the head was trained
 
-    # `bit predict` with the run folder gives transformers' answer for the image: label and score.
+    # `bit predict` with the run folder gives transformers' answer for the image: label and score, the score
+    # at the temperature fitted on the validation set (config.json's bitcli_temperature, which transformers
+    # itself does not apply).
+    temperature = json.loads((out / "config.json").read_text())["bitcli_temperature"]
+    assert temperature == summary["calibration"]["temperature"] == ckpt.temperature != 1.0
     image = dataset / "val" / "red" / "000.png"
     code, stdout, err = run_main("predict", image, "--model", out, "--format", "json")
     assert code == 0, err
     with torch.no_grad():
-        probs = theirs(ckpt.preprocess(load_image(image)).unsqueeze(0)).logits.softmax(-1)[0]
+        probs = (theirs(ckpt.preprocess(load_image(image)).unsqueeze(0)).logits / temperature).softmax(-1)[0]
     top = json.loads(stdout)[0]["predictions"][0]
     assert (top["label"], top["index"]) == (theirs.config.id2label[int(probs.argmax())], int(probs.argmax()))
     assert top["score"] == pytest.approx(float(probs.max()), abs=1e-5)

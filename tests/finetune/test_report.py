@@ -106,11 +106,21 @@ def expected_report(run: Path, status: str, files: list[str], pictures: str) -> 
             f"validation  step {validations[-1]['step']}: top-1 {validations[-1]['val_top1']:.4f}, top-5 n/a, "
             f"loss {validations[-1]['val_loss']:.4f}; best top-1 {best['val_top1']:.4f} at step {best['step']}",
             f"macro F1    {stored['macro_f1']:.4f} at step {stored['step']} (12 images)",
+            *calibration_lines(run),
             "files",
             *(f"  {run / name}  {notes[name]}" for name in notes if name in files),
             f"pictures    {pictures}",
         ]
     )
+
+
+def calibration_lines(run: Path) -> list[str]:
+    """A finished run's temperature, fitted on the last validation, with the ECE and NLL before and after."""
+    if not (run / "summary.json").is_file():
+        return []
+    cal = json.loads((run / "summary.json").read_text())["calibration"]
+    return [f"calibrated  temperature {cal['temperature']:.4f}: validation ECE {cal['val_ece_before']:.4f} -> "
+            f"{cal['val_ece_after']:.4f}, NLL {cal['val_nll_before']:.4f} -> {cal['val_nll_after']:.4f}"]  # fmt: skip
 
 
 ALL_FILES = ["model.safetensors", "metrics.jsonl", "validation.json", "summary.json", "checkpoint.safetensors",

@@ -1,0 +1,103 @@
+"""What a run keeps of its validations beyond the metrics: the temperature fitted on the last validation's
+logits (calibrated scores; --no-calibrate: none), and with --keep-best METRIC the best validated model so far
+(DIR/best/), whose record travels in the resumable checkpoint so that a resumed run keeps the best that the
+uninterrupted run keeps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from bitcli.metrics import SELECTION_METRICS, Accumulator, EvalResult
+from bitcli.scores import fit_temperature
+
+
+class Logits:
+    """Collects a validation pass's logits and classes (bitcli.evaluation.evaluate's `keep`), on the main
+    process; the data set's classes are the model's (fine-tuning trains a head of exactly those)."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.classes: list[np.ndarray] = []
+
+    def __call__(self, logits: torch.Tensor, targets: np.ndarray) -> None:
+        self.parts.append(logits[:, 0].float().clone())  # [b, classes]: fine-tuning validates one view
+        self.classes.append(np.asarray(targets, dtype=np.int64))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat(self.parts), torch.from_numpy(np.concatenate(self.classes))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The temperature fitted on a validation pass, and the pass's scores before (T = 1) and after."""
+
+    temperature: float
+    before: EvalResult
+    after: EvalResult
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "temperature": self.temperature,
+            "val_ece_before": self.before.ece,
+            "val_ece_after": self.after.ece,
+            "val_nll_before": self.before.nll,
+            "val_nll_after": self.after.nll,
+        }
+
+    def describe(self) -> str:
+        return (
+            f"calibrated: temperature {self.temperature:.4g} fitted on {self.after.count:,} validation images; "
+            f"ECE {self.before.ece:.4f} -> {self.after.ece:.4f}, NLL {self.before.nll:.4f} -> {self.after.nll:.4f}"
+        )
+
+
+def calibrate(logits: Logits, classes: tuple[str, ...]) -> Calibration:
+    """The temperature that minimises the validation NLL (bitcli.scores.fit_temperature), with the metrics of
+    the pass at temperature 1 and at the fitted one (the same metrics `bit eval` reports)."""
+    z, y = logits.tensors()
+    temperature = fit_temperature(z, y)
+    return Calibration(temperature, before=_scored(z, y, classes, 1.0), after=_scored(z, y, classes, temperature))
+
+
+def _scored(logits: torch.Tensor, targets: torch.Tensor, classes: tuple[str, ...], temperature: float) -> EvalResult:
+    acc = Accumulator(classes, range(len(classes)), len(classes), temperature=temperature)
+    acc.update(logits, targets.numpy())
+    return acc.result()
+
+
+@dataclass
+class Best:
+    """--keep-best METRIC: the best validation so far (the first of equals; NaN is never best)."""
+
+    metric: str
+    value: float | None = None
+    step: int | None = None
+    temperature: float = 1.0
+
+    def improves(self, result: EvalResult) -> bool:
+        value = result.metric(self.metric)
+        if math.isnan(value):
+            return False
+        if self.value is None:
+            return True
+        return value > self.value if SELECTION_METRICS[self.metric] else value < self.value
+
+    def record(self, result: EvalResult, step: int, temperature: float) -> None:
+        self.value, self.step, self.temperature = result.metric(self.metric), step, temperature
+
+    def to_dict(self) -> dict[str, Any]:
+        """summary.json's and the checkpoint's record of it (JSON: a float survives exactly)."""
+        return {"metric": self.metric, "value": self.value, "step": self.step, "temperature": self.temperature}
+
+    @classmethod
+    def from_dict(cls, metric: str, saved: Any) -> Best:
+        """The record a checkpoint holds (None, or another metric's: nothing kept yet)."""
+        if not isinstance(saved, dict) or saved.get("metric") != metric or saved.get("step") is None:
+            return cls(metric)
+        return cls(metric, float(saved["value"]), int(saved["step"]), float(saved.get("temperature", 1.0)))
