@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from common import ROOT, load, machine  # noqa: E402
-from export_digits import export  # noqa: E402
+from common import ROOT, load, machine
+from export_digits import export
 
 RATIO = 20
 VAL_PER_CLASS = 20

@@ -15,11 +15,12 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from bitcli import hyperrule
 from bitcli.data import DecodeCache, StepSample, StepSampler, augment, balanced_class_weights
@@ -76,6 +77,7 @@ def train(t: Training) -> Outcome:
     out = Outcome()
     step = saved_step = t.start
     weight = class_weights(t)
+    reader: Reader[tuple[StepSample, np.ndarray, np.ndarray]]
     try:
         with Reader(t.workers) as reader, TrainProgress(info.main, plan.steps, t.start) as progress:
             batches = micro_batches(t, reader)
@@ -118,7 +120,7 @@ def train(t: Training) -> Outcome:
                         if t.best is not None and t.best.step == step:
                             progress.log(f"best {plan.keep_best} so far: {t.best.value:.4f}; its model is in best/")
                     barrier(info)
-                if info.main:
+                if metrics is not None and watch is not None:  # the main process
                     metrics.write(record)
                     watch.step(record, out.last_eval if "val_top1" in record else None)
                     if step == plan.steps - 1 or (step + 1) % plan.save_every == 0:
@@ -153,9 +155,13 @@ def validation_due(plan: Plan, step: int) -> bool:
 
 
 def validate(t: Training, keep: Logits | None = None) -> EvalResult:
-    val = t.data.val
-    return evaluate(t.engine, val, t.val_cache.get, batch_size=t.plan.micro_batch, workers=t.workers,
-                    class_to_model=list(range(len(val.classes))), keep=keep)  # fmt: skip
+    """On the main process, when the run validates (val and val_cache are set)."""
+    val, cache = t.data.val, t.val_cache
+    assert val is not None and cache is not None
+    result = evaluate(t.engine, val, cache.get, batch_size=t.plan.micro_batch, workers=t.workers,
+                      class_to_model=list(range(len(val.classes))), keep=keep)  # fmt: skip
+    assert result is not None  # the main process gets the result
+    return result
 
 
 def validation_step(t: Training, step: int, out: Outcome) -> EvalResult:
@@ -186,7 +192,9 @@ def class_weights(t: Training) -> torch.Tensor | None:
 
 def gradient_sync(model: torch.nn.Module, info: Dist, last: bool):
     """Processes average their gradients once per step, in the backward of the last micro-batch."""
-    return contextlib.nullcontext() if info.world == 1 or last else model.no_sync()
+    if info.world == 1 or last:
+        return contextlib.nullcontext()
+    return cast(DistributedDataParallel, model).no_sync()  # several processes: the model is wrapped in DDP
 
 
 def mixup_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y_mix: torch.Tensor | None, lam: float,

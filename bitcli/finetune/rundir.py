@@ -134,7 +134,7 @@ def lock_output(output: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
-        fcntl = None
+        fcntl = None  # type: ignore[assignment]  # mypy checks for this platform, which has fcntl
     while True:
         handle = open(path, "a")
         if fcntl is None:
@@ -203,7 +203,7 @@ def model_checkpoint(model, plan: Plan, transform: Preprocess, source: Path, *, 
     """The model as the run writes it: fp32, with the evaluation preprocessing, the class names and the
     temperature of its scores."""
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    tensors = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in state.items()}
+    tensors = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in state.items()}  # type: ignore[misc]  # python/mypy#15459: a default-argument lambda
     return Checkpoint(config=model.config, labels=list(plan.classes), preprocess=transform, tensors=tensors,
                       source=str(source), format="hf", temperature=temperature)  # fmt: skip
 
