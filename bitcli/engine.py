@@ -31,6 +31,7 @@ class Engine(Protocol):
     preprocess: Preprocess  # how images are decoded and normalised for it
     labels: Sequence[str]  # class names, by logit index (empty for a features-only model)
     temperature: float  # scores are softmax(logits / temperature) (bitcli.scores); 1 for an uncalibrated model
+    thresholds: list[float] | None  # a multi-label model's (sigmoid scores, bitcli.multilabel); None: single-label
 
     @property
     def num_classes(self) -> int: ...
@@ -68,12 +69,27 @@ def view_features(engine: Engine, batch_uint8: np.ndarray, tta: str | None = Non
     return torch.stack([engine.features(view).float() for view in batches]).mean(dim=0)
 
 
-def top_k(logits: torch.Tensor, labels: Sequence[str], k: int, temperature: float = 1.0) -> list[list[dict]]:
+def top_k(logits: torch.Tensor, labels: Sequence[str], k: int, temperature: float = 1.0,
+          multi_label: bool = False) -> list[list[dict]]:  # fmt: skip
     """Per row of logits [B, classes] (or views [B, V, classes]), the k classes of highest score
-    (bitcli.scores.probabilities at `temperature`), best first: {"label", "index", "score"}."""
-    probs = scores.probabilities(logits, temperature)
+    (bitcli.scores.probabilities at `temperature`; sigmoids for a multi-label model), best first:
+    {"label", "index", "score"}."""
+    probs = scores.probabilities(logits, temperature, multi_label=multi_label)
     values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
     return [
         [{"label": labels[i], "index": i, "score": round(s, 6)} for s, i in zip(row_s, row_i)]
         for row_s, row_i in zip(values.cpu().tolist(), indices.cpu().tolist())
     ]
+
+
+def over_thresholds(logits: torch.Tensor, engine: Engine) -> list[list[dict]]:
+    """A multi-label model's labels per row: every class whose sigmoid score reaches its threshold, best first,
+    {"label", "index", "score"} (the score rounded as top_k rounds it; the comparison is on the exact score)."""
+    assert engine.thresholds is not None
+    probs = scores.probabilities(logits, multi_label=True)
+    over = probs >= torch.tensor(engine.thresholds, dtype=probs.dtype)
+    rows = []
+    for row_p, row_o in zip(probs.cpu().tolist(), over.cpu().tolist()):
+        picked = sorted((i for i, o in enumerate(row_o) if o), key=lambda i: -row_p[i])
+        rows.append([{"label": engine.labels[i], "index": i, "score": round(row_p[i], 6)} for i in picked])
+    return rows

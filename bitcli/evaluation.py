@@ -16,6 +16,7 @@ from bitcli.distributed import Dist
 from bitcli.engine import Engine, view_logits
 from bitcli.errors import BitError
 from bitcli.metrics import Accumulator, EvalResult
+from bitcli.multilabel import MultiLabelAccumulator, MultiLabelResult
 from bitcli.preprocess import Preprocess
 from bitcli.sources.examples import ImageFolder
 from bitcli.sources.rows import load_example
@@ -38,7 +39,8 @@ def evaluate(
     info: Dist = pipeline.ONE_PROCESS,
     tta: str | None = None,
     keep: Callable[[torch.Tensor, np.ndarray], None] | None = None,
-) -> EvalResult | None:
+    multi_label: bool = False,
+) -> EvalResult | MultiLabelResult | None:
     """Accuracy of the engine's model on `ds`; `decode(i)` gives image i as uint8 HWC. class_to_model[c] is
     the model's label index of data-set class c. Accuracy is over a whole pass, so an image that does not decode
     stops it, with a message naming the file.
@@ -49,9 +51,18 @@ def evaluate(
 
     The scores are the engine's (its temperature) over the views of `tta` (bitcli.scores). `keep(logits,
     targets)`, on the main process: every stack's logits [b, views, classes] and data-set classes [b], in the
-    order they are accumulated (fine-tuning fits the temperature on them)."""
-    acc = Accumulator(ds.classes, class_to_model, engine.num_classes, temperature=engine.temperature, tta=tta)
-    targets = np.asarray(ds.targets, dtype=np.int64)
+    order they are accumulated (fine-tuning fits the temperature on them).
+
+    A multi-label model (the engine's thresholds), or `multi_label` (fine-tuning's validation, which fits the
+    thresholds on these images): sigmoid scores and bitcli.multilabel's metrics; single-label data then counts
+    each image's one class as its only one."""
+    acc: Accumulator | MultiLabelAccumulator
+    if multi_label or engine.thresholds is not None:
+        acc = MultiLabelAccumulator(ds.classes, class_to_model, engine.thresholds)
+        targets = ds.multi_hot if ds.multi_hot is not None else np.eye(len(ds.classes), dtype=np.uint8)[ds.targets]
+    else:
+        acc = Accumulator(ds.classes, class_to_model, engine.num_classes, temperature=engine.temperature, tta=tta)
+        targets = np.asarray(ds.targets, dtype=np.int64)
 
     def logits(batch: np.ndarray) -> list[np.ndarray]:
         return list(view_logits(engine, batch, tta).cpu().numpy())  # numpy rows: only its own travels to rank 0

@@ -68,16 +68,17 @@ class OnnxEngine:
     device = CPU
 
     def __init__(self, runner, preprocess: Preprocess, num_classes: int, *, labels: Sequence[str], source: str,
-                 temperature: float = 1.0) -> None:  # fmt: skip
+                 temperature: float = 1.0, thresholds: list[float] | None = None) -> None:  # fmt: skip
         self.runner, self.preprocess, self._num_classes = runner, preprocess, num_classes
         # Applied to the scores as the torch engine's is (bitcli.scores): the graph's output stays the logits.
         self.labels, self.source, self.temperature = labels, source, temperature
+        self.thresholds = thresholds
 
     @classmethod
     def load(cls, ckpt: Checkpoint, device: torch.device) -> OnnxEngine:
         runner = session(str(ckpt.graph), device, ckpt.source)
         return cls(runner, ckpt.preprocess, ckpt.config.num_classes, labels=ckpt.labels, source=ckpt.source,
-                   temperature=ckpt.temperature)  # fmt: skip
+                   temperature=ckpt.temperature, thresholds=ckpt.thresholds)  # fmt: skip
 
     @classmethod
     def of_graph(cls, proto, preprocess: Preprocess, name: str) -> OnnxEngine:

@@ -308,3 +308,43 @@ def reliability_png(result: Mapping[str, Any], heading: str) -> bytes:
         ax_share.set_xlabel(f"top-1 score ({bins} equal-width bins)")
         ax_share.grid(alpha=0.3)
         return _png(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-class average precision (multi-label evaluations: a confusion matrix does not apply)
+
+
+def ap_png(result: Mapping[str, Any], heading: str) -> bytes:
+    """A multi-label evaluation (MultiLabelResult.to_dict(), or a stored validation): each class's average
+    precision as a horizontal bar, with its F1 at the threshold beside it, classes in the evaluation's order (up
+    to MAX_CLASSES: beyond, the lowest-AP ones). Titled with `heading`, mAP and micro/macro F1."""
+    names = list(result["labels"])
+    ap = [result["ap"][n] for n in names]
+    f1 = [result["f1"][n] for n in names]
+    shown = list(range(len(names)))
+    if len(shown) > MAX_CLASSES:  # the classes that need attention: lowest AP (n/a counts as 0)
+        shown = sorted(sorted(shown, key=lambda i: ap[i] if ap[i] is not None else 0.0)[:MAX_CLASSES])
+    heading = visible(heading)
+    if len(heading) > MAX_HEADING:
+        heading = "…" + heading[-(MAX_HEADING - 1) :]
+    title = (f"{heading}\n{result['count']:,} images, mAP {result['mAP']:.4f}, micro F1 {result['micro_f1']:.4f}, "
+             f"macro F1 {result['macro_f1']:.4f}")  # fmt: skip
+    labels = [_short(names[i]) for i in shown]
+    families, missing = fonts.fallback([title, *labels])
+    warn_boxed([names[i] for i in shown], title, missing)
+    with _style(literal=True, families=families):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7.0, 1.5 + 0.3 * len(shown)), dpi=DPI, layout="constrained")
+        ax = fig.subplots()
+        fig.suptitle(title, fontsize=11)
+        y = np.arange(len(shown))[::-1]
+        values = [ap[i] if ap[i] is not None else 0.0 for i in shown]
+        ax.barh(y, values, height=0.4, color="tab:blue", label="average precision")
+        ax.barh(y - 0.4, [f1[i] for i in shown], height=0.4, color="tab:orange", label="F1 at the threshold")
+        ax.set_yticks(y - 0.2, labels)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("average precision (n/a: no positive image, drawn as 0) and F1")
+        ax.legend(loc="lower right")
+        ax.grid(axis="x", alpha=0.3)
+        return _png(fig)

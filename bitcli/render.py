@@ -37,6 +37,7 @@ class Row:
     predictions: list[dict] | None = None  # [{"label": str, "index": int, "score": float}], best first
     error: str | None = None
     known: bool = True
+    labels: list[dict] | None = None  # a multi-label model's: every class at or above its threshold, best first
 
     @property
     def label(self) -> str | None:
@@ -45,15 +46,22 @@ class Row:
     def to_dict(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
+        if self.labels is not None:
+            return {"path": self.path, "labels": self.labels, "predictions": self.predictions}
         return {"path": self.path, "label": self.label, "predictions": self.predictions}
 
 
-def row_maker(min_score: float | None) -> Callable[[str, list[dict] | None, str | None], Row]:
-    """pipeline.Report's make_row for predict: a top score (as reported, rounded) below `min_score` is unknown."""
+def row_maker(min_score: float | None) -> Callable[[str, list[dict] | dict | None, str | None], Row]:
+    """pipeline.Report's make_row for predict: a top score (as reported, rounded) below `min_score` is unknown.
+    A multi-label model's value is {"predictions": top-k, "labels": those above their thresholds}."""
 
-    def make_row(path: str, predictions: list[dict] | None, error: str | None) -> Row:
+    def make_row(path: str, value: list[dict] | dict | None, error: str | None) -> Row:
+        labels, predictions = None, value
+        if isinstance(value, dict):
+            predictions, labels = value["predictions"], value["labels"]
+        assert not isinstance(predictions, dict)
         known = min_score is None or not predictions or predictions[0]["score"] >= min_score
-        return Row(path, predictions, error, known=known)
+        return Row(path, predictions, error, known=known, labels=labels)
 
     return make_row
 
@@ -88,8 +96,15 @@ def _csv(rows: list[Row]) -> str:
             writer.writerow([r.path, "", "", "", "", r.error, ""])
             continue
         for rank, p in enumerate(r.predictions or [], 1):
-            writer.writerow([r.path, rank, p["label"], p["index"], f"{p['score']:.6f}", "", r.label or ""])
+            writer.writerow([r.path, rank, p["label"], p["index"], f"{p['score']:.6f}", "", _image_label(r)])
     return buf.getvalue()
+
+
+def _image_label(r: Row) -> str:
+    """CSV's image_label: the label (empty when unknown); a multi-label model's labels joined by ';'."""
+    if r.labels is not None:
+        return ";".join(p["label"] for p in r.labels)
+    return r.label or ""
 
 
 def _table(rows: list[Row], color: bool) -> str:
@@ -106,6 +121,9 @@ def _table(rows: list[Row], color: bool) -> str:
         scores = [f"{p['score']:.4f}" for p in predictions]
         if not r.known:  # below --min-score: the label is unknown, the top-k follow as usual
             lines, scores = [Text(UNKNOWN, style="bold yellow"), *lines], ["", *scores]
+        if r.labels is not None:  # multi-label: the labels above their thresholds first, then the top-k
+            names = ", ".join(visible(p["label"]) for p in r.labels) or "(none above its threshold)"
+            lines, scores = [Text.assemble(("labels: ", "bold"), names), *lines], ["", *scores]
         table.add_row(Text(visible(r.path)), Text("\n").join(lines), "\n".join(scores))
     buf = io.StringIO()
     console(buf, color).print(table)

@@ -4,8 +4,8 @@ metrics, fine-tuning's calibration), the views of test-time augmentation, and th
 A score is softmax(logits / T): single-label probabilities, with the model's temperature T (1 for a model that
 was not calibrated; `bit finetune` fits one on its validation set, `fit_temperature`). With test-time
 augmentation a model sees several views of each image (`views`) and the score of the image is the mean of its
-views' scores. Every consumer goes through `probabilities` and `log_probabilities`, so a multi-label (sigmoid)
-variant is one more branch here, not a change in each command.
+views' scores. Every consumer goes through `probabilities` and `log_probabilities`; a multi-label model's
+scores are sigmoids instead (`probabilities(..., multi_label=True)`).
 """
 
 from __future__ import annotations
@@ -38,10 +38,14 @@ def stack_views(logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([v.float() for v in logits], dim=1)
 
 
-def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """The scores of logits [..., C] (or of views [B, V, C]: their mean over V): softmax(logits / T)."""
+def probabilities(logits: torch.Tensor, temperature: float = 1.0, multi_label: bool = False) -> torch.Tensor:
+    """The scores of logits [..., C] (or of views [B, V, C]: their mean over V): softmax(logits / T); for a
+    multi-label model the independent sigmoid(logits) of each class (bitcli.multilabel)."""
     if logits.ndim == 3 and logits.shape[1] == 1:
         logits = logits[:, 0]  # one view: exactly the softmax of its logits
+    if multi_label:
+        sig = torch.sigmoid(_real(logits))
+        return sig.mean(dim=1) if sig.ndim == 3 else sig
     if logits.ndim == 3:
         return log_probabilities(logits, temperature).exp()
     return torch.softmax(_scaled(_real(logits), temperature), dim=-1)

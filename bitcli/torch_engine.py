@@ -39,11 +39,13 @@ class TorchEngine:
         source: str = "",
         channels_last: bool = True,
         temperature: float = 1.0,
+        thresholds: list[float] | None = None,
     ) -> None:
         if device.type == "cpu":
             reuse_freed_memory()  # activations re-use the heap instead of fresh, zeroed pages every batch
         self.preprocess, self.device, self.dtype, self.channels_last = preprocess, device, dtype, channels_last
         self.labels, self.source, self.temperature = labels, source, temperature
+        self.thresholds = thresholds  # a multi-label model's (sigmoid scores); None: single-label
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -55,7 +57,7 @@ class TorchEngine:
         if need_head and not model.has_head:
             raise BitError(f"{ckpt.source}: checkpoint has no classification head; it gives features, not labels")
         return cls(model, ckpt.preprocess, device, dtype, labels=ckpt.labels, source=ckpt.source,
-                   temperature=ckpt.temperature)  # fmt: skip
+                   temperature=ckpt.temperature, thresholds=ckpt.thresholds)  # fmt: skip
 
     @property
     def num_classes(self) -> int:

@@ -14,7 +14,9 @@ from bitcli.engine import load_engine
 from bitcli.evaluation import evaluate, example_decoder
 from bitcli.hub import load_checkpoint
 from bitcli.labels import match_classes
-from bitcli.metrics import OTHER, EvalResult, render_table
+from bitcli.metrics import OTHER, render_table
+from bitcli.multilabel import Evaluation, MultiLabelResult
+from bitcli.multilabel import render_table as render_multilabel
 from bitcli.options import EvalFormat, EvalOptions, reliability_path
 from bitcli.pipeline import no_progress
 from bitcli.runtime import resolve_precision
@@ -66,16 +68,20 @@ def run(opts: EvalOptions) -> int:
         return 0
 
 
-def _report(result: EvalResult, opts: EvalOptions, ds: ImageFolder) -> None:
+def _report(result: Evaluation, opts: EvalOptions, ds: ImageFolder) -> None:
     """The main process's output: the table or JSON on stdout, and with --plot the confusion picture and the
-    reliability diagram (FILE-reliability.png), written together."""
+    reliability diagram (FILE-reliability.png), written together; a multi-label model's per-class AP picture."""
+    table = render_multilabel if isinstance(result, MultiLabelResult) else render_table
     if opts.format == EvalFormat.table:
-        sys.stdout.write(render_table(result, color=sys.stdout.isatty()))
+        sys.stdout.write(table(result, color=sys.stdout.isatty()))  # type: ignore[arg-type]  # the matching one
     else:
         sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
     sys.stdout.flush()
     if opts.plot is not None:
         heading = f"{visible(display(ds.where()))} with {visible(opts.model)}"
+        if isinstance(result, MultiLabelResult):
+            plots.write_png(opts.plot, plots.ap_png(result.to_dict(), heading))
+            return
         confusion = plots.evaluation_png(result.to_dict(), heading, OTHER)
         reliability = plots.reliability_png(result.to_dict(), heading)
         write_together([(opts.plot, lambda f: f.write(confusion)),

@@ -14,7 +14,7 @@ from bitcli.data import DecodeCache, eval_transform, train_transform
 from bitcli.distributed import Dist, barrier, process_group, wrap
 from bitcli.errors import BitError
 from bitcli.finetune.loop import Training, bit_sgd, train, validate
-from bitcli.finetune.plan import describe
+from bitcli.finetune.plan import Plan, describe
 from bitcli.finetune.prepare import prepare, resume_point, use_deterministic_algorithms
 from bitcli.finetune.rundir import (
     WRITE_ERRORS,
@@ -29,6 +29,7 @@ from bitcli.finetune.selection import Best, Logits, calibrate
 from bitcli.finetune.start import trainable_parameters
 from bitcli.finetune.state import check_finite, read_state
 from bitcli.finetune.watch import record_validation
+from bitcli.multilabel import DEFAULT_THRESHOLD, Evaluation, MultiLabelResult
 from bitcli.options import FinetuneOptions
 from bitcli.runtime import resolve_precision
 from bitcli.torch_engine import TorchEngine
@@ -103,10 +104,20 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
             temperature=calibration.temperature if calibration else 1.0,
             calibration=calibration.to_dict() if calibration else None,
             best=training.best.to_dict() if training.best is not None else None,
+            thresholds=final_thresholds(plan, last_eval),
         )
         write_outputs(opts.output, engine.model, plan, val_tf, last_eval=last_eval, last_loss=outcome.last_loss,
                       step_times=outcome.step_times, start=start, started=started, selection=selection)  # fmt: skip
     barrier(info)
+
+
+def final_thresholds(plan: Plan, last_eval: Evaluation | None) -> list[float] | None:
+    """A multi-label model's thresholds: those the last validation chose (max F1 per class), else 0.5 each."""
+    if not plan.multi_label:
+        return None
+    if isinstance(last_eval, MultiLabelResult):
+        return last_eval.thresholds
+    return [DEFAULT_THRESHOLD] * len(plan.classes)
 
 
 def best_so_far(opts: FinetuneOptions, metric: str | None, start: int) -> Best | None:

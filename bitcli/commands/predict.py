@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from bitcli.distributed import from_main, process_group
-from bitcli.engine import load_engine, top_k, view_logits
+from bitcli.engine import load_engine, over_thresholds, top_k, view_logits
 from bitcli.hub import load_checkpoint
 from bitcli.inputs import expand_inputs, path_decoder
 from bitcli.options import PredictFormat, PredictOptions
@@ -33,9 +33,15 @@ def run(opts: PredictOptions) -> int:
 
         tta = str(opts.tta) if opts.tta is not None else None
 
-        def classify(batch: np.ndarray) -> list[list[dict]]:
+        def classify(batch: np.ndarray) -> list[list[dict]] | list[dict]:
             # The scores: the model's temperature, and with --tta the mean over the views (bitcli.scores).
-            return top_k(view_logits(engine, batch, tta), engine.labels, opts.top_k, engine.temperature)
+            logits = view_logits(engine, batch, tta)
+            top = top_k(
+                logits, engine.labels, opts.top_k, engine.temperature, multi_label=engine.thresholds is not None
+            )
+            if engine.thresholds is None:
+                return top
+            return [{"predictions": t, "labels": above} for t, above in zip(top, over_thresholds(logits, engine))]
 
         interrupted = run_report(report, path_decoder(engine.preprocess), classify, batch_size=opts.batch_size,
                                  workers=opts.workers, emit=emit, info=info, verb="classifying")  # fmt: skip

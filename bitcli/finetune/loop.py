@@ -36,7 +36,7 @@ from bitcli.finetune.selection import Best, Logits, calibrate
 from bitcli.finetune.state import check_finite, save_state
 from bitcli.finetune.watch import Watch
 from bitcli.images import Reader
-from bitcli.metrics import EvalResult
+from bitcli.multilabel import Evaluation
 from bitcli.torch_engine import TorchEngine
 from bitcli.ui import log
 
@@ -63,7 +63,7 @@ class Training:
 
 @dataclass
 class Outcome:
-    last_eval: EvalResult | None = None
+    last_eval: Evaluation | None = None
     last_loss: float = float("nan")  # stays NaN when no step was left to take
     step_times: list[float] = field(default_factory=list)
     last_logits: Logits | None = None  # the last step's validation logits, to fit the temperature on
@@ -95,7 +95,10 @@ def train(t: Training) -> Outcome:
                     with gradient_sync(model, info, last=micro == plan.batch_split - 1):
                         with engine.autocast():
                             logits = model(x)
-                        loss = mixup_cross_entropy(logits.float(), y, y_mix, lam, weight=weight)
+                        if plan.multi_label:
+                            loss = mixup_binary_cross_entropy(logits.float(), y, y_mix, lam)
+                        else:
+                            loss = mixup_cross_entropy(logits.float(), y, y_mix, lam, weight=weight)
                         scaler.scale(loss / plan.batch_split).backward()
                     loss_sum += loss.detach()
                 out.last_loss = mean_loss(loss_sum, t, step)  # (a NaN stops the run here, before the update)
@@ -154,17 +157,18 @@ def validation_due(plan: Plan, step: int) -> bool:
     return step == plan.steps - 1 or bool(plan.eval_every and (step + 1) % plan.eval_every == 0)
 
 
-def validate(t: Training, keep: Logits | None = None) -> EvalResult:
+def validate(t: Training, keep: Logits | None = None) -> Evaluation:
     """On the main process, when the run validates (val and val_cache are set)."""
     val, cache = t.data.val, t.val_cache
     assert val is not None and cache is not None
     result = evaluate(t.engine, val, cache.get, batch_size=t.plan.micro_batch, workers=t.workers,
-                      class_to_model=list(range(len(val.classes))), keep=keep)  # fmt: skip
+                      class_to_model=list(range(len(val.classes))), keep=keep,
+                      multi_label=t.plan.multi_label)  # fmt: skip
     assert result is not None  # the main process gets the result
     return result
 
 
-def validation_step(t: Training, step: int, out: Outcome) -> EvalResult:
+def validation_step(t: Training, step: int, out: Outcome) -> Evaluation:
     """The main process's validation after `step`; with --keep-best a better model than the best so far is
     written to DIR/best/ (calibrated on this validation, unless --no-calibrate) before the step's checkpoint,
     which records it. The last step's logits are kept for the final model's temperature."""
@@ -217,6 +221,16 @@ def mixup_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y_mix: torch.Tens
     return lam * ce(y) + (1.0 - lam) * ce(y_mix)
 
 
+def mixup_binary_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y_mix: torch.Tensor | None,
+                               lam: float) -> torch.Tensor:  # fmt: skip
+    """Multi-label: binary cross-entropy of the logits against the multi-hot targets, with MixUp against the
+    λ-mixed targets λ·y + (1 - λ)·y' (BCE is linear in its target, so this is the λ-weighted sum of both
+    images' losses, as mixup_cross_entropy's). Summed over the classes, mean over the images: a micro-batch's
+    mean adds up to the whole batch's, and the loss does not shrink with the number of classes."""
+    target = y.float() if y_mix is None else lam * y.float() + (1.0 - lam) * y_mix.float()
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(dim=1).mean()
+
+
 def mean_loss(loss_sum: torch.Tensor, t: Training, step: int) -> float:
     """The step's mean loss over the global batch; a NaN or inf loss is an error (training diverged)."""
     loss = float(all_sum(loss_sum, t.info)) / t.plan.batch_split / t.info.world
@@ -240,7 +254,11 @@ def micro_batches(
     plan, info = t.plan, t.info
     sampler = StepSampler(len(t.data.train), plan.batch_size, plan.seed, max_offset=plan.resize - plan.crop,
                           mixup=plan.mixup, by_class=t.data.train.by_class() if plan.sampler else None)  # fmt: skip
-    targets = np.asarray(t.data.train.targets, dtype=np.int64)
+    train = t.data.train
+    # multi-label: each image's multi-hot row (float32) is its target; else its class index
+    targets = (
+        train.multi_hot.astype(np.float32) if train.multi_hot is not None else np.asarray(train.targets, dtype=np.int64)
+    )
     per_rank, m = plan.batch_size // info.world, plan.micro_batch
 
     def jobs():

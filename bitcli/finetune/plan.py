@@ -30,13 +30,13 @@ from bitcli.ui import visible
 RESULT_FIELDS = (
     "classes", "train_examples", "train_fingerprint", "model", "random_init", "architecture", "shots", "seed",
     "resize", "crop", "steps", "boundaries", "lr", "batch_size", "mixup", "head_only", "class_weights", "sampler",
-    "keep_best",
+    "keep_best", "multi_label",
 )  # fmt: skip
 # The RESULT_FIELDS that follow from the data alone: with the flags unchanged, the data changed.
 DATA_FIELDS = ("classes", "train_examples", "train_fingerprint")
 # RESULT_FIELDS added later, with the value that runs started before them had (their plans lack the field;
 # they stay resumable).
-RESULT_DEFAULTS = {"head_only": False, "class_weights": None, "sampler": None, "keep_best": None}
+RESULT_DEFAULTS = {"head_only": False, "class_weights": None, "sampler": None, "keep_best": None, "multi_label": False}
 # The HyperRule's resolution assumes a start model pre-trained at about 224 px (BiT-M/S). Beyond this factor
 # between the chosen crop and the start model's own, the plan says so (issue 12: a model trained at 32 px
 # reached 0.37 top-1 at the rule's 128 px and 0.93 at its own size).
@@ -88,6 +88,7 @@ class Plan:
     sampler: str | None = None  # --sampler balanced: classes drawn uniformly at every step
     keep_best: str | None = None  # --keep-best METRIC: the best validated model also goes to DIR/best/
     calibrate: bool = True  # fit the temperature on the validation set at the end (--no-calibrate: off)
+    multi_label: bool = False  # the data gives several labels a row: sigmoid outputs, BCE, per-class thresholds
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -97,10 +98,17 @@ class Plan:
 # Checks that need the data or the architecture (the CLI has already parsed every flag's form)
 
 
-def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig, has_validation: bool = True) -> None:
+def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig, has_validation: bool = True,
+                multi_label: bool = False) -> None:  # fmt: skip
     """Every flag's range, before any image is decoded or weight built (make_plan relies on them).
-    has_validation: DATA has a validation split of its own."""
+    has_validation: DATA has a validation split of its own; multi_label: its rows give several labels."""
     check_resolution(opts.resolution, config)
+    if multi_label:
+        refused = [(flag, v) for flag, v in (("--class-weights", opts.class_weights), ("--sampler", opts.sampler),
+                   ("--keep-best", opts.keep_best)) if v is not None]  # fmt: skip
+        if refused:
+            name, choice = refused[0]
+            raise UsageError(f"{name} {choice}: not available for multi-label data yet; leave it out")
     for flag, value, minimum in (("--steps", opts.steps, 1), ("--batch-split", opts.batch_split, 1),
                                  ("--eval-every", opts.eval_every, 0), ("--save-every", opts.save_every, 1)):  # fmt: skip
         if value is not None and value < minimum:
@@ -241,6 +249,14 @@ def class_lines(plan: Plan) -> list[str]:
 
 def selection_lines(plan: Plan) -> list[str]:
     """The temperature fit and --keep-best (runs with a validation set)."""
+    if plan.multi_label:
+        lines = ["  labels      multi-label (several labels a row): sigmoid outputs, binary cross-entropy on the "
+                 "(MixUp-mixed) multi-hot targets"]  # fmt: skip
+        if plan.validation:
+            lines.append("  thresholds  per class, the F1-maximising one on the validation set, stored with the model")
+        else:
+            lines.append("  thresholds  0.5 for every class (no validation set to choose them on)")
+        return lines
     if not plan.validation:
         return []
     lines = [
@@ -338,7 +354,8 @@ def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, device: to
         class_weights=str(opts.class_weights) if opts.class_weights is not None else None,
         sampler=str(opts.sampler) if opts.sampler is not None else None,
         keep_best=str(opts.keep_best) if opts.keep_best is not None else None,
-        calibrate=opts.calibrate,
+        calibrate=opts.calibrate and not ds.train.multi_label,  # multi-label: thresholds, not a temperature
+        multi_label=ds.train.multi_label,
     )
 
 

@@ -48,7 +48,7 @@ def prepare(opts: FinetuneOptions, info: Dist, device: torch.device, dtype: torc
     saved = read_saved_plan(opts.output) if mode == "resume" else None
     found = scan_datasets(opts)
     start = start_point(opts.model, opts.random_init, opts.revision, len(found.train.classes))
-    check_flags(opts, info, start.config, has_validation=found.val is not None)
+    check_flags(opts, info, start.config, has_validation=found.val is not None, multi_label=found.train.multi_label)
     ds = usable_datasets(
         opts, found, functools.partial(shared_undecodable, info=info, device=device, workers=opts.workers)
     )

@@ -35,7 +35,7 @@ from bitcli.writes import atomic_write, move_files_into
 
 if TYPE_CHECKING:
     from bitcli.finetune.plan import Plan
-    from bitcli.metrics import EvalResult
+    from bitcli.multilabel import Evaluation
 
 # Temporary names of bitcli's own writes into DIR (atomic_write: .NAME.XXXXXXXX.tmp; the final model's
 # staging folder .final and its own temporary ..final.XXXXXXXX.tmp; best/ written for the first time:
@@ -199,13 +199,14 @@ def write_final_model(ckpt: Checkpoint, output: Path) -> None:
     staging.rmdir()
 
 
-def model_checkpoint(model, plan: Plan, transform: Preprocess, source: Path, *, temperature: float) -> Checkpoint:
+def model_checkpoint(model, plan: Plan, transform: Preprocess, source: Path, *, temperature: float,
+                     thresholds: list[float] | None = None) -> Checkpoint:  # fmt: skip
     """The model as the run writes it: fp32, with the evaluation preprocessing, the class names and the
-    temperature of its scores."""
+    temperature of its scores (a multi-label model: its thresholds)."""
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     tensors = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in state.items()}  # type: ignore[misc]  # python/mypy#15459: a default-argument lambda
     return Checkpoint(config=model.config, labels=list(plan.classes), preprocess=transform, tensors=tensors,
-                      source=str(source), format="hf", temperature=temperature)  # fmt: skip
+                      source=str(source), format="hf", temperature=temperature, thresholds=thresholds)  # fmt: skip
 
 
 def write_best_model(model, plan: Plan, transform: Preprocess, output: Path, *, temperature: float) -> None:
@@ -223,14 +224,17 @@ class Selection:
     temperature: float = 1.0
     calibration: dict[str, Any] | None = None  # Calibration.to_dict()
     best: dict[str, Any] | None = None  # Best.to_dict()
+    thresholds: list[float] | None = None  # a multi-label model's, chosen on the last validation
 
 
-def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_eval: EvalResult | None,
+def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_eval: Evaluation | None,
                   last_loss: float, step_times: list[float], start: int, started: float,
                   selection: Selection = Selection()) -> None:  # fmt: skip
     """The fine-tuned model (fp32, with the evaluation preprocessing, the class names and the temperature) and
     summary.json."""
-    write_final_model(model_checkpoint(model, plan, transform, output, temperature=selection.temperature), output)
+    final = model_checkpoint(model, plan, transform, output, temperature=selection.temperature,
+                             thresholds=selection.thresholds)  # fmt: skip
+    write_final_model(final, output)
     trained = sum(step_times)
     summary = {
         "steps": plan.steps,
@@ -249,6 +253,7 @@ def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_e
         "val_macro_f1": last_eval.macro_f1 if last_eval else None,
         "calibration": selection.calibration,  # the temperature fitted on the last validation, ECE/NLL before, after
         "best": selection.best,  # --keep-best: the validation whose model is in best/
+        "thresholds": selection.thresholds,  # a multi-label model's, by class
     }
     write_json(output / SUMMARY_FILE, summary)
     if last_eval:
@@ -256,6 +261,6 @@ def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_e
     log(f"model, metrics.jsonl and summary.json in {output} ({summary['wall_time_s']:.0f} s)")
 
 
-def top5_text(result: EvalResult) -> str:
+def top5_text(result: Evaluation) -> str:
     """Top-5 accuracy for people: n/a for a model of 5 classes or fewer (the top five always hold the answer)."""
     return "n/a" if result.top5 is None else f"{result.top5:.4f}"

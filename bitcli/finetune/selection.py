@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from bitcli.metrics import SELECTION_METRICS, Accumulator, EvalResult
+from bitcli.multilabel import Evaluation
 from bitcli.scores import fit_temperature
 
 
@@ -80,7 +81,7 @@ class Best:
     step: int | None = None
     temperature: float = 1.0
 
-    def improves(self, result: EvalResult) -> bool:
+    def improves(self, result: Evaluation) -> bool:
         value = result.metric(self.metric)
         if math.isnan(value):
             return False
@@ -88,7 +89,7 @@ class Best:
             return True
         return value > self.value if SELECTION_METRICS[self.metric] else value < self.value
 
-    def record(self, result: EvalResult, step: int, temperature: float) -> None:
+    def record(self, result: Evaluation, step: int, temperature: float) -> None:
         self.value, self.step, self.temperature = result.metric(self.metric), step, temperature
 
     def to_dict(self) -> dict[str, Any]:

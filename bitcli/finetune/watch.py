@@ -22,7 +22,7 @@ from bitcli.reads import read_json
 from bitcli.ui import log
 
 if TYPE_CHECKING:
-    from bitcli.metrics import EvalResult
+    from bitcli.multilabel import Evaluation
 
 CURVES, CONFUSION = PICTURE_FILES
 
@@ -46,12 +46,15 @@ def draw_pictures(run: Path) -> list[Path]:
     if (run / VALIDATION_FILE).is_file():
         validation = read_json(run / VALIDATION_FILE)
         heading = f"validation after {validation['step'] + 1} of {plan['steps']} steps"
-        plots.write_png(run / CONFUSION, plots.evaluation_png(validation, heading, OTHER))
+        if validation.get("multi_label"):  # no confusion matrix: each class's AP and F1 (bitcli.multilabel)
+            plots.write_png(run / CONFUSION, plots.ap_png(validation, heading))
+        else:
+            plots.write_png(run / CONFUSION, plots.evaluation_png(validation, heading, OTHER))
         written.append(run / CONFUSION)
     return written
 
 
-def record_validation(run: Path, step: int, result: EvalResult, pictures: bool) -> None:
+def record_validation(run: Path, step: int, result: Evaluation, pictures: bool) -> None:
     """After validating at `step` (its metrics.jsonl line written): validation.json, then the pictures."""
     write_json(run / VALIDATION_FILE, {"step": step, **result.to_dict()})
     if not pictures:
@@ -70,7 +73,7 @@ class Watch:
         self.pictures = extras.available("plots")
         self.board = Board(run, start) if tensorboard else None
 
-    def step(self, record: dict[str, Any], validation: EvalResult | None) -> None:
+    def step(self, record: dict[str, Any], validation: Evaluation | None) -> None:
         """After metrics.jsonl got `record`; `validation`: the result of this step's validation, if any."""
         if self.board is not None:
             self.board.add(record)

@@ -14,11 +14,14 @@ from bitcli.errors import BitError, one_line
 from bitcli.formats import timm
 from bitcli.formats.checkpoint import (
     TEMPERATURE_KEY,
+    THRESHOLDS_KEY,
     Checkpoint,
     check_tensors,
     checked_labels,
     stored_temperature,
+    stored_thresholds,
     temperature_record,
+    thresholds_record,
 )
 from bitcli.formats.raw import read_safetensors, write_safetensors
 from bitcli.preprocess import Preprocess
@@ -37,6 +40,7 @@ def read(path: Path) -> Checkpoint:
         labels = json.loads(meta["labels"])
         preprocess = Preprocess.from_dict(json.loads(meta["preprocess"]))
         stored = json.loads(meta[TEMPERATURE_KEY]) if TEMPERATURE_KEY in meta else None
+        stored_cuts = json.loads(meta[THRESHOLDS_KEY]) if THRESHOLDS_KEY in meta else None
     except BitError as exc:
         raise BitError(f"{path}: {exc}") from None
     except (KeyError, ValueError, TypeError) as exc:
@@ -44,8 +48,9 @@ def read(path: Path) -> Checkpoint:
     check_tensors(config, refs, str(path))
     labels = checked_labels(labels, config.num_classes, str(path))
     temperature = stored_temperature(stored, path)
+    thresholds = stored_thresholds(stored_cuts, config.num_classes, path)
     return Checkpoint(config=config, labels=labels, preprocess=preprocess, tensors=refs, source=str(path), format=NAME,
-                      temperature=temperature)  # fmt: skip
+                      temperature=temperature, thresholds=thresholds)  # fmt: skip
 
 
 def write(ckpt: Checkpoint, path: Path, dtype: torch.dtype | None = None) -> None:
@@ -55,7 +60,7 @@ def write(ckpt: Checkpoint, path: Path, dtype: torch.dtype | None = None) -> Non
         "config": json.dumps(ckpt.config.to_dict()),
         "labels": json.dumps(ckpt.labels),
         "preprocess": json.dumps(ckpt.preprocess.to_dict()),
-        **{k: json.dumps(v) for k, v in temperature_record(ckpt).items()},
+        **{k: json.dumps(v) for k, v in (temperature_record(ckpt) | thresholds_record(ckpt)).items()},
     }
     write_safetensors(path, ckpt.tensors, meta, dtype)
 

@@ -38,6 +38,13 @@ class Checkpoint:
     layout: Layout = BITCLI  # how the source names the tensors, so that errors speak its language
     graph: Path | None = None  # an exported .onnx holding the weights (tensors is then empty): runs in onnxruntime only
     temperature: float = 1.0  # scores are softmax(logits / temperature) (bitcli.scores); bit finetune fits it
+    # A multi-label model: sigmoid scores, class i predicted when its score reaches thresholds[i]
+    # (bitcli.multilabel); None: a single-label (softmax) model.
+    thresholds: list[float] | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.thresholds is not None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: ref.load() for k, ref in self.tensors.items()}
@@ -196,6 +203,32 @@ def stored_temperature(value: Any, source: Path | str) -> float:
 def temperature_record(ckpt: Checkpoint) -> dict[str, float]:
     """{TEMPERATURE_KEY: T} for a calibrated checkpoint, {} for one at temperature 1 (written as before)."""
     return {TEMPERATURE_KEY: ckpt.temperature} if ckpt.temperature != 1.0 else {}
+
+
+# A multi-label model's per-class thresholds, beside the temperature in every format (transformers' own marker,
+# config.json's problem_type "multi_label_classification", is written and read too: a transformers folder with
+# it and no thresholds is multi-label at 0.5).
+THRESHOLDS_KEY = "bitcli_thresholds"
+MULTI_LABEL_PROBLEM = "multi_label_classification"
+
+
+def stored_thresholds(value: Any, num_classes: int, source: Path | str) -> list[float] | None:
+    """Stored thresholds (None: absent, a single-label model); one line naming the file when they are not
+    one number in [0, 1] per class."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or len(value) != num_classes
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in value)
+    ):
+        raise BitError(f"{source}: {THRESHOLDS_KEY} must be a list of {num_classes} numbers between 0 and 1")
+    return [float(v) for v in value]
+
+
+def thresholds_record(ckpt: Checkpoint) -> dict[str, Any]:
+    """{THRESHOLDS_KEY: [...]} for a multi-label checkpoint, {} for a single-label one."""
+    return {THRESHOLDS_KEY: ckpt.thresholds} if ckpt.thresholds is not None else {}
 
 
 def stored_ws_eps(cfg: dict[str, Any], default: float, source: Path) -> float:

@@ -16,14 +16,18 @@ from bitcli.config import BASE_WIDTHS, BitConfig, Padding, make_div
 from bitcli.errors import BitError
 from bitcli.formats.checkpoint import (
     BIT_DEFAULT_PREPROCESS,
+    MULTI_LABEL_PROBLEM,
     TEMPERATURE_KEY,
+    THRESHOLDS_KEY,
     WS_EPS_KEY,
     Checkpoint,
     check_tensors,
     checked_labels,
     stored_temperature,
+    stored_thresholds,
     stored_ws_eps,
     temperature_record,
+    thresholds_record,
 )
 from bitcli.formats.raw import folder_weights, read_json, write_safetensors
 from bitcli.formats.tensors import Layout, renaming
@@ -81,7 +85,16 @@ def read(folder: Path) -> Checkpoint:
         format=NAME,
         layout=LAYOUT,
         temperature=stored_temperature(hf.get(TEMPERATURE_KEY), folder / "config.json"),
+        thresholds=_thresholds(hf, num_classes, folder / "config.json"),
     )
+
+
+def _thresholds(hf: dict[str, Any], num_classes: int, source: Path) -> list[float] | None:
+    """bitcli's thresholds; a folder that transformers marks multi-label without them: 0.5 for every class."""
+    stored = stored_thresholds(hf.get(THRESHOLDS_KEY), num_classes, source)
+    if stored is None and hf.get("problem_type") == MULTI_LABEL_PROBLEM and num_classes:
+        return [0.5] * num_classes
+    return stored
 
 
 def _labels(hf: dict[str, Any], num_classes: int) -> list[str] | None:
@@ -103,6 +116,9 @@ def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> N
     hf["label2id"] = {name: i for i, name in enumerate(ckpt.labels)}
     hf[WS_EPS_KEY] = ckpt.config.ws_eps  # transformers ignores it (its eps is fixed at 1e-8); bitcli reads it back
     hf.update(temperature_record(ckpt))  # transformers ignores it too: its softmax stays at temperature 1
+    if ckpt.multi_label:  # transformers' marker (its loss: BCE on the logits), and bitcli's thresholds
+        hf["problem_type"] = MULTI_LABEL_PROBLEM
+        hf.update(thresholds_record(ckpt))
     if dtype is not None:
         hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     tensors = LAYOUT.refs_from_bitcli(ckpt.source, ckpt.tensors)

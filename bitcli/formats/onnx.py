@@ -21,7 +21,7 @@ from typing import Any
 from bitcli import __version__, extras
 from bitcli.config import BitConfig
 from bitcli.errors import BitError, one_line
-from bitcli.formats.checkpoint import Checkpoint, checked_labels, stored_temperature
+from bitcli.formats.checkpoint import Checkpoint, checked_labels, stored_temperature, stored_thresholds
 from bitcli.preprocess import Preprocess
 from bitcli.writes import atomic_write
 
@@ -34,6 +34,7 @@ SOURCE, VERSION, PRECISION, CHECK = "bitcli.source", "bitcli.version", "bitcli.p
 # gives them (the export is proven against it); bitcli's ONNX engine divides them by it, as the torch engine
 # does, and another runtime must do so itself for calibrated scores.
 TEMPERATURE = "bitcli.temperature"
+THRESHOLDS = "bitcli.thresholds"  # a multi-label model's (absent: single-label); the graph still gives logits
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,6 +62,7 @@ def read(path: Path) -> Checkpoint:
         labels = json.loads(meta[LABELS])
         preprocess = Preprocess.from_dict(json.loads(meta[PREPROCESS]))
         stored = json.loads(meta[TEMPERATURE]) if TEMPERATURE in meta else None
+        stored_cuts = json.loads(meta[THRESHOLDS]) if THRESHOLDS in meta else None
     except BitError as exc:
         raise BitError(f"{path}: {exc}") from None
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
@@ -76,6 +78,7 @@ def read(path: Path) -> Checkpoint:
         raise BitError(f"{path}: metadata describes a model without a classification head")
     labels = checked_labels(labels, config.num_classes, str(path))
     temperature = stored_temperature(stored, path)
+    thresholds = stored_thresholds(stored_cuts, config.num_classes, path)
     return Checkpoint(
         config=config,
         labels=labels,
@@ -85,6 +88,7 @@ def read(path: Path) -> Checkpoint:
         format=NAME,
         graph=path,
         temperature=temperature,
+        thresholds=thresholds,
     )
 
 
@@ -170,6 +174,7 @@ def save(proto, path: Path, ckpt: Checkpoint, precision: str, check: dict[str, A
         LABELS: ckpt.labels, PREPROCESS: ckpt.preprocess.to_dict(), CONFIG: ckpt.config.to_dict(),
         SOURCE: ckpt.source, VERSION: __version__, PRECISION: precision, CHECK: check,
         **({TEMPERATURE: ckpt.temperature} if ckpt.temperature != 1.0 else {}),
+        **({THRESHOLDS: ckpt.thresholds} if ckpt.thresholds is not None else {}),
     }  # fmt: skip
     del proto.metadata_props[:]
     for key, value in values.items():

@@ -17,14 +17,17 @@ from bitcli.config import BitConfig
 from bitcli.errors import BitError
 from bitcli.formats.checkpoint import (
     TEMPERATURE_KEY,
+    THRESHOLDS_KEY,
     WS_EPS_KEY,
     Checkpoint,
     check_tensors,
     checked_labels,
     infer_config,
     stored_temperature,
+    stored_thresholds,
     stored_ws_eps,
     temperature_record,
+    thresholds_record,
 )
 from bitcli.formats.raw import folder_weights, read_json, read_safetensors, read_torch_bin, write_safetensors
 from bitcli.formats.tensors import Layout, TensorRef, renaming
@@ -86,6 +89,7 @@ def read_weights(path: Path, refs: dict[str, TensorRef], timm_cfg: dict[str, Any
         format=NAME,
         layout=LAYOUT,
         temperature=stored_temperature(cfg.get(TEMPERATURE_KEY), path / "config.json"),
+        thresholds=stored_thresholds(cfg.get(THRESHOLDS_KEY), config.num_classes, path / "config.json"),
     )
 
 
@@ -139,6 +143,7 @@ def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> N
         "pretrained_cfg": pretrained,
         WS_EPS_KEY: ckpt.config.ws_eps,  # timm builds BiT with 1e-8 and ignores this key; bitcli reads it back
         **temperature_record(ckpt),  # timm ignores it too: its scores stay at temperature 1
+        **thresholds_record(ckpt),
         **_preprocess_record(ckpt.preprocess, pretrained),
     }
 

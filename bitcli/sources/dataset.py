@@ -110,9 +110,14 @@ class DatasetSplit:
                     raise BitError(
                         f"{shard.name}: has no column {column!r}, which {first.name} has; all shards need the same columns"
                     )
-        codes, names = self._label_codes(columns)
+        multi_hot = None
+        if columns.multi:
+            codes, names, multi_hot = self._label_lists(columns)
+        else:
+            codes, names = self._label_codes(columns)
         if classes is None:
-            empty = np.flatnonzero(np.bincount(codes, minlength=len(names)) == 0)
+            counts = multi_hot.sum(0) if multi_hot is not None else np.bincount(codes, minlength=len(names))
+            empty = np.flatnonzero(counts == 0)
             if len(empty):
                 raise BitError(
                     f"{self.name}: class {names[empty[0]]!r} (ClassLabel index {empty[0]}) has no rows; every class "
@@ -122,17 +127,53 @@ class DatasetSplit:
         else:
             index = {name: i for i, name in enumerate(classes)}
             unknown = [c for c, name in enumerate(names) if name not in index]
-            present = np.isin(codes, unknown)
+            present = multi_hot[:, unknown].any(1) if multi_hot is not None else np.isin(codes, unknown)
             if present.any():
                 row = int(np.argmax(present))
+                name = names[codes[row]] if multi_hot is None else names[next(c for c in unknown if multi_hot[row, c])]
                 raise BitError(
-                    f"{self.row_name(row)}: class {names[codes[row]]!r} is not among the {len(classes)} training classes; "
+                    f"{self.row_name(row)}: class {name!r} is not among the {len(classes)} training classes; "
                     "validation data must use the training class names"
                 )
-            targets = np.asarray([index.get(name, -1) for name in names], dtype=np.int64)[codes]
+            mapping = np.asarray([index.get(name, -1) for name in names], dtype=np.int64)
+            targets = mapping[codes]
+            if multi_hot is not None:  # the training classes' columns, in their order
+                remapped = np.zeros((len(codes), len(classes)), dtype=np.uint8)
+                remapped[:, mapping[mapping >= 0]] = multi_hot[:, mapping >= 0]
+                multi_hot = remapped
             classes = tuple(classes)
         order = np.argsort(targets, kind="stable")  # grouped by class, rows in order within each
-        return ImageFolder(self.root, classes, Rows(self, order), targets[order], source=self.name)
+        return ImageFolder(self.root, classes, Rows(self, order), targets[order], source=self.name,
+                           multi_hot=None if multi_hot is None else multi_hot[order])  # fmt: skip
+
+    def _label_lists(self, columns: Columns) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """A Sequence(ClassLabel) column: each row's first class (it groups the rows), the names, and the
+        multi-hot [rows, classes] matrix of every row's classes."""
+        assert columns.label is not None and columns.names is not None
+        names = list(columns.names)
+        total = int(self.starts[-1])
+        codes = np.empty(total, dtype=np.int64)
+        multi_hot = np.zeros((total, len(names)), dtype=np.uint8)
+        row = 0
+        for shard in self.shards:
+            for batch in shard.label_batches(columns.label):
+                lengths = np.asarray(batch.value_lengths().fill_null(0), dtype=np.int64)
+                values = np.asarray(batch.flatten().fill_null(-1), dtype=np.int64)
+                empty = np.flatnonzero(lengths == 0)
+                if len(empty):
+                    raise BitError(f"{self.row_name(row + int(empty[0]))}: label list is empty; give every row a label")
+                wrong = (values < 0) | (values >= len(names))
+                if wrong.any():
+                    at = int(np.searchsorted(np.cumsum(lengths), int(np.argmax(wrong)), side="right"))
+                    raise BitError(
+                        f"{self.row_name(row + at)}: a label is not one of the {len(names)} ClassLabel classes "
+                        f"(0-{len(names) - 1}); drop the row or fix its labels"
+                    )
+                rows = row + np.repeat(np.arange(len(lengths)), lengths)
+                multi_hot[rows, values] = 1
+                codes[row : row + len(lengths)] = values[np.cumsum(lengths) - lengths]
+                row += len(lengths)
+        return codes, names, multi_hot
 
     def _label_codes(self, columns: Columns) -> tuple[np.ndarray, list[str]]:
         """Each row's index into the list of names (the ClassLabel's, or the values in examples.class_order)."""

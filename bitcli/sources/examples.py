@@ -34,17 +34,29 @@ class ImageFolder:
     paths: Sequence[str] | Rows
     targets: Sequence[int] | np.ndarray
     source: str | None = None
+    # Multi-label data (a label file with a list of labels a row): each example's classes as a multi-hot
+    # uint8 [N, classes] matrix, in the order of `paths`; `targets` then holds each example's first class
+    # (it groups, samples and splits the examples). None: single-label data.
+    multi_hot: np.ndarray | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.multi_hot is not None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, indices: Iterable[int]) -> ImageFolder:
         idx = sorted(int(i) for i in indices)
+        multi_hot = None if self.multi_hot is None else self.multi_hot[idx]
         if isinstance(self.paths, RowView):
-            return dataclasses.replace(self, paths=self.paths.take(idx), targets=np.asarray(self.targets)[idx])
+            return dataclasses.replace(
+                self, paths=self.paths.take(idx), targets=np.asarray(self.targets)[idx], multi_hot=multi_hot
+            )
         return dataclasses.replace(
-            self, paths=tuple(self.paths[i] for i in idx), targets=tuple(self.targets[i] for i in idx)
-        )
+            self, paths=tuple(self.paths[i] for i in idx), targets=tuple(self.targets[i] for i in idx),
+            multi_hot=multi_hot,
+        )  # fmt: skip
 
     def name(self, index: int) -> str:
         """Example `index` for messages: its file, or `data.parquet row 17`."""
@@ -82,7 +94,10 @@ class ImageFolder:
                 size = -1 if isinstance(self.paths, Rows) else os.stat(self.paths[i]).st_size
             except OSError:
                 size = -1
-            h.update(f"{self.relative(i)}\t{self.classes[target]}\t{size}\n".encode("utf-8", "surrogateescape"))
+            label = self.classes[target]
+            if self.multi_hot is not None:  # every class of the example
+                label = ";".join(self.classes[c] for c in np.flatnonzero(self.multi_hot[i]))
+            h.update(f"{self.relative(i)}\t{label}\t{size}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,9 @@ class Columns:
     image: str | None = None
     label: str | None = None
     names: tuple[str, ...] | None = None  # the ClassLabel's names (classes in index order); None: values, by name
+    # A Sequence(ClassLabel) column: a list of class indices a row (multi-label). Not in the repr: the
+    # fingerprints of runs from before it stay what they were.
+    multi: bool = field(default=False, repr=False)
 
 
 def schema_features(schema) -> dict[str, Any] | None:
@@ -61,7 +64,7 @@ def choose_columns(
             f"{where}: column {image!r} holds {schema.field(image).type}, not images; name the image column with --image-column"
         )
     if label is None:
-        found = [n for n in present if _type(features.get(n)) == "ClassLabel"]
+        found = [n for n in present if _type(features.get(n)) == "ClassLabel" or _class_list(features.get(n))]
         if len(found) > 1:
             raise BitError(
                 f"{where}: several ClassLabel columns ({', '.join(found)}); name the label column with --label-column"
@@ -72,6 +75,11 @@ def choose_columns(
             )
         label = found[0] if found else FALLBACK_LABEL
     kind = schema.field(label).type
+    listed = _class_list(features.get(label))
+    if listed is not None:  # Sequence(ClassLabel): multi-label, a list of class indices a row
+        if not ((pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(kind.value_type)):
+            raise BitError(f"{where}: label column {label!r} is a Sequence(ClassLabel) but holds {kind}")
+        return Columns(image=image, label=label, names=listed, multi=True)
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
     if not (pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
@@ -85,6 +93,16 @@ def choose_columns(
         else None
     )
     return Columns(image=image, label=label, names=names or None)
+
+
+def _class_list(feature: Any) -> tuple[str, ...] | None:
+    """A Sequence (or List, datasets 4) of ClassLabel feature's class names; None for any other feature."""
+    if _type(feature) not in ("Sequence", "List"):
+        return None
+    inner = feature.get("feature")
+    if _type(inner) != "ClassLabel" or not inner.get("names"):
+        return None
+    return tuple(str(n) for n in inner["names"])
 
 
 def _type(feature: Any) -> str | None:

@@ -1,6 +1,7 @@
 """Label files: a CSV (header row) or JSONL (one object a line) with `path` and `label` columns and an optional
 `split` column (train, val or test, or another name of bitcli.sources.splits: valid, dev ...), image paths
-relative to the file's folder.
+relative to the file's folder. A row may give several labels (multi-label data): a JSON list in JSONL
+(`"label": ["cat", "dog"]`), `;`-separated in CSV (`cat;dog`); one such row makes the whole file multi-label.
 
 The file is read as a stream and each row checked as it is read (its columns, its split, that its image
 exists), so the first bad row is reported when it is reached. Rows are kept packed: the paths as one UTF-8
@@ -46,6 +47,10 @@ class LabelFile:
         self.split_codes = np.frombuffer(rows.splits, dtype=np.int8)
         self.lines = np.frombuffer(rows.lines, dtype=np.int64)
         self.names = list(rows.names)  # label values, in order of first appearance (a row's label indexes it)
+        # Every row's labels (multi-label files): row r's are set_labels[set_ends[r]:set_ends[r + 1]]
+        self.multi = rows.multi
+        self.set_labels = np.frombuffer(rows.set_labels, dtype=np.int32)
+        self.set_ends = np.frombuffer(rows.set_ends, dtype=np.int64)
         present = np.bincount(self.split_codes, minlength=len(SPLIT_KEYS))
         self.splits = {key for key, count in zip(SPLIT_KEYS, present) if count}  # {None}: no split column
 
@@ -80,22 +85,31 @@ class LabelFile:
         else:
             rows = np.flatnonzero(self.split_codes == SPLIT_KEYS.index(split))
         labels = self.labels[rows]
-        present = np.flatnonzero(np.bincount(labels, minlength=len(self.names)))
+        sets = [self.set_labels[self.set_ends[r] : self.set_ends[r + 1]] for r in rows] if self.multi else None
+        every = np.concatenate(sets) if sets else labels
+        present = np.flatnonzero(np.bincount(every, minlength=len(self.names)))
         if classes is None:
             classes = class_order(self.names[i] for i in present)
         index = {name: i for i, name in enumerate(classes)}
         mapping = np.asarray([index.get(name, -1) for name in self.names], dtype=np.int64)
         targets = mapping[labels]
-        unknown = np.flatnonzero(targets < 0)
+        unknown = np.flatnonzero(targets < 0) if sets is None else np.flatnonzero([min(mapping[s]) < 0 for s in sets])
         if len(unknown):
             row = int(rows[unknown[0]])
+            name = next(self.names[i] for i in (sets[unknown[0]] if sets else [self.labels[row]]) if mapping[i] < 0)
             raise BitError(
-                f"{self.row(row)}: class {self.names[self.labels[row]]!r} is not among the {len(classes)} training "
+                f"{self.row(row)}: class {name!r} is not among the {len(classes)} training "
                 "classes; validation rows must use the training labels"
             )
-        order = np.argsort(targets, kind="stable")  # grouped by class, file order within a class
+        order = np.argsort(targets, kind="stable")  # grouped by (first) class, file order within a class
         source = str(self.path) if split is None else f"{self.path} (split {split})"
-        return ImageFolder(self.folder, tuple(classes), RowPaths(self, rows[order]), targets[order], source=source)
+        multi_hot = None
+        if sets is not None:
+            multi_hot = np.zeros((len(rows), len(classes)), dtype=np.uint8)
+            for i, s in enumerate(sets[j] for j in order):
+                multi_hot[i, mapping[s]] = 1
+        return ImageFolder(self.folder, tuple(classes), RowPaths(self, rows[order]), targets[order], source=source,
+                           multi_hot=multi_hot)  # fmt: skip
 
 
 def read_label_file(path: Path) -> LabelFile:
@@ -133,13 +147,19 @@ class _Packed:
         self.keys = array("q")  # hash of each image's normalised path, to find repeated rows
         self.names: dict[str, int] = {}
         self.has_split: bool | None = None  # the first row decides: every row has a split, or none
+        self.multi = False  # a row gave several labels (a list, or `;` in CSV)
+        self.set_labels, self.set_ends = array("i"), array("q", [0])  # every row's labels, one after the other
 
     def add(self, line: int, image: object, label: object, split: object) -> None:
         image = image.strip() if type(image) is str else image
         if not image or type(image) is not str:
             image = _text(image, "path", f"{self.path}:{line}")
         label = label.strip() if type(label) is str else label
-        if not label or type(label) is not str:
+        several = _several(label, f"{self.path}:{line}")
+        if several is not None:
+            self.multi = True
+            label = several[0]
+        elif not label or type(label) is not str:
             label = _text(label, "label", f"{self.path}:{line}")
         if self.has_split is None:
             self.has_split = split is not MISSING
@@ -157,6 +177,11 @@ class _Packed:
         self.blob += image.encode("utf-8")
         self.ends.append(len(self.blob))
         self.labels.append(self.names.setdefault(label, len(self.names)))
+        if several is None:
+            self.set_labels.append(self.labels[-1])
+        else:
+            self.set_labels.extend(dict.fromkeys(self.names.setdefault(name, len(self.names)) for name in several))
+        self.set_ends.append(len(self.set_labels))
         self.splits.append(code)
         self.lines.append(line)
         self.keys.append(hash(os.path.normpath(full)))  # repeats are looked for once every row is in
@@ -170,6 +195,20 @@ class _Packed:
 
 
 _SPLIT_CODES = {word: SPLIT_KEYS.index(key) for key, words in SPLIT_KEYWORDS.items() for word in words}
+
+
+def _several(label: object, where: str) -> list[str] | None:
+    """A multi-label cell's labels: a JSON list (each a string or whole number), or CSV text with `;` between
+    labels; None for a single label. An empty list, or an empty label in one, is one error line."""
+    if isinstance(label, list):
+        names = [_text(v, "label", where) for v in label]
+    elif type(label) is str and ";" in label:
+        names = [part.strip() for part in label.split(";")]
+    else:
+        return None
+    if not names or not all(names):
+        raise BitError(f"{where}: an empty label in the list; give every row at least one label, none empty")
+    return names
 
 
 def _check_exists(full: str, rows: _Packed, line: int) -> None:
