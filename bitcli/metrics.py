@@ -167,8 +167,7 @@ class Accumulator:
         ranked = logits if logits.ndim == 2 else log_p
         topk = ranked.topk(min(TOP_K, ranked.shape[1]), dim=1).indices.numpy()
         pred = topk[:, 0]
-        self._bin(log_p.gather(1, torch.from_numpy(pred).view(-1, 1))[:, 0].exp().double().numpy(),
-                  pred == model_targets.numpy())  # fmt: skip
+        self._bin(scores.top_scores(logits, pred, self.temperature), pred == model_targets.numpy())
         hit1 = pred == model_targets.numpy()
         self.correct5 += int((topk == model_targets.numpy()[:, None]).any(axis=1).sum())
         np.add.at(self.correct1, targets, hit1.astype(np.int64))

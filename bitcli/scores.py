@@ -46,9 +46,10 @@ def probabilities(logits: torch.Tensor, temperature: float = 1.0, multi_label: b
     if multi_label:
         sig = torch.sigmoid(_real(logits))
         return sig.mean(dim=1) if sig.ndim == 3 else sig
-    if logits.ndim == 3:
-        return log_probabilities(logits, temperature).exp()
-    return torch.softmax(_scaled(_real(logits), temperature), dim=-1)
+    # Row-wise softmax, then the mean over the views: an element-wise exp over the whole tensor would round
+    # some elements differently with another thread count (its vectorised and scalar parts split differently).
+    return torch.softmax(_scaled(_real(logits), temperature), dim=-1).mean(dim=1) if logits.ndim == 3 else \
+        torch.softmax(_scaled(_real(logits), temperature), dim=-1)  # fmt: skip
 
 
 def log_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -61,6 +62,18 @@ def log_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.T
         per_view = torch.log_softmax(_scaled(logits, temperature), dim=-1)
         return torch.logsumexp(per_view, dim=1) - math.log(logits.shape[1])
     return torch.log_softmax(_scaled(logits, temperature), dim=-1)
+
+
+def top_scores(logits: torch.Tensor, picked: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """The score of class picked[i] in row i, float64, computed in numpy: torch's element-wise exp rounds some
+    elements differently with another thread count (its vectorised and scalar parts split differently), and
+    the ECE of `bit eval` must not depend on it."""
+    z = logits.double().cpu().numpy() / temperature
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    p = e / e.sum(axis=-1, keepdims=True)
+    if p.ndim == 3:
+        p = p.mean(axis=1)
+    return p[np.arange(len(p)), picked]
 
 
 def _real(logits: torch.Tensor) -> torch.Tensor:

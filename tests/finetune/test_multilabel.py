@@ -22,7 +22,8 @@ from bitcli import multilabel
 from bitcli.finetune import loop
 from bitcli.sources.labelfile import read_label_file
 
-from .helpers import FAST
+from .helpers import FAST, read_metrics, read_weights
+from .test_head_only import _interrupt_at
 
 NAMES = ["red", "green", "blue"]
 
@@ -46,7 +47,8 @@ def test_average_precision_equals_scikit_learn_with_ties() -> None:
 
 def test_thresholds_maximise_f1_as_a_brute_force_search_does() -> None:
     """scikit-learn's precision-recall curve gives every candidate threshold's precision and recall: the chosen
-    one has the highest F1 of all (the highest threshold of equals), and f1_score confirms its F1."""
+    threshold gives the highest F1 of all (f1_score confirms it), at the highest candidate of equal F1, lowered
+    to the midpoint to the next lower score."""
     y, s = random_multilabel(seed=1)
     thresholds = multilabel.fit_thresholds(y, s)
     for c, t in enumerate(thresholds):
@@ -55,7 +57,9 @@ def test_thresholds_maximise_f1_as_a_brute_force_search_does() -> None:
                        where=precision + recall > 0)[:-1]  # fmt: skip
         best = f1.max()
         assert f1_score(y[:, c], s[:, c] >= t) == pytest.approx(best, abs=1e-12)
-        assert t == candidates[np.isclose(f1, best, rtol=0, atol=1e-12)].max()
+        chosen = candidates[np.isclose(f1, best, rtol=0, atol=1e-12)].max()
+        lower = s[:, c][s[:, c] < chosen]
+        assert t == (float(chosen) + (float(lower.max()) if lower.size else 0.0)) / 2
     assert multilabel.fit_thresholds(np.zeros((3, 1), dtype=np.uint8), np.ones((3, 1))) == [0.5]
 
 
@@ -151,6 +155,10 @@ def test_label_files_give_multi_hot_rows(tmp_path: Path) -> None:
     assert err == (f"Error: {bad}:1: an empty label in the list; give every row at least one label, none empty\n")
 
 
+RUN = ["--steps", "6", "--batch-size", "8", "--batch-split", "2", "--mixup", "0.2", "--lr", "0.05", "--eval-every", "3",
+       "--save-every", "2", *FAST]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def multi_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
     """A tiny model fine-tuned on 48 multi-label rows (train) and validated on 24 (val), from one JSONL; the
@@ -163,13 +171,38 @@ def multi_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, lis
             split = "train" if i < len(train) else "val"
             f.write(json.dumps({"path": f"images/{files[i]}", "label": labels, "split": split}) + "\n")
     run = root / "run"
-    code, _, err = run_main("finetune", root / "labels.jsonl", "--output", run, "--steps", "6", "--batch-size", "8",
-                            "--mixup", "0.2", "--lr", "0.05", "--eval-every", "3", *FAST)  # fmt: skip
+    threads = torch.get_num_threads()  # one thread, as the tests' runs have (conftest's one_thread is per test)
+    torch.set_num_threads(1)
+    try:
+        code, _, err = run_main("finetune", root / "labels.jsonl", "--output", run, *RUN)
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0, err
     assert "  labels      multi-label (several labels a row): sigmoid outputs, binary cross-entropy" in err
     assert "could not draw" not in err  # the per-class AP picture stands in for the confusion matrix
     paths = [str(root / "images" / name) for name in files]
     return root, run, paths[:12], paths[len(train) :]
+
+
+def test_multilabel_run_resumes_bit_identical(multi_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped in step 5 (the checkpoint of step 4 on disk) and resumed: the weights, the losses (BCE on the
+    MixUp-mixed targets, split over two micro-batches) and the thresholds of the uninterrupted run."""
+    root, run = multi_run[0], multi_run[1]
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 5)
+        code, _, err = run_main("finetune", root / "labels.jsonl", "--output", stopped, *RUN)
+    assert code == 130, err
+    code, _, err = run_main("finetune", root / "labels.jsonl", "--output", stopped, *RUN, "--resume")
+    assert code == 0, err
+    assert "resuming at step 4 of 6" in err
+    a, b = read_weights(run / "model.safetensors"), read_weights(stopped / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in read_metrics(stopped)] == [m["loss"] for m in read_metrics(run)]
+    assert (
+        json.loads((stopped / "config.json").read_text())["bitcli_thresholds"]
+        == json.loads((run / "config.json").read_text())["bitcli_thresholds"]
+    )
 
 
 def test_finetuned_multilabel_model_end_to_end(multi_run, tmp_path: Path) -> None:
@@ -222,6 +255,10 @@ def test_finetuned_multilabel_model_end_to_end(multi_run, tmp_path: Path) -> Non
         [average_precision_score(truth[:, c], val_scores[:, c]) for c in range(3)], abs=1e-5
     )
     assert result["macro_f1"] == pytest.approx(validation["macro_f1"], abs=1e-12)
+    code, table, err = run_main("eval", f"{root / 'labels.jsonl'}:val", "--model", run)
+    assert (code, err) == (0, "")
+    assert f"mAP     {result['mAP']:.4f}\n" in table
+    assert f"micro F1 {result['micro_f1']:.4f}  macro F1 {result['macro_f1']:.4f} (at the stored thresholds)" in table
 
     # the pictures: per-class AP and F1 instead of a confusion matrix, in the run and with eval --plot
     from bitcli import plots

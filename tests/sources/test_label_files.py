@@ -123,7 +123,7 @@ def test_a_huge_field_or_a_stray_quote_names_its_line(sources: dict[str, Path], 
     [
         ("0.0", "label 0.0 is a number with a fraction"),
         ("true", "label true is a boolean"),
-        ('["x"]', 'label ["x"] is a list'),
+        ('[["x"]]', 'label ["x"] is a list'),  # a list of labels is multi-label data; a list in it is refused
         ('{"name": "x"}', 'label {"name": "x"} is an object'),
     ],
 )
