@@ -97,8 +97,10 @@ def train(t: Training) -> Outcome:
                             logits = model(x)
                         if plan.multi_label:
                             loss = mixup_binary_cross_entropy(logits.float(), y, y_mix, lam)
-                        else:
+                        elif weight is not None:
                             loss = mixup_cross_entropy(logits.float(), y, y_mix, lam, weight=weight)
+                        else:
+                            loss = mixup_cross_entropy(logits.float(), y, y_mix, lam)
                         scaler.scale(loss / plan.batch_split).backward()
                     loss_sum += loss.detach()
                 out.last_loss = mean_loss(loss_sum, t, step)  # (a NaN stops the run here, before the update)
@@ -252,8 +254,9 @@ def micro_batches(
     """(input, labels, MixUp partner labels or None, λ) of this process's micro-batches, in training order,
     from step t.start on. The images are decoded and augmented on the reader's threads, a batch ahead."""
     plan, info = t.plan, t.info
+    balanced = {"by_class": t.data.train.by_class()} if plan.sampler else {}  # --sampler balanced
     sampler = StepSampler(len(t.data.train), plan.batch_size, plan.seed, max_offset=plan.resize - plan.crop,
-                          mixup=plan.mixup, by_class=t.data.train.by_class() if plan.sampler else None)  # fmt: skip
+                          mixup=plan.mixup, **balanced)  # fmt: skip
     train = t.data.train
     # multi-label: each image's multi-hot row (float32) is its target; else its class index
     targets = (
