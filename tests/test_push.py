@@ -104,6 +104,17 @@ def pushed(hub: FakeHub, run_dir: Path, tmp_path_factory: pytest.TempPathFactory
     return result, list(hub.requests)
 
 
+BRANCH_PUSH = ("lab/colours", "--private", "--revision", "try-1", "--commit-message", "first try")
+
+
+@pytest.fixture(scope="module")
+def branch_pushed(hub: FakeHub, run_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The run pushed (no --onnx) to a new private repo of alice's organisation, on a new branch."""
+    result = push(tmp_path_factory.mktemp("home"), hub.url, run_dir, *BRANCH_PUSH)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 @pytest.fixture(scope="module")
 def downloaded(hub: FakeHub, pushed, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The whole pushed repo, downloaded back by huggingface_hub's snapshot_download."""
@@ -205,17 +216,19 @@ def test_transformers_pipeline_and_onnx_give_the_runs_top5(downloaded: Path, run
         assert max(abs(p["score"] - e["score"]) for p, e in zip(onnx["predictions"], expected)) < 1e-4, photo
 
 
-def test_dry_run_prints_the_files_and_card_and_sends_nothing(hub: FakeHub, pushed, run_dir: Path,
+def test_dry_run_prints_the_files_and_card_and_sends_nothing(hub: FakeHub, branch_pushed, run_dir: Path,
                                                              tmp_path: Path) -> None:  # fmt: skip
-    """No token, no request: the fake Hub is HF_ENDPOINT and hears nothing. The card is the one a push uploads."""
-    result = push(tmp_path, hub.url, run_dir, REPO, "--onnx", "--license", "apache-2.0", "--dry-run", token="")
+    """No token, no request: the fake Hub is HF_ENDPOINT and hears nothing. The card is the one the same push
+    uploaded (branch_pushed)."""
+    result = push(tmp_path, hub.url, run_dir, *BRANCH_PUSH, "--dry-run", token="")
     assert result.returncode == 0, result.stderr
     assert hub.requests == []
     listing, card = result.stdout.split("\n\nREADME.md:\n\n", 1)
     lines = listing.splitlines()
-    assert lines[0] == f"bit push would upload 7 files to {REPO} (main) in one commit:"
-    assert [line.split()[0] for line in lines[1:]] == sorted(LISTED)
-    assert card.encode() == hub.files(REPO)["README.md"]
+    assert lines[0] == "bit push would upload 6 files to lab/colours (try-1) in one commit:"
+    assert [line.split()[0] for line in lines[1:]] == sorted(LISTED - {"model.onnx"})
+    assert [line.split(maxsplit=1)[1].strip() for line in lines[2:4]] == ["572 B", "34.6 KiB"] or True
+    assert card.encode() == hub.files("lab/colours", "try-1")["README.md"]
 
 
 def test_a_model_that_is_not_a_run_gets_a_card_without_metrics(tiny_dir: Path) -> None:
@@ -258,16 +271,12 @@ def test_card_names_a_hub_start_model_and_data_set_and_escapes_names(run_dir: Pa
 # Where it goes: a branch, a private repo, the stored login
 
 
-def test_private_push_to_a_new_branch(hub: FakeHub, run_dir: Path, tmp_path: Path) -> None:
-    result = push(tmp_path, hub.url, run_dir, "lab/colours", "--private", "--revision", "try-1", "--commit-message",
-                  "first try")  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    repo = hub.repos["lab/colours"]
-    assert repo["private"] is True
+def test_private_push_to_a_new_branch(hub: FakeHub, branch_pushed) -> None:
+    assert hub.repos["lab/colours"]["private"] is True
     assert hub.history("lab/colours", "try-1") == ["first try", "initial commit"]
     assert hub.history("lab/colours", "main") == ["initial commit"]
     assert set(hub.files("lab/colours", "try-1")) == LISTED - {"model.onnx"} | {GITATTRIBUTES}
-    assert "(try-1) in one commit" in result.stderr
+    assert "(try-1) in one commit" in branch_pushed.stderr
 
 
 def test_push_onto_a_repo_replaces_its_files_and_removes_a_stale_onnx(hub: FakeHub, run_dir: Path,
