@@ -181,7 +181,11 @@ def test_card_metadata_and_text(downloaded: Path, run_dir: Path) -> None:
     card = ModelCard(text)  # what the Hub and huggingface_hub read back
     assert card.data.eval_results[0].metric_value == round(validation["top1"], 4)
     assert f'pipeline("image-classification", model="{REPO}")' in text
+    assert "| Start model | random weights (architecture `" in text
     assert f"| Steps | 10 (schedule boundaries {', '.join(map(str, plan['boundaries']))}) |" in text
+    assert (f"| Learning rate | 0.03, momentum {plan['momentum']:g}: linear warm-up, then ÷10 at each boundary |"
+            in text and "| Batch size | 8 |" in text and "| Few-shot | all training examples |" in text)  # fmt: skip
+    assert f"- mixup: {plan['why']['mixup']}" in text  # where each automatic value came from
     assert "| Resolution | train: resize to 20 px, random crop 16 px and flip; eval: resize to 16 x 16 px |" in text
     assert f"`{plan['train_fingerprint']}`" in text
     assert "6 classes, in the model's order: 0: blue, 1: cyan, 2: green, 3: magenta, 4: red, 5: yellow" in text
@@ -202,9 +206,13 @@ def test_pushed_repo_predicts_as_the_run_in_bit_predict(hub: FakeHub, pushed, ru
 def test_transformers_pipeline_and_onnx_give_the_runs_top5(downloaded: Path, run_predictions, photos) -> None:
     """transformers alone (no bitcli) on the downloaded folder: the run's preprocessor_config.json makes its
     BitImageProcessor resize to the run's square without cropping, as bitcli does, so the scores agree."""
+    import huggingface_hub.constants
     import transformers
 
-    classifier = transformers.pipeline("image-classification", model=str(downloaded), device="cpu")
+    with pytest.MonkeyPatch.context() as patch:  # offline: transformers reads only the folder
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        classifier = transformers.pipeline("image-classification", model=str(downloaded), device="cpu")
+    assert type(classifier.model) is transformers.BitForImageClassification  # transformers' own class, no remote code
     code, out, err = run_main("predict", *(photos[p] for p in PHOTOS), "--model", downloaded / "model.onnx",
                               "--format", "json")  # fmt: skip
     assert code == 0, err
@@ -226,9 +234,14 @@ def test_dry_run_prints_the_files_and_card_and_sends_nothing(hub: FakeHub, branc
     listing, card = result.stdout.split("\n\nREADME.md:\n\n", 1)
     lines = listing.splitlines()
     assert lines[0] == "bit push would upload 6 files to lab/colours (try-1) in one commit:"
-    assert [line.split()[0] for line in lines[1:]] == sorted(LISTED - {"model.onnx"})
-    assert [line.split(maxsplit=1)[1].strip() for line in lines[2:4]] == ["572 B", "34.6 KiB"] or True
-    assert card.encode() == hub.files("lab/colours", "try-1")["README.md"]
+    uploaded = hub.files("lab/colours", "try-1")
+    sizes = {
+        name: f"{len(data)} B" if len(data) < 1024 else f"{len(data) / 1024:.1f} KiB" for name, data in uploaded.items()
+    }
+    assert [line.split(maxsplit=1) for line in lines[1:]] == [
+        [name, sizes[name]] for name in sorted(LISTED - {"model.onnx"})
+    ]
+    assert card.encode() == uploaded["README.md"]
 
 
 def test_a_model_that_is_not_a_run_gets_a_card_without_metrics(tiny_dir: Path) -> None:
@@ -253,7 +266,8 @@ def test_card_names_a_hub_start_model_and_data_set_and_escapes_names(run_dir: Pa
     record = RunRecord.read(run_dir)
     hostile = "<img src=x onerror=alert(1)>|*x*"
     plan = {**record.plan, "model": "google/bit-50", "random_init": False, "data": "hf://datasets/org/flowers",
-            "validation": "hf://datasets/org/flowers:test", "classes": [hostile, *record.plan["classes"][1:]]}  # fmt: skip
+            "validation": "hf://datasets/org/flowers:test", "classes": [hostile, *record.plan["classes"][1:]],
+            "shots": 2}  # fmt: skip
     validation = {**record.validation, "labels": [hostile, *record.validation["labels"][1:]]}
     record = RunRecord(plan=plan, summary=record.summary, validation=validation, pictures=record.pictures)
     ckpt = load_checkpoint(str(run_dir))
@@ -265,6 +279,7 @@ def test_card_names_a_hub_start_model_and_data_set_and_escapes_names(run_dir: Pa
     assert "Fine-tuned with bitcli (`bit finetune`) from [google/bit-50](https://huggingface.co/google/bit-50)." in text
     assert "<img" not in text and "| &lt;img src=x onerror=alert\\(1\\)&gt;\\|\\*x\\* | " in text
     assert "- validation: 12 images from hf://datasets/org/flowers:test" in text
+    assert "| Few-shot | 2 examples per class |" in text
 
 
 # ----------------------------------------------------------------------------------------------------------
