@@ -3,7 +3,9 @@ gets exactly the transformers folder, the card, the pictures and model.onnx in o
 predicts what the run folder predicts, in `bit predict` and in transformers' pipeline; errors are one line with
 the fix, and a push that fails midway leaves no revision holding part of it.
 
-Pushes run in processes: huggingface_hub reads HF_ENDPOINT (and HF_TOKEN's file, HF_HUB_OFFLINE) at import.
+The pushes that succeed run in processes, as a user runs them: huggingface_hub reads HF_ENDPOINT (and HF_TOKEN's
+file, HF_HUB_OFFLINE) at import. The failing ones run in this process (push_here), with those constants patched:
+a fresh interpreter per error would cost seconds each.
 HF_HUB_DISABLE_XET=1: the fake speaks git LFS, not the Xet storage protocol hf_xet would use against the Hub.
 """
 
@@ -89,10 +91,32 @@ def push(home: Path, endpoint: str, *args: object, token: str = ALICE, offline: 
     return run_bit("push", *args, env=push_env(home, endpoint, token, offline))
 
 
+def push_here(home: Path, endpoint: str, *args: object, token: str = ALICE, offline: bool = False,
+              timeout: int | None = None) -> tuple[int, str, str]:  # fmt: skip
+    """A push in this process (a fresh interpreter costs seconds): what push_env sets, as the huggingface_hub
+    constants it read at import, for the time of the call. The pushes that must succeed run in processes."""
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"ENDPOINT": endpoint, "HF_TOKEN_PATH": str(home / "token"), "HF_HUB_OFFLINE": offline,
+                            "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"), "HF_HUB_DISABLE_XET": True,
+                            "HF_HUB_DISABLE_TELEMETRY": True}.items():  # fmt: skip
+            patch.setattr(constants, name, value)
+        if timeout is not None:
+            patch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", timeout)
+        patch.setenv("HF_TOKEN", token)
+        patch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        return run_main("push", *args)
+
+
 def one_error_line(result) -> str:
-    assert result.returncode == 1 and result.stdout == "", (result.returncode, result.stdout, result.stderr)
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: "), result.stderr
-    return result.stderr
+    if isinstance(result, tuple):  # push_here's
+        code, out, err = result
+    else:
+        code, out, err = result.returncode, result.stdout, result.stderr
+    assert code == 1 and out == "", (code, out, err)
+    assert err.count("\n") == 1 and err.startswith("Error: "), err
+    return err
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +340,7 @@ def test_push_onto_a_repo_replaces_its_files_and_removes_a_stale_onnx(hub: FakeH
 def test_private_push_to_an_existing_public_repo_is_refused(hub: FakeHub, pushed, run_dir: Path,
                                                             tmp_path: Path) -> None:  # fmt: skip
     before = hub.history(REPO)
-    error = one_error_line(push(tmp_path, hub.url, run_dir, REPO, "--private"))
+    error = one_error_line(push_here(tmp_path, hub.url, run_dir, REPO, "--private"))
     assert f"Error: {REPO} exists and is public; --private does not change an existing repo's visibility" in error
     assert hub.history(REPO) == before
 
@@ -326,15 +350,15 @@ def test_private_push_to_an_existing_public_repo_is_refused(hub: FakeHub, pushed
 
 
 def test_no_token_and_offline_are_refused_before_any_request(hub: FakeHub, run_dir: Path, tmp_path: Path) -> None:
-    error = one_error_line(push(tmp_path, hub.url, run_dir, REPO, token=""))
+    error = one_error_line(push_here(tmp_path, hub.url, run_dir, REPO, token=""))
     assert "pushing needs a Hugging Face token with write access: set HF_TOKEN or run `hf auth login`" in error
-    error = one_error_line(push(tmp_path, hub.url, run_dir, REPO, offline=True))
+    error = one_error_line(push_here(tmp_path, hub.url, run_dir, REPO, offline=True))
     assert error == "Error: pushing needs the network, and HF_HUB_OFFLINE=1 forbids it; unset HF_HUB_OFFLINE\n"
     assert hub.requests == []
 
 
 def test_invalid_token_is_401_with_the_fix(hub: FakeHub, run_dir: Path, tmp_path: Path) -> None:
-    error = one_error_line(push(tmp_path, hub.url, run_dir, "alice/new", token="hf_expired"))
+    error = one_error_line(push_here(tmp_path, hub.url, run_dir, "alice/new", token="hf_expired"))
     assert "Error: the Hub refused the token (401: Invalid credentials in Authorization header)" in error
     assert "set HF_TOKEN to a token with write access or run `hf auth login`" in error
     assert "alice/new" not in hub.repos
@@ -342,7 +366,7 @@ def test_invalid_token_is_401_with_the_fix(hub: FakeHub, run_dir: Path, tmp_path
 
 def test_someone_elses_repo_is_403_with_the_fix(hub: FakeHub, run_dir: Path, tmp_path: Path) -> None:
     before = hub.history("bob/taken")
-    error = one_error_line(push(tmp_path, hub.url, run_dir, "bob/taken"))
+    error = one_error_line(push_here(tmp_path, hub.url, run_dir, "bob/taken"))
     assert (
         "Error: no write access to bob/taken (403: You don't have write access to bob/taken): it belongs to " in error
     )
@@ -363,14 +387,14 @@ def test_a_push_failing_midway_leaves_no_revision(hub: FakeHub, run_dir: Path, t
     repo = f"alice/midway-{kind}"
     hub.lfs.clear()  # the Hub skips uploading objects it holds: make it hold none (earlier tests pushed these)
     hub.fail_on[kind] = failure
-    error = one_error_line(push(tmp_path, hub.url, run_dir, repo))
+    error = one_error_line(push_here(tmp_path, hub.url, run_dir, repo))
     assert error.startswith(expected) and "a push is one commit: the repo holds all of it or none of it" in error
     assert hub.history(repo) == ["initial commit"] and set(hub.files(repo)) == {GITATTRIBUTES}
 
 
 def test_hub_out_of_reach(run_dir: Path, tmp_path: Path) -> None:
     endpoint = closed_port_url()
-    error = one_error_line(push(tmp_path, endpoint, run_dir, REPO))
+    error = one_error_line(push_here(tmp_path, endpoint, run_dir, REPO))
     assert error.startswith(f"Error: cannot reach the Hub at {endpoint} (")
     assert "check the network or HF_ENDPOINT" in error
 
@@ -382,8 +406,7 @@ def test_silent_hub_times_out(run_dir: Path, tmp_path: Path) -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)  # the kernel completes the handshakes; nobody ever reads or replies
         endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        result = run_bit("push", run_dir, REPO, env={**push_env(tmp_path, endpoint, ALICE), "HF_HUB_ETAG_TIMEOUT": "1"},
-                         timeout=120)  # fmt: skip
+        result = push_here(tmp_path, endpoint, run_dir, REPO, timeout=1)
     error = one_error_line(result)
     assert error.startswith(f"Error: the Hub at {endpoint} did not answer in time (ReadTimeout); check the network")
 
