@@ -284,6 +284,14 @@ def test_a_model_that_is_not_a_run_gets_a_card_without_metrics(tiny_dir: Path) -
     assert "License: not stated by the publisher." in card
 
 
+def test_an_onnx_export_is_refused_in_one_line(downloaded: Path) -> None:
+    """An .onnx file has no weights to write as a transformers folder: refused before any request (dry run)."""
+    onnx = downloaded / "model.onnx"
+    code, out, err = run_main("push", onnx, "alice/from-onnx", "--dry-run")
+    assert (code, out) == (1, "") and err.count("\n") == 1, err
+    assert err.startswith(f"Error: {onnx}: an ONNX export runs in bit predict and bit eval only; ")
+
+
 def test_card_names_a_hub_start_model_and_data_set_and_escapes_names(run_dir: Path) -> None:
     from bitcli.hub import load_checkpoint
 
