@@ -119,6 +119,12 @@ def validation_part(data: str | Path, columns: Columns) -> Part:
 # Which source
 
 
+def data_path(data: str | Path) -> Path | None:
+    """The file or folder on disk that DATA names (without a `:SPLIT`), or None for a Hub data set."""
+    src = _source(data)
+    return None if src.kind == "hub" else Path(src.where)
+
+
 @dataclass(frozen=True)
 class Source:
     kind: str  # "folder" | "labels" | "parquet" | "saved" | "hub"
