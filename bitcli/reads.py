@@ -5,6 +5,8 @@ bitcli.formats.raw build on the same header check."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -12,15 +14,28 @@ from typing import Any
 from bitcli.errors import BitError, one_line
 
 
-def file_size(path: Path) -> int:
+def not_regular(name: object, what: str) -> str:
+    """The one message for a FIFO, socket or device given as a file to read: opening it would block or never end."""
+    return f"{name}: not a regular file (pipe, socket or device); copy the {what} to a file"
+
+
+def file_size(path: Path, what: str = "model") -> int:
+    """The size of a file to read, after refusing what is not a regular file (a FIFO would hang the read)."""
     try:
-        return path.stat().st_size
+        st = os.stat(path)
     except OSError as exc:
         raise BitError(f"{path}: cannot read ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BitError(f"{path}: is a folder, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise BitError(not_regular(path, what))
+    return st.st_size
 
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
+        if os.path.exists(path):  # (a missing file is said below, as `missing`)
+            file_size(path, "JSON")
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BitError(f"{path}: missing") from None

@@ -23,6 +23,7 @@ from bitcli.config import BitConfig
 from bitcli.errors import BitError, one_line
 from bitcli.formats.checkpoint import Checkpoint, checked_labels
 from bitcli.preprocess import Preprocess
+from bitcli.reads import file_size
 from bitcli.writes import atomic_write
 
 NAME = "onnx"
@@ -39,6 +40,7 @@ SOURCE, VERSION, PRECISION, CHECK = "bitcli.source", "bitcli.version", "bitcli.p
 def read(path: Path) -> Checkpoint:
     """The labels, preprocessing and architecture of a `.onnx` written by `bit convert`; the weights stay in
     the graph, for onnxruntime."""
+    file_size(path)
     extras.require("onnx", "ONNX support")
     import onnx
 
