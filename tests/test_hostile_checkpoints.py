@@ -167,7 +167,9 @@ def no_hang():
 def test_fifo_model_file_is_refused_not_read(tmp_path, photos, monkeypatch, no_hang, name, command):
     monkeypatch.chdir(tmp_path)
     os.mkfifo(name)
-    args = ["predict", photos["chelsea.png"], "-m", name] if command == "predict" else ["convert", name, "o.safetensors"]
+    args = (
+        ["predict", photos["chelsea.png"], "-m", name] if command == "predict" else ["convert", name, "o.safetensors"]
+    )
     assert run_main(*args) == (
         1,
         "",

@@ -106,7 +106,7 @@ def run(opts: EmbedOptions) -> int:
             table = Table(len(report.inputs), ckpt.config.num_features)
             interrupted = run_all(table.add)
             _write_table(table, opts.format, opts.output)
-        return exit_code(report, interrupted, info)
+        return exit_code(report, interrupted, info, opts.output)
 
 
 def _stream(output: Path | None, run_all: Callable[[Callable[[list[Embedded]], None]], bool]) -> bool:

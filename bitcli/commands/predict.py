@@ -40,4 +40,4 @@ def run(opts: PredictOptions) -> int:
         if info.main and not stream:
             color = opts.output is None and opts.format == PredictFormat.table and sys.stdout.isatty()
             write_text(predictions_text(rows, opts.format, color), opts.output)
-        return exit_code(report, interrupted, info)
+        return exit_code(report, interrupted, info, opts.output)
