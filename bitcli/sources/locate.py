@@ -45,7 +45,7 @@ def training_parts(data: str | Path, columns: Columns) -> tuple[Part, Part | Non
     if src.kind == "labels":
         from bitcli.sources.labelfile import read_label_file
 
-        labels = read_label_file(Path(src.where))
+        labels = read_label_file(Path(src.where), columns)
         if src.split is not None:
             return _label_part(labels, labels.key(src.split)), None
         if None in labels.splits:
@@ -80,7 +80,7 @@ def evaluation_part(data: str | Path, columns: Columns, say: bool = True) -> Par
     elif src.kind == "labels":
         from bitcli.sources.labelfile import read_label_file
 
-        labels = read_label_file(Path(src.where))
+        labels = read_label_file(Path(src.where), columns)
         if src.split is not None:
             return _label_part(labels, labels.key(src.split))
         if None in labels.splits or "train" not in labels.splits:  # every row, as a folder without train/
