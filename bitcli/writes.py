@@ -272,7 +272,7 @@ def replaced_input(output: Path | None, inputs: Iterable[str | Path]) -> str | N
 def refuse_replacing_input(flag: str, output: Path | None, inputs: Iterable[str | Path]) -> None:
     """UsageError (exit 2, before any work) when writing `output` would replace one of the command's inputs."""
     found = replaced_input(output, inputs)
-    if found is not None:
+    if output is not None and found is not None:
         raise UsageError(
             f"{flag} {display(output)}: is the input {display(found)}; writing there would replace it, "
             "so choose another file"

@@ -179,7 +179,7 @@ def write_final_model(ckpt: Checkpoint, output: Path) -> None:
     staging.rmdir()
 
 
-def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_eval: EvalResult | None,
+def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, *, last_eval: EvalResult | None,
                   last_loss: float, step_times: list[float], start: int, started: float) -> None:  # fmt: skip
     """The fine-tuned model (fp32, with the evaluation preprocessing and the class names) and summary.json."""
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}

@@ -152,7 +152,7 @@ def _varint(f) -> int | None:
 # Writing
 
 
-def save(proto, path: Path, ckpt: Checkpoint, precision: str, check: dict[str, Any]) -> None:
+def save(proto, path: Path, ckpt: Checkpoint, precision: str, *, check: dict[str, Any]) -> None:
     """Write `proto` (the graph bitcli.export made and proved) to `path` with the metadata that `read` needs:
     `ckpt`'s labels, preprocessing and architecture, and `check`, what the proof measured."""
     values = {

@@ -129,7 +129,7 @@ def match_class(name: str, labels: Sequence[str], where: str | Path | None = Non
 
 
 def match_classes(
-    classes: Sequence[str], labels: Sequence[str], source: str, root: Path, data: str | None = None
+    classes: Sequence[str], labels: Sequence[str], source: str, root: Path, *, data: str | None = None
 ) -> list[int]:
     """Every class folder under `root` -> its label index; two folders naming one class are refused. With `data`
     (a label file or data set, for messages) the classes are labels of its rows, and errors name it instead."""
