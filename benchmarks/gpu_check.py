@@ -428,8 +428,9 @@ def finetuning(run: Run, models: Models, data: Path) -> None:
 def _finetune_args(run: Run, models: Models, data: Path, output: Path, precision: str) -> list:
     m = run.mode
     start = [] if m.name == "cpu" else ["--model", models.agree]
+    save_every = 1 if m.name == "cpu" else 4  # an R50's checkpoint is 200 MB: not at every step
     return ["finetune", data, "--output", output, *start, *m.finetune_args, "--steps", m.steps, "--precision",
-            precision, "--device", m.device, "--eval-every", "0", "--save-every", "1", "--mixup", "0"]  # fmt: skip
+            precision, "--device", m.device, "--eval-every", "0", "--save-every", save_every, "--mixup", "0"]  # fmt: skip
 
 
 def _finetune(run: Run, models: Models, data: Path, precision: str) -> None:
@@ -532,7 +533,9 @@ def _torchrun(run: Run, models: Models, data: Path) -> None:
         raise RuntimeError(f"no one-process run of {precision} to compare with")
     difference = _weight_difference(one, many)
     plan = json.loads((many / "finetune_config.json").read_text())
-    tolerance = 0.0 if nproc == 1 else 1e-2  # several processes reduce gradients in another order
+    # One process on the CPU: the same computation, bit for bit. Several processes reduce gradients in another
+    # order, and a GPU's kernels need not be deterministic (finetune:* says whether they are).
+    tolerance = 0.0 if nproc == 1 and m.device == "cpu" else 1e-2
     ok = difference <= tolerance
     backend = (
         "nccl"
