@@ -23,7 +23,7 @@ import io
 import os
 import stat
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -117,16 +117,17 @@ class DeviceDecoder(Generic[K]):
         except Exception:  # noqa: BLE001 -- the CPU path reads it again and says what is wrong, in its own words
             data = None
         size = None if data is None else gpu_size(data, self.preprocess)
-        if size is None:
+        if data is None or size is None:
             return self.decode(ref)
         return Encoded(ref, _tensor(data), *size)
 
-    def finish(self, results: list[np.ndarray | Encoded[K] | Exception]) -> list[torch.Tensor | Exception]:
+    def finish(self, results: Sequence[np.ndarray | Encoded[K] | Exception]) -> list[torch.Tensor | Exception]:
         """On the model's thread: every image of the batch as uint8 [H, W, 3] on the device, in order; an
         exception (a file that neither decoder could decode) stays in its place."""
         out: list = list(results)
-        for chunk in _chunks([i for i, r in enumerate(results) if isinstance(r, Encoded)], results):
-            for i, image in zip(chunk, self._decode([results[i] for i in chunk])):
+        encoded = {i: r for i, r in enumerate(results) if isinstance(r, Encoded)}
+        for chunk in _chunks(encoded):
+            for i, image in zip(chunk, self._decode([encoded[i] for i in chunk])):
                 out[i] = image
         return [_on(self.device, r) if isinstance(r, np.ndarray) else r for r in out]
 
@@ -170,12 +171,13 @@ def _tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def _chunks(positions: list[int], results: list) -> Iterator[list[int]]:
-    """The positions in runs of at most CHUNK_PIXELS decoded pixels (at least one image each)."""
+def _chunks(encoded: dict[int, Encoded[K]]) -> Iterator[list[int]]:
+    """The positions of `encoded`, in order, in runs of at most CHUNK_PIXELS decoded pixels (at least one image
+    each)."""
     chunk: list[int] = []
     pixels = 0
-    for i in positions:
-        size = results[i].width * results[i].height
+    for i, e in encoded.items():
+        size = e.width * e.height
         if chunk and pixels + size > CHUNK_PIXELS:
             yield chunk
             chunk, pixels = [], 0

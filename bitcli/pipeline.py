@@ -16,9 +16,9 @@ import contextlib
 import functools
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -29,7 +29,16 @@ from bitcli.images import Job, Reader, stack_by_size
 from bitcli.ui import display, progress_bar, visible
 
 K = TypeVar("K")
-R = TypeVar("R")
+
+
+class _Row(Protocol):
+    """A report's row (predict's Row, embed's Embedded); `error` says why it has no value (None: it has one)."""
+
+    @property
+    def error(self) -> str | None: ...
+
+
+R = TypeVar("R", bound=_Row)
 # a stacked uint8 batch [B, H, W, 3] (numpy, or a tensor on the engine's GPU) -> one value per image, in order
 Compute = Callable[[Any], Sequence[Any]]
 ONE_PROCESS = Dist()
@@ -84,7 +93,7 @@ def run(
     name: Callable[[K], str] = str,
     advance: Callable[[int], None] = no_progress,
     on_device: DeviceDecoder[K] | None = None,
-) -> Iterator[Batch[K]]:
+) -> Generator[Batch[K], None, None]:
     """The batches of `refs` (paths, data-set indices, examples: whatever `decode` takes), batch_size at a time,
     in input order. Each image is decoded by `decode(ref)` on `workers` threads a batch ahead of the model (0:
     in this thread); an image that fails is an Outcome with the failure text (named by `name(ref)`), and the
@@ -99,9 +108,10 @@ def run(
     on_device (bitcli.gpu_decode.for_engine, for a model on a GPU): the threads read the files and decode only
     what the GPU cannot (`decode` then), and each batch's JPEGs are decoded together on the GPU before compute."""
     count = -(-len(refs) // batch_size)
-    with Reader(workers) as reader:
+    reader: Reader[list[K]] = Reader(workers)
+    with reader:
         jobs = _jobs(refs, decode if on_device is None else on_device.prepare, batch_size, my_share(count, info))
-        done = reader.outcomes(jobs)
+        done: Iterator[tuple[list[K], Sequence[Any]]] = reader.outcomes(jobs)  # Any: gpu_decode's Encoded too
         if on_device is not None:
             done = ((chunk, on_device.finish(results)) for chunk, results in done)
         stack = np.stack if on_device is None else on_device.stack
@@ -119,12 +129,12 @@ def _jobs(
     """The batches numbered in `batches` (batch b: refs b * batch_size onwards), with their decode jobs."""
     for b in batches:
         chunk = list(refs[b * batch_size : (b + 1) * batch_size])
-        yield chunk, [lambda r=r: decode(r) for r in chunk]
+        yield chunk, [lambda r=r: decode(r) for r in chunk]  # type: ignore[misc]  # python/mypy#15459: a default-argument lambda
 
 
 def _batch(
     chunk: list[K],
-    results: list[Any],
+    results: Sequence[Any],
     compute: Compute | None,
     name: Callable[[K], str],
     stack: Callable[[list], Any] = np.stack,
@@ -192,7 +202,7 @@ class Report(Generic[R]):
                 break
             ready.append(row)
             self.released += 1
-        self.failed += [r for r in ready if r.error is not None]  # type: ignore[attr-defined]
+        self.failed += [r for r in ready if r.error is not None]
         return ready
 
 
