@@ -136,6 +136,7 @@ class DeviceDecoder(Generic[K]):
         them all), each is tried alone, and a file the device refuses goes the CPU path."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        _drain(self.device)
         try:
             decoded = decode_jpeg([e.data for e in items], mode=ImageReadMode.RGB, device=self.device)
         except Exception:  # noqa: BLE001 -- nvjpeg's errors are RuntimeErrors of many kinds: retry one by one
@@ -160,6 +161,14 @@ class DeviceDecoder(Generic[K]):
             return self.decode(ref)
         except Exception as exc:  # noqa: BLE001 -- a failure is the image's result (bitcli.pipeline.failure)
             return exc
+
+
+def _drain(device: torch.device) -> None:
+    """Wait on the host for the work queued on the device's stream. nvjpeg's hardware decoder writes its outputs
+    without waiting for that stream, into blocks that PyTorch's caching allocator may have just freed while queued
+    kernels (the previous chunk's resize) still read them (pytorch/vision#9606, meta-pytorch/torchcodec#1634)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _on(device: torch.device, image: np.ndarray) -> torch.Tensor:
