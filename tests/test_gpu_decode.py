@@ -46,6 +46,13 @@ def picture(photos) -> Image.Image:
     return Image.open(photos["chelsea.png"]).convert("RGB").crop((0, 0, 200, 150))
 
 
+# An XMP packet with a rotation and no EXIF: Pillow's exif_transpose (the CPU path) turns the picture by it too.
+XMP_ROTATED = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
 def _sos_corrupted(data: bytes) -> bytes:
     """The scan header's first component selector made invalid: the header reads, no decoder decodes it."""
     sos = data.index(b"\xff\xda")
@@ -72,6 +79,7 @@ def test_files_are_routed_to_the_gpu_or_the_cpu_path(tmp_path, picture):
     cpu_path = {
         "png.png": str(tmp_path / "png.png"),
         "rotated.jpg": _jpeg(tmp_path / "rotated.jpg", picture, exif=rotated),
+        "xmp-rotated.jpg": _jpeg(tmp_path / "xmp-rotated.jpg", picture, xmp=XMP_ROTATED),
         "cmyk.jpg": _jpeg(tmp_path / "cmyk.jpg", picture.convert("CMYK")),
         "named-jpg-is-png.jpg": str(tmp_path / "png.png"),
     }
@@ -79,7 +87,10 @@ def test_files_are_routed_to_the_gpu_or_the_cpu_path(tmp_path, picture):
         result = dec.prepare(path)
         assert isinstance(result, np.ndarray), name
         assert np.array_equal(result, path_decoder(PRE)(path)), name
-    assert dec.prepare(cpu_path["rotated.jpg"]).shape == (64, 64, 3)
+    whole = Preprocess(resize=None, crop=(200, 150))  # the turned picture, 150 wide and 200 high, uncut
+    upright = whole.to_uint8(picture.transpose(Image.Transpose.ROTATE_270)).astype(int)  # orientation 6's turn
+    for name in ("rotated.jpg", "xmp-rotated.jpg"):  # the CPU path turned it (JPEG's loss: a few levels apart)
+        assert np.abs(_decoder(whole).prepare(cpu_path[name]).astype(int) - upright).mean() < 3, name
 
 
 def test_bad_files_fail_with_the_cpu_paths_words(tmp_path, picture):
@@ -215,19 +226,27 @@ def test_the_pipeline_decodes_on_the_device_only_when_it_is_chosen(tmp_path, jpe
     whole = jpegs["small-rocket.jpg"]
     (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])
 
-    def runs() -> tuple[list, dict]:
+    def runs() -> tuple[list, dict, list]:
         code, out, err = run_main("predict", data, tmp_path / "cut.jpg", "--model", model, "--device", "cpu",
                                   "--format", "json", "-k", "2", "-r", "--batch-size", "4")  # fmt: skip
         assert code == 1 and "cut.jpg: cannot decode image" in err and "truncated" in err, err
         code, evaluated, err = run_main("eval", data, "--model", model, "--device", "cpu", "--format", "json")
         assert code == 0, err
-        return json.loads(out), json.loads(evaluated)
+        code, embedded, err = run_main("embed", data, tmp_path / "cut.jpg", "--model", model, "--device", "cpu",
+                                       "--format", "jsonl", "-r", "--batch-size", "4")  # fmt: skip
+        assert code == 1 and "cut.jpg: cannot decode image" in err, err
+        return json.loads(out), json.loads(evaluated), [json.loads(line) for line in embedded.splitlines()]
 
-    rows_cpu, eval_cpu = runs()
+    rows_cpu, eval_cpu, vectors_cpu = runs()
     assert finished == []
     monkeypatch.setattr(gpu_decode, "decodes_on", lambda device: True)
-    rows_dev, eval_dev = runs()
-    assert sum(finished) == 10 + 9  # predict's 10 files (the cut one is read, routed and fails) and eval's 9
+    rows_dev, eval_dev, vectors_dev = runs()
+    assert sum(finished) == 10 + 9 + 10  # predict's 10 files (the cut one is read, routed and fails), eval's 9, embed's
+    assert [v.get("error") for v in vectors_cpu] == [v.get("error") for v in vectors_dev]
+    for a, b in zip(vectors_cpu, vectors_dev):
+        assert a["path"] == b["path"] and (a.get("embedding") is None) == (b.get("embedding") is None)
+        if a.get("embedding") is not None:
+            assert np.allclose(a["embedding"], b["embedding"], atol=0.05 * np.abs(a["embedding"]).max())
     assert [r["path"] for r in rows_cpu] == [r["path"] for r in rows_dev]
     assert [r.get("error") for r in rows_cpu] == [r.get("error") for r in rows_dev]
     assert sum("error" in r for r in rows_dev) == 1
