@@ -9,7 +9,8 @@ fine-tuning run, torchrun) on models and JPEGs it makes itself, and checks:
      between precisions and with the CPU's fp32, logit error) and an R101x3 (speed; random weights);
   2. GPU JPEG decoding (bitcli.gpu_decode) against the CPU path: pixel difference and top-1 agreement;
   3. a short `bit finetune` at bf16 and at fp16 (GradScaler): the loss falls and a killed run resumes
-     bit-identical; torchrun on every GPU (NCCL; a world of 1 on one GPU) and NCCL collectives with DDP;
+     bit-identical (where the GPU's kernels are not deterministic: as close as two uninterrupted runs, within
+     RESUME_SPREAD); torchrun on every GPU and NCCL collectives with DDP (a world of 1 on one GPU);
   4. `bit convert` to ONNX and `bit predict --model m.onnx` with onnxruntime's CUDA provider, if installed;
   5. images/s of bitcli against timm (channels_last + AMP) and transformers (AMP) at batch 64, 224 and 448 px,
      model only and end to end from JPEG files (gpu_peers.py).
@@ -44,6 +45,10 @@ SUBPROCESS_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 TINY = {"embedding_size": 16, "hidden_sizes": [32, 64], "depths": [1, 1], "num_groups": 8}
 AGREEMENT = 0.99  # top-1 agreement between precisions and with the CPU (the bound)
 DECODE_AGREEMENT = 0.995  # top-1 agreement of GPU decoding with the CPU path on real photos
+# A GPU's kernels need not be deterministic (bitcli asks for deterministic ones on the CPU only): there a resumed
+# run is judged against two uninterrupted runs, and may differ from one by at most this many times their spread.
+# A resume that lost state (momentum, the loss scale, the data order) differs far more.
+RESUME_SPREAD = 10.0
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,9 @@ def gpu_mode() -> Mode:
         batch=64, resolutions=(224, 448), e2e_images=512, workers=min(8, os.cpu_count() or 1),
         finetune=("bf16", "fp16") if bf16 else ("fp16",),
         finetune_args=("--resolution", "128", "--batch-size", "32", "--lr", "0.01", "--workers", "4"), steps=24,
-        budgets={"setup": 60, "inference": 100, "decode": 30, "finetune": 150, "onnx": 60, "throughput": 140},
+        # 430 s in all: a check that starts before its phase's budget is spent runs to its end, and the issue's
+        # bound is 8 minutes for the whole run
+        budgets={"setup": 45, "inference": 85, "decode": 25, "finetune": 120, "onnx": 60, "throughput": 95},
     )  # fmt: skip
 
 
@@ -447,7 +454,7 @@ def _finetune(run: Run, models: Models, data: Path, precision: str) -> None:
     difference = _weight_difference(straight, killed)
     numbers = {"steps": len(losses), "loss_first": first, "loss_last": last, "killed_at_step": killed_at,
                "resumed_max_abs_diff": difference}  # fmt: skip
-    reasons = []
+    reasons, note = [], ""
     if not last < first:
         reasons.append(f"the loss did not fall ({first:.4f} -> {last:.4f})")
     if difference != 0.0:
@@ -455,14 +462,15 @@ def _finetune(run: Run, models: Models, data: Path, precision: str) -> None:
         shutil.rmtree(again, ignore_errors=True)
         with one_thread():
             bit(*_finetune_args(run, models, data, again, precision))
-        numbers["rerun_max_abs_diff"] = _weight_difference(straight, again)
-        cause = (
-            "kernels are not deterministic: two uninterrupted runs differ too"
-            if numbers["rerun_max_abs_diff"]
-            else "resume is not exact"
-        )
-        reasons.append(f"resumed weights differ from the uninterrupted run's ({cause})")
-    run.add(f"finetune:{precision}", "FAIL" if reasons else "PASS", "; ".join(reasons), **numbers)
+        spread = numbers["rerun_max_abs_diff"] = _weight_difference(straight, again)
+        if spread == 0.0 or run.mode.device == "cpu":
+            reasons.append("resumed weights differ from the uninterrupted run's, which a rerun repeats exactly")
+        elif difference > RESUME_SPREAD * spread:
+            reasons.append(f"resumed weights differ by {difference:.3g}, more than {RESUME_SPREAD:g}x the {spread:.3g} "
+                           "between two uninterrupted runs")  # fmt: skip
+        else:
+            note = "not bit-identical: this GPU's kernels are not deterministic (two uninterrupted runs differ too)"
+    run.add(f"finetune:{precision}", "FAIL" if reasons else "PASS", "; ".join(reasons) or note, **numbers)
 
 
 @contextlib.contextmanager
