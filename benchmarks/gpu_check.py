@@ -5,8 +5,9 @@
 
 It runs the real CLI (in this process, or in its own processes where a process is what is tested: a killed
 fine-tuning run, torchrun) on models and JPEGs it makes itself, and checks:
-  1. predict, eval and embed at fp32, bf16 and fp16 on an R50x1 converted from transformers (agreement: top-1
-     between precisions and with the CPU's fp32, logit error) and an R101x3 (speed; random weights);
+  1. predict, eval and embed at fp32, bf16 and fp16 on an R50x1 converted from transformers, its head set to
+     tell the test photos apart (photo_head) (agreement: top-1 between precisions and with the CPU's fp32,
+     logit error) and an R101x3 (speed; random weights);
   2. GPU JPEG decoding (bitcli.gpu_decode) against the CPU path: pixel difference and top-1 agreement;
   3. a short `bit finetune` at bf16 and at fp16 (GradScaler): the loss falls and a killed run resumes
      bit-identical (where the GPU's kernels are not deterministic: as close as two uninterrupted runs, within
@@ -151,6 +152,12 @@ class Run:
             return
         try:
             body()
+        except subprocess.TimeoutExpired as exc:  # its processes ran out of the phase's time
+            if self.mode.name == "cpu":  # a loaded CPU machine (CI): as if the budget was spent before it began
+                self.add(check, "SKIP", f"the {self.phase} phase's {self.mode.budgets[self.phase]:.0f}-s budget is "
+                                        f"spent (stopped after {exc.timeout:.0f} s)")  # fmt: skip
+            else:  # a GPU's budgets leave room: a hang (NCCL) or a budget to raise, either way worth a look
+                self.add(check, "FAIL", f"timed out after {exc.timeout:.0f} s")
         except Exception as exc:  # noqa: BLE001 -- a check that breaks is a FAIL with its reason, the others go on
             self.add(
                 check,
@@ -186,7 +193,7 @@ def bit(*args: object) -> str:
 
 @dataclass
 class Models:
-    agree: Path  # bitcli file converted from transformers: spread logits, so top-1 agreement means something
+    agree: Path  # converted from transformers, with photo_head: top-1 is a real decision, so agreement means something
     agree_hf: Path | None  # its transformers source (None when transformers is missing)
     big: Path  # the speed model, random weights
     labels: list[str]
@@ -196,11 +203,12 @@ def make_models(run: Run) -> Models:
     m, folder = run.mode, run.workdir / "models"
     folder.mkdir(exist_ok=True)
     agree, hf = folder / "agree.safetensors", folder / "agree-hf"
+    converted = folder / "agree-converted.safetensors"
     try:
         import transformers  # noqa: F401
     except ImportError:
         hf = None
-    if hf is not None and not agree.exists():
+    if hf is not None and not converted.exists():
         from common import BIT50_PREPROCESSOR, save_hf_model
 
         if m.name == "gpu":
@@ -213,15 +221,54 @@ def make_models(run: Run) -> Models:
             pre = {**BIT50_PREPROCESSOR, "size": {"shortest_edge": m.agree_res},
                    "crop_size": {"height": m.agree_res, "width": m.agree_res}}  # fmt: skip
             save_hf_model(hf, pre, head_scale=20.0, num_labels=10, **TINY)
-        bit("convert", hf, agree, "--overwrite")
-    elif hf is None and not agree.exists():  # no transformers: bitcli's own random model, spread the same way
-        write_random(agree, "R50x1" if m.name == "gpu" else "tiny", m.agree_res, run)
+        bit("convert", hf, converted, "--overwrite")
+    elif hf is None and not converted.exists():  # no transformers: bitcli's own random model
+        write_random(converted, "R50x1" if m.name == "gpu" else "tiny", m.agree_res, run)
+    if not agree.exists():
+        photo_head(run, converted, agree)
     big = folder / f"{m.big}.safetensors"
     if not big.exists():
         write_random(big, m.big, m.agree_res, run)
     from bitcli.hub import load_checkpoint
 
     return Models(agree, hf, big, load_checkpoint(str(agree)).labels)
+
+
+def photo_head(run: Run, source: Path, out: Path) -> None:
+    """`source` with a head that tells the photos apart, written to `out`. A random network's pooled features
+    differ little between images, so its head picks one class for every image (top-1 agreement would then
+    mean nothing). Here class c (c < 8) is photo c: its row is the photo's centred features, the other classes'
+    rows are random directions half as long (they rarely win), the bias removes the mean, and the logits are
+    scaled to a trained model's spread. The agreement images are crops of these photos: a real decision, with
+    margins, as a trained model's."""
+    import dataclasses
+
+    import torch
+    from common import photos
+
+    from bitcli.engine import load_engine
+    from bitcli.formats import bitcli as bitcli_format
+    from bitcli.formats.tensors import TensorRef
+    from bitcli.hub import load_checkpoint
+
+    ckpt = load_checkpoint(str(source))
+    engine = load_engine(ckpt, torch.device(run.mode.device), torch.float32)
+    batch = np.stack([ckpt.preprocess.to_uint8(im) for im in photos()])
+    features = engine.features(batch).double().cpu()
+    mean = features.mean(0)
+    centred = features - mean
+    classes = ckpt.config.num_classes
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(classes, features.shape[1], generator=gen, dtype=torch.float64)
+    weight *= 0.5 * centred.norm(dim=1).mean() / weight.norm(dim=1, keepdim=True)
+    kept = min(classes, len(centred))
+    weight[:kept] = centred[:kept]
+    weight *= 5.0 / (centred @ weight.T).std()
+    head = {"head.weight": weight.float(), "head.bias": -(weight @ mean).float()}
+    tensors = dict(ckpt.tensors)
+    for key, value in head.items():
+        tensors[key] = TensorRef(tuple(value.shape), value.dtype, lambda v=value: v)
+    bitcli_format.write(dataclasses.replace(ckpt, tensors=tensors), out)
 
 
 def write_random(path: Path, arch: str, res: int, run: Run) -> None:
@@ -533,8 +580,7 @@ def _torchrun(run: Run, models: Models, data: Path) -> None:
     args = _finetune_args(run, models, data, many, precision)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "bitcli", *map(str, args)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"},
-                          cwd=ROOT, timeout=max(run.left(), 30))  # fmt: skip
+    done = run_group(cmd, {**SUBPROCESS_ENV, "OMP_NUM_THREADS": "1"}, timeout=max(run.left(), 30))
     if done.returncode != 0:
         raise RuntimeError(f"torchrun exited {done.returncode}: {done.stderr.strip()[-300:]}")
     if not (one / "model.safetensors").exists():
@@ -554,6 +600,20 @@ def _torchrun(run: Run, models: Models, data: Path) -> None:
             processes=nproc, world_size=plan["world_size"], backend=backend, max_abs_diff=difference)  # fmt: skip
 
 
+def run_group(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`cmd` (torchrun: an agent and its workers) in its own process group; on timeout the whole group is
+    killed, not only the agent, and TimeoutExpired raised."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _distributed_smoke(run: Run) -> None:
     """NCCL (gloo on the CPU) under torchrun on every GPU: all_reduce, all_gather_object and one
     DistributedDataParallel step of a BiT through bitcli.distributed.wrap (`--serve dist-smoke`)."""
@@ -562,9 +622,7 @@ def _distributed_smoke(run: Run) -> None:
     nproc = torch.cuda.device_count() if run.mode.device == "cuda" else 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(Path(__file__).resolve()), "--serve", "dist-smoke", "--device", run.mode.device]  # fmt: skip
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, env=SUBPROCESS_ENV, cwd=ROOT, timeout=max(run.left(), 30)
-    )
+    done = run_group(cmd, SUBPROCESS_ENV, timeout=max(run.left(), 30))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-300:]}")
