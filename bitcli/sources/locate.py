@@ -1,6 +1,6 @@
 """DATA (and --val) -> the source that holds it and the parts used, mirroring the train/ + val/ folder layout:
 training uses the train part and validates on the validation part; `bit eval` evaluates the validation part,
-or the whole data set when it has no train part.
+or the whole data set when it is unsplit or has one split (the rule of every source: bitcli.sources.splits).
 
 DATA is a class folder, a label file (.csv, .jsonl), a parquet file or folder of parquet shards, a folder
 written by save_to_disk (each of the last four optionally with :SPLIT), or hf://datasets/OWNER/NAME[@REVISION][:SPLIT].
@@ -22,6 +22,7 @@ from bitcli.sources import folder
 from bitcli.sources.examples import ImageFolder
 from bitcli.sources.features import Columns
 from bitcli.sources.labelfile import SUFFIXES as LABEL_SUFFIXES
+from bitcli.sources.splits import MissingSplit, evaluation_split, training_splits
 from bitcli.ui import log, visible
 
 LOCAL_HINT = "pass the split's own file or folder"
@@ -48,15 +49,14 @@ def training_parts(data: str | Path, columns: Columns) -> tuple[Part, Part | Non
         labels = read_label_file(src.where)
         if src.split is not None:
             return _label_part(labels, labels.key(src.split)), None
-        if None in labels.splits:
-            return _label_part(labels, None), None
-        if "train" not in labels.splits:
+        try:
+            train_key, val_key = training_splits(labels.splits)
+        except MissingSplit:
             raise BitError(
                 f"{src.where}: no row has split train; mark the rows to train on with split train, or name the "
                 f"split to train on ({src.where}:SPLIT)"
-            )
-        val = _label_part(labels, "validation") if "validation" in labels.splits else None
-        return _label_part(labels, "train"), val
+            ) from None
+        return _label_part(labels, train_key), _label_part(labels, val_key) if val_key is not None else None
     from bitcli.sources.dataset import training_keys
 
     splits, label, hint = _dataset_splits(src, columns, "train")
@@ -67,8 +67,8 @@ def training_parts(data: str | Path, columns: Columns) -> tuple[Part, Part | Non
 
 
 def evaluation_part(data: str | Path, columns: Columns, say: bool = True) -> Part:
-    """What `bit eval DATA` evaluates: DATA itself, its named split, or its validation part when it has a
-    train part (said on stderr when `say`)."""
+    """What `bit eval DATA` evaluates: DATA itself, its named split, or the part that splits.evaluation_split
+    picks (its validation part when it has one); said on stderr when `say` and that is only part of DATA."""
     src = _source(data)
     if src.kind == "folder":
         train, val = folder.find_splits(src.where)
@@ -76,22 +76,22 @@ def evaluation_part(data: str | Path, columns: Columns, say: bool = True) -> Par
             return _folder_part(src.where)
         if val is None:
             raise BitError(f"{src.where}: has train/ but no val/, valid/ or validation/; pass the folder to evaluate")
-        part = _folder_part(val)
+        part, whole = _folder_part(val), False
     elif src.kind == "labels":
         from bitcli.sources.labelfile import read_label_file
 
         labels = read_label_file(src.where)
         if src.split is not None:
             return _label_part(labels, labels.key(src.split))
-        if None in labels.splits or "train" not in labels.splits:  # every row, as a folder without train/
-            return _label_part(labels, None)
-        if "validation" not in labels.splits:
-            others = [s for s in labels.splits if s != "train"]
+        try:
+            key = evaluation_split(labels.splits)
+        except MissingSplit:
+            others = [s for s in labels.splits if s not in ("train", None)]
             raise BitError(
                 f"{src.where}: has train rows but no val rows; mark the rows to evaluate with split val"
                 + (f", or name the split to evaluate ({src.where}:{others[0]})" if others else "")
-            )
-        part = _label_part(labels, "validation")
+            ) from None
+        part, whole = _label_part(labels, key), len(labels.splits) == 1
     else:
         from bitcli.sources.dataset import evaluation_key
 
@@ -100,9 +100,8 @@ def evaluation_part(data: str | Path, columns: Columns, say: bool = True) -> Par
         part = _dataset_part(
             splits, key if key is not None else evaluation_key(list(splits), label, hint), label, columns
         )
-        if key is not None or None in splits or len(splits) == 1:
-            return part
-    if say:
+        whole = key is not None or len(splits) == 1
+    if say and not whole:
         log(f"evaluating the validation split {visible(part.name)}")
     return part
 

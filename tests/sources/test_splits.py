@@ -212,3 +212,93 @@ def test_save_to_disk_names_stay_inside_the_folder(sources: dict[str, Path], tmp
         f'Error: {saved}/dataset_dict.json: split "../outside" is not a name inside the folder; save the data set '
         "again with save_to_disk\n"
     ))  # fmt: skip
+
+
+def _damaged(saved: Path, name: str, change) -> None:
+    data = json.loads((saved / name).read_text())
+    change(data)
+    (saved / name).write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        ("dataset_dict.json", lambda d: d.update(splits=[]), "dataset_dict.json: lists no splits"),
+        ("dataset_dict.json", lambda d: d.update(splits=None), "dataset_dict.json: lists no splits"),
+        ("dataset_dict.json", lambda d: d.update(splits="train"), "dataset_dict.json: 'splits' is not a list of split names"),
+        ("train/state.json", lambda d: d.update(_data_files=5), "train/state.json: '_data_files' is not a list of data files"),
+        ("train/state.json", lambda d: d.update(_data_files=True), "train/state.json: '_data_files' is not a list of data files"),
+        ("train/state.json", lambda d: d.update(_data_files=["x.arrow"]),
+         'train/state.json: data file entry "x.arrow" is not an object with a filename'),
+        ("train/dataset_info.json", lambda d: d["features"]["label"].update(names=12),
+         "train/dataset_info.json: the ClassLabel names of column 'label' are 12, not a list of class names"),
+        ("train/dataset_info.json", lambda d: d["features"]["label"].update(names="abc"),
+         "train/dataset_info.json: the ClassLabel names of column 'label' are \"abc\", not a list of class names"),
+        ("train/dataset_info.json", lambda d: d["features"]["label"].update(names=["a"] * 12),
+         "train/dataset_info.json: the ClassLabel of column 'label' names class 'a' twice"),
+    ],
+    ids=["no-splits", "null-splits", "splits-text", "data-files-number", "data-files-true", "data-file-text",
+         "names-number", "names-text", "names-repeated"],
+)  # fmt: skip
+def test_damaged_save_to_disk_metadata_is_one_line(
+    sources: dict[str, Path], tmp_path: Path, name: str, change, message: str
+) -> None:
+    """Review of issue 20: each was an internal error (TypeError, IndexError in eval; exit 3), or for names "abc"
+    three classes a, b, c and for ["a"] * 12 a head of twelve classes all named 'a'."""
+    saved = tmp_path / "saved"
+    shutil.copytree(sources["saved"], saved)
+    _damaged(saved, name, change)
+    line = f"Error: {saved}/{message}; save the data set again with save_to_disk\n"
+    code, out, err = run_main("eval", saved, "--model", tmp_path / "unused")
+    assert (code, out, err) == (1, "", line)
+    code, out, err = run_main("finetune", saved, "--output", tmp_path / "run", *ARGS)
+    assert (code, out, err) == (1, "", line)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_parquet_file_s_class_names_must_be_distinct_strings(sources: dict[str, Path], tmp_path: Path) -> None:
+    """The features a parquet file's schema carries are checked as dataset_info.json's are."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sources["val_parquet"])
+    meta = json.loads(table.schema.metadata[b"huggingface"])
+    meta["info"]["features"]["label"]["names"] = ["red", "red", "blue"]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()}), bad)
+    code, out, err = run_main("eval", bad, "--model", tmp_path / "unused")
+    assert (code, out, err) == (1, "", (
+        f"Error: {bad}: the ClassLabel of column 'label' names class 'red' twice; write the data set again with "
+        "datasets, or name another --label-column\n"
+    ))  # fmt: skip
+
+
+def test_eval_picks_the_validation_split_by_one_rule_in_every_source(
+    sources: dict[str, Path], model: Path, tmp_path: Path
+) -> None:
+    """Review of issue 20: a label file with val and test rows (no train rows) evaluated every row, test rows
+    too, while a DatasetDict of validation and test evaluates validation only. Now both evaluate the
+    validation split (and say so), and a source of test rows alone is evaluated whole."""
+    root = sources["csv"].parent
+    val = [(p, c, "val") for p, c in folder_rows(root, "val")]
+    test = [(p, c, "test") for p, c in folder_rows(root, "train")]
+    linked(tmp_path, sources)
+    reference = eval_json(sources["folder"] / "val", model)
+    table = write_csv(tmp_path / "vt.csv", val + test, "path,label,split")
+    jsonl = write_jsonl(tmp_path / "vt.jsonl", val + test, ("path", "label", "split"))
+    from .conftest import image_dataset
+
+    dataset_rows = [(p, c) for p, c, _ in val]
+    from datasets import DatasetDict
+
+    DatasetDict({"validation": image_dataset(root, dataset_rows), "test": image_dataset(root, dataset_rows * 3)}).save_to_disk(
+        tmp_path / "vt_saved"
+    )
+    for data, part in ((table, f"{table} (split validation)"), (jsonl, f"{jsonl} (split validation)"),
+                       (tmp_path / "vt_saved", f"{tmp_path / 'vt_saved'}:validation")):  # fmt: skip
+        code, out, err = run_main("eval", data, "--model", model, "--format", "json")
+        assert (code, err) == (0, f"evaluating the validation split {part}\n"), data
+        assert json.loads(out) == reference, data
+    # test rows alone: the only split, evaluated whole (as DATA/test alone is)
+    only = write_csv(tmp_path / "t.csv", test, "path,label,split")
+    code, out, err = run_main("eval", only, "--model", model, "--format", "json")
+    assert (code, err, json.loads(out)["count"]) == (0, "", 24)
