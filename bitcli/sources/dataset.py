@@ -20,8 +20,12 @@ from bitcli.errors import BitError
 from bitcli.sources.examples import ImageFolder, class_order
 from bitcli.sources.features import Columns, choose_columns, image_cell
 from bitcli.sources.rows import Rows
-from bitcli.sources.splits import MissingSplit, evaluation_split, training_splits
-from bitcli.sources.splits import canonical_split  # noqa: F401 -- sources.locate imports it from here
+from bitcli.sources.splits import (
+    MissingSplit,
+    canonical_split,  # noqa: F401 -- sources.locate imports it from here
+    evaluation_split,
+    training_splits,
+)
 
 CACHE_BLOCKS = 8  # row groups kept (of the image column): threads decoding neighbouring rows share them
 CACHE_BYTES = 64 << 20

@@ -30,7 +30,7 @@ def canonical_split(name: str) -> str | None:
 # keys a source has; None stands for rows without a split (an unsplit source).
 
 
-class MissingSplit(Exception):  # noqa: N818 -- not an error of its own: the caller says what is missing, for its source
+class MissingSplit(Exception):  # the caller says what is missing, in its source's words
     """The source has splits, but not the one needed: `split` ("train", or "validation" for `bit eval`)."""
 
     def __init__(self, split: str) -> None:

@@ -114,7 +114,6 @@ def test_a_huge_field_or_a_stray_quote_names_its_line(sources: dict[str, Path], 
     )
 
 
-
 @pytest.mark.parametrize("end", ["\n", ""])
 @pytest.mark.parametrize("stray", ['"{path},{label}', '{path},"{label}'])
 def test_a_stray_quote_on_the_last_line_is_named_as_a_quote(

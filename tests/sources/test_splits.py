@@ -290,9 +290,9 @@ def test_eval_picks_the_validation_split_by_one_rule_in_every_source(
     dataset_rows = [(p, c) for p, c, _ in val]
     from datasets import DatasetDict
 
-    DatasetDict({"validation": image_dataset(root, dataset_rows), "test": image_dataset(root, dataset_rows * 3)}).save_to_disk(
-        tmp_path / "vt_saved"
-    )
+    DatasetDict(
+        {"validation": image_dataset(root, dataset_rows), "test": image_dataset(root, dataset_rows * 3)}
+    ).save_to_disk(tmp_path / "vt_saved")
     for data, part in ((table, f"{table} (split validation)"), (jsonl, f"{jsonl} (split validation)"),
                        (tmp_path / "vt_saved", f"{tmp_path / 'vt_saved'}:validation")):  # fmt: skip
         code, out, err = run_main("eval", data, "--model", model, "--format", "json")
