@@ -14,7 +14,7 @@ from bitcli.engine import load_engine
 from bitcli.evaluation import evaluate, example_decoder
 from bitcli.hub import load_checkpoint
 from bitcli.labels import match_classes
-from bitcli.metrics import OTHER, EvalResult, render_table
+from bitcli.metrics import EvalResult, render_table
 from bitcli.options import EvalFormat, EvalOptions
 from bitcli.pipeline import no_progress
 from bitcli.runtime import resolve_precision
@@ -73,4 +73,4 @@ def _report(result: EvalResult, opts: EvalOptions, ds: ImageFolder) -> None:
     sys.stdout.flush()
     if opts.plot is not None:
         heading = f"{visible(display(ds.where()))} with {visible(opts.model)}"
-        plots.write_png(opts.plot, plots.evaluation_png(result.to_dict(), heading, OTHER))
+        plots.write_png(opts.plot, plots.evaluation_png(result.to_dict(), heading, result.other_column))
