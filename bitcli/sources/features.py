@@ -104,7 +104,11 @@ def choose_columns(
         )
     feature = features.get(label)
     check_features({label: feature}, where, "write the data set again with datasets, or name another --label-column")
-    names = tuple(feature.get("names") or ()) if _type(feature) == "ClassLabel" else None
+    names = (
+        tuple(str(n) for n in feature.get("names") or ())
+        if isinstance(feature, dict) and _type(feature) == "ClassLabel"
+        else None
+    )
     return Columns(image=image, label=label, names=names or None)
 
 
