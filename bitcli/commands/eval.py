@@ -36,7 +36,9 @@ def run(opts: EvalOptions) -> int:
         # Folder names are checked before the model is built (seconds for a big one); a checkpoint without a
         # head has no labels, and load_engine says so instead.
         class_to_model = (
-            match_classes(ds.classes, ckpt.labels, ckpt.source or opts.model, ds.root, data=ds.source)
+            match_classes(
+                ds.classes, ckpt.labels, ckpt.source or opts.model, ds.root, data=ds.source, first_row=ds.first_row
+            )
             if ckpt.config.num_classes
             else []
         )

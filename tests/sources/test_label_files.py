@@ -14,7 +14,7 @@ import pytest
 from conftest import run_main
 from finetune.helpers import FAST
 
-from .conftest import folder_rows, interleave, linked, write_csv
+from .conftest import folder_rows, interleave, linked, write_csv, write_jsonl
 from .test_bad_inputs import finetune_error
 
 ARGS = ["--steps", "1", "--batch-size", "4", "--eval-every", "0"]
@@ -211,9 +211,28 @@ def test_a_label_holding_a_comma_is_named_as_a_label(sources: dict[str, Path], m
     rows = val_rows(tmp_path, sources)
     table = tmp_path / "labels.csv"
     table.write_text("path,label\n" + "".join(f'{p},"{c}, dark"\n' if c == "red" else f"{p},{c}\n" for p, c in rows))
+    line = 2 + [c for _, c in rows].index("red")  # the first row of the class (review of issue 20: no FILE:LINE)
+    assert line > 2
     assert eval_error(table, model) == (
-        f"Error: {table}: class 'red, dark' is not a label of {model} ('blue', 'green', 'red'); label the rows "
-        "with the model's labels (the full name, or its first name when unique) or class indices\n"
+        f"Error: {table}:{line}: class 'red, dark' is not a label of {model} ('blue', 'green', 'red'); label the "
+        "rows with the model's labels (the full name, or its first name when unique) or class indices\n"
+    )
+    jsonl = write_jsonl(tmp_path / "labels.jsonl", [(p, "zebra" if c == "red" else c) for p, c in rows])
+    assert eval_error(jsonl, model) == (
+        f"Error: {jsonl}:{line - 1}: class 'zebra' is not a label of {model} ('blue', 'green', 'red'); label the "
+        "rows with the model's labels (the full name, or its first name when unique) or class indices\n"
+    )
+    from datasets import Dataset, Features, Image, Value
+
+    named = Features({"image": Image(), "label": Value("string")})
+    cells = {"image": [{"bytes": (tmp_path / p).read_bytes(), "path": None} for p, _ in rows]}
+    Dataset.from_dict({**cells, "label": ["zebra" if c == "red" else c for _, c in rows]}, features=named).to_parquet(
+        tmp_path / "data.parquet"
+    )
+    assert eval_error(tmp_path / "data.parquet", model) == (
+        f"Error: {tmp_path / 'data.parquet'} row {line - 2}: class 'zebra' is not a label of {model} ('blue', "
+        "'green', 'red'); label the rows with the model's labels (the full name, or its first name when unique) or "
+        "class indices\n"
     )
 
 
