@@ -34,6 +34,11 @@ class Part:
 
     name: str  # for messages: a folder, "labels.csv (split validation)", "hf://datasets/o/n:validation"
     scan: Callable[[Sequence[str] | None], ImageFolder]
+    rows: tuple[str, str | None]  # what it reads, for same_rows: (the real path or Hub data set, the split)
+
+    def same_rows(self, other: Part) -> bool:
+        """Whether both parts read the same rows (the same file or folder, however named, and split)."""
+        return self.rows == other.rows
 
 
 def training_parts(data: str | Path, columns: Columns) -> tuple[Part, Part | None]:
@@ -201,12 +206,12 @@ def _key(src: Source) -> str | None:
 
 
 def _folder_part(root: Path) -> Part:
-    return Part(str(root), functools.partial(folder.scan, root))
+    return Part(str(root), functools.partial(folder.scan, root), rows=(os.path.realpath(root), None))
 
 
 def _label_part(labels, split: str | None) -> Part:
     name = str(labels.path) if split is None else f"{labels.path} (split {split})"
-    return Part(name, functools.partial(labels.scan, split))
+    return Part(name, functools.partial(labels.scan, split), rows=(os.path.realpath(labels.path), split))
 
 
 def _dataset_splits(src: Source, columns: Columns, purpose: str):
@@ -247,4 +252,5 @@ def _dataset_part(splits: dict, key: str | None, label: str, columns: Columns) -
     name = label if key is None else f"{label}:{key}"
     root = Path(label) if not label.startswith("hf://") else splits[key][0].folder
     table = DatasetSplit(name, root, splits[key])
-    return Part(name, lambda classes: table.scan(classes, columns.image, columns.label))
+    where = label if label.startswith(HUB_DATA_PREFIX) else os.path.realpath(label)
+    return Part(name, lambda classes: table.scan(classes, columns.image, columns.label), rows=(where, key))

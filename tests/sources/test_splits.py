@@ -302,3 +302,32 @@ def test_eval_picks_the_validation_split_by_one_rule_in_every_source(
     only = write_csv(tmp_path / "t.csv", test, "path,label,split")
     code, out, err = run_main("eval", only, "--model", model, "--format", "json")
     assert (code, err, json.loads(out)["count"]) == (0, "", 24)
+
+
+def test_validating_on_the_training_data_is_warned_about(sources: dict[str, Path], tmp_path: Path) -> None:
+    """Review of issue 20: `finetune labels.csv --val labels.csv` validated on the training rows without a word.
+    It is allowed (it shows that training runs) with one warning; the validation split of the same file is
+    other rows, and no warning."""
+    from bitcli.sources.features import Columns
+    from bitcli.sources.locate import training_parts, validation_part
+
+    data = unsplit("csv", sources, tmp_path)
+    code, _, err = run_main("finetune", data, "--val", tmp_path / "." / data.name, "--output", tmp_path / "run", *ARGS)
+    assert code == 0, err
+    warning = (
+        f"warning: --val {tmp_path / data.name}: validates on the training data ({data}), so its accuracy says "
+        "nothing about new images; pass the rows held out for validation\n"
+    )
+    assert err.count("warning: --val") == 1 and warning in err
+    assert plan_of(tmp_path / "run")["val_examples"] == 24
+    columns = Columns()
+    for train_data, val_data, same in [
+        (sources["csv"], sources["csv"], False),  # train rows, then the val rows of the same file
+        (sources["csv"], f"{sources['csv']}:train", True),
+        (sources["folder"], sources["folder"] / "train", True),
+        (sources["folder"], sources["folder"] / "val", False),
+        (sources["saved"], f"{sources['saved']}:train", True),
+        (sources["saved"], sources["saved"], False),
+    ]:
+        train, _ = training_parts(train_data, columns)
+        assert validation_part(val_data, columns).same_rows(train) is same, (train_data, val_data)
