@@ -22,7 +22,7 @@ from bitcli.sources import folder
 from bitcli.sources.examples import ImageFolder
 from bitcli.sources.features import Columns
 from bitcli.sources.labelfile import SUFFIXES as LABEL_SUFFIXES
-from bitcli.sources.splits import MissingSplit, evaluation_split, training_splits
+from bitcli.sources.splits import MissingSplit, canonical_split, evaluation_split, training_splits
 from bitcli.ui import log, visible
 
 LOCAL_HINT = "pass the split's own file or folder"
@@ -138,12 +138,40 @@ def _source(data: str | Path) -> Source:
         return Source("hub", str(data))
     path = Path(data)
     base, colon, split = str(data).rpartition(":")
-    if colon and base and split and "/" not in split and not os.path.lexists(path):
+    names_split = bool(colon and base and split and "/" not in split)
+    if names_split and not os.path.lexists(path):
         before = Path(base)
         kind = _kind(before) if _splittable(before) else None
         if kind is not None and kind != "folder":
             return Source(kind, before, split)
-    return Source(_kind(path), path)
+    try:
+        return Source(_kind(path), path)
+    except BitError:
+        hint = _literal_file_hint(path, base, split) if names_split else None
+        if hint is None:
+            raise
+        raise BitError(hint) from None
+
+
+def _literal_file_hint(path: Path, base: str, split: str) -> str | None:
+    """When FILE:SPLIT is also the name of a file (which is no data source), and FILE is one: what happened and
+    how to name the split instead. None when `path` is not such a file."""
+    try:
+        kind = _kind(Path(base)) if path.is_file() and _splittable(Path(base)) else None
+    except BitError:
+        return None
+    if kind in (None, "folder"):
+        return None
+    other_case = f"{base}:{split.upper()}" if split.upper() != split else f"{base}:{split.lower()}"
+    spelled = (
+        f", or spell the split in another case ({other_case})"
+        if canonical_split(split) is not None and not os.path.lexists(other_case)
+        else ""
+    )
+    return (
+        f"{path}: is a file of that whole name, so it is not read as split {split!r} of {base} (a path that "
+        f"exists is taken as it is), and it is no data source; to use that split, rename or move {path}{spelled}"
+    )
 
 
 def _splittable(path: Path) -> bool:

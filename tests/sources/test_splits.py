@@ -331,3 +331,29 @@ def test_validating_on_the_training_data_is_warned_about(sources: dict[str, Path
     ]:
         train, _ = training_parts(train_data, columns)
         assert validation_part(val_data, columns).same_rows(train) is same, (train_data, val_data)
+
+
+def test_a_file_named_like_file_split_says_how_to_reach_the_split(
+    sources: dict[str, Path], model: Path, tmp_path: Path
+) -> None:
+    """Review of issue 20: with a file `t.csv:test` beside `t.csv`, `t.csv:test` is that file, and the error
+    said only that it is a file and to pass a label file (.csv ...), which it looked like."""
+    root = sources["csv"].parent
+    rows = [(p, c, "train") for p, c in folder_rows(root, "train")] + [
+        (p, c, "test") for p, c in folder_rows(root, "val")
+    ]
+    table = write_csv(linked(tmp_path, sources) / "t.csv", rows, "path,label,split")
+    (tmp_path / "t.csv:test").write_text("notes\n")
+    code, out, err = run_main("eval", f"{table}:test", "--model", model)
+    assert (code, out, err) == (1, "", (
+        f"Error: {table}:test: is a file of that whole name, so it is not read as split 'test' of {table} (a path "
+        f"that exists is taken as it is), and it is no data source; to use that split, rename or move {table}:test, "
+        f"or spell the split in another case ({table}:TEST)\n"
+    ))  # fmt: skip
+    assert eval_json(f"{table}:TEST", model)["count"] == 9  # as the hint says
+    (tmp_path / "plain:test").write_text("notes\n")  # no data source before the ':': the error as before
+    code, _, err = run_main("eval", tmp_path / "plain:test", "--model", model)
+    assert (code, err) == (1, (
+        f"Error: {tmp_path / 'plain:test'}: is a file; pass a class folder, a label file (.csv, .jsonl), a .parquet "
+        "file or hf://datasets/OWNER/NAME\n"
+    ))  # fmt: skip
