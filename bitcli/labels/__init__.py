@@ -147,7 +147,7 @@ def match_classes(
         index = matcher.match(name, row or (root / name if data is None else data))
         if index in owner and data is not None:
             raise BitError(
-                f"{data}: classes {owner[index]!r} and {name!r} name the same class ({index} "
+                f"{row or data}: classes {owner[index]!r} and {name!r} name the same class ({index} "
                 f"{matcher.labels[index]!r}); relabel the rows of one"
             )
         if index in owner:

@@ -236,6 +236,18 @@ def test_a_label_holding_a_comma_is_named_as_a_label(sources: dict[str, Path], m
     )
 
 
+def test_two_labels_naming_one_class_are_named_by_a_row(sources: dict[str, Path], model: Path, tmp_path: Path) -> None:
+    """Review of issue 20: `red` and `2` (red's index) name one class of the model; the error named only the
+    file, and now the first row of the second one, as other row errors do."""
+    rows = val_rows(tmp_path, sources)
+    first = [c for _, c in rows].index("red")
+    table = write_csv(tmp_path / "labels.csv", [(p, "2" if i == first else c) for i, (p, c) in enumerate(rows)])
+    second = 2 + [c for _, c in rows].index("red", first + 1)  # the first row labelled 'red' (line 1: header)
+    assert eval_error(table, model) == (
+        f"Error: {table}:{second}: classes '2' and 'red' name the same class (2 'red'); relabel the rows of one\n"
+    )
+
+
 def test_repeated_rows_are_counted_and_an_image_under_two_labels_is_refused(
     sources: dict[str, Path], tmp_path: Path
 ) -> None:
