@@ -25,6 +25,8 @@ from bitcli.options import (
     parse_auto_float,
     parse_auto_int,
     parse_device,
+    parse_dst_path,
+    parse_file_path,
     parse_png_path,
     parse_resolution,
     parse_val_split,
@@ -108,11 +110,15 @@ PredictFormatOpt = Annotated[
     typer.Option("--format", "-f", case_sensitive=False, show_default=False,
                  help="Default: from --output's suffix (.json, .jsonl, .csv), else table."),
 ]  # fmt: skip
-PredictOutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")]
+PredictOutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", parser=_parser("--output", parse_file_path), help="Write here instead of stdout."),
+]
 EmbedOutputOpt = Annotated[
     Path | None,
-    typer.Option("--output", "-o", help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl."),
-]
+    typer.Option("--output", "-o", parser=_parser("--output", parse_file_path),
+                 help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl."),
+]  # fmt: skip
 EmbedFormatOpt = Annotated[
     EmbedFormat | None,
     typer.Option("--format", "-f", case_sensitive=False, show_default=False,
@@ -130,8 +136,10 @@ SrcArg = Annotated[
     ),
 ]
 DstArg = Annotated[
-    Path, typer.Argument(metavar="DST", help="A .safetensors file (bitcli), a .onnx file, or a folder (hf/timm).")
-]
+    Path,
+    typer.Argument(metavar="DST", parser=_parser("DST", parse_dst_path),
+                   help="A .safetensors file (bitcli), a .onnx file, or a folder (hf/timm)."),
+]  # fmt: skip
 ConvertFormatOpt = Annotated[
     ConvertFormat | None,
     typer.Option("--format", case_sensitive=False, help="Default: bitcli for *.safetensors, onnx for *.onnx, else hf."),

@@ -18,7 +18,7 @@ from bitcli.architectures import DEFAULT_MODEL
 from bitcli.errors import BitError, UsageError
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution, resolution_for_crop
 from bitcli.ui import display
-from bitcli.writes import unwritable
+from bitcli.writes import names_a_folder, unwritable
 
 # Image-decoding threads for every command (0: decode in the calling thread); results never depend on it.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -190,9 +190,24 @@ def parse_auto_float(value: str) -> float | None:
     return x
 
 
+def parse_file_path(value: str) -> Path:
+    """An output file's name (--output): not one that names a folder (`out/`, see writes.names_a_folder)."""
+    reason = names_a_folder(value)
+    if reason is not None:
+        raise OptionError(f"{display(value)}: {reason}")
+    return Path(value)
+
+
+def parse_dst_path(value: str) -> Path:
+    """convert's DST: a folder (hf, timm) may end in a separator; a file that the suffix names may not."""
+    if suffix_format(Path(value), CONVERT_SUFFIXES) is not None:
+        return parse_file_path(value)
+    return Path(value)
+
+
 def parse_png_path(value: str) -> Path:
     """A picture's file name: it must end in .png (the only format drawn), so the name says what it holds."""
-    path = Path(value)
+    path = parse_file_path(value)
     if path.suffix.lower() != ".png":
         raise OptionError(f"{value!r}: the picture is a PNG; give a file name ending in .png")
     return path

@@ -15,7 +15,7 @@ from bitcli.evaluation import evaluate, example_decoder, example_reader
 from bitcli.gpu_decode import for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.labels import match_classes
-from bitcli.metrics import OTHER, EvalResult, render_table
+from bitcli.metrics import EvalResult, render_table
 from bitcli.options import EvalFormat, EvalOptions
 from bitcli.pipeline import no_progress
 from bitcli.runtime import resolve_precision
@@ -37,7 +37,9 @@ def run(opts: EvalOptions) -> int:
         # Folder names are checked before the model is built (seconds for a big one); a checkpoint without a
         # head has no labels, and load_engine says so instead.
         class_to_model = (
-            match_classes(ds.classes, ckpt.labels, ckpt.source or opts.model, ds.root, data=ds.source)
+            match_classes(
+                ds.classes, ckpt.labels, ckpt.source or opts.model, ds.root, data=ds.source, first_row=ds.first_row
+            )
             if ckpt.config.num_classes
             else []
         )
@@ -76,4 +78,4 @@ def _report(result: EvalResult, opts: EvalOptions, ds: ImageFolder) -> None:
     sys.stdout.flush()
     if opts.plot is not None:
         heading = f"{visible(display(ds.where()))} with {visible(opts.model)}"
-        plots.write_png(opts.plot, plots.evaluation_png(result.to_dict(), heading, OTHER))
+        plots.write_png(opts.plot, plots.evaluation_png(result.to_dict(), heading, result.other_column))
