@@ -23,7 +23,7 @@ class Extra:
 
 
 EXTRAS = {
-    "onnx": Extra(("onnx", "onnxruntime", "onnxscript"), "ONNX support is not installed; run: {install}"),
+    "onnx": Extra(("onnx", "onnxruntime", "onnxscript"), "{what} needs {module}, which is not installed: {install}"),
     "plots": Extra(("matplotlib",), "{what} needs {module}, which is not installed: {install}"),
     "tensorboard": Extra(("tensorboard",), "{what} needs the {module} package, which is not installed: {install}"),
     "datasets": Extra(("pyarrow",), "{what} needs {module}, which is not installed: {install}"),

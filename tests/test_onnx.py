@@ -308,12 +308,13 @@ def test_onnx_without_bitcli_metadata_is_one_line(photos, tmp_path):
 @pytest.mark.parametrize("module", ["onnxruntime", "onnx"])
 def test_missing_extra_is_one_line(exported, photos, tmp_path, monkeypatch, module):
     monkeypatch.setitem(sys.modules, module, None)  # `import onnxruntime` now fails, as on a machine without it
-    for args in (
-        ("predict", photos["chelsea.png"], "--model", exported["onnx"]),
-        ("convert", exported["src"], tmp_path / "x.onnx"),
+    use = {"onnx": "Reading an .onnx file", "onnxruntime": "Running an .onnx model"}[module]
+    for args, what in (
+        (("predict", photos["chelsea.png"], "--model", exported["onnx"]), use),
+        (("convert", exported["src"], tmp_path / "x.onnx"), "An ONNX export"),
     ):
         line = _one_error_line(*run_main(*args))
-        assert line == "Error: ONNX support is not installed; run: pip install 'bitcli[onnx]'"
+        assert line == f"Error: {what} needs {module}, which is not installed: pip install 'bitcli[onnx]'"
     assert not (tmp_path / "x.onnx").exists()
 
 
@@ -334,7 +335,7 @@ def test_an_export_runs_without_the_exporter(exported, photos, tmp_path, monkeyp
     line = _one_error_line(*run_main("convert", exported["onnx"], tmp_path / "x.safetensors"))
     assert line.startswith(f"Error: {exported['onnx']}: an ONNX export runs in bit predict and bit eval only")
     line = _one_error_line(*run_main("convert", exported["src"], tmp_path / "x.onnx"))
-    assert line == "Error: ONNX support is not installed; run: pip install 'bitcli[onnx]'"
+    assert line == "Error: An ONNX export needs onnxscript, which is not installed: pip install 'bitcli[onnx]'"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
 
 

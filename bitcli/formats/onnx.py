@@ -40,7 +40,7 @@ SOURCE, VERSION, PRECISION, CHECK = "bitcli.source", "bitcli.version", "bitcli.p
 def read(path: Path) -> Checkpoint:
     """The labels, preprocessing and architecture of a `.onnx` written by `bit convert`; the weights stay in
     the graph, for onnxruntime."""
-    extras.require("onnx", "ONNX support", modules=("onnx",))  # reading needs no exporter (onnxscript)
+    extras.require("onnx", "Reading an .onnx file", modules=("onnx",))  # reading needs no exporter (onnxscript)
     import onnx
 
     try:
