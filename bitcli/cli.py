@@ -31,6 +31,7 @@ from bitcli.cli_options import (
     EvalEveryOpt,
     EvalFormatOpt,
     FinetuneDataArg,
+    FinetuneReportOpt,
     GlobalBatchOpt,
     HeadOnlyOpt,
     ImageColumnOpt,
@@ -50,6 +51,7 @@ from bitcli.cli_options import (
     QuantizeOpt,
     RandomInitOpt,
     RecursiveOpt,
+    ReportDirOpt,
     ResolutionOpt,
     ResumeOpt,
     RevisionOpt,
@@ -82,6 +84,7 @@ from bitcli.options import (
     ReportOptions,
     check_embed_output,
     check_output,
+    check_page_folder,
     embed_format,
     parse_data,
     predict_format,
@@ -233,6 +236,7 @@ def finetune(
     tensorboard: TensorboardOpt = False,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
+    report: FinetuneReportOpt = False,
 ) -> None:
     """Fine-tune a BiT model on labelled images with the BiT-HyperRule (resumable; torchrun for several processes)."""
     opts = FinetuneOptions(
@@ -240,9 +244,13 @@ def finetune(
         batch_size=batch_size, batch_split=batch_split, resolution=resolution, mixup=mixup, seed=seed,
         device=device, precision=precision, workers=workers, eval_every=eval_every, save_every=save_every,
         resume=resume, overwrite=overwrite, random_init=random_init, revision=revision, head_only=head_only,
-        tensorboard=tensorboard, image_column=image_column, label_column=label_column,
+        tensorboard=tensorboard, image_column=image_column, label_column=label_column, report=report,
     )  # fmt: skip
     check_output("--output", output, folder=True)
+    if report:
+        from bitcli.finetune.runfiles import REPORT_FOLDER
+
+        check_page_folder("--report: the report folder", output / REPORT_FOLDER)
     from bitcli.commands import finetune as finetune_command
 
     finetune_command.run(opts)
@@ -261,13 +269,16 @@ def eval_(
     plot: PlotOpt = None,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
+    report: ReportDirOpt = None,
 ) -> None:
     """Accuracy on labelled images: top-1, top-5 (models with over 5 classes), per-class accuracy, precision, recall, F1, confusion matrix."""
     opts = EvalOptions(
         data=parse_data(data), model=model, revision=revision, format=fmt, batch_size=batch_size, device=device,
         precision=precision, workers=workers, plot=plot, image_column=image_column, label_column=label_column,
+        report=report,
     )  # fmt: skip
     check_output("--plot", plot)
+    check_page_folder("--report", report)
     from bitcli.commands import eval as eval_command
 
     raise typer.Exit(eval_command.run(opts))

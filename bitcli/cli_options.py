@@ -229,6 +229,11 @@ RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Start --mode
 HeadOnlyOpt = Annotated[
     bool, typer.Option("--head-only", help="Train only the new head; the backbone stays frozen (a linear probe).")
 ]
+FinetuneReportOpt = Annotated[
+    bool,
+    typer.Option("--report", help="After the last validation, write its HTML report (error gallery with Grad-CAM) "
+                 "into DIR/report (see bit eval --report)."),
+]  # fmt: skip
 TensorboardOpt = Annotated[
     bool,
     typer.Option(
@@ -254,6 +259,12 @@ PlotOpt = Annotated[
     Path | None,
     typer.Option("--plot", parser=_parser("--plot", parse_png_path), metavar="FILE.png",
                  help="Also draw the confusion matrix, row-normalised, as a PNG (needs bitcli[plots])."),
+]  # fmt: skip
+ReportDirOpt = Annotated[
+    Path | None,
+    typer.Option("--report", metavar="DIR",
+                 help="Also write an HTML report into DIR: metrics, a clickable confusion matrix, the misclassified "
+                 "images by loss with Grad-CAM, errors.csv and predictions.csv (a new or empty DIR, or an earlier report's)."),
 ]  # fmt: skip
 RunDirArg = Annotated[
     Path,

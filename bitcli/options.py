@@ -17,6 +17,7 @@ from typing import TypeVar
 from bitcli.architectures import DEFAULT_MODEL
 from bitcli.errors import BitError, UsageError
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution, resolution_for_crop
+from bitcli.pages.folder import refusal as page_folder_refusal
 from bitcli.ui import display
 from bitcli.writes import unwritable
 
@@ -216,6 +217,14 @@ def check_output(flag: str, path: Path | None, folder: bool = False) -> None:
         raise UsageError(f"{flag} {display(path)}: {reason}")
 
 
+def check_page_folder(flag: str, path: Path | None) -> None:
+    """Refuse (exit 2, before any work) a folder a page cannot be written into (bitcli.pages.folder): a file,
+    a folder that cannot be written in, a folder holding files bitcli did not write."""
+    reason = page_folder_refusal(path) if path is not None else None
+    if reason is not None:
+        raise UsageError(f"{flag} {display(path)}: {reason}")
+
+
 def check_embed_output(fmt: EmbedFormat, output: Path | None) -> None:
     """check_output for embed: FILE.npy, and FILE.paths.txt beside it (both are written, or neither)."""
     check_output("--output", output)
@@ -283,6 +292,7 @@ class EvalOptions:
     precision: Precision = Precision.auto
     workers: int = DEFAULT_WORKERS
     plot: Path | None = None  # also write the confusion matrix here as a PNG
+    report: Path | None = None  # also write the HTML report (metrics, confusion, error gallery) into this folder
     image_column: str | None = None  # a data set's image column (None: found from its features)
     label_column: str | None = None  # ... and its label column
 
@@ -368,6 +378,7 @@ class FinetuneOptions:
     revision: str | None = None
     head_only: bool = False  # train the new head only; the backbone stays the start model's, bit for bit
     tensorboard: bool = False  # also write TensorBoard event files under DIR/tensorboard
+    report: bool = False  # write the final validation's HTML report (error gallery) into DIR/report
     image_column: str | None = None  # a data set's image column (None: found from its features)
     label_column: str | None = None  # ... and its label column
 
