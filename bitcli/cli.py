@@ -30,6 +30,7 @@ from bitcli.cli_options import (
     EvalDataArg,
     EvalEveryOpt,
     EvalFormatOpt,
+    ExplainOutputOpt,
     FinetuneDataArg,
     FinetuneReportOpt,
     GlobalBatchOpt,
@@ -64,6 +65,7 @@ from bitcli.cli_options import (
     SrcArg,
     StartModelOpt,
     StepsOpt,
+    TargetOpt,
     TensorboardOpt,
     TopKOpt,
     ValOpt,
@@ -78,6 +80,7 @@ from bitcli.options import (
     EmbedOptions,
     EvalFormat,
     EvalOptions,
+    ExplainOptions,
     FinetuneOptions,
     Precision,
     PredictOptions,
@@ -282,6 +285,32 @@ def eval_(
     from bitcli.commands import eval as eval_command
 
     raise typer.Exit(eval_command.run(opts))
+
+
+@_command()
+def explain(
+    images: ImagesArg,
+    output: ExplainOutputOpt,
+    model: EmbedModelOpt = DEFAULT_MODEL,
+    target: TargetOpt = None,
+    revision: RevisionOpt = None,
+    batch_size: BatchOpt = 16,
+    device: DeviceOpt = "auto",
+    recursive: RecursiveOpt = False,
+    workers: WorkersOpt = DEFAULT_WORKERS,
+) -> None:
+    """Grad-CAM: where in each image the evidence for its predicted class (or --target) lies, as overlay PNGs, maps and JSON rows.
+
+    Exit codes: 0 all explained, 1 some input failed (the rest are still written), 2 bad flags.
+    """
+    opts = ExplainOptions(
+        images=images, output=output, model=model, revision=revision, target=target, batch_size=batch_size,
+        device=device, recursive=recursive, workers=workers,
+    )  # fmt: skip
+    check_page_folder("--output", output)
+    from bitcli.commands import explain as explain_command
+
+    raise typer.Exit(explain_command.run(opts))
 
 
 @_command()

@@ -121,6 +121,22 @@ EmbedFormatOpt = Annotated[
 NormalizeOpt = Annotated[bool, typer.Option("--normalize", help="L2-normalise every vector (unit length).")]
 
 # ----------------------------------------------------------------------------------------------------------
+# explain
+
+ExplainOutputOpt = Annotated[
+    Path,
+    typer.Option("--output", "-o", metavar="DIR", show_default=False,
+                 help="Folder for the overlays (PNG), explain.jsonl and maps.safetensors: a new or empty folder, "
+                 "or an earlier output of bit explain."),
+]  # fmt: skip
+TargetOpt = Annotated[
+    str | None,
+    typer.Option("--target", "-t", metavar="LABEL",
+                 help="Explain this class in every image (a label, its first name, or a class index); "
+                 "default: each image's predicted class."),
+]  # fmt: skip
+
+# ----------------------------------------------------------------------------------------------------------
 # convert
 
 SrcArg = Annotated[

@@ -384,5 +384,18 @@ class FinetuneOptions:
 
 
 @dataclass(frozen=True)
+class ExplainOptions:
+    images: list[str]
+    output: Path  # the folder of overlays, explain.jsonl and maps.safetensors (bitcli.pages.folder's rules)
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    target: str | None = None  # a label or class index to explain in every image (None: each one's prediction)
+    batch_size: int = 16
+    device: str = "auto"
+    recursive: bool = False
+    workers: int = DEFAULT_WORKERS
+
+
+@dataclass(frozen=True)
 class ReportOptions:
     run: Path  # a `bit finetune` run folder (--output), finished, running or interrupted
