@@ -281,7 +281,7 @@ def eval_(
         report=report,
     )  # fmt: skip
     check_output("--plot", plot)
-    check_page_folder("--report", report)
+    check_page_folder("--report", report, data=opts.data)
     from bitcli.commands import eval as eval_command
 
     raise typer.Exit(eval_command.run(opts))

@@ -217,10 +217,16 @@ def check_output(flag: str, path: Path | None, folder: bool = False) -> None:
         raise UsageError(f"{flag} {display(path)}: {reason}")
 
 
-def check_page_folder(flag: str, path: Path | None) -> None:
+def check_page_folder(flag: str, path: Path | None, data: DataSpec | None = None) -> None:
     """Refuse (exit 2, before any work) a folder a page cannot be written into (bitcli.pages.folder): a file,
-    a folder that cannot be written in, a folder holding files bitcli did not write."""
-    reason = page_folder_refusal(path) if path is not None else None
+    a folder that cannot be written in, a folder holding files bitcli did not write; and one inside the image
+    folder `data`, where its pictures would be taken for a class of images by the next run."""
+    if path is None:
+        return
+    reason = page_folder_refusal(path)
+    if reason is None and isinstance(data, Path) and data.is_dir():
+        inside = Path(os.path.realpath(data)) in Path(os.path.realpath(path)).parents
+        reason = f"is inside the image folder {display(data)}; choose a folder outside it" if inside else None
     if reason is not None:
         raise UsageError(f"{flag} {display(path)}: {reason}")
 

@@ -124,6 +124,11 @@ def test_the_report_folder_is_refused_when_it_holds_the_user_s_files(hostile: di
         f"Error: --report {folder}: holds 'todo.txt', which bitcli did not write; give a new or empty folder, "
         "or the folder of an earlier report\n"
     )
+    inside = hostile["data"] / "val" / "report"  # its pictures would be a class folder of the next eval
+    code, out, err = run_main("eval", hostile["data"] / "val", "--model", "nothing-is-loaded", "--report", inside)
+    assert (code, out) == (2, "")
+    assert err == f"Error: --report {inside}: is inside the image folder {inside.parent}; choose a folder outside it\n"
+    assert not inside.exists()
     code, out, err = run_main("finetune", hostile["data"] / "train", "--output", tmp_path / "run", "--report", *ARGS)
     assert code == 2 and err == (
         "Error: --report shows the errors of the last validation, and this run has no validation set: give --val "
