@@ -119,8 +119,8 @@ class TorchEngine:
             self.model.train(was_training)
         out = torch.stack(maps, dim=1)  # [B, T, h, w]
         out = scale_maps(F.interpolate(out, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False))
-        out = out.cpu().numpy()
-        return out if many else out[:, 0]
+        maps_np = out.cpu().numpy()
+        return maps_np if many else maps_np[:, 0]
 
     @staticmethod
     def _cam(activations: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
