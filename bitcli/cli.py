@@ -38,6 +38,7 @@ from bitcli.cli_options import (
     LabelColumnOpt,
     LabelsOpt,
     LrOpt,
+    MaxDownloadOpt,
     MinAgreementOpt,
     MixupOpt,
     ModelOpt,
@@ -138,6 +139,7 @@ def predict(
     output: PredictOutputOpt = None,
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
+    max_download_mb: MaxDownloadOpt = 50.0,
 ) -> None:
     """Classify images: top-k labels with probabilities.
 
@@ -146,6 +148,7 @@ def predict(
     opts = PredictOptions(
         images=images, model=model, revision=revision, top_k=top_k, batch_size=batch_size, device=device,
         precision=precision, format=predict_format(fmt, output), output=output, recursive=recursive, workers=workers,
+        max_download_mb=max_download_mb,
     )  # fmt: skip
     check_output("--output", output)
     from bitcli.commands import predict as predict_command
@@ -166,6 +169,7 @@ def embed(
     precision: PrecisionOpt = Precision.auto,
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
+    max_download_mb: MaxDownloadOpt = 50.0,
 ) -> None:
     """Image embeddings: the pre-logits features (global average pool after the final GroupNorm + ReLU).
 
@@ -174,6 +178,7 @@ def embed(
     opts = EmbedOptions(
         images=images, model=model, revision=revision, batch_size=batch_size, device=device, precision=precision,
         format=embed_format(fmt, output), output=output, normalize=normalize, recursive=recursive, workers=workers,
+        max_download_mb=max_download_mb,
     )  # fmt: skip
     check_embed_output(opts.format, output)
     from bitcli.commands import embed as embed_command

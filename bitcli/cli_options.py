@@ -26,6 +26,7 @@ from bitcli.options import (
     parse_auto_int,
     parse_device,
     parse_png_path,
+    parse_positive,
     parse_resolution,
     parse_val_split,
 )
@@ -96,7 +97,7 @@ WorkersOpt = Annotated[
 ImagesArg = Annotated[
     list[str],
     typer.Argument(
-        help="Image files, folders or glob patterns; - reads paths from stdin, one per line.",
+        help="Image files, folders, glob patterns or http(s) URLs; - reads paths from stdin, one per line.",
         metavar="IMAGES",
         show_default=False,
     ),
@@ -119,6 +120,11 @@ EmbedFormatOpt = Annotated[
                  help="Default: from --output's suffix; -f jsonl without --output writes to stdout."),
 ]  # fmt: skip
 NormalizeOpt = Annotated[bool, typer.Option("--normalize", help="L2-normalise every vector (unit length).")]
+MaxDownloadOpt = Annotated[
+    float,
+    typer.Option("--max-download-mb", parser=_parser("--max-download-mb", parse_positive), metavar="MB",
+                 help="Size cap of an image given as an http(s) URL (fetched with timeouts, at most 5 redirects)."),
+]  # fmt: skip
 
 # ----------------------------------------------------------------------------------------------------------
 # convert

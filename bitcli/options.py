@@ -189,6 +189,17 @@ def parse_auto_float(value: str) -> float | None:
     return x
 
 
+def parse_positive(value: str) -> float:
+    """A finite number > 0 (sizes in MB, timeouts in seconds)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise OptionError(f"{value!r}: use a number, e.g. 50 or 0.5") from None
+    if not math.isfinite(x) or x <= 0:
+        raise OptionError(f"{value}: must be a number > 0")
+    return x
+
+
 def parse_png_path(value: str) -> Path:
     """A picture's file name: it must end in .png (the only format drawn), so the name says what it holds."""
     path = Path(value)
@@ -270,6 +281,7 @@ class PredictOptions:
     output: Path | None = None
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
+    max_download_mb: float = 50.0  # the size cap of an image named by URL (bitcli.urls)
 
 
 @dataclass(frozen=True)
@@ -300,6 +312,7 @@ class EmbedOptions:
     normalize: bool = False  # L2-normalise each vector
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
+    max_download_mb: float = 50.0  # the size cap of an image named by URL (bitcli.urls)
 
 
 @dataclass(frozen=True)
