@@ -21,6 +21,7 @@ from bitcli.cli_options import (
     CalibrateOpt,
     ConvertFormatOpt,
     ConvertOverwriteOpt,
+    DecodeThreadsOpt,
     DeviceOpt,
     DstArg,
     DTypeOpt,
@@ -33,22 +34,29 @@ from bitcli.cli_options import (
     FinetuneDataArg,
     GlobalBatchOpt,
     HeadOnlyOpt,
+    HostOpt,
     ImageColumnOpt,
     ImagesArg,
     LabelColumnOpt,
     LabelsOpt,
     LrOpt,
+    MaxBatchOpt,
+    MaxBodyOpt,
+    MaxConnectionsOpt,
     MaxDownloadOpt,
+    MaxWaitOpt,
     MinAgreementOpt,
     MixupOpt,
     ModelOpt,
     NormalizeOpt,
     OpsetOpt,
     PlotOpt,
+    PortOpt,
     PrecisionOpt,
     PredictFormatOpt,
     PredictOutputOpt,
     QuantizeOpt,
+    QueueOpt,
     RandomInitOpt,
     RecursiveOpt,
     ResolutionOpt,
@@ -59,11 +67,13 @@ from bitcli.cli_options import (
     RunOverwriteOpt,
     SaveEveryOpt,
     SeedOpt,
+    ServeModelArg,
     ShotsOpt,
     SrcArg,
     StartModelOpt,
     StepsOpt,
     TensorboardOpt,
+    TimeoutOpt,
     TopKOpt,
     ValOpt,
     ValSplitOpt,
@@ -81,6 +91,7 @@ from bitcli.options import (
     Precision,
     PredictOptions,
     ReportOptions,
+    ServeOptions,
     check_embed_output,
     check_output,
     embed_format,
@@ -285,6 +296,40 @@ def report(run: RunDirArg) -> None:
     from bitcli.commands import report as report_command
 
     report_command.run(opts)
+
+
+@_command()
+def serve(
+    model: ServeModelArg,
+    revision: RevisionOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    max_batch: MaxBatchOpt = 16,
+    max_wait_ms: MaxWaitOpt = 10.0,
+    queue: QueueOpt = 64,
+    max_body_mb: MaxBodyOpt = 50.0,
+    timeout_s: TimeoutOpt = 60.0,
+    max_connections: MaxConnectionsOpt = 128,
+    top_k: TopKOpt = 5,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    workers: DecodeThreadsOpt = DEFAULT_WORKERS,
+) -> None:
+    """Serve a model over HTTP: a JSON API (predict, embed) batching concurrent requests, and an upload page.
+
+    Runs until SIGTERM (exit 0) or Ctrl-C (exit 130), finishing the requests in flight. Needs bitcli[serve].
+    """
+    opts = ServeOptions(
+        model=model, revision=revision, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        queue=queue, max_body_mb=max_body_mb, timeout_s=timeout_s, max_connections=max_connections, top_k=top_k,
+        device=device, precision=precision, workers=workers,
+    )  # fmt: skip
+    from bitcli import extras
+
+    extras.require("serve", "bit serve")
+    from bitcli.commands import serve as serve_command
+
+    raise typer.Exit(serve_command.run(opts))
 
 
 def _click_exceptions():

@@ -266,3 +266,42 @@ RunDirArg = Annotated[
     typer.Argument(metavar="RUN_DIR", show_default=False,
                    help="A bit finetune run folder (its --output): finished, running or interrupted."),
 ]  # fmt: skip
+
+# ----------------------------------------------------------------------------------------------------------
+# serve
+
+ServeModelArg = Annotated[
+    str,
+    typer.Argument(metavar="MODEL", show_default=False, help=MODEL_HELP + ", or a .onnx file from bit convert."),
+]
+HostOpt = Annotated[
+    str,
+    typer.Option("--host", help="Address to listen on; the default answers this machine only (another address "
+                 "lets other machines in: there is no authentication)."),
+]  # fmt: skip
+PortOpt = Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on; 0: a free one (printed).")]
+MaxBatchOpt = Annotated[
+    int, typer.Option("--max-batch", min=1, help="Most images per forward pass, shared by concurrent requests.")
+]
+MaxWaitOpt = Annotated[
+    float,
+    typer.Option("--max-wait-ms", min=0, help="How long the first image of a batch waits for others to join it."),
+]
+QueueOpt = Annotated[
+    int,
+    typer.Option("--queue", min=1, help="Most images admitted and not yet answered; a request beyond it gets 429."),
+]
+MaxBodyOpt = Annotated[
+    float,
+    typer.Option("--max-body-mb", parser=_parser("--max-body-mb", parse_positive), metavar="MB",
+                 help="Largest request body; a larger one gets 413."),
+]  # fmt: skip
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout-s", parser=_parser("--timeout-s", parse_positive), metavar="SECONDS",
+                 help="A request not answered within this gets 408 (its body was still arriving) or 504."),
+]  # fmt: skip
+MaxConnectionsOpt = Annotated[
+    int, typer.Option("--max-connections", min=1, help="Most open connections; more get 503.")
+]
+DecodeThreadsOpt = Annotated[int, typer.Option("--workers", min=1, help="Image-decoding threads.")]
