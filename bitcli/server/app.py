@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import io
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -181,10 +181,10 @@ class Service:
         deadline = asyncio.get_running_loop().time() + self.opts.timeout_s
         try:
             parts = await self._parts(request, deadline)
-            outcomes = await self._outcomes(parts, kind, deadline)
+            outcomes = await _unless_gone(request, self._outcomes(parts, kind, deadline))
         except RequestError as exc:
             return error_response(exc.status, exc.message, exc.headers)
-        except ClientDisconnect:  # the client left while sending: nobody reads this answer
+        except ClientDisconnect:  # the client left: nobody reads this answer
             return error_response(400, "the client disconnected")
         rows = [make_row(part.name, o.value, o.error) for part, o in zip(parts, outcomes)]
         if any(o.error is None for o in outcomes):
@@ -226,12 +226,12 @@ class Service:
     async def _run(self, parts: list[Part], kind: str, held: list[int]) -> list[Outcome]:
         loop = asyncio.get_running_loop()
         decoded = await asyncio.gather(*(loop.run_in_executor(self.pool, self._decode, p) for p in parts))
-        good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-        futures = self.batcher.submit(kind, [decoded[i] for i in good])
-        held[0] -= len(good)
+        images = {i: d for i, d in enumerate(decoded) if not isinstance(d, str)}
+        futures = self.batcher.submit(kind, list(images.values()))
+        held[0] -= len(images)
         values = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures), return_exceptions=True)
-        outcomes = [Outcome(error=d) for d in decoded]
-        for i, value in zip(good, values):
+        outcomes = [Outcome(error=d) if isinstance(d, str) else Outcome() for d in decoded]
+        for i, value in zip(images, values):
             outcomes[i] = Outcome(value) if not isinstance(value, BaseException) else _model_failure(parts[i], value)
         return outcomes
 
@@ -241,6 +241,28 @@ class Service:
             return self.engine.preprocess.to_uint8(load_image(io.BytesIO(part.data), name=display(part.name)))
         except Exception as exc:  # noqa: BLE001 -- one bad image is its error row, never the request's end
             return failure(part.name, exc)
+
+
+async def _unless_gone(request: Request, work: Coroutine[Any, Any, list[Outcome]]) -> list[Outcome]:
+    """`work`'s result, or ClientDisconnect as soon as the client hangs up while it waits (its images still
+    queued are dropped and their slots given back: a client that leaves costs no forward pass)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in (task, gone):
+            waiting.cancel()  # (a no-op for the one that is done)
+        await asyncio.gather(task, gone, return_exceptions=True)
+    if task in done:
+        return task.result()
+    raise ClientDisconnect()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (its body was read: the next message can only say that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _model_failure(part: Part, exc: BaseException) -> Outcome:

@@ -125,7 +125,7 @@ class Batcher:
         return items, False
 
     def _drain(self) -> list[_Item]:
-        items = []
+        items: list[_Item] = []
         while True:
             try:
                 item = self._queue.get_nowait()

@@ -141,6 +141,25 @@ def test_concurrent_requests_share_a_forward_pass(engine, pictures):
             assert abs(p["score"] - q["score"]) <= 2e-6  # batched with others: equal up to float rounding
 
 
+def test_a_client_that_hangs_up_while_waiting_costs_no_forward_pass(engine, pictures):
+    gated = Gated(engine)
+    image = pictures["a.png"].read_bytes()
+    with serving(gated) as url:
+        gated.gate.clear()
+        first: list = []
+        holder = threading.Thread(target=lambda: first.append(post(url, "/v1/predict", image)))
+        holder.start()
+        assert gated.entered.wait(20)  # the model thread is busy with the first request
+        with _raw(url) as sock:
+            sock.sendall(_headers("/v1/predict", f"Content-Length: {len(image)}\r\n") + image)
+            wait_until(lambda: _healthy(url)["pending"] == 2)  # admitted, queued behind the first
+        wait_until(lambda: _healthy(url)["pending"] == 1)  # it hung up: its image left the queue
+        gated.gate.set()
+        holder.join(20)
+        assert first[0].status == 200 and gated.passes == [1]
+        assert post(url, "/v1/predict", image).status == 200 and gated.passes == [1, 1]
+
+
 def test_a_failing_model_is_500_with_rows_and_the_server_goes_on(engine, pictures):
     with serving(Gated(engine, fail=True)) as url:
         reply = post(url, "/v1/predict?name=a.png", pictures["a.png"].read_bytes())

@@ -112,7 +112,11 @@ def test_bad_flags_exit_2_before_anything_loads(flags, message):
 def test_without_the_extra_it_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as on a machine without it
     code, out, err = run_main("serve", "no/such-model", "--port", "0")
-    assert (code, out, err) == (1, "", "Error: bit serve needs uvicorn, which is not installed: pip install 'bitcli[serve]'\n")
+    assert (code, out, err) == (
+        1,
+        "",
+        "Error: bit serve needs uvicorn, which is not installed: pip install 'bitcli[serve]'\n",
+    )
 
 
 def test_only_loopback_addresses_are_quiet():
