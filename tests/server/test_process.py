@@ -119,6 +119,13 @@ def test_without_the_extra_it_says_what_to_install(monkeypatch):
     )
 
 
+def test_under_torchrun_it_refuses_to_start(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = run_main("serve", "no/such-model", "--port", "0")
+    assert (code, out) == (2, "")
+    assert err == "Error: bit serve is one process; to serve from several, run one per port (docs/serve.md)\n"
+
+
 def test_only_loopback_addresses_are_quiet():
     assert is_loopback("127.0.0.1") and is_loopback("127.0.0.2") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("::")
