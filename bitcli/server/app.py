@@ -211,7 +211,7 @@ class Service:
         if not self.batcher.admit(len(parts)):
             wait = self.batcher.retry_after()
             raise RequestError(
-                429, f"the server is busy ({self.batcher.pending} images waiting, at most {self.opts.queue}); retry in {wait} s",
+                429, f"the server is busy (images waiting: {self.batcher.pending}, at most {self.opts.queue}); retry in {wait} s",
                 {"Retry-After": str(wait)},
             )  # fmt: skip
         held = [len(parts)]  # slots still this request's: those of images not handed to the model thread

@@ -82,7 +82,7 @@ def test_a_full_queue_is_429_with_retry_after(engine, pictures):
         reply = post(url, "/v1/predict", body, content_type)
         assert (reply.status, reply.json) == (
             429,
-            {"error": "the server is busy (1 images waiting, at most 2); retry in 1 s"},
+            {"error": "the server is busy (images waiting: 1, at most 2); retry in 1 s"},
         )
         assert reply.headers["retry-after"] == "1"
         gated.gate.set()
