@@ -201,10 +201,8 @@ class Service:
             raise RequestError(
                 408, f"the request body did not arrive within {self.opts.timeout_s:g} s (--timeout-s)"
             ) from None
-        parts = split_images(data, request.headers.get("content-type", ""), request.query_params.get("name") or "image")
-        if len(parts) > self.opts.queue:
-            raise RequestError(413, f"{len(parts)} images in one request; at most {self.opts.queue} (--queue)")
-        return parts
+        content_type, name = request.headers.get("content-type", ""), request.query_params.get("name") or "image"
+        return split_images(data, content_type, name, max_parts=self.opts.queue)
 
     async def _outcomes(self, parts: list[Part], kind: str, deadline: float) -> list[Outcome]:
         """Every part decoded (on the pool) and run (on the model thread), under the request's slots."""

@@ -44,13 +44,14 @@ async def read_body(chunks: AsyncIterator[bytes], declared: str | None, max_byte
     return bytes(body)
 
 
-def split_images(body: bytes, content_type: str, raw_name: str) -> list[Part]:
-    """The images of a request, in order: the parts of a multipart/form-data body, else the body itself."""
+def split_images(body: bytes, content_type: str, raw_name: str, max_parts: int) -> list[Part]:
+    """The images of a request, in order: the parts of a multipart/form-data body (413 past max_parts, said
+    as soon as the part after the last allowed one ends), else the body itself."""
     if not content_type.lower().startswith("multipart/"):
         if not body:
             raise RequestError(400, "the request body is empty; send an image (or several as multipart/form-data)")
         return [Part(raw_name, body)]
-    return _multipart(body, content_type)
+    return _multipart(body, content_type, max_parts)
 
 
 @dataclass
@@ -59,7 +60,7 @@ class _Building:
     data: bytearray = field(default_factory=bytearray)
 
 
-def _multipart(body: bytes, content_type: str) -> list[Part]:
+def _multipart(body: bytes, content_type: str, max_parts: int) -> list[Part]:
     from python_multipart.exceptions import MultipartParseError
     from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -90,6 +91,8 @@ def _multipart(body: bytes, content_type: str) -> list[Part]:
         current.data += data[start:end]
 
     def on_part_end() -> None:
+        if len(parts) == max_parts:
+            raise RequestError(413, f"more than {max_parts} images in one request (--queue)")
         parts.append(Part(_part_name(current.headers, len(parts) + 1), bytes(current.data)))
 
     callbacks = dict(on_part_begin=on_part_begin, on_header_field=on_header_field, on_header_value=on_header_value,
