@@ -164,15 +164,16 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-class _ReadTimeout:
+class _ReadTimeout(http.client.HTTPConnection):
     """A connection whose socket waits `read_timeout` for each read once connected (urllib has one timeout for
-    both; the connect timeout is the request's)."""
+    both; the connect timeout is the request's). Put before HTTPSConnection in the bases, its `connect` runs
+    HTTPSConnection's (TLS included), then sets the timeout."""
 
     read_timeout: float
 
     def connect(self) -> None:
-        super().connect()  # type: ignore[misc]
-        self.sock.settimeout(self.read_timeout)  # type: ignore[attr-defined]
+        super().connect()
+        self.sock.settimeout(self.read_timeout)
 
 
 class _HTTPConnection(_ReadTimeout, http.client.HTTPConnection):

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the parser's callback table (python_multipart declares it for type checkers only)
+    from python_multipart.multipart import MultipartCallbacks
 
 MB = 1_000_000
 
@@ -71,7 +75,7 @@ def _multipart(body: bytes, content_type: str, max_parts: int) -> list[Part]:
     parts: list[Part] = []
     current = _Building()
     header = [bytearray(), bytearray()]  # the header line being read: field, value
-    ended = []
+    ended: list[None] = []
 
     def on_part_begin() -> None:
         nonlocal current
@@ -95,11 +99,13 @@ def _multipart(body: bytes, content_type: str, max_parts: int) -> list[Part]:
             raise RequestError(413, f"more than {max_parts} images in one request (--queue)")
         parts.append(Part(_part_name(current.headers, len(parts) + 1), bytes(current.data)))
 
-    callbacks = dict(on_part_begin=on_part_begin, on_header_field=on_header_field, on_header_value=on_header_value,
-                     on_header_end=on_header_end, on_part_data=on_part_data, on_part_end=on_part_end,
-                     on_end=lambda: ended.append(True))  # fmt: skip
+    callbacks: MultipartCallbacks = {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_end": lambda: ended.append(None),
+    }  # fmt: skip
     try:
-        parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        parser = MultipartParser(boundary, callbacks)
         parser.write(body)
         parser.finalize()
     except MultipartParseError as exc:

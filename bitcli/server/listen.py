@@ -18,8 +18,10 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from bitcli.errors import BitError
 from bitcli.options import ServeOptions
@@ -82,17 +84,17 @@ class _Server(uvicorn.Server):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def handle_exit(self, sig: int, frame: object) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.stopped_by is None:
             self.stopped_by = sig
-        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+        super().handle_exit(sig, frame)
 
 
-def make_server(app: object, opts: ServeOptions, on_ready: Callable[[], None]) -> _Server:
+def make_server(app: ASGIApp, opts: ServeOptions, on_ready: Callable[[], None]) -> _Server:
     """uvicorn's server for `app` with `opts`' connection limit and shutdown grace; `on_ready()` once it
     accepts connections. Its `serve(sockets=[sock])` coroutine runs it; setting `should_exit` stops it."""
     config = uvicorn.Config(
-        app,  # type: ignore[arg-type]
+        app,
         http="h11",
         loop="asyncio",
         lifespan="on",
@@ -105,7 +107,7 @@ def make_server(app: object, opts: ServeOptions, on_ready: Callable[[], None]) -
     return _Server(config, on_ready)
 
 
-def serve(app: object, sock: socket.socket, opts: ServeOptions, on_ready: Callable[[], None]) -> int:
+def serve(app: ASGIApp, sock: socket.socket, opts: ServeOptions, on_ready: Callable[[], None]) -> int:
     """Serve `app` on the bound socket until SIGTERM or Ctrl-C: 0 after SIGTERM, 130 after Ctrl-C."""
     server = make_server(app, opts, on_ready)
     with sock:
