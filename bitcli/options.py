@@ -340,6 +340,12 @@ class ServeOptions:
     def __post_init__(self) -> None:
         if self.queue < self.max_batch:
             raise UsageError(f"--queue {self.queue} is below --max-batch {self.max_batch}: batches could never fill")
+        # (also refuses inf and nan, which typer's min=0 lets through: a wait the model thread cannot time)
+        if not 0 <= self.max_wait_ms < self.timeout_s * 1000:
+            raise UsageError(
+                f"--max-wait-ms {self.max_wait_ms:g}: use a number of milliseconds from 0 to below --timeout-s "
+                f"({self.timeout_s * 1000:g} ms), or a lone request would wait out its own timeout"
+            )
 
 
 @dataclass(frozen=True)

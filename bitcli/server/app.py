@@ -95,7 +95,7 @@ class Service:
             Route("/v1/embed", self.embed, methods=["POST"]),
         ]
         handlers = {HTTPException: _http_error, Exception: _internal_error}
-        return Starlette(routes=routes, lifespan=self.lifespan, exception_handlers=handlers)  # type: ignore[arg-type]
+        return Starlette(routes=routes, lifespan=self.lifespan, exception_handlers=handlers)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -277,7 +277,7 @@ def _left(deadline: float) -> float:
 def _whole(value: str | None, name: str, default: int, most: int) -> int:
     if value is None:
         return default
-    if not value.strip().isdigit() or not 1 <= int(value) <= most:
+    if not (value.strip().isascii() and value.strip().isdigit()) or not 1 <= int(value) <= most:  # not '²'
         raise RequestError(400, f"{name}={value!r}: use a whole number from 1 to {most}")
     return int(value)
 

@@ -85,6 +85,8 @@ def test_top_k_is_bounded_by_the_classes(server, tiny_dir, pictures):
     for bad in ("0", "11", "x", "-1", "2.5"):
         reply = post(server, f"/v1/predict?top_k={bad}", data)
         assert (reply.status, reply.json) == (400, {"error": f"top_k={bad!r}: use a whole number from 1 to 10"})
+    reply = post(server, "/v1/predict?top_k=%C2%B2", data)  # a digit to str.isdigit, not to int()
+    assert (reply.status, reply.json) == (400, {"error": "top_k='²': use a whole number from 1 to 10"})
 
 
 def test_embed_rows_are_bit_embed_s(server, tiny_dir, pictures, monkeypatch):

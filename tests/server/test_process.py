@@ -10,15 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 from conftest import run_main
 
-from bitcli.options import ServeOptions
-from bitcli.server import listen
-from bitcli.server.app import build_app
 from bitcli.server.listen import is_loopback
 
 from .test_limits import _headers, _raw, _response
@@ -68,18 +64,27 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(tiny_dir, pictures)
     assert out == "" and "Traceback" not in err
 
 
-def test_ctrl_c_stops_it_the_same_way_with_130(engine):
-    """listen.serve in this process's main thread (where signals land), sent SIGINT once it is ready: the
-    graceful stop, then 130 as every bit command gives for Ctrl-C; the previous SIGINT handler is back."""
-    opts = ServeOptions(model="test")
-    sock = listen.bind("127.0.0.1", 0)
-    before = signal.getsignal(signal.SIGINT)
+CTRL_C_CHILD = """
+import os, signal, sys, threading
+from starlette.applications import Starlette
+from bitcli.options import ServeOptions
+from bitcli.server import listen
 
-    def ready() -> None:
-        threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT)).start()
+opts = ServeOptions(model="test")
+sock = listen.bind("127.0.0.1", 0)
+before = signal.getsignal(signal.SIGINT)
+ready = lambda: threading.Thread(target=os.kill, args=(os.getpid(), signal.SIGINT)).start()
+code = listen.serve(Starlette(), sock, opts, ready)
+print(code, sock.fileno(), signal.getsignal(signal.SIGINT) is before)
+"""
 
-    assert listen.serve(build_app(engine, opts), sock, opts, ready) == 130
-    assert sock.fileno() == -1 and signal.getsignal(signal.SIGINT) is before
+
+def test_ctrl_c_stops_it_the_same_way_with_130():
+    """listen.serve in a process's main thread (where signals land; a process of its own, as this one's main
+    thread may hold the browser fixture's event loop), sent SIGINT once it is ready: the graceful stop, then
+    130 as every bit command gives for Ctrl-C; the socket is closed and the previous SIGINT handler is back."""
+    child = subprocess.run([sys.executable, "-c", CTRL_C_CHILD], capture_output=True, text=True, timeout=60)
+    assert (child.returncode, child.stdout, child.stderr) == (0, "130 -1 True\n", "")
 
 
 def test_a_taken_port_fails_before_the_model_loads():
@@ -101,6 +106,14 @@ def test_a_taken_port_fails_before_the_model_loads():
         (["--max-body-mb", "0"], "Error: --max-body-mb 0: must be a number > 0\n"),
         (["--timeout-s", "-1"], "Error: --timeout-s -1: must be a number > 0\n"),
         (["--queue", "4", "--max-batch", "8"], "Error: --queue 4 is below --max-batch 8: batches could never fill\n"),
+        *(
+            (
+                ["--max-wait-ms", value, "--timeout-s", "60"],
+                f"Error: --max-wait-ms {value}: use a number of "
+                "milliseconds from 0 to below --timeout-s (60000 ms), or a lone request would wait out its own timeout\n",
+            )
+            for value in ("inf", "60000")  # (typer refuses nan itself)
+        ),
     ],
 )
 def test_bad_flags_exit_2_before_anything_loads(flags, message):
