@@ -11,6 +11,8 @@ import pytest
 
 from bitcli.server.batcher import Batcher
 
+from .helpers import wait_until
+
 
 def _image(size: int, value: int) -> np.ndarray:
     return np.full((size, size, 3), value, dtype=np.uint8)
@@ -118,3 +120,31 @@ def test_retry_after_grows_with_the_work_held():
     assert batcher.retry_after() == 1  # nothing measured yet: one second
     batcher._seconds_per_image = 0.25
     assert batcher.admit(40) and batcher.retry_after() == 10
+
+
+def test_the_first_image_waits_for_company_until_max_batch_or_max_wait():
+    """--max-wait-ms: the model thread holds a lone image up to max_wait_s for others; a batch that fills to
+    max_batch runs at once (here long before its 30 s wait), and a lone image runs when its wait is over."""
+    recorder = Recorder("logits")
+    patient = Batcher({"logits": recorder}, max_batch=3, max_wait_s=30, capacity=8)
+    patient.start()
+    try:
+        assert patient.admit(3)
+        first = patient.submit("logits", [_image(2, 1)])
+        wait_until(patient._queue.empty)  # the model thread took it and now waits for company
+        assert not first[0].done()
+        rest = patient.submit("logits", [_image(2, 2), _image(2, 3)])
+        assert [f.result(10) for f in first + rest] == [("logits", 1), ("logits", 2), ("logits", 3)]
+    finally:
+        patient.stop(10)
+    assert recorder.batches == [[1, 2, 3]]
+
+    recorder = Recorder("logits")
+    brief = Batcher({"logits": recorder}, max_batch=8, max_wait_s=0.05, capacity=8)
+    brief.start()
+    try:
+        assert brief.admit(1)
+        assert brief.submit("logits", [_image(2, 4)])[0].result(10) == ("logits", 4)  # alone, after its wait
+    finally:
+        brief.stop(10)
+    assert recorder.batches == [[4]]

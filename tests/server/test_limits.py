@@ -200,3 +200,21 @@ def test_misbehaving_clients_do_not_stop_the_good_one(engine, pictures):
         runner.join(60)
         assert good == [200] * 12
         wait_until(lambda: _healthy(url)["pending"] == 0)
+
+
+def test_concurrent_requests_wait_max_wait_ms_to_share_a_pass(engine, pictures):
+    """With the model idle, the first request's image waits (--max-wait-ms, here 10 s) for the others: three
+    clients' images go through in one pass, as soon as they make --max-batch."""
+    gated = Gated(engine)  # its gate stays open: it only counts the passes
+    image = pictures["c.png"].read_bytes()
+    replies: list = []
+    with serving(gated, max_batch=3, max_wait_ms=10_000) as url:
+        threads = [threading.Thread(target=lambda: replies.append(post(url, "/v1/predict", image))) for _ in range(3)]
+        threads[0].start()
+        wait_until(lambda: _healthy(url)["pending"] == 1)  # admitted: its image waits for company
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert [r.status for r in replies] == [200] * 3 and replies[0].json == replies[1].json == replies[2].json
+        assert gated.passes == [3] and _healthy(url)["batches"] == 1

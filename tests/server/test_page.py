@@ -3,6 +3,8 @@ answers for that file), labels that are HTML shown as text, errors shown, nothin
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 import torch
 
@@ -34,7 +36,8 @@ def test_upload_shows_the_top_five_with_bars(browser_page, hostile_server, pictu
     assert page.locator("#results .label").all_inner_texts() == [p["label"] for p in expected]
     assert page.locator("#results .score").all_inner_texts() == [f"{p['score'] * 100:.1f}%" for p in expected]
     widths = page.eval_on_selector_all("#results .bar", "bars => bars.map(b => b.style.width)")
-    assert widths == [f"{p['score'] * 100:.1f}%" for p in expected]
+    # (the browser gives a width back in its shortest form: 53.0% as 53%)
+    assert [float(w.removesuffix("%")) for w in widths] == [float(f"{p['score'] * 100:.1f}") for p in expected]
     assert page.inner_text("#status") == "b.jpg"
     assert page.evaluate("window.__pwned") is None  # the labels were never parsed as HTML
     assert page.locator("img").count() == 1 and page.locator("script").count() == 1  # the preview; the page's own
@@ -58,3 +61,26 @@ def test_the_page_forbids_every_other_source(hostile_server):
     assert reply.status == 200 and reply.headers["content-type"].startswith("text/html")
     assert reply.headers["content-security-policy"].startswith("default-src 'none'; ")
     assert b"http://" not in reply.body and b"https://" not in reply.body and b"innerHTML" not in reply.body
+
+
+def test_an_image_dropped_on_the_page_is_classified(browser_page, hostile_server, pictures):
+    page = browser_page.page
+    page.goto(hostile_server)
+    data = base64.b64encode(pictures["c.png"].read_bytes()).decode()
+    dropped = page.evaluate_handle(
+        """([name, data]) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/png" }));
+            return transfer;
+        }""",
+        ["dropped c.png", data],
+    )
+    page.dispatch_event("#drop", "dragover", {"dataTransfer": dropped})
+    assert page.get_attribute("#drop", "class") == "over"
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+    page.wait_for_selector("#results .row:nth-child(5)")
+    expected = post(hostile_server, "/v1/predict?name=c.png", pictures["c.png"].read_bytes()).json[0]["predictions"]
+    assert page.locator("#results .label").all_inner_texts() == [p["label"] for p in expected]
+    assert page.inner_text("#status") == "dropped c.png" and page.get_attribute("#drop", "class") == ""
+    assert browser_page.errors == []
