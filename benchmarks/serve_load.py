@@ -95,7 +95,10 @@ class Server:
                 status = Path(f"/proc/{self.proc.pid}/status").read_text()
             except OSError:
                 return
-            kib = int(re.search(r"VmRSS:\s+(\d+)", status)[1])
+            rss = re.search(r"VmRSS:\s+(\d+)", status)
+            if rss is None:  # the process has exited (a zombie has no VmRSS)
+                return
+            kib = int(rss[1])
             self.rss.append((time.monotonic() - t0, kib / 1024))
 
     def alive(self) -> bool:
@@ -334,13 +337,13 @@ def rss_summary(samples: list[tuple[float, float]], phases: dict[str, tuple[floa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=60)
-    p.add_argument("--fault-seconds", type=float, default=30)
+    p.add_argument("--seconds", type=float, help="the load phase (default 60; 5 with --quick)")
+    p.add_argument("--fault-seconds", type=float, help="the fault phase (default 30; 5 with --quick)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=10)
     p.add_argument("--timeout-s", type=float, default=30, help="the server's --timeout-s (slow clients meet it)")
     p.add_argument("--repeats", type=int, default=3, help="model-only rounds")
-    p.add_argument("--quick", action="store_true", help="a tiny model at 64 px, 5 s phases")
+    p.add_argument("--quick", action="store_true", help="a tiny model at 64 px (and 5 s phases unless given)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/bitcli-bench"))
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--model-only-child", help=argparse.SUPPRESS)
@@ -348,8 +351,8 @@ def main() -> None:
     if args.model_only_child:
         model_only_child(args.model_only_child, args.max_batch, args.repeats)
         return
-    if args.quick:
-        args.seconds, args.fault_seconds = 5, 5
+    args.seconds = args.seconds or (5 if args.quick else 60)
+    args.fault_seconds = args.fault_seconds or (5 if args.quick else 30)
     args.workdir.mkdir(parents=True, exist_ok=True)
     results: dict = {"machine": machine(), "load_before": os.getloadavg(), "settings": {
         k: getattr(args, k) for k in ("clients", "seconds", "fault_seconds", "max_batch", "max_wait_ms", "timeout_s", "quick")}}  # fmt: skip
