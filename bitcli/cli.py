@@ -19,10 +19,12 @@ from bitcli.cli_options import (
     BatchOpt,
     BatchSplitOpt,
     CalibrateOpt,
+    CommitMessageOpt,
     ConvertFormatOpt,
     ConvertOverwriteOpt,
     DecodeThreadsOpt,
     DeviceOpt,
+    DryRunOpt,
     DstArg,
     DTypeOpt,
     EmbedFormatOpt,
@@ -39,6 +41,7 @@ from bitcli.cli_options import (
     ImagesArg,
     LabelColumnOpt,
     LabelsOpt,
+    LicenseOpt,
     LrOpt,
     MaxBatchOpt,
     MaxBodyOpt,
@@ -55,10 +58,15 @@ from bitcli.cli_options import (
     PrecisionOpt,
     PredictFormatOpt,
     PredictOutputOpt,
+    PrivateOpt,
+    PushOnnxOpt,
+    PushRevisionOpt,
+    PushSrcArg,
     QuantizeOpt,
     QueueOpt,
     RandomInitOpt,
     RecursiveOpt,
+    RepoArg,
     ResolutionOpt,
     ResumeOpt,
     RevisionOpt,
@@ -90,6 +98,7 @@ from bitcli.options import (
     FinetuneOptions,
     Precision,
     PredictOptions,
+    PushOptions,
     ReportOptions,
     ServeOptions,
     check_embed_output,
@@ -296,6 +305,27 @@ def report(run: RunDirArg) -> None:
     from bitcli.commands import report as report_command
 
     report_command.run(opts)
+
+
+@_command()
+def push(
+    src: PushSrcArg,
+    repo: RepoArg,
+    private: PrivateOpt = False,
+    revision: PushRevisionOpt = None,
+    commit_message: CommitMessageOpt = None,
+    onnx: PushOnnxOpt = False,
+    dry_run: DryRunOpt = False,
+    license_id: LicenseOpt = None,
+) -> None:
+    """Publish a fine-tuned run (or any model) to the Hugging Face Hub in one commit: a transformers folder, a model card with the metrics, the pictures."""
+    opts = PushOptions(
+        src=src, repo=repo, private=private, revision=revision, commit_message=commit_message, onnx=onnx,
+        dry_run=dry_run, license=license_id,
+    )  # fmt: skip
+    from bitcli.commands import push as push_command
+
+    push_command.run(opts)
 
 
 @_command()

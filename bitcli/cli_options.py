@@ -268,6 +268,44 @@ RunDirArg = Annotated[
 ]  # fmt: skip
 
 # ----------------------------------------------------------------------------------------------------------
+# push
+
+PushSrcArg = Annotated[
+    str,
+    typer.Argument(metavar="SRC", show_default=False,
+                   help="A bit finetune run folder (its --output), or any model spec (file, folder, Hub id, published name)."),
+]  # fmt: skip
+RepoArg = Annotated[
+    str, typer.Argument(metavar="OWNER/NAME", show_default=False, help="The Hub repo to push to (created if missing).")
+]
+PrivateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--private", help="Create the repo private; an existing public repo is refused, never made public by mistake."
+    ),
+]
+PushRevisionOpt = Annotated[
+    str | None,
+    typer.Option("--revision", metavar="BRANCH", show_default="main",
+                 help="The branch to commit to (created from main if missing)."),
+]  # fmt: skip
+CommitMessageOpt = Annotated[
+    str | None,
+    typer.Option("--commit-message", show_default="Upload NAME with bit push", help="The commit's message."),
+]
+PushOnnxOpt = Annotated[
+    bool, typer.Option("--onnx", help="Also upload model.onnx, the proven export of bit convert (needs bitcli[onnx]).")
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print the files and the model card; upload nothing (no token needed).")
+]
+LicenseOpt = Annotated[
+    str | None,
+    typer.Option("--license", show_default="none stated",
+                 help="The model's license id for the card (apache-2.0, mit, cc-by-4.0, other, ...)."),
+]  # fmt: skip
+
+# ----------------------------------------------------------------------------------------------------------
 # serve
 
 ServeModelArg = Annotated[

@@ -421,3 +421,34 @@ class FinetuneOptions:
 @dataclass(frozen=True)
 class ReportOptions:
     run: Path  # a `bit finetune` run folder (--output), finished, running or interrupted
+
+
+# A Hub repo id, each part as the Hub allows it: letters, digits, '-', '_', '.', not starting or ending with '-' or
+# '.', no '--' or '..', at most 96 characters (huggingface_hub's validate_repo_id, without importing it).
+_HUB_NAME = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?", re.ASCII)
+_LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    src: str  # a bit finetune run folder or any model spec
+    repo: str  # OWNER/NAME on the Hub
+    private: bool = False  # create the repo private (an existing public one is refused)
+    revision: str | None = None  # the branch to commit to (created from main if missing); None: main
+    commit_message: str | None = None  # None: "Upload <name> with bit push"
+    onnx: bool = False  # also upload model.onnx
+    dry_run: bool = False  # print the files and the card; upload nothing
+    license: str | None = None  # the card's license id; None: not stated
+
+    def __post_init__(self) -> None:
+        owner, _, name = self.repo.partition("/")
+        if not (_HUB_NAME.fullmatch(owner) and _HUB_NAME.fullmatch(name)):
+            raise UsageError(
+                f"{self.repo}: name the Hub repo OWNER/NAME (letters, digits, '-', '_', '.'), e.g. alice/bit-flowers"
+            )
+        if self.revision is not None and not re.fullmatch(r"[\w./-]+", self.revision, re.ASCII):
+            raise UsageError(f"--revision {self.revision!r}: a branch name (letters, digits, '-', '_', '.', '/')")
+        if self.commit_message is not None and not self.commit_message.strip():
+            raise UsageError("--commit-message: give a message (or leave the flag out)")
+        if self.license is not None and not _LICENSE_ID.fullmatch(self.license):
+            raise UsageError(f"--license {self.license!r}: a Hub license id in lower case, e.g. apache-2.0, mit, other")
