@@ -11,7 +11,8 @@ import sys
 from bitcli import extras, plots
 from bitcli.distributed import from_main, process_group
 from bitcli.engine import load_engine
-from bitcli.evaluation import evaluate, example_decoder
+from bitcli.evaluation import evaluate, example_decoder, example_reader
+from bitcli.gpu_decode import for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.labels import match_classes
 from bitcli.metrics import OTHER, EvalResult, render_table
@@ -52,8 +53,10 @@ def run(opts: EvalOptions) -> int:
                     done += n
                     show(n)
 
-                result = evaluate(engine, ds, example_decoder(ds, engine.preprocess), batch_size=opts.batch_size,
-                                  workers=opts.workers, class_to_model=class_to_model, advance=advance, info=info)  # fmt: skip
+                decode = example_decoder(ds, engine.preprocess)
+                result = evaluate(engine, ds, decode, batch_size=opts.batch_size, workers=opts.workers,
+                                  class_to_model=class_to_model, advance=advance, info=info,
+                                  on_device=for_engine(engine, decode, example_reader(ds)))  # fmt: skip
         except KeyboardInterrupt:  # Ctrl-C: one line, as predict gives (the bar and decode threads are closed by now)
             if info.main:
                 log(f"interrupted: {done} of {len(ds)} images done; accuracy is reported only for a whole pass")

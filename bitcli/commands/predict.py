@@ -10,6 +10,7 @@ import numpy as np
 
 from bitcli.distributed import from_main, process_group
 from bitcli.engine import load_engine, top_k
+from bitcli.gpu_decode import file_bytes, for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.inputs import expand_inputs, path_decoder
 from bitcli.options import PredictFormat, PredictOptions
@@ -35,8 +36,9 @@ def run(opts: PredictOptions) -> int:
             return top_k(engine.logits(batch), engine.labels, opts.top_k)
 
         decode = path_decoder(engine.preprocess, downloads(opts.max_download_mb))
-        interrupted = run_report(report, decode, classify, batch_size=opts.batch_size,
-                                 workers=opts.workers, emit=emit, info=info, verb="classifying")  # fmt: skip
+        interrupted = run_report(report, decode, classify, batch_size=opts.batch_size, workers=opts.workers,
+                                 emit=emit, info=info, verb="classifying",
+                                 on_device=for_engine(engine, decode, file_bytes))  # fmt: skip
         if info.main and not stream:
             color = opts.output is None and opts.format == PredictFormat.table and sys.stdout.isatty()
             write_text(predictions_text(rows, opts.format, color), opts.output)
