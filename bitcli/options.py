@@ -206,6 +206,17 @@ def parse_dst_path(value: str) -> Path:
     return Path(value)
 
 
+def parse_positive(value: str) -> float:
+    """A finite number > 0 (sizes in MB, timeouts in seconds)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise OptionError(f"{value!r}: use a number, e.g. 50 or 0.5") from None
+    if not math.isfinite(x) or x <= 0:
+        raise OptionError(f"{value}: must be a number > 0")
+    return x
+
+
 def parse_png_path(value: str) -> Path:
     """A picture's file name: it must end in .png (the only format drawn), so the name says what it holds."""
     path = parse_file_path(value)
@@ -303,6 +314,7 @@ class PredictOptions:
     output: Path | None = None
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
+    max_download_mb: float = 50.0  # the size cap of an image named by URL (bitcli.urls)
 
 
 @dataclass(frozen=True)
@@ -334,6 +346,37 @@ class EmbedOptions:
     normalize: bool = False  # L2-normalise each vector
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
+    max_download_mb: float = 50.0  # the size cap of an image named by URL (bitcli.urls)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`bit serve`: the model, where to listen, and the server's limits (bitcli.server)."""
+
+    model: str
+    revision: str | None = None
+    host: str = "127.0.0.1"  # loopback: another address is the user's explicit choice
+    port: int = 8000  # 0: a free port (the URL is printed)
+    max_batch: int = 16  # images per forward pass
+    max_wait_ms: float = 10.0  # how long the first image of a batch waits for others
+    queue: int = 64  # images admitted and not yet answered; more: 429
+    max_body_mb: float = 50.0  # a request body over this: 413
+    timeout_s: float = 60.0  # a request not answered within this: 408 (body still arriving) or 504
+    max_connections: int = 128  # open connections; more: 503
+    top_k: int = 5  # the default of ?top_k=
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    workers: int = DEFAULT_WORKERS  # decoding threads
+
+    def __post_init__(self) -> None:
+        if self.queue < self.max_batch:
+            raise UsageError(f"--queue {self.queue} is below --max-batch {self.max_batch}: batches could never fill")
+        # (also refuses inf and nan, which typer's min=0 lets through: a wait the model thread cannot time)
+        if not 0 <= self.max_wait_ms < self.timeout_s * 1000:
+            raise UsageError(
+                f"--max-wait-ms {self.max_wait_ms:g}: use a number of milliseconds from 0 to below --timeout-s "
+                f"({self.timeout_s * 1000:g} ms), or a lone request would wait out its own timeout"
+            )
 
 
 @dataclass(frozen=True)
