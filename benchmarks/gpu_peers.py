@@ -36,7 +36,7 @@ def throughput(run, models) -> None:
     for name, path in (("R50x1" if m.name == "gpu" else "tiny", models.agree), (m.big, models.big)):
         if run.left() <= 0:  # not even loaded (an R101x3 takes seconds)
             for res in m.resolutions:
-                _not_measured(run, list(CONTENDERS), name, res, "model only")
+                _not_measured(run, list(CONTENDERS), name, res, what="model only")
             continue
         ckpt = load_checkpoint(str(path))
         contenders = {"bitcli": _bitcli(ckpt, device, dtype)}
@@ -47,7 +47,7 @@ def throughput(run, models) -> None:
                 contenders[peer] = f"{type(exc).__name__}: {str(exc).strip()[:120]}"
         for res in m.resolutions:
             if run.left() <= 0:
-                _not_measured(run, list(contenders), name, res, "model only")
+                _not_measured(run, list(contenders), name, res, what="model only")
                 continue
             _model_only(run, name, res, contenders, device)
         del contenders
@@ -57,7 +57,7 @@ def throughput(run, models) -> None:
         if run.left() > 0:
             _end_to_end(run, models, res, dtype)
         else:
-            _not_measured(run, list(CONTENDERS), "R50x1" if m.name == "gpu" else "tiny", res, "end to end")
+            _not_measured(run, list(CONTENDERS), "R50x1" if m.name == "gpu" else "tiny", res, what="end to end")
     ran = [r for r in run.throughput if r.get("images_per_s") is not None]
     notes = sorted({r["note"] for r in run.throughput if r.get("images_per_s") is None})
     # nothing measured: a FAIL, unless only because the time ran out (a SKIP, as elsewhere)
@@ -216,7 +216,7 @@ def _end_to_end(run, models, res: int, dtype) -> None:
                                    "what": "end to end", "images_per_s": None, "note": f"{type(exc).__name__}: {str(exc)[:120]}"})  # fmt: skip
     for contender, go in cases.items():
         if run.left() <= 0:
-            _not_measured(run, [contender], name, res, "end to end")
+            _not_measured(run, [contender], name, res, what="end to end")
             continue
         row = {"contender": contender, "model": name, "resolution": res, "batch": m.batch, "what": "end to end"}
         try:
