@@ -42,6 +42,7 @@ def evaluate(
     class_to_model: Sequence[int],
     advance: Callable[[int], None] = pipeline.no_progress,
     info: Dist = pipeline.ONE_PROCESS,
+    keep: Callable[[np.ndarray, torch.Tensor], None] | None = None,
     on_device: DeviceDecoder[int] | None = None,
 ) -> EvalResult | None:
     """Accuracy of the engine's model on `ds`; `decode(i)` gives image i as uint8 HWC. class_to_model[c] is
@@ -50,7 +51,9 @@ def evaluate(
 
     The main process accumulates every stack of images exactly as the engine computed it, in batch order: the
     same updates with the same values whatever the number of processes, so the same result, bit for bit. The
-    other processes return None. on_device: decode on the engine's GPU (bitcli.gpu_decode.for_engine)."""
+    other processes return None. `keep(indices, logits)`, when given, is called on the main process with every
+    stack's data-set indices and logits as they were accumulated (a report's per-image results). on_device: decode
+    on the engine's GPU (bitcli.gpu_decode.for_engine)."""
     acc = Accumulator(ds.classes, class_to_model, engine.num_classes)
     targets = np.asarray(ds.targets, dtype=np.int64)
 
@@ -68,4 +71,6 @@ def evaluate(
                 outcomes = [batch.outcomes[p] for p in stack]
                 stacked = torch.from_numpy(np.stack([o.value for o in outcomes]))
                 acc.update(stacked, targets[[o.ref for o in outcomes]])
+                if keep is not None:
+                    keep(np.asarray([o.ref for o in outcomes], dtype=np.int64), stacked)
     return acc.result() if info.main else None

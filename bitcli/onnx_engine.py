@@ -24,6 +24,8 @@ from bitcli.preprocess import Preprocess
 from bitcli.ui import log
 
 CPU = torch.device("cpu")
+# Why an ONNX model gets no Grad-CAM (the exported graph ends in logits: no gradient of the final activations).
+NO_GRADCAM = "Grad-CAM needs the torch checkpoint the ONNX file was exported from (the export gives logits only)"
 
 
 def pixel_values(normalize: Callable[[torch.Tensor], torch.Tensor], batch_uint8: np.ndarray) -> np.ndarray:
@@ -99,3 +101,6 @@ class OnnxEngine:
         raise BitError(
             f"{self.source}: an ONNX export gives logits only; use the checkpoint it was exported from for features"
         )
+
+    def gradcam(self, batch_uint8: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        raise BitError(f"{self.source}: {NO_GRADCAM}")

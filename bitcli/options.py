@@ -18,6 +18,7 @@ from bitcli.architectures import DEFAULT_MODEL
 from bitcli.errors import BitError, UsageError
 from bitcli.hubnames import branch_problem, commit_text, repo_id_problem
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution, resolution_for_crop
+from bitcli.pages.folder import refusal as page_folder_refusal
 from bitcli.ui import display, visible
 from bitcli.writes import names_a_folder, unwritable
 
@@ -206,6 +207,17 @@ def parse_dst_path(value: str) -> Path:
     return Path(value)
 
 
+def parse_positive(value: str) -> float:
+    """A finite number > 0 (sizes in MB, timeouts in seconds)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise OptionError(f"{value!r}: use a number, e.g. 50 or 0.5") from None
+    if not math.isfinite(x) or x <= 0:
+        raise OptionError(f"{value}: must be a number > 0")
+    return x
+
+
 def parse_png_path(value: str) -> Path:
     """A picture's file name: it must end in .png (the only format drawn), so the name says what it holds."""
     path = parse_file_path(value)
@@ -231,6 +243,20 @@ def check_output(flag: str, path: Path | None, folder: bool = False) -> None:
     if path is None:
         return
     reason = unwritable(path, folder)
+    if reason is not None:
+        raise UsageError(f"{flag} {display(path)}: {reason}")
+
+
+def check_page_folder(flag: str, path: Path | None, data: DataSpec | None = None) -> None:
+    """Refuse (exit 2, before any work) a folder a page cannot be written into (bitcli.pages.folder): a file,
+    a folder that cannot be written in, a folder holding files bitcli did not write; and one inside the image
+    folder `data`, where its pictures would be taken for a class of images by the next run."""
+    if path is None:
+        return
+    reason = page_folder_refusal(path)
+    if reason is None and isinstance(data, Path) and data.is_dir():
+        inside = Path(os.path.realpath(data)) in Path(os.path.realpath(path)).parents
+        reason = f"is inside the image folder {display(data)}; choose a folder outside it" if inside else None
     if reason is not None:
         raise UsageError(f"{flag} {display(path)}: {reason}")
 
@@ -289,6 +315,7 @@ class PredictOptions:
     output: Path | None = None
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
+    max_download_mb: float = 50.0  # the size cap of an image named by URL (bitcli.urls)
 
 
 @dataclass(frozen=True)
@@ -302,6 +329,7 @@ class EvalOptions:
     precision: Precision = Precision.auto
     workers: int = DEFAULT_WORKERS
     plot: Path | None = None  # also write the confusion matrix here as a PNG
+    report: Path | None = None  # also write the HTML report (metrics, confusion, error gallery) into this folder
     image_column: str | None = None  # a data set's image column (None: found from its features)
     label_column: str | None = None  # ... and its label column
 
@@ -319,6 +347,37 @@ class EmbedOptions:
     normalize: bool = False  # L2-normalise each vector
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
+    max_download_mb: float = 50.0  # the size cap of an image named by URL (bitcli.urls)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`bit serve`: the model, where to listen, and the server's limits (bitcli.server)."""
+
+    model: str
+    revision: str | None = None
+    host: str = "127.0.0.1"  # loopback: another address is the user's explicit choice
+    port: int = 8000  # 0: a free port (the URL is printed)
+    max_batch: int = 16  # images per forward pass
+    max_wait_ms: float = 10.0  # how long the first image of a batch waits for others
+    queue: int = 64  # images admitted and not yet answered; more: 429
+    max_body_mb: float = 50.0  # a request body over this: 413
+    timeout_s: float = 60.0  # a request not answered within this: 408 (body still arriving) or 504
+    max_connections: int = 128  # open connections; more: 503
+    top_k: int = 5  # the default of ?top_k=
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    workers: int = DEFAULT_WORKERS  # decoding threads
+
+    def __post_init__(self) -> None:
+        if self.queue < self.max_batch:
+            raise UsageError(f"--queue {self.queue} is below --max-batch {self.max_batch}: batches could never fill")
+        # (also refuses inf and nan, which typer's min=0 lets through: a wait the model thread cannot time)
+        if not 0 <= self.max_wait_ms < self.timeout_s * 1000:
+            raise UsageError(
+                f"--max-wait-ms {self.max_wait_ms:g}: use a number of milliseconds from 0 to below --timeout-s "
+                f"({self.timeout_s * 1000:g} ms), or a lone request would wait out its own timeout"
+            )
 
 
 @dataclass(frozen=True)
@@ -387,8 +446,22 @@ class FinetuneOptions:
     revision: str | None = None
     head_only: bool = False  # train the new head only; the backbone stays the start model's, bit for bit
     tensorboard: bool = False  # also write TensorBoard event files under DIR/tensorboard
+    report: bool = False  # write the final validation's HTML report (error gallery) into DIR/report
     image_column: str | None = None  # a data set's image column (None: found from its features)
     label_column: str | None = None  # ... and its label column
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    images: list[str]
+    output: Path  # the folder of overlays, explain.jsonl and maps.safetensors (bitcli.pages.folder's rules)
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    target: str | None = None  # a label or class index to explain in every image (None: each one's prediction)
+    batch_size: int = 16
+    device: str = "auto"
+    recursive: bool = False
+    workers: int = DEFAULT_WORKERS
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
 #      scikit-learn (.ci/venv; .ci/run adds the test extras to the same venv),
 #   2. export scikit-learn's handwritten digits as an image folder (train/ and a held-out test/, 32x32 PNG),
 #   3. fine-tune a small BiT from random weights (`bit finetune --random-init`),
-#   4. measure it on the held-out images (`bit eval`) and classify a few of them (`bit predict`),
+#   4. measure it on the held-out images (`bit eval`, with the report page of its errors in $WORK/report/)
+#      and classify a few of them (`bit predict`),
 #   5. summarise the run (`bit report`; the run drew $WORK/model/curves.png and confusion.png).
 # A few minutes on 2 CPU cores. Outputs go to $DEMO_DIR (default runs/digits-demo in the checkout); the venv
 # is $BITCLI_VENV (default .venv in the checkout); a relative path in either is taken from the directory the
@@ -40,7 +41,8 @@ train_seconds=$(( $(date +%s) - train_started ))
 
 echo "== bit eval on the held-out test images"
 "$BIT" eval "$WORK/digits/test" --model "$WORK/model"
-"$BIT" eval "$WORK/digits/test" --model "$WORK/model" --format json --plot "$WORK/eval_confusion.png" > "$WORK/eval.json"
+"$BIT" eval "$WORK/digits/test" --model "$WORK/model" --format json --plot "$WORK/eval_confusion.png" \
+    --report "$WORK/report" > "$WORK/eval.json"
 
 echo "== bit predict on three held-out images"
 samples=()

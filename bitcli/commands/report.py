@@ -28,6 +28,7 @@ from bitcli.finetune.runfiles import (
     METRICS_FILE,
     MODEL_FILES,
     PICTURE_FILES,
+    REPORT_FOLDER,
     STATE_FILE,
     SUMMARY_FILE,
     VALIDATION_FILE,
@@ -238,6 +239,10 @@ def file_lines(folder: Path) -> list[str]:
             if name == SUMMARY_FILE and summary_problem(folder) is not None:
                 note = "cannot be read (see status)"
             lines.append(f"  {visible(display(folder / name))}  {note}")
+    page = folder / REPORT_FOLDER / "index.html"
+    if page.is_file():
+        lines.append(f"  {visible(display(page))}  the last validation's report: metrics, confusion matrix, the "
+                     f"misclassified images with Grad-CAM (open in a browser: {visible(page.resolve().as_uri())})")  # fmt: skip
     board = folder / tensorboard.FOLDER
     if board.is_dir():
         lines.append(f"  {visible(display(board))}  TensorBoard events: tensorboard --logdir {visible(display(board))}")

@@ -29,6 +29,7 @@ from bitcli.finetune.runfiles import (
     CONFIG_FILE,
     LOCK_FILE,
     MODEL_FILES,
+    REPORT_FOLDER,
     RUN_FILES,
     SUMMARY_FILE,
     raw_lines,
@@ -37,6 +38,7 @@ from bitcli.finetune.runfiles import (
 from bitcli.formats import Checkpoint, TensorRef
 from bitcli.formats.hf import write as write_hf
 from bitcli.options import FinetuneOptions
+from bitcli.pages.folder import remove_page_folder
 from bitcli.preprocess import Preprocess
 from bitcli.ui import log, visible
 from bitcli.writes import atomic_write, move_files_into
@@ -99,7 +101,8 @@ def output_mode(output: Path, resume: bool, overwrite: bool) -> str:
 
 def remove_leftovers(output: Path, run_files: bool) -> None:
     """Temporary files of bitcli's writes that a kill interrupted (never read: every write is renamed into
-    place), and with `run_files` the previous run's files. Nothing else: DIR may hold the user's files."""
+    place), and with `run_files` the previous run's files (its report's too). Nothing else: DIR may hold the
+    user's files."""
     for p in output.iterdir() if output.is_dir() else ():
         if p.is_symlink():
             continue
@@ -111,6 +114,8 @@ def remove_leftovers(output: Path, run_files: bool) -> None:
             p.unlink()
         elif run_files and p.name == board.FOLDER and p.is_dir():
             board.remove_events(p)  # --tensorboard's event files, and the folder if nothing else is in it
+        elif run_files and p.name == REPORT_FOLDER and p.is_dir():
+            remove_page_folder(p)  # --report's files (its marker lists them), and the folder if nothing else is in it
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ LOCK_FILE = ".lock"  # held by the writing process while a run is in progress; r
 MODEL_FILES = ("model.safetensors", "preprocessor_config.json", "config.json")  # config.json last
 VALIDATION_FILE = "validation.json"  # the last validation: metrics, labels and confusion matrix (bitcli.finetune.watch)
 PICTURE_FILES = ("curves.png", "confusion.png")  # bitcli.finetune.watch draws them at every validation
+REPORT_FOLDER = "report"  # --report: the last validation's HTML report (bitcli.gallery), REPORT_FOLDER/index.html
 RUN_FILES = (*MODEL_FILES, METRICS_FILE, SUMMARY_FILE, STATE_FILE, CONFIG_FILE, VALIDATION_FILE, *PICTURE_FILES)
 
 STATE_FORMAT = "bitcli-finetune-state/1"  # the checkpoint's metadata "format" (bitcli.finetune.state)
