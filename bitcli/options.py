@@ -16,9 +16,10 @@ from typing import TypeVar
 
 from bitcli.architectures import DEFAULT_MODEL
 from bitcli.errors import BitError, UsageError
+from bitcli.hubnames import branch_problem, commit_text, repo_id_problem
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution, resolution_for_crop
 from bitcli.pages.folder import refusal as page_folder_refusal
-from bitcli.ui import display
+from bitcli.ui import display, visible
 from bitcli.writes import names_a_folder, unwritable
 
 # Image-decoding threads for every command (0: decode in the calling thread); results never depend on it.
@@ -468,9 +469,6 @@ class ReportOptions:
     run: Path  # a `bit finetune` run folder (--output), finished, running or interrupted
 
 
-# A Hub repo id, each part as the Hub allows it: letters, digits, '-', '_', '.', not starting or ending with '-' or
-# '.', no '--' or '..', at most 96 characters (huggingface_hub's validate_repo_id, without importing it).
-_HUB_NAME = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?", re.ASCII)
 _LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
 
 
@@ -486,14 +484,13 @@ class PushOptions:
     license: str | None = None  # the card's license id; None: not stated
 
     def __post_init__(self) -> None:
-        owner, _, name = self.repo.partition("/")
-        if not (_HUB_NAME.fullmatch(owner) and _HUB_NAME.fullmatch(name)):
-            raise UsageError(
-                f"{self.repo}: name the Hub repo OWNER/NAME (letters, digits, '-', '_', '.'), e.g. alice/bit-flowers"
-            )
-        if self.revision is not None and not re.fullmatch(r"[\w./-]+", self.revision, re.ASCII):
-            raise UsageError(f"--revision {self.revision!r}: a branch name (letters, digits, '-', '_', '.', '/')")
+        if problem := repo_id_problem(self.repo):
+            raise UsageError(f"{visible(self.repo)}: {problem}")
+        if self.revision is not None and (problem := branch_problem(self.revision)):
+            raise UsageError(f"--revision {visible(repr(self.revision))}: {problem}")
         if self.commit_message is not None and not self.commit_message.strip():
             raise UsageError("--commit-message: give a message (or leave the flag out)")
+        if self.commit_message is not None and not commit_text(self.commit_message)[0]:
+            raise UsageError("--commit-message: the first line is the commit's summary, and it is blank: start with it")
         if self.license is not None and not _LICENSE_ID.fullmatch(self.license):
             raise UsageError(f"--license {self.license!r}: a Hub license id in lower case, e.g. apache-2.0, mit, other")
