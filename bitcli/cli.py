@@ -22,6 +22,7 @@ from bitcli.cli_options import (
     CommitMessageOpt,
     ConvertFormatOpt,
     ConvertOverwriteOpt,
+    DecodeThreadsOpt,
     DeviceOpt,
     DryRunOpt,
     DstArg,
@@ -32,21 +33,30 @@ from bitcli.cli_options import (
     EvalDataArg,
     EvalEveryOpt,
     EvalFormatOpt,
+    ExplainOutputOpt,
     FinetuneDataArg,
+    FinetuneReportOpt,
     GlobalBatchOpt,
     HeadOnlyOpt,
+    HostOpt,
     ImageColumnOpt,
     ImagesArg,
     LabelColumnOpt,
     LabelsOpt,
     LicenseOpt,
     LrOpt,
+    MaxBatchOpt,
+    MaxBodyOpt,
+    MaxConnectionsOpt,
+    MaxDownloadOpt,
+    MaxWaitOpt,
     MinAgreementOpt,
     MixupOpt,
     ModelOpt,
     NormalizeOpt,
     OpsetOpt,
     PlotOpt,
+    PortOpt,
     PrecisionOpt,
     PredictFormatOpt,
     PredictOutputOpt,
@@ -55,9 +65,11 @@ from bitcli.cli_options import (
     PushRevisionOpt,
     PushSrcArg,
     QuantizeOpt,
+    QueueOpt,
     RandomInitOpt,
     RecursiveOpt,
     RepoArg,
+    ReportDirOpt,
     ResolutionOpt,
     ResumeOpt,
     RevisionOpt,
@@ -66,11 +78,14 @@ from bitcli.cli_options import (
     RunOverwriteOpt,
     SaveEveryOpt,
     SeedOpt,
+    ServeModelArg,
     ShotsOpt,
     SrcArg,
     StartModelOpt,
     StepsOpt,
+    TargetOpt,
     TensorboardOpt,
+    TimeoutOpt,
     TopKOpt,
     ValOpt,
     ValSplitOpt,
@@ -84,17 +99,23 @@ from bitcli.options import (
     EmbedOptions,
     EvalFormat,
     EvalOptions,
+    ExplainOptions,
     FinetuneOptions,
     Precision,
     PredictOptions,
     PushOptions,
     ReportOptions,
+    ServeOptions,
     check_embed_output,
+    check_explain_output_outside_inputs,
     check_output,
+    check_page_folder,
+    check_plot_outside_report,
     embed_format,
     parse_data,
     predict_format,
 )
+from bitcli.pages.folder import EVAL_REPORT, EXPLAIN
 
 app = typer.Typer(
     name="bit",
@@ -147,6 +168,7 @@ def predict(
     output: PredictOutputOpt = None,
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
+    max_download_mb: MaxDownloadOpt = 50.0,
 ) -> None:
     """Classify images: top-k labels with probabilities.
 
@@ -155,6 +177,7 @@ def predict(
     opts = PredictOptions(
         images=images, model=model, revision=revision, top_k=top_k, batch_size=batch_size, device=device,
         precision=precision, format=predict_format(fmt, output), output=output, recursive=recursive, workers=workers,
+        max_download_mb=max_download_mb,
     )  # fmt: skip
     check_output("--output", output)
     from bitcli.commands import predict as predict_command
@@ -175,6 +198,7 @@ def embed(
     precision: PrecisionOpt = Precision.auto,
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
+    max_download_mb: MaxDownloadOpt = 50.0,
 ) -> None:
     """Image embeddings: the pre-logits features (global average pool after the final GroupNorm + ReLU).
 
@@ -183,6 +207,7 @@ def embed(
     opts = EmbedOptions(
         images=images, model=model, revision=revision, batch_size=batch_size, device=device, precision=precision,
         format=embed_format(fmt, output), output=output, normalize=normalize, recursive=recursive, workers=workers,
+        max_download_mb=max_download_mb,
     )  # fmt: skip
     check_embed_output(opts.format, output)
     from bitcli.commands import embed as embed_command
@@ -242,6 +267,7 @@ def finetune(
     tensorboard: TensorboardOpt = False,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
+    report: FinetuneReportOpt = False,
 ) -> None:
     """Fine-tune a BiT model on labelled images with the BiT-HyperRule (resumable; torchrun for several processes)."""
     opts = FinetuneOptions(
@@ -249,9 +275,14 @@ def finetune(
         batch_size=batch_size, batch_split=batch_split, resolution=resolution, mixup=mixup, seed=seed,
         device=device, precision=precision, workers=workers, eval_every=eval_every, save_every=save_every,
         resume=resume, overwrite=overwrite, random_init=random_init, revision=revision, head_only=head_only,
-        tensorboard=tensorboard, image_column=image_column, label_column=label_column,
+        tensorboard=tensorboard, image_column=image_column, label_column=label_column, report=report,
     )  # fmt: skip
     check_output("--output", output, folder=True)
+    if report:
+        from bitcli.finetune.runfiles import REPORT_FOLDER
+
+        check_page_folder("--report: the report folder", output / REPORT_FOLDER, kind=EVAL_REPORT,
+                          removed_first=overwrite)  # fmt: skip
     from bitcli.commands import finetune as finetune_command
 
     finetune_command.run(opts)
@@ -270,16 +301,47 @@ def eval_(
     plot: PlotOpt = None,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
+    report: ReportDirOpt = None,
 ) -> None:
     """Accuracy on labelled images: top-1, top-5 (models with over 5 classes), per-class accuracy, precision, recall, F1, confusion matrix."""
     opts = EvalOptions(
         data=parse_data(data), model=model, revision=revision, format=fmt, batch_size=batch_size, device=device,
         precision=precision, workers=workers, plot=plot, image_column=image_column, label_column=label_column,
+        report=report,
     )  # fmt: skip
     check_output("--plot", plot)
+    check_page_folder("--report", report, data=opts.data, kind=EVAL_REPORT)
+    check_plot_outside_report(plot, report)
     from bitcli.commands import eval as eval_command
 
     raise typer.Exit(eval_command.run(opts))
+
+
+@_command()
+def explain(
+    images: ImagesArg,
+    output: ExplainOutputOpt,
+    model: EmbedModelOpt = DEFAULT_MODEL,
+    target: TargetOpt = None,
+    revision: RevisionOpt = None,
+    batch_size: BatchOpt = 16,
+    device: DeviceOpt = "auto",
+    recursive: RecursiveOpt = False,
+    workers: WorkersOpt = DEFAULT_WORKERS,
+) -> None:
+    """Grad-CAM: where in each image the evidence for its predicted class (or --target) lies, as overlay PNGs, maps and JSON rows.
+
+    Exit codes: 0 all explained, 1 some input failed (the rest are still written), 2 bad flags.
+    """
+    opts = ExplainOptions(
+        images=images, output=output, model=model, revision=revision, target=target, batch_size=batch_size,
+        device=device, recursive=recursive, workers=workers,
+    )  # fmt: skip
+    check_page_folder("--output", output, kind=EXPLAIN)
+    check_explain_output_outside_inputs(output, images if recursive else [])
+    from bitcli.commands import explain as explain_command
+
+    raise typer.Exit(explain_command.run(opts))
 
 
 @_command()
@@ -310,6 +372,40 @@ def push(
     from bitcli.commands import push as push_command
 
     push_command.run(opts)
+
+
+@_command()
+def serve(
+    model: ServeModelArg,
+    revision: RevisionOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    max_batch: MaxBatchOpt = 16,
+    max_wait_ms: MaxWaitOpt = 10.0,
+    queue: QueueOpt = 64,
+    max_body_mb: MaxBodyOpt = 50.0,
+    timeout_s: TimeoutOpt = 60.0,
+    max_connections: MaxConnectionsOpt = 128,
+    top_k: TopKOpt = 5,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    workers: DecodeThreadsOpt = DEFAULT_WORKERS,
+) -> None:
+    """Serve a model over HTTP: a JSON API (predict, embed) batching concurrent requests, and an upload page.
+
+    Runs until SIGTERM (exit 0) or Ctrl-C (exit 130), finishing the requests in flight. Needs bitcli[serve].
+    """
+    opts = ServeOptions(
+        model=model, revision=revision, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        queue=queue, max_body_mb=max_body_mb, timeout_s=timeout_s, max_connections=max_connections, top_k=top_k,
+        device=device, precision=precision, workers=workers,
+    )  # fmt: skip
+    from bitcli import extras
+
+    extras.require("serve", "bit serve")
+    from bitcli.commands import serve as serve_command
+
+    raise typer.Exit(serve_command.run(opts))
 
 
 def _click_exceptions():

@@ -25,7 +25,10 @@ from bitcli.options import (
     parse_auto_float,
     parse_auto_int,
     parse_device,
+    parse_dst_path,
+    parse_file_path,
     parse_png_path,
+    parse_positive,
     parse_resolution,
     parse_val_split,
 )
@@ -99,7 +102,7 @@ WorkersOpt = Annotated[
 ImagesArg = Annotated[
     list[str],
     typer.Argument(
-        help="Image files, folders or glob patterns; - reads paths from stdin, one per line.",
+        help="Image files, folders, glob patterns or http(s) URLs; - reads paths from stdin, one per line.",
         metavar="IMAGES",
         show_default=False,
     ),
@@ -111,17 +114,42 @@ PredictFormatOpt = Annotated[
     typer.Option("--format", "-f", case_sensitive=False, show_default=False,
                  help="Default: from --output's suffix (.json, .jsonl, .csv), else table."),
 ]  # fmt: skip
-PredictOutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")]
+PredictOutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", parser=_parser("--output", parse_file_path), help="Write here instead of stdout."),
+]
 EmbedOutputOpt = Annotated[
     Path | None,
-    typer.Option("--output", "-o", help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl."),
-]
+    typer.Option("--output", "-o", parser=_parser("--output", parse_file_path),
+                 help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl."),
+]  # fmt: skip
 EmbedFormatOpt = Annotated[
     EmbedFormat | None,
     typer.Option("--format", "-f", case_sensitive=False, show_default=False,
                  help="Default: from --output's suffix; -f jsonl without --output writes to stdout."),
 ]  # fmt: skip
 NormalizeOpt = Annotated[bool, typer.Option("--normalize", help="L2-normalise every vector (unit length).")]
+MaxDownloadOpt = Annotated[
+    float,
+    typer.Option("--max-download-mb", parser=_parser("--max-download-mb", parse_positive), metavar="MB",
+                 help="Size cap of an image given as an http(s) URL (fetched with timeouts, at most 5 redirects)."),
+]  # fmt: skip
+
+# ----------------------------------------------------------------------------------------------------------
+# explain
+
+ExplainOutputOpt = Annotated[
+    Path,
+    typer.Option("--output", "-o", metavar="DIR", show_default=False,
+                 help="Folder for the overlays (PNG), explain.jsonl and maps.safetensors: a new or empty folder, "
+                 "or an earlier output of bit explain."),
+]  # fmt: skip
+TargetOpt = Annotated[
+    str | None,
+    typer.Option("--target", "-t", metavar="LABEL",
+                 help="Explain this class in every image (a label, its first name, or a class index); "
+                 "default: each image's predicted class."),
+]  # fmt: skip
 
 # ----------------------------------------------------------------------------------------------------------
 # convert
@@ -133,8 +161,10 @@ SrcArg = Annotated[
     ),
 ]
 DstArg = Annotated[
-    Path, typer.Argument(metavar="DST", help="A .safetensors file (bitcli), a .onnx file, or a folder (hf/timm).")
-]
+    Path,
+    typer.Argument(metavar="DST", parser=_parser("DST", parse_dst_path),
+                   help="A .safetensors file (bitcli), a .onnx file, or a folder (hf/timm)."),
+]  # fmt: skip
 ConvertFormatOpt = Annotated[
     ConvertFormat | None,
     typer.Option("--format", case_sensitive=False, help="Default: bitcli for *.safetensors, onnx for *.onnx, else hf."),
@@ -232,6 +262,11 @@ RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Start --mode
 HeadOnlyOpt = Annotated[
     bool, typer.Option("--head-only", help="Train only the new head; the backbone stays frozen (a linear probe).")
 ]
+FinetuneReportOpt = Annotated[
+    bool,
+    typer.Option("--report", help="After the last validation, write its HTML report (error gallery with Grad-CAM) "
+                 "into DIR/report (see bit eval --report)."),
+]  # fmt: skip
 TensorboardOpt = Annotated[
     bool,
     typer.Option(
@@ -257,6 +292,12 @@ PlotOpt = Annotated[
     Path | None,
     typer.Option("--plot", parser=_parser("--plot", parse_png_path), metavar="FILE.png",
                  help="Also draw the confusion matrix, row-normalised, as a PNG (needs bitcli[plots])."),
+]  # fmt: skip
+ReportDirOpt = Annotated[
+    Path | None,
+    typer.Option("--report", metavar="DIR",
+                 help="Also write an HTML report into DIR: metrics, a clickable confusion matrix, the misclassified "
+                 "images by loss with Grad-CAM, errors.csv and predictions.csv (a new or empty DIR, or an earlier report's)."),
 ]  # fmt: skip
 RunDirArg = Annotated[
     Path,
@@ -301,3 +342,42 @@ LicenseOpt = Annotated[
     typer.Option("--license", show_default="none stated",
                  help="The model's license id for the card (apache-2.0, mit, cc-by-4.0, other, ...)."),
 ]  # fmt: skip
+
+# ----------------------------------------------------------------------------------------------------------
+# serve
+
+ServeModelArg = Annotated[
+    str,
+    typer.Argument(metavar="MODEL", show_default=False, help=MODEL_HELP + ", or a .onnx file from bit convert."),
+]
+HostOpt = Annotated[
+    str,
+    typer.Option("--host", help="Address to listen on; the default answers this machine only (another address "
+                 "lets other machines in: there is no authentication)."),
+]  # fmt: skip
+PortOpt = Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on; 0: a free one (printed).")]
+MaxBatchOpt = Annotated[
+    int, typer.Option("--max-batch", min=1, help="Most images per forward pass, shared by concurrent requests.")
+]
+MaxWaitOpt = Annotated[
+    float,
+    typer.Option("--max-wait-ms", min=0, help="How long the first image of a batch waits for others to join it."),
+]
+QueueOpt = Annotated[
+    int,
+    typer.Option("--queue", min=1, help="Most images admitted and not yet answered; a request beyond it gets 429."),
+]
+MaxBodyOpt = Annotated[
+    float,
+    typer.Option("--max-body-mb", parser=_parser("--max-body-mb", parse_positive), metavar="MB",
+                 help="Largest request body; a larger one gets 413."),
+]  # fmt: skip
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout-s", parser=_parser("--timeout-s", parse_positive), metavar="SECONDS",
+                 help="A request not answered within this gets 408 (its body was still arriving) or 504."),
+]  # fmt: skip
+MaxConnectionsOpt = Annotated[
+    int, typer.Option("--max-connections", min=1, help="Most open connections; more get 503.")
+]
+DecodeThreadsOpt = Annotated[int, typer.Option("--workers", min=1, help="Image-decoding threads.")]

@@ -355,5 +355,10 @@ class BitModel(nn.Module):
     def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).mean(dim=(2, 3))  # [B, C]
 
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from forward_features' output: global average pooling, then the head (Grad-CAM
+        differentiates this part alone)."""
+        return self.head(features.mean(dim=(2, 3)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pre_logits(x))

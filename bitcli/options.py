@@ -16,9 +16,11 @@ from typing import TypeVar
 
 from bitcli.architectures import DEFAULT_MODEL
 from bitcli.errors import BitError, UsageError
+from bitcli.hubnames import branch_problem, commit_text, repo_id_problem
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution, resolution_for_crop
-from bitcli.ui import display
-from bitcli.writes import unwritable
+from bitcli.pages.folder import refusal as page_folder_refusal
+from bitcli.ui import display, visible
+from bitcli.writes import names_a_folder, unwritable
 
 # Image-decoding threads for every command (0: decode in the calling thread); results never depend on it.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -190,9 +192,35 @@ def parse_auto_float(value: str) -> float | None:
     return x
 
 
+def parse_file_path(value: str) -> Path:
+    """An output file's name (--output): not one that names a folder (`out/`, see writes.names_a_folder)."""
+    reason = names_a_folder(value)
+    if reason is not None:
+        raise OptionError(f"{display(value)}: {reason}")
+    return Path(value)
+
+
+def parse_dst_path(value: str) -> Path:
+    """convert's DST: a folder (hf, timm) may end in a separator; a file that the suffix names may not."""
+    if suffix_format(Path(value), CONVERT_SUFFIXES) is not None:
+        return parse_file_path(value)
+    return Path(value)
+
+
+def parse_positive(value: str) -> float:
+    """A finite number > 0 (sizes in MB, timeouts in seconds)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise OptionError(f"{value!r}: use a number, e.g. 50 or 0.5") from None
+    if not math.isfinite(x) or x <= 0:
+        raise OptionError(f"{value}: must be a number > 0")
+    return x
+
+
 def parse_png_path(value: str) -> Path:
     """A picture's file name: it must end in .png (the only format drawn), so the name says what it holds."""
-    path = Path(value)
+    path = parse_file_path(value)
     if path.suffix.lower() != ".png":
         raise OptionError(f"{value!r}: the picture is a PNG; give a file name ending in .png")
     return path
@@ -217,6 +245,45 @@ def check_output(flag: str, path: Path | None, folder: bool = False) -> None:
     reason = unwritable(path, folder)
     if reason is not None:
         raise UsageError(f"{flag} {display(path)}: {reason}")
+
+
+def check_page_folder(flag: str, path: Path | None, data: DataSpec | None = None, *, kind: str | None = None,
+                      removed_first: bool = False) -> None:  # fmt: skip
+    """Refuse (exit 2, before any work) a folder a page cannot be written into (bitcli.pages.folder): a file,
+    a folder that cannot be written in, a folder holding files bitcli did not write or another command's page
+    (`kind`: the command writing it); and one inside the image folder `data`, where its pictures would be taken
+    for images by the next run."""
+    if path is None:
+        return
+    reason = page_folder_refusal(path, kind, removed_first=removed_first)
+    if reason is None and isinstance(data, Path) and data.is_dir():
+        inside = _within(path, data)
+        reason = f"is inside the image folder {display(data)}; choose a folder outside it" if inside else None
+    if reason is not None:
+        raise UsageError(f"{flag} {display(path)}: {reason}")
+
+
+def check_plot_outside_report(plot: Path | None, report: Path | None) -> None:
+    """Refuse (exit 2) eval's --plot inside its --report folder, which takes no file the report does not write."""
+    if plot is not None and report is not None and _within(plot, report):
+        raise UsageError(
+            f"--plot {display(plot)}: is inside the --report folder {display(report)}, which holds only the "
+            "report's files (its confusion matrix included); write the picture elsewhere"
+        )
+
+
+def check_explain_output_outside_inputs(output: Path, folders: list[str]) -> None:
+    """Refuse (exit 2) explain's --output inside a folder it reads recursively: the next run would explain
+    its own overlays."""
+    for arg in folders:
+        if arg != "-" and Path(arg).is_dir() and _within(output, Path(arg)):
+            raise UsageError(f"--output {display(output)}: is inside the image folder {display(arg)}; "
+                             "choose a folder outside it")  # fmt: skip
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """`path` lies inside `folder` (links resolved)."""
+    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
 
 
 def check_embed_output(fmt: EmbedFormat, output: Path | None) -> None:
@@ -273,6 +340,7 @@ class PredictOptions:
     output: Path | None = None
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
+    max_download_mb: float = 50.0  # the size cap of an image named by URL (bitcli.urls)
 
 
 @dataclass(frozen=True)
@@ -286,6 +354,7 @@ class EvalOptions:
     precision: Precision = Precision.auto
     workers: int = DEFAULT_WORKERS
     plot: Path | None = None  # also write the confusion matrix here as a PNG
+    report: Path | None = None  # also write the HTML report (metrics, confusion, error gallery) into this folder
     image_column: str | None = None  # a data set's image column (None: found from its features)
     label_column: str | None = None  # ... and its label column
 
@@ -303,6 +372,37 @@ class EmbedOptions:
     normalize: bool = False  # L2-normalise each vector
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
+    max_download_mb: float = 50.0  # the size cap of an image named by URL (bitcli.urls)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`bit serve`: the model, where to listen, and the server's limits (bitcli.server)."""
+
+    model: str
+    revision: str | None = None
+    host: str = "127.0.0.1"  # loopback: another address is the user's explicit choice
+    port: int = 8000  # 0: a free port (the URL is printed)
+    max_batch: int = 16  # images per forward pass
+    max_wait_ms: float = 10.0  # how long the first image of a batch waits for others
+    queue: int = 64  # images admitted and not yet answered; more: 429
+    max_body_mb: float = 50.0  # a request body over this: 413
+    timeout_s: float = 60.0  # a request not answered within this: 408 (body still arriving) or 504
+    max_connections: int = 128  # open connections; more: 503
+    top_k: int = 5  # the default of ?top_k=
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    workers: int = DEFAULT_WORKERS  # decoding threads
+
+    def __post_init__(self) -> None:
+        if self.queue < self.max_batch:
+            raise UsageError(f"--queue {self.queue} is below --max-batch {self.max_batch}: batches could never fill")
+        # (also refuses inf and nan, which typer's min=0 lets through: a wait the model thread cannot time)
+        if not 0 <= self.max_wait_ms < self.timeout_s * 1000:
+            raise UsageError(
+                f"--max-wait-ms {self.max_wait_ms:g}: use a number of milliseconds from 0 to below --timeout-s "
+                f"({self.timeout_s * 1000:g} ms), or a lone request would wait out its own timeout"
+            )
 
 
 @dataclass(frozen=True)
@@ -371,8 +471,22 @@ class FinetuneOptions:
     revision: str | None = None
     head_only: bool = False  # train the new head only; the backbone stays the start model's, bit for bit
     tensorboard: bool = False  # also write TensorBoard event files under DIR/tensorboard
+    report: bool = False  # write the final validation's HTML report (error gallery) into DIR/report
     image_column: str | None = None  # a data set's image column (None: found from its features)
     label_column: str | None = None  # ... and its label column
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    images: list[str]
+    output: Path  # the folder of overlays, explain.jsonl and maps.safetensors (bitcli.pages.folder's rules)
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    target: str | None = None  # a label or class index to explain in every image (None: each one's prediction)
+    batch_size: int = 16
+    device: str = "auto"
+    recursive: bool = False
+    workers: int = DEFAULT_WORKERS
 
 
 @dataclass(frozen=True)
@@ -380,9 +494,6 @@ class ReportOptions:
     run: Path  # a `bit finetune` run folder (--output), finished, running or interrupted
 
 
-# A Hub repo id, each part as the Hub allows it: letters, digits, '-', '_', '.', not starting or ending with '-' or
-# '.', no '--' or '..', at most 96 characters (huggingface_hub's validate_repo_id, without importing it).
-_HUB_NAME = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?", re.ASCII)
 _LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
 
 
@@ -398,14 +509,13 @@ class PushOptions:
     license: str | None = None  # the card's license id; None: not stated
 
     def __post_init__(self) -> None:
-        owner, _, name = self.repo.partition("/")
-        if not (_HUB_NAME.fullmatch(owner) and _HUB_NAME.fullmatch(name)):
-            raise UsageError(
-                f"{self.repo}: name the Hub repo OWNER/NAME (letters, digits, '-', '_', '.'), e.g. alice/bit-flowers"
-            )
-        if self.revision is not None and not re.fullmatch(r"[\w./-]+", self.revision, re.ASCII):
-            raise UsageError(f"--revision {self.revision!r}: a branch name (letters, digits, '-', '_', '.', '/')")
+        if problem := repo_id_problem(self.repo):
+            raise UsageError(f"{visible(self.repo)}: {problem}")
+        if self.revision is not None and (problem := branch_problem(self.revision)):
+            raise UsageError(f"--revision {visible(repr(self.revision))}: {problem}")
         if self.commit_message is not None and not self.commit_message.strip():
             raise UsageError("--commit-message: give a message (or leave the flag out)")
+        if self.commit_message is not None and not commit_text(self.commit_message)[0]:
+            raise UsageError("--commit-message: the first line is the commit's summary, and it is blank: start with it")
         if self.license is not None and not _LICENSE_ID.fullmatch(self.license):
             raise UsageError(f"--license {self.license!r}: a Hub license id in lower case, e.g. apache-2.0, mit, other")

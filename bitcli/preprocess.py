@@ -157,6 +157,28 @@ class Preprocess:
         canvas.paste(region, (px, py))
         return canvas
 
+    def view_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom): where the model's input lies on a width x height image, in the image's
+        pixels. The whole image without a crop; the centre crop's window with one; past the image's edges
+        where the crop is larger than the resized image (the black padding). A Grad-CAM map drawn into
+        this box sits on what the model saw."""
+        rw, rh = self.resized_size(width, height)
+        if self.crop is None:
+            return 0.0, 0.0, float(width), float(height)
+        (x0, _, px), (y0, _, py) = (_crop_window(rw, self.crop[1], self.crop_rounding),
+                                    _crop_window(rh, self.crop[0], self.crop_rounding))  # fmt: skip
+        left, top = (x0 - px) * width / rw, (y0 - py) * height / rh
+        return left, top, left + self.crop[1] * width / rw, top + self.crop[0] * height / rh
+
+    def crop_window(self, width: int, height: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """The centre crop of a resized width x height image, as resize_and_crop takes it: for x, then y, (first
+        kept pixel, pixels kept, offset in the output). For decoders that resize elsewhere (bitcli.gpu_decode)."""
+        if self.crop is None:
+            raise ValueError("crop_window: this preprocessing has no crop")
+        return _crop_window(width, self.crop[1], self.crop_rounding), _crop_window(
+            height, self.crop[0], self.crop_rounding
+        )
+
     def to_uint8(self, image: Image.Image) -> np.ndarray:
         """RGB image -> the resized, cropped HWC uint8 array (normalisation happens in the batch, in torch)."""
         try:

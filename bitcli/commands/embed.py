@@ -27,6 +27,7 @@ from bitcli.engine import load_engine
 from bitcli.errors import UsageError
 from bitcli.formats.raw import write_safetensors
 from bitcli.formats.tensors import TensorRef
+from bitcli.gpu_decode import file_bytes, for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.inputs import Input, expand_inputs, path_decoder
 from bitcli.options import EmbedFormat, EmbedOptions, paths_file
@@ -34,6 +35,7 @@ from bitcli.pipeline import Report, drop, exit_code, run_report
 from bitcli.render import json_lines, print_lines
 from bitcli.runtime import resolve_precision
 from bitcli.ui import display, visible
+from bitcli.urls import downloads
 from bitcli.writes import atomic_write, refuse_replacing_input, write_together
 
 # The safetensors reader refuses a header over 100 MB (safetensors' MAX_HEADER_SIZE); the paths live there.
@@ -93,9 +95,12 @@ def run(opts: EmbedOptions) -> int:
                 vectors = F.normalize(vectors, dim=1)  # unit length; an all-zero vector stays zero
             return list(vectors.cpu().numpy())
 
+        decode = path_decoder(engine.preprocess, downloads(opts.max_download_mb))
+        on_device = for_engine(engine, decode, file_bytes)
+
         def run_all(emit: Callable[[list[Embedded]], None]) -> bool:
-            return run_report(report, path_decoder(engine.preprocess), embed, batch_size=opts.batch_size,
-                              workers=opts.workers, emit=emit, info=info, verb="embedding")  # fmt: skip
+            return run_report(report, decode, embed, batch_size=opts.batch_size, workers=opts.workers, emit=emit,
+                              info=info, verb="embedding", on_device=on_device)  # fmt: skip
 
         if not info.main:
             interrupted = run_all(drop)

@@ -1,6 +1,6 @@
 """`bit eval`: the accuracy of a model on a labelled data set (bitcli.evaluation), as a table or JSON, and
-optionally the confusion matrix as a picture. Every process evaluates its share of the batches; the main
-process alone reports."""
+optionally the confusion matrix as a picture and the HTML report with its error gallery (bitcli.gallery). Every
+process evaluates its share of the batches; the main process alone reports."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ from bitcli import extras, plots
 from bitcli.distributed import from_main, process_group
 from bitcli.engine import load_engine
 from bitcli.errors import UsageError
-from bitcli.evaluation import evaluate, example_decoder
+from bitcli.evaluation import evaluate, example_decoder, example_reader
+from bitcli.gallery.build import Source, write_report
+from bitcli.gallery.records import PerImage
+from bitcli.gpu_decode import for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.labels import match_classes
-from bitcli.metrics import OTHER, EvalResult, render_table
+from bitcli.metrics import EvalResult, render_table
 from bitcli.options import EvalFormat, EvalOptions
 from bitcli.pipeline import no_progress
 from bitcli.runtime import resolve_precision
@@ -41,11 +44,15 @@ def run(opts: EvalOptions) -> int:
         # Folder names are checked before the model is built (seconds for a big one); a checkpoint without a
         # head has no labels, and load_engine says so instead.
         class_to_model = (
-            match_classes(ds.classes, ckpt.labels, ckpt.source or opts.model, ds.root, data=ds.source)
+            match_classes(
+                ds.classes, ckpt.labels, ckpt.source or opts.model, ds.root, data=ds.source, first_row=ds.first_row
+            )
             if ckpt.config.num_classes
             else []
         )
         engine = load_engine(ckpt, device, dtype)
+        # --report: the main process keeps every image's result as it is accumulated (no second pass)
+        kept = PerImage(class_to_model, ds.targets) if opts.report is not None and info.main else None
         show_bar = opts.format == EvalFormat.table and info.main
         bar = progress_bar("evaluating", total=len(ds), unit="img") if show_bar else contextlib.nullcontext(no_progress)
         done = 0
@@ -57,8 +64,11 @@ def run(opts: EvalOptions) -> int:
                     done += n
                     show(n)
 
-                result = evaluate(engine, ds, example_decoder(ds, engine.preprocess), batch_size=opts.batch_size,
-                                  workers=opts.workers, class_to_model=class_to_model, advance=advance, info=info)  # fmt: skip
+                decode = example_decoder(ds, engine.preprocess)
+                result = evaluate(engine, ds, decode, batch_size=opts.batch_size, workers=opts.workers,
+                                  class_to_model=class_to_model, advance=advance, info=info,
+                                  on_device=for_engine(engine, decode, example_reader(ds)),
+                                  keep=kept.add if kept is not None else None)  # fmt: skip
         except KeyboardInterrupt:  # Ctrl-C: one line, as predict gives (the bar and decode threads are closed by now)
             if info.main:
                 log(f"interrupted: {done} of {len(ds)} images done; accuracy is reported only for a whole pass")
@@ -66,6 +76,10 @@ def run(opts: EvalOptions) -> int:
         if result is None:  # not the main process: it reports, and any failure there is the run's
             return 0
         _report(result, opts, ds)
+        if kept is not None and opts.report is not None:
+            source = Source(ds, title=f"{display(ds.where())} evaluated with {opts.model}")
+            write_report(opts.report, engine, source, result=result, results=kept.results(),
+                         batch_size=opts.batch_size, workers=opts.workers)  # fmt: skip
         return 0
 
 
@@ -95,4 +109,4 @@ def _report(result: EvalResult, opts: EvalOptions, ds: ImageFolder) -> None:
     sys.stdout.flush()
     if opts.plot is not None:
         heading = f"{visible(display(ds.where()))} with {visible(opts.model)}"
-        plots.write_png(opts.plot, plots.evaluation_png(result.to_dict(), heading, OTHER))
+        plots.write_png(opts.plot, plots.evaluation_png(result.to_dict(), heading, result.other_column))

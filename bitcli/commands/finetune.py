@@ -17,14 +17,16 @@ from bitcli.finetune.loop import Training, bit_sgd, train, validate
 from bitcli.finetune.plan import describe
 from bitcli.finetune.prepare import prepare, resume_point, use_deterministic_algorithms
 from bitcli.finetune.rundir import WRITE_ERRORS, lock_output, remove_leftovers, write_json, write_outputs
-from bitcli.finetune.runfiles import CONFIG_FILE
+from bitcli.finetune.runfiles import CONFIG_FILE, REPORT_FOLDER
 from bitcli.finetune.start import trainable_parameters
 from bitcli.finetune.state import check_finite
 from bitcli.finetune.watch import record_validation
+from bitcli.gallery.build import Source, write_report
+from bitcli.gallery.records import PerImage
 from bitcli.options import FinetuneOptions
 from bitcli.runtime import resolve_precision
 from bitcli.torch_engine import TorchEngine
-from bitcli.ui import log
+from bitcli.ui import display, log
 
 TRAIN_CACHE_BYTES = 1 << 30  # decoded training images kept in memory (per process)
 VAL_CACHE_BYTES = 256 << 20
@@ -73,19 +75,26 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start = resume_point(prepared, opts, info, model=engine.model, optimizer=optimizer, scaler=scaler)
     ds = prepared.data
+    # --report: the last validation (main process) keeps every image's result for the report's gallery
+    kept = PerImage(range(len(ds.val.classes)), ds.val.targets) if opts.report and info.main and ds.val else None
     training = Training(
         plan=plan, info=info, engine=engine, model=wrap(engine.model, info, device), optimizer=optimizer,
         scaler=scaler, data=ds, train_cache=DecodeCache(ds.train, train_transform(plan.resize), TRAIN_CACHE_BYTES),
         val_cache=DecodeCache(ds.val, val_tf, VAL_CACHE_BYTES) if ds.val is not None else None,
         output=opts.output, start=start, workers=opts.workers, tensorboard=opts.tensorboard,
+        keep=kept.add if kept is not None else None,
     )  # fmt: skip
     outcome = train(training)
     if info.main:
         last_eval = outcome.last_eval
         if ds.val is not None and last_eval is None:  # resumed after the last step's checkpoint
-            last_eval = validate(training)
+            last_eval = validate(training, last=True)
             record_validation(opts.output, plan.steps - 1, last_eval, pictures=extras.available("plots"))
         check_finite(engine.model, plan.steps - 1)
         write_outputs(opts.output, engine.model, plan, val_tf, last_eval=last_eval, last_loss=outcome.last_loss,
                       step_times=outcome.step_times, start=start, started=started)  # fmt: skip
+        if kept is not None and last_eval is not None and ds.val is not None:
+            title = f"validation set {display(ds.val.where())} after {plan.steps} steps ({display(opts.output)})"
+            write_report(opts.output / REPORT_FOLDER, engine, Source(ds.val, title=title), result=last_eval,
+                         results=kept.results(), batch_size=plan.micro_batch, workers=opts.workers)  # fmt: skip
     barrier(info)

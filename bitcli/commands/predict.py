@@ -10,12 +10,14 @@ import numpy as np
 
 from bitcli.distributed import from_main, process_group
 from bitcli.engine import load_engine, top_k
+from bitcli.gpu_decode import file_bytes, for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.inputs import expand_inputs, path_decoder
 from bitcli.options import PredictFormat, PredictOptions
 from bitcli.pipeline import Report, drop, exit_code, run_report
 from bitcli.render import Row, predictions_text, print_lines, write_text
 from bitcli.runtime import resolve_precision
+from bitcli.urls import downloads
 from bitcli.writes import refuse_replacing_input
 
 
@@ -35,8 +37,10 @@ def run(opts: PredictOptions) -> int:
         def classify(batch: np.ndarray) -> list[list[dict]]:
             return top_k(engine.logits(batch), engine.labels, opts.top_k)
 
-        interrupted = run_report(report, path_decoder(engine.preprocess), classify, batch_size=opts.batch_size,
-                                 workers=opts.workers, emit=emit, info=info, verb="classifying")  # fmt: skip
+        decode = path_decoder(engine.preprocess, downloads(opts.max_download_mb))
+        interrupted = run_report(report, decode, classify, batch_size=opts.batch_size, workers=opts.workers,
+                                 emit=emit, info=info, verb="classifying",
+                                 on_device=for_engine(engine, decode, file_bytes))  # fmt: skip
         if info.main and not stream:
             color = opts.output is None and opts.format == PredictFormat.table and sys.stdout.isatty()
             write_text(predictions_text(rows, opts.format, color), opts.output)

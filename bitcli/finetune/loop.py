@@ -11,7 +11,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -56,6 +56,8 @@ class Training:
     start: int  # the first step to take (0, or the checkpoint's when resuming)
     workers: int
     tensorboard: bool = False  # --tensorboard: the main process also writes TensorBoard events
+    # --report: the last validation's per-image results go here (evaluation.evaluate's `keep`)
+    keep: Callable[[np.ndarray, torch.Tensor], None] | None = None
 
 
 @dataclass
@@ -107,7 +109,7 @@ def train(t: Training) -> Outcome:
                 record: dict[str, Any] = {"step": step, "lr": lr, "loss": out.last_loss, "images_per_s": ips}
                 if t.val_cache is not None and validation_due(plan, step):
                     if info.main:
-                        out.last_eval = ev = validate(t)
+                        out.last_eval = ev = validate(t, last=step == plan.steps - 1)
                         record.update(val_top1=ev.top1, val_top5=ev.top5, val_loss=ev.loss)
                         progress.log(f"{step + 1}/{plan.steps} steps  lr {lr:.2e}  loss {out.last_loss:.4f}  "
                                      f"val top-1 {ev.top1:.4f}  top-5 {top5_text(ev)}")  # fmt: skip
@@ -145,12 +147,13 @@ def validation_due(plan: Plan, step: int) -> bool:
     return step == plan.steps - 1 or bool(plan.eval_every and (step + 1) % plan.eval_every == 0)
 
 
-def validate(t: Training) -> EvalResult:
-    """On the main process, when the run validates (val and val_cache are set)."""
+def validate(t: Training, last: bool) -> EvalResult:
+    """On the main process, when the run validates (val and val_cache are set); the `last` validation's
+    per-image results also go to t.keep (--report)."""
     val, cache = t.data.val, t.val_cache
     assert val is not None and cache is not None
     result = evaluate(t.engine, val, cache.get, batch_size=t.plan.micro_batch, workers=t.workers,
-                    class_to_model=list(range(len(val.classes))))  # fmt: skip
+                      class_to_model=list(range(len(val.classes))), keep=t.keep if last else None)  # fmt: skip
     assert result is not None  # the main process gets the result
     return result
 
