@@ -138,6 +138,7 @@ def _batch(
     results: Sequence[Any],
     compute: Compute | None,
     name: Callable[[K], str],
+    *,
     stack: Callable[[list], Any] = np.stack,
 ) -> Batch[K] | BitError:
     """A chunk's Batch; the BitError that compute raised is returned, not raised, so that the main process

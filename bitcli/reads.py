@@ -46,8 +46,8 @@ def file_size(path: Path, what: str = "model") -> int:
         raise BitError(f"{path}: cannot read ({exc.strerror})") from None
     if stat.S_ISDIR(st.st_mode):
         raise BitError(f"{path}: is a folder, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise BitError(not_regular(path, what))
+    if not stat.S_ISREG(st.st_mode):  # open_regular's wording: both guard model and run files
+        raise BitError(f"{path}: is {_KINDS.get(stat.S_IFMT(st.st_mode), 'not a file')}, not a regular file")
     return st.st_size
 
 

@@ -176,7 +176,7 @@ def test_fifo_model_file_is_refused_not_read(tmp_path, photos, monkeypatch, no_h
     assert run_main(*args) == (
         1,
         "",
-        f"Error: {name}: not a regular file (pipe, socket or device); copy the model to a file\n",
+        f"Error: {name}: is a FIFO (named pipe), not a regular file\n",
     )
     assert sorted(os.listdir()) == [name]
 
@@ -193,7 +193,7 @@ def test_fifo_in_a_model_folder_is_refused_not_read(tmp_path, tiny_dir, photos, 
     assert run_main("predict", photos["chelsea.png"], "-m", folder) == (
         1,
         "",
-        f"Error: {folder / fifo}: not a regular file (pipe, socket or device); copy the {what} to a file\n",
+        f"Error: {folder / fifo}: is a FIFO (named pipe), not a regular file\n",
     )
 
 
@@ -202,5 +202,5 @@ def test_fifo_labels_file_is_refused_not_read(tmp_path, tiny_dir, no_hang):
     assert run_main("convert", tiny_dir, tmp_path / "o.safetensors", "--labels", tmp_path / "labels.txt") == (
         1,
         "",
-        f"Error: {tmp_path / 'labels.txt'}: not a regular file (pipe, socket or device); copy the labels to a file\n",
+        f"Error: {tmp_path / 'labels.txt'}: is a FIFO (named pipe), not a regular file\n",
     )
