@@ -69,7 +69,9 @@ def test_interrupted_run_into_a_file_names_the_file(album, tiny_dir, monkeypatch
 def test_repeated_path_is_decoded_once(album, tiny_dir, monkeypatch):
     decoded = []
     real = inputs.decode
-    monkeypatch.setattr(inputs, "decode", lambda path, pre: decoded.append(path) or real(path, pre))
+    monkeypatch.setattr(
+        inputs, "decode", lambda path, pre, downloads: decoded.append(path) or real(path, pre, downloads)
+    )
     code, out, err = run_main("predict", "first.png", "last.jpg", "first.png", "--model", tiny_dir, "-f", "json")
     assert code == 0, err
     assert [r["path"] for r in json.loads(out)] == ["first.png", "last.jpg", "first.png"]
@@ -80,12 +82,12 @@ def test_an_exception_without_a_message_still_names_its_type(album, tiny_dir, mo
     """A decoder failure that is not bitcli's own becomes that image's error row, never an empty text."""
     real = inputs.decode
 
-    def decode(path, pre):
+    def decode(path, pre, downloads):
         if path == "last.jpg":
             raise RuntimeError()  # str() is ""
         if path == "first.png":
             raise BitError("")
-        return real(path, pre)
+        return real(path, pre, downloads)
 
     monkeypatch.setattr(inputs, "decode", decode)
     shutil.copy(album / "first.png", album / "ok.png")
