@@ -344,9 +344,12 @@ def test_a_picture_or_report_page_leading_outside_the_run_is_not_shown(finished:
     assert "file://" not in out  # the page outside the run is not linked
     (run / "confusion.png").unlink()
     os.mkfifo(run / "confusion.png")
-    assert run_main("report", run)[1].splitlines()[-1].endswith(
-        f"; not shown: {run / 'confusion.png'}: is a FIFO (named pipe), not a regular file"
+    assert (
+        run_main("report", run)[1]
+        .splitlines()[-1]
+        .endswith(f"; not shown: {run / 'confusion.png'}: is a FIFO (named pipe), not a regular file")
     )
+
 
 def test_a_missing_path_or_a_file_is_named_as_such(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
