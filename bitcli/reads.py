@@ -40,12 +40,13 @@ def not_regular(name: object, mode: int) -> str:
     return f"{name}: is {_KINDS.get(stat.S_IFMT(mode), 'a special file')}, not a regular file"
 
 
-def file_size(path: Path) -> int:
-    """The size of a file to read, after refusing what is not a regular file (a FIFO would hang the read)."""
+def file_size(path: Path, *, what: str = "") -> int:
+    """The size of a file to read, after refusing what is not a regular file (a FIFO would hang the read);
+    `what` names the file in the error of one that cannot be read ("label file")."""
     try:
         st = os.stat(path)
     except OSError as exc:
-        raise BitError(f"{path}: cannot read ({exc.strerror})") from None
+        raise BitError(f"{path}: cannot read{' ' + what if what else ''} ({exc.strerror})") from None
     if stat.S_ISDIR(st.st_mode):
         raise BitError(f"{path}: is a folder, not a file")
     if not stat.S_ISREG(st.st_mode):
