@@ -399,3 +399,57 @@ class ExplainOptions:
 @dataclass(frozen=True)
 class ReportOptions:
     run: Path  # a `bit finetune` run folder (--output), finished, running or interrupted
+
+
+# The findings `bit audit --fail-on` can count (bitcli.audit.findings.Findings.counts gives each one's number).
+AUDIT_COUNTS = (
+    "duplicates", "exact", "near", "leaks", "conflicts", "label-issues", "undecodable", "small-classes", "off-size",
+)  # fmt: skip
+DEFAULT_NEAR_THRESHOLD = 0.95  # cosine similarity of pre-logit embeddings (BENCHMARKS.md: issue 23)
+
+
+@dataclass(frozen=True)
+class FailRule:
+    """`--fail-on NAME[>N]`: the audit exits 1 when the count of NAME is above N (default 0)."""
+
+    name: str
+    limit: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.name}>{self.limit}"
+
+
+def parse_fail_rule(value: str) -> FailRule:
+    name, sep, limit = value.strip().lower().replace(" ", "").partition(">")
+    if name not in AUDIT_COUNTS or (sep and not limit.isdigit()):
+        raise OptionError(f"{value!r}: use NAME or NAME>N with NAME one of {', '.join(AUDIT_COUNTS)} (e.g. leaks, label-issues>10)")
+    return FailRule(name, int(limit) if sep else 0)
+
+
+def parse_threshold(value: str) -> float:
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = math.nan
+    if not 0 < threshold <= 1:
+        raise OptionError(f"{value!r}: use a cosine similarity in (0, 1], e.g. {DEFAULT_NEAR_THRESHOLD}")
+    return threshold
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    data: DataSpec
+    val: DataSpec | None = None  # default: DATA's validation part, if it has one
+    test: DataSpec | None = None
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    output: Path | None = None  # audit.json, the CSVs and index.html (bitcli.pages.folder's rules); None: table only
+    threshold: float = DEFAULT_NEAR_THRESHOLD
+    min_images: int = 5  # a class with fewer images in a split is reported
+    fail_on: tuple[FailRule, ...] = ()
+    write_clean: Path | None = None  # a label file of the rows that no finding flags
+    batch_size: int = 32
+    device: str = "auto"
+    workers: int = DEFAULT_WORKERS
+    image_column: str | None = None
+    label_column: str | None = None
