@@ -327,7 +327,7 @@ def _click_exceptions():
     try:
         from typer._click import exceptions
     except ImportError:
-        from click import exceptions
+        from click import exceptions  # type: ignore[no-redef]  # the same classes, from the other package
     return exceptions
 
 

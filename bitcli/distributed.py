@@ -99,7 +99,7 @@ def from_main(compute: Callable[[], T], info: Dist) -> T:
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], BitError):
         raise box[0]
-    return box[0]  # type: ignore[return-value]
+    return box[0]  # type: ignore[return-value]  # what compute() returned, broadcast as an object
 
 
 def my_share(count: int, info: Dist) -> range:
@@ -121,7 +121,7 @@ def gather_in_order(mine: Iterator[T], count: int, info: Dist) -> Iterator[T]:
         parts: list[object] | None = [None] * info.world if info.main else None
         dist.gather_object(item, parts, dst=0)
         if parts is not None:
-            yield from parts[: count - start]  # type: ignore[misc]
+            yield from parts[: count - start]  # type: ignore[misc]  # each process's item (a T), gathered as objects
 
 
 def wrap(model: torch.nn.Module, info: Dist, device: torch.device) -> torch.nn.Module:

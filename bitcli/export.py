@@ -129,6 +129,7 @@ def export(model: BitModel, dtype: torch.dtype, opset: int, size: tuple[int, int
             wrapped, (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT], opset_version=opset,
             dynamic_shapes={INPUT: dims}, optimize=True, verbose=False,
         )  # fmt: skip
+    assert program is not None  # dynamo=True always returns the program
     return program.model_proto
 
 

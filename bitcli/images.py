@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 import numpy as np
 
@@ -78,7 +78,7 @@ class Reader(Generic[T]):
             for result in results:
                 if isinstance(result, Exception):
                     raise result
-            yield meta, np.stack(results)
+            yield meta, np.stack(cast("list[np.ndarray]", results))  # every Exception was raised above
 
     def _submit(self, job: Job) -> Future | np.ndarray | Exception:
         if self.pool is not None:
@@ -95,7 +95,7 @@ class Reader(Generic[T]):
         for f in futures:
             if isinstance(f, Future):
                 exc = f.exception()
-                results.append(f.result() if exc is None else exc)  # type: ignore[arg-type]
+                results.append(f.result() if exc is None else exc)  # type: ignore[arg-type]  # typed BaseException; a job's are Exceptions
             else:
                 results.append(f)
         return meta, results

@@ -334,7 +334,7 @@ class BitModel(nn.Module):
             elif isinstance(m, nn.GroupNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if self.has_head:  # BiT transfers start from a zero head
+        if isinstance(self.head, nn.Linear):  # has_head; BiT transfers start from a zero head
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 

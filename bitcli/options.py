@@ -108,7 +108,7 @@ def suffix_format(path: Path | None, suffixes: dict[str, C]) -> C | None:
 
 def _refuse_contradiction(fmt: Choice | None, output: Path | None, inferred: Choice | None) -> None:
     """An explicit --format that contradicts the suffix: the file would not hold what its name says."""
-    if fmt is not None and inferred is not None and inferred != fmt:
+    if fmt is not None and inferred is not None and output is not None and inferred != fmt:  # (inferred: output's)
         raise UsageError(
             f"--format {fmt} contradicts --output {display(output)} (a {output.suffix} file holds {inferred}); "
             f"drop --format or give the file a name that matches"
@@ -135,10 +135,11 @@ def embed_format(fmt: EmbedFormat | None, output: Path | None) -> EmbedFormat:
             raise UsageError(f"--format {fmt} is binary; give --output FILE (only jsonl goes to stdout)")
         return fmt
     inferred = suffix_format(output, EMBED_SUFFIXES)
-    if fmt is None and inferred is None:
-        raise UsageError(f"--output {display(output)}: name the file *.safetensors, *.npy or *.jsonl, or give --format")
     _refuse_contradiction(fmt, output, inferred)
-    return fmt if fmt is not None else inferred
+    chosen = fmt if fmt is not None else inferred
+    if chosen is None:
+        raise UsageError(f"--output {display(output)}: name the file *.safetensors, *.npy or *.jsonl, or give --format")
+    return chosen
 
 
 def convert_format(fmt: ConvertFormat | None, dst: Path) -> ConvertFormat:
@@ -212,7 +213,9 @@ def parse_val_split(value: str) -> float:
 def check_output(flag: str, path: Path | None, folder: bool = False) -> None:
     """Refuse (exit 2, before any work) an output path that the write at the end could not make:
     a folder where the file goes, a parent that is a file, a folder that cannot be written in."""
-    reason = unwritable(path, folder) if path is not None else None
+    if path is None:
+        return
+    reason = unwritable(path, folder)
     if reason is not None:
         raise UsageError(f"{flag} {display(path)}: {reason}")
 

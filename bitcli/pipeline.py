@@ -16,9 +16,9 @@ import contextlib
 import functools
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -28,7 +28,16 @@ from bitcli.images import Job, Reader, stack_by_size
 from bitcli.ui import display, progress_bar, visible
 
 K = TypeVar("K")
-R = TypeVar("R")
+
+
+class _Row(Protocol):
+    """A report's row (predict's Row, embed's Embedded); `error` says why it has no value (None: it has one)."""
+
+    @property
+    def error(self) -> str | None: ...
+
+
+R = TypeVar("R", bound=_Row)
 Compute = Callable[[np.ndarray], Sequence[Any]]  # a stacked uint8 batch [B, H, W, 3] -> one value per image, in order
 ONE_PROCESS = Dist()
 
@@ -81,7 +90,7 @@ def run(
     info: Dist = ONE_PROCESS,
     name: Callable[[K], str] = str,
     advance: Callable[[int], None] = no_progress,
-) -> Iterator[Batch[K]]:
+) -> Generator[Batch[K], None, None]:
     """The batches of `refs` (paths, data-set indices, examples: whatever `decode` takes), batch_size at a time,
     in input order. Each image is decoded by `decode(ref)` on `workers` threads a batch ahead of the model (0:
     in this thread); an image that fails is an Outcome with the failure text (named by `name(ref)`), and the
@@ -93,7 +102,8 @@ def run(
     has taken, `advance(len(batch))` is called (a progress bar). Ctrl-C stops it wherever it is: the decoding
     threads are told to drop what is queued."""
     count = -(-len(refs) // batch_size)
-    with Reader(workers) as reader:
+    reader: Reader[list[K]] = Reader(workers)
+    with reader:
         jobs = _jobs(refs, decode, batch_size, my_share(count, info))
         mine = (_batch(chunk, results, compute, name) for chunk, results in reader.outcomes(jobs))
         for batch in gather_in_order(mine, count, info):
@@ -109,7 +119,7 @@ def _jobs(
     """The batches numbered in `batches` (batch b: refs b * batch_size onwards), with their decode jobs."""
     for b in batches:
         chunk = list(refs[b * batch_size : (b + 1) * batch_size])
-        yield chunk, [lambda r=r: decode(r) for r in chunk]
+        yield chunk, [lambda r=r: decode(r) for r in chunk]  # type: ignore[misc]  # python/mypy#15459: a default-argument lambda
 
 
 def _batch(
@@ -178,7 +188,7 @@ class Report(Generic[R]):
                 break
             ready.append(row)
             self.released += 1
-        self.failed += [r for r in ready if r.error is not None]  # type: ignore[attr-defined]
+        self.failed += [r for r in ready if r.error is not None]
         return ready
 
 

@@ -13,13 +13,16 @@ import io
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bitcli import fonts
 from bitcli.ui import log, visible
 from bitcli.writes import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 DPI = 100
 CURVES_SIZE = (8.0, 8.0)  # inches: 800x800 px
@@ -40,7 +43,7 @@ def _style(literal: bool, families: Sequence[str] = (fonts.DEFAULT,)) -> Iterato
     import matplotlib
     import matplotlib.style
 
-    rc: dict[str, Any] = {"text.parse_math": not literal, "font.size": 10}
+    rc: dict[RcKeyType, Any] = {"text.parse_math": not literal, "font.size": 10}
     if list(families) != [fonts.DEFAULT]:
         rc["font.family"] = list(families)
     with matplotlib.style.context("default"), matplotlib.rc_context(rc), warnings.catch_warnings():

@@ -13,7 +13,7 @@ import stat
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, cast
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -36,7 +36,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
-PIL_FILTERS = {
+PIL_FILTERS: dict[Interpolation, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -55,6 +55,7 @@ FULL_RESIZE_PIXELS = 16_000_000
 # eval transform uses, top = int(round((h - ch) / 2)) with Python's half-to-even round (and a smaller image sits
 # pad // 2 from the top). They differ by a pixel, which a confident head can notice.
 CropRounding = Literal["floor", "round"]
+RGB = tuple[float, float, float]  # a value per channel (mean, std)
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,8 @@ class Preprocess:
             resize=pair(d.get("resize")),
             crop=pair(d.get("crop")),
             interpolation=d.get("interpolation", "bilinear"),
-            mean=tuple(float(x) for x in d.get("mean", (0.5,) * 3)),
-            std=tuple(float(x) for x in d.get("std", (0.5,) * 3)),
+            mean=cast(RGB, tuple(float(x) for x in d.get("mean", (0.5,) * 3))),  # as the file holds them
+            std=cast(RGB, tuple(float(x) for x in d.get("std", (0.5,) * 3))),
             crop_rounding=d.get("crop_rounding", "floor"),  # files from before the field: transformers' rule
         )
 
@@ -294,6 +295,7 @@ def _checked(path: str | os.PathLike[str] | BinaryIO, name: str | None) -> str:
     """The printable name of what is opened (even for non-UTF-8 file names), after _check_file for a path."""
     if isinstance(path, io.IOBase):
         return name or "image"
+    path = cast("str | os.PathLike[str]", path)  # not an open file
     name = name or os.fsencode(path).decode("utf-8", "replace")
     _check_file(path, name)
     return name

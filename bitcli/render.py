@@ -12,9 +12,10 @@ import io
 import json
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from rich.console import Console
 from rich.table import Table
@@ -50,7 +51,11 @@ def predictions_text(rows: list[Row], fmt: PredictFormat, color: bool) -> str:
     return _table(rows, color)
 
 
-def json_lines(rows: list[Row]) -> str:
+class _AsDict(Protocol):
+    def to_dict(self) -> dict: ...
+
+
+def json_lines(rows: Sequence[_AsDict]) -> str:
     return "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rows)
 
 

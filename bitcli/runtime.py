@@ -31,7 +31,7 @@ def resolve_device(spec: str) -> torch.device:
             raise UsageError(f"--device {spec}: CUDA is not available on this machine; use --device cpu or auto")
         if (index or 0) >= torch.cuda.device_count():
             raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
-        return torch.device("cuda", index)
+        return torch.device("cuda", index)  # type: ignore[arg-type]  # torch takes None (no index); its stub says int
     if kind == "mps" and not _mps_available():
         raise UsageError("--device mps: Apple MPS is not available on this machine; use --device cpu or auto")
     return torch.device(kind)

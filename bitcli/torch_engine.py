@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from bitcli.errors import BitError
 from bitcli.formats.checkpoint import Checkpoint
+from bitcli.model import BitModel
 from bitcli.preprocess import Preprocess
 from bitcli.runtime import autocast, reuse_freed_memory
 
@@ -30,7 +31,7 @@ class TorchEngine:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: BitModel,
         preprocess: Preprocess,
         device: torch.device,
         dtype: torch.dtype,

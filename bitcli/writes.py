@@ -82,7 +82,7 @@ def write_together(files: Sequence[tuple[Path, Callable[[Any], None]]]) -> None:
         path = Path(path)
         fd = _inherited_fd(path)
         target, atomic = (None, False) if fd is not None else _write_target(path)
-        if atomic:
+        if atomic and target is not None:  # (atomic: a target)
             staged.append((_Staged(path, target, target.exists()), write))
         else:
             direct.append((path if target is None else target, write, fd))
@@ -96,6 +96,7 @@ def write_together(files: Sequence[tuple[Path, Callable[[Any], None]]]) -> None:
             if current.target.is_dir():  # a rename over it would fail after the others were renamed
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
         for current, _ in staged:
+            assert current.tmp is not None  # filled above
             os.replace(current.tmp, current.target)
             current.renamed = True
     except BaseException as exc:

@@ -51,6 +51,7 @@ class Embedded:
     def to_dict(self) -> dict:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
+        assert self.embedding is not None  # a row without an error has its embedding
         return {"path": self.path, "embedding": self.embedding.tolist()}  # float32 values, exactly, as JSON numbers
 
 
@@ -100,6 +101,7 @@ def run(opts: EmbedOptions) -> int:
         elif opts.format == EmbedFormat.jsonl:
             interrupted = _stream(opts.output, run_all)
         else:
+            assert opts.output is not None  # embed_format: only jsonl goes to stdout
             table = Table(len(report.inputs), ckpt.config.num_features)
             interrupted = run_all(table.add)
             _write_table(table, opts.format, opts.output)
@@ -141,6 +143,7 @@ def check_listable(inputs: list[Input], opts: EmbedOptions) -> None:
     one-path-per-line .paths.txt (it would read as two paths), or more paths than a safetensors header holds."""
     paths = [display(i.path) for i in inputs if i.error is None]
     if opts.format == EmbedFormat.npy:
+        assert opts.output is not None  # embed_format: .npy goes only to a file
         for path in paths:
             if path.splitlines() != [path]:  # \n, \r and every other break that str.splitlines() splits at
                 raise UsageError(

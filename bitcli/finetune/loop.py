@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from bitcli import hyperrule
 from bitcli.data import DecodeCache, StepSample, StepSampler, augment
@@ -73,6 +74,7 @@ def train(t: Training) -> Outcome:
     watch = Watch(t.output, t.start, t.tensorboard) if info.main else None
     out = Outcome()
     step = saved_step = t.start
+    reader: Reader[tuple[StepSample, np.ndarray, np.ndarray]]
     try:
         with Reader(t.workers) as reader, TrainProgress(info.main, plan.steps, t.start) as progress:
             batches = micro_batches(t, reader)
@@ -112,7 +114,7 @@ def train(t: Training) -> Outcome:
                         progress.log(f"{step + 1}/{plan.steps} steps  lr {lr:.2e}  loss {out.last_loss:.4f}  "
                                      f"val top-1 {ev.top1:.4f}  top-5 {top5_text(ev)}")  # fmt: skip
                     barrier(info)
-                if info.main:
+                if metrics is not None and watch is not None:  # the main process
                     metrics.write(record)
                     watch.step(record, out.last_eval if "val_top1" in record else None)
                     if step == plan.steps - 1 or (step + 1) % plan.save_every == 0:
@@ -146,15 +148,21 @@ def validation_due(plan: Plan, step: int) -> bool:
 
 
 def validate(t: Training, last: bool) -> EvalResult:
-    """The validation set's metrics; the `last` validation's per-image results also go to t.keep (--report)."""
-    val = t.data.val
-    return evaluate(t.engine, val, t.val_cache.get, batch_size=t.plan.micro_batch, workers=t.workers,
-                    class_to_model=list(range(len(val.classes))), keep=t.keep if last else None)  # fmt: skip
+    """On the main process, when the run validates (val and val_cache are set); the `last` validation's
+    per-image results also go to t.keep (--report)."""
+    val, cache = t.data.val, t.val_cache
+    assert val is not None and cache is not None
+    result = evaluate(t.engine, val, cache.get, batch_size=t.plan.micro_batch, workers=t.workers,
+                      class_to_model=list(range(len(val.classes))), keep=t.keep if last else None)  # fmt: skip
+    assert result is not None  # the main process gets the result
+    return result
 
 
 def gradient_sync(model: torch.nn.Module, info: Dist, last: bool):
     """Processes average their gradients once per step, in the backward of the last micro-batch."""
-    return contextlib.nullcontext() if info.world == 1 or last else model.no_sync()
+    if info.world == 1 or last:
+        return contextlib.nullcontext()
+    return cast(DistributedDataParallel, model).no_sync()  # several processes: the model is wrapped in DDP
 
 
 def mixup_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y_mix: torch.Tensor | None, lam: float) -> torch.Tensor:

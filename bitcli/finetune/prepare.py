@@ -92,4 +92,4 @@ def use_deterministic_algorithms() -> None:
     gradient. Every kernel here writes its whole output, so the fill changes no result and is switched off.
     """
     torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]  # a module property: not in the stubs

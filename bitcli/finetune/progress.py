@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from bitcli.ui import log, stderr_console
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 
 class TrainProgress:
@@ -13,7 +17,8 @@ class TrainProgress:
 
     def __init__(self, enabled: bool, total: int, start: int) -> None:
         self.enabled, self.total, self.start = enabled and sys.stderr.isatty(), total, start
-        self.progress = None
+        self.progress: Progress | None = None
+        self.task: TaskID
 
     def __enter__(self) -> TrainProgress:
         if self.enabled:

@@ -119,7 +119,7 @@ def lock_output(output: Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
-        fcntl = None
+        fcntl = None  # type: ignore[assignment]  # mypy checks for this platform, which has fcntl
     while True:
         handle = open(path, "a")
         if fcntl is None:
@@ -188,7 +188,7 @@ def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_e
                   last_loss: float, step_times: list[float], start: int, started: float) -> None:  # fmt: skip
     """The fine-tuned model (fp32, with the evaluation preprocessing and the class names) and summary.json."""
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    tensors = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in state.items()}
+    tensors = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in state.items()}  # type: ignore[misc]  # python/mypy#15459: a default-argument lambda
     ckpt = Checkpoint(
         config=model.config,
         labels=list(plan.classes),

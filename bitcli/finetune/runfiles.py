@@ -82,7 +82,7 @@ def step_record(line: bytes, steps: int) -> dict[str, Any] | None:
         value = record.get(key)
         if value is None and key in VALIDATION_NUMBERS:
             continue
-        if type(value) not in (int, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):  # JSON's numbers, not true/false
             return None
         try:
             record[key] = float(value)

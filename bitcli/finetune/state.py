@@ -41,7 +41,7 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         },
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
     }
-    refs = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in tensors.items()}
+    refs = {k: TensorRef(tuple(t.shape), t.dtype, (lambda t=t: t)) for k, t in tensors.items()}  # type: ignore[misc]  # python/mypy#15459: a default-argument lambda
     write_safetensors(path, refs, {"format": STATE_FORMAT, "state": json.dumps(state)})
 
 

@@ -8,11 +8,11 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from bitcli.config import BASE_WIDTHS, BitConfig, make_div
+from bitcli.config import BASE_WIDTHS, BitConfig, Padding, make_div
 from bitcli.errors import BitError
 from bitcli.formats.checkpoint import (
     BIT_DEFAULT_PREPROCESS,
@@ -127,7 +127,7 @@ def config_from_hf(hf: dict[str, Any], num_classes: int) -> BitConfig:
         embedding_size=int(hf.get("embedding_size", 64)),
         num_classes=num_classes,
         layer_type=hf.get("layer_type", "preactivation"),
-        global_padding=padding.upper() if isinstance(padding, str) else None,
+        global_padding=cast(Padding, padding.upper()) if isinstance(padding, str) else None,  # BitConfig checks it
         embedding_dynamic_padding=bool(hf.get("embedding_dynamic_padding", False)),
         num_groups=int(hf.get("num_groups", 32)),
         output_stride=int(hf.get("output_stride", 32)),

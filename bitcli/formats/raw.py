@@ -79,7 +79,7 @@ def write_safetensors(
                 raise BitError(f"{key}: shape {tuple(t.shape)} differs from its header {ref.shape}")
             t = t.to(_ST_DTYPES[header[key]["dtype"]]).contiguous()
             if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy of the tensor's bytes
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]  # no copy; numpy stubs: a buffer from Python 3.12 only
             del t
 
     atomic_write(path, write)
@@ -113,7 +113,7 @@ def read_torch_bin(path: Path) -> dict[str, TensorRef]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BitError(f"{path}: does not hold a flat dict of tensors")
-    return {k: TensorRef(tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in state.items()}
+    return {k: TensorRef(tuple(v.shape), v.dtype, (lambda v=v: v)) for k, v in state.items()}  # type: ignore[misc]  # python/mypy#15459: a default-argument lambda
 
 
 def folder_weights(folder: Path) -> dict[str, TensorRef]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -106,7 +107,7 @@ class Layout:
         unnamed = sorted(key for key in tensors if self.source_key(key) is None)
         if unnamed:
             raise BitError(f"{source}: {self.description} has no name for {few(unnamed)}; convert to another format")
-        return {self.source_key(key): self.ref_from_bitcli(key, ref) for key, ref in tensors.items()}
+        return {cast(str, self.source_key(key)): self.ref_from_bitcli(key, ref) for key, ref in tensors.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -119,9 +119,9 @@ def write(ckpt: Checkpoint, folder: Path, dtype: torch.dtype | None = None) -> N
     try:
         arch = timm_name(dataclasses.replace(ckpt.config, ws_eps=1e-8))  # the eps travels in WS_EPS_KEY
     except BitError:
-        cfg = ckpt.config
+        config = ckpt.config
         raise BitError(
-            f"{ckpt.source}: depths {list(cfg.depths)} and widths {list(cfg.hidden_sizes)} have no timm name "
+            f"{ckpt.source}: depths {list(config.depths)} and widths {list(config.hidden_sizes)} have no timm name "
             f"(timm's BiT models are {TIMM_LAYOUTS}); convert to --format bitcli or hf instead"
         ) from None
     tensors = LAYOUT.refs_from_bitcli(ckpt.source, ckpt.tensors)
@@ -188,7 +188,7 @@ def preprocess_to_timm(pre: Preprocess) -> dict[str, Any]:
     crop = pre.crop or (pre.resize if isinstance(pre.resize, tuple) else (224, 224))
     short = pre.resize if isinstance(pre.resize, int) else crop[0]
     squash = isinstance(pre.resize, tuple)  # a resize to an exact size is timm's "squash" mode
-    scale = pre.resize[0] if squash else short
+    scale = pre.resize[0] if isinstance(pre.resize, tuple) else short  # squash: the exact height
     crop_pct = crop[0] / scale
     if math.floor(crop[0] / crop_pct) < scale:  # timm floors crop / crop_pct: keep it from landing a pixel short
         crop_pct = math.nextafter(crop_pct, 0.0)

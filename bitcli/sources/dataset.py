@@ -90,6 +90,7 @@ class DatasetSplit:
             if column is not None:
                 self._cache.move_to_end(key)
                 return column
+            assert self.columns is not None and self.columns.image is not None  # chosen before a row is read
             column = self.shards[shard].read_block(block, self.columns.image)
             self._cache[key] = column
             self._cached_bytes += column.nbytes
@@ -138,6 +139,7 @@ class DatasetSplit:
         import pyarrow as pa
         import pyarrow.compute as pc
 
+        assert columns.label is not None  # choose_columns names it
         codes = np.empty(int(self.starts[-1]), dtype=np.int64)
         seen: dict[str, int] = {}  # value labels: name -> code in order of appearance
         row = 0

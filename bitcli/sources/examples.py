@@ -32,7 +32,7 @@ class ImageFolder:
     root: Path
     classes: tuple[str, ...]
     paths: Sequence[str] | Rows
-    targets: Sequence[int]
+    targets: Sequence[int] | np.ndarray
     source: str | None = None
 
     def __len__(self) -> int:

@@ -79,7 +79,11 @@ def choose_columns(
             f"{where}: label column {label!r} holds {kind}; labels must be class names or integers (--label-column)"
         )
     feature = features.get(label)
-    names = tuple(str(n) for n in feature.get("names") or ()) if _type(feature) == "ClassLabel" else None
+    names = (
+        tuple(str(n) for n in feature.get("names") or ())
+        if isinstance(feature, dict) and _type(feature) == "ClassLabel"
+        else None
+    )
     return Columns(image=image, label=label, names=names or None)
 
 

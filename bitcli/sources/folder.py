@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 from bitcli.errors import BitError
 from bitcli.images import list_images
@@ -48,7 +49,7 @@ def _split_folders(data: Path) -> dict[str, Path]:
         raise BitError(f"{data}: cannot list folder ({exc.strerror})") from None
     found: dict[str, Path] = {}
     for _, name in sorted((rank[name.lower()], name) for name in names if (data / name).is_dir()):
-        found.setdefault(canonical_split(name), data / name)
+        found.setdefault(cast(str, canonical_split(name)), data / name)  # a split word: rank lists only those
     return found
 
 

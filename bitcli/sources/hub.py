@@ -90,6 +90,7 @@ def _needed_files(ds: HubDataset, purpose: str) -> list[str]:
     by_split: dict[str | None, list[str]] = {}
     for f in files:
         by_split.setdefault(split_of(f, ds.split), []).append(f)
+    keep: list[str | None]  # split keys (None: the files of no split)
     if ds.key is not None:
         if ds.key not in by_split:  # said before anything is downloaded
             raise BitError(f"{ds.label}: has no split {ds.split!r} (splits: {', '.join(map(str, by_split))})")

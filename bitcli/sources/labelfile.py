@@ -17,6 +17,7 @@ import stat
 from array import array
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -55,8 +56,8 @@ class LabelFile:
             raise BitError(
                 f"{self.path}: has no split column, so no split {split!r}; pass {self.path} to use every row"
             )
-        if key not in self.splits:
-            listed = ", ".join(s for s in SPLIT_KEYS if s in self.splits)
+        if key is None or key not in self.splits:  # (None is not in it: refused above)
+            listed = ", ".join(s for s in SPLIT_KEYS if s is not None and s in self.splits)
             raise BitError(f"{self.path}: no row has split {split!r} (splits: {listed})")
         return key
 
@@ -224,7 +225,8 @@ def _check_repeats(labels: LabelFile, keys: np.ndarray) -> None:
     if starts.all():
         return
     first = order[np.maximum.accumulate(np.where(starts, np.arange(len(keys)), 0))]  # each row's group's first
-    repeats, conflicts = [], []
+    repeats: list[tuple[int, int]] = []
+    conflicts: list[tuple[int, int]] = []
     for row, earlier in zip(order[~starts].tolist(), first[~starts].tolist()):
         if os.path.normpath(labels.row_path(row)) != os.path.normpath(labels.row_path(earlier)):
             continue  # two paths with one hash
@@ -268,7 +270,7 @@ def _csv_records(f, path: Path) -> Iterator[tuple[int, object, object, object]]:
     reader = csv.reader(f, delimiter=delimiter)
     start = 2  # the line the next record starts on (a quoted field may span lines)
     try:
-        for cells in reader:
+        for cells in cast("Iterator[list[Any]]", reader):  # csv's strings, and MISSING for each cell a row lacks
             if cells:  # not a blank line
                 if len(cells) < width:
                     cells += [MISSING] * (width - len(cells))

@@ -40,12 +40,12 @@ def training_parts(data: str | Path, columns: Columns) -> tuple[Part, Part | Non
     training data, as an unsplit source is."""
     src = _source(data)
     if src.kind == "folder":
-        train, val = folder.find_splits(src.where)
-        return _folder_part(train), _folder_part(val) if val is not None else None
+        train, val_folder = folder.find_splits(Path(src.where))
+        return _folder_part(train), _folder_part(val_folder) if val_folder is not None else None
     if src.kind == "labels":
         from bitcli.sources.labelfile import read_label_file
 
-        labels = read_label_file(src.where)
+        labels = read_label_file(Path(src.where))
         if src.split is not None:
             return _label_part(labels, labels.key(src.split)), None
         if None in labels.splits:
@@ -71,16 +71,16 @@ def evaluation_part(data: str | Path, columns: Columns, say: bool = True) -> Par
     train part (said on stderr when `say`)."""
     src = _source(data)
     if src.kind == "folder":
-        train, val = folder.find_splits(src.where)
+        train, val = folder.find_splits(Path(src.where))
         if train == src.where:
-            return _folder_part(src.where)
+            return _folder_part(Path(src.where))
         if val is None:
             raise BitError(f"{src.where}: has train/ but no val/, valid/ or validation/; pass the folder to evaluate")
         part = _folder_part(val)
     elif src.kind == "labels":
         from bitcli.sources.labelfile import read_label_file
 
-        labels = read_label_file(src.where)
+        labels = read_label_file(Path(src.where))
         if src.split is not None:
             return _label_part(labels, labels.key(src.split))
         if None in labels.splits or "train" not in labels.splits:  # every row, as a folder without train/
@@ -111,7 +111,7 @@ def validation_part(data: str | Path, columns: Columns) -> Part:
     """--val: a class folder as it is; another source as `bit eval` would take it."""
     src = _source(data)
     if src.kind == "folder":
-        return _folder_part(src.where)
+        return _folder_part(Path(src.where))
     return evaluation_part(data, columns, say=False)
 
 

@@ -13,7 +13,7 @@ import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, overload
+from typing import Generic, Protocol, TypeVar, overload
 
 import numpy as np
 from PIL import Image
@@ -26,6 +26,7 @@ class RowTable(Protocol):
 
     def row_name(self, row: int) -> str: ...  # "data.parquet row 17", for messages
     def image_cell(self, row: int) -> bytes | str: ...  # the encoded image, or the path of its file
+    def identity(self) -> str: ...  # the files the rows come from: part of a run's fingerprint
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +59,10 @@ class PathTable(Protocol):
     def row_path(self, row: int) -> RowPath: ...
 
 
-class RowView(Sequence):
+Ref = TypeVar("Ref")
+
+
+class RowView(Sequence[Ref], Generic[Ref]):
     """Row numbers of one table, as a sequence of references made on demand."""
 
     def __init__(self, table, rows: np.ndarray) -> None:
@@ -81,10 +85,10 @@ class RowView(Sequence):
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.table is self.table and np.array_equal(other.rows, self.rows)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None  # type: ignore[assignment]  # unhashable, as a list: mypy wants a method here
 
 
-class Rows(RowView, Sequence[RowRef]):
+class Rows(RowView[RowRef]):
     """Rows of a data set's split: RowRefs."""
 
     table: RowTable
@@ -100,7 +104,7 @@ class Rows(RowView, Sequence[RowRef]):
         return RowRef(self.table, row)
 
 
-class RowPaths(RowView, Sequence[str]):
+class RowPaths(RowView[str]):
     """Rows of a label file: the RowPaths of their images."""
 
     table: PathTable
@@ -119,7 +123,7 @@ class Chain(Sequence):
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
 
-    def __getitem__(self, index: int):  # type: ignore[override]
+    def __getitem__(self, index: int):  # type: ignore[override]  # a slice is handled too, without Sequence's overloads
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         if index < 0:
