@@ -16,6 +16,9 @@ import typer
 import bitcli
 from bitcli.architectures import DEFAULT_MODEL
 from bitcli.cli_options import (
+    AuditDataArg,
+    AuditOutputOpt,
+    AuditTestOpt,
     BatchOpt,
     BatchSplitOpt,
     CalibrateOpt,
@@ -31,6 +34,7 @@ from bitcli.cli_options import (
     EvalEveryOpt,
     EvalFormatOpt,
     ExplainOutputOpt,
+    FailOnOpt,
     FinetuneDataArg,
     FinetuneReportOpt,
     GlobalBatchOpt,
@@ -41,6 +45,7 @@ from bitcli.cli_options import (
     LabelsOpt,
     LrOpt,
     MinAgreementOpt,
+    MinImagesOpt,
     MixupOpt,
     ModelOpt,
     NormalizeOpt,
@@ -67,14 +72,18 @@ from bitcli.cli_options import (
     StepsOpt,
     TargetOpt,
     TensorboardOpt,
+    ThresholdOpt,
     TopKOpt,
     ValOpt,
     ValSplitOpt,
     WorkersOpt,
+    WriteCleanOpt,
 )
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE
 from bitcli.options import (
+    DEFAULT_NEAR_THRESHOLD,
     DEFAULT_WORKERS,
+    AuditOptions,
     ConvertOptions,
     DType,
     EmbedOptions,
@@ -86,6 +95,7 @@ from bitcli.options import (
     PredictOptions,
     ReportOptions,
     check_embed_output,
+    check_label_output,
     check_output,
     check_page_folder,
     embed_format,
@@ -311,6 +321,41 @@ def explain(
     from bitcli.commands import explain as explain_command
 
     raise typer.Exit(explain_command.run(opts))
+
+
+@_command()
+def audit(
+    data: AuditDataArg,
+    model: EmbedModelOpt = DEFAULT_MODEL,
+    val: ValOpt = None,
+    test: AuditTestOpt = None,
+    output: AuditOutputOpt = None,
+    threshold: ThresholdOpt = DEFAULT_NEAR_THRESHOLD,
+    min_images: MinImagesOpt = 5,
+    fail_on: FailOnOpt = None,
+    write_clean: WriteCleanOpt = None,
+    revision: RevisionOpt = None,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = DEFAULT_WORKERS,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+) -> None:
+    """Check a data set: images per class and split, exact and near duplicates within and across splits (leakage), likely label errors.
+
+    Exit codes: 0 no --fail-on rule broken, 1 a rule broken (or an error), 2 bad flags.
+    """
+    opts = AuditOptions(
+        data=parse_data(data), val=parse_data(val) if val else None, test=parse_data(test) if test else None,
+        model=model, revision=revision, output=output, threshold=threshold, min_images=min_images,
+        fail_on=tuple(fail_on or ()), write_clean=write_clean, batch_size=batch_size, device=device, workers=workers,
+        image_column=image_column, label_column=label_column,
+    )  # fmt: skip
+    check_page_folder("--output", output)
+    check_label_output("--write-clean", write_clean)
+    from bitcli.commands import audit as audit_command
+
+    raise typer.Exit(audit_command.run(opts))
 
 
 @_command()

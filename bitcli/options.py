@@ -228,6 +228,13 @@ def check_page_folder(flag: str, path: Path | None) -> None:
         raise UsageError(f"{flag} {display(path)}: {reason}")
 
 
+def check_label_output(flag: str, path: Path | None) -> None:
+    """check_output for a label file bitcli writes (--write-clean): a .csv."""
+    if path is not None and path.suffix.lower() != ".csv":
+        raise UsageError(f"{flag} {display(path)}: name a .csv file (a label file: path,label[,split])")
+    check_output(flag, path)
+
+
 def check_embed_output(fmt: EmbedFormat, output: Path | None) -> None:
     """check_output for embed: FILE.npy, and FILE.paths.txt beside it (both are written, or neither)."""
     check_output("--output", output)
@@ -425,7 +432,9 @@ class FailRule:
 def parse_fail_rule(value: str) -> FailRule:
     name, sep, limit = value.strip().lower().replace(" ", "").partition(">")
     if name not in AUDIT_COUNTS or (sep and not limit.isdigit()):
-        raise OptionError(f"{value!r}: use NAME or NAME>N with NAME one of {', '.join(AUDIT_COUNTS)} (e.g. leaks, label-issues>10)")
+        raise OptionError(
+            f"{value!r}: use NAME or NAME>N with NAME one of {', '.join(AUDIT_COUNTS)} (e.g. leaks, label-issues>10)"
+        )
     return FailRule(name, int(limit) if sep else 0)
 
 

@@ -29,6 +29,7 @@ LAYERS = {
     "bitcli.formats": 2, "bitcli.sources": 2, "bitcli.hub": 2, "bitcli.data": 2,
     "bitcli.inputs": 3, "bitcli.pipeline": 3, "bitcli.engine": 3, "bitcli.torch_engine": 3, "bitcli.onnx_engine": 3,
     "bitcli.evaluation": 3, "bitcli.export": 3, "bitcli.quantize": 3, "bitcli.finetune": 3, "bitcli.gallery": 3,
+    "bitcli.audit": 3,
     "bitcli.commands": TOP, "bitcli.cli": TOP, "bitcli.__main__": TOP,
 }  # fmt: skip
 COMMANDS = "bitcli.commands"

@@ -69,7 +69,11 @@ class EmbeddingCache:
                 files, pixels, sizes, vectors = z["files"], z["pixels"], z["sizes"], z["vectors"]
         except (OSError, ValueError, KeyError, EOFError):
             return
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim or not len(files) == len(pixels) == len(sizes) == len(vectors):
+        if (
+            vectors.ndim != 2
+            or vectors.shape[1] != self.dim
+            or not len(files) == len(pixels) == len(sizes) == len(vectors)
+        ):
             return
         for f, p, s, v in zip(files, pixels, sizes, vectors.astype(np.float32, copy=False)):
             self.entries[bytes(f)] = Entry(v, bytes(p), (int(s[0]), int(s[1])))
@@ -92,15 +96,16 @@ class EmbeddingCache:
             self.new = {}
             return
         keys = list(self.new)
-        arrays = {
-            "files": np.array(keys, dtype="S32"),
-            "pixels": np.array([self.new[k].pixels for k in keys], dtype="S32"),
-            "sizes": np.array([self.new[k].size for k in keys], dtype=np.int64).reshape(-1, 2),
-            "vectors": np.stack([self.new[k].vector for k in keys]).astype(np.float32),
-        }
+        files = np.array(keys, dtype="S32")
+        pixels = np.array([self.new[k].pixels for k in keys], dtype="S32")
+        sizes = np.array([self.new[k].size for k in keys], dtype=np.int64).reshape(-1, 2)
+        vectors = np.stack([self.new[k].vector for k in keys]).astype(np.float32)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.folder / f"{time.time_ns()}-{os.getpid()}.npz", lambda f: np.savez(f, **arrays))
+            atomic_write(
+                self.folder / f"{time.time_ns()}-{os.getpid()}.npz",
+                lambda f: np.savez(f, files=files, pixels=pixels, sizes=sizes, vectors=vectors),
+            )
         except (OSError, BitError) as exc:  # a cache that cannot be written never fails the audit
             log(f"warning: cannot write the embedding cache {display(self.folder)} ({one_line(exc)}); set BITCLI_CACHE")
             self.folder = None
