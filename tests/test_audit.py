@@ -244,3 +244,77 @@ def test_blockwise_search_equals_the_full_matrix() -> None:
             continue
         torch.testing.assert_close(got, want.values)
         assert (idx[i][: len(want.indices)] == want.indices + i + 1).all()
+
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def hostile(tiny_dir: Path, tmp_path_factory) -> dict:
+    """A class named like markup, a file name with markup and one that is not UTF-8, an exact duplicate and an
+    undecodable file, audited into a folder."""
+    work = tmp_path_factory.mktemp("hostile")
+    data = work / "data"
+    for c, name in enumerate(("cat", HOSTILE)):
+        (data / name).mkdir(parents=True)
+        for i in range(6):
+            pattern(300 + 10 * c + i, c).save(data / name / f"{i}.png")
+    resave(data / "cat/0.png", data / HOSTILE / "<b>copy'&\".png")
+    odd = os.fsencode(str(data / "cat")) + b"/\xff\xfe.png"
+    Image.open(data / "cat/1.png").save(os.fsdecode(odd), format="PNG", compress_level=1)
+    (data / "cat" / "<i>broken.png").write_bytes(b"GIF89a nonsense")
+    os.environ["BITCLI_CACHE"] = str(work / "cache")
+    code, out, err = run_main("audit", data, "-m", tiny_dir, "-o", work / "out", "--threshold", THRESHOLD, "--workers", "0")
+    assert code == 0, err
+    return {"data": data, "out": work / "out", "work": work, "stdout": out}
+
+
+def test_the_page_in_chromium(hostile: dict, browser_page, tmp_path: Path) -> None:
+    """No console error, every picture loads, the duplicate pairs and undecodable files are listed, hostile
+    names are text (no element made of them, no script), and a phone's width scrolls no page sideways."""
+    report = json.loads((hostile["out"] / "audit.json").read_text())
+    assert report["counts"]["exact"] == 2 and report["counts"]["undecodable"] == 1
+    page = browser_page.page
+    page.goto((hostile["out"] / "index.html").as_uri())
+    widths = page.evaluate(
+        "async () => { for (const img of document.images) { img.scrollIntoView(); await img.decode(); }"
+        " return [...document.images].map(img => img.naturalWidth); }"
+    )
+    assert len(widths) >= 4 and min(widths) > 0
+    assert page.evaluate("[...document.images].every(img => !img.getAttribute('src').startsWith('x'))")
+    captions = page.eval_on_selector_all("figure .path", "nodes => nodes.map(n => n.textContent)")
+    assert captions[:4] == [f"{k}: {d[k]}" for d in report["duplicates"][:2] for k in ("a", "b")]
+    text = page.evaluate("document.body.innerText")
+    assert f"{HOSTILE}/<b>copy'&\".png" in text and "<i>broken.png" in text and "\ufffd\ufffd.png" in text
+    assert page.evaluate("document.querySelectorAll('b i, main > img, script').length") == 0
+    cells = page.eval_on_selector_all("table.numbers tbody tr td:first-child", "n => n.map(x => x.textContent)")
+    assert cells[:2] == [HOSTILE, "cat"]  # class order: by name
+    assert browser_page.errors == []
+    page.set_viewport_size({"width": 390, "height": 800})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+
+def test_a_folder_with_user_files_is_refused_and_an_earlier_audit_is_replaced(hostile: dict, tiny_dir: Path) -> None:
+    mine = hostile["work"] / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, out, err = run_main("audit", hostile["data"], "-m", tiny_dir, "-o", mine)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1] == (
+        f"Error: --output {mine}: holds 'notes.txt', which bitcli did not write; give a new or empty folder, "
+        "or the folder of an earlier report"
+    )
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    (hostile["out"] / "mine.txt").write_text("added by the user")
+    before = (hostile["out"] / "audit.json").read_bytes()
+    code, _, err = run_main("audit", hostile["data"], "-m", tiny_dir, "-o", hostile["out"], "--threshold", THRESHOLD)
+    assert code == 0, err
+    assert (hostile["out"] / "audit.json").read_bytes() == before
+    assert (hostile["out"] / "mine.txt").read_text() == "added by the user"
+
+
+def test_the_summary_prints_no_data_and_the_undecodable_file_is_named(hostile: dict) -> None:
+    report = json.loads((hostile["out"] / "audit.json").read_text())
+    [bad] = report["inventory"]["undecodable"]
+    assert bad["path"].endswith("cat/<i>broken.png") and "<i>broken.png" in bad["error"]
+    assert HOSTILE not in hostile["stdout"]  # the table holds split names and numbers only

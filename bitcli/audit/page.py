@@ -128,22 +128,29 @@ def _shown_note(shown: int, total: int, csv: str) -> Html:
 
 
 def _files(inv: dict) -> list[Html]:
-    parts = []
-    small = inv["small_classes"]
-    parts += [element("h2", f"Classes under {inv['min_images']} images ({len(small)})"),
-              table(["class", "split", "images"], [[s["class"], s["split"], str(s["images"])] for s in small[:MAX_LISTED]])
-              if small else element("p", "None.")]  # fmt: skip
-    bad = inv["undecodable"]
-    parts += [element("h2", f"Undecodable files ({len(bad)})"),
-              table(["path", "split", "error"], [[b["path"], b["split"], b["error"]] for b in bad[:MAX_LISTED]])
-              if bad else element("p", "None.")]  # fmt: skip
-    off = inv["off_size"]
+    """The small classes, undecodable files and off-size images, each a heading and a table (or "None.")."""
+    small, bad, off = inv["small_classes"], inv["undecodable"], inv["off_size"]
     side = inv["model"]["input_side"]
-    parts += [element("h2", f"Images far from the model's {side}-pixel input ({len(off)})"),
-              table(["path", "split", "width", "height"], [[o["path"], o["split"], str(o["width"]), str(o["height"])]
-                                                            for o in off[:MAX_LISTED]])
-              if off else element("p", "None.")]  # fmt: skip
-    return parts
+    return [
+        *_listing(f"Classes under {inv['min_images']} images ({len(small)})", ["class", "split", "images"],
+                  [[s["class"], s["split"], str(s["images"])] for s in small]),
+        *_listing(f"Undecodable files ({len(bad)})", ["path", "split", "error"],
+                  [[b["path"], b["split"], b["error"]] for b in bad]),
+        *_listing(f"Images far from the model's {side}-pixel input ({len(off)})", ["path", "split", "width", "height"],
+                  [[o["path"], o["split"], str(o["width"]), str(o["height"])] for o in off]),
+    ]  # fmt: skip
+
+
+def _listing(title: str, head: list[str], rows: list[list[str]]) -> list[Html]:
+    if not rows:
+        return [element("h2", title), element("p", "None.")]
+    note = _shown_note(min(len(rows), MAX_LISTED), len(rows), "audit.json")
+    return [element("h2", title), note, _scroll(table(head, rows[:MAX_LISTED]))]
+
+
+def _scroll(content: Html) -> Html:
+    """A wide table scrolls sideways on its own, never the page."""
+    return element("div", content, attrs={"class": "scroll"})
 
 
 def thumb(src: str | None, alt: str, problem: str | None = None) -> Html:
