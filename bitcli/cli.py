@@ -21,6 +21,7 @@ from bitcli.cli_options import (
     AuditTestOpt,
     BatchOpt,
     BatchSplitOpt,
+    CacheFeaturesOpt,
     CalibrateOpt,
     ConvertFormatOpt,
     ConvertOverwriteOpt,
@@ -79,6 +80,7 @@ from bitcli.cli_options import (
     WorkersOpt,
     WriteCleanOpt,
 )
+from bitcli.errors import UsageError
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE
 from bitcli.options import (
     DEFAULT_NEAR_THRESHOLD,
@@ -246,6 +248,7 @@ def finetune(
     random_init: RandomInitOpt = False,
     revision: RevisionOpt = None,
     head_only: HeadOnlyOpt = False,
+    cache_features: CacheFeaturesOpt = False,
     tensorboard: TensorboardOpt = False,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
@@ -258,7 +261,12 @@ def finetune(
         device=device, precision=precision, workers=workers, eval_every=eval_every, save_every=save_every,
         resume=resume, overwrite=overwrite, random_init=random_init, revision=revision, head_only=head_only,
         tensorboard=tensorboard, image_column=image_column, label_column=label_column, report=report,
+        cache_features=cache_features,
     )  # fmt: skip
+    if cache_features and not head_only:
+        raise UsageError("--cache-features trains the head on fixed features: add --head-only")
+    if cache_features and mixup:
+        raise UsageError(f"--mixup {mixup:g} with --cache-features: cached features are not augmented; drop --mixup")
     check_output("--output", output, folder=True)
     if report:
         from bitcli.finetune.runfiles import REPORT_FOLDER

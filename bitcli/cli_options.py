@@ -248,6 +248,12 @@ RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Start --mode
 HeadOnlyOpt = Annotated[
     bool, typer.Option("--head-only", help="Train only the new head; the backbone stays frozen (a linear probe).")
 ]
+CacheFeaturesOpt = Annotated[
+    bool,
+    typer.Option("--cache-features", help="With --head-only: embed each training image once (eval transform, "
+                 "kept in $BITCLI_CACHE as bit audit keeps them) and train the head on those features, without "
+                 "augmentation or MixUp (the classic linear probe)."),
+]  # fmt: skip
 FinetuneReportOpt = Annotated[
     bool,
     typer.Option("--report", help="After the last validation, write its HTML report (error gallery with Grad-CAM) "

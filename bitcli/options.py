@@ -387,6 +387,7 @@ class FinetuneOptions:
     random_init: bool = False
     revision: str | None = None
     head_only: bool = False  # train the new head only; the backbone stays the start model's, bit for bit
+    cache_features: bool = False  # with head_only: train the head on cached features of the eval transform
     tensorboard: bool = False  # also write TensorBoard event files under DIR/tensorboard
     report: bool = False  # write the final validation's HTML report (error gallery) into DIR/report
     image_column: str | None = None  # a data set's image column (None: found from its features)

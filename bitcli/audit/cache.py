@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from bitcli.errors import BitError, one_line
 from bitcli.ui import display, log
 from bitcli.writes import atomic_write
 
+HEAD = "head."  # bitcli's name of the classifier's tensors
 SHARD_EVERY = 512  # new entries per shard
 FOLDER = "embeddings"
 
@@ -35,18 +37,21 @@ class Entry:
     size: tuple[int, int]  # (width, height) as decoded (EXIF-rotated)
 
 
-def model_key(tensors: dict, preprocess: object, graph: Path | None) -> str:
-    """The hash of a model's weights (each tensor's name, dtype, shape and bytes, in name order; an ONNX graph's
-    file bytes) and of its eval transform (the Preprocess dataclass's fields)."""
+def model_key(tensors: Mapping[str, Callable[[], torch.Tensor]], preprocess: object, graph: Path | None) -> str:
+    """The hash of what a model's features depend on: its backbone's weights (each tensor's name, shape and
+    float32 bytes, in name order; the head is left out, so a checkpoint and the model fine-tuned from it with a
+    new head share entries) or an ONNX graph's file bytes, and its eval transform (the Preprocess fields).
+    `tensors` maps bitcli's tensor names to loaders."""
     h = hashlib.sha256(repr(preprocess).encode("utf-8"))
     if graph is not None:
         with open(graph, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
-    for name in sorted(tensors):
-        t = tensors[name].load().contiguous()
-        h.update(f"{name}\t{t.dtype}\t{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 included, as its bytes
+    for name in sorted(n for n in tensors if not n.startswith(HEAD)):
+        t = tensors[name]().detach().cpu()
+        t = (t.float() if t.is_floating_point() else t).contiguous()
+        h.update(f"{name}\t{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
 
 

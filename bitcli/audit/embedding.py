@@ -19,12 +19,14 @@ import numpy as np
 
 from bitcli import pipeline
 from bitcli.audit.cache import EmbeddingCache, Entry
-from bitcli.audit.examples import Examples
+from bitcli.audit.examples import Examples, table
 from bitcli.engine import Engine
+from bitcli.errors import BitError
 from bitcli.images import stack_by_size
 from bitcli.preprocess import Preprocess
+from bitcli.sources.examples import ImageFolder
 from bitcli.sources.rows import RowRef, load_example
-from bitcli.ui import progress_bar
+from bitcli.ui import log, progress_bar
 
 
 @dataclass
@@ -137,3 +139,16 @@ def _compute(misses: list[tuple[int, _Seen]], engine: Engine, cache: EmbeddingCa
             if file_hash is not None:
                 cache.put(file_hash, entry)
             found.computed += 1
+
+
+def folder_features(
+    ds: ImageFolder, engine: Engine, cache: EmbeddingCache, *, batch_size: int, workers: int
+) -> np.ndarray:
+    """Every example's features [N, D] (`bit finetune --cache-features`: the data set holds only images that
+    decode), from the cache or computed; an image that no longer decodes is an error naming it."""
+    found = embed_examples(table({"train": ds}), engine, cache, batch_size=batch_size, workers=workers)
+    if found.errors:
+        raise BitError(next(iter(found.errors.values())))
+    log(f"--cache-features: {len(ds)} training images embedded ({found.computed} computed, "
+        f"{len(ds) - found.computed} from the cache)")  # fmt: skip
+    return found.vectors

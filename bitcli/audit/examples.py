@@ -78,7 +78,11 @@ def _own_test(data: DataSpec, columns: Columns) -> Part | None:
 
 def gather(parts: dict[str, Part]) -> Examples:
     """Every part scanned with its own classes, as one table."""
-    scanned = {name: part.scan(None) for name, part in parts.items()}
+    return table({name: part.scan(None) for name, part in parts.items()})
+
+
+def table(scanned: dict[str, ImageFolder]) -> Examples:
+    """Scanned splits as one table of examples."""
     classes = class_order(c for ds in scanned.values() for c in ds.classes)
     position = {c: i for i, c in enumerate(classes)}
     split, index, labels, names = [], [], [], []

@@ -50,7 +50,9 @@ def run(opts: AuditOptions) -> int:
     ckpt = load_checkpoint(opts.model, opts.revision)
     engine = load_engine(ckpt, resolve_device(opts.device), torch.float32, need_head=False)
     cache = EmbeddingCache(
-        bitcli_cache(), model_key(ckpt.tensors, ckpt.preprocess, ckpt.graph), ckpt.config.num_features
+        bitcli_cache(),
+        model_key({k: r.load for k, r in ckpt.tensors.items()}, (ckpt.preprocess, torch.float32), ckpt.graph),
+        ckpt.config.num_features,
     )
     found = embed_examples(examples, engine, cache, batch_size=opts.batch_size, workers=opts.workers)
     log(f"embedded {len(examples)} images ({found.computed} computed, {len(examples) - found.computed - len(found.errors)} "
