@@ -46,6 +46,14 @@ def resave(src: Path, dst: Path, upscale: float = 1.0) -> None:
     im.save(dst, compress_level=1)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cache_folder(tmp_path_factory):
+    """This module's embedding cache ($BITCLI_CACHE), restored afterwards."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BITCLI_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> Path:
     """train/ (3 classes x 12), val/ and test/ (3 x 5) with planted findings:
@@ -74,7 +82,6 @@ def planted(tmp_path_factory) -> Path:
 def audited(planted: Path, tiny_dir: Path, tmp_path_factory) -> dict:
     """One audit of `planted` with -o and --write-clean; its outputs and timings, for the tests that read them."""
     work = tmp_path_factory.mktemp("audited")
-    os.environ["BITCLI_CACHE"] = str(work / "cache")
     code, out, err = run_main("audit", planted, "-m", tiny_dir, "-o", work / "out", "--threshold", THRESHOLD,
                               "--write-clean", work / "clean.csv", "--workers", "0")  # fmt: skip
     return {"code": code, "out": out, "err": err, "dir": work / "out", "clean": work / "clean.csv", "work": work}
@@ -263,8 +270,9 @@ def hostile(tiny_dir: Path, tmp_path_factory) -> dict:
     odd = os.fsencode(str(data / "cat")) + b"/\xff\xfe.png"
     Image.open(data / "cat/1.png").save(os.fsdecode(odd), format="PNG", compress_level=1)
     (data / "cat" / "<i>broken.png").write_bytes(b"GIF89a nonsense")
-    os.environ["BITCLI_CACHE"] = str(work / "cache")
-    code, out, err = run_main("audit", data, "-m", tiny_dir, "-o", work / "out", "--threshold", THRESHOLD, "--workers", "0")
+    code, out, err = run_main(
+        "audit", data, "-m", tiny_dir, "-o", work / "out", "--threshold", THRESHOLD, "--workers", "0"
+    )
     assert code == 0, err
     return {"data": data, "out": work / "out", "work": work, "stdout": out}
 
@@ -318,3 +326,30 @@ def test_the_summary_prints_no_data_and_the_undecodable_file_is_named(hostile: d
     [bad] = report["inventory"]["undecodable"]
     assert bad["path"].endswith("cat/<i>broken.png") and "<i>broken.png" in bad["error"]
     assert HOSTILE not in hostile["stdout"]  # the table holds split names and numbers only
+
+
+def test_ctrl_c_keeps_what_was_embedded_and_the_next_audit_resumes(
+    planted: Path, tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped by Ctrl-C after two batches of 8: exit 130, nothing written to -o; the same command again
+    computes only the images not done before."""
+    from bitcli.audit import embedding
+
+    monkeypatch.setenv("BITCLI_CACHE", str(tmp_path / "cache"))
+    compute, calls = embedding._compute, []
+
+    def stop_at_the_third(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        compute(*args, **kw)
+
+    args = ("audit", planted, "-m", tiny_dir, "-o", tmp_path / "out", "-b", "8", "--workers", "0")
+    with monkeypatch.context() as patch:
+        patch.setattr(embedding, "_compute", stop_at_the_third)
+        code, out, _ = run_main(*args)
+    assert code == 130 and out == "" and not (tmp_path / "out").exists()
+    code, _, err = run_main(*args)
+    assert code == 0, err
+    # the first two batches are train/a/000-011, broken.png (undecodable: not cached), copy.png and b/000-001
+    assert "embedded 73 images (57 computed, 15 from the cache, 1 undecodable)" in err
