@@ -353,3 +353,20 @@ def test_ctrl_c_keeps_what_was_embedded_and_the_next_audit_resumes(
     assert code == 0, err
     # the first two batches are train/a/000-011, broken.png (undecodable: not cached), copy.png and b/000-001
     assert "embedded 73 images (57 computed, 15 from the cache, 1 undecodable)" in err
+
+
+def test_bf16_candidates_give_the_float32_pairs() -> None:
+    """Near-duplicates planted at similarities around the threshold: the bf16 candidate search, re-scored in
+    float32, reports exactly the pairs of the float32 search, with the same similarities."""
+    from bitcli.audit.duplicates import find_pairs
+
+    rng = np.random.default_rng(3)
+    vectors = np.abs(rng.standard_normal((400, 64))).astype(np.float32) + 0.2
+    for j, noise in enumerate(np.linspace(0.05, 0.6, 60)):  # similarities from about 0.99 down to 0.7
+        vectors[200 + j] = vectors[j] + noise * rng.standard_normal(64).astype(np.float32)
+    pixels = [bytes([i % 256, i // 256]) for i in range(400)]
+    exact32 = find_pairs(vectors, pixels, 0.9, fast=False)
+    fast = find_pairs(vectors, pixels, 0.9, fast=True)
+    assert 10 < len(exact32) < 60
+    assert [(p.a, p.b) for p in fast] == [(p.a, p.b) for p in exact32]
+    assert np.allclose([p.similarity for p in fast], [p.similarity for p in exact32], atol=2e-6)
