@@ -91,8 +91,10 @@ def evaluation_set(rng: np.random.Generator) -> tuple[list[Image.Image], np.ndar
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--per-photo", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--resolution", type=int, default=32)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="audit-threshold-"))
@@ -100,7 +102,7 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
     cmd = [sys.executable, "-m", "bitcli", "finetune", str(work / "train"), "--random-init", "--model", "tiny",
-           "--output", str(work / "run"), "--steps", str(args.steps), "--batch-size", "32", "--resolution", "64",
+           "--output", str(work / "run"), "--steps", str(args.steps), "--batch-size", "32", "--resolution", str(args.resolution), "--lr", str(args.lr),
            "--val-split", "0.1", "--seed", "0"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode:
@@ -137,7 +139,8 @@ def main() -> None:
         kinds[kind] = {"min": round(float(sims[originals, originals + k + 1].min()), 4),
                        "median": round(float(np.median(sims[originals, originals + k + 1])), 4)}  # fmt: skip
     print(json.dumps({
-        "model": f"bitcli tiny preset, random init, fine-tuned {args.steps} steps on {len(TRAIN_PHOTOS)} other photos",
+        "model": f"bitcli tiny preset, random init, trained {args.steps} steps (batch 32, lr {args.lr}, "
+        f"{args.resolution} px) to tell {len(TRAIN_PHOTOS)} other photos apart",
         "model_val_top1": summary["val_top1"], "train_s": round(trained_s, 1), "images": len(images),
         "positive_pairs": int(same.sum()), "negative_pairs": int((~same).sum()),
         "negative_similarity_quantiles": {q: round(float(np.quantile(scores[~same], q)), 4) for q in (0.5, 0.99, 0.999, 1.0)},
