@@ -23,9 +23,11 @@ from bitcli.cli_options import (
     BatchSplitOpt,
     CacheFeaturesOpt,
     CalibrateOpt,
+    CommitMessageOpt,
     ConvertFormatOpt,
     ConvertOverwriteOpt,
     DeviceOpt,
+    DryRunOpt,
     DstArg,
     DTypeOpt,
     EmbedFormatOpt,
@@ -44,6 +46,7 @@ from bitcli.cli_options import (
     ImagesArg,
     LabelColumnOpt,
     LabelsOpt,
+    LicenseOpt,
     LrOpt,
     MinAgreementOpt,
     MinImagesOpt,
@@ -55,9 +58,14 @@ from bitcli.cli_options import (
     PrecisionOpt,
     PredictFormatOpt,
     PredictOutputOpt,
+    PrivateOpt,
+    PushOnnxOpt,
+    PushRevisionOpt,
+    PushSrcArg,
     QuantizeOpt,
     RandomInitOpt,
     RecursiveOpt,
+    RepoArg,
     ReportDirOpt,
     ResolutionOpt,
     ResumeOpt,
@@ -95,6 +103,7 @@ from bitcli.options import (
     FinetuneOptions,
     Precision,
     PredictOptions,
+    PushOptions,
     ReportOptions,
     check_embed_output,
     check_label_output,
@@ -299,7 +308,7 @@ def eval_(
         report=report,
     )  # fmt: skip
     check_output("--plot", plot)
-    check_page_folder("--report", report)
+    check_page_folder("--report", report, data=opts.data)
     from bitcli.commands import eval as eval_command
 
     raise typer.Exit(eval_command.run(opts))
@@ -373,6 +382,27 @@ def report(run: RunDirArg) -> None:
     from bitcli.commands import report as report_command
 
     report_command.run(opts)
+
+
+@_command()
+def push(
+    src: PushSrcArg,
+    repo: RepoArg,
+    private: PrivateOpt = False,
+    revision: PushRevisionOpt = None,
+    commit_message: CommitMessageOpt = None,
+    onnx: PushOnnxOpt = False,
+    dry_run: DryRunOpt = False,
+    license_id: LicenseOpt = None,
+) -> None:
+    """Publish a fine-tuned run (or any model) to the Hugging Face Hub in one commit: a transformers folder, a model card with the metrics, the pictures."""
+    opts = PushOptions(
+        src=src, repo=repo, private=private, revision=revision, commit_message=commit_message, onnx=onnx,
+        dry_run=dry_run, license=license_id,
+    )  # fmt: skip
+    from bitcli.commands import push as push_command
+
+    push_command.run(opts)
 
 
 def _click_exceptions():

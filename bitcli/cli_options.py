@@ -26,7 +26,9 @@ from bitcli.options import (
     parse_auto_float,
     parse_auto_int,
     parse_device,
+    parse_dst_path,
     parse_fail_rule,
+    parse_file_path,
     parse_png_path,
     parse_resolution,
     parse_threshold,
@@ -111,11 +113,15 @@ PredictFormatOpt = Annotated[
     typer.Option("--format", "-f", case_sensitive=False, show_default=False,
                  help="Default: from --output's suffix (.json, .jsonl, .csv), else table."),
 ]  # fmt: skip
-PredictOutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")]
+PredictOutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", parser=_parser("--output", parse_file_path), help="Write here instead of stdout."),
+]
 EmbedOutputOpt = Annotated[
     Path | None,
-    typer.Option("--output", "-o", help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl."),
-]
+    typer.Option("--output", "-o", parser=_parser("--output", parse_file_path),
+                 help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl."),
+]  # fmt: skip
 EmbedFormatOpt = Annotated[
     EmbedFormat | None,
     typer.Option("--format", "-f", case_sensitive=False, show_default=False,
@@ -149,8 +155,10 @@ SrcArg = Annotated[
     ),
 ]
 DstArg = Annotated[
-    Path, typer.Argument(metavar="DST", help="A .safetensors file (bitcli), a .onnx file, or a folder (hf/timm).")
-]
+    Path,
+    typer.Argument(metavar="DST", parser=_parser("DST", parse_dst_path),
+                   help="A .safetensors file (bitcli), a .onnx file, or a folder (hf/timm)."),
+]  # fmt: skip
 ConvertFormatOpt = Annotated[
     ConvertFormat | None,
     typer.Option("--format", case_sensitive=False, help="Default: bitcli for *.safetensors, onnx for *.onnx, else hf."),
@@ -335,4 +343,43 @@ WriteCleanOpt = Annotated[
     Path | None,
     typer.Option("--write-clean", metavar="FILE.csv",
                  help="Write a label file (path,label[,split]) of the images no finding flags; the data is never touched."),
+]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# push
+
+PushSrcArg = Annotated[
+    str,
+    typer.Argument(metavar="SRC", show_default=False,
+                   help="A bit finetune run folder (its --output), or any model spec (file, folder, Hub id, published name)."),
+]  # fmt: skip
+RepoArg = Annotated[
+    str, typer.Argument(metavar="OWNER/NAME", show_default=False, help="The Hub repo to push to (created if missing).")
+]
+PrivateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--private", help="Create the repo private; an existing public repo is refused, never made public by mistake."
+    ),
+]
+PushRevisionOpt = Annotated[
+    str | None,
+    typer.Option("--revision", metavar="BRANCH", show_default="main",
+                 help="The branch to commit to (created from main if missing)."),
+]  # fmt: skip
+CommitMessageOpt = Annotated[
+    str | None,
+    typer.Option("--commit-message", show_default="Upload NAME with bit push", help="The commit's message."),
+]
+PushOnnxOpt = Annotated[
+    bool, typer.Option("--onnx", help="Also upload model.onnx, the proven export of bit convert (needs bitcli[onnx]).")
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print the files and the model card; upload nothing (no token needed).")
+]
+LicenseOpt = Annotated[
+    str | None,
+    typer.Option("--license", show_default="none stated",
+                 help="The model's license id for the card (apache-2.0, mit, cc-by-4.0, other, ...)."),
 ]  # fmt: skip

@@ -15,6 +15,7 @@ from bitcli import pipeline
 from bitcli.distributed import Dist
 from bitcli.engine import Engine
 from bitcli.errors import BitError
+from bitcli.gpu_decode import DeviceDecoder, example_bytes
 from bitcli.metrics import Accumulator, EvalResult
 from bitcli.preprocess import Preprocess
 from bitcli.sources.examples import ImageFolder
@@ -24,6 +25,11 @@ from bitcli.sources.rows import load_example
 def example_decoder(ds: ImageFolder, preprocess: Preprocess) -> Callable[[int], np.ndarray]:
     """Example i of `ds` as `preprocess` gives it to a model (uint8 HWC), from any source."""
     return lambda i: preprocess.to_uint8(load_example(ds.paths[i]))
+
+
+def example_reader(ds: ImageFolder) -> Callable[[int], bytes | None]:
+    """Example i's encoded bytes, for a GPU decoder (bitcli.gpu_decode), or None."""
+    return lambda i: example_bytes(ds.paths[i])
 
 
 def evaluate(
@@ -37,6 +43,7 @@ def evaluate(
     advance: Callable[[int], None] = pipeline.no_progress,
     info: Dist = pipeline.ONE_PROCESS,
     keep: Callable[[np.ndarray, torch.Tensor], None] | None = None,
+    on_device: DeviceDecoder[int] | None = None,
 ) -> EvalResult | None:
     """Accuracy of the engine's model on `ds`; `decode(i)` gives image i as uint8 HWC. class_to_model[c] is
     the model's label index of data-set class c. Accuracy is over a whole pass, so an image that does not decode
@@ -45,7 +52,8 @@ def evaluate(
     The main process accumulates every stack of images exactly as the engine computed it, in batch order: the
     same updates with the same values whatever the number of processes, so the same result, bit for bit. The
     other processes return None. `keep(indices, logits)`, when given, is called on the main process with every
-    stack's data-set indices and logits as they were accumulated (a report's per-image results)."""
+    stack's data-set indices and logits as they were accumulated (a report's per-image results). on_device: decode
+    on the engine's GPU (bitcli.gpu_decode.for_engine)."""
     acc = Accumulator(ds.classes, class_to_model, engine.num_classes)
     targets = np.asarray(ds.targets, dtype=np.int64)
 
@@ -53,7 +61,7 @@ def evaluate(
         return list(engine.logits(batch).cpu().numpy())  # numpy rows: only its own row travels to rank 0
 
     batches = pipeline.run(range(len(ds)), decode, logits, batch_size=batch_size, workers=workers, info=info,
-                           name=ds.name, advance=advance)  # fmt: skip
+                           name=ds.name, advance=advance, on_device=on_device)  # fmt: skip
     with contextlib.closing(batches):
         for batch in batches:
             failed = next((o.error for o in batch if o.error is not None), None)

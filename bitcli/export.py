@@ -39,7 +39,7 @@ def write_onnx(ckpt: Checkpoint, path: Path, dtype: torch.dtype, *, opset: int |
                calibrate: Path | None = None, min_agreement: float = 0.99) -> None:  # fmt: skip
     """Export `ckpt` to `path`: proven with onnxruntime first, and (with `calibrate`) quantised to int8
     on the images of that folder. Nothing is written when a check fails."""
-    extras.require("onnx", "ONNX support")
+    extras.require("onnx", "An ONNX export")
     import onnx
 
     if dtype not in TOLERANCE:

@@ -50,7 +50,7 @@ def providers(device: torch.device) -> list[Any]:
 def session(model: bytes | str, device: torch.device, name: str):
     """An onnxruntime InferenceSession of a serialised graph or a file, with every graph optimisation on;
     one line naming `name` when onnxruntime cannot load it. The only place bitcli makes one."""
-    extras.require("onnx", "ONNX support")
+    extras.require("onnx", "Running an .onnx model", modules=("onnxruntime",))  # running needs no exporter (onnxscript)
     import onnxruntime as ort
 
     options = ort.SessionOptions()

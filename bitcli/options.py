@@ -19,7 +19,7 @@ from bitcli.errors import BitError, UsageError
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution, resolution_for_crop
 from bitcli.pages.folder import refusal as page_folder_refusal
 from bitcli.ui import display
-from bitcli.writes import unwritable
+from bitcli.writes import names_a_folder, unwritable
 
 # Image-decoding threads for every command (0: decode in the calling thread); results never depend on it.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -191,9 +191,24 @@ def parse_auto_float(value: str) -> float | None:
     return x
 
 
+def parse_file_path(value: str) -> Path:
+    """An output file's name (--output): not one that names a folder (`out/`, see writes.names_a_folder)."""
+    reason = names_a_folder(value)
+    if reason is not None:
+        raise OptionError(f"{display(value)}: {reason}")
+    return Path(value)
+
+
+def parse_dst_path(value: str) -> Path:
+    """convert's DST: a folder (hf, timm) may end in a separator; a file that the suffix names may not."""
+    if suffix_format(Path(value), CONVERT_SUFFIXES) is not None:
+        return parse_file_path(value)
+    return Path(value)
+
+
 def parse_png_path(value: str) -> Path:
     """A picture's file name: it must end in .png (the only format drawn), so the name says what it holds."""
-    path = Path(value)
+    path = parse_file_path(value)
     if path.suffix.lower() != ".png":
         raise OptionError(f"{value!r}: the picture is a PNG; give a file name ending in .png")
     return path
@@ -220,10 +235,16 @@ def check_output(flag: str, path: Path | None, folder: bool = False) -> None:
         raise UsageError(f"{flag} {display(path)}: {reason}")
 
 
-def check_page_folder(flag: str, path: Path | None) -> None:
+def check_page_folder(flag: str, path: Path | None, data: DataSpec | None = None) -> None:
     """Refuse (exit 2, before any work) a folder a page cannot be written into (bitcli.pages.folder): a file,
-    a folder that cannot be written in, a folder holding files bitcli did not write."""
-    reason = page_folder_refusal(path) if path is not None else None
+    a folder that cannot be written in, a folder holding files bitcli did not write; and one inside the image
+    folder `data`, where its pictures would be taken for a class of images by the next run."""
+    if path is None:
+        return
+    reason = page_folder_refusal(path)
+    if reason is None and isinstance(data, Path) and data.is_dir():
+        inside = Path(os.path.realpath(data)) in Path(os.path.realpath(path)).parents
+        reason = f"is inside the image folder {display(data)}; choose a folder outside it" if inside else None
     if reason is not None:
         raise UsageError(f"{flag} {display(path)}: {reason}")
 
@@ -466,3 +487,34 @@ class AuditOptions:
     workers: int = DEFAULT_WORKERS
     image_column: str | None = None
     label_column: str | None = None
+
+
+# A Hub repo id, each part as the Hub allows it: letters, digits, '-', '_', '.', not starting or ending with '-' or
+# '.', no '--' or '..', at most 96 characters (huggingface_hub's validate_repo_id, without importing it).
+_HUB_NAME = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?", re.ASCII)
+_LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    src: str  # a bit finetune run folder or any model spec
+    repo: str  # OWNER/NAME on the Hub
+    private: bool = False  # create the repo private (an existing public one is refused)
+    revision: str | None = None  # the branch to commit to (created from main if missing); None: main
+    commit_message: str | None = None  # None: "Upload <name> with bit push"
+    onnx: bool = False  # also upload model.onnx
+    dry_run: bool = False  # print the files and the card; upload nothing
+    license: str | None = None  # the card's license id; None: not stated
+
+    def __post_init__(self) -> None:
+        owner, _, name = self.repo.partition("/")
+        if not (_HUB_NAME.fullmatch(owner) and _HUB_NAME.fullmatch(name)):
+            raise UsageError(
+                f"{self.repo}: name the Hub repo OWNER/NAME (letters, digits, '-', '_', '.'), e.g. alice/bit-flowers"
+            )
+        if self.revision is not None and not re.fullmatch(r"[\w./-]+", self.revision, re.ASCII):
+            raise UsageError(f"--revision {self.revision!r}: a branch name (letters, digits, '-', '_', '.', '/')")
+        if self.commit_message is not None and not self.commit_message.strip():
+            raise UsageError("--commit-message: give a message (or leave the flag out)")
+        if self.license is not None and not _LICENSE_ID.fullmatch(self.license):
+            raise UsageError(f"--license {self.license!r}: a Hub license id in lower case, e.g. apache-2.0, mit, other")

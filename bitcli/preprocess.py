@@ -169,6 +169,15 @@ class Preprocess:
         left, top = (x0 - px) * width / rw, (y0 - py) * height / rh
         return left, top, left + self.crop[1] * width / rw, top + self.crop[0] * height / rh
 
+    def crop_window(self, width: int, height: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """The centre crop of a resized width x height image, as resize_and_crop takes it: for x, then y, (first
+        kept pixel, pixels kept, offset in the output). For decoders that resize elsewhere (bitcli.gpu_decode)."""
+        if self.crop is None:
+            raise ValueError("crop_window: this preprocessing has no crop")
+        return _crop_window(width, self.crop[1], self.crop_rounding), _crop_window(
+            height, self.crop[0], self.crop_rounding
+        )
+
     def to_uint8(self, image: Image.Image) -> np.ndarray:
         """RGB image -> the resized, cropped HWC uint8 array (normalisation happens in the batch, in torch)."""
         try:

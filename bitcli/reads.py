@@ -1,15 +1,34 @@
-"""Files read with the standard library alone (no torch, no numpy): JSON objects and a safetensors file's header.
-`bit report` reads a run with these, so it answers in a fraction of a second; the tensor readers in
-bitcli.formats.raw build on the same header check."""
+"""Files read with the standard library alone (no torch, no numpy): JSON objects, a safetensors file's header and
+a text file's lines. `bit report` reads a run with these, so it answers in a fraction of a second; the tensor
+readers in bitcli.formats.raw build on the same header check.
+
+Only regular files are read (through symlinks): a FIFO would block the read until some writer comes, and a
+device such as /dev/zero never ends. Lines are read with a bound on their length, so no line, however long
+(a run of NUL bytes), is ever held whole.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from bitcli.errors import BitError, one_line
+
+MAX_LINE = 1 << 20  # bytes: a longer line is no line that bitcli wrote (a metrics.jsonl record is ~200 bytes)
+SKIP_CHUNK = 1 << 16  # bytes read at a time while passing over an over-long line
+MAX_SAFETENSORS_HEADER = 100_000_000  # bytes: the safetensors library's own limit (MAX_HEADER_SIZE)
+_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a folder",
+}
 
 
 def file_size(path: Path) -> int:
@@ -19,12 +38,48 @@ def file_size(path: Path) -> int:
         raise BitError(f"{path}: cannot read ({exc.strerror})") from None
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """`path` open for reading in binary, if it is a regular file (a symlink is followed); else one line saying
+    what it is. Opened without blocking, so that a FIFO is refused instead of waited on. A missing file raises
+    FileNotFoundError, for the caller to say what a missing file means."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise BitError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = _KINDS.get(stat.S_IFMT(mode), "not a file")
+            raise BitError(f"{path}: is {kind}, not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def bounded_lines(file: BinaryIO, limit: int = MAX_LINE) -> Iterator[bytes | None]:
+    """Each line of `file` (with its line break), or None for a line of over `limit` bytes: that one is passed
+    over in chunks, never held."""
+    while line := file.readline(limit + 1):
+        if len(line) > limit and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = file.readline(SKIP_CHUNK)
+            yield None
+        else:
+            yield line
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path) as f:
+            data = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise BitError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BitError(f"{path}: not valid JSON ({one_line(exc)})") from None
     if not isinstance(data, dict):
         raise BitError(f"{path}: expected a JSON object")
@@ -34,15 +89,17 @@ def read_json(path: Path) -> dict[str, Any]:
 def safetensors_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """(each tensor's header entry, the metadata) of a safetensors file, its data unread; one line when the
     header is not valid or promises more data than the file holds."""
-    size = file_size(path)
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise BitError(f"{path}: file is too short to be safetensors (truncated or empty)")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
                 raise BitError(f"{path}: safetensors header runs past the end of the file (truncated)")
+            if n > MAX_SAFETENSORS_HEADER:
+                raise BitError(f"{path}: safetensors header of {n:,} bytes is over the format's limit of 100 MB")
             header = json.loads(f.read(n))
         metadata = dict(header.pop("__metadata__", None) or {})
         end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
@@ -50,6 +107,8 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             raise BitError(f"{path}: safetensors data runs past the end of the file (truncated)")
     except BitError:
         raise
+    except FileNotFoundError as exc:
+        raise BitError(f"{path}: cannot read ({exc.strerror})") from None
     except Exception as exc:  # noqa: BLE001 -- malformed JSON, wrong field types
         raise BitError(f"{path}: not a valid safetensors file ({one_line(exc)})") from None
     return header, metadata

@@ -60,11 +60,12 @@ class TorchEngine:
     def num_classes(self) -> int:
         return self.model.config.num_classes
 
-    def to_input(self, batch_uint8: np.ndarray) -> torch.Tensor:
-        """uint8 [B, H, W, 3] (numpy) -> the normalised float input on the device, in the engine's memory format.
-        (Normalising permutes the NHWC pixels without copying them: the result is channels_last in memory
-        until it is made contiguous.)"""
-        x = self.preprocess.normalize(torch.from_numpy(batch_uint8).to(self.device, non_blocking=True))
+    def to_input(self, batch_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] (numpy, or a tensor: already on the device when decoded there, bitcli.gpu_decode)
+        -> the normalised float input on the device, in the engine's memory format. (Normalising permutes the
+        NHWC pixels without copying them: the result is channels_last in memory until it is made contiguous.)"""
+        pixels = batch_uint8 if isinstance(batch_uint8, torch.Tensor) else torch.from_numpy(batch_uint8)
+        x = self.preprocess.normalize(pixels.to(self.device, non_blocking=True))
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def autocast(self):
@@ -119,8 +120,8 @@ class TorchEngine:
             self.model.train(was_training)
         out = torch.stack(maps, dim=1)  # [B, T, h, w]
         out = scale_maps(F.interpolate(out, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False))
-        out = out.cpu().numpy()
-        return out if many else out[:, 0]
+        maps_np = out.cpu().numpy()
+        return maps_np if many else maps_np[:, 0]
 
     @staticmethod
     def _cam(activations: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -212,6 +212,16 @@ def _write_directly(path: Path, write: Callable[[Any], None], fd: int | None = N
 # Before the work: can the output be written at the end?
 
 
+def names_a_folder(text: str) -> str | None:
+    """Why `text`, typed where a file is to be written, cannot name that file: a trailing separator names a
+    folder (`out/`), and a Path drops it, so the file would be written as `out`. Checked on the text as typed,
+    while the command line is read (bitcli.options' path parsers), before unwritable checks the path."""
+    separators = (os.sep, os.altsep) if os.altsep else (os.sep,)
+    if len(text) > 1 and text.endswith(separators):
+        return f"ends in {text[-1]}, which names a folder; give a file name (without the trailing {text[-1]})"
+    return None
+
+
 def unwritable(path: Path, folder: bool = False) -> str | None:
     """Why the write of `path` (a file; with `folder`, a folder) at the end of a command would fail, or None.
 

@@ -57,8 +57,9 @@ def test_eval_json_is_one_object_and_agrees_with_finetune(trained: tuple[Path, P
         "macro_f1",
         "confusion",
         "labels",
+        "other",
     ]
-    assert result["labels"] == ["blue", "green", "red"]
+    assert result["labels"] == ["blue", "green", "red"] and result["other"] is None  # no catch-all column
     confusion = np.array(result["confusion"])
     assert confusion.shape == (3, 3) and confusion.sum() == result["count"] == 12
     assert confusion.sum(axis=1).tolist() == [3, 4, 5]  # rows are the true classes

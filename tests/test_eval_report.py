@@ -15,6 +15,7 @@ import torch
 from conftest import run_main, write_folder
 
 from bitcli.gallery.build import PER_PAIR
+from bitcli.gallery.records import pairs
 
 # Class folders named to break a page that does not escape them; each has its own dominant colour.
 IMG = '<img src=x onerror="window.__pwned=1">'
@@ -124,6 +125,11 @@ def test_the_report_folder_is_refused_when_it_holds_the_user_s_files(hostile: di
         f"Error: --report {folder}: holds 'todo.txt', which bitcli did not write; give a new or empty folder, "
         "or the folder of an earlier report\n"
     )
+    inside = hostile["data"] / "val" / "report"  # its pictures would be a class folder of the next eval
+    code, out, err = run_main("eval", hostile["data"] / "val", "--model", "nothing-is-loaded", "--report", inside)
+    assert (code, out) == (2, "")
+    assert err == f"Error: --report {inside}: is inside the image folder {inside.parent}; choose a folder outside it\n"
+    assert not inside.exists()
     code, out, err = run_main("finetune", hostile["data"] / "train", "--output", tmp_path / "run", "--report", *ARGS)
     assert code == 2 and err == (
         "Error: --report shows the errors of the last validation, and this run has no validation set: give --val "
@@ -233,3 +239,47 @@ def test_the_page_in_chromium(hostile: dict[str, Path], browser_page, tmp_path: 
 
     page.set_viewport_size({"width": 390, "height": 800})
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+
+def test_an_undecodable_image_is_one_line_and_no_report_is_written(tiny_dir: Path, tmp_path: Path) -> None:
+    """Metrics of a pass that skipped an image would be wrong: bit eval stops with one line naming the file, and
+    the report folder is not even created."""
+    write_folder(tmp_path / "fruit", {"apple": 2, "banana": 2}, size=24)
+    broken = tmp_path / "fruit" / "banana" / f"{FILE}.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    code, out, err = run_main("eval", tmp_path / "fruit", "--model", tiny_dir, "--report", tmp_path / "report")
+    assert (code, out) == (1, "")
+    assert err == f"Error: {broken}: not an image PIL can read (empty, corrupt or another format)\n"
+    assert not (tmp_path / "report").exists()
+
+
+def test_an_image_spoilt_before_the_gallery_is_drawn_is_shown_with_why(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gallery decodes the images it shows again: one that no longer decodes (replaced while the pass ran)
+    keeps its place, scores and CSV rows, without pictures, the page saying why; every other one is drawn."""
+    import bitcli.commands.eval as eval_command
+
+    write_folder(tmp_path / "fruit", {"apple": 3, "banana": 3, "cherry": 3}, size=24)
+    write = eval_command.write_report
+    spoilt: list[str] = []
+
+    def spoil_the_first_then_write(folder: Path, engine, source, *, result, results, batch_size, workers) -> None:
+        first = int(pairs(results)[0].rows[0])  # the gallery's first image
+        path = Path(source.ds.paths[int(results.index[first])])
+        path.write_bytes(b"spoilt")
+        spoilt.append(str(path))
+        write(folder, engine, source, result=result, results=results, batch_size=batch_size, workers=workers)
+
+    monkeypatch.setattr(eval_command, "write_report", spoil_the_first_then_write)
+    code, _, err = run_main("eval", tmp_path / "fruit", "--model", tiny_dir, "--report", tmp_path / "report")
+    assert code == 0, err
+    errors = read_csv(tmp_path / "report" / "errors.csv")
+    assert errors[0]["path"] == spoilt[0] and len(errors) >= 3  # random weights: most images are wrong
+    page = (tmp_path / "report" / "index.html").read_text()
+    why = f"could not be read again: {spoilt[0]}: not an image PIL can read (empty, corrupt or another format)"
+    assert f'<div class="note">{why}</div>' in page
+    pictures = sorted(p.name for p in (tmp_path / "report" / "images").iterdir())
+    assert pictures == sorted(
+        f"{n:05d}{kind}.jpg" for n in range(2, len(errors) + 1) for kind in ("", "-pred", "-true")
+    )

@@ -139,3 +139,22 @@ def test_an_onnx_model_is_refused_and_writes_nothing(tiny_onnx: Path, images, tm
         "logits only)\n"
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_an_undecodable_image_is_its_row_s_error_and_the_others_are_explained(
+    tiny_dir: Path, images, tmp_path: Path
+) -> None:
+    broken = tmp_path / '"><img src=x onerror=alert(1)>.png'
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    out = tmp_path / "out"
+    code, stdout, err = run_main("explain", broken, images[0], "--model", tiny_dir, "-o", out)
+    assert code == 1
+    why = f"{broken}: not an image PIL can read (empty, corrupt or another format)"
+    assert err.splitlines()[-1] == f"error: {why}"
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert rows[0] == {"path": str(broken), "error": why} and rows[1]["path"] == str(images[0])
+    assert Path(rows[1]["overlay"]) == out / "00002-chelsea.png" and (out / "00002-chelsea.png").is_file()
+    maps, metadata = read_maps(out)
+    assert maps.shape == (1, 64, 64) and json.loads(metadata["paths"]) == [str(images[0])]
+    assert sorted(p.name for p in out.iterdir()) == sorted([".bitcli-page.json", "00002-chelsea.png",
+                                                            "explain.jsonl", "maps.safetensors"])  # fmt: skip

@@ -27,6 +27,7 @@ from bitcli.engine import load_engine
 from bitcli.errors import UsageError
 from bitcli.formats.raw import write_safetensors
 from bitcli.formats.tensors import TensorRef
+from bitcli.gpu_decode import file_bytes, for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.inputs import Input, expand_inputs, path_decoder
 from bitcli.options import EmbedFormat, EmbedOptions, paths_file
@@ -92,9 +93,12 @@ def run(opts: EmbedOptions) -> int:
                 vectors = F.normalize(vectors, dim=1)  # unit length; an all-zero vector stays zero
             return list(vectors.cpu().numpy())
 
+        decode = path_decoder(engine.preprocess)
+        on_device = for_engine(engine, decode, file_bytes)
+
         def run_all(emit: Callable[[list[Embedded]], None]) -> bool:
-            return run_report(report, path_decoder(engine.preprocess), embed, batch_size=opts.batch_size,
-                              workers=opts.workers, emit=emit, info=info, verb="embedding")  # fmt: skip
+            return run_report(report, decode, embed, batch_size=opts.batch_size, workers=opts.workers, emit=emit,
+                              info=info, verb="embedding", on_device=on_device)  # fmt: skip
 
         if not info.main:
             interrupted = run_all(drop)

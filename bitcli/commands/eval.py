@@ -11,12 +11,13 @@ import sys
 from bitcli import extras, plots
 from bitcli.distributed import from_main, process_group
 from bitcli.engine import load_engine
-from bitcli.evaluation import evaluate, example_decoder
+from bitcli.evaluation import evaluate, example_decoder, example_reader
 from bitcli.gallery.build import Source, write_report
 from bitcli.gallery.records import PerImage
+from bitcli.gpu_decode import for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.labels import match_classes
-from bitcli.metrics import OTHER, EvalResult, render_table
+from bitcli.metrics import EvalResult, render_table
 from bitcli.options import EvalFormat, EvalOptions
 from bitcli.pipeline import no_progress
 from bitcli.runtime import resolve_precision
@@ -38,7 +39,9 @@ def run(opts: EvalOptions) -> int:
         # Folder names are checked before the model is built (seconds for a big one); a checkpoint without a
         # head has no labels, and load_engine says so instead.
         class_to_model = (
-            match_classes(ds.classes, ckpt.labels, ckpt.source or opts.model, ds.root, data=ds.source)
+            match_classes(
+                ds.classes, ckpt.labels, ckpt.source or opts.model, ds.root, data=ds.source, first_row=ds.first_row
+            )
             if ckpt.config.num_classes
             else []
         )
@@ -56,8 +59,10 @@ def run(opts: EvalOptions) -> int:
                     done += n
                     show(n)
 
-                result = evaluate(engine, ds, example_decoder(ds, engine.preprocess), batch_size=opts.batch_size,
-                                  workers=opts.workers, class_to_model=class_to_model, advance=advance, info=info,
+                decode = example_decoder(ds, engine.preprocess)
+                result = evaluate(engine, ds, decode, batch_size=opts.batch_size, workers=opts.workers,
+                                  class_to_model=class_to_model, advance=advance, info=info,
+                                  on_device=for_engine(engine, decode, example_reader(ds)),
                                   keep=kept.add if kept is not None else None)  # fmt: skip
         except KeyboardInterrupt:  # Ctrl-C: one line, as predict gives (the bar and decode threads are closed by now)
             if info.main:
@@ -82,4 +87,4 @@ def _report(result: EvalResult, opts: EvalOptions, ds: ImageFolder) -> None:
     sys.stdout.flush()
     if opts.plot is not None:
         heading = f"{visible(display(ds.where()))} with {visible(opts.model)}"
-        plots.write_png(opts.plot, plots.evaluation_png(result.to_dict(), heading, OTHER))
+        plots.write_png(opts.plot, plots.evaluation_png(result.to_dict(), heading, result.other_column))

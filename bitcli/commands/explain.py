@@ -6,6 +6,7 @@ one JSON row, on stdout and in explain.jsonl. The output folder follows the page
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -107,8 +108,9 @@ class Outputs:
         print_lines(_Line.of(self.lines[-len(rows) :]))
 
     def _one(self, number: int, row: Explained) -> dict[str, Any]:
-        if row.error is not None:
+        if row.error is not None or row.value is None:
             return {"path": row.path, "error": row.error}
+        assert self.page is not None  # claimed by add before its first row
         index, score, heat = row.value
         label = self.engine.labels[index] if index < len(self.engine.labels) else str(index)
         line: dict[str, Any] = {"path": row.path, "target": label, "index": index, "score": round(score, 6)}
@@ -164,6 +166,7 @@ def _write_maps(path: Path, maps: list[tuple[int, str, str, np.ndarray]]) -> Non
         tensors = {"maps": TensorRef(stacked.shape, torch.float32, lambda: torch.from_numpy(stacked))}
     else:
         tensors = {
-            f"maps.{n:05d}": TensorRef(m.shape, torch.float32, lambda m=m: torch.from_numpy(m)) for n, _, _, m in maps
+            f"maps.{n:05d}": TensorRef(m.shape, torch.float32, functools.partial(torch.from_numpy, m))
+            for n, _, _, m in maps
         }
     write_safetensors(path, tensors, metadata)

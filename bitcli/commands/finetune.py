@@ -108,7 +108,7 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
         check_finite(engine.model, plan.steps - 1)
         write_outputs(opts.output, engine.model, plan, val_tf, last_eval=last_eval, last_loss=outcome.last_loss,
                       step_times=outcome.step_times, start=start, started=started)  # fmt: skip
-        if kept is not None and last_eval is not None:
+        if kept is not None and last_eval is not None and ds.val is not None:
             title = f"validation set {display(ds.val.where())} after {plan.steps} steps ({display(opts.output)})"
             write_report(opts.output / REPORT_FOLDER, engine, Source(ds.val, title=title), result=last_eval,
                          results=kept.results(), batch_size=plan.micro_batch, workers=opts.workers)  # fmt: skip

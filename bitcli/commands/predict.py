@@ -10,6 +10,7 @@ import numpy as np
 
 from bitcli.distributed import from_main, process_group
 from bitcli.engine import load_engine, top_k
+from bitcli.gpu_decode import file_bytes, for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.inputs import expand_inputs, path_decoder
 from bitcli.options import PredictFormat, PredictOptions
@@ -33,8 +34,10 @@ def run(opts: PredictOptions) -> int:
         def classify(batch: np.ndarray) -> list[list[dict]]:
             return top_k(engine.logits(batch), engine.labels, opts.top_k)
 
-        interrupted = run_report(report, path_decoder(engine.preprocess), classify, batch_size=opts.batch_size,
-                                 workers=opts.workers, emit=emit, info=info, verb="classifying")  # fmt: skip
+        decode = path_decoder(engine.preprocess)
+        interrupted = run_report(report, decode, classify, batch_size=opts.batch_size, workers=opts.workers,
+                                 emit=emit, info=info, verb="classifying",
+                                 on_device=for_engine(engine, decode, file_bytes))  # fmt: skip
         if info.main and not stream:
             color = opts.output is None and opts.format == PredictFormat.table and sys.stdout.isatty()
             write_text(predictions_text(rows, opts.format, color), opts.output)

@@ -5,13 +5,15 @@ a finished run, on one still going (its lock is held) and on an interrupted one.
 It only reads. It never writes into the run folder (training draws the pictures, at every validation), so a
 read-only run is reported like any other, and it imports nothing of the training stack (no torch, numpy or
 matplotlib: bitcli.finetune.runfiles reads the files), so it answers in a fraction of a second. Lines of
-metrics.jsonl that are no step record of the run (a torn last line, garbage) are skipped and counted; absurd
-numbers (a loss of 1e308, NaN, a 40-digit step) print as short words.
+metrics.jsonl that are no step record of the run (a torn last line, garbage, a line of over a MiB) are skipped
+and counted; absurd numbers (a loss of 1e308, NaN, a 40-digit step) print as short words. Only regular files
+are read (bitcli.reads): a run file that is a FIFO or a device is refused or reported, never waited on.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,7 @@ from bitcli.finetune.runfiles import (
     read_saved_plan,
 )
 from bitcli.options import ReportOptions
-from bitcli.reads import read_json
+from bitcli.reads import open_regular, read_json
 from bitcli.ui import display, visible
 
 # What each file of a run holds, in the order listed.
@@ -64,7 +66,10 @@ def run(opts: ReportOptions) -> None:
         raise BitError(
             f"{visible(display(folder / CONFIG_FILE))}: not the plan bit finetune writes ({one_line(exc)}); restore it"
         ) from None
-    metrics = Metrics.read(folder / METRICS_FILE, steps)
+    try:
+        metrics = Metrics.read(folder / METRICS_FILE, steps)
+    except BitError as exc:  # not a regular file: a FIFO would block the read, /dev/zero never end it
+        raise BitError(f"{visible(str(exc))}; restore the run's {METRICS_FILE} (or remove it)") from None
     kind, status = run_status(folder, steps, metrics)
     lines = [*head, f"status      {status}", *step_lines(metrics)]
     lines += [*validation_lines(folder), *file_lines(folder), pictures_line(folder, plan, kind)]
@@ -151,11 +156,17 @@ def run_status(folder: Path, steps: int, metrics: Metrics) -> tuple[str, str]:
     every model file are there: a run that lacks one has no model to use."""
     done = metrics.last["step"] + 1 if metrics.last else 0
     missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
-    ended = (folder / SUMMARY_FILE).is_file()
+    damaged = summary_problem(folder)
+    ended = (folder / SUMMARY_FILE).is_file() and damaged is None
     if ended and not missing:
         return "finished", "finished"
     if lock_held(folder):
         return "running", f"running: {whole(done)} of {whole(steps)} steps done"
+    if damaged is not None:
+        return "incomplete", (
+            f"not finished cleanly: {damaged}; the run's end is not recorded, so its model is not known to be "
+            "whole: train again with --overwrite"
+        )
     if ended:
         return "incomplete", (
             f"not finished: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing "
@@ -167,6 +178,19 @@ def run_status(folder: Path, steps: int, metrics: Metrics) -> tuple[str, str]:
         if saved
         else "--resume starts it again (no checkpoint yet)"
     )
+
+
+def summary_problem(folder: Path) -> str | None:
+    """Why summary.json, which training writes last (once the model is in place), cannot be read; None when it
+    reads as a JSON object or is not there."""
+    path = folder / SUMMARY_FILE
+    if not os.path.lexists(path):
+        return None
+    try:
+        read_json(path)
+    except BitError as exc:
+        return visible(str(exc))
+    return None
 
 
 def step_lines(metrics: Metrics) -> list[str]:
@@ -212,6 +236,8 @@ def file_lines(folder: Path) -> list[str]:
     lines = ["files"]
     for name, note in FILE_NOTES.items():
         if (folder / name).is_file():
+            if name == SUMMARY_FILE and summary_problem(folder) is not None:
+                note = "cannot be read (see status)"
             lines.append(f"  {visible(display(folder / name))}  {note}")
     page = folder / REPORT_FOLDER / "index.html"
     if page.is_file():
@@ -248,8 +274,8 @@ def lock_held(folder: Path) -> bool:
     except ImportError:  # not POSIX: runs take no lock
         return False
     try:
-        handle = open(folder / LOCK_FILE, "rb")
-    except OSError:
+        handle = open_regular(folder / LOCK_FILE)  # bit finetune's lock is a regular file; a FIFO would block
+    except (OSError, BitError):
         return False
     with handle:
         try:

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,16 @@ import torch
 
 from bitcli.errors import BitError, UsageError
 from bitcli.finetune import tensorboard as board
-from bitcli.finetune.runfiles import CONFIG_FILE, LOCK_FILE, MODEL_FILES, REPORT_FOLDER, RUN_FILES, SUMMARY_FILE
+from bitcli.finetune.runfiles import (
+    CONFIG_FILE,
+    LOCK_FILE,
+    MODEL_FILES,
+    REPORT_FOLDER,
+    RUN_FILES,
+    SUMMARY_FILE,
+    raw_lines,
+    step_record,
+)
 from bitcli.formats import Checkpoint, TensorRef
 from bitcli.formats.hf import write as write_hf
 from bitcli.options import FinetuneOptions
@@ -152,19 +162,31 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per optimizer step, flushed as it is written. On resume the lines of
-    steps that the checkpoint does not cover (written after it, before the kill) are dropped."""
+    steps that the checkpoint does not cover (written after it, before the kill) are dropped; a line that is
+    no step record (a torn line, garbage: bit report skips it too) is left out and counted, and every step
+    record before the checkpoint's step is kept, those after a bad line too."""
 
     def __init__(self, path: Path, keep_before: int | None) -> None:
-        kept: list[str] = []
         if keep_before is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if int(json.loads(line)["step"]) < keep_before:
-                        kept.append(line + "\n")
-                except (ValueError, KeyError, TypeError):
-                    break  # a torn last line
-        atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))
+            atomic_write(path, lambda f: self._keep(path, keep_before, f))  # read while the new file is written
+        else:
+            atomic_write(path, lambda f: None)
         self.file = open(path, "a", encoding="utf-8")
+
+    @staticmethod
+    def _keep(path: Path, before: int, out) -> None:
+        bad, first = 0, 0
+        for number, line in raw_lines(path):
+            record = step_record(line, sys.maxsize) if line is not None else None
+            if line is None or record is None:  # (line None: a line too long to hold, passed over)
+                bad, first = bad + 1, first or number
+            elif record["step"] < before:
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+        if bad:
+            log(visible(
+                f"{path}: left out {bad:,} line(s) that are no step record (the first: line {first:,}); the "
+                f"records of steps before {before:,} are kept"
+            ))  # fmt: skip
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")

@@ -17,7 +17,7 @@ from bitcli.errors import one_line
 from bitcli.finetune.rundir import write_json
 from bitcli.finetune.runfiles import METRICS_FILE, PICTURE_FILES, VALIDATION_FILE, metrics_lines, read_saved_plan
 from bitcli.finetune.tensorboard import Board
-from bitcli.metrics import OTHER
+from bitcli.metrics import OTHER  # the catch-all column of a validation.json written before it said its name
 from bitcli.reads import read_json
 from bitcli.ui import log
 
@@ -46,7 +46,7 @@ def draw_pictures(run: Path) -> list[Path]:
     if (run / VALIDATION_FILE).is_file():
         validation = read_json(run / VALIDATION_FILE)
         heading = f"validation after {validation['step'] + 1} of {plan['steps']} steps"
-        plots.write_png(run / CONFUSION, plots.evaluation_png(validation, heading, OTHER))
+        plots.write_png(run / CONFUSION, plots.evaluation_png(validation, heading, validation.get("other", OTHER)))
         written.append(run / CONFUSION)
     return written
 

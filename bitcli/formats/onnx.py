@@ -8,7 +8,8 @@ varying size (no centre crop and no fixed resize). Weight standardisation is fol
 
 Read back, an `.onnx` file is a Checkpoint whose weights live in the graph (`Checkpoint.graph`): `bit predict`
 and `bit eval` run it in onnxruntime (bitcli.onnx_engine); it cannot be converted or fine-tuned further.
-onnx, onnxruntime and onnxscript are the optional extra `bitcli[onnx]` (bitcli.extras).
+onnx, onnxruntime and onnxscript are the optional extra `bitcli[onnx]` (bitcli.extras); reading a file needs
+onnx only, running it onnxruntime too, and only an export needs onnxscript.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ SOURCE, VERSION, PRECISION, CHECK = "bitcli.source", "bitcli.version", "bitcli.p
 def read(path: Path) -> Checkpoint:
     """The labels, preprocessing and architecture of a `.onnx` written by `bit convert`; the weights stay in
     the graph, for onnxruntime."""
-    extras.require("onnx", "ONNX support")
+    extras.require("onnx", "Reading an .onnx file", modules=("onnx",))  # reading needs no exporter (onnxscript)
     import onnx
 
     try:

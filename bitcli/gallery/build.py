@@ -113,7 +113,8 @@ def _pictures(preprocess: Preprocess, ds: ImageFolder, results: Results, chosen:
         return picture, preprocess.to_uint8(picture)
 
     shown: dict[int, Shown] = {}
-    batches = pipeline.run(chosen, decode, None, batch_size=batch_size, workers=workers,
+    # Without compute, run passes what decode gives through untouched: here the picture and the model's input
+    batches = pipeline.run(chosen, decode, None, batch_size=batch_size, workers=workers,  # type: ignore[arg-type]
                            name=lambda row: ds.name(int(results.index[row])))  # fmt: skip
     for batch in batches:
         ready = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +26,7 @@ class PerImage:
     """Collects per-image results, stack by stack. `class_to_model[c]`: the model's index of data-set class c;
     `targets`: every image's data-set class."""
 
-    def __init__(self, class_to_model: Sequence[int], targets: Sequence[int]) -> None:
+    def __init__(self, class_to_model: Sequence[int], targets: Sequence[int] | np.ndarray) -> None:
         self.to_model = np.asarray(class_to_model, dtype=np.int64)
         self.targets = np.asarray(targets, dtype=np.int64)
         self.parts: list[dict[str, np.ndarray]] = []
@@ -130,7 +130,7 @@ def label_name(labels: Sequence[str], index: int) -> str:
     return labels[index] if 0 <= index < len(labels) else str(index)
 
 
-def csv_bytes(results: Results, rows: Sequence[int], *, names: Sequence[str], classes: Sequence[str],
+def csv_bytes(results: Results, rows: Iterable[int], *, names: Sequence[str], classes: Sequence[str],
               labels: Sequence[str]) -> bytes:  # fmt: skip
     """CSV_COLUMNS for `rows` (positions in Results) in that order; `names[row]` is the image's path or row
     name. Probabilities and losses with float32's 7 significant digits; text as valid UTF-8 (pages.html.utf8)."""

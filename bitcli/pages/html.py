@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 
 from bitcli.ui import visible
 
-
 # Lone surrogates that are no byte of a file name (os.fsdecode escapes a byte as \udc80-\udcff)
 _NOT_A_BYTE = re.compile("[\ud800-\udbff\udc00-\udc7f]")
 

@@ -11,7 +11,9 @@ never a Python object per row, as a data set of rows keeps its (label, row) inde
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
 import os
 import stat
 from array import array
@@ -192,22 +194,33 @@ def _check_exists(full: str, rows: _Packed, line: int) -> None:
         )
 
 
-_KINDS = {bool: "a boolean", float: "a number with a fraction", list: "a list", dict: "an object"}
+_KINDS = {bool: "a boolean", int: "a whole number", list: "a list", dict: "an object"}
+
+
+def _kind(value: object) -> str:
+    """What a JSON value is, in words: the float 1e5 (100000.0) has no fraction, but it is no whole number as a
+    label either (a CSV's "1e5" or "100000.0" is text; a class named "100000" would differ by the file type)."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "not a number"
+        if math.isinf(value):
+            return "an infinite number"
+        return "a number with a fraction" if not value.is_integer() else "a number with a decimal point or exponent"
+    return _KINDS.get(type(value), type(value).__name__)
 
 
 def _text(value: object, column: str, where: str) -> str:
-    """A cell as text: a string (trimmed), or a whole number (JSONL labels: 3 is "3")."""
+    """A cell as text: a string (trimmed), or for a label a whole number (JSONL labels: 3 is "3")."""
     if isinstance(value, str):
         if value.strip():
             return value.strip()
-    elif isinstance(value, int) and not isinstance(value, bool):
+    elif type(value) is int and column == "label":
         return str(value)
     elif value is not MISSING and value is not None:
         found = json.dumps(value, ensure_ascii=False)
         found = found if len(found) <= 40 else found[:37] + "..."
-        kind = _KINDS.get(type(value), type(value).__name__)
         raise BitError(
-            f"{where}: {column} {found} is {kind}; a {column} is a string"
+            f"{where}: {column} {found} is {_kind(value)}; a {column} is a string"
             + (' or a whole number (e.g. "cat" or 3)' if column == "label" else "")
         )
     elif value is None:
@@ -259,6 +272,20 @@ def _check_repeats(labels: LabelFile, keys: np.ndarray) -> None:
 # Records: (line, path, label, split) as the rows come
 
 
+class _End:
+    """The end of a CSV's lines: the csv module asks for another line after the last only when the file ended
+    inside a quoted field (a quote opened on the last row and never closed); `reached` says it did."""
+
+    reached = False
+
+    def __iter__(self) -> _End:
+        return self
+
+    def __next__(self) -> str:
+        self.reached = True
+        raise StopIteration
+
+
 def _csv_records(f, path: Path) -> Iterator[tuple[int, object, object, object]]:
     """(line, path, label, split) of each row: a cell the row lacks is MISSING."""
     header = f.readline()
@@ -267,7 +294,8 @@ def _csv_records(f, path: Path) -> Iterator[tuple[int, object, object, object]]:
     delimiter, columns = _header(header, path)
     at = [columns["path"], columns["label"], columns.get("split", -1)]
     width = max(at) + 1
-    reader = csv.reader(f, delimiter=delimiter)
+    end = _End()
+    reader = csv.reader(itertools.chain(f, end), delimiter=delimiter)
     start = 2  # the line the next record starts on (a quoted field may span lines)
     try:
         for cells in cast("Iterator[list[Any]]", reader):  # csv's strings, and MISSING for each cell a row lacks
@@ -277,15 +305,25 @@ def _csv_records(f, path: Path) -> Iterator[tuple[int, object, object, object]]:
                 row = start, cells[at[0]], cells[at[1]], cells[at[2]] if at[2] >= 0 else MISSING
                 if reader.line_num + 2 - start > 1:  # the record spans lines: a quote left open?
                     _one_line(row, path)
+                if end.reached:
+                    raise BitError(
+                        f'{path}:{start}: a quote (") opened in this row is not closed before the end of the file: '
+                        "close or remove it"
+                    )
                 yield row
             start = reader.line_num + 2
     except csv.Error as exc:
-        if "field limit" in str(exc):
+        if "field limit" not in str(exc):
+            raise BitError(f"{path}:{start}: not valid CSV ({exc})") from None
+        if reader.line_num + 2 - start > 1:  # only a quoted field spans lines
             raise BitError(
                 f'{path}:{start}: a field runs over {csv.field_size_limit():,} characters: a quote (") opened in '
                 "this row and never closed swallows the lines after it; close or remove the quote"
             ) from None
-        raise BitError(f"{path}:{start}: not valid CSV ({exc})") from None
+        raise BitError(
+            f"{path}:{start}: a field runs over {csv.field_size_limit():,} characters, far longer than a path or "
+            "label; fix the row or remove it"
+        ) from None
 
 
 def _one_line(row: tuple, path: Path) -> None:

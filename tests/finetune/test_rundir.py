@@ -124,3 +124,26 @@ def test_hostile_class_names_stay_labels_and_never_name_files(tmp_path: Path) ->
     labels = json.loads((out / "config.json").read_text())["id2label"]
     assert sorted(labels.values()) == sorted(names)
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_resume_keeps_every_step_record_before_its_step_past_a_bad_line(tmp_path: Path, capsys) -> None:
+    """Review of issue 20: the log kept the lines up to the first bad one and dropped every step after it
+    (as bit report once did); now a bad line is left out and counted, and the later records stay."""
+    from bitcli.finetune.rundir import MetricsLog
+
+    def line(step: int) -> str:
+        return json.dumps({"step": step, "lr": 0.003, "loss": 1.0 + step, "images_per_s": 10.0}) + "\n"
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(line(0) + line(1) + "{garbage\n" + line(2) + '{"step": 3}\n' + line(3) + line(4) + line(5)
+                    + '{"step": 6, "lr": 0.0')  # fmt: skip
+    log = MetricsLog(path, keep_before=5)  # the checkpoint's step: 5 and the torn 6 were logged after it
+    log.write({"step": 5, "lr": 0.003, "loss": 6.5, "images_per_s": 10.0})
+    log.close()
+    assert path.read_text() == line(0) + line(1) + line(2) + line(3) + line(4) + (
+        json.dumps({"step": 5, "lr": 0.003, "loss": 6.5, "images_per_s": 10.0}) + "\n"
+    )
+    assert capsys.readouterr().err == (
+        f"{path}: left out 3 line(s) that are no step record (the first: line 3); the records of steps before 5 "
+        "are kept\n"
+    )

@@ -1,5 +1,5 @@
 """hf://datasets/OWNER/NAME: read from a pre-populated Hugging Face cache with HF_HUB_OFFLINE=1, and downloaded
-from the loopback Hub of tests/test_hub_download.py (processes: huggingface_hub reads HF_ENDPOINT at import)."""
+from the loopback Hub of tests/fakehub.py (processes: huggingface_hub reads HF_ENDPOINT at import)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_bit, run_main
+from fakehub import FakeHub, git_blob_sha1
 from finetune.helpers import FAST, PROCESS_ENV, read_weights
-from test_hub_download import FakeHub, git_blob_sha1
 
 COMMIT = "5e" * 20
 REPO = "org/colors"
