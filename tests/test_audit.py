@@ -370,3 +370,10 @@ def test_bf16_candidates_give_the_float32_pairs() -> None:
     assert 10 < len(exact32) < 60
     assert [(p.a, p.b) for p in fast] == [(p.a, p.b) for p in exact32]
     assert np.allclose([p.similarity for p in fast], [p.similarity for p in exact32], atol=2e-6)
+
+
+def test_torchrun_is_refused(planted: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = run_main("audit", planted, "-m", tiny_dir)
+    assert code == 2 and out == ""
+    assert err.strip().splitlines()[-1].startswith("Error: bit audit runs in one process: drop torchrun")

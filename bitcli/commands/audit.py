@@ -5,6 +5,7 @@ flagged rows; exit 1 when a --fail-on rule is broken."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any
@@ -21,7 +22,7 @@ from bitcli.audit.findings import Findings, broken, clean_label_file, csv_files,
 from bitcli.audit.labels import find_issues, out_of_sample_probs
 from bitcli.audit.page import TYPICAL, PageInput, render, thumb
 from bitcli.engine import load_engine
-from bitcli.errors import BitError
+from bitcli.errors import BitError, UsageError
 from bitcli.hub import bitcli_cache, load_checkpoint
 from bitcli.options import AUDIT_COUNTS, AuditOptions
 from bitcli.pages.folder import write_page_folder
@@ -40,6 +41,8 @@ KIND = "bit audit"
 def run(opts: AuditOptions) -> int:
     """The whole command; returns the exit code (0, or 1 when a --fail-on rule is broken)."""
     extras.require("audit", "bit audit")  # before any work
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("bit audit runs in one process: drop torchrun (it decodes a batch ahead on --workers threads)")
     started = time.monotonic()
     examples = gather(audit_parts(opts.data, opts.val, opts.test, Columns(opts.image_column, opts.label_column)))
     if opts.write_clean is not None and not examples.files_only():
