@@ -48,11 +48,11 @@ def main() -> None:
     write_folder(work / "data/val", dict.fromkeys(classes, 10), size=args.resolution + 32, seed=1)
     n, batch = sum(classes.values()), 32
     steps = args.epochs * n // batch
-    flags = ["--steps", str(steps), "--batch-size", str(batch), "--resolution", str(args.resolution), "--mixup", "0",
+    flags = ["--steps", str(steps), "--batch-size", str(batch), "--resolution", str(args.resolution),
              "--eval-every", "0", "--seed", "0", "--head-only", "--precision", "fp32"]  # fmt: skip
     env = {**os.environ, "BITCLI_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    runs = {"head_only": finetune(work / "data", model, work / "a", flags, env)}
-    probe_flags = [f for f in flags if f not in ("--mixup", "0")] + ["--cache-features"]
+    runs = {"head_only": finetune(work / "data", model, work / "a", [*flags, "--mixup", "0"], env)}
+    probe_flags = [*flags, "--cache-features"]
     runs["cache_features_first"] = finetune(work / "data", model, work / "b", probe_flags, env)
     runs["cache_features_again"] = finetune(work / "data", model, work / "c", probe_flags, env)
     for run in runs.values():
