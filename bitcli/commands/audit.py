@@ -5,6 +5,7 @@ flagged rows; exit 1 when a --fail-on rule is broken."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ from bitcli.audit.embedding import Embeddings, embed_examples
 from bitcli.audit.examples import Examples, audit_parts, gather
 from bitcli.audit.findings import Findings, broken, clean_label_file, csv_files, to_json
 from bitcli.audit.labels import find_issues, out_of_sample_probs
-from bitcli.audit.page import TYPICAL, PageInput, render, thumb
+from bitcli.audit.page import MAX_ISSUES, MAX_PAIRS, TYPICAL, PageInput, render, thumb
 from bitcli.engine import load_engine
 from bitcli.errors import BitError, UsageError
 from bitcli.hub import bitcli_cache, load_checkpoint
@@ -65,8 +66,9 @@ def run(opts: AuditOptions) -> int:
     findings.pairs = find_pairs(found.vectors, found.pixels, opts.threshold)
     ok = np.flatnonzero(found.ok)
     probs = out_of_sample_probs(found.vectors[ok], examples.labels[ok], len(examples.classes))
+    # the head saw the decodable examples only: their positions back to example numbers
     findings.issues = [
-        type(i)(int(ok[i.example]), i.suggested, i.score) for i in find_issues(examples.labels[ok], probs)
+        dataclasses.replace(i, example=int(ok[i.example])) for i in find_issues(examples.labels[ok], probs)
     ]
     report = findings.to_dict(opts.threshold)
     sys.stdout.write(summary(report))
@@ -123,8 +125,8 @@ def _write_folder(opts: AuditOptions, report: dict, examples: Examples, found: E
     assert opts.output is not None
     typical = typical_images(examples, found)
     number = {name: i for i, name in reversed(list(enumerate(examples.names)))}  # the first example of a name
-    shown = {number[d[k]] for d in report["duplicates"][:100] for k in ("a", "b")}
-    shown |= {number[i["path"]] for i in report["label_issues"][:100]}
+    shown = {number[d[k]] for d in report["duplicates"][:MAX_PAIRS] for k in ("a", "b")}
+    shown |= {number[i["path"]] for i in report["label_issues"][:MAX_ISSUES]}
     shown |= {i for ids in typical.values() for i in ids}
     files = {"audit.json": to_json(report), **csv_files(report)}
     problems = _thumbnails(examples, sorted(shown), files, batch_size=opts.batch_size, workers=opts.workers)
