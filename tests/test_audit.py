@@ -377,3 +377,22 @@ def test_torchrun_is_refused(planted: Path, tiny_dir: Path, monkeypatch: pytest.
     code, out, err = run_main("audit", planted, "-m", tiny_dir)
     assert code == 2 and out == ""
     assert err.strip().splitlines()[-1].startswith("Error: bit audit runs in one process: drop torchrun")
+
+
+def test_cache_entries_survive_a_round_trip_whatever_their_bytes(tmp_path: Path) -> None:
+    """Keys and pixel hashes ending in zero bytes (1 SHA-256 in 256 does) read back exactly (numpy's bytes
+    dtype would drop them), and a shard of another dimension is ignored."""
+    from bitcli.audit.cache import EmbeddingCache, Entry
+
+    cache = EmbeddingCache(tmp_path, "key", 4)
+    keys = [bytes(31) + b"\x01", b"\x07" + bytes(31), bytes(32)]
+    for n, key in enumerate(keys):
+        cache.put(key, Entry(np.full(4, n, dtype=np.float32), key[::-1], (n, n + 1)))
+    cache.flush()
+    again = EmbeddingCache(tmp_path, "key", 4)
+    assert sorted(again.entries) == sorted(keys)
+    for n, key in enumerate(keys):
+        entry = again.get(key)
+        assert entry is not None and entry.pixels == key[::-1] and entry.size == (n, n + 1)
+        assert entry.vector.tolist() == [n] * 4
+    assert EmbeddingCache(tmp_path, "key", 8).entries == {}

@@ -26,7 +26,8 @@ from bitcli.ui import display, log
 from bitcli.writes import atomic_write
 
 HEAD = "head."  # bitcli's name of the classifier's tensors
-SHARD_EVERY = 512  # new entries per shard
+SHARD_EVERY = 512
+DIGEST = 32  # bytes of a SHA-256  # new entries per shard
 FOLDER = "embeddings"
 
 
@@ -75,13 +76,15 @@ class EmbeddingCache:
         except (OSError, ValueError, KeyError, EOFError):
             return
         if (
-            vectors.ndim != 2
+            files.shape[1:] != (DIGEST,)
+            or pixels.shape[1:] != (DIGEST,)
+            or vectors.ndim != 2
             or vectors.shape[1] != self.dim
             or not len(files) == len(pixels) == len(sizes) == len(vectors)
         ):
             return
         for f, p, s, v in zip(files, pixels, sizes, vectors.astype(np.float32, copy=False)):
-            self.entries[bytes(f)] = Entry(v, bytes(p), (int(s[0]), int(s[1])))
+            self.entries[f.tobytes()] = Entry(v, p.tobytes(), (int(s[0]), int(s[1])))
 
     def get(self, file_hash: bytes) -> Entry | None:
         entry = self.entries.get(file_hash)
@@ -101,8 +104,9 @@ class EmbeddingCache:
             self.new = {}
             return
         keys = list(self.new)
-        files = np.array(keys, dtype="S32")
-        pixels = np.array([self.new[k].pixels for k in keys], dtype="S32")
+        # uint8 [n, 32], not numpy's "S32": a bytes dtype drops trailing zero bytes, and 1 digest in 256 ends in one
+        files = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, DIGEST)
+        pixels = np.frombuffer(b"".join(self.new[k].pixels for k in keys), dtype=np.uint8).reshape(-1, DIGEST)
         sizes = np.array([self.new[k].size for k in keys], dtype=np.int64).reshape(-1, 2)
         vectors = np.stack([self.new[k].vector for k in keys]).astype(np.float32)
         try:
