@@ -26,6 +26,7 @@ from bitcli.cli_options import (
     CommitMessageOpt,
     ConvertFormatOpt,
     ConvertOverwriteOpt,
+    DecodeThreadsOpt,
     DeviceOpt,
     DryRunOpt,
     DstArg,
@@ -42,12 +43,18 @@ from bitcli.cli_options import (
     FinetuneReportOpt,
     GlobalBatchOpt,
     HeadOnlyOpt,
+    HostOpt,
     ImageColumnOpt,
     ImagesArg,
     LabelColumnOpt,
     LabelsOpt,
     LicenseOpt,
     LrOpt,
+    MaxBatchOpt,
+    MaxBodyOpt,
+    MaxConnectionsOpt,
+    MaxDownloadOpt,
+    MaxWaitOpt,
     MinAgreementOpt,
     MinImagesOpt,
     MixupOpt,
@@ -55,6 +62,7 @@ from bitcli.cli_options import (
     NormalizeOpt,
     OpsetOpt,
     PlotOpt,
+    PortOpt,
     PrecisionOpt,
     PredictFormatOpt,
     PredictOutputOpt,
@@ -63,6 +71,7 @@ from bitcli.cli_options import (
     PushRevisionOpt,
     PushSrcArg,
     QuantizeOpt,
+    QueueOpt,
     RandomInitOpt,
     RecursiveOpt,
     RepoArg,
@@ -75,6 +84,7 @@ from bitcli.cli_options import (
     RunOverwriteOpt,
     SaveEveryOpt,
     SeedOpt,
+    ServeModelArg,
     ShotsOpt,
     SrcArg,
     StartModelOpt,
@@ -82,6 +92,7 @@ from bitcli.cli_options import (
     TargetOpt,
     TensorboardOpt,
     ThresholdOpt,
+    TimeoutOpt,
     TopKOpt,
     ValOpt,
     ValSplitOpt,
@@ -105,6 +116,7 @@ from bitcli.options import (
     PredictOptions,
     PushOptions,
     ReportOptions,
+    ServeOptions,
     check_embed_output,
     check_label_output,
     check_output,
@@ -165,6 +177,7 @@ def predict(
     output: PredictOutputOpt = None,
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
+    max_download_mb: MaxDownloadOpt = 50.0,
 ) -> None:
     """Classify images: top-k labels with probabilities.
 
@@ -173,6 +186,7 @@ def predict(
     opts = PredictOptions(
         images=images, model=model, revision=revision, top_k=top_k, batch_size=batch_size, device=device,
         precision=precision, format=predict_format(fmt, output), output=output, recursive=recursive, workers=workers,
+        max_download_mb=max_download_mb,
     )  # fmt: skip
     check_output("--output", output)
     from bitcli.commands import predict as predict_command
@@ -193,6 +207,7 @@ def embed(
     precision: PrecisionOpt = Precision.auto,
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
+    max_download_mb: MaxDownloadOpt = 50.0,
 ) -> None:
     """Image embeddings: the pre-logits features (global average pool after the final GroupNorm + ReLU).
 
@@ -201,6 +216,7 @@ def embed(
     opts = EmbedOptions(
         images=images, model=model, revision=revision, batch_size=batch_size, device=device, precision=precision,
         format=embed_format(fmt, output), output=output, normalize=normalize, recursive=recursive, workers=workers,
+        max_download_mb=max_download_mb,
     )  # fmt: skip
     check_embed_output(opts.format, output)
     from bitcli.commands import embed as embed_command
@@ -403,6 +419,40 @@ def push(
     from bitcli.commands import push as push_command
 
     push_command.run(opts)
+
+
+@_command()
+def serve(
+    model: ServeModelArg,
+    revision: RevisionOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    max_batch: MaxBatchOpt = 16,
+    max_wait_ms: MaxWaitOpt = 10.0,
+    queue: QueueOpt = 64,
+    max_body_mb: MaxBodyOpt = 50.0,
+    timeout_s: TimeoutOpt = 60.0,
+    max_connections: MaxConnectionsOpt = 128,
+    top_k: TopKOpt = 5,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    workers: DecodeThreadsOpt = DEFAULT_WORKERS,
+) -> None:
+    """Serve a model over HTTP: a JSON API (predict, embed) batching concurrent requests, and an upload page.
+
+    Runs until SIGTERM (exit 0) or Ctrl-C (exit 130), finishing the requests in flight. Needs bitcli[serve].
+    """
+    opts = ServeOptions(
+        model=model, revision=revision, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        queue=queue, max_body_mb=max_body_mb, timeout_s=timeout_s, max_connections=max_connections, top_k=top_k,
+        device=device, precision=precision, workers=workers,
+    )  # fmt: skip
+    from bitcli import extras
+
+    extras.require("serve", "bit serve")
+    from bitcli.commands import serve as serve_command
+
+    raise typer.Exit(serve_command.run(opts))
 
 
 def _click_exceptions():

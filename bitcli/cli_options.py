@@ -30,6 +30,7 @@ from bitcli.options import (
     parse_fail_rule,
     parse_file_path,
     parse_png_path,
+    parse_positive,
     parse_resolution,
     parse_threshold,
     parse_val_split,
@@ -101,7 +102,7 @@ WorkersOpt = Annotated[
 ImagesArg = Annotated[
     list[str],
     typer.Argument(
-        help="Image files, folders or glob patterns; - reads paths from stdin, one per line.",
+        help="Image files, folders, glob patterns or http(s) URLs; - reads paths from stdin, one per line.",
         metavar="IMAGES",
         show_default=False,
     ),
@@ -128,6 +129,11 @@ EmbedFormatOpt = Annotated[
                  help="Default: from --output's suffix; -f jsonl without --output writes to stdout."),
 ]  # fmt: skip
 NormalizeOpt = Annotated[bool, typer.Option("--normalize", help="L2-normalise every vector (unit length).")]
+MaxDownloadOpt = Annotated[
+    float,
+    typer.Option("--max-download-mb", parser=_parser("--max-download-mb", parse_positive), metavar="MB",
+                 help="Size cap of an image given as an http(s) URL (fetched with timeouts, at most 5 redirects)."),
+]  # fmt: skip
 
 # ----------------------------------------------------------------------------------------------------------
 # explain
@@ -383,3 +389,42 @@ LicenseOpt = Annotated[
     typer.Option("--license", show_default="none stated",
                  help="The model's license id for the card (apache-2.0, mit, cc-by-4.0, other, ...)."),
 ]  # fmt: skip
+
+# ----------------------------------------------------------------------------------------------------------
+# serve
+
+ServeModelArg = Annotated[
+    str,
+    typer.Argument(metavar="MODEL", show_default=False, help=MODEL_HELP + ", or a .onnx file from bit convert."),
+]
+HostOpt = Annotated[
+    str,
+    typer.Option("--host", help="Address to listen on; the default answers this machine only (another address "
+                 "lets other machines in: there is no authentication)."),
+]  # fmt: skip
+PortOpt = Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on; 0: a free one (printed).")]
+MaxBatchOpt = Annotated[
+    int, typer.Option("--max-batch", min=1, help="Most images per forward pass, shared by concurrent requests.")
+]
+MaxWaitOpt = Annotated[
+    float,
+    typer.Option("--max-wait-ms", min=0, help="How long the first image of a batch waits for others to join it."),
+]
+QueueOpt = Annotated[
+    int,
+    typer.Option("--queue", min=1, help="Most images admitted and not yet answered; a request beyond it gets 429."),
+]
+MaxBodyOpt = Annotated[
+    float,
+    typer.Option("--max-body-mb", parser=_parser("--max-body-mb", parse_positive), metavar="MB",
+                 help="Largest request body; a larger one gets 413."),
+]  # fmt: skip
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout-s", parser=_parser("--timeout-s", parse_positive), metavar="SECONDS",
+                 help="A request not answered within this gets 408 (its body was still arriving) or 504."),
+]  # fmt: skip
+MaxConnectionsOpt = Annotated[
+    int, typer.Option("--max-connections", min=1, help="Most open connections; more get 503.")
+]
+DecodeThreadsOpt = Annotated[int, typer.Option("--workers", min=1, help="Image-decoding threads.")]

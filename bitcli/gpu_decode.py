@@ -4,11 +4,12 @@ torchvision's nvjpeg decoder and resizes and crops them there, instead of decodi
 
 Each file is routed on a decoding thread, from its bytes and its header (PIL reads the header without decoding):
 - to the GPU: a JPEG (baseline or progressive, RGB or grayscale) that ends in its end-of-image marker, has no EXIF
-  (or XMP) rotation, is within the pixel limits, and whose resize is done whole, for a checkpoint that resizes
-  bilinear or bicubic;
+  (or XMP) rotation, is within the pixel limits, whose resize is done whole and shrinks it at most MAX_DOWNSCALE
+  times on each axis, for a checkpoint that resizes bilinear or bicubic;
 - to the CPU path, exactly as without a GPU (bitcli.preprocess: PIL, EXIF, modes, bomb guards, errors): every
   other file (PNG and the other formats, EXIF-rotated, CMYK, Adobe RGB-coded, truncated or unreadable files, MPO),
-  and any JPEG that the GPU decoder refuses, so that a file's error is the CPU path's, word for word.
+  and any JPEG that the GPU decoder refuses or whose resize fails on the GPU (out of memory), so that a file's error
+  is the CPU path's, word for word.
 
 On the GPU the resize is PIL's: an antialiased filter whose support grows with the downscale (torch's
 `antialias=True` kernels are PIL's), horizontal pass then vertical, each rounded to uint8 as PIL does; then the
@@ -41,6 +42,9 @@ INTERPOLATIONS = ("bilinear", "bicubic")  # torch's antialiased kernels are PIL'
 MAX_FILE_BYTES = 256 << 20  # a larger file goes the CPU path, which streams it (a 100-MP JPEG is far smaller)
 CHUNK_PIXELS = 1 << 28  # pixels decoded by one call at most: full-size images of a batch wait in GPU memory
 ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads (Pillow also takes it from XMP)
+# torch's antialiased CUDA resize holds a filter's support in shared memory and refuses a large enough downscale
+# ("Please reduce the scale factor"): an image shrunk more than this on an axis goes the CPU path
+MAX_DOWNSCALE = 64
 # torchvision 0.29 deprecated its image decoders in favour of TorchCodec; the CUDA decoder is still the one
 # torchvision ships, and the warning is not the user's.
 warnings.filterwarnings(
@@ -145,8 +149,17 @@ class DeviceDecoder(Generic[K]):
         for e, image in zip(items, decoded):
             if isinstance(image, torch.Tensor) and tuple(image.shape) != (3, e.height, e.width):
                 image = self._cpu(e.ref)  # not what the header said: trust the CPU path
-            out.append(resize_and_crop(image, self.preprocess) if isinstance(image, torch.Tensor) else image)
+            out.append(self._resize(e, image) if isinstance(image, torch.Tensor) else image)
         return out
+
+    def _resize(self, e: Encoded[K], image: torch.Tensor) -> torch.Tensor | np.ndarray | Exception:
+        """The decoded image resized and cropped on the device; where the device fails at that (out of memory,
+        a scale its kernels refuse), the file goes the CPU path and the rest of the batch carries on."""
+        try:
+            return resize_and_crop(image, self.preprocess)
+        except Exception:  # noqa: BLE001 -- torch.OutOfMemoryError, a kernel's RuntimeError: the CPU path decides
+            del image
+            return self._cpu(e.ref)
 
     def _decode_one(self, e: Encoded[K]) -> torch.Tensor | np.ndarray | Exception:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -215,6 +228,8 @@ def gpu_size(data: bytes, preprocess: Preprocess) -> tuple[int, int] | None:
     if width < 1 or height < 1 or width * height > MAX_IMAGE_PIXELS or height > MAX_IMAGE_ROWS:
         return None  # the CPU path refuses it with the bomb guards' words
     rw, rh = preprocess.resized_size(width, height)
+    if width > MAX_DOWNSCALE * rw or height > MAX_DOWNSCALE * rh:
+        return None  # beyond what the device's antialiased resize takes
     if preprocess.crop is None and rw * rh > MAX_IMAGE_PIXELS:
         return None
     if preprocess.crop is not None and (rw, rh) != (width, height) and rw * rh > FULL_RESIZE_PIXELS:

@@ -5,6 +5,14 @@ would stay in the shell history). The repo is created if missing (`create_repo(e
 too, and the files go up in one `create_commit`: LFS objects are uploaded first, and only the last request
 makes the commit, which the Hub applies whole or not at all, so a push that fails midway leaves no revision
 holding part of it. Every failure is one line that says what to do.
+
+Every request has a timeout: huggingface_hub's HTTP client waits forever by default (`timeout=None`), and some
+of its calls pass `timeout=None` themselves (repo_info, list_repo_files), so a Hub or proxy that accepts the
+connection and goes silent would hang the push. For the time of the push, huggingface_hub makes its shared client
+with a factory of bitcli's (`set_client_factory`, its supported way to configure the client): its own default
+client, with a timeout of HF_HUB_DOWNLOAD_TIMEOUT seconds (huggingface_hub's default timeout for requests that
+set none) for connecting and for each wait on the network after that, and a request hook that gives that timeout
+to a request sent without one.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bitcli.errors import BitError, one_line
-from bitcli.ui import quiet_logger
+from bitcli.ui import human_size, quiet_logger
 
 ALL_OR_NOTHING = "a push is one commit: the repo holds all of it or none of it"
 
@@ -55,9 +63,10 @@ def hub_token() -> str:
 
 
 def push_files(files: Sequence[Path], repo_id: str, *, token: str, branch: str | None, private: bool,
-               message: str, remove: Sequence[str] = ()) -> Pushed:  # fmt: skip
+               message: str, description: str = "", remove: Sequence[str] = ()) -> Pushed:  # fmt: skip
     """Upload exactly `files` (by their names) to the top of `repo_id` at `branch` (None: main) in one commit,
-    which also deletes the names in `remove` that the branch holds (an earlier push's, now stale)."""
+    with the summary `message` and the (maybe empty) `description`, which also deletes the names in `remove`
+    that the branch holds (an earlier push's, now stale)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
     if not sys.stderr.isatty():
@@ -66,7 +75,7 @@ def push_files(files: Sequence[Path], repo_id: str, *, token: str, branch: str |
         disable_progress_bars()
     api = HfApi(token=token)
     revision = branch or constants.DEFAULT_REVISION
-    with quiet_logger("huggingface_hub"), _one_line_errors(api, repo_id, files):
+    with _requests_time_out(), quiet_logger("huggingface_hub"), _one_line_errors(api, repo_id, files):
         visibility = _visibility(api, repo_id)
         if private and visibility == "public":
             raise BitError(
@@ -83,23 +92,51 @@ def push_files(files: Sequence[Path], repo_id: str, *, token: str, branch: str |
             CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=str(f)) for f in files
         ]
         operations += [CommitOperationDelete(path_in_repo=name) for name in removed]
-        info = api.create_commit(repo_id, operations, commit_message=message, revision=revision)
+        info = api.create_commit(repo_id, operations, commit_message=message, commit_description=description or None,
+                                 revision=revision)  # fmt: skip
     return Pushed(commit_url=str(info.commit_url), revision=revision, removed=removed)
 
 
 def _visibility(api: Any, repo_id: str) -> str | None:
     """ "public" or "private" for an existing repo, None for one this token cannot see (a new one). The first
-    request, with a timeout (HF_HUB_ETAG_TIMEOUT): huggingface_hub's own requests have none, and a Hub or proxy
-    that accepts the connection and never answers would hang the push forever."""
-    from huggingface_hub import constants, errors
+    request."""
+    from huggingface_hub import errors
 
     try:
-        info = api.repo_info(repo_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        info = api.repo_info(repo_id)
     except errors.RepositoryNotFoundError:
         return None
     if info.private is None:  # not said: unknown
         return None
     return "private" if info.private else "public"
+
+
+@contextmanager
+def _requests_time_out() -> Iterator[None]:
+    """huggingface_hub's requests in the block give up after HF_HUB_DOWNLOAD_TIMEOUT seconds of silence (connect,
+    read, write, pool). Its shared client is made again from a factory that sets the timeout, and afterwards from
+    its default factory again (bitcli sets no other)."""
+    import httpx2
+    from huggingface_hub import constants, set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    seconds = float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+
+    def bound(request: httpx2.Request) -> None:  # a caller's explicit timeout=None would wait forever
+        waits = request.extensions.get("timeout") or dict.fromkeys(("connect", "read", "write", "pool"))
+        request.extensions["timeout"] = {kind: seconds if wait is None else wait for kind, wait in waits.items()}
+
+    def client_with_timeout() -> httpx2.Client:
+        client = default_client_factory()
+        client.timeout = httpx2.Timeout(seconds)
+        client.event_hooks = {**client.event_hooks, "request": [*client.event_hooks["request"], bound]}
+        return client
+
+    set_client_factory(client_with_timeout)  # closes the current client: the next request makes a timed one
+    try:
+        yield
+    finally:
+        set_client_factory(default_client_factory)
 
 
 @contextmanager
@@ -121,7 +158,7 @@ def _one_line_errors(api: Any, repo_id: str, files: Sequence[Path]) -> Iterator[
             if isinstance(cause, httpx2.TimeoutException):
                 raise BitError(
                     f"the Hub at {api.endpoint} did not answer in time ({type(cause).__name__}); check the network or "
-                    f"HF_ENDPOINT (HF_HUB_ETAG_TIMEOUT sets the wait), then run again ({ALL_OR_NOTHING})"
+                    f"HF_ENDPOINT (HF_HUB_DOWNLOAD_TIMEOUT sets the wait), then run again ({ALL_OR_NOTHING})"
                 ) from None
             if isinstance(cause, httpx2.TransportError):
                 raise BitError(
@@ -163,7 +200,7 @@ def _http_error(exc: Any, api: Any, repo_id: str, files: Sequence[Path]) -> BitE
         largest = max(files, key=lambda f: f.stat().st_size)
         return BitError(
             f"the Hub refused the upload as too large ({said}; the largest file is {largest.name}, "
-            f"{largest.stat().st_size / 2**20:.1f} MiB): check the repo's storage quota and the Hub's limits "
+            f"{human_size(largest.stat().st_size)}): check the repo's storage quota and the Hub's limits "
             f"(https://huggingface.co/docs/hub/storage-limits); {ALL_OR_NOTHING}"
         )
     if status == 404:

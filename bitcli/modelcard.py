@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -19,14 +20,16 @@ from typing import Any
 
 from bitcli.architectures import is_published_name
 from bitcli.errors import BitError, one_line
-from bitcli.finetune.runfiles import CONFIG_FILE, PICTURE_FILES, SUMMARY_FILE, VALIDATION_FILE, read_saved_plan
+from bitcli.finetune.runfiles import CONFIG_FILE, PICTURE_FILES, SUMMARY_FILE, VALIDATION_FILE
 from bitcli.formats.checkpoint import Checkpoint
-from bitcli.reads import read_json
+from bitcli.reads import inside, read_bounded, read_json
 from bitcli.sources import hub as hub_data
-from bitcli.ui import visible
+from bitcli.ui import log, visible
 
 TAGS = ["bit", "bitcli", "image-classification"]
 PICTURE_TITLES = {"curves.png": "Training curves", "confusion.png": "Confusion matrix (validation)"}
+MAX_PICTURE = 20 * 2**20  # bytes: bit finetune's pictures are tens of KiB; a bigger file is no picture it drew
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _HELD_OUT = re.compile(r"(?P<fraction>\S+) of every class of .* \(seed (?P<seed>\d+)\)")
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+!|~])")
 
@@ -34,12 +37,17 @@ _MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+!|~])")
 @dataclass(frozen=True)
 class RunRecord:
     """What a `bit finetune` run folder says about its model: the plan, the final summary, the last
-    validation (None when the run had no validation set) and the pictures it drew."""
+    validation (None when the run had no validation set) and the pictures it drew ({name: PNG bytes}).
+
+    Every file is read through `reads.inside`, so a symlink in the folder cannot publish a file from elsewhere
+    on disk, and only if it is a regular file (`reads.open_regular`). A picture that breaks a rule is left out
+    with a warning (the card is complete without it); a JSON file that does is an error, as a malformed one is.
+    The pictures are read here, once: what was checked is what is uploaded."""
 
     plan: dict[str, Any]
     summary: dict[str, Any] | None
     validation: dict[str, Any] | None
-    pictures: tuple[Path, ...]
+    pictures: dict[str, bytes]
 
     @classmethod
     def read(cls, folder: Path) -> RunRecord | None:
@@ -48,11 +56,27 @@ class RunRecord:
             return None
         summary, validation = (folder / SUMMARY_FILE), (folder / VALIDATION_FILE)
         return cls(
-            plan=read_saved_plan(folder),
-            summary=read_json(summary) if summary.is_file() else None,
-            validation=read_json(validation) if validation.is_file() else None,
-            pictures=tuple(folder / name for name in PICTURE_FILES if (folder / name).is_file()),
+            plan=read_json(inside(folder, CONFIG_FILE)),
+            summary=read_json(inside(folder, SUMMARY_FILE)) if summary.is_file() else None,
+            validation=read_json(inside(folder, VALIDATION_FILE)) if validation.is_file() else None,
+            pictures={name: data for name in PICTURE_FILES if (data := read_picture(folder, name)) is not None},
         )
+
+
+def read_picture(folder: Path, name: str) -> bytes | None:
+    """The PNG `folder/name`, or None: missing, or (with a warning naming it) not a regular PNG file of at most
+    MAX_PICTURE inside the folder."""
+    path = folder / name
+    if not os.path.lexists(path):
+        return None
+    try:
+        data = read_bounded(inside(folder, name), MAX_PICTURE)
+        if not data.startswith(PNG_SIGNATURE):
+            raise BitError(f"{path}: is not a PNG picture")
+    except BitError as exc:
+        log(f"warning: pushing without {name}: {visible(str(exc))}")
+        return None
+    return data
 
 
 @dataclass(frozen=True)
@@ -181,7 +205,7 @@ def body(card: CardInput) -> str:
     sections = [f"# {md(name)}", f"{what}\n{origin}", usage(card)]
     if run is not None:
         sections += [plan_section(run.plan), data_section(run), metrics_section(run)]
-        sections += [f"![{PICTURE_TITLES[p.name]}]({p.name})" for p in run.pictures]
+        sections += [f"![{PICTURE_TITLES[name]}]({name})" for name in run.pictures]
     else:
         sections.append(classes_section(ckpt.labels))
     sections += [preprocessing_section(ckpt), files_section(card)]

@@ -10,6 +10,7 @@ precision is the file's own (float32, float16 or int8), so --precision does not 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,12 +56,24 @@ def session(model: bytes | str, device: torch.device, name: str):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings (e.g. unused initialisers) are not the user's
+    asked = providers(device)
     try:
-        return ort.InferenceSession(model, options, providers=providers(device))
+        made = ort.InferenceSession(model, options, providers=asked)
     except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own (Fail, InvalidGraph, ...) and RuntimeError
         raise BitError(
             f"{name}: onnxruntime cannot load it ({one_line(exc)}); it may be truncated or corrupt"
         ) from None
+    if asked[0] != "CPUExecutionProvider" and made.get_providers()[0] != "CUDAExecutionProvider":
+        _fell_back_to_cpu()
+    return made
+
+
+@functools.cache
+def _fell_back_to_cpu() -> None:
+    """Once per process: onnxruntime has a CUDA provider but did not start it (its CUDA or cuDNN libraries did
+    not load) and runs the graph on the CPU instead, saying so only in its own log."""
+    log("warning: onnxruntime could not start its CUDA provider (are its CUDA and cuDNN libraries installed?); "
+        "the ONNX model runs on the CPU")  # fmt: skip
 
 
 class OnnxEngine:

@@ -16,9 +16,10 @@ from typing import TypeVar
 
 from bitcli.architectures import DEFAULT_MODEL
 from bitcli.errors import BitError, UsageError
+from bitcli.hubnames import branch_problem, commit_text, repo_id_problem
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution, resolution_for_crop
 from bitcli.pages.folder import refusal as page_folder_refusal
-from bitcli.ui import display
+from bitcli.ui import display, visible
 from bitcli.writes import names_a_folder, unwritable
 
 # Image-decoding threads for every command (0: decode in the calling thread); results never depend on it.
@@ -206,6 +207,17 @@ def parse_dst_path(value: str) -> Path:
     return Path(value)
 
 
+def parse_positive(value: str) -> float:
+    """A finite number > 0 (sizes in MB, timeouts in seconds)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise OptionError(f"{value!r}: use a number, e.g. 50 or 0.5") from None
+    if not math.isfinite(x) or x <= 0:
+        raise OptionError(f"{value}: must be a number > 0")
+    return x
+
+
 def parse_png_path(value: str) -> Path:
     """A picture's file name: it must end in .png (the only format drawn), so the name says what it holds."""
     path = parse_file_path(value)
@@ -310,6 +322,7 @@ class PredictOptions:
     output: Path | None = None
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
+    max_download_mb: float = 50.0  # the size cap of an image named by URL (bitcli.urls)
 
 
 @dataclass(frozen=True)
@@ -341,6 +354,37 @@ class EmbedOptions:
     normalize: bool = False  # L2-normalise each vector
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
+    max_download_mb: float = 50.0  # the size cap of an image named by URL (bitcli.urls)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`bit serve`: the model, where to listen, and the server's limits (bitcli.server)."""
+
+    model: str
+    revision: str | None = None
+    host: str = "127.0.0.1"  # loopback: another address is the user's explicit choice
+    port: int = 8000  # 0: a free port (the URL is printed)
+    max_batch: int = 16  # images per forward pass
+    max_wait_ms: float = 10.0  # how long the first image of a batch waits for others
+    queue: int = 64  # images admitted and not yet answered; more: 429
+    max_body_mb: float = 50.0  # a request body over this: 413
+    timeout_s: float = 60.0  # a request not answered within this: 408 (body still arriving) or 504
+    max_connections: int = 128  # open connections; more: 503
+    top_k: int = 5  # the default of ?top_k=
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    workers: int = DEFAULT_WORKERS  # decoding threads
+
+    def __post_init__(self) -> None:
+        if self.queue < self.max_batch:
+            raise UsageError(f"--queue {self.queue} is below --max-batch {self.max_batch}: batches could never fill")
+        # (also refuses inf and nan, which typer's min=0 lets through: a wait the model thread cannot time)
+        if not 0 <= self.max_wait_ms < self.timeout_s * 1000:
+            raise UsageError(
+                f"--max-wait-ms {self.max_wait_ms:g}: use a number of milliseconds from 0 to below --timeout-s "
+                f"({self.timeout_s * 1000:g} ms), or a lone request would wait out its own timeout"
+            )
 
 
 @dataclass(frozen=True)
@@ -507,14 +551,13 @@ class PushOptions:
     license: str | None = None  # the card's license id; None: not stated
 
     def __post_init__(self) -> None:
-        owner, _, name = self.repo.partition("/")
-        if not (_HUB_NAME.fullmatch(owner) and _HUB_NAME.fullmatch(name)):
-            raise UsageError(
-                f"{self.repo}: name the Hub repo OWNER/NAME (letters, digits, '-', '_', '.'), e.g. alice/bit-flowers"
-            )
-        if self.revision is not None and not re.fullmatch(r"[\w./-]+", self.revision, re.ASCII):
-            raise UsageError(f"--revision {self.revision!r}: a branch name (letters, digits, '-', '_', '.', '/')")
+        if problem := repo_id_problem(self.repo):
+            raise UsageError(f"{visible(self.repo)}: {problem}")
+        if self.revision is not None and (problem := branch_problem(self.revision)):
+            raise UsageError(f"--revision {visible(repr(self.revision))}: {problem}")
         if self.commit_message is not None and not self.commit_message.strip():
             raise UsageError("--commit-message: give a message (or leave the flag out)")
+        if self.commit_message is not None and not commit_text(self.commit_message)[0]:
+            raise UsageError("--commit-message: the first line is the commit's summary, and it is blank: start with it")
         if self.license is not None and not _LICENSE_ID.fullmatch(self.license):
             raise UsageError(f"--license {self.license!r}: a Hub license id in lower case, e.g. apache-2.0, mit, other")

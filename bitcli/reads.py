@@ -3,7 +3,8 @@ a text file's lines. `bit report` reads a run with these, so it answers in a fra
 readers in bitcli.formats.raw build on the same header check.
 
 Only regular files are read (through symlinks): a FIFO would block the read until some writer comes, and a
-device such as /dev/zero never ends. Lines are read with a bound on their length, so no line, however long
+device such as /dev/zero never ends. A file of a folder that is published (`bit push` reads a run folder) is
+also kept inside it (`inside`): a symlink in the folder must not bring in a file from anywhere else on disk. Lines are read with a bound on their length, so no line, however long
 (a run of NUL bytes), is ever held whole.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from bitcli.errors import BitError, one_line
+from bitcli.ui import human_size
 
 MAX_LINE = 1 << 20  # bytes: a longer line is no line that bitcli wrote (a metrics.jsonl record is ~200 bytes)
 SKIP_CHUNK = 1 << 16  # bytes read at a time while passing over an over-long line
@@ -59,6 +61,29 @@ def open_regular(path: Path) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def inside(folder: Path, name: str) -> Path:
+    """`folder / name` with its symlinks resolved, if that stays inside `folder` (a symlink to another file of
+    the folder is fine); else one line saying where it leads."""
+    path = folder / name
+    real = path.resolve()
+    if not real.is_relative_to(folder.resolve()):
+        raise BitError(f"{path}: is a symlink to {real}, outside {folder}; copy the file into the folder instead")
+    return real
+
+
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of `path`, a regular file (open_regular's rule) of at most `limit` bytes; else one line. No more
+    than `limit` + 1 bytes are ever read, however large the file."""
+    try:
+        with open_regular(path) as f:
+            data = f.read(limit + 1)
+    except OSError as exc:  # missing too: `path` was found a moment ago, through a symlink that leads nowhere
+        raise BitError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(data) > limit:
+        raise BitError(f"{path}: is over {human_size(limit)}")
+    return data
 
 
 def bounded_lines(file: BinaryIO, limit: int = MAX_LINE) -> Iterator[bytes | None]:

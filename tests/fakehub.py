@@ -33,8 +33,11 @@ is a member of it (`orgs`; else 403). A private repo is invisible (404) to every
 folder under `storage`, so the download side serves it back; nothing is stored until the commit request itself.
 
 Every request is recorded in `requests`; `fail_with` makes every request fail with a status (the Hub is down)
-and `fail_on[kind]` one kind of request ("create", "preupload", "lfs-upload", "commit", ...) with a status, or
-with "drop": the connection closes without an answer (the network breaks there).
+and `fail_on[kind]` one kind of request ("info", "tree", "create", "preupload", "lfs-upload", "commit", ...) with a
+status, or with "drop": the connection closes without an answer (the network breaks there), or with "hang": the
+request is read and never answered (a Hub or proxy gone silent) until `reset` or the end of the server (at most
+HANG_LIMIT seconds), then dropped.
+A commit's summary is kept in repo["messages"], its description in repo["descriptions"] (by commit id).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import yaml
 
 TELEMETRY = "/api/agent-harnesses"
 LFS_SUFFIXES = (".safetensors", ".bin", ".onnx")  # what the Hub stores in LFS by name (tree "lfs", X-Linked-Etag)
+HANG_LIMIT = 60  # seconds a "hang" answer waits at most, so that a test that forgets to reset holds no thread
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.onnx filter=lfs diff=lfs merge=lfs -text\n"
 
 
@@ -96,7 +100,8 @@ class FakeHub:
         self.lfs: dict[str, bytes] = {}  # sha256 -> bytes of every LFS object PUT
         self.requests: list[tuple[str, str]] = []
         self.fail_with: int | None = None  # e.g. 503: every request gets that status (the Hub is down)
-        self.fail_on: dict[str, int | str] = {}  # request kind -> status, or "drop"
+        self.fail_on: dict[str, int | str] = {}  # request kind -> status, "drop" or "hang"
+        self._hung = threading.Event()  # set to release the requests a "hang" holds
         self.break_downloads: set[str] = set()  # file names whose GET fails with 500 after a good HEAD
         self._lock = threading.Lock()
         hub = self
@@ -126,6 +131,7 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._hung.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -135,6 +141,8 @@ class FakeHub:
         repo["refs"].update(dict.fromkeys(refs, commit))
 
     def reset(self) -> None:
+        self._hung.set()  # the requests held so far end (dropped); later "hang"s wait on a new event
+        self._hung = threading.Event()
         self.requests.clear()
         self.fail_with = None
         self.fail_on.clear()
@@ -181,6 +189,9 @@ class FakeHub:
         status = self.fail_on.get(kind)
         if status is None:
             return False
+        if status == "hang":
+            self._hung.wait(HANG_LIMIT)
+            raise Drop
         if status == "drop":
             raise Drop
         self.reply_error(h, method, int(status), "Injected", f"{kind} refused with {status} by the test")
@@ -197,7 +208,8 @@ class FakeHub:
         ):
             repo_id = "/".join(parts[2:4])
             kind, rev = (parts[4], parts[5]) if len(parts) == 6 else ("revision", "main")
-            if self.failure(h, method, "info") or (found := self.resolve(h, method, repo_id, rev)) is None:
+            failing = "info" if kind == "revision" else "tree"
+            if self.failure(h, method, failing) or (found := self.resolve(h, method, repo_id, rev)) is None:
                 return
             commit, folder = found
             files = sorted(p for p in folder.iterdir() if p.is_file())
@@ -359,6 +371,7 @@ class FakeHub:
         if rest not in repo["refs"]:
             return self.reply_error(h, method, 404, "RevisionNotFound", f"Invalid rev id: {rest}")
         sha = self.commit_files(repo_id, repo, rest, files, header["summary"])
+        repo["descriptions"][sha] = header.get("description", "")
         self.reply_json(h, method, {"commitUrl": f"{self.url}/{repo_id}/commit/{sha}", "commitOid": sha})
 
     def commit_files(self, repo_id: str, repo: dict, ref: str, files: dict[str, bytes | None], message: str) -> str:
@@ -424,7 +437,7 @@ class FakeHub:
 
 
 def _new_repo(private: bool) -> dict:
-    return {"commits": {}, "refs": {}, "parents": {}, "messages": {}, "private": private}
+    return {"commits": {}, "refs": {}, "parents": {}, "messages": {}, "descriptions": {}, "private": private}
 
 
 def _write_route(parts: list[str]) -> tuple[str, str, str] | None:

@@ -265,3 +265,40 @@ def test_for_engine_chooses_by_the_device_check(spread_model, monkeypatch):
     assert isinstance(for_engine(engine, decode, file_bytes), DeviceDecoder)
     engine.preprocess = Preprocess(resize=64, crop=(64, 64), interpolation="lanczos")
     assert for_engine(engine, decode, file_bytes) is None  # no antialiased lanczos in torch: the CPU path
+
+
+def test_a_resize_that_fails_on_the_device_sends_that_file_to_the_cpu_path(tmp_path, picture, monkeypatch):
+    """The device's resize failing for one image (out of GPU memory, a scale its kernels refuse; here a test
+    double of the resize raises for the second file only) costs that file the device, not the batch: it is
+    decoded by the CPU path, exactly, and the others still go through the device."""
+    paths = [_jpeg(tmp_path / f"{i}.jpg", picture.rotate(10 * i)) for i in range(3)]
+    real, calls = gpu_decode.resize_and_crop, []
+
+    def failing_second(image, preprocess):
+        calls.append(image.shape)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(image, preprocess)
+
+    monkeypatch.setattr(gpu_decode, "resize_and_crop", failing_second)
+    dec = _decoder()
+    prepared = [dec.prepare(p) for p in paths]
+    assert all(isinstance(p, Encoded) for p in prepared)
+    out = dec.finish(prepared)
+    assert len(calls) == 3
+    assert torch.equal(out[1], torch.from_numpy(path_decoder(PRE)(paths[1]).copy()))  # the CPU path's, exactly
+    for i in (0, 2):
+        expected = torch.from_numpy(path_decoder(PRE)(paths[i]).copy())
+        assert out[i].shape == (64, 64, 3) and (out[i].int() - expected.int()).abs().max() <= 2
+
+
+def test_a_downscale_beyond_the_devices_kernels_goes_the_cpu_path(tmp_path, picture):
+    """torch's antialiased CUDA resize refuses large downscales: a JPEG shrunk more than MAX_DOWNSCALE times
+    on an axis (200x150 to 2x2: 100 and 75 times) is decoded by the CPU path; 50 times still goes the device."""
+    path = _jpeg(tmp_path / "big.jpg", picture)
+    for size, on_device in [((2, 2), False), ((3, 2), False), ((2, 4), False), ((3, 4), True)]:
+        pre = Preprocess(resize=size, crop=None)  # (height, width)
+        prepared = _decoder(pre).prepare(path)
+        assert isinstance(prepared, Encoded) == on_device, size
+        if not on_device:
+            assert np.array_equal(prepared, path_decoder(pre)(path)), size

@@ -365,3 +365,22 @@ def test_onnx_flag_misuse_exits_2(exported, tmp_path, flags, message):
     code, _, err = run_main("convert", exported["src"], tmp_path / flags[0], *flags[1:])
     assert code == 2 and message in err, err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_a_cuda_session_that_runs_on_the_cpu_says_so_once(monkeypatch, capsys):
+    """An onnxruntime that lists a CUDA provider but cannot start it (here: a CPU build made to list one, as
+    onnxruntime-gpu without its CUDA libraries does) runs the graph on the CPU: one warning line, once."""
+    from bitcli import onnx_engine
+
+    value = {name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in "xy"}
+    nodes = [helper.make_node("Identity", ["x"], ["y"])]
+    graph = helper.make_model(helper.make_graph(nodes, "g", [value["x"]], [value["y"]])).SerializeToString()
+    onnx_engine.session(graph, torch.device("cpu"), "g.onnx")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    onnx_engine._fell_back_to_cpu.cache_clear()
+    for _ in range(2):
+        assert onnx_engine.session(graph, torch.device("cuda"), "g.onnx").get_providers() == ["CPUExecutionProvider"]
+    err = capsys.readouterr().err
+    assert err.count("warning: onnxruntime could not start its CUDA provider") == 1, err
+    assert err.count("\n") == 1, err

@@ -12,7 +12,10 @@ HF_HUB_DISABLE_XET=1: the fake speaks git LFS, not the Xet storage protocol hf_x
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,9 @@ from conftest import run_bit, run_main
 from fakehub import FakeHub, closed_port_url
 from PIL import Image
 
-from bitcli.modelcard import CardInput, RunRecord, model_card
+from bitcli.modelcard import PNG_SIGNATURE, CardInput, RunRecord, model_card
+from bitcli.options import PushOptions
+from bitcli.ui import human_size
 
 TINY = '{"depths": [1, 1], "hidden_sizes": [32, 64], "embedding_size": 16, "num_groups": 8}'
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200), "yellow": (200, 200, 40),
@@ -32,6 +37,7 @@ ALICE, BOB = "tok-alice", "tok-bob"
 REPO = "alice/bit-colors"
 LISTED = {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", "model.onnx", "curves.png",
           "confusion.png"}  # fmt: skip
+UNCHANGED = ("model.safetensors", "preprocessor_config.json", "curves.png", "confusion.png")  # as in the run folder
 GITATTRIBUTES = ".gitattributes"  # the Hub's own initial commit of every new repo
 PHOTOS = ["chelsea.png", "rocket.jpg", "coffee.png"]
 
@@ -103,7 +109,7 @@ def push_here(home: Path, endpoint: str, *args: object, token: str = ALICE, offl
                             "HF_HUB_DISABLE_TELEMETRY": True}.items():  # fmt: skip
             patch.setattr(constants, name, value)
         if timeout is not None:
-            patch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", timeout)
+            patch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", timeout)
         patch.setenv("HF_TOKEN", token)
         patch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
         return run_main("push", *args)
@@ -128,7 +134,8 @@ def pushed(hub: FakeHub, run_dir: Path, tmp_path_factory: pytest.TempPathFactory
     return result, list(hub.requests)
 
 
-BRANCH_PUSH = ("lab/colours", "--private", "--revision", "try-1", "--commit-message", "first try")
+FIRST_TRY = "first try\n\nlr 0.03, 10 steps\nsix colours"  # a summary line, then the description
+BRANCH_PUSH = ("lab/colours", "--private", "--revision", "try-1", "--commit-message", FIRST_TRY)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +183,7 @@ def test_push_commits_exactly_the_listed_files_once(pushed, hub: FakeHub, run_di
     commit = hub.repos[REPO]["refs"]["main"]
     assert result.stdout == f"{hub.url}/{REPO}/commit/{commit}\n"
     assert result.stderr.endswith(f"pushed 7 files to {REPO} (main) in one commit: {', '.join(sorted(LISTED))}\n")
-    for name in ("curves.png", "confusion.png", "preprocessor_config.json", "model.safetensors"):
+    for name in UNCHANGED:
         assert (downloaded / name).read_bytes() == (run_dir / name).read_bytes(), name
     config = json.loads((downloaded / "config.json").read_text())
     assert config["id2label"] == {str(i): name for i, name in enumerate(sorted(COLOURS))}
@@ -289,7 +296,80 @@ def test_an_onnx_export_is_refused_in_one_line(downloaded: Path) -> None:
     onnx = downloaded / "model.onnx"
     code, out, err = run_main("push", onnx, "alice/from-onnx", "--dry-run")
     assert (code, out) == (1, "") and err.count("\n") == 1, err
-    assert err.startswith(f"Error: {onnx}: an ONNX export runs in bit predict and bit eval only; ")
+    assert err.startswith(f"Error: {onnx}: an ONNX export cannot be pushed (its weights are compiled into the graph")
+    assert err.endswith(
+        "push the checkpoint or run folder it was exported from, with --onnx to upload its ONNX export too\n"
+    )
+
+
+def _symlink_out(run: Path, outside: Path) -> str:
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(outside / "secret.png")  # a real PNG, anywhere on disk
+    (run / "curves.png").unlink()
+    (run / "curves.png").symlink_to(outside / "secret.png")
+    return f"{run}/curves.png: is a symlink to {(outside / 'secret.png').resolve()}, outside {run}; copy the file into"
+
+
+def _fifo(run: Path, outside: Path) -> str:
+    (run / "curves.png").unlink()
+    os.mkfifo(run / "curves.png")  # read without care, it would block the push until some writer came
+    return f"{run}/curves.png: is a FIFO (named pipe), not a regular file"
+
+
+def _not_png(run: Path, outside: Path) -> str:
+    (run / "curves.png").write_bytes(b"GIF89a" + bytes(64))
+    return f"{run}/curves.png: is not a PNG picture"
+
+
+def _too_large(run: Path, outside: Path) -> str:
+    with open(run / "curves.png", "wb") as f:  # sparse: 20 MiB and a byte, without writing them
+        f.write(PNG_SIGNATURE)
+        f.truncate(20 * 2**20 + 1)
+    return f"{run}/curves.png: is over 20.0 MiB"
+
+
+@pytest.mark.parametrize("spoil", [_symlink_out, _fifo, _not_png, _too_large], ids=lambda f: f.__name__.strip("_"))
+def test_a_picture_that_is_no_regular_png_of_the_run_is_left_out(run_dir: Path, tmp_path: Path, spoil) -> None:
+    """curves.png must be a regular PNG file inside the run folder, of at most 20 MiB: else the push goes on
+    without it, with a warning naming it (and the card does not show it)."""
+    run, outside = tmp_path / "run", tmp_path / "elsewhere"
+    shutil.copytree(run_dir, run)
+    outside.mkdir()
+    reason = spoil(run, outside)
+    code, out, err = run_main("push", run, "alice/x", "--dry-run")
+    assert code == 0, err
+    warning, done = err.splitlines()
+    assert warning.startswith(f"warning: pushing without curves.png: {reason}"), warning
+    assert done.startswith("dry run: nothing uploaded")
+    listing, card = out.split("\n\nREADME.md:\n\n", 1)
+    assert [line.split()[0] for line in listing.splitlines()[1:]] == sorted(LISTED - {"model.onnx", "curves.png"})
+    assert "![Training curves]" not in card and "![Confusion matrix (validation)](confusion.png)" in card
+
+
+def test_a_picture_linked_within_the_run_is_pushed(run_dir: Path, tmp_path: Path) -> None:
+    """A symlink to another file of the run folder stays inside it: that picture goes up, without a warning."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "pictures").mkdir()
+    (run / "curves.png").rename(run / "pictures" / "curves.png")
+    (run / "curves.png").symlink_to(Path("pictures") / "curves.png")
+    code, out, err = run_main("push", run, "alice/x", "--dry-run")
+    assert code == 0 and err.startswith("dry run: nothing uploaded"), err
+    size = human_size((run_dir / "curves.png").stat().st_size)
+    assert f"\n  curves.png                {size:>9}\n" in out and "![Training curves](curves.png)" in out
+
+
+def test_a_run_file_linked_from_outside_the_run_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    """validation.json (what the card's metrics say) is read by the same rule: a symlink out of the run folder is
+    an error, as a malformed file is, before anything is uploaded."""
+    run, outside = tmp_path / "run", tmp_path / "elsewhere"
+    shutil.copytree(run_dir, run)
+    outside.mkdir()
+    (run / "validation.json").rename(outside / "validation.json")
+    (run / "validation.json").symlink_to(outside / "validation.json")
+    code, out, err = run_main("push", run, "alice/x", "--dry-run")
+    assert (code, out) == (1, "") and err.count("\n") == 1, err
+    assert err == (f"Error: {run}/validation.json: is a symlink to {(outside / 'validation.json').resolve()}, "
+                   f"outside {run}; copy the file into the folder instead\n")  # fmt: skip
 
 
 def test_card_names_a_hub_start_model_and_data_set_and_escapes_names(run_dir: Path) -> None:
@@ -319,8 +399,11 @@ def test_card_names_a_hub_start_model_and_data_set_and_escapes_names(run_dir: Pa
 
 
 def test_private_push_to_a_new_branch(hub: FakeHub, branch_pushed) -> None:
+    """--commit-message's first line is the commit's summary, the lines after the blank one its description."""
     assert hub.repos["lab/colours"]["private"] is True
     assert hub.history("lab/colours", "try-1") == ["first try", "initial commit"]
+    repo = hub.repos["lab/colours"]
+    assert repo["descriptions"][repo["refs"]["try-1"]] == "lr 0.03, 10 steps\nsix colours"
     assert hub.history("lab/colours", "main") == ["initial commit"]
     assert set(hub.files("lab/colours", "try-1")) == LISTED - {"model.onnx"} | {GITATTRIBUTES}
     assert "(try-1) in one commit" in branch_pushed.stderr
@@ -398,6 +481,9 @@ def test_a_push_failing_midway_leaves_no_revision(hub: FakeHub, run_dir: Path, t
     error = one_error_line(push_here(tmp_path, hub.url, run_dir, repo))
     assert error.startswith(expected) and "a push is one commit: the repo holds all of it or none of it" in error
     assert hub.history(repo) == ["initial commit"] and set(hub.files(repo)) == {GITATTRIBUTES}
+    if failure == 413:  # the largest file is tens of KiB: said so, not as "0.0 MiB"
+        size, name = max((p.stat().st_size, p.name) for p in run_dir.iterdir() if p.name in UNCHANGED)
+        assert f"; the largest file is {name}, {human_size(size)}): " in error and human_size(size).endswith(" KiB")
 
 
 def test_hub_out_of_reach(run_dir: Path, tmp_path: Path) -> None:
@@ -409,7 +495,7 @@ def test_hub_out_of_reach(run_dir: Path, tmp_path: Path) -> None:
 
 def test_silent_hub_times_out(run_dir: Path, tmp_path: Path) -> None:
     """A Hub (or proxy) that accepts connections and never answers: huggingface_hub's requests have no timeout;
-    bitcli's first one gives up after HF_HUB_ETAG_TIMEOUT seconds, before anything is created."""
+    bitcli's first one gives up after HF_HUB_DOWNLOAD_TIMEOUT seconds, before anything is created."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)  # the kernel completes the handshakes; nobody ever reads or replies
@@ -419,16 +505,84 @@ def test_silent_hub_times_out(run_dir: Path, tmp_path: Path) -> None:
     assert error.startswith(f"Error: the Hub at {endpoint} did not answer in time (ReadTimeout); check the network")
 
 
+@pytest.mark.parametrize("kind", ["info", "create", "commit"])
+def test_a_hub_gone_silent_at_any_request_times_out(hub: FakeHub, run_dir: Path, tmp_path: Path, kind: str) -> None:
+    """The Hub answers until one request, then never answers it: that request too gives up after
+    HF_HUB_DOWNLOAD_TIMEOUT seconds (1 here), whether huggingface_hub sends it with no timeout (create_repo,
+    create_commit) or with timeout=None (repo_info); nothing is committed. (The requests huggingface_hub retries,
+    preupload and the LFS uploads, are bounded the same way, 6 tries: too slow to test here.)"""
+    repo = f"alice/silent-{kind}"
+    hub.fail_on[kind] = "hang"
+    start = time.monotonic()
+    error = one_error_line(push_here(tmp_path, hub.url, run_dir, repo, timeout=1))
+    assert time.monotonic() - start < 10
+    assert error.startswith(f"Error: the Hub at {hub.url} did not answer in time (ReadTimeout); check the network")
+    assert "(HF_HUB_DOWNLOAD_TIMEOUT sets the wait)" in error
+    if kind == "commit":
+        assert ("POST", f"/api/models/{repo}/commit/main") in hub.requests
+        assert hub.history(repo) == ["initial commit"]
+    else:
+        assert repo not in hub.repos
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["noslash"], "noslash: name the Hub repo OWNER/NAME"),
         (["a/b/c"], "a/b/c: name the Hub repo OWNER/NAME"),
-        (["alice/-x"], "alice/-x: name the Hub repo OWNER/NAME"),
+        (["/x"], "/x: name the Hub repo OWNER/NAME"),
+        (["alice/-x"], "alice/-x: the name '-x' must not start with '-' or '.'"),
+        ([".alice/x"], ".alice/x: the owner '.alice' must not start with '-' or '.'"),
+        (["alice/x-"], "alice/x-: the name 'x-' must not end with '-' or '.'"),
+        (["alice/a--b"], "alice/a--b: the name 'a--b' must not hold '--' or '..'"),
+        (["alice/a..b"], "alice/a..b: the name 'a..b' must not hold '--' or '..'"),
+        (["alice/x.git"], "alice/x.git: the name 'x.git' must not end with '.git'"),
+        (
+            ["alice/caf\u00e9"],
+            "alice/caf\u00e9: the name 'caf\u00e9' may hold only letters, digits, '-', '_' and '.' (ASCII)",
+        ),
+        ([f"alice/{'x' * 97}"], f"alice/{'x' * 97}: the name '{'x' * 97}' is 97 characters long, over the Hub's 96"),
         (["alice/x", "--license", "Apache 2.0"], "--license 'Apache 2.0': a Hub license id in lower case"),
         (["alice/x", "--commit-message", " "], "--commit-message: give a message"),
+        (["alice/x", "--commit-message", " \nthe body"], "--commit-message: the first line is the commit's summary"),
+        *(
+            (["alice/x", "--revision", name], f"--revision {name!r}: {rule}")
+            for name, rule in [
+                ("a..b", "a branch name cannot hold '..'"),
+                ("-x", "a branch name cannot start with '-'"),
+                ("x/", "a branch name cannot start or end with '/' or hold '//'"),
+                ("/x", "a branch name cannot start or end with '/' or hold '//'"),
+                ("x//y", "a branch name cannot start or end with '/' or hold '//'"),
+                ("x.lock", "no part of a branch name can end with '.lock' ('x.lock')"),
+                ("a/b.lock/c", "no part of a branch name can end with '.lock' ('b.lock')"),
+                (".x", "no part of a branch name can start with '.' ('.x')"),
+                ("a/.x", "no part of a branch name can start with '.' ('.x')"),
+                ("x.", "a branch name cannot end with '.'"),
+                ("HEAD", "HEAD is not a branch name"),
+                ("@", "'@' alone is not a branch name"),
+                ("a@{1}", "a branch name cannot hold '@{'"),
+                ("a b", "a branch name cannot hold a space or control character"),
+                ("a~1", "a branch name cannot hold '~'"),
+                ("a:b", "a branch name cannot hold ':'"),
+                ("a\\b", "a branch name cannot hold '\\\\'"),
+                ("x" * 300, "a branch name of 300 characters is over 255"),
+                ("refs/heads/try-1", "give the branch's name alone: --revision try-1"),
+                ("refs/pr/3", "a pull request's ref: bit push commits to a branch, and opens no pull request"),
+                ("refs/tags/v1", "a full ref, not a branch name"),
+                ("0123456789abcdef0123456789abcdef01234567", "40 hex digits read as a commit id on the Hub"),
+            ]
+        ),
     ],
 )
 def test_bad_flags_exit_2(run_dir: Path, args: list[str], message: str) -> None:
+    """Refused at flag-check time, with the rule broken (a branch name: `git check-ref-format --branch`'s
+    rules, then the Hub's reading of it), before the source is read."""
     code, out, err = run_main("push", run_dir, *args)
     assert (code, out) == (2, "") and err.startswith(f"Error: {message}"), err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["try-1", "feature/lr-0.01", "v1.0", "a@b", "caf\u00e9", "HEADS", "refs", "x" * 255,
+                                  "0123456789abcdef0123456789abcdef0123456"])  # fmt: skip
+def test_branch_names_git_accepts_pass(name: str) -> None:
+    assert PushOptions(src="run", repo="alice/x", revision=name).revision == name

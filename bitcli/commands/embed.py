@@ -35,6 +35,7 @@ from bitcli.pipeline import Report, drop, exit_code, run_report
 from bitcli.render import json_lines, print_lines
 from bitcli.runtime import resolve_precision
 from bitcli.ui import display, visible
+from bitcli.urls import downloads
 from bitcli.writes import atomic_write, write_together
 
 # The safetensors reader refuses a header over 100 MB (safetensors' MAX_HEADER_SIZE); the paths live there.
@@ -93,7 +94,7 @@ def run(opts: EmbedOptions) -> int:
                 vectors = F.normalize(vectors, dim=1)  # unit length; an all-zero vector stays zero
             return list(vectors.cpu().numpy())
 
-        decode = path_decoder(engine.preprocess)
+        decode = path_decoder(engine.preprocess, downloads(opts.max_download_mb))
         on_device = for_engine(engine, decode, file_bytes)
 
         def run_all(emit: Callable[[list[Embedded]], None]) -> bool:

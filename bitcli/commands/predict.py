@@ -17,6 +17,7 @@ from bitcli.options import PredictFormat, PredictOptions
 from bitcli.pipeline import Report, drop, exit_code, run_report
 from bitcli.render import Row, predictions_text, print_lines, write_text
 from bitcli.runtime import resolve_precision
+from bitcli.urls import downloads
 
 
 def run(opts: PredictOptions) -> int:
@@ -34,7 +35,7 @@ def run(opts: PredictOptions) -> int:
         def classify(batch: np.ndarray) -> list[list[dict]]:
             return top_k(engine.logits(batch), engine.labels, opts.top_k)
 
-        decode = path_decoder(engine.preprocess)
+        decode = path_decoder(engine.preprocess, downloads(opts.max_download_mb))
         interrupted = run_report(report, decode, classify, batch_size=opts.batch_size, workers=opts.workers,
                                  emit=emit, info=info, verb="classifying",
                                  on_device=for_engine(engine, decode, file_bytes))  # fmt: skip

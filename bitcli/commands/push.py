@@ -10,7 +10,6 @@ Local checks come first (the token, the source, the export), the network last (b
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -19,8 +18,9 @@ from typing import TYPE_CHECKING
 from bitcli import extras
 from bitcli.errors import BitError
 from bitcli.hub_upload import check_online, hub_token, push_files
+from bitcli.hubnames import commit_text
 from bitcli.options import PushOptions
-from bitcli.ui import display, log, visible
+from bitcli.ui import display, human_size, log, visible
 
 if TYPE_CHECKING:
     from bitcli.formats import Checkpoint
@@ -45,7 +45,12 @@ def run(opts: PushOptions) -> None:
     from bitcli.modelcard import RunRecord
 
     ckpt = load_checkpoint(opts.src)
-    ckpt.refuse_graph()
+    if ckpt.graph is not None:
+        raise BitError(
+            f"{visible(display(opts.src))}: an ONNX export cannot be pushed (its weights are compiled into the graph, "
+            "and the Hub repo needs them as a transformers folder); push the checkpoint or run folder it was "
+            "exported from, with --onnx to upload its ONNX export too"
+        )
     path = Path(opts.src).expanduser()
     record = RunRecord.read(path.parent if path.name == "model.safetensors" and path.is_file() else path)
     with tempfile.TemporaryDirectory(prefix="bitcli-push-") as tmp:
@@ -53,11 +58,11 @@ def run(opts: PushOptions) -> None:
         if opts.dry_run or token is None:
             show_dry_run(files, opts)
             return
-        message = opts.commit_message or f"Upload {opts.repo.split('/')[1]} with bit push"
+        summary, description = commit_text(opts.commit_message or f"Upload {opts.repo.split('/')[1]} with bit push")
         # A name bit push manages that this push lacks (model.onnx without --onnx) would be an earlier model's.
         stale = [name for name in (ONNX_FILE, *PICTURES) if name not in {f.name for f in files}]
-        pushed = push_files(files, opts.repo, token=token, branch=opts.revision, private=opts.private, message=message,
-                            remove=stale)  # fmt: skip
+        pushed = push_files(files, opts.repo, token=token, branch=opts.revision, private=opts.private, message=summary,
+                            description=description, remove=stale)  # fmt: skip
     names = ", ".join(f.name for f in files)
     log(f"pushed {len(files)} files to {opts.repo} ({pushed.revision}) in one commit: {names}")
     if pushed.removed:
@@ -78,8 +83,8 @@ def stage(ckpt: Checkpoint, record: RunRecord | None, folder: Path, opts: PushOp
         from bitcli.export import write_onnx
 
         write_onnx(ckpt, folder / ONNX_FILE, torch.float32)
-    for picture in record.pictures if record is not None else ():
-        shutil.copyfile(picture, folder / picture.name)
+    for name, data in record.pictures.items() if record is not None else ():
+        (folder / name).write_bytes(data)  # as RunRecord.read checked them: regular PNG files inside the run
     names = tuple(sorted(p.name for p in folder.iterdir()))
     card = CardInput(repo_id=opts.repo, ckpt=ckpt, src=opts.src, run=record, license=opts.license, files=names)
     (folder / CARD).write_text(model_card(card), encoding="utf-8")
@@ -94,17 +99,8 @@ def show_dry_run(files: list[Path], opts: PushOptions) -> None:
     branch = opts.revision or "main"
     width = max(len(f.name) for f in files)
     lines = [f"bit push would upload {len(files)} files to {opts.repo} ({branch}) in one commit:"]
-    lines += [f"  {f.name:<{width}}  {_size(f.stat().st_size):>9}" for f in files]
+    lines += [f"  {f.name:<{width}}  {human_size(f.stat().st_size):>9}" for f in files]
     lines += ["", f"{CARD}:", "", files[0].read_text(encoding="utf-8")]
     sys.stdout.write("\n".join(lines))
     sys.stdout.flush()
     log(f"dry run: nothing uploaded; {visible(display(opts.src))} would go to {opts.repo}")
-
-
-def _size(n: int) -> str:
-    value, unit = float(n), "B"
-    for bigger in ("KiB", "MiB", "GiB"):
-        if value < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"

@@ -1,6 +1,6 @@
 """Label files: a CSV (header row) or JSONL (one object a line) with `path` and `label` columns and an optional
 `split` column (train, val or test, or another name of bitcli.sources.splits: valid, dev ...), image paths
-relative to the file's folder.
+relative to the file's folder, or http(s) URLs (bitcli.urls: fetched when the image is decoded).
 
 The file is read as a stream and each row checked as it is read (its columns, its split, that its image
 exists), so the first bad row is reported when it is reached. Rows are kept packed: the paths as one UTF-8
@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from bitcli import urls
 from bitcli.errors import BitError
 from bitcli.sources.examples import ImageFolder, class_order
 from bitcli.sources.rows import RowPath, RowPaths
@@ -72,7 +73,8 @@ class LabelFile:
         return self.blob[self.offsets[row] : self.offsets[row + 1]].decode("utf-8")
 
     def row_path(self, row: int) -> RowPath:
-        return RowPath(os.path.join(self.folder, self.text(row)), self.row(row))
+        text = self.text(row)
+        return RowPath(text if urls.is_url(text) else os.path.join(self.folder, text), self.row(row))
 
     def scan(self, split: str | None, classes: Sequence[str] | None) -> ImageFolder:
         """The rows of `split` (None: every row), grouped by class, in file order within a class. Classes: the
@@ -154,8 +156,14 @@ class _Packed:
             raise BitError(
                 f"{self.path}:{line}: has a split, but line {self.lines[0]} has none; give every row a split, or none"
             )
-        full = image if image.startswith("/") else self.prefix + image
-        _check_exists(full, self, line)
+        if urls.is_url(image):  # fetched when the example is decoded (sources.rows.load_example)
+            full = image
+            reason = urls.refusal(image)
+            if reason is not None:
+                raise BitError(f"{self.path}:{line}: {visible(image)}: {reason}")
+        else:
+            full = image if image.startswith("/") else self.prefix + image
+            _check_exists(full, self, line)
         self.blob += image.encode("utf-8")
         self.ends.append(len(self.blob))
         self.labels.append(self.names.setdefault(label, len(self.names)))
