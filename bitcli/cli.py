@@ -118,13 +118,16 @@ from bitcli.options import (
     ReportOptions,
     ServeOptions,
     check_embed_output,
+    check_explain_output_outside_inputs,
     check_label_output,
     check_output,
     check_page_folder,
+    check_plot_outside_report,
     embed_format,
     parse_data,
     predict_format,
 )
+from bitcli.pages.folder import EVAL_REPORT, EXPLAIN
 
 app = typer.Typer(
     name="bit",
@@ -296,7 +299,8 @@ def finetune(
     if report:
         from bitcli.finetune.runfiles import REPORT_FOLDER
 
-        check_page_folder("--report: the report folder", output / REPORT_FOLDER)
+        check_page_folder("--report: the report folder", output / REPORT_FOLDER, kind=EVAL_REPORT,
+                          removed_first=overwrite)  # fmt: skip
     from bitcli.commands import finetune as finetune_command
 
     finetune_command.run(opts)
@@ -324,7 +328,8 @@ def eval_(
         report=report,
     )  # fmt: skip
     check_output("--plot", plot)
-    check_page_folder("--report", report, data=opts.data)
+    check_page_folder("--report", report, data=opts.data, kind=EVAL_REPORT)
+    check_plot_outside_report(plot, report)
     from bitcli.commands import eval as eval_command
 
     raise typer.Exit(eval_command.run(opts))
@@ -350,7 +355,8 @@ def explain(
         images=images, output=output, model=model, revision=revision, target=target, batch_size=batch_size,
         device=device, recursive=recursive, workers=workers,
     )  # fmt: skip
-    check_page_folder("--output", output)
+    check_page_folder("--output", output, kind=EXPLAIN)
+    check_explain_output_outside_inputs(output, images if recursive else [])
     from bitcli.commands import explain as explain_command
 
     raise typer.Exit(explain_command.run(opts))

@@ -83,7 +83,10 @@ PrecisionOpt = Annotated[
     Precision, typer.Option("--precision", case_sensitive=False, help="auto: fp32 on CPU, bf16/fp16 on GPU.")
 ]
 ImageColumnOpt = Annotated[
-    str | None, typer.Option("--image-column", help="A data set's image column (default: its Image feature).")
+    str | None,
+    typer.Option(
+        "--image-column", help="A data set's image column (default: its Image feature; a label file's: path)."
+    ),
 ]
 LabelColumnOpt = Annotated[
     str | None,

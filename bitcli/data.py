@@ -124,7 +124,7 @@ class StepSampler:
     code does) so every step still sees a full batch.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, max_offset: int, mixup: float | None) -> None:
+    def __init__(self, num_examples: int, batch_size: int, seed: int, max_offset: int, *, mixup: float | None) -> None:
         self.n, self.batch, self.seed, self.max_offset, self.mixup = num_examples, batch_size, seed, max_offset, mixup
         self.with_replacement = num_examples < batch_size
         self._orders: dict[int, np.ndarray] = {}
@@ -197,6 +197,6 @@ def eval_transform(crop: int, mean: tuple[float, float, float], std: tuple[float
     return Preprocess.square(crop, crop, mean=mean, std=std)
 
 
-def augment(image: np.ndarray, top: int, left: int, crop: int, flip: bool) -> np.ndarray:
+def augment(image: np.ndarray, top: int, left: int, crop: int, *, flip: bool) -> np.ndarray:
     out = image[top : top + crop, left : left + crop]
     return np.ascontiguousarray(out[:, ::-1] if flip else out)

@@ -247,15 +247,17 @@ def check_output(flag: str, path: Path | None, folder: bool = False) -> None:
         raise UsageError(f"{flag} {display(path)}: {reason}")
 
 
-def check_page_folder(flag: str, path: Path | None, data: DataSpec | None = None) -> None:
+def check_page_folder(flag: str, path: Path | None, data: DataSpec | None = None, *, kind: str | None = None,
+                      removed_first: bool = False) -> None:  # fmt: skip
     """Refuse (exit 2, before any work) a folder a page cannot be written into (bitcli.pages.folder): a file,
-    a folder that cannot be written in, a folder holding files bitcli did not write; and one inside the image
-    folder `data`, where its pictures would be taken for a class of images by the next run."""
+    a folder that cannot be written in, a folder holding files bitcli did not write or another command's page
+    (`kind`: the command writing it); and one inside the image folder `data`, where its pictures would be taken
+    for images by the next run."""
     if path is None:
         return
-    reason = page_folder_refusal(path)
+    reason = page_folder_refusal(path, kind, removed_first=removed_first)
     if reason is None and isinstance(data, Path) and data.is_dir():
-        inside = Path(os.path.realpath(data)) in Path(os.path.realpath(path)).parents
+        inside = _within(path, data)
         reason = f"is inside the image folder {display(data)}; choose a folder outside it" if inside else None
     if reason is not None:
         raise UsageError(f"{flag} {display(path)}: {reason}")
@@ -266,6 +268,29 @@ def check_label_output(flag: str, path: Path | None) -> None:
     if path is not None and path.suffix.lower() != ".csv":
         raise UsageError(f"{flag} {display(path)}: name a .csv file (a label file: path,label[,split])")
     check_output(flag, path)
+
+
+def check_plot_outside_report(plot: Path | None, report: Path | None) -> None:
+    """Refuse (exit 2) eval's --plot inside its --report folder, which takes no file the report does not write."""
+    if plot is not None and report is not None and _within(plot, report):
+        raise UsageError(
+            f"--plot {display(plot)}: is inside the --report folder {display(report)}, which holds only the "
+            "report's files (its confusion matrix included); write the picture elsewhere"
+        )
+
+
+def check_explain_output_outside_inputs(output: Path, folders: list[str]) -> None:
+    """Refuse (exit 2) explain's --output inside a folder it reads recursively: the next run would explain
+    its own overlays."""
+    for arg in folders:
+        if arg != "-" and Path(arg).is_dir() and _within(output, Path(arg)):
+            raise UsageError(f"--output {display(output)}: is inside the image folder {display(arg)}; "
+                             "choose a folder outside it")  # fmt: skip
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """`path` lies inside `folder` (links resolved)."""
+    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
 
 
 def check_embed_output(fmt: EmbedFormat, output: Path | None) -> None:

@@ -18,6 +18,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -137,6 +138,7 @@ def _batch(
     results: Sequence[Any],
     compute: Compute | None,
     name: Callable[[K], str],
+    *,
     stack: Callable[[list], Any] = np.stack,
 ) -> Batch[K] | BitError:
     """A chunk's Batch; the BitError that compute raised is returned, not raised, so that the main process
@@ -230,15 +232,18 @@ def run_report(report: Report, decode: Callable[[str], np.ndarray], compute: Com
     return False
 
 
-def exit_code(report: Report, interrupted: bool, info: Dist) -> int:
+def exit_code(report: Report, interrupted: bool, info: Dist, output: Path | None) -> int:
     """0, 1 (some input failed) or 130 (Ctrl-C). The main process names the failures on stderr and decides;
-    every process returns its code, so that torchrun reports the run as one process would."""
+    every process returns its code, so that torchrun reports the run as one process would. `output`: where
+    the rows went (None: stdout), named when Ctrl-C stopped the run."""
     if info.main:
         for r in report.failed:
             print(f"error: {visible(r.error)}", file=sys.stderr)
         if interrupted:
             print(
-                f"interrupted: {report.released} of {len(report.inputs)} images done; the results above are complete for those",
+                f"interrupted: {report.released} of {len(report.inputs)} images done; the results "
+                + ("above" if output is None else f"written to {visible(display(output))}")
+                + " are complete for those",
                 file=sys.stderr,
             )
     if interrupted:  # every process got the signal; no further collective (some may have left a round early)

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from bitcli.errors import BitError, one_line
+from bitcli.reads import not_regular
 
 # Decompression bombs: images above this many pixels are refused before they are decoded, and no resize may
 # produce more (the shortest-edge resize of a thin strip would). PIL itself refuses twice the limit from the
@@ -278,7 +279,7 @@ def _check_file(path: str | os.PathLike[str], name: str) -> None:
     if stat.S_ISDIR(mode):
         raise BitError(f"{name}: is a directory; pass --recursive to classify folders inside folders")
     if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
-        raise BitError(f"{name}: not a regular file (pipe, socket or device); copy the image to a file")
+        raise BitError(not_regular(name, "image"))
 
 
 @contextlib.contextmanager

@@ -33,11 +33,22 @@ _KINDS = {
 }
 
 
-def file_size(path: Path) -> int:
+def not_regular(name: object, what: str) -> str:
+    """The one message for a FIFO, socket or device given as a file to read: opening it would block or never end."""
+    return f"{name}: not a regular file (pipe, socket or device); copy the {what} to a file"
+
+
+def file_size(path: Path, what: str = "model") -> int:
+    """The size of a file to read, after refusing what is not a regular file (a FIFO would hang the read)."""
     try:
-        return path.stat().st_size
+        st = os.stat(path)
     except OSError as exc:
         raise BitError(f"{path}: cannot read ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BitError(f"{path}: is a folder, not a file")
+    if not stat.S_ISREG(st.st_mode):  # open_regular's wording: both guard model and run files
+        raise BitError(f"{path}: is {_KINDS.get(stat.S_IFMT(st.st_mode), 'not a file')}, not a regular file")
+    return st.st_size
 
 
 def open_regular(path: Path) -> BinaryIO:

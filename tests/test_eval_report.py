@@ -6,6 +6,7 @@ Chromium of the page itself (console errors, pictures, links, escaping, a phone'
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -283,3 +284,76 @@ def test_an_image_spoilt_before_the_gallery_is_drawn_is_shown_with_why(
     assert pictures == sorted(
         f"{n:05d}{kind}.jpg" for n in range(2, len(errors) + 1) for kind in ("", "-pred", "-true")
     )
+
+
+def test_folders_and_pictures_another_command_owns_are_refused_at_flag_time(
+    hostile: dict[str, Path], tmp_path: Path
+) -> None:
+    """Before any work (exit 2): `bit explain`'s folder, a --plot inside the --report folder, and `bit finetune
+    --overwrite --report` whose report folder holds a file of the user's (it would be left there, unmarked)."""
+    from bitcli.pages.folder import EXPLAIN, write_page_folder
+
+    val = hostile["data"] / "val"
+    write_page_folder(tmp_path / "explained", {"explain.jsonl": b""}, EXPLAIN)
+    code, out, err = run_main("eval", val, "--model", "nothing-is-loaded", "--report", tmp_path / "explained")
+    assert (code, out) == (2, "")
+    assert err == (
+        f"Error: --report {tmp_path / 'explained'}: was written by bit explain; give a new or empty folder, or one "
+        "that bit eval --report wrote\n"
+    )
+    plot = tmp_path / "rep" / "confusion.png"
+    code, out, err = run_main("eval", val, "--model", "nothing-is-loaded", "--plot", plot, "--report", plot.parent)
+    assert (code, out) == (2, "")
+    assert err == (
+        f"Error: --plot {plot}: is inside the --report folder {plot.parent}, which holds only the report's files "
+        "(its confusion matrix included); write the picture elsewhere\n"
+    )
+    assert not plot.parent.exists()
+    run = tmp_path / "run"
+    shutil.copytree(hostile["run"], run)
+    (run / "report" / "mine.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, out, err = run_main("finetune", hostile["data"], "--output", run, "--report", "--overwrite", *ARGS)
+    assert (code, out) == (2, "")
+    assert err == (
+        f"Error: --report: the report folder {run / 'report'}: holds 'mine.txt', which bitcli did not write and "
+        "--overwrite would leave in the new report's folder; move it out first\n"
+    )
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # no training, nothing removed
+
+
+def test_cells_beyond_the_cap_of_pictures_are_table_rows_not_sections(
+    hostile: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one picture allowed in all, only the first cell has a section; every other cell is one row of a
+    single table, which the confusion matrix's link still reaches."""
+    import bitcli.gallery.build as build
+
+    monkeypatch.setattr(build, "MAX_SHOWN", 1)
+    code, _, err = run_main("eval", hostile["data"] / "val", "--model", hostile["run"], "--report", tmp_path / "r",
+                            "-f", "json")  # fmt: skip
+    assert code == 0, err
+    page = (tmp_path / "r" / "index.html").read_text()
+    errors = read_csv(tmp_path / "r" / "errors.csv")
+    cells = list(dict.fromkeys((r["true_label"], r["predicted_label"]) for r in errors))
+    assert len(cells) >= 3, "the data no longer makes errors in three cells"
+    assert page.count('<section class="pair"') == 1
+    first = sum(1 for r in errors if (r["true_label"], r["predicted_label"]) == cells[0])
+    if first > 1:
+        assert f"1 shown; the other {first - 1} {'is' if first == 2 else 'are'} in errors.csv." in page
+    assert f"The other {len(cells) - 1} cells: no picture shown" in page
+    links = re.findall(r'<a href="#(pair-\d+-\d+)">', page)
+    assert len(links) == len(cells)
+    for anchor in links:
+        assert page.count(f'id="{anchor}"') == 1
+    assert page.count('<tr id="pair-') == len(cells) - 1
+
+
+def test_per_class_ties_keep_the_classes_order() -> None:
+    """Equal F1, recall and precision: the classes' own order (a label file's, here c, a, b), not the names'."""
+    from bitcli.gallery.page import _per_class
+    from bitcli.metrics import EvalResult
+
+    result = EvalResult(top1=0.5, top5=None, loss=1.0, count=6, per_class={"c": 0.5, "a": 0.5, "b": 0.5},
+                        labels=["c", "a", "b"], confusion=[[1, 1, 0], [0, 1, 1], [1, 0, 1]])  # fmt: skip
+    assert re.findall(r"<tr><td>(\w)</td>", _per_class(result)) == ["c", "a", "b"]

@@ -158,3 +158,27 @@ def test_an_undecodable_image_is_its_row_s_error_and_the_others_are_explained(
     assert maps.shape == (1, 64, 64) and json.loads(metadata["paths"]) == [str(images[0])]
     assert sorted(p.name for p in out.iterdir()) == sorted([".bitcli-page.json", "00002-chelsea.png",
                                                             "explain.jsonl", "maps.safetensors"])  # fmt: skip
+
+
+def test_an_output_inside_a_folder_read_recursively_or_another_command_s_folder_is_refused(
+    images, tmp_path: Path
+) -> None:
+    """Before any work (exit 2): with --recursive, the next run would explain its own overlays; and a report of
+    `bit eval --report` is no folder of explain's (neither replaces the other's)."""
+    from bitcli.pages.folder import EVAL_REPORT, write_page_folder
+
+    inside = images[2].parent / "out"
+    code, out, err = run_main("explain", images[2].parent, "-r", "--model", "nothing-is-loaded", "-o", inside)
+    assert (code, out) == (2, "")
+    assert (
+        err == f"Error: --output {inside}: is inside the image folder {images[2].parent}; choose a folder outside it\n"
+    )
+    assert not inside.exists()
+    write_page_folder(tmp_path / "report", {"index.html": b"the report"}, EVAL_REPORT)
+    code, out, err = run_main("explain", images[0], "--model", "nothing-is-loaded", "-o", tmp_path / "report")
+    assert (code, out) == (2, "")
+    assert err == (
+        f"Error: --output {tmp_path / 'report'}: was written by bit eval --report; give a new or empty folder, or "
+        "one that bit explain wrote\n"
+    )
+    assert (tmp_path / "report" / "index.html").read_bytes() == b"the report"

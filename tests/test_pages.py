@@ -11,7 +11,16 @@ import pytest
 from PIL import Image
 
 from bitcli.errors import BitError
-from bitcli.pages.folder import MARKER, PageFolder, listed, refusal, remove_page_folder, write_page_folder
+from bitcli.pages.folder import (
+    EVAL_REPORT,
+    EXPLAIN,
+    MARKER,
+    PageFolder,
+    listed,
+    refusal,
+    remove_page_folder,
+    write_page_folder,
+)
 from bitcli.pages.html import document, element, text
 from bitcli.pages.pictures import CUT_OFF_WEIGHT, HEAT_WEIGHT, JET, colorize, overlay
 from bitcli.preprocess import Preprocess
@@ -90,6 +99,90 @@ def test_a_page_folder_lists_its_planned_files_before_writing_them(tmp_path: Pat
     assert refusal(tmp_path / "out") is None  # "killed" here
     page.finish()
     assert listed(tmp_path / "out") == ["a.png"]
+
+
+def test_a_subfolder_replaced_by_a_link_is_never_written_or_emptied_through(tmp_path: Path) -> None:
+    """images/ made a link to a folder of the user's: a rerun is refused (one line) and removing the page
+    leaves every file there as it was, the ones named like the page's pictures too."""
+    folder, theirs = tmp_path / "report", tmp_path / "my-photos"
+    write_page_folder(folder, {"index.html": b"x", "images/00001.jpg": b"a", "images/00002.jpg": b"b"}, EVAL_REPORT)
+    theirs.mkdir()
+    for name in ("00001.jpg", "00002.jpg", "holiday.jpg"):
+        (theirs / name).write_bytes(b"the user's " + name.encode())
+    for p in (folder / "images").iterdir():
+        p.unlink()
+    (folder / "images").rmdir()
+    (folder / "images").symlink_to(theirs)
+    reason = (
+        "its subfolder 'images' is a link, which bitcli neither writes nor removes through; replace the link "
+        "by a folder or give another folder"
+    )
+    assert refusal(folder, EVAL_REPORT) == reason
+    for pictures in ({"images/00001.jpg": b"new"}, {}):  # the same pictures, or none (the old ones are stale)
+        with pytest.raises(BitError) as caught:
+            write_page_folder(folder, {"index.html": b"y", **pictures}, EVAL_REPORT)
+        assert str(caught.value) == f"{folder}: {reason}"
+    remove_page_folder(folder)  # `bit finetune --overwrite`
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == {
+        n: b"the user's " + n.encode() for n in ("00001.jpg", "00002.jpg", "holiday.jpg")
+    }
+    assert (folder / "images").is_symlink()
+
+
+def test_another_command_s_page_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "out"
+    write_page_folder(folder, {"explain.jsonl": b"{}\n"}, EXPLAIN)
+    assert refusal(folder, EVAL_REPORT) == (
+        "was written by bit explain; give a new or empty folder, or one that bit eval --report wrote"
+    )
+    assert refusal(folder, EXPLAIN) is None and refusal(folder) is None
+    with pytest.raises(BitError, match="was written by bit explain"):
+        write_page_folder(folder, {"index.html": b"x"}, EVAL_REPORT)
+    assert sorted(p.name for p in folder.iterdir()) == [MARKER, "explain.jsonl"] and listed(folder) == ["explain.jsonl"]
+
+
+def test_a_stale_file_that_cannot_be_removed_stays_listed_and_is_one_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a file made immutable (chattr +i) is: the new page is written, the marker still lists the old file
+    (a rerun removes it), and the error is one line naming it."""
+    folder = tmp_path / "report"
+    write_page_folder(folder, {"index.html": b"one", "images/1.jpg": b"a", "images/2.jpg": b"b"}, "t")
+    stuck = folder / "images" / "2.jpg"
+    unlink = Path.unlink
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:
+        if self == stuck:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    with pytest.raises(BitError) as caught:
+        write_page_folder(folder, {"index.html": b"two", "images/1.jpg": b"c"}, "t")
+    assert str(caught.value) == (
+        f"{stuck}: cannot remove this file of the earlier page (Operation not permitted); the new page is "
+        "written; make it removable and run again"
+    )
+    assert (folder / "index.html").read_bytes() == b"two" and stuck.read_bytes() == b"b"
+    assert listed(folder) == ["index.html", "images/1.jpg", "images/2.jpg"]
+    monkeypatch.setattr(Path, "unlink", unlink)
+    write_page_folder(folder, {"index.html": b"three", "images/1.jpg": b"d"}, "t")
+    assert not stuck.exists() and listed(folder) == ["index.html", "images/1.jpg"]
+
+
+def test_removed_first_refuses_a_folder_holding_more_than_the_earlier_page(tmp_path: Path) -> None:
+    """`bit finetune --overwrite --report` removes the earlier report first: the user's files would be left in
+    a folder no longer marked, which the new report could not take."""
+    folder = tmp_path / "report"
+    write_page_folder(folder, {"index.html": b"x", "images/1.jpg": b"a"}, EVAL_REPORT)
+    (folder / ".index.html.abcd1234.tmp").write_text("a killed write")
+    assert refusal(folder, EVAL_REPORT, removed_first=True) is None
+    (folder / "images" / "mine.txt").write_text("mine")
+    assert refusal(folder, EVAL_REPORT) is None
+    assert refusal(folder, EVAL_REPORT, removed_first=True) == (
+        "holds 'images/mine.txt', which bitcli did not write and --overwrite would leave in the new report's "
+        "folder; move it out first"
+    )
 
 
 def test_text_is_escaped_for_elements_and_attributes() -> None:

@@ -43,10 +43,35 @@ def test_streamed_jsonl_is_an_in_order_prefix_when_interrupted(album, tiny_dir, 
     assert calls == [1, 1]
 
 
+@pytest.mark.parametrize("command", ["predict", "embed"])
+def test_interrupted_run_into_a_file_names_the_file(album, tiny_dir, monkeypatch, command):
+    """With --output, Ctrl-C's line says where the finished rows went (not "above": nothing was printed)."""
+    calls = []
+
+    def stop(real):
+        def method(self, batch):
+            calls.append(len(batch))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(self, batch)
+
+        return method
+
+    monkeypatch.setattr(TorchEngine, "logits", stop(TorchEngine.logits))
+    monkeypatch.setattr(TorchEngine, "features", stop(TorchEngine.features))
+    args = ["first.png", "last.jpg", "first.png"]
+    code, out, err = run_main(command, *args, "--model", tiny_dir, "-o", "out.jsonl", "-b", "1", "--workers", "1")
+    assert (code, out) == (130, "")
+    assert [json.loads(line)["path"] for line in Path("out.jsonl").read_text().splitlines()] == ["first.png"]
+    assert err == "interrupted: 1 of 3 images done; the results written to out.jsonl are complete for those\n"
+
+
 def test_repeated_path_is_decoded_once(album, tiny_dir, monkeypatch):
     decoded = []
     real = inputs.decode
-    monkeypatch.setattr(inputs, "decode", lambda path, pre: decoded.append(path) or real(path, pre))
+    monkeypatch.setattr(
+        inputs, "decode", lambda path, pre, downloads: decoded.append(path) or real(path, pre, downloads)
+    )
     code, out, err = run_main("predict", "first.png", "last.jpg", "first.png", "--model", tiny_dir, "-f", "json")
     assert code == 0, err
     assert [r["path"] for r in json.loads(out)] == ["first.png", "last.jpg", "first.png"]
@@ -57,12 +82,12 @@ def test_an_exception_without_a_message_still_names_its_type(album, tiny_dir, mo
     """A decoder failure that is not bitcli's own becomes that image's error row, never an empty text."""
     real = inputs.decode
 
-    def decode(path, pre):
+    def decode(path, pre, downloads):
         if path == "last.jpg":
             raise RuntimeError()  # str() is ""
         if path == "first.png":
             raise BitError("")
-        return real(path, pre)
+        return real(path, pre, downloads)
 
     monkeypatch.setattr(inputs, "decode", decode)
     shutil.copy(album / "first.png", album / "ok.png")

@@ -5,12 +5,14 @@ process evaluates its share of the batches; the main process alone reports."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import sys
 
 from bitcli import extras, plots
 from bitcli.distributed import from_main, process_group
 from bitcli.engine import load_engine
+from bitcli.errors import UsageError
 from bitcli.evaluation import evaluate, example_decoder, example_reader
 from bitcli.gallery.build import Source, write_report
 from bitcli.gallery.records import PerImage
@@ -22,8 +24,9 @@ from bitcli.options import EvalFormat, EvalOptions
 from bitcli.pipeline import no_progress
 from bitcli.runtime import resolve_precision
 from bitcli.sources.examples import ImageFolder
-from bitcli.sources.locate import Columns, evaluation_part
+from bitcli.sources.locate import Columns, data_path, evaluation_part
 from bitcli.ui import display, log, progress_bar, visible
+from bitcli.writes import refuse_replacing_input, within
 
 
 def run(opts: EvalOptions) -> int:
@@ -33,8 +36,10 @@ def run(opts: EvalOptions) -> int:
             extras.require("plots", "--plot")  # before any work
         dtype = resolve_precision(opts.precision, device)
         columns = Columns(opts.image_column, opts.label_column)
+        _check_plot_outside(opts, None)
         # Listed once, by the main process: every process splits the same list.
         ds = from_main(lambda: evaluation_part(opts.data, columns).scan(None), info)
+        _check_plot_outside(opts, ds)
         ckpt = load_checkpoint(opts.model, opts.revision)
         # Folder names are checked before the model is built (seconds for a big one); a checkpoint without a
         # head has no labels, and load_engine says so instead.
@@ -76,6 +81,23 @@ def run(opts: EvalOptions) -> int:
             write_report(opts.report, engine, source, result=result, results=kept.results(),
                          batch_size=opts.batch_size, workers=opts.workers)  # fmt: skip
         return 0
+
+
+def _check_plot_outside(opts: EvalOptions, ds: ImageFolder | None) -> None:
+    """--plot must not be written into a DATA folder (the picture would become an image of the data set, or
+    replace one), nor over a DATA file or an image that a label file lists (checked once `ds` is read)."""
+    where = data_path(opts.data)
+    if opts.plot is None or where is None:
+        return
+    if where.is_dir():
+        if ds is None and within(opts.plot, where):
+            raise UsageError(
+                f"--plot {display(opts.plot)}: is inside the data folder {display(where)} (DATA), where it would "
+                "be taken for an image of the data set, or replace one; choose a file outside it"
+            )
+    elif ds is not None:
+        listed = (p for p in ds.paths if isinstance(p, str))  # a label file's images (a parquet's are inside it)
+        refuse_replacing_input("--plot", opts.plot, itertools.chain([where], listed))
 
 
 def _report(result: EvalResult, opts: EvalOptions, ds: ImageFolder) -> None:

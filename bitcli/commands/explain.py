@@ -26,7 +26,7 @@ from bitcli.hub import load_checkpoint
 from bitcli.inputs import Input, expand_inputs, path_decoder
 from bitcli.labels import match_class
 from bitcli.options import ExplainOptions
-from bitcli.pages.folder import PageFolder
+from bitcli.pages.folder import EXPLAIN, PageFolder
 from bitcli.pages.pictures import OVERLAY_MAX, encode, overlay
 from bitcli.pipeline import Report, drop, exit_code, run_report
 from bitcli.preprocess import load_image
@@ -34,7 +34,7 @@ from bitcli.render import json_lines, print_lines
 from bitcli.ui import display, log
 
 ROWS_FILE, MAPS_FILE = "explain.jsonl", "maps.safetensors"
-KIND = "bit explain"
+KIND = EXPLAIN
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def run(opts: ExplainOptions) -> int:
                                  verb="explaining")  # fmt: skip
         if out is not None:
             out.finish()
-        return exit_code(report, interrupted, info)
+        return exit_code(report, interrupted, info, None)  # its rows are on stdout (and in explain.jsonl)
 
 
 def target_index(spec: str, labels: Sequence[str], source: str) -> int:

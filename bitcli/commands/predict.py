@@ -18,6 +18,7 @@ from bitcli.pipeline import Report, drop, exit_code, run_report
 from bitcli.render import Row, predictions_text, print_lines, write_text
 from bitcli.runtime import resolve_precision
 from bitcli.urls import downloads
+from bitcli.writes import refuse_replacing_input
 
 
 def run(opts: PredictOptions) -> int:
@@ -25,6 +26,7 @@ def run(opts: PredictOptions) -> int:
     with process_group(opts.device) as (info, device):
         dtype = resolve_precision(opts.precision, device)
         report: Report[Row] = Report(from_main(lambda: expand_inputs(opts.images, opts.recursive), info), Row)
+        refuse_replacing_input("--output", opts.output, [i.path for i in report.inputs if i.error is None])
         engine = load_engine(load_checkpoint(opts.model, opts.revision), device, dtype)
         # jsonl on stdout streams: each line is written as soon as it and every line before it are done (a pipe
         # sees progress, and an interrupted run has already delivered everything it finished).
@@ -42,4 +44,4 @@ def run(opts: PredictOptions) -> int:
         if info.main and not stream:
             color = opts.output is None and opts.format == PredictFormat.table and sys.stdout.isatty()
             write_text(predictions_text(rows, opts.format, color), opts.output)
-        return exit_code(report, interrupted, info)
+        return exit_code(report, interrupted, info, opts.output)

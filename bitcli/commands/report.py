@@ -54,6 +54,10 @@ MAX_DIGITS = 15  # a whole number longer than this prints in e-notation
 
 def run(opts: ReportOptions) -> None:
     folder = opts.run
+    if not folder.exists():  # (a symlink to nothing too)
+        raise BitError(f"{visible(display(folder))}: no such folder; pass the --output folder of a bit finetune run")
+    if not folder.is_dir():
+        raise BitError(f"{visible(display(folder))}: is a file, not a run folder; pass the --output folder of a run")
     if not (folder / CONFIG_FILE).is_file():
         raise BitError(
             f"{visible(display(folder))}: holds no bit finetune run ({CONFIG_FILE}); pass the --output folder of a run"

@@ -210,7 +210,7 @@ def micro_batches(
                 needed = own if sample.partners is None else np.unique(np.concatenate([own, sample.partners[own]]))
                 yield (sample, own, needed), [
                     functools.partial(_train_image, t.train_cache, int(sample.indices[p]), int(sample.tops[p]),
-                                      int(sample.lefts[p]), plan.crop, bool(sample.flips[p]))
+                                      int(sample.lefts[p]), crop=plan.crop, flip=bool(sample.flips[p]))
                     for p in needed
                 ]  # fmt: skip
 
@@ -233,7 +233,7 @@ def feature_batches(t: Training) -> Iterator[tuple[torch.Tensor, torch.Tensor, N
             yield features[own], targets[own], None, 1.0
 
 
-def _train_image(cache: DecodeCache, index: int, top: int, left: int, crop: int, flip: bool) -> np.ndarray:
+def _train_image(cache: DecodeCache, index: int, top: int, left: int, *, crop: int, flip: bool) -> np.ndarray:
     return augment(cache.get(index), top, left, crop=crop, flip=flip)
 
 
@@ -242,6 +242,7 @@ def _mix(
     needed: np.ndarray,
     own: np.ndarray,
     sample: StepSample,
+    *,
     targets: np.ndarray,
     engine: TorchEngine,
 ):

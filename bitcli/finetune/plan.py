@@ -219,7 +219,7 @@ def _batch_split(opts: FinetuneOptions, model, *, crop: int, info: Dist, device:
     return split, f"auto: {reason}"
 
 
-def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, device: torch.device, dtype: torch.dtype,
+def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, *, device: torch.device, dtype: torch.dtype,
               saved: dict[str, Any] | None, own: Preprocess | None = None) -> Plan:  # fmt: skip
     """The run's plan; `saved` is the plan of the run being resumed (its automatic batch split is kept);
     `own` is the start model's own preprocessing (None: --random-init)."""

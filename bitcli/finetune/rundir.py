@@ -41,7 +41,7 @@ from bitcli.options import FinetuneOptions
 from bitcli.pages.folder import remove_page_folder
 from bitcli.preprocess import Preprocess
 from bitcli.ui import log, visible
-from bitcli.writes import atomic_write, move_files_into
+from bitcli.writes import atomic_write, move_files_into, within
 
 if TYPE_CHECKING:
     from bitcli.finetune.plan import Plan
@@ -56,14 +56,13 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACC
 def check_output_location(opts: FinetuneOptions) -> None:
     """DIR must be outside the image folders: inside DATA its files would be a class folder of the next run
     and of `bit eval DATA` ("class folder 'myrun' holds no images")."""
-    out = opts.output.resolve()
     for flag, folder in (("DATA", opts.data), ("--val", opts.val)):
         if folder is None or isinstance(folder, str):  # a Hub data set (hf://...) is no folder
             continue
-        root = folder.resolve()
-        if out == root or root in out.parents:
+        if within(opts.output, folder):
+            same = opts.output.resolve() == folder.resolve()
             raise UsageError(
-                f"--output {visible(str(opts.output))}: is {'the' if out == root else 'inside the'} image folder "
+                f"--output {visible(str(opts.output))}: is {'the' if same else 'inside the'} image folder "
                 f"{visible(str(folder))} ({flag}), where the run's files would be taken for a class of images; "
                 "choose a folder outside it"
             )
@@ -206,7 +205,7 @@ def write_final_model(ckpt: Checkpoint, output: Path) -> None:
     staging.rmdir()
 
 
-def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_eval: EvalResult | None,
+def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, *, last_eval: EvalResult | None,
                   last_loss: float, step_times: list[float], start: int, started: float) -> None:  # fmt: skip
     """The fine-tuned model (fp32, with the evaluation preprocessing and the class names) and summary.json."""
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}

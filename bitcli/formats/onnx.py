@@ -24,6 +24,7 @@ from bitcli.config import BitConfig
 from bitcli.errors import BitError, one_line
 from bitcli.formats.checkpoint import Checkpoint, checked_labels
 from bitcli.preprocess import Preprocess
+from bitcli.reads import file_size
 from bitcli.writes import atomic_write
 
 NAME = "onnx"
@@ -40,6 +41,7 @@ SOURCE, VERSION, PRECISION, CHECK = "bitcli.source", "bitcli.version", "bitcli.p
 def read(path: Path) -> Checkpoint:
     """The labels, preprocessing and architecture of a `.onnx` written by `bit convert`; the weights stay in
     the graph, for onnxruntime."""
+    file_size(path)
     extras.require("onnx", "Reading an .onnx file", modules=("onnx",))  # reading needs no exporter (onnxscript)
     import onnx
 
@@ -151,7 +153,7 @@ def _varint(f) -> int | None:
 # Writing
 
 
-def save(proto, path: Path, ckpt: Checkpoint, precision: str, check: dict[str, Any]) -> None:
+def save(proto, path: Path, ckpt: Checkpoint, precision: str, *, check: dict[str, Any]) -> None:
     """Write `proto` (the graph bitcli.export made and proved) to `path` with the metadata that `read` needs:
     `ckpt`'s labels, preprocessing and architecture, and `check`, what the proof measured."""
     values = {

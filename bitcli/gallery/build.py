@@ -21,7 +21,7 @@ from bitcli.gallery.page import ReportInput, Shown, render
 from bitcli.gallery.records import Pair, Results, csv_bytes, pairs
 from bitcli.images import stack_by_size
 from bitcli.metrics import EvalResult
-from bitcli.pages.folder import write_page_folder
+from bitcli.pages.folder import EVAL_REPORT, write_page_folder
 from bitcli.pages.pictures import THUMB, encode, fit, overlay
 from bitcli.preprocess import Preprocess
 from bitcli.sources.examples import ImageFolder
@@ -30,7 +30,7 @@ from bitcli.ui import display, log
 
 PER_PAIR = 8  # error images shown per (true -> predicted) cell, the highest losses ...
 MAX_SHOWN = 400  # ... and in all; the others are in errors.csv
-KIND = "bit eval --report"
+KIND = EVAL_REPORT
 GRADCAM_NOTE = (
     "Grad-CAM (the final GroupNorm + ReLU, what the head pools): red is where the evidence for that class lies. "
     "Each overlay covers the part of the image the model saw (its resize and centre crop); what the crop cut "

@@ -63,7 +63,8 @@ def render(r: ReportInput) -> str:
         _confusion(r),
         element("h2", f"Misclassified images ({errors})"),
         _gallery_intro(r, errors),
-        *(_pair_section(r, pair) for pair in r.pairs),
+        *(_pair_section(r, pair) for pair in r.pairs if _shows(r, pair)),
+        _unshown(r, [pair for pair in r.pairs if not _shows(r, pair)]),
     ]
     return document(f"bit eval report: {r.title}", join(body, "\n"))
 
@@ -85,7 +86,7 @@ def _numbers(result: EvalResult, errors: int) -> Html:
 def _per_class(result: EvalResult) -> Html:
     precision, recall, f1 = result.precision, result.recall, result.f1
     row_of = {name: i for i, name in enumerate(result.labels)}
-    order = sorted(result.per_class, key=lambda n: (f1[n], recall[n], precision[n], n))
+    order = sorted(result.per_class, key=lambda n: (f1[n], recall[n], precision[n], row_of[n]))  # ties: class order
     rows = [
         [name, str(sum(result.confusion[row_of[name]])), *(f"{m[name]:.4f}" for m in (recall, precision, f1))]
         for name in order
@@ -170,11 +171,33 @@ def _pair_section(r: ReportInput, pair: Pair) -> Html:
     figures = [_figure(r, int(row), r.shown[int(row)]) for row in pair.rows if int(row) in r.shown]
     parts = [heading]
     if len(figures) < len(pair.rows):
-        parts.append(element("p", f"{len(figures)} shown; the other {len(pair.rows) - len(figures)} are in errors.csv.",
+        rest = len(pair.rows) - len(figures)
+        parts.append(element("p", f"{len(figures)} shown; the other {rest} {'is' if rest == 1 else 'are'} in errors.csv.",
                              attrs={"class": "muted"}))  # fmt: skip
     if figures:
         parts.append(element("div", *figures, attrs={"class": "grid"}))
     return element("section", *parts, attrs={"class": "pair", "id": section_id(r, pair.true, pair.pred)})
+
+
+def _shows(r: ReportInput, pair: Pair) -> bool:
+    return any(int(row) in r.shown for row in pair.rows)
+
+
+def _unshown(r: ReportInput, rest: list[Pair]) -> Html:
+    """The cells beyond the page's cap of pictures: one table row each (the confusion matrix's link target),
+    not a section each, so that a report of 1,000 classes stays small."""
+    if not rest:
+        return Html("")
+    rows = [
+        element("tr", element("td", r.classes[p.true], " \u2192 ", _pred_name(r, p)), element("td", str(len(p.rows))),
+                attrs={"id": section_id(r, p.true, p.pred)})
+        for p in rest
+    ]  # fmt: skip
+    head = element("tr", element("th", "true \u2192 predicted", attrs={"scope": "col"}),
+                   element("th", "images", attrs={"scope": "col"}))  # fmt: skip
+    grid = element("table", element("thead", head), element("tbody", *rows), attrs={"class": "numbers unshown"})
+    note = f"The other {len(rest)} cell{'s' * (len(rest) != 1)}: no picture shown (the page's cap); errors.csv lists their images."
+    return join([element("h3", note), element("div", grid, attrs={"class": "scroll"})])
 
 
 def _figure(r: ReportInput, row: int, shown: Shown) -> Html:

@@ -133,6 +133,7 @@ def match_classes(
     labels: Sequence[str],
     source: str,
     root: Path,
+    *,
     data: str | None = None,
     first_row: Callable[[int], str | None] | None = None,
 ) -> list[int]:

@@ -94,6 +94,7 @@ th:first-child,td:first-child{text-align:left;white-space:normal;overflow-wrap:a
 table.numbers td:first-child{min-width:9em}
 section.pair{margin:18px 0;padding:8px;border-radius:8px;scroll-margin-top:8px}
 section.pair:target{outline:3px solid #0b63c5;background:#eef5fd}
+.unshown tr{scroll-margin-top:8px}.unshown tr:target{outline:3px solid #0b63c5;background:#eef5fd}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:10px}
 figure{margin:0;background:#f5f7f9;border-radius:8px;padding:8px;min-width:0}
 .pics{display:grid;grid-template-columns:repeat(3,minmax(0,1fr));gap:4px}

@@ -26,6 +26,7 @@ import numpy as np
 from bitcli import urls
 from bitcli.errors import BitError
 from bitcli.sources.examples import ImageFolder, class_order
+from bitcli.sources.features import Columns
 from bitcli.sources.rows import RowPath, RowPaths
 from bitcli.sources.splits import SPLIT_KEYWORDS, canonical_split
 from bitcli.ui import log, visible
@@ -102,14 +103,19 @@ class LabelFile:
         return ImageFolder(self.folder, tuple(classes), RowPaths(self, rows[order]), targets[order], source=source)
 
 
-def read_label_file(path: Path) -> LabelFile:
+def read_label_file(path: Path, columns: Columns | None = None) -> LabelFile:
     """Every row, checked as it is read: its columns, its split value, and that its image exists; then
-    repeated rows (a warning) and an image listed under two labels (an error)."""
+    repeated rows (a warning) and an image listed under two labels (an error). `columns`: --image-column and
+    --label-column, the names of the path and label columns when they are not `path` and `label`."""
     kind = SUFFIXES[path.suffix.lower()]
     rows = _Packed(path)
+    names = (
+        (columns.image if columns and columns.image else "path").strip().lower(),
+        (columns.label if columns and columns.label else "label").strip().lower(),
+    )
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM (Excel's "CSV UTF-8") is dropped
-            for row in _csv_records(f, path) if kind == "csv" else _jsonl_records(f, path):
+            for row in _csv_records(f, path, names) if kind == "csv" else _jsonl_records(f, path, names):
                 rows.add(*row)
     except FileNotFoundError:
         raise BitError(f"{path}: no such file") from None
@@ -294,12 +300,13 @@ class _End:
         raise StopIteration
 
 
-def _csv_records(f, path: Path) -> Iterator[tuple[int, object, object, object]]:
-    """(line, path, label, split) of each row: a cell the row lacks is MISSING."""
+def _csv_records(f, path: Path, names: tuple[str, str]) -> Iterator[tuple[int, object, object, object]]:
+    """(line, path, label, split) of each row: a cell the row lacks is MISSING. `names`: of the path and label
+    columns (lower case)."""
     header = f.readline()
     if not header:
         raise BitError(f"{path}: is empty; the first row must name the columns: {HEADER}")
-    delimiter, columns = _header(header, path)
+    delimiter, columns = _header(header, path, names)
     at = [columns["path"], columns["label"], columns.get("split", -1)]
     width = max(at) + 1
     end = _End()
@@ -344,18 +351,21 @@ def _one_line(row: tuple, path: Path) -> None:
             )
 
 
-def _header(line: str, path: Path) -> tuple[str, dict[str, int]]:
-    """The delimiter and {column: index} from the header row; names are matched without case or spaces."""
+def _header(line: str, path: Path, wanted: tuple[str, str]) -> tuple[str, dict[str, int]]:
+    """The delimiter and {path|label|split: index} from the header row, the path and label columns named by
+    `wanted`; names are matched without case or spaces."""
     tried = []
+    want = dict(zip(COLUMNS, (*wanted, "split")))
     for delimiter in DELIMITERS:
         cells = next(csv.reader([line], delimiter=delimiter), [])
         names = [c.strip().lower() for c in cells]
-        if "path" in names and "label" in names:
-            return delimiter, {c: names.index(c) for c in COLUMNS if c in names}
+        if wanted[0] in names and wanted[1] in names:
+            return delimiter, {c: names.index(want[c]) for c in COLUMNS if want[c] in names}
         tried.append((len(cells), delimiter, cells))
     _, delimiter, cells = max(tried, key=lambda t: t[0])  # the cells as the likeliest delimiter splits them
     names = [c.strip().lower() for c in cells]
-    missing = " or ".join(c for c in ("path", "label") if c not in names)
+    flags = zip(wanted, ("path", "label"), ("--image-column", "--label-column"))
+    missing = " or ".join(c if c == usual else f"{c!r} ({flag})" for c, usual, flag in flags if c not in names)
     found = ", ".join(repr(c.strip()) for c in cells) or "none"
     split = {",": "", ";": ", split at semicolons", "\t": ", split at tabs"}[delimiter]
     raise BitError(
@@ -366,7 +376,7 @@ def _header(line: str, path: Path) -> tuple[str, dict[str, int]]:
     )
 
 
-def _jsonl_records(f, path: Path) -> Iterator[tuple[int, object, object, object]]:
+def _jsonl_records(f, path: Path, names: tuple[str, str]) -> Iterator[tuple[int, object, object, object]]:
     empty = True
     for line, text in enumerate(f, 1):
         empty = False
@@ -380,8 +390,8 @@ def _jsonl_records(f, path: Path) -> Iterator[tuple[int, object, object, object]
             raise BitError(
                 f'{path}:{line}: not a JSON object; write one object a line, e.g. {{"path": "a.jpg", "label": "cat"}}'
             )
-        if "path" not in record or "label" not in record:  # keys in another case: "Path", "Label"
+        if names[0] not in record or names[1] not in record:  # keys in another case: "Path", "Label"
             record = {str(k).strip().lower(): v for k, v in record.items()} | record
-        yield line, record.get("path", MISSING), record.get("label", MISSING), record.get("split", MISSING)
+        yield line, record.get(names[0], MISSING), record.get(names[1], MISSING), record.get("split", MISSING)
     if empty:
         raise BitError(f'{path}: is empty; write one object a line, e.g. {{"path": "a.jpg", "label": "cat"}}')

@@ -51,7 +51,7 @@ def training_parts(data: str | Path, columns: Columns) -> tuple[Part, Part | Non
     if src.kind == "labels":
         from bitcli.sources.labelfile import read_label_file
 
-        labels = read_label_file(Path(src.where))
+        labels = read_label_file(Path(src.where), columns)
         if src.split is not None:
             return _label_part(labels, labels.key(src.split)), None
         try:
@@ -85,7 +85,7 @@ def evaluation_part(data: str | Path, columns: Columns, say: bool = True) -> Par
     elif src.kind == "labels":
         from bitcli.sources.labelfile import read_label_file
 
-        labels = read_label_file(Path(src.where))
+        labels = read_label_file(Path(src.where), columns)
         if src.split is not None:
             return _label_part(labels, labels.key(src.split))
         try:
@@ -121,6 +121,12 @@ def validation_part(data: str | Path, columns: Columns) -> Part:
 
 # ----------------------------------------------------------------------------------------------------------
 # Which source
+
+
+def data_path(data: str | Path) -> Path | None:
+    """The file or folder on disk that DATA names (without a `:SPLIT`), or None for a Hub data set."""
+    src = _source(data)
+    return None if src.kind == "hub" else Path(src.where)
 
 
 @dataclass(frozen=True)

@@ -318,6 +318,18 @@ def test_a_run_without_pictures_is_told_how_to_get_them(finished: Path, interrup
     assert not (done / "confusion.png").exists() and not (stopped / "curves.png").exists()
 
 
+def test_a_missing_path_or_a_file_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "gone").symlink_to("nowhere")
+    for path, says in [
+        ("nope", "no such folder; pass the --output folder of a bit finetune run"),
+        ("gone", "no such folder; pass the --output folder of a bit finetune run"),
+        ("notes.txt", "is a file, not a run folder; pass the --output folder of a run"),
+        (".", "holds no bit finetune run (finetune_config.json); pass the --output folder of a run"),
+    ]:
+        assert run_main("report", tmp_path / path) == (1, "", f"Error: {tmp_path / path}: {says}\n")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Run files that are no regular files, over-long lines, a damaged summary (review of issue 20)
 

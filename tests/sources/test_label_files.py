@@ -59,6 +59,27 @@ def test_bom_case_and_delimiters_are_read(sources: dict[str, Path], model: Path,
         assert (result, err) == (reference, ""), name
 
 
+def test_image_and_label_column_flags_name_a_label_files_columns(
+    sources: dict[str, Path], model: Path, tmp_path: Path
+) -> None:
+    """--image-column and --label-column apply to CSV and JSONL label files as to data sets (issue 21)."""
+    rows = val_rows(tmp_path, sources)
+    reference, _ = eval_result(sources["folder"] / "val", model)
+    (tmp_path / "named.csv").write_text("Image;kind\n" + "".join(f"{p};{c}\n" for p, c in rows), encoding="utf-8")
+    (tmp_path / "named.jsonl").write_text("".join(json.dumps({"img": p, "kind": c}) + "\n" for p, c in rows))
+    for name, image in (("named.csv", "image"), ("named.jsonl", "img")):
+        args = ["--image-column", image, "--label-column", "kind"]
+        code, out, err = run_main("eval", tmp_path / name, "--model", model, "--format", "json", *args)
+        assert (code, err) == (0, ""), name
+        assert json.loads(out) == reference, name
+    code, out, err = run_main("eval", tmp_path / "named.csv", "--model", model, "--image-column", "picture")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"Error: {tmp_path / 'named.csv'}:1: the header has no 'picture' (--image-column) or label column (its "
+        "columns, split at semicolons: 'Image', 'kind'); the first row must name the columns: path,label[,split]\n"
+    )
+
+
 def test_header_errors_name_the_columns_found(sources: dict[str, Path], tmp_path: Path) -> None:
     linked(tmp_path, sources)
     bad = tmp_path / "bad.csv"
