@@ -42,6 +42,7 @@ from bitcli.cli_options import (
     FinetuneDataArg,
     FinetuneReportOpt,
     GlobalBatchOpt,
+    HeaderTimeoutOpt,
     HeadOnlyOpt,
     HostOpt,
     ImageColumnOpt,
@@ -439,6 +440,7 @@ def serve(
     max_body_mb: MaxBodyOpt = 50.0,
     timeout_s: TimeoutOpt = 60.0,
     max_connections: MaxConnectionsOpt = 128,
+    header_timeout_s: HeaderTimeoutOpt = 10.0,
     top_k: TopKOpt = 5,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = Precision.auto,
@@ -451,7 +453,7 @@ def serve(
     opts = ServeOptions(
         model=model, revision=revision, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
         queue=queue, max_body_mb=max_body_mb, timeout_s=timeout_s, max_connections=max_connections, top_k=top_k,
-        device=device, precision=precision, workers=workers,
+        device=device, precision=precision, workers=workers, header_timeout_s=header_timeout_s,
     )  # fmt: skip
     from bitcli import extras
 

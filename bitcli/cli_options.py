@@ -430,4 +430,10 @@ TimeoutOpt = Annotated[
 MaxConnectionsOpt = Annotated[
     int, typer.Option("--max-connections", min=1, help="Most open connections; more get 503.")
 ]
+HeaderTimeoutOpt = Annotated[
+    float,
+    typer.Option("--header-timeout-s", parser=_parser("--header-timeout-s", parse_positive), metavar="SECONDS",
+                 help="A connection whose request line and headers are not in within this (of its opening or "
+                      "its last answer) is closed."),
+]  # fmt: skip
 DecodeThreadsOpt = Annotated[int, typer.Option("--workers", min=1, help="Image-decoding threads.")]

@@ -396,6 +396,7 @@ class ServeOptions:
     max_body_mb: float = 50.0  # a request body over this: 413
     timeout_s: float = 60.0  # a request not answered within this: 408 (body still arriving) or 504
     max_connections: int = 128  # open connections; more: 503
+    header_timeout_s: float = 10.0  # a request line and headers not in within this: the connection is closed
     top_k: int = 5  # the default of ?top_k=
     device: str = "auto"
     precision: Precision = Precision.auto

@@ -27,6 +27,7 @@ from bitcli.distributed import Dist, from_main, gather_in_order, my_share
 from bitcli.errors import BitError, one_line
 from bitcli.gpu_decode import DeviceDecoder
 from bitcli.images import Job, Reader, stack_by_size
+from bitcli.preprocess import cannot_decode
 from bitcli.ui import display, progress_bar, visible
 
 K = TypeVar("K")
@@ -50,7 +51,7 @@ def failure(name: str, exc: BaseException) -> str:
     reason = one_line(exc)
     if isinstance(exc, BitError):  # bitcli's own messages name the file and say what to do
         return reason if str(exc).strip() else f"{display(name)}: {reason}"
-    return f"{display(name)}: cannot decode image ({reason})"  # a decoder bug must not take the others down
+    return str(cannot_decode(display(name), exc))  # a decoder bug must not take the others down
 
 
 @dataclass(frozen=True)

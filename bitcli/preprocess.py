@@ -261,6 +261,13 @@ def image_too_large(name: str) -> BitError:
     )
 
 
+def cannot_decode(name: str, exc: BaseException) -> BitError:
+    """The one "cannot decode" wording: a decoder (PIL's, or any other) raised `exc` on image `name`. `name` is
+    the file as reports show it (ui.display): the terminal makes the whole line visible, the machine formats
+    keep it literal. bitcli.pipeline.failure uses it for what no decoder turned into a BitError."""
+    return BitError(f"{name}: cannot decode image ({one_line(exc)}); the file may be truncated or corrupt")
+
+
 def _check_size(name: str, width: int, height: int) -> None:
     if width * height > MAX_IMAGE_PIXELS:
         raise image_too_large(name)
@@ -279,7 +286,7 @@ def _check_file(path: str | os.PathLike[str], name: str) -> None:
     if stat.S_ISDIR(mode):
         raise BitError(f"{name}: is a directory; pass --recursive to classify folders inside folders")
     if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
-        raise BitError(not_regular(name, "image"))
+        raise BitError(not_regular(name, mode))
 
 
 @contextlib.contextmanager
@@ -298,7 +305,7 @@ def _decoding(name: str) -> Iterator[None]:
     except MemoryError:
         raise BitError(f"{name}: out of memory while decoding; downscale the image or free memory") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise BitError(f"{name}: cannot decode image ({one_line(exc)}); the file may be truncated or corrupt") from None
+        raise cannot_decode(name, exc) from None
 
 
 def _checked(path: str | os.PathLike[str] | BinaryIO, name: str | None) -> str:

@@ -10,6 +10,7 @@ also kept inside it (`inside`): a symlink in the folder must not bring in a file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -33,12 +34,13 @@ _KINDS = {
 }
 
 
-def not_regular(name: object, what: str) -> str:
-    """The one message for a FIFO, socket or device given as a file to read: opening it would block or never end."""
-    return f"{name}: not a regular file (pipe, socket or device); copy the {what} to a file"
+def not_regular(name: object, mode: int) -> str:
+    """The one message for a FIFO, socket or device (file mode `mode`) given as a file to read, an image, a
+    model file or a run's file alike: opening it would block or never end."""
+    return f"{name}: is {_KINDS.get(stat.S_IFMT(mode), 'a special file')}, not a regular file"
 
 
-def file_size(path: Path, what: str = "model") -> int:
+def file_size(path: Path) -> int:
     """The size of a file to read, after refusing what is not a regular file (a FIFO would hang the read)."""
     try:
         st = os.stat(path)
@@ -46,8 +48,8 @@ def file_size(path: Path, what: str = "model") -> int:
         raise BitError(f"{path}: cannot read ({exc.strerror})") from None
     if stat.S_ISDIR(st.st_mode):
         raise BitError(f"{path}: is a folder, not a file")
-    if not stat.S_ISREG(st.st_mode):  # open_regular's wording: both guard model and run files
-        raise BitError(f"{path}: is {_KINDS.get(stat.S_IFMT(st.st_mode), 'not a file')}, not a regular file")
+    if not stat.S_ISREG(st.st_mode):
+        raise BitError(not_regular(path, st.st_mode))
     return st.st_size
 
 
@@ -59,13 +61,15 @@ def open_regular(path: Path) -> BinaryIO:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise
-    except OSError as exc:
+    except OSError as exc:  # a socket cannot be opened at all (ENXIO): say what it is, as for a FIFO
+        with contextlib.suppress(OSError):
+            if not stat.S_ISREG(mode := os.stat(path).st_mode):
+                raise BitError(not_regular(path, mode)) from None
         raise BitError(f"{path}: cannot read ({exc.strerror})") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = _KINDS.get(stat.S_IFMT(mode), "not a file")
-            raise BitError(f"{path}: is {kind}, not a regular file")
+            raise BitError(not_regular(path, mode))
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")

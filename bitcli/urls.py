@@ -2,20 +2,23 @@
 column. Only http:// and https:// are fetched (a `file://`, `ftp://` or other scheme is refused with one line),
 with the standard library (urllib: the environment's proxy settings apply), under limits: a size cap (the body
 is read in chunks and abandoned the moment it passes the cap, whatever Content-Length said), a connect timeout,
-a read timeout per network read, a deadline for the whole download, and at most 5 redirects (counted here,
-each one checked to stay http or https). The bytes are decoded by preprocess.load_image, so a URL's image
+a read timeout per network read, a deadline for the whole download (connects, headers and body: a watchdog
+shuts the connection down when it passes), and at most 5 redirects (counted here, each one checked to stay
+http or https). The bytes are decoded by preprocess.load_image, so a URL's image
 meets every rule a file's does (decompression bombs, modes, EXIF). Every failure is one BitError line naming
 the URL and the fix, which the pipeline turns into that input's error row, like a missing file's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.client
 import io
 import re
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +30,7 @@ from PIL import Image
 import bitcli
 from bitcli.errors import BitError, one_line
 from bitcli.preprocess import image_size, load_image
-from bitcli.ui import display
+from bitcli.ui import display, human_size
 
 MB = 1_000_000
 SCHEMES = ("http", "https")
@@ -43,7 +46,8 @@ class Limits:
     max_bytes: int = 50 * MB  # --max-download-mb
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0  # the longest wait for any one read (headers, then each chunk of the body)
-    total_timeout_s: float = 300.0  # the whole download, so that a server dripping bytes cannot hold a thread
+    total_timeout_s: float = 300.0  # the whole download (connects, headers, body), so that a server dripping
+    # bytes (its headers too) cannot hold a thread
     max_redirects: int = 5
 
 
@@ -88,13 +92,24 @@ def fetch(url: str, limits: Limits = DEFAULT, name: str | None = None) -> bytes:
     reason = refusal(url)
     if reason is not None:
         raise BitError(f"{name}: {reason}")
-    deadline = time.monotonic() + limits.total_timeout_s
-    opener = urllib.request.build_opener(_NoRedirects(), _Http(limits.read_timeout_s), _Https(limits.read_timeout_s))
+    deadline = _Deadline(limits.total_timeout_s)
+    try:
+        return _follow(url, limits, name, deadline)
+    finally:
+        deadline.cancel()
+
+
+def _follow(url: str, limits: Limits, name: str, deadline: _Deadline) -> bytes:
+    """fetch's work, every connection watched by `deadline`."""
+    handlers = (_Http(limits.read_timeout_s, deadline), _Https(limits.read_timeout_s, deadline))
+    opener = urllib.request.build_opener(_NoRedirects(), *handlers)
     current = url
     for _ in range(limits.max_redirects + 1):
         request = urllib.request.Request(current, headers={"User-Agent": f"bitcli/{bitcli.__version__}"})
         try:
-            response = opener.open(request, timeout=limits.connect_timeout_s)
+            if deadline.passed():
+                raise TimeoutError()
+            response = opener.open(request, timeout=min(limits.connect_timeout_s, deadline.left()))
         except urllib.error.HTTPError as exc:
             exc.close()
             location = exc.headers.get("Location") if exc.code in _REDIRECTS else None
@@ -103,7 +118,7 @@ def fetch(url: str, limits: Limits = DEFAULT, name: str | None = None) -> bytes:
             current = _next_hop(name, current, location)
             continue
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise _network_error(name, exc, limits) from None
+            raise _network_error(name, exc, limits, deadline) from None
         with response:
             return _read(response, name, limits, deadline)
     raise BitError(f"{name}: more than {limits.max_redirects} redirects; pass the URL they end at")
@@ -114,16 +129,16 @@ def _next_hop(name: str, current: str, location: str) -> str:
     target = urljoin(current, location)
     scheme = urlsplit(target).scheme.lower()
     if scheme not in SCHEMES:
-        raise BitError(f"{name}: redirected to a {scheme or 'non-http'}:// URL; only http and https are followed")
+        raise BitError(f"{name}: redirected to the scheme {scheme}://; only http and https redirects are followed")
     return target
 
 
-def _read(response, name: str, limits: Limits, deadline: float) -> bytes:
+def _read(response, name: str, limits: Limits, deadline: _Deadline) -> bytes:
     """The body in chunks, abandoned as soon as it passes the cap or the deadline."""
-    cap_mb = f"{limits.max_bytes / MB:g} MB"
+    cap = human_size(limits.max_bytes)
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > limits.max_bytes:
-        raise BitError(f"{name}: the image is {int(declared) / MB:.3g} MB, over the {cap_mb} download limit; "
+        raise BitError(f"{name}: the image is {human_size(int(declared))}, over the {cap} download limit; "
                        "raise --max-download-mb or download it first")  # fmt: skip
     body = bytearray()
     try:
@@ -131,18 +146,24 @@ def _read(response, name: str, limits: Limits, deadline: float) -> bytes:
             body += chunk
             if len(body) > limits.max_bytes:
                 raise BitError(
-                    f"{name}: the download passed the {cap_mb} limit; raise --max-download-mb or download it first"
+                    f"{name}: the download passed the {cap} limit; raise --max-download-mb or download it first"
                 )
-            if time.monotonic() > deadline:
-                raise BitError(
-                    f"{name}: the download took over {limits.total_timeout_s:g} s; download the file and pass its path"
-                )
+            if deadline.passed():
+                raise _late(name, limits)
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise _network_error(name, exc, limits) from None
+        raise _network_error(name, exc, limits, deadline) from None
+    if deadline.passed():  # the watchdog shut the connection: what was read is cut short
+        raise _late(name, limits)
     return bytes(body)
 
 
-def _network_error(name: str, exc: BaseException, limits: Limits) -> BitError:
+def _late(name: str, limits: Limits) -> BitError:
+    return BitError(f"{name}: the download took over {limits.total_timeout_s:g} s; download the file and pass its path")
+
+
+def _network_error(name: str, exc: BaseException, limits: Limits, deadline: _Deadline) -> BitError:
+    if deadline.passed():  # (the watchdog's shutdown, or a connect cut to the time left, ended it)
+        return _late(name, limits)
     reason = exc.reason if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException) else exc
     if isinstance(reason, (TimeoutError, socket.timeout)):
         what = f"no answer within {limits.connect_timeout_s:g} s to connect or {limits.read_timeout_s:g} s to read"
@@ -157,6 +178,52 @@ def _network_error(name: str, exc: BaseException, limits: Limits) -> BitError:
     return BitError(f"{name}: cannot download ({what}); check the URL and the network, or download the file first")
 
 
+class _Deadline:
+    """The whole download's deadline, kept by a watchdog timer that shuts down the socket of every connection
+    it watches when the time is up: that ends whatever read is waiting. A per-read timeout cannot: a server
+    sending its status line and headers a byte at a time answers every read in time (the body loop checks
+    the clock itself, but http.client reads the headers before it returns)."""
+
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._expired = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def left(self) -> float:
+        return max(self._end - time.monotonic(), 0.0)
+
+    def passed(self) -> bool:
+        return self._expired or time.monotonic() >= self._end
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self._expired:
+                self._sockets.append(sock)
+                return
+        _shut(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._expired = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Both directions of `sock` shut down (the plain socket's: a TLS socket's own shutdown would drop its TLS
+    state under the thread reading it); its owner still closes it."""
+    with contextlib.suppress(OSError):  # already closed
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
     """Every redirect comes back as an HTTPError: fetch follows them itself, counting and checking each."""
 
@@ -164,43 +231,49 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-class _ReadTimeout(http.client.HTTPConnection):
+class _Watched(http.client.HTTPConnection):
     """A connection whose socket waits `read_timeout` for each read once connected (urllib has one timeout for
-    both; the connect timeout is the request's). Put before HTTPSConnection in the bases, its `connect` runs
-    HTTPSConnection's (TLS included), then sets the timeout."""
+    both; the connect timeout is the request's), and is watched by the download's deadline. Put before
+    HTTPSConnection in the bases, its `connect` runs HTTPSConnection's (TLS included), then sets both."""
 
     read_timeout: float
+    deadline: _Deadline
 
     def connect(self) -> None:
         super().connect()
         self.sock.settimeout(self.read_timeout)
+        self.deadline.watch(self.sock)
 
 
-class _HTTPConnection(_ReadTimeout, http.client.HTTPConnection):
-    def __init__(self, host: str, timeout: float, read_timeout: float) -> None:
+class _HTTPConnection(_Watched, http.client.HTTPConnection):
+    def __init__(self, host: str, timeout: float, *, read_timeout: float, deadline: _Deadline) -> None:
         super().__init__(host, timeout=timeout)
-        self.read_timeout = read_timeout
+        self.read_timeout, self.deadline = read_timeout, deadline
 
 
-class _HTTPSConnection(_ReadTimeout, http.client.HTTPSConnection):
-    def __init__(self, host: str, timeout: float, read_timeout: float) -> None:
+class _HTTPSConnection(_Watched, http.client.HTTPSConnection):
+    def __init__(self, host: str, timeout: float, *, read_timeout: float, deadline: _Deadline) -> None:
         super().__init__(host, timeout=timeout, context=ssl.create_default_context())
-        self.read_timeout = read_timeout
+        self.read_timeout, self.deadline = read_timeout, deadline
 
 
 class _Http(urllib.request.HTTPHandler):
-    def __init__(self, read_timeout: float) -> None:
+    def __init__(self, read_timeout: float, deadline: _Deadline) -> None:
         super().__init__()
-        self.read_timeout = read_timeout
+        self.read_timeout, self.deadline = read_timeout, deadline
 
     def http_open(self, req):
-        return self.do_open(functools.partial(_HTTPConnection, read_timeout=self.read_timeout), req)
+        return self.do_open(
+            functools.partial(_HTTPConnection, read_timeout=self.read_timeout, deadline=self.deadline), req
+        )
 
 
 class _Https(urllib.request.HTTPSHandler):
-    def __init__(self, read_timeout: float) -> None:
+    def __init__(self, read_timeout: float, deadline: _Deadline) -> None:
         super().__init__()
-        self.read_timeout = read_timeout
+        self.read_timeout, self.deadline = read_timeout, deadline
 
     def https_open(self, req):
-        return self.do_open(functools.partial(_HTTPSConnection, read_timeout=self.read_timeout), req)
+        return self.do_open(
+            functools.partial(_HTTPSConnection, read_timeout=self.read_timeout, deadline=self.deadline), req
+        )

@@ -9,6 +9,8 @@ import json
 import socket
 import sys
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -30,6 +32,7 @@ def _png(size: int, seed: int) -> bytes:
 CAT = _png(24, 0)  # 1.8 kB
 BIG = _png(80, 1)  # 19 kB of noise: over a 0.01 MB cap
 STOP = threading.Event()  # set when the module's tests end: the slow handlers stop waiting
+HITS: Counter[str] = Counter()  # requests per path
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -56,7 +59,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path
-        if path == "/cat.png":
+        HITS[path] += 1
+        if path in ("/cat.png", "/counted/cat.png"):
             self._send(200, CAT)
         elif path.startswith("/hop/"):  # /hop/N: N redirects (relative Locations), then the cat
             n = int(path.rsplit("/", 1)[1])
@@ -82,6 +86,14 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             for byte in CAT:
                 if STOP.wait(0.05):
+                    return
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+        elif path == "/drip-headers.png":  # the status line, then a header a byte at a time, each within the read
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")  # timeout; the headers end (after 4 s) with the connection
+            self.close_connection = True
+            for byte in b"X-Drip: " + b"a" * 200:
+                if STOP.wait(0.02):
                     return
                 self.wfile.write(bytes([byte]))
                 self.wfile.flush()
@@ -124,9 +136,9 @@ def test_fetch_failures_are_one_line_naming_the_url(web, closed_port):
     small = urls.Limits(max_bytes=10_000)
     expected = {
         f"{web}/missing.png": "the server answered HTTP 404 (Not Found); check the URL",
-        f"{web}/to-file": "redirected to a file:// URL; only http and https are followed",
-        f"{web}/big.png": "the image is 0.0193 MB, over the 0.01 MB download limit; raise --max-download-mb or download it first",
-        f"{web}/big-undeclared.png": "the download passed the 0.01 MB limit; raise --max-download-mb or download it first",
+        f"{web}/to-file": "redirected to the scheme file://; only http and https redirects are followed",
+        f"{web}/big.png": "the image is 18.9 KiB, over the 9.8 KiB download limit; raise --max-download-mb or download it first",
+        f"{web}/big-undeclared.png": "the download passed the 9.8 KiB limit; raise --max-download-mb or download it first",
         f"https://127.0.0.1:{closed_port}/cat.png": "cannot download (connection refused); check the URL and the network, or download the file first",
         "ftp://127.0.0.1/cat.png": "only http:// and https:// URLs are fetched, not ftp://; download the file and pass its path",
     }  # fmt: skip
@@ -150,6 +162,35 @@ def test_a_silent_server_times_out_and_a_dripping_one_meets_the_deadline(web):
     assert str(err.value) == f"{web}/drip.png: the download took over 0.3 s; download the file and pass its path"
 
 
+def test_the_deadline_covers_headers_that_trickle_in(web):
+    """A server that sends its headers a byte at a time answers every read in time: the whole download's
+    deadline still ends it, when it passes."""
+    limits = urls.Limits(read_timeout_s=2, total_timeout_s=0.5)
+    start = time.monotonic()
+    with pytest.raises(BitError) as err:
+        urls.fetch(f"{web}/drip-headers.png", limits)
+    assert (
+        str(err.value) == f"{web}/drip-headers.png: the download took over 0.5 s; download the file and pass its path"
+    )
+    assert time.monotonic() - start < 0.5 + 1.5
+
+
+def test_explain_draws_a_url_s_overlay_from_its_one_download(web, tiny_dir, tmp_path):
+    """`bit explain URL` explains the image and draws its overlay on it, from the one download (the overlay
+    equals that of the same bytes in a file)."""
+    local = tmp_path / "cat.png"
+    local.write_bytes(CAT)
+    HITS.clear()
+    code, out, err = run_main("explain", f"{web}/counted/cat.png", local, "-m", tiny_dir, "-o", tmp_path / "cams")
+    assert (code, "error" in err) == (0, False), err
+    by_url, by_file = (json.loads(line) for line in out.splitlines())
+    assert by_url["path"] == f"{web}/counted/cat.png" and by_url["overlay"] == str(tmp_path / "cams" / "00001-cat.png")
+    assert {k: by_url[k] for k in ("target", "index", "score")} == {k: by_file[k] for k in ("target", "index", "score")}
+    drawn = [np.asarray(Image.open(row["overlay"])) for row in (by_url, by_file)]
+    assert drawn[0].shape == (24, 24, 3) and np.array_equal(drawn[0], drawn[1])
+    assert HITS == {"/counted/cat.png": 1}
+
+
 def test_predict_urls_are_rows_in_place(web, closed_port, tiny_dir, tmp_path, monkeypatch):
     """Good URLs classify exactly as the same bytes in a file; every failure is an error row in its place
     (exit 1), and stdin lines may be URLs too."""
@@ -167,7 +208,7 @@ def test_predict_urls_are_rows_in_place(web, closed_port, tiny_dir, tmp_path, mo
     assert [r.get("error") for r in rows[1:7]] == [
         f"{web}/hop/6: more than 5 redirects; pass the URL they end at",
         f"{web}/missing.png: the server answered HTTP 404 (Not Found); check the URL",
-        f"{web}/big-undeclared.png: the download passed the 0.01 MB limit; raise --max-download-mb or download it first",
+        f"{web}/big-undeclared.png: the download passed the 9.8 KiB limit; raise --max-download-mb or download it first",
         f"{web}/text.png: not an image PIL can read (empty, corrupt or another format)",
         f"{refused}: cannot download (connection refused); check the URL and the network, or download the file first",
         "file:///etc/passwd: only http:// and https:// URLs are fetched, not file://; download the file and pass its path",

@@ -7,8 +7,11 @@ one JSON row, on stdout and in explain.jsonl. The output folder follows the page
 from __future__ import annotations
 
 import functools
+import io
 import json
 import re
+import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,20 +19,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
+from bitcli import urls
 from bitcli.distributed import from_main, process_group
 from bitcli.engine import Engine, load_engine
 from bitcli.errors import BitError
 from bitcli.formats.raw import write_safetensors
 from bitcli.formats.tensors import TensorRef
 from bitcli.hub import load_checkpoint
-from bitcli.inputs import Input, expand_inputs, path_decoder
+from bitcli.inputs import Input, decode, expand_inputs
 from bitcli.labels import match_class
 from bitcli.options import ExplainOptions
 from bitcli.pages.folder import EXPLAIN, PageFolder
 from bitcli.pages.pictures import OVERLAY_MAX, encode, overlay
 from bitcli.pipeline import Report, drop, exit_code, run_report
-from bitcli.preprocess import load_image
+from bitcli.preprocess import Preprocess, load_image
 from bitcli.render import json_lines, print_lines
 from bitcli.ui import display, log
 
@@ -62,8 +67,9 @@ def run(opts: ExplainOptions) -> int:
             scores = probs.gather(1, index[:, None])[:, 0].tolist()
             return [(int(i), float(s), m) for i, s, m in zip(index.tolist(), scores, maps)]
 
-        out = Outputs(opts.output, report.inputs, engine) if info.main else None
-        interrupted = run_report(report, path_decoder(engine.preprocess), explain, batch_size=opts.batch_size,
+        downloads = Downloads(engine.preprocess)
+        out = Outputs(opts.output, report.inputs, engine, downloads) if info.main else None
+        interrupted = run_report(report, downloads.decode, explain, batch_size=opts.batch_size,
                                  workers=opts.workers, emit=out.add if out is not None else drop, info=info,
                                  verb="explaining")  # fmt: skip
         if out is not None:
@@ -86,13 +92,45 @@ def overlay_name(number: int, path: str) -> str:
     return f"{number:05d}-{stem}.png"
 
 
+class Downloads:
+    """The decoder of explain's inputs, which keeps each URL's downloaded bytes until its overlay is drawn: the
+    overlay shows the image that was explained, downloaded once (a file is read again for its overlay). Under
+    torchrun, a URL decoded by another process is downloaded again by the main process, which draws them all."""
+
+    def __init__(self, preprocess: Preprocess) -> None:
+        self.preprocess = preprocess
+        self._lock = threading.Lock()
+        self._kept: dict[str, deque[bytes]] = {}  # per URL (it may be listed more than once): the bytes, in turn
+
+    def decode(self, path: str) -> np.ndarray:
+        """The input as the model takes it (inputs.decode), a URL's bytes kept."""
+        if not urls.is_url(path):
+            return decode(path, self.preprocess)
+        data = urls.fetch(path)
+        array = self.preprocess.to_uint8(load_image(io.BytesIO(data), name=display(path)))
+        with self._lock:  # (kept once it decoded: only rows with a value draw an overlay)
+            self._kept.setdefault(path, deque()).append(data)
+        return array
+
+    def picture(self, path: str) -> Image.Image:
+        """The input as the user sees it, for its overlay: a URL's kept bytes, given up once drawn."""
+        if not urls.is_url(path):
+            return load_image(path)
+        with self._lock:
+            kept = self._kept.get(path)
+            data = kept.popleft() if kept else None
+            if kept is not None and not kept:
+                del self._kept[path]
+        return urls.open_image(path) if data is None else load_image(io.BytesIO(data), name=display(path))
+
+
 class Outputs:
     """The main process's output: each released row's overlay written as it comes (the folder is claimed at the
     first row, so a model that cannot explain leaves nothing behind), its JSON line printed; the rows and the
     maps written at the end."""
 
-    def __init__(self, folder: Path, inputs: list[Input], engine: Engine) -> None:
-        self.folder, self.inputs, self.engine = folder, inputs, engine
+    def __init__(self, folder: Path, inputs: list[Input], engine: Engine, downloads: Downloads) -> None:
+        self.folder, self.inputs, self.engine, self.downloads = folder, inputs, engine, downloads
         self.page: PageFolder | None = None
         self.lines: list[dict[str, Any]] = []
         self.maps: list[tuple[int, str, str, np.ndarray]] = []  # (input number, path, label, map)
@@ -115,8 +153,9 @@ class Outputs:
         label = self.engine.labels[index] if index < len(self.engine.labels) else str(index)
         line: dict[str, Any] = {"path": row.path, "target": label, "index": index, "score": round(score, 6)}
         try:
-            picture = load_image(self.inputs[number - 1].path)
-        except BitError as exc:  # decoded a moment ago: changed since; the row and its map stay
+            picture = self.downloads.picture(self.inputs[number - 1].path)
+        except BitError as exc:  # decoded a moment ago: changed since (or, downloaded again, failed); the row
+            # and its map stay
             log(f"error: no overlay: {exc}")
             line["overlay"] = None
         else:

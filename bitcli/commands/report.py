@@ -37,7 +37,7 @@ from bitcli.finetune.runfiles import (
     read_saved_plan,
 )
 from bitcli.options import ReportOptions
-from bitcli.reads import open_regular, read_json
+from bitcli.reads import inside, open_regular, read_json
 from bitcli.ui import display, visible
 
 # What each file of a run holds, in the order listed.
@@ -243,8 +243,12 @@ def file_lines(folder: Path) -> list[str]:
             if name == SUMMARY_FILE and summary_problem(folder) is not None:
                 note = "cannot be read (see status)"
             lines.append(f"  {visible(display(folder / name))}  {note}")
-    page = folder / REPORT_FOLDER / "index.html"
-    if page.is_file():
+    try:
+        page = shown_file(folder, f"{REPORT_FOLDER}/index.html")
+    except BitError as exc:
+        lines.append(f"  not shown: {visible(str(exc))}")
+        page = None
+    if page is not None:
         lines.append(f"  {visible(display(page))}  the last validation's report: metrics, confusion matrix, the "
                      f"misclassified images with Grad-CAM (open in a browser: {visible(page.resolve().as_uri())})")  # fmt: skip
     board = folder / tensorboard.FOLDER
@@ -257,9 +261,19 @@ def pictures_line(folder: Path, plan: dict[str, Any], kind: str) -> str:
     """The pictures the run has; training draws them (report never does), so without them: how to get them."""
     if not plan.get("validation"):
         return "pictures    none: the run has no validation set"
-    drawn = [folder / name for name in PICTURE_FILES if (folder / name).is_file()]
-    if drawn:
-        return "pictures    " + ", ".join(visible(display(p)) for p in drawn)
+    drawn: list[str] = []
+    refused: list[str] = []
+    for name in PICTURE_FILES:
+        try:
+            picture = shown_file(folder, name)
+        except BitError as exc:
+            refused.append(visible(str(exc)))
+            continue
+        if picture is not None:
+            drawn.append(visible(display(picture)))
+    if drawn or refused:
+        parts = ([", ".join(drawn)] if drawn else []) + [f"not shown: {reason}" for reason in refused]
+        return "pictures    " + "; ".join(parts)
     if not (folder / VALIDATION_FILE).is_file():
         return "pictures    none yet (training draws them at the first validation)"
     how = f"none: training draws them at every validation when matplotlib is installed ({extras.install('plots')})"
@@ -268,6 +282,21 @@ def pictures_line(folder: Path, plan: dict[str, Any], kind: str) -> str:
     elif kind == "finished":
         how += f"; `bit eval DATA --model {visible(display(folder))} --plot confusion.png` draws a confusion matrix"
     return f"pictures    {how}"
+
+
+def shown_file(folder: Path, name: str) -> Path | None:
+    """`folder/name` if it is a file of the run to show or link (a picture, the report page): `bit push`'s rule
+    (modelcard.read_picture), a regular file inside the run (a symlink to another file of the run is fine);
+    None when there is none; one line (a BitError) saying why one that is there is not shown. It is opened (a
+    FIFO is refused unread), never read."""
+    path = folder / name
+    if not os.path.lexists(path):
+        return None
+    try:
+        open_regular(inside(folder, name)).close()
+    except FileNotFoundError:  # a symlink inside the run that leads nowhere: no picture
+        return None
+    return path
 
 
 def lock_held(folder: Path) -> bool:

@@ -102,6 +102,9 @@ def remove_leftovers(output: Path, run_files: bool) -> None:
     """Temporary files of bitcli's writes that a kill interrupted (never read: every write is renamed into
     place), and with `run_files` the previous run's files (its report's too). Nothing else: DIR may hold the
     user's files."""
+    report = output / REPORT_FOLDER
+    if run_files and report.is_dir() and not report.is_symlink():  # first: if a file of it cannot be removed,
+        remove_page_folder(report)  # the run's own files are all still there (--report's files, marker-listed)
     for p in output.iterdir() if output.is_dir() else ():
         if p.is_symlink():
             continue
@@ -113,8 +116,6 @@ def remove_leftovers(output: Path, run_files: bool) -> None:
             p.unlink()
         elif run_files and p.name == board.FOLDER and p.is_dir():
             board.remove_events(p)  # --tensorboard's event files, and the folder if nothing else is in it
-        elif run_files and p.name == REPORT_FOLDER and p.is_dir():
-            remove_page_folder(p)  # --report's files (its marker lists them), and the folder if nothing else is in it
 
 
 @contextlib.contextmanager

@@ -161,7 +161,7 @@ def checked_labels(labels: list[str] | None, num_classes: int, source: str) -> l
 
 def read_class_names(path: Path, num_classes: int) -> list[str]:
     """`--labels FILE`: one class name per line (blank lines ignored), as many as the head has classes."""
-    file_size(path, "labels")  # a FIFO would hang the read
+    file_size(path)  # a FIFO would hang the read
     try:
         labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:

@@ -200,20 +200,29 @@ def _write_marker(folder: Path, kind: str, names: Iterable[str]) -> None:
 
 def remove_page_folder(folder: Path) -> None:
     """The files an earlier page wrote into `folder` (its marker lists them), the marker, and the folder
-    itself when nothing else is left in it; a folder without a marker is left alone."""
+    itself when nothing else is left in it; a folder without a marker is left alone. A file that cannot be
+    removed (immutable, a read-only folder) stops it there with one line naming it: the marker stays, so a
+    rerun takes up what is left."""
     marker = _marker(folder)
     if marker is None:
         return
     names = marker[1]
-    for name in names:
-        _remove(folder, name)
-    _remove_leftovers(folder, set(names))
-    for sub in sorted({PurePosixPath(n).parent for n in names}, key=lambda p: -len(p.parts)):
-        if sub != PurePosixPath("."):
-            _remove_empty(folder, sub)
-    _remove(folder, MARKER)
-    if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
-        folder.rmdir()
+    try:
+        for name in names:
+            _remove(folder, name)
+        _remove_leftovers(folder, set(names))
+        for sub in sorted({PurePosixPath(n).parent for n in names}, key=lambda p: -len(p.parts)):
+            if sub != PurePosixPath("."):
+                _remove_empty(folder, sub)
+        _remove(folder, MARKER)
+        if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+            folder.rmdir()
+    except OSError as exc:
+        where = display(exc.filename) if exc.filename else display(folder)
+        raise BitError(
+            f"{where}: cannot remove this file of the earlier page ({exc.strerror or exc}); make it removable "
+            "(or move the folder away) and run again"
+        ) from None
 
 
 def _remove(folder: Path, name: str) -> None:

@@ -11,7 +11,9 @@ in the request's order, each failure an error row in its place, decoded by the r
 (preprocess.load_image on the bytes: bombs, modes, EXIF) with its error texts (pipeline.failure). HTTP 200 when
 any image was answered, 400 when none could be decoded; every other refusal is {"error": "one line"}: 400 (a
 bad query or body), 404/405, 408 (the body did not arrive in time), 413 (body or image count over the limit),
-429 with Retry-After (the queue is full), 504 (no answer in time), 500.
+429 with Retry-After (the queue is full), 504 (no answer in time), 500. A refusal that may leave part of the
+body unread (400, 408, 413; 404/405 of a request with a body) closes the connection. (A request whose line and
+headers do not arrive in time is answered by the connection's protocol: bitcli.server.protocol.)
 
 Decoding runs on a thread pool (a large image never blocks the event loop), the model on the batcher's one
 thread (bitcli.server.batcher): concurrent requests share its forward passes.
@@ -76,6 +78,13 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return json_response({"error": message}, status, headers)
 
 
+def refusal(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """An error answered before (or instead of) reading the whole body: the connection is closed after it, or
+    uvicorn would go on reading and discarding what the client still sends (gigabytes after a 413), holding
+    one of --max-connections while it does."""
+    return error_response(status, message, {**(headers or {}), "Connection": "close"})
+
+
 class Service:
     """The engine behind the API: its batcher (the model thread) and the decoding threads."""
 
@@ -95,7 +104,10 @@ class Service:
             Route("/v1/embed", self.embed, methods=["POST"]),
         ]
         handlers = {HTTPException: _http_error, Exception: _internal_error}
-        return Starlette(routes=routes, lifespan=self.lifespan, exception_handlers=handlers)
+        app = Starlette(routes=routes, lifespan=self.lifespan, exception_handlers=handlers)
+        # `/v1/model/` is a 404 like any unknown path, not a redirect to a URL built from the client's Host header
+        app.router.redirect_slashes = False
+        return app
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -147,9 +159,10 @@ class Service:
 
     async def predict(self, request: Request) -> Response:
         try:
-            k = _whole(request.query_params.get("top_k"), "top_k", self.default_top_k, self.engine.num_classes)
+            query = _query(request, ("top_k", "name"))
+            k = _whole(query.get("top_k"), "top_k", self.default_top_k, self.engine.num_classes)
         except RequestError as exc:
-            return error_response(exc.status, exc.message)
+            return refusal(exc.status, exc.message)
         labels = self.engine.labels
 
         def row(name: str, value: Any, error: str | None) -> dict:
@@ -160,12 +173,12 @@ class Service:
 
     async def embed(self, request: Request) -> Response:
         if isinstance(self.engine, OnnxEngine):
-            return error_response(400, f"{display(self.engine.source)}: an ONNX export gives logits only; serve the "
-                                  "checkpoint it was exported from for embeddings")  # fmt: skip
+            return refusal(400, f"{display(self.engine.source)}: an ONNX export gives logits only; serve the "
+                           "checkpoint it was exported from for embeddings")  # fmt: skip
         try:
-            normalize = _yes_no(request.query_params.get("normalize"), "normalize")
+            normalize = _yes_no(_query(request, ("normalize", "name")).get("normalize"), "normalize")
         except RequestError as exc:
-            return error_response(exc.status, exc.message)
+            return refusal(exc.status, exc.message)
 
         def row(name: str, value: Any, error: str | None) -> dict:
             if error is not None:
@@ -182,10 +195,11 @@ class Service:
         try:
             parts = await self._parts(request, deadline)
             outcomes = await _unless_gone(request, self._outcomes(parts, kind, deadline))
-        except RequestError as exc:
-            return error_response(exc.status, exc.message, exc.headers)
+        except RequestError as exc:  # a refusal of the body (400, 408, 413: maybe not all read) or of the load
+            answer = refusal if exc.status in (400, 408, 413) else error_response
+            return answer(exc.status, exc.message, exc.headers)
         except ClientDisconnect:  # the client left: nobody reads this answer
-            return error_response(400, "the client disconnected")
+            return refusal(400, "the client disconnected")
         rows = [make_row(part.name, o.value, o.error) for part, o in zip(parts, outcomes)]
         if any(o.error is None for o in outcomes):
             return json_response(rows)
@@ -274,10 +288,23 @@ def _left(deadline: float) -> float:
     return max(deadline - asyncio.get_running_loop().time(), 0.0)
 
 
+def _query(request: Request, known: tuple[str, ...]) -> dict[str, str]:
+    """The request's query parameters, each one of `known` and given at most once (a misspelt `topk=2` would
+    otherwise be ignored without a word, and `top_k=2&top_k=3` answered by one of them)."""
+    given: dict[str, str] = {}
+    for key, value in request.query_params.multi_items():
+        if key not in known:
+            raise RequestError(400, f"unknown query parameter {key!r}; {request.url.path} takes {', '.join(known)}")
+        if key in given:
+            raise RequestError(400, f"{key} is given more than once; give it once")
+        given[key] = value
+    return given
+
+
 def _whole(value: str | None, name: str, default: int, most: int) -> int:
     if value is None:
         return default
-    if not (value.strip().isascii() and value.strip().isdigit()) or not 1 <= int(value) <= most:  # not '²'
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= most:  # not ' 3', '+3' or '²'
         raise RequestError(400, f"{name}={value!r}: use a whole number from 1 to {most}")
     return int(value)
 
@@ -286,9 +313,9 @@ def _yes_no(value: str | None, name: str) -> bool:
     words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
     if value is None:
         return False
-    if value.strip().lower() not in words:
+    if value.lower() not in words:
         raise RequestError(400, f"{name}={value!r}: use true or false")
-    return words[value.strip().lower()]
+    return words[value.lower()]
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -300,7 +327,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         message = f"{request.method} is not allowed on {request.url.path}; the API is {ENDPOINTS}"
     else:
         message = str(exc.detail)
-    return error_response(exc.status_code, message, dict(exc.headers or {}))
+    answer = refusal if _has_body(request) else error_response  # a body nobody will read: close after the answer
+    return answer(exc.status_code, message, dict(exc.headers or {}))
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length", "").strip()
+    return "transfer-encoding" in request.headers or length not in ("", "0")
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

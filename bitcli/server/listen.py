@@ -25,6 +25,7 @@ from starlette.types import ASGIApp
 
 from bitcli.errors import BitError
 from bitcli.options import ServeOptions
+from bitcli.server.protocol import with_header_timeout
 
 SHUTDOWN_GRACE_S = 5.0  # beyond the request timeout, for the answers in flight to be written
 
@@ -91,11 +92,11 @@ class _Server(uvicorn.Server):
 
 
 def make_server(app: ASGIApp, opts: ServeOptions, on_ready: Callable[[], None]) -> _Server:
-    """uvicorn's server for `app` with `opts`' connection limit and shutdown grace; `on_ready()` once it
+    """uvicorn's server for `app` with `opts`' connection limit, header deadline and shutdown grace; `on_ready()` once it
     accepts connections. Its `serve(sockets=[sock])` coroutine runs it; setting `should_exit` stops it."""
     config = uvicorn.Config(
         app,
-        http="h11",
+        http=with_header_timeout(opts.header_timeout_s),  # uvicorn's h11, with a deadline for request headers
         loop="asyncio",
         lifespan="on",
         log_level="warning",

@@ -6,6 +6,7 @@ short words; a run without pictures is told how to get them."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -316,6 +317,38 @@ def test_a_run_without_pictures_is_told_how_to_get_them(finished: Path, interrup
     (done / "curves.png").write_bytes((finished / "curves.png").read_bytes())
     assert run_main("report", done)[1].splitlines()[-1] == f"pictures    {done / 'curves.png'}"
     assert not (done / "confusion.png").exists() and not (stopped / "curves.png").exists()
+
+
+def test_a_picture_or_report_page_leading_outside_the_run_is_not_shown(finished: Path, tmp_path: Path) -> None:
+    """`bit push`'s rule: only a regular file inside the run is shown or linked; a symlink to another file of
+    the run is fine, one leading outside it is named with the reason, and a FIFO is refused unread."""
+    run = copy_run(finished, tmp_path / "run", without=("curves.png", "confusion.png"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "curves.png").write_bytes((finished / "curves.png").read_bytes())
+    (elsewhere / "index.html").write_text("<p>not the run's</p>")
+    (run / "curves.png").symlink_to(elsewhere / "curves.png")
+    (run / "mine.png").write_bytes((finished / "confusion.png").read_bytes())
+    (run / "confusion.png").symlink_to("mine.png")  # another file of the run: shown
+    (run / "report").mkdir()
+    (run / "report" / "index.html").symlink_to(elsewhere / "index.html")
+    outside = "{}: is a symlink to {}, outside {}; copy the file into the folder instead"
+    code, out, err = run_main("report", run)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[-1] == (
+        f"pictures    {run / 'confusion.png'}; not shown: "
+        + outside.format(run / "curves.png", elsewhere / "curves.png", run)
+    )
+    assert lines[-2] == "  not shown: " + outside.format(run / "report/index.html", elsewhere / "index.html", run)
+    assert "file://" not in out  # the page outside the run is not linked
+    (run / "confusion.png").unlink()
+    os.mkfifo(run / "confusion.png")
+    assert (
+        run_main("report", run)[1]
+        .splitlines()[-1]
+        .endswith(f"; not shown: {run / 'confusion.png'}: is a FIFO (named pipe), not a regular file")
+    )
 
 
 def test_a_missing_path_or_a_file_is_named_as_such(tmp_path: Path) -> None:

@@ -154,3 +154,34 @@ def test_everything_else_is_a_json_error(server):
         reply = post(server, "/v1/predict", body[:-8] if message is None else body, content_type)
         expected = message or "the multipart body ends before its closing boundary"
         assert (reply.status, reply.json) == (400, {"error": expected})
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect(server):
+    """Starlette would answer 307 with a Location built from the client's Host header."""
+    api = "the API is POST /v1/predict, POST /v1/embed, GET /v1/model, GET /healthz, GET /"
+    for method, path in (("GET", "/v1/model/"), ("GET", "/healthz/"), ("POST", "/v1/predict/")):
+        reply = call(server, method, path, b"" if method == "POST" else None, {"Host": "evil.example"})
+        assert (reply.status, reply.json) == (404, {"error": f"no such endpoint: {method} {path}; {api}"})
+        assert "location" not in reply.headers
+
+
+def test_unknown_repeated_or_loose_query_parameters_are_400(server, pictures):
+    data = pictures["b.jpg"].read_bytes()
+    for query, message in (
+        ("topk=2", "unknown query parameter 'topk'; /v1/predict takes top_k, name"),
+        ("top_k=2&name=x&TOP_K=3", "unknown query parameter 'TOP_K'; /v1/predict takes top_k, name"),
+        ("top_k=2&top_k=3", "top_k is given more than once; give it once"),
+        ("name=a&name=b", "name is given more than once; give it once"),
+        ("top_k=%203", "top_k=' 3': use a whole number from 1 to 10"),
+        ("top_k=3%20", "top_k='3 ': use a whole number from 1 to 10"),
+        ("top_k=%2B3", "top_k='+3': use a whole number from 1 to 10"),
+    ):
+        reply = post(server, f"/v1/predict?{query}", data)
+        assert (reply.status, reply.json, reply.headers["connection"]) == (400, {"error": message}, "close"), query
+    reply = post(server, "/v1/embed?normalise=true", data)
+    assert (reply.status, reply.json) == (
+        400, {"error": "unknown query parameter 'normalise'; /v1/embed takes normalize, name"}
+    )  # fmt: skip
+    reply = post(server, "/v1/embed?normalize=%20true", data)
+    assert (reply.status, reply.json) == (400, {"error": "normalize=' true': use true or false"})
+    assert [len(r["predictions"]) for r in post(server, "/v1/predict?top_k=03&name=x.jpg", data).json] == [3]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from urllib.parse import urlsplit
 
 from .helpers import Gated, call, multipart, post, serving, wait_until
@@ -20,18 +21,31 @@ def _raw(url: str) -> socket.socket:
 
 def _response(sock: socket.socket) -> tuple[int, dict]:
     """(status, JSON body) of the one response on `sock` (the server closes or says its length)."""
+    status, _, body = _answer(sock)
+    return status, body
+
+
+def _answer(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
+    """(status, headers (names in lower case), JSON body) of the next response on `sock`."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         assert chunk, data
         data += chunk
     head, body = data.split(b"\r\n\r\n", 1)
-    length = int(
-        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
-    )
-    while len(body) < length:
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, value in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers["content-length"]):
         body += sock.recv(65536)
-    return int(head.split()[1]), json.loads(body)
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the server closed `sock` (within its timeout: the test's bound, not the server's)."""
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
 
 
 def _headers(path: str, extra: str) -> bytes:
@@ -50,12 +64,12 @@ def test_bodies_over_the_cap_are_413_without_being_read(engine, pictures):
             sock.sendall(_headers("/v1/predict", "Content-Length: 30000\r\n"))
             assert _response(sock) == (
                 413,
-                {"error": "the request body is 0.03 MB, over the 0.02 MB limit (--max-body-mb)"},
+                {"error": "the request body is 29.3 KiB, over the 19.5 KiB limit (--max-body-mb)"},
             )
         with _raw(url) as sock:  # a chunked body is cut off as soon as it passes the cap
             sock.sendall(_headers("/v1/predict", "Transfer-Encoding: chunked\r\n"))
             sock.sendall((b"2ee0\r\n" + b"x" * 12000 + b"\r\n") * 2)
-            assert _response(sock) == (413, {"error": "the request body passed the 0.02 MB limit (--max-body-mb)"})
+            assert _response(sock) == (413, {"error": "the request body passed the 19.5 KiB limit (--max-body-mb)"})
         body, content_type = multipart([("f", f"{i}.png", b"") for i in range(3)])
         reply = post(url, "/v1/predict", body, content_type)
         assert (reply.status, reply.json) == (413, {"error": "more than 2 images in one request (--queue)"})
@@ -218,3 +232,54 @@ def test_concurrent_requests_wait_max_wait_ms_to_share_a_pass(engine, pictures):
             t.join(20)
         assert [r.status for r in replies] == [200] * 3 and replies[0].json == replies[1].json == replies[2].json
         assert gated.passes == [3] and _healthy(url)["batches"] == 1
+
+
+def test_connections_that_send_no_request_in_time_are_closed_and_free_their_slots(engine, pictures):
+    """--max-connections sockets that send nothing, or half a request line, would lock every other client out
+    (uvicorn's 503) for as long as they stay: each is closed once --header-timeout-s has passed since it opened
+    or since its last answer (with a 408 when part of a request came), and a good client is served again."""
+    image = pictures["a.png"].read_bytes()
+    with serving(engine, max_connections=4, header_timeout_s=0.5) as url:
+        socks = [_raw(url) for _ in range(3)]
+        try:
+            start = time.monotonic()
+            socks[1].sendall(b"POST /v1/predict HTTP/1.1\r\n")  # half a request
+            socks[2].sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # one request, then silence
+            assert _answer(socks[2])[0] == 200
+            socks[2].sendall(b"GET /heal")  # the next request, never finished
+            assert post(url, "/v1/predict", image).status == 503  # every connection is held
+            for sock in socks:
+                sock.settimeout(3)
+            assert _closed(socks[0])
+            expected = {"error": "the request line and headers did not arrive within 0.5 s (--header-timeout-s)"}
+            for sock in socks[1:]:
+                status, headers, body = _answer(sock)
+                assert (status, headers["connection"], body) == (408, "close", expected)
+                assert _closed(sock)
+            assert post(url, "/v1/predict", image).status == 200
+            assert time.monotonic() - start < 0.5 + 2.5
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_refusals_before_the_whole_body_close_the_connection_and_free_its_slot(engine, pictures):
+    """After a 413, 408 or 400 the server would go on reading (and discarding) what the client sends, holding
+    a connection: the answer says `Connection: close` and the server closes it at once."""
+    image = pictures["a.png"].read_bytes()
+    refused = [
+        (_headers("/v1/predict", "Content-Length: 30000\r\n"), 413),
+        (_headers("/v1/predict", "Transfer-Encoding: chunked\r\n") + (b"2ee0\r\n" + b"x" * 12000 + b"\r\n") * 2, 413),
+        (_headers("/v1/predict", "Content-Length: 1000\r\n") + b"\x89PNG", 408),
+        (_headers("/v1/predict?top_k=x", f"Content-Length: {len(image)}\r\n"), 400),
+        (_headers("/v1/nothing", f"Content-Length: {len(image)}\r\n"), 404),
+    ]
+    with serving(engine, max_body_mb=0.02, timeout_s=1.5, max_connections=2) as url:
+        for request, expected in refused:
+            with _raw(url) as sock:
+                sock.settimeout(3)
+                sock.sendall(request)
+                status, headers, _ = _answer(sock)
+                assert (status, headers["connection"]) == (expected, "close")
+                assert _closed(sock), expected
+                assert post(url, "/v1/predict", image).status == 200  # its slot is free (2 at most: this and it)

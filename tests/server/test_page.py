@@ -4,6 +4,7 @@ answers for that file), labels that are HTML shown as text, errors shown, nothin
 from __future__ import annotations
 
 import base64
+import itertools
 
 import pytest
 import torch
@@ -83,4 +84,27 @@ def test_an_image_dropped_on_the_page_is_classified(browser_page, hostile_server
     expected = post(hostile_server, "/v1/predict?name=c.png", pictures["c.png"].read_bytes()).json[0]["predictions"]
     assert page.locator("#results .label").all_inner_texts() == [p["label"] for p in expected]
     assert page.inner_text("#status") == "dropped c.png" and page.get_attribute("#drop", "class") == ""
+    assert browser_page.errors == []
+
+
+def test_the_page_s_blocks_do_not_overlap_on_a_wide_or_a_phone_screen(browser_page, hostile_server):
+    """The title, the model line, the drop zone, the status and the results stack without overlapping (an
+    inline drop zone's padding and border used to spill over the model line), and nothing is wider than the
+    screen, down to a 380-px phone."""
+    page = browser_page.page
+    for width in (1280, 380):
+        page.set_viewport_size({"width": width, "height": 800})
+        page.goto(hostile_server)
+        page.wait_for_function("document.getElementById('model').textContent.includes('5 classes')")
+        boxes = page.evaluate(
+            """() => ["h1", "#model", "#drop", "#status", "#results"].map((s) => {
+                const r = document.querySelector(s).getBoundingClientRect();
+                return {name: s, top: r.top, bottom: r.bottom, left: r.left, right: r.right};
+            })"""
+        )
+        for upper, lower in itertools.pairwise(boxes):
+            assert upper["bottom"] <= lower["top"], (width, upper, lower)
+        assert all(b["left"] >= 0 and b["right"] <= width for b in boxes), (width, boxes)
+        drop = boxes[2]
+        assert drop["bottom"] - drop["top"] > 50  # a zone to drop on, not a line of text
     assert browser_page.errors == []
