@@ -16,8 +16,12 @@ import typer
 import bitcli
 from bitcli.architectures import DEFAULT_MODEL
 from bitcli.cli_options import (
+    AuditDataArg,
+    AuditOutputOpt,
+    AuditTestOpt,
     BatchOpt,
     BatchSplitOpt,
+    CacheFeaturesOpt,
     CalibrateOpt,
     CommitMessageOpt,
     ConvertFormatOpt,
@@ -34,6 +38,7 @@ from bitcli.cli_options import (
     EvalEveryOpt,
     EvalFormatOpt,
     ExplainOutputOpt,
+    FailOnOpt,
     FinetuneDataArg,
     FinetuneReportOpt,
     GlobalBatchOpt,
@@ -52,6 +57,7 @@ from bitcli.cli_options import (
     MaxDownloadOpt,
     MaxWaitOpt,
     MinAgreementOpt,
+    MinImagesOpt,
     MixupOpt,
     ModelOpt,
     NormalizeOpt,
@@ -86,15 +92,20 @@ from bitcli.cli_options import (
     StepsOpt,
     TargetOpt,
     TensorboardOpt,
+    ThresholdOpt,
     TimeoutOpt,
     TopKOpt,
     ValOpt,
     ValSplitOpt,
     WorkersOpt,
+    WriteCleanOpt,
 )
+from bitcli.errors import UsageError
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE
 from bitcli.options import (
+    DEFAULT_NEAR_THRESHOLD,
     DEFAULT_WORKERS,
+    AuditOptions,
     ConvertOptions,
     DType,
     EmbedOptions,
@@ -109,6 +120,7 @@ from bitcli.options import (
     ServeOptions,
     check_embed_output,
     check_explain_output_outside_inputs,
+    check_label_output,
     check_output,
     check_page_folder,
     check_plot_outside_report,
@@ -265,6 +277,7 @@ def finetune(
     random_init: RandomInitOpt = False,
     revision: RevisionOpt = None,
     head_only: HeadOnlyOpt = False,
+    cache_features: CacheFeaturesOpt = False,
     tensorboard: TensorboardOpt = False,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
@@ -277,7 +290,12 @@ def finetune(
         device=device, precision=precision, workers=workers, eval_every=eval_every, save_every=save_every,
         resume=resume, overwrite=overwrite, random_init=random_init, revision=revision, head_only=head_only,
         tensorboard=tensorboard, image_column=image_column, label_column=label_column, report=report,
+        cache_features=cache_features,
     )  # fmt: skip
+    if cache_features and not head_only:
+        raise UsageError("--cache-features trains the head on fixed features: add --head-only")
+    if cache_features and mixup:
+        raise UsageError(f"--mixup {mixup:g} with --cache-features: cached features are not augmented; drop --mixup")
     check_output("--output", output, folder=True)
     if report:
         from bitcli.finetune.runfiles import REPORT_FOLDER
@@ -343,6 +361,41 @@ def explain(
     from bitcli.commands import explain as explain_command
 
     raise typer.Exit(explain_command.run(opts))
+
+
+@_command()
+def audit(
+    data: AuditDataArg,
+    model: EmbedModelOpt = DEFAULT_MODEL,
+    val: ValOpt = None,
+    test: AuditTestOpt = None,
+    output: AuditOutputOpt = None,
+    threshold: ThresholdOpt = DEFAULT_NEAR_THRESHOLD,
+    min_images: MinImagesOpt = 5,
+    fail_on: FailOnOpt = None,
+    write_clean: WriteCleanOpt = None,
+    revision: RevisionOpt = None,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = DEFAULT_WORKERS,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+) -> None:
+    """Check a data set: images per class and split, exact and near duplicates within and across splits (leakage), likely label errors.
+
+    Exit codes: 0 no --fail-on rule broken, 1 a rule broken (or an error), 2 bad flags.
+    """
+    opts = AuditOptions(
+        data=parse_data(data), val=parse_data(val) if val else None, test=parse_data(test) if test else None,
+        model=model, revision=revision, output=output, threshold=threshold, min_images=min_images,
+        fail_on=tuple(fail_on or ()), write_clean=write_clean, batch_size=batch_size, device=device, workers=workers,
+        image_column=image_column, label_column=label_column,
+    )  # fmt: skip
+    check_page_folder("--output", output)
+    check_label_output("--write-clean", write_clean)
+    from bitcli.commands import audit as audit_command
+
+    raise typer.Exit(audit_command.run(opts))
 
 
 @_command()

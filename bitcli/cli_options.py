@@ -18,6 +18,7 @@ from bitcli.options import (
     DType,
     EmbedFormat,
     EvalFormat,
+    FailRule,
     OptionError,
     Precision,
     PredictFormat,
@@ -26,10 +27,12 @@ from bitcli.options import (
     parse_auto_int,
     parse_device,
     parse_dst_path,
+    parse_fail_rule,
     parse_file_path,
     parse_png_path,
     parse_positive,
     parse_resolution,
+    parse_threshold,
     parse_val_split,
 )
 
@@ -262,6 +265,12 @@ RandomInitOpt = Annotated[bool, typer.Option("--random-init", help="Start --mode
 HeadOnlyOpt = Annotated[
     bool, typer.Option("--head-only", help="Train only the new head; the backbone stays frozen (a linear probe).")
 ]
+CacheFeaturesOpt = Annotated[
+    bool,
+    typer.Option("--cache-features", help="With --head-only: embed each training image once (eval transform, "
+                 "kept in $BITCLI_CACHE as bit audit keeps them) and train the head on those features, without "
+                 "augmentation or MixUp (the classic linear probe)."),
+]  # fmt: skip
 FinetuneReportOpt = Annotated[
     bool,
     typer.Option("--report", help="After the last validation, write its HTML report (error gallery with Grad-CAM) "
@@ -304,6 +313,47 @@ RunDirArg = Annotated[
     typer.Argument(metavar="RUN_DIR", show_default=False,
                    help="A bit finetune run folder (its --output): finished, running or interrupted."),
 ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# audit
+
+AuditDataArg = Annotated[
+    str,
+    typer.Argument(metavar="DATA", show_default=False,
+                   help="Any DATA of finetune: class folder (or train/ beside val/ and test/), label file, parquet, "
+                   "save_to_disk folder, hf://datasets/OWNER/NAME[@REV][:SPLIT]."),
+]  # fmt: skip
+AuditTestOpt = Annotated[
+    str | None,
+    typer.Option("--test", metavar="DATA", help="Test data, any DATA kind (default: DATA's test split, if any)."),
+]
+AuditOutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", metavar="DIR",
+                 help="Write audit.json, a CSV per finding and index.html into DIR (a new or empty DIR, or an "
+                 "earlier audit's); without it, only the summary table."),
+]  # fmt: skip
+ThresholdOpt = Annotated[
+    float,
+    typer.Option("--threshold", parser=_parser("--threshold", parse_threshold), metavar="COSINE",
+                 help="Near-duplicate threshold: cosine similarity of the embeddings (at or above)."),
+]  # fmt: skip
+MinImagesOpt = Annotated[
+    int, typer.Option("--min-images", min=1, help="Report a class with fewer images than this in a split.")
+]
+FailOnOpt = Annotated[
+    list[FailRule] | None,
+    typer.Option("--fail-on", parser=_parser("--fail-on", parse_fail_rule), metavar="NAME[>N]",
+                 help="Exit 1 when the count of NAME is above N (default 0); repeat for several rules. NAME: "
+                 "duplicates, exact, near, leaks, conflicts, label-issues, undecodable, small-classes, off-size."),
+]  # fmt: skip
+WriteCleanOpt = Annotated[
+    Path | None,
+    typer.Option("--write-clean", metavar="FILE.csv",
+                 help="Write a label file (path,label[,split]) of the images no finding flags; the data is never touched."),
+]  # fmt: skip
+
 
 # ----------------------------------------------------------------------------------------------------------
 # push

@@ -27,6 +27,7 @@ EXTRAS = {
     "plots": Extra(("matplotlib",), "{what} needs {module}, which is not installed: {install}"),
     "tensorboard": Extra(("tensorboard",), "{what} needs the {module} package, which is not installed: {install}"),
     "datasets": Extra(("pyarrow",), "{what} needs {module}, which is not installed: {install}"),
+    "audit": Extra(("cleanlab",), "{what} needs {module} (label issues), which is not installed: {install}"),
     "serve": Extra(
         ("starlette", "uvicorn", "python_multipart"), "{what} needs {module}, which is not installed: {install}"
     ),

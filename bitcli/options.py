@@ -263,6 +263,13 @@ def check_page_folder(flag: str, path: Path | None, data: DataSpec | None = None
         raise UsageError(f"{flag} {display(path)}: {reason}")
 
 
+def check_label_output(flag: str, path: Path | None) -> None:
+    """check_output for a label file bitcli writes (--write-clean): a .csv."""
+    if path is not None and path.suffix.lower() != ".csv":
+        raise UsageError(f"{flag} {display(path)}: name a .csv file (a label file: path,label[,split])")
+    check_output(flag, path)
+
+
 def check_plot_outside_report(plot: Path | None, report: Path | None) -> None:
     """Refuse (exit 2) eval's --plot inside its --report folder, which takes no file the report does not write."""
     if plot is not None and report is not None and _within(plot, report):
@@ -471,6 +478,7 @@ class FinetuneOptions:
     random_init: bool = False
     revision: str | None = None
     head_only: bool = False  # train the new head only; the backbone stays the start model's, bit for bit
+    cache_features: bool = False  # with head_only: train the head on cached features of the eval transform
     tensorboard: bool = False  # also write TensorBoard event files under DIR/tensorboard
     report: bool = False  # write the final validation's HTML report (error gallery) into DIR/report
     image_column: str | None = None  # a data set's image column (None: found from its features)
@@ -495,6 +503,65 @@ class ReportOptions:
     run: Path  # a `bit finetune` run folder (--output), finished, running or interrupted
 
 
+# The findings `bit audit --fail-on` can count (bitcli.audit.findings.Findings.counts gives each one's number).
+AUDIT_COUNTS = (
+    "duplicates", "exact", "near", "leaks", "conflicts", "label-issues", "undecodable", "small-classes", "off-size",
+)  # fmt: skip
+DEFAULT_NEAR_THRESHOLD = 0.95  # cosine similarity of pre-logit embeddings (BENCHMARKS.md: issue 23)
+
+
+@dataclass(frozen=True)
+class FailRule:
+    """`--fail-on NAME[>N]`: the audit exits 1 when the count of NAME is above N (default 0)."""
+
+    name: str
+    limit: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.name}>{self.limit}"
+
+
+def parse_fail_rule(value: str) -> FailRule:
+    name, sep, limit = value.strip().lower().replace(" ", "").partition(">")
+    if name not in AUDIT_COUNTS or (sep and not limit.isdigit()):
+        raise OptionError(
+            f"{value!r}: use NAME or NAME>N with NAME one of {', '.join(AUDIT_COUNTS)} (e.g. leaks, label-issues>10)"
+        )
+    return FailRule(name, int(limit) if sep else 0)
+
+
+def parse_threshold(value: str) -> float:
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = math.nan
+    if not 0 < threshold <= 1:
+        raise OptionError(f"{value!r}: use a cosine similarity in (0, 1], e.g. {DEFAULT_NEAR_THRESHOLD}")
+    return threshold
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    data: DataSpec
+    val: DataSpec | None = None  # default: DATA's validation part, if it has one
+    test: DataSpec | None = None
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    output: Path | None = None  # audit.json, the CSVs and index.html (bitcli.pages.folder's rules); None: table only
+    threshold: float = DEFAULT_NEAR_THRESHOLD
+    min_images: int = 5  # a class with fewer images in a split is reported
+    fail_on: tuple[FailRule, ...] = ()
+    write_clean: Path | None = None  # a label file of the rows that no finding flags
+    batch_size: int = 32
+    device: str = "auto"
+    workers: int = DEFAULT_WORKERS
+    image_column: str | None = None
+    label_column: str | None = None
+
+
+# A Hub repo id, each part as the Hub allows it: letters, digits, '-', '_', '.', not starting or ending with '-' or
+# '.', no '--' or '..', at most 96 characters (huggingface_hub's validate_repo_id, without importing it).
+_HUB_NAME = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?", re.ASCII)
 _LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
 
 

@@ -19,6 +19,7 @@ HINTS = {
     "plots": "--flag needs {module}, which is not installed: pip install 'bitcli[plots]'",
     "tensorboard": "--flag needs the {module} package, which is not installed: pip install 'bitcli[tensorboard]'",
     "datasets": "--flag needs {module}, which is not installed: pip install 'bitcli[datasets]'",
+    "audit": "--flag needs {module} (label issues), which is not installed: pip install 'bitcli[audit]'",
     "serve": "--flag needs {module}, which is not installed: pip install 'bitcli[serve]'",
 }
 

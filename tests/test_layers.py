@@ -31,6 +31,7 @@ LAYERS = {
     "bitcli.inputs": 3, "bitcli.gpu_decode": 3, "bitcli.pipeline": 3, "bitcli.engine": 3, "bitcli.torch_engine": 3,
     "bitcli.onnx_engine": 3, "bitcli.evaluation": 3, "bitcli.export": 3, "bitcli.quantize": 3, "bitcli.finetune": 3,
     "bitcli.modelcard": 3, "bitcli.gallery": 3, "bitcli.server": 3,
+    "bitcli.audit": 3,
     "bitcli.commands": TOP, "bitcli.cli": TOP, "bitcli.__main__": TOP,
 }  # fmt: skip
 COMMANDS = "bitcli.commands"

@@ -10,6 +10,8 @@ import time
 import torch
 
 from bitcli import extras
+from bitcli.audit.cache import EmbeddingCache, model_key
+from bitcli.audit.embedding import folder_features
 from bitcli.data import DecodeCache, eval_transform, train_transform
 from bitcli.distributed import Dist, barrier, process_group, wrap
 from bitcli.errors import BitError
@@ -23,6 +25,7 @@ from bitcli.finetune.state import check_finite
 from bitcli.finetune.watch import record_validation
 from bitcli.gallery.build import Source, write_report
 from bitcli.gallery.records import PerImage
+from bitcli.hub import bitcli_cache
 from bitcli.options import FinetuneOptions
 from bitcli.runtime import resolve_precision
 from bitcli.torch_engine import TorchEngine
@@ -30,6 +33,16 @@ from bitcli.ui import display, log
 
 TRAIN_CACHE_BYTES = 1 << 30  # decoded training images kept in memory (per process)
 VAL_CACHE_BYTES = 256 << 20
+
+
+def _cached_features(engine: TorchEngine, train_set, *, workers: int, batch_size: int) -> torch.Tensor:
+    """--cache-features: the training images' features through the engine at the eval transform, from the
+    embedding cache ($BITCLI_CACHE, bit audit's) or computed once; on the engine's device."""
+    tensors = {k: (lambda v=v: v) for k, v in engine.model.state_dict().items()}
+    cache = EmbeddingCache(bitcli_cache(), model_key(tensors, (engine.preprocess, engine.dtype), None),
+                           engine.model.config.num_features)  # fmt: skip
+    vectors = folder_features(train_set, engine, cache, batch_size=batch_size, workers=workers)
+    return torch.from_numpy(vectors).to(engine.device)
 
 
 def run(opts: FinetuneOptions) -> None:
@@ -84,6 +97,8 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
         output=opts.output, start=start, workers=opts.workers, tensorboard=opts.tensorboard,
         keep=kept.add if kept is not None else None,
     )  # fmt: skip
+    if opts.cache_features and info.main:
+        training.features = _cached_features(engine, ds.train, workers=opts.workers, batch_size=plan.micro_batch)
     outcome = train(training)
     if info.main:
         last_eval = outcome.last_eval

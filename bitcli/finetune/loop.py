@@ -58,6 +58,8 @@ class Training:
     tensorboard: bool = False  # --tensorboard: the main process also writes TensorBoard events
     # --report: the last validation's per-image results go here (evaluation.evaluate's `keep`)
     keep: Callable[[np.ndarray, torch.Tensor], None] | None = None
+    # --cache-features: every training image's features [N, D] on the device; the head alone trains on them
+    features: torch.Tensor | None = None
 
 
 @dataclass
@@ -77,7 +79,8 @@ def train(t: Training) -> Outcome:
     reader: Reader[tuple[StepSample, np.ndarray, np.ndarray]]
     try:
         with Reader(t.workers) as reader, TrainProgress(info.main, plan.steps, t.start) as progress:
-            batches = micro_batches(t, reader)
+            batches = micro_batches(t, reader) if t.features is None else feature_batches(t)
+            forward = model if t.features is None else engine.model.head
             for step in range(t.start, plan.steps):
                 t0 = time.monotonic()
                 # the learning rate of this step (HyperRule: linear warm-up, then /10 at each boundary)
@@ -91,7 +94,7 @@ def train(t: Training) -> Outcome:
                     x, y, y_mix, lam = next(batches)
                     with gradient_sync(model, info, last=micro == plan.batch_split - 1):
                         with engine.autocast():
-                            logits = model(x)
+                            logits = forward(x)
                         loss = mixup_cross_entropy(logits.float(), y, y_mix, lam)
                         scaler.scale(loss / plan.batch_split).backward()
                     loss_sum += loss.detach()
@@ -213,6 +216,21 @@ def micro_batches(
 
     for (sample, own, needed), decoded in reader.run(jobs()):
         yield (*_mix(decoded, needed, own, sample, targets=targets, engine=t.engine), sample.lam)
+
+
+def feature_batches(t: Training) -> Iterator[tuple[torch.Tensor, torch.Tensor, None, float]]:
+    """--cache-features: the micro-batches of the same steps (data.StepSampler's images, in the same order) as
+    cached features, without crop, flip or MixUp (one process: check_flags refuses torchrun)."""
+    plan, features = t.plan, t.features
+    assert features is not None
+    sampler = StepSampler(len(t.data.train), plan.batch_size, plan.seed, max_offset=0, mixup=None)
+    targets = torch.as_tensor(np.asarray(t.data.train.targets, dtype=np.int64), device=features.device)
+    m = plan.micro_batch
+    for step in range(t.start, plan.steps):
+        indices = torch.from_numpy(sampler.indices(step)).to(features.device)
+        for j in range(plan.batch_split):
+            own = indices[j * m : (j + 1) * m]
+            yield features[own], targets[own], None, 1.0
 
 
 def _train_image(cache: DecodeCache, index: int, top: int, left: int, *, crop: int, flip: bool) -> np.ndarray:

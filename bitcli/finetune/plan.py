@@ -28,13 +28,13 @@ from bitcli.ui import visible
 # Plan fields that decide the weights: a resumed run must agree on all of them.
 RESULT_FIELDS = (
     "classes", "train_examples", "train_fingerprint", "model", "random_init", "architecture", "shots", "seed",
-    "resize", "crop", "steps", "boundaries", "lr", "batch_size", "mixup", "head_only",
+    "resize", "crop", "steps", "boundaries", "lr", "batch_size", "mixup", "head_only", "cache_features",
 )  # fmt: skip
 # The RESULT_FIELDS that follow from the data alone: with the flags unchanged, the data changed.
 DATA_FIELDS = ("classes", "train_examples", "train_fingerprint")
 # RESULT_FIELDS added later, with the value that runs started before them had (their plans lack the field;
 # they stay resumable).
-RESULT_DEFAULTS = {"head_only": False}
+RESULT_DEFAULTS = {"head_only": False, "cache_features": False}
 # The HyperRule's resolution assumes a start model pre-trained at about 224 px (BiT-M/S). Beyond this factor
 # between the chosen crop and the start model's own, the plan says so (issue 12: a model trained at 32 px
 # reached 0.37 top-1 at the rule's 128 px and 0.93 at its own size).
@@ -79,6 +79,7 @@ class Plan:
     why: dict[str, str]  # field -> where its value came from
     notes: tuple[str, ...] = ()  # advice printed with the plan (e.g. the start model's own resolution)
     tensorboard: bool = False  # --tensorboard: TensorBoard events under DIR/tensorboard
+    cache_features: bool = False  # --cache-features: the head trains on cached eval-transform features
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -99,6 +100,8 @@ def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig) -> None:
         raise UsageError(f"--mixup {opts.mixup}: must be a number >= 0")
     if opts.lr <= 0 or not math.isfinite(opts.lr):
         raise UsageError(f"--lr {opts.lr}: must be a positive number")
+    if opts.cache_features and info.world > 1:
+        raise UsageError("--cache-features runs in one process (the features are this process's); drop torchrun")
     if opts.batch_size % info.world:
         raise UsageError(f"--batch-size {opts.batch_size}: must divide evenly over the {info.world} processes")
     per_rank = opts.batch_size // info.world
@@ -224,7 +227,7 @@ def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, *, device:
     why: dict[str, str] = {}
     res, why["resolution"] = _resolution(opts, ds)
     sched, why["steps"] = _schedule(opts.steps, n)
-    alpha, why["mixup"] = _mixup(opts.mixup, n)
+    alpha, why["mixup"] = _mixup(opts.mixup, n) if not opts.cache_features else (None, "off: --cache-features")
     split, why["batch_split"] = _batch_split(
         opts, model, crop=res.crop, info=info, device=device, dtype=dtype, saved=saved
     )
@@ -247,6 +250,7 @@ def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, *, device:
         model=opts.model,
         random_init=opts.random_init,
         head_only=opts.head_only,
+        cache_features=opts.cache_features,
         architecture=model.config.to_dict(),
         shots=opts.shots,
         seed=opts.seed,
@@ -295,7 +299,8 @@ def describe(plan: Plan) -> list[str]:
         f"  batch       {plan.batch_size} = {plan.world_size} process(es) x {plan.batch_split} micro-batch(es) of "
         f"{plan.micro_batch}   [{plan.why['batch_split']}]",
         f"  optimizer   SGD momentum {plan.momentum}, no weight decay, new head zero-initialised"
-        + ("; backbone frozen (--head-only): only the head trains" if plan.head_only else ""),
+        + ("; backbone frozen (--head-only): only the head trains" if plan.head_only else "")
+        + (", on cached features (--cache-features: no augmentation)" if plan.cache_features else ""),
         f"  device      {plan.device}, {plan.precision}; "
         + (f"validate every {plan.eval_every or plan.steps} steps, " if plan.validation else "")
         + f"checkpoint every {plan.save_every} steps",
