@@ -122,6 +122,7 @@ from bitcli.options import (
     check_explain_output_outside_inputs,
     check_label_output,
     check_output,
+    check_outside_data,
     check_page_folder,
     check_plot_outside_report,
     embed_format,
@@ -391,8 +392,10 @@ def audit(
         fail_on=tuple(fail_on or ()), write_clean=write_clean, batch_size=batch_size, device=device, workers=workers,
         image_column=image_column, label_column=label_column,
     )  # fmt: skip
-    check_page_folder("--output", output)
+    for source in (opts.data, opts.val, opts.test):  # a folder inside one would be read as images next time
+        check_page_folder("--output", output, data=source)
     check_label_output("--write-clean", write_clean)
+    check_outside_data("--write-clean", write_clean, (opts.data, opts.val, opts.test))
     from bitcli.commands import audit as audit_command
 
     raise typer.Exit(audit_command.run(opts))

@@ -20,7 +20,7 @@ from bitcli.hubnames import branch_problem, commit_text, repo_id_problem
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution, resolution_for_crop
 from bitcli.pages.folder import refusal as page_folder_refusal
 from bitcli.ui import display, visible
-from bitcli.writes import names_a_folder, unwritable
+from bitcli.writes import names_a_folder, refuse_replacing_input, unwritable
 
 # Image-decoding threads for every command (0: decode in the calling thread); results never depend on it.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -268,6 +268,20 @@ def check_label_output(flag: str, path: Path | None) -> None:
     if path is not None and path.suffix.lower() != ".csv":
         raise UsageError(f"{flag} {display(path)}: name a .csv file (a label file: path,label[,split])")
     check_output(flag, path)
+
+
+def check_outside_data(flag: str, path: Path | None, sources: tuple[DataSpec | None, ...]) -> None:
+    """Refuse (exit 2, before any work) an output file that is one of the data sources being read (however
+    spelt: ../, a symlink) or lies inside an image folder among them, where it would change the data."""
+    if path is None:
+        return
+    local = [Path(s) for s in sources if isinstance(s, Path)]
+    # a FILE:SPLIT source reads FILE
+    refuse_replacing_input(flag, path, local + [Path(str(s).rpartition(":")[0]) for s in local if ":" in s.name])
+    for folder in (s for s in local if s.is_dir()):
+        if _within(path, folder):
+            raise UsageError(f"{flag} {display(path)}: is inside the image folder {display(folder)}, which it would "
+                             "change; choose a file outside it")  # fmt: skip
 
 
 def check_plot_outside_report(plot: Path | None, report: Path | None) -> None:

@@ -117,7 +117,8 @@ def test_planted_findings_are_found_with_exact_counts(audited: dict, planted: Pa
         "train/b/conflict.png": ("b", "a"),
     }
     inv = report["inventory"]
-    assert inv["splits"]["train"]["classes"] == {"a": 14, "b": 14, "c": 13}  # broken.png is listed, undecodable
+    assert inv["splits"]["train"]["classes"] == {"a": 13, "b": 14, "c": 13}  # broken.png: listed apart, undecodable
+    assert inv["splits"]["train"]["images"] == 40 and inv["splits"]["train"]["undecodable"] == 1
     assert inv["splits"]["test"]["classes"] == {"a": 5, "b": 6, "c": 5}
     assert [rel(planted, u["path"]) for u in inv["undecodable"]] == ["train/a/broken.png"]
     assert "broken.png" in inv["undecodable"][0]["error"]
@@ -126,7 +127,7 @@ def test_planted_findings_are_found_with_exact_counts(audited: dict, planted: Pa
 def test_summary_table_and_csvs(audited: dict, planted: Path) -> None:
     lines = audited["out"].splitlines()
     assert lines[0].split() == ["split", "images", "classes", "imbalance", "undecodable"]
-    assert lines[1].split() == ["train", "41", "3", "1.08", "1"]
+    assert lines[1].split() == ["train", "40", "3", "1.08", "1"]  # decodable images, then the undecodable one
     assert lines[2].split() == ["validation", "16", "3", "1.20", "0"]
     assert lines[3].split() == ["test", "16", "3", "1.20", "0"]
     assert lines[9].split() == ["leaks", "2"] and lines[11].split() == ["label-issues", "3"]
@@ -347,8 +348,13 @@ def test_ctrl_c_keeps_what_was_embedded_and_the_next_audit_resumes(
     args = ("audit", planted, "-m", tiny_dir, "-o", tmp_path / "out", "-b", "8", "--workers", "0")
     with monkeypatch.context() as patch:
         patch.setattr(embedding, "_compute", stop_at_the_third)
-        code, out, _ = run_main(*args)
+        code, out, err = run_main(*args)
     assert code == 130 and out == "" and not (tmp_path / "out").exists()
+    [key] = (tmp_path / "cache/embeddings").iterdir()
+    assert err.splitlines()[-1] == (
+        f"interrupted: 16 of 73 images embedded, nothing written; the 15 computed are kept in the embedding cache "
+        f"{key}, so the same command computes only the rest"
+    )
     code, _, err = run_main(*args)
     assert code == 0, err
     # the first two batches are train/a/000-011, broken.png (undecodable: not cached), copy.png and b/000-001
@@ -396,3 +402,134 @@ def test_cache_entries_survive_a_round_trip_whatever_their_bytes(tmp_path: Path)
         assert entry is not None and entry.pixels == key[::-1] and entry.size == (n, n + 1)
         assert entry.vector.tolist() == [n] * 4
     assert EmbeddingCache(tmp_path, "key", 8).entries == {}
+
+
+def test_write_clean_never_replaces_an_audited_source(planted: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    """--write-clean naming DATA, --val or --test (through ../ or a symlink) or a file inside an audited image
+    folder: exit 2 before any work, one line, the file untouched."""
+    (tmp_path / "sub").mkdir()
+    labels = tmp_path / "sub/labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(planted.glob("val/*/*.png"))))
+    before = labels.read_bytes()
+    (tmp_path / "link.csv").symlink_to(labels)
+    base = ("audit", "-m", tiny_dir, "--workers", "0")
+    cases = [
+        ((labels, "--write-clean", tmp_path / "sub/../sub/labels.csv"), f"is the input {labels}"),
+        ((labels, "--write-clean", tmp_path / "link.csv"), f"is the input {labels}"),
+        ((planted / "train", "--val", tmp_path / "link.csv", "--write-clean", labels),
+         f"is the input {tmp_path / 'link.csv'}"),
+        ((planted / "train", "--test", labels, "--write-clean", tmp_path / "link.csv"), f"is the input {labels}"),
+        ((labels, "--test", planted / "test", "--write-clean", planted / "test/b/clean.csv"),
+         f"is inside the image folder {planted / 'test'}"),
+    ]  # fmt: skip
+    for args, why in cases:
+        code, out, err = run_main(*base[:1], *args[:1], *base[1:], *args[1:])
+        assert code == 2 and out == "", err
+        [line] = err.strip().splitlines()
+        assert line.startswith(f"Error: --write-clean {args[-1]}: {why}"), line
+    assert labels.read_bytes() == before and not (planted / "test/b/clean.csv").exists()
+
+
+def test_an_output_folder_inside_an_audited_folder_is_refused(planted: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    """-o inside DATA, --val or --test: its thumbnails would be images of the next audit."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(planted.glob("val/*/*.png"))))
+    for args, folder in [
+        ((planted, "-o", planted / "train/report"), planted),
+        ((labels, "--val", planted / "val", "-o", planted / "val/c/report"), planted / "val"),
+        ((labels, "--test", planted / "test", "-o", planted / "test/report"), planted / "test"),
+    ]:
+        code, out, err = run_main("audit", *args, "-m", tiny_dir)
+        assert code == 2 and out == ""
+        assert err.strip().splitlines() == [
+            f"Error: --output {args[-1]}: is inside the image folder {folder}; choose a folder outside it"
+        ]
+        assert not args[-1].exists()
+
+
+def garbage_shards() -> dict[str, bytes]:
+    """Files that are not an intact shard: each kind numpy.load(allow_pickle=False) or the arrays trip on."""
+
+    def npz(compressed: bool = False, **arrays: np.ndarray) -> bytes:
+        out = io.BytesIO()
+        (np.savez_compressed if compressed else np.savez)(out, **arrays)
+        return out.getvalue()
+
+    digests = np.zeros((2, 32), np.uint8)
+    whole = dict(files=digests, pixels=digests, sizes=np.ones((2, 2), np.int64), vectors=np.ones((2, 4), np.float32))
+    damaged = bytearray(npz(compressed=True, **whole))
+    damaged[60:90] = b"x" * 30
+    bare = io.BytesIO()
+    np.save(bare, np.arange(3))
+    return {
+        "zip-magic": b"PK\x03\x04",
+        "empty": b"",
+        "text": b"not numpy at all",
+        "pickle-magic": b"\x80\x04K\x01.",
+        "bare-npy": bare.getvalue(),
+        "truncated": npz(**whole)[:300],
+        "damaged-deflate": bytes(damaged),
+        "missing-array": npz(files=digests),
+        "object-array": npz(**{**whole, "vectors": np.array([[{}] * 4] * 2, dtype=object)}),
+        "text-array": npz(**{**whole, "vectors": np.array([["a"] * 4] * 2)}),
+        "flat-sizes": npz(**{**whole, "sizes": np.ones(2, np.int64)}),
+    }
+
+
+def test_a_cache_file_that_does_not_read_is_ignored_and_bitclis_own_replaced(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Each kind of garbage beside a good shard: read without an error (a warning names it), the good shard's
+    entries kept; after the next write, bitcli's own damaged shards are gone, a foreign file is left alone."""
+    from bitcli.audit.cache import EmbeddingCache, Entry
+
+    good = EmbeddingCache(tmp_path, "key", 4)
+    good.put(b"\x01" * 32, Entry(np.ones(4, np.float32), b"\x02" * 32, (3, 4)))
+    good.flush()
+    folder = tmp_path / "embeddings/key"
+    kinds = garbage_shards()
+    for n, data in enumerate(kinds.values()):
+        (folder / f"{n}-1.npz").write_bytes(data)  # bitcli's names: {time_ns}-{pid}.npz
+    (folder / "x.npz").write_bytes(b"PK\x03\x04")  # the user's
+    capsys.readouterr()
+    cache = EmbeddingCache(tmp_path, "key", 4)
+    assert list(cache.entries) == [b"\x01" * 32]
+    warned = capsys.readouterr().err.splitlines()
+    assert len(warned) == len(kinds) + 1
+    assert all(w.startswith(f"warning: the embedding cache file {folder}/") and "does not read" in w for w in warned)
+    assert warned[-1].endswith("ignored, delete it if it is not needed")
+    cache.put(b"\x03" * 32, Entry(np.zeros(4, np.float32), b"\x04" * 32, (1, 1)))
+    cache.flush()
+    assert sorted(p.name for p in folder.iterdir() if not p.name[0].isdigit()) == ["x.npz"]
+    assert len(list(folder.iterdir())) == 3  # the good shard, the new one and x.npz
+    assert sorted(EmbeddingCache(tmp_path, "key", 4).entries) == [b"\x01" * 32, b"\x03" * 32]
+
+
+def test_an_audit_goes_on_past_a_damaged_cache_file(hostile: dict, tiny_dir: Path) -> None:
+    """The reviewer's crash: a file that starts like a zip in the model's cache folder; the audit warns and runs."""
+    [key] = (Path(os.environ["BITCLI_CACHE"]) / "embeddings").iterdir()
+    bad = key / "x.npz"
+    bad.write_bytes(b"PK\x03\x04")
+    try:
+        code, _, err = run_main("audit", hostile["data"], "-m", tiny_dir, "--threshold", THRESHOLD, "--workers", "0")
+    finally:
+        bad.unlink()
+    assert code == 0, err
+    assert f"warning: the embedding cache file {bad} does not read (File is not a zip file)" in err
+    assert "embedded 15 images (0 computed, 14 from the cache, 1 undecodable)" in err
+
+
+def test_val_or_test_that_is_the_training_data_is_warned_about(hostile: dict, tiny_dir: Path) -> None:
+    data = hostile["data"]
+    code, _, err = run_main("audit", data, "--test", data / "../data", "-m", tiny_dir, "--threshold", THRESHOLD)
+    assert code == 0, err
+    assert (
+        f"warning: --test {data / '../data'}: is the training data ({data}), so every image is a leak of itself; "
+        "pass the rows held out for it"
+    ) in err.splitlines()
+
+
+def test_counts_in_words() -> None:
+    from bitcli.commands.audit import images
+
+    assert [images(0), images(1), images(2)] == ["0 images", "1 image", "2 images"]

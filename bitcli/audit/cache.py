@@ -6,14 +6,20 @@ the weights and of the eval transform), and in it shards of entries keyed by the
 An entry holds the pre-logit embedding, the SHA-256 of the decoded pixels (exact duplicates) and the image's
 size. A shard is a .npz written whole (temporary name, then rename) every few hundred new images and when the
 pass ends or is interrupted, so Ctrl-C loses at most what the last shard would have held. Shards are read
-without pickle; one that does not read is ignored (a cache is never the only copy of anything).
+without pickle; one that does not read (truncated, not a zip, not bitcli's arrays) is ignored with a warning,
+since a cache is never the only copy of anything, and removed when this pass writes its own shard if its name
+is one bitcli gives (a file someone else put there is left alone).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +28,18 @@ import numpy as np
 import torch
 
 from bitcli.errors import BitError, one_line
-from bitcli.ui import display, log
+from bitcli.ui import display, log, visible
 from bitcli.writes import atomic_write
 
 HEAD = "head."  # bitcli's name of the classifier's tensors
-SHARD_EVERY = 512
-DIGEST = 32  # bytes of a SHA-256  # new entries per shard
+SHARD_EVERY = 512  # new entries per shard
+DIGEST = 32  # bytes of a SHA-256
 FOLDER = "embeddings"
+OWN_SHARD = re.compile(r"\d+-\d+\.npz")  # the names flush gives: {time_ns}-{pid}.npz
+# what numpy.load(allow_pickle=False) and reading its arrays raise on a file that is not an intact .npz of
+# arrays: not a zip (BadZipFile, or ValueError: "pickled data"), a damaged member (zlib.error, EOFError, ValueError),
+# a bare .npy (an ndarray, no context manager: TypeError/AttributeError), a missing array (KeyError)
+UNREADABLE = (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError, zipfile.BadZipFile, zlib.error)
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,7 @@ class EmbeddingCache:
         self.entries: dict[bytes, Entry] = {}
         self.new: dict[bytes, Entry] = {}
         self.hits = 0
+        self.damaged: list[Path] = []  # bitcli's own shards that did not read: removed once a new shard is written
         if self.folder is not None and self.folder.is_dir():
             for shard in sorted(self.folder.glob("*.npz")):
                 self._read(shard)
@@ -73,18 +85,34 @@ class EmbeddingCache:
         try:
             with np.load(shard, allow_pickle=False) as z:
                 files, pixels, sizes, vectors = z["files"], z["pixels"], z["sizes"], z["vectors"]
-        except (OSError, ValueError, KeyError, EOFError):
+            readable = (
+                files.dtype == np.uint8
+                and pixels.dtype == np.uint8
+                and files.shape[1:] == (DIGEST,)
+                and pixels.shape[1:] == (DIGEST,)
+                and sizes.shape[1:] == (2,)
+                and np.issubdtype(sizes.dtype, np.integer)
+                and vectors.ndim == 2
+                and np.issubdtype(vectors.dtype, np.floating)
+                and len(files) == len(pixels) == len(sizes) == len(vectors)
+            )
+        except UNREADABLE as exc:
+            self._ignore(shard, one_line(exc))
             return
-        if (
-            files.shape[1:] != (DIGEST,)
-            or pixels.shape[1:] != (DIGEST,)
-            or vectors.ndim != 2
-            or vectors.shape[1] != self.dim
-            or not len(files) == len(pixels) == len(sizes) == len(vectors)
-        ):
+        if not readable:
+            self._ignore(shard, "not the arrays of an embedding cache shard")
+            return
+        if vectors.shape[1] != self.dim:  # another model's features under this key: not damage, just not ours
             return
         for f, p, s, v in zip(files, pixels, sizes, vectors.astype(np.float32, copy=False)):
             self.entries[f.tobytes()] = Entry(v, p.tobytes(), (int(s[0]), int(s[1])))
+
+    def _ignore(self, shard: Path, why: str) -> None:
+        own = OWN_SHARD.fullmatch(shard.name) is not None
+        then = "it is replaced when this run writes the cache" if own else "delete it if it is not needed"
+        log(visible(f"warning: the embedding cache file {display(shard)} does not read ({why}); ignored, {then}"))
+        if own:
+            self.damaged.append(shard)
 
     def get(self, file_hash: bytes) -> Entry | None:
         entry = self.entries.get(file_hash)
@@ -118,4 +146,9 @@ class EmbeddingCache:
         except (OSError, BitError) as exc:  # a cache that cannot be written never fails the audit
             log(f"warning: cannot write the embedding cache {display(self.folder)} ({one_line(exc)}); set BITCLI_CACHE")
             self.folder = None
+        else:
+            for shard in self.damaged:  # its entries, if any were whole, have just been computed again
+                with contextlib.suppress(OSError):
+                    shard.unlink()
+            self.damaged = []
         self.new = {}

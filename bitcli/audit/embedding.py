@@ -44,6 +44,14 @@ class Embeddings:
         return np.asarray([p is not None for p in self.pixels], dtype=bool)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during the pass (still a KeyboardInterrupt): how far it got, for the line that says so."""
+
+    def __init__(self, done: int, total: int, computed: int) -> None:
+        super().__init__()
+        self.done, self.total, self.computed = done, total, computed
+
+
 @dataclass(frozen=True)
 class _Seen:
     """An example after the decoding thread: its cache entry, or what the model still needs to see."""
@@ -87,6 +95,7 @@ def embed_examples(examples: Examples, engine: Engine, cache: EmbeddingCache, *,
     batches = pipeline.run(
         range(n), decode, None, batch_size=batch_size, workers=workers, name=examples.names.__getitem__
     )
+    done = 0
     try:
         with progress_bar("embedding", total=n, unit="img") as advance, contextlib.closing(batches):
             for batch in batches:
@@ -100,6 +109,9 @@ def embed_examples(examples: Examples, engine: Engine, cache: EmbeddingCache, *,
                         misses.append((outcome.ref, outcome.value))
                 _compute(misses, engine, cache, found)
                 advance(len(batch))
+                done += len(batch)
+    except KeyboardInterrupt:
+        raise Interrupted(done, n, found.computed) from None
     finally:
         cache.flush()  # what was computed before Ctrl-C (or an error) is kept for the next run
     return found

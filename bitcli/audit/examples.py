@@ -14,6 +14,7 @@ from bitcli.sources import folder
 from bitcli.sources.examples import ImageFolder, class_order
 from bitcli.sources.locate import Columns, Part, evaluation_part, training_parts, validation_part
 from bitcli.sources.rows import Rows
+from bitcli.ui import log, visible
 
 DataSpec = Path | str
 
@@ -53,15 +54,26 @@ def audit_parts(data: DataSpec, val: DataSpec | None, test: DataSpec | None, col
     train, own_val = training_parts(data, columns)
     parts = {"train": train}
     if val is not None:
-        parts["validation"] = validation_part(val, columns)
+        parts["validation"] = _given(val, "--val", train, columns)
     elif own_val is not None:
         parts["validation"] = own_val
-    found_test = _own_test(data, columns) if test is None else validation_part(test, columns)
+    found_test = _own_test(data, columns) if test is None else _given(test, "--test", train, columns)
     if found_test is not None:
         parts["test"] = found_test
     if len(parts) == 1:
         return {"data": train}
     return parts
+
+
+def _given(spec: DataSpec, flag: str, train: Part, columns: Columns) -> Part:
+    """--val or --test's part; a warning when it reads DATA's training rows (bit finetune --val's warning)."""
+    part = validation_part(spec, columns)
+    if part.same_rows(train):  # allowed, but every image is then reported as a leak of itself
+        log(visible(
+            f"warning: {flag} {spec}: is the training data ({train.name}), so every image is a leak of itself; "
+            "pass the rows held out for it"
+        ))  # fmt: skip
+    return part
 
 
 def _own_test(data: DataSpec, columns: Columns) -> Part | None:

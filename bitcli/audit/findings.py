@@ -39,11 +39,14 @@ class Findings:
     # ---- inventory
 
     def class_counts(self) -> dict[str, dict[str, int]]:
-        """{split: {class: images}} over every class of the audit (0 where a split lacks one)."""
+        """{split: {class: images}} over every class of the audit (0 where a split lacks one); decodable images
+        only: an undecodable file is no image to train on, and is listed apart (`undecodable`)."""
         ex = self.examples
+        decodable = np.ones(len(ex), dtype=bool)
+        decodable[list(self.errors)] = False
         counts = {}
         for s, split in enumerate(ex.splits):
-            per = np.bincount(ex.labels[ex.split == s], minlength=len(ex.classes))
+            per = np.bincount(ex.labels[(ex.split == s) & decodable], minlength=len(ex.classes))
             counts[split] = {c: int(n) for c, n in zip(ex.classes, per)}
         return counts
 

@@ -17,7 +17,7 @@ import torch
 from bitcli import extras, pipeline
 from bitcli.audit.cache import EmbeddingCache, model_key
 from bitcli.audit.duplicates import find_pairs, unit_rows
-from bitcli.audit.embedding import Embeddings, embed_examples
+from bitcli.audit.embedding import Embeddings, Interrupted, embed_examples
 from bitcli.audit.examples import Examples, audit_parts, gather
 from bitcli.audit.findings import Findings, broken, clean_label_file, csv_files, to_json
 from bitcli.audit.labels import find_issues, out_of_sample_probs
@@ -58,9 +58,14 @@ def run(opts: AuditOptions) -> int:
         model_key({k: r.load for k, r in ckpt.tensors.items()}, (ckpt.preprocess, torch.float32), ckpt.graph),
         ckpt.config.num_features,
     )
-    found = embed_examples(examples, engine, cache, batch_size=opts.batch_size, workers=opts.workers)
-    log(f"embedded {len(examples)} images ({found.computed} computed, {len(examples) - found.computed - len(found.errors)} "
-        f"from the cache, {len(found.errors)} undecodable) in {time.monotonic() - started:.1f} s")  # fmt: skip
+    try:
+        found = embed_examples(examples, engine, cache, batch_size=opts.batch_size, workers=opts.workers)
+    except Interrupted as stop:
+        log(interrupted_line(stop, cache))
+        return 130
+    log(f"embedded {images(len(examples))} ({found.computed} computed, "
+        f"{len(examples) - found.computed - len(found.errors)} from the cache, {len(found.errors)} undecodable) "
+        f"in {time.monotonic() - started:.1f} s")  # fmt: skip
     findings = Findings(examples=examples, model=opts.model, input_side=_input_side(ckpt.preprocess),
                         min_images=opts.min_images, errors=found.errors, sizes=found.sizes)  # fmt: skip
     findings.pairs = find_pairs(found.vectors, found.pixels, opts.threshold)
@@ -83,6 +88,20 @@ def run(opts: AuditOptions) -> int:
     for line in failed:
         print(f"fail: {line}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
+def interrupted_line(stop: Interrupted, cache: EmbeddingCache) -> str:
+    """What Ctrl-C kept (the embeddings computed so far, in the cache) and how to go on (pipeline.exit_code's
+    wording: the interrupted line of the other commands)."""
+    head = f"interrupted: {stop.done} of {images(stop.total)} embedded, nothing written"
+    if cache.folder is None:
+        return f"{head}; the embedding cache could not be written, so the same command starts again"
+    return (f"{head}; the {stop.computed} computed are kept in the embedding cache "
+            f"{visible(display(cache.folder))}, so the same command computes only the rest")  # fmt: skip
 
 
 def _input_side(preprocess: Preprocess) -> int:
