@@ -16,13 +16,20 @@ import typer
 import bitcli
 from bitcli.architectures import DEFAULT_MODEL
 from bitcli.cli_options import (
+    AuditDataArg,
+    AuditOutputOpt,
+    AuditTestOpt,
     BatchOpt,
     BatchSplitOpt,
+    CacheFeaturesOpt,
     CalibrateOpt,
     ClassWeightsOpt,
+    CommitMessageOpt,
     ConvertFormatOpt,
     ConvertOverwriteOpt,
+    DecodeThreadsOpt,
     DeviceOpt,
+    DryRunOpt,
     DstArg,
     DTypeOpt,
     EmbedFormatOpt,
@@ -32,16 +39,28 @@ from bitcli.cli_options import (
     EvalDataArg,
     EvalEveryOpt,
     EvalFormatOpt,
+    ExplainOutputOpt,
+    FailOnOpt,
     FinetuneDataArg,
+    FinetuneReportOpt,
     GlobalBatchOpt,
+    HeaderTimeoutOpt,
     HeadOnlyOpt,
+    HostOpt,
     ImageColumnOpt,
     ImagesArg,
     KeepBestOpt,
     LabelColumnOpt,
     LabelsOpt,
+    LicenseOpt,
     LrOpt,
+    MaxBatchOpt,
+    MaxBodyOpt,
+    MaxConnectionsOpt,
+    MaxDownloadOpt,
+    MaxWaitOpt,
     MinAgreementOpt,
+    MinImagesOpt,
     MinScoreOpt,
     MixupOpt,
     ModelOpt,
@@ -49,12 +68,20 @@ from bitcli.cli_options import (
     NormalizeOpt,
     OpsetOpt,
     PlotOpt,
+    PortOpt,
     PrecisionOpt,
     PredictFormatOpt,
     PredictOutputOpt,
+    PrivateOpt,
+    PushOnnxOpt,
+    PushRevisionOpt,
+    PushSrcArg,
     QuantizeOpt,
+    QueueOpt,
     RandomInitOpt,
     RecursiveOpt,
+    RepoArg,
+    ReportDirOpt,
     ResolutionOpt,
     ResumeOpt,
     RevisionOpt,
@@ -64,36 +91,53 @@ from bitcli.cli_options import (
     SamplerOpt,
     SaveEveryOpt,
     SeedOpt,
+    ServeModelArg,
     ShotsOpt,
     SrcArg,
     StartModelOpt,
     StepsOpt,
+    TargetOpt,
     TensorboardOpt,
+    ThresholdOpt,
+    TimeoutOpt,
     TopKOpt,
     TtaOpt,
     ValOpt,
     ValSplitOpt,
     WorkersOpt,
+    WriteCleanOpt,
 )
+from bitcli.errors import UsageError
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE
 from bitcli.options import (
+    DEFAULT_NEAR_THRESHOLD,
     DEFAULT_WORKERS,
+    AuditOptions,
     ConvertOptions,
     DType,
     EmbedOptions,
     EvalFormat,
     EvalOptions,
+    ExplainOptions,
     FinetuneOptions,
     Precision,
     PredictOptions,
+    PushOptions,
     ReportOptions,
+    ServeOptions,
     check_embed_output,
+    check_explain_output_outside_inputs,
+    check_label_output,
     check_output,
+    check_outside_data,
+    check_page_folder,
+    check_plot_outside_report,
     embed_format,
     parse_data,
     predict_format,
     reliability_path,
 )
+from bitcli.pages.folder import EVAL_REPORT, EXPLAIN
 
 app = typer.Typer(
     name="bit",
@@ -148,6 +192,7 @@ def predict(
     workers: WorkersOpt = DEFAULT_WORKERS,
     tta: TtaOpt = None,
     min_score: MinScoreOpt = None,
+    max_download_mb: MaxDownloadOpt = 50.0,
 ) -> None:
     """Classify images: top-k labels with probabilities.
 
@@ -157,6 +202,7 @@ def predict(
         images=images, model=model, revision=revision, top_k=top_k, batch_size=batch_size, device=device,
         precision=precision, format=predict_format(fmt, output), output=output, recursive=recursive, workers=workers,
         tta=tta, min_score=min_score,
+        max_download_mb=max_download_mb,
     )  # fmt: skip
     check_output("--output", output)
     from bitcli.commands import predict as predict_command
@@ -178,6 +224,7 @@ def embed(
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
     tta: EmbedTtaOpt = None,
+    max_download_mb: MaxDownloadOpt = 50.0,
 ) -> None:
     """Image embeddings: the pre-logits features (global average pool after the final GroupNorm + ReLU).
 
@@ -187,6 +234,7 @@ def embed(
         images=images, model=model, revision=revision, batch_size=batch_size, device=device, precision=precision,
         format=embed_format(fmt, output), output=output, normalize=normalize, recursive=recursive, workers=workers,
         tta=tta,
+        max_download_mb=max_download_mb,
     )  # fmt: skip
     check_embed_output(opts.format, output)
     from bitcli.commands import embed as embed_command
@@ -243,6 +291,7 @@ def finetune(
     random_init: RandomInitOpt = False,
     revision: RevisionOpt = None,
     head_only: HeadOnlyOpt = False,
+    cache_features: CacheFeaturesOpt = False,
     tensorboard: TensorboardOpt = False,
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
@@ -250,6 +299,7 @@ def finetune(
     sampler: SamplerOpt = None,
     keep_best: KeepBestOpt = None,
     no_calibrate: NoCalibrateOpt = False,
+    report: FinetuneReportOpt = False,
 ) -> None:
     """Fine-tune a BiT model on labelled images with the BiT-HyperRule (resumable; torchrun for several processes)."""
     opts = FinetuneOptions(
@@ -258,9 +308,19 @@ def finetune(
         device=device, precision=precision, workers=workers, eval_every=eval_every, save_every=save_every,
         resume=resume, overwrite=overwrite, random_init=random_init, revision=revision, head_only=head_only,
         tensorboard=tensorboard, image_column=image_column, label_column=label_column, class_weights=class_weights,
-        sampler=sampler, keep_best=keep_best, calibrate=not no_calibrate,
+        sampler=sampler, keep_best=keep_best, calibrate=not no_calibrate, report=report,
+        cache_features=cache_features,
     )  # fmt: skip
+    if cache_features and not head_only:
+        raise UsageError("--cache-features trains the head on fixed features: add --head-only")
+    if cache_features and mixup:
+        raise UsageError(f"--mixup {mixup:g} with --cache-features: cached features are not augmented; drop --mixup")
     check_output("--output", output, folder=True)
+    if report:
+        from bitcli.finetune.runfiles import REPORT_FOLDER
+
+        check_page_folder("--report: the report folder", output / REPORT_FOLDER, kind=EVAL_REPORT,
+                          removed_first=overwrite)  # fmt: skip
     from bitcli.commands import finetune as finetune_command
 
     finetune_command.run(opts)
@@ -280,19 +340,89 @@ def eval_(
     image_column: ImageColumnOpt = None,
     label_column: LabelColumnOpt = None,
     tta: TtaOpt = None,
+    report: ReportDirOpt = None,
 ) -> None:
     """Accuracy on labelled images: top-1, top-5 (models with over 5 classes), per-class accuracy, precision, recall, F1, confusion matrix."""
     opts = EvalOptions(
         data=parse_data(data), model=model, revision=revision, format=fmt, batch_size=batch_size, device=device,
         precision=precision, workers=workers, plot=plot, image_column=image_column, label_column=label_column,
         tta=tta,
+        report=report,
     )  # fmt: skip
     check_output("--plot", plot)
     if plot is not None:
         check_output("--plot", reliability_path(plot))  # the reliability diagram goes beside it
+    check_page_folder("--report", report, data=opts.data, kind=EVAL_REPORT)
+    check_plot_outside_report(plot, report)
+    if plot is not None:
+        check_plot_outside_report(reliability_path(plot), report)
     from bitcli.commands import eval as eval_command
 
     raise typer.Exit(eval_command.run(opts))
+
+
+@_command()
+def explain(
+    images: ImagesArg,
+    output: ExplainOutputOpt,
+    model: EmbedModelOpt = DEFAULT_MODEL,
+    target: TargetOpt = None,
+    revision: RevisionOpt = None,
+    batch_size: BatchOpt = 16,
+    device: DeviceOpt = "auto",
+    recursive: RecursiveOpt = False,
+    workers: WorkersOpt = DEFAULT_WORKERS,
+) -> None:
+    """Grad-CAM: where in each image the evidence for its predicted class (or --target) lies, as overlay PNGs, maps and JSON rows.
+
+    Exit codes: 0 all explained, 1 some input failed (the rest are still written), 2 bad flags.
+    """
+    opts = ExplainOptions(
+        images=images, output=output, model=model, revision=revision, target=target, batch_size=batch_size,
+        device=device, recursive=recursive, workers=workers,
+    )  # fmt: skip
+    check_page_folder("--output", output, kind=EXPLAIN)
+    check_explain_output_outside_inputs(output, images if recursive else [])
+    from bitcli.commands import explain as explain_command
+
+    raise typer.Exit(explain_command.run(opts))
+
+
+@_command()
+def audit(
+    data: AuditDataArg,
+    model: EmbedModelOpt = DEFAULT_MODEL,
+    val: ValOpt = None,
+    test: AuditTestOpt = None,
+    output: AuditOutputOpt = None,
+    threshold: ThresholdOpt = DEFAULT_NEAR_THRESHOLD,
+    min_images: MinImagesOpt = 5,
+    fail_on: FailOnOpt = None,
+    write_clean: WriteCleanOpt = None,
+    revision: RevisionOpt = None,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = DEFAULT_WORKERS,
+    image_column: ImageColumnOpt = None,
+    label_column: LabelColumnOpt = None,
+) -> None:
+    """Check a data set: images per class and split, exact and near duplicates within and across splits (leakage), likely label errors.
+
+    Exit codes: 0 no --fail-on rule broken, 1 a rule broken (or an error), 2 bad flags.
+    """
+    opts = AuditOptions(
+        data=parse_data(data), val=parse_data(val) if val else None, test=parse_data(test) if test else None,
+        model=model, revision=revision, output=output, threshold=threshold, min_images=min_images,
+        fail_on=tuple(fail_on or ()), write_clean=write_clean, batch_size=batch_size, device=device, workers=workers,
+        image_column=image_column, label_column=label_column,
+    )  # fmt: skip
+    for source in (opts.data, opts.val, opts.test):  # a folder inside one would be read as images next time
+        check_page_folder("--output", output, data=source)
+    check_label_output("--write-clean", write_clean)
+    check_outside_data("--write-clean", write_clean, (opts.data, opts.val, opts.test))
+    from bitcli.commands import audit as audit_command
+
+    raise typer.Exit(audit_command.run(opts))
 
 
 @_command()
@@ -302,6 +432,62 @@ def report(run: RunDirArg) -> None:
     from bitcli.commands import report as report_command
 
     report_command.run(opts)
+
+
+@_command()
+def push(
+    src: PushSrcArg,
+    repo: RepoArg,
+    private: PrivateOpt = False,
+    revision: PushRevisionOpt = None,
+    commit_message: CommitMessageOpt = None,
+    onnx: PushOnnxOpt = False,
+    dry_run: DryRunOpt = False,
+    license_id: LicenseOpt = None,
+) -> None:
+    """Publish a fine-tuned run (or any model) to the Hugging Face Hub in one commit: a transformers folder, a model card with the metrics, the pictures."""
+    opts = PushOptions(
+        src=src, repo=repo, private=private, revision=revision, commit_message=commit_message, onnx=onnx,
+        dry_run=dry_run, license=license_id,
+    )  # fmt: skip
+    from bitcli.commands import push as push_command
+
+    push_command.run(opts)
+
+
+@_command()
+def serve(
+    model: ServeModelArg,
+    revision: RevisionOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    max_batch: MaxBatchOpt = 16,
+    max_wait_ms: MaxWaitOpt = 10.0,
+    queue: QueueOpt = 64,
+    max_body_mb: MaxBodyOpt = 50.0,
+    timeout_s: TimeoutOpt = 60.0,
+    max_connections: MaxConnectionsOpt = 128,
+    header_timeout_s: HeaderTimeoutOpt = 10.0,
+    top_k: TopKOpt = 5,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
+    workers: DecodeThreadsOpt = DEFAULT_WORKERS,
+) -> None:
+    """Serve a model over HTTP: a JSON API (predict, embed) batching concurrent requests, and an upload page.
+
+    Runs until SIGTERM (exit 0) or Ctrl-C (exit 130), finishing the requests in flight. Needs bitcli[serve].
+    """
+    opts = ServeOptions(
+        model=model, revision=revision, host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        queue=queue, max_body_mb=max_body_mb, timeout_s=timeout_s, max_connections=max_connections, top_k=top_k,
+        device=device, precision=precision, workers=workers, header_timeout_s=header_timeout_s,
+    )  # fmt: skip
+    from bitcli import extras
+
+    extras.require("serve", "bit serve")
+    from bitcli.commands import serve as serve_command
+
+    raise typer.Exit(serve_command.run(opts))
 
 
 def _click_exceptions():

@@ -19,6 +19,7 @@ from bitcli.options import (
     DType,
     EmbedFormat,
     EvalFormat,
+    FailRule,
     KeepBest,
     OptionError,
     Precision,
@@ -28,9 +29,14 @@ from bitcli.options import (
     parse_auto_float,
     parse_auto_int,
     parse_device,
+    parse_dst_path,
+    parse_fail_rule,
+    parse_file_path,
     parse_min_score,
     parse_png_path,
+    parse_positive,
     parse_resolution,
+    parse_threshold,
     parse_val_split,
 )
 
@@ -81,7 +87,10 @@ PrecisionOpt = Annotated[
     Precision, typer.Option("--precision", case_sensitive=False, help="auto: fp32 on CPU, bf16/fp16 on GPU.")
 ]
 ImageColumnOpt = Annotated[
-    str | None, typer.Option("--image-column", help="A data set's image column (default: its Image feature).")
+    str | None,
+    typer.Option(
+        "--image-column", help="A data set's image column (default: its Image feature; a label file's: path)."
+    ),
 ]
 LabelColumnOpt = Annotated[
     str | None,
@@ -110,7 +119,7 @@ EmbedTtaOpt = Annotated[
 ImagesArg = Annotated[
     list[str],
     typer.Argument(
-        help="Image files, folders or glob patterns; - reads paths from stdin, one per line.",
+        help="Image files, folders, glob patterns or http(s) URLs; - reads paths from stdin, one per line.",
         metavar="IMAGES",
         show_default=False,
     ),
@@ -127,17 +136,42 @@ PredictFormatOpt = Annotated[
     typer.Option("--format", "-f", case_sensitive=False, show_default=False,
                  help="Default: from --output's suffix (.json, .jsonl, .csv), else table."),
 ]  # fmt: skip
-PredictOutputOpt = Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")]
+PredictOutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", parser=_parser("--output", parse_file_path), help="Write here instead of stdout."),
+]
 EmbedOutputOpt = Annotated[
     Path | None,
-    typer.Option("--output", "-o", help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl."),
-]
+    typer.Option("--output", "-o", parser=_parser("--output", parse_file_path),
+                 help="FILE.safetensors, FILE.npy (paths in FILE.paths.txt) or FILE.jsonl."),
+]  # fmt: skip
 EmbedFormatOpt = Annotated[
     EmbedFormat | None,
     typer.Option("--format", "-f", case_sensitive=False, show_default=False,
                  help="Default: from --output's suffix; -f jsonl without --output writes to stdout."),
 ]  # fmt: skip
 NormalizeOpt = Annotated[bool, typer.Option("--normalize", help="L2-normalise every vector (unit length).")]
+MaxDownloadOpt = Annotated[
+    float,
+    typer.Option("--max-download-mb", parser=_parser("--max-download-mb", parse_positive), metavar="MB",
+                 help="Size cap of an image given as an http(s) URL (fetched with timeouts, at most 5 redirects)."),
+]  # fmt: skip
+
+# ----------------------------------------------------------------------------------------------------------
+# explain
+
+ExplainOutputOpt = Annotated[
+    Path,
+    typer.Option("--output", "-o", metavar="DIR", show_default=False,
+                 help="Folder for the overlays (PNG), explain.jsonl and maps.safetensors: a new or empty folder, "
+                 "or an earlier output of bit explain."),
+]  # fmt: skip
+TargetOpt = Annotated[
+    str | None,
+    typer.Option("--target", "-t", metavar="LABEL",
+                 help="Explain this class in every image (a label, its first name, or a class index); "
+                 "default: each image's predicted class."),
+]  # fmt: skip
 
 # ----------------------------------------------------------------------------------------------------------
 # convert
@@ -149,8 +183,10 @@ SrcArg = Annotated[
     ),
 ]
 DstArg = Annotated[
-    Path, typer.Argument(metavar="DST", help="A .safetensors file (bitcli), a .onnx file, or a folder (hf/timm).")
-]
+    Path,
+    typer.Argument(metavar="DST", parser=_parser("DST", parse_dst_path),
+                   help="A .safetensors file (bitcli), a .onnx file, or a folder (hf/timm)."),
+]  # fmt: skip
 ConvertFormatOpt = Annotated[
     ConvertFormat | None,
     typer.Option("--format", case_sensitive=False, help="Default: bitcli for *.safetensors, onnx for *.onnx, else hf."),
@@ -268,6 +304,17 @@ NoCalibrateOpt = Annotated[
     typer.Option("--no-calibrate",
                  help="Do not fit the temperature on the validation set (scores stay the softmax of the logits)."),
 ]  # fmt: skip
+CacheFeaturesOpt = Annotated[
+    bool,
+    typer.Option("--cache-features", help="With --head-only: embed each training image once (eval transform, "
+                 "kept in $BITCLI_CACHE as bit audit keeps them) and train the head on those features, without "
+                 "augmentation or MixUp (the classic linear probe)."),
+]  # fmt: skip
+FinetuneReportOpt = Annotated[
+    bool,
+    typer.Option("--report", help="After the last validation, write its HTML report (error gallery with Grad-CAM) "
+                 "into DIR/report (see bit eval --report)."),
+]  # fmt: skip
 TensorboardOpt = Annotated[
     bool,
     typer.Option(
@@ -295,8 +342,138 @@ PlotOpt = Annotated[
                  help="Also draw the confusion matrix, row-normalised, as a PNG, and the reliability diagram "
                  "beside it as FILE-reliability.png (needs bitcli[plots])."),
 ]  # fmt: skip
+ReportDirOpt = Annotated[
+    Path | None,
+    typer.Option("--report", metavar="DIR",
+                 help="Also write an HTML report into DIR: metrics, a clickable confusion matrix, the misclassified "
+                 "images by loss with Grad-CAM, errors.csv and predictions.csv (a new or empty DIR, or an earlier report's)."),
+]  # fmt: skip
 RunDirArg = Annotated[
     Path,
     typer.Argument(metavar="RUN_DIR", show_default=False,
                    help="A bit finetune run folder (its --output): finished, running or interrupted."),
 ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# audit
+
+AuditDataArg = Annotated[
+    str,
+    typer.Argument(metavar="DATA", show_default=False,
+                   help="Any DATA of finetune: class folder (or train/ beside val/ and test/), label file, parquet, "
+                   "save_to_disk folder, hf://datasets/OWNER/NAME[@REV][:SPLIT]."),
+]  # fmt: skip
+AuditTestOpt = Annotated[
+    str | None,
+    typer.Option("--test", metavar="DATA", help="Test data, any DATA kind (default: DATA's test split, if any)."),
+]
+AuditOutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", metavar="DIR",
+                 help="Write audit.json, a CSV per finding and index.html into DIR (a new or empty DIR, or an "
+                 "earlier audit's); without it, only the summary table."),
+]  # fmt: skip
+ThresholdOpt = Annotated[
+    float,
+    typer.Option("--threshold", parser=_parser("--threshold", parse_threshold), metavar="COSINE",
+                 help="Near-duplicate threshold: cosine similarity of the embeddings (at or above)."),
+]  # fmt: skip
+MinImagesOpt = Annotated[
+    int, typer.Option("--min-images", min=1, help="Report a class with fewer images than this in a split.")
+]
+FailOnOpt = Annotated[
+    list[FailRule] | None,
+    typer.Option("--fail-on", parser=_parser("--fail-on", parse_fail_rule), metavar="NAME[>N]",
+                 help="Exit 1 when the count of NAME is above N (default 0); repeat for several rules. NAME: "
+                 "duplicates, exact, near, leaks, conflicts, label-issues, undecodable, small-classes, off-size."),
+]  # fmt: skip
+WriteCleanOpt = Annotated[
+    Path | None,
+    typer.Option("--write-clean", metavar="FILE.csv",
+                 help="Write a label file (path,label[,split]) of the images no finding flags; the data is never touched."),
+]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# push
+
+PushSrcArg = Annotated[
+    str,
+    typer.Argument(metavar="SRC", show_default=False,
+                   help="A bit finetune run folder (its --output), or any model spec (file, folder, Hub id, published name)."),
+]  # fmt: skip
+RepoArg = Annotated[
+    str, typer.Argument(metavar="OWNER/NAME", show_default=False, help="The Hub repo to push to (created if missing).")
+]
+PrivateOpt = Annotated[
+    bool,
+    typer.Option(
+        "--private", help="Create the repo private; an existing public repo is refused, never made public by mistake."
+    ),
+]
+PushRevisionOpt = Annotated[
+    str | None,
+    typer.Option("--revision", metavar="BRANCH", show_default="main",
+                 help="The branch to commit to (created from main if missing)."),
+]  # fmt: skip
+CommitMessageOpt = Annotated[
+    str | None,
+    typer.Option("--commit-message", show_default="Upload NAME with bit push", help="The commit's message."),
+]
+PushOnnxOpt = Annotated[
+    bool, typer.Option("--onnx", help="Also upload model.onnx, the proven export of bit convert (needs bitcli[onnx]).")
+]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Print the files and the model card; upload nothing (no token needed).")
+]
+LicenseOpt = Annotated[
+    str | None,
+    typer.Option("--license", show_default="none stated",
+                 help="The model's license id for the card (apache-2.0, mit, cc-by-4.0, other, ...)."),
+]  # fmt: skip
+
+# ----------------------------------------------------------------------------------------------------------
+# serve
+
+ServeModelArg = Annotated[
+    str,
+    typer.Argument(metavar="MODEL", show_default=False, help=MODEL_HELP + ", or a .onnx file from bit convert."),
+]
+HostOpt = Annotated[
+    str,
+    typer.Option("--host", help="Address to listen on; the default answers this machine only (another address "
+                 "lets other machines in: there is no authentication)."),
+]  # fmt: skip
+PortOpt = Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on; 0: a free one (printed).")]
+MaxBatchOpt = Annotated[
+    int, typer.Option("--max-batch", min=1, help="Most images per forward pass, shared by concurrent requests.")
+]
+MaxWaitOpt = Annotated[
+    float,
+    typer.Option("--max-wait-ms", min=0, help="How long the first image of a batch waits for others to join it."),
+]
+QueueOpt = Annotated[
+    int,
+    typer.Option("--queue", min=1, help="Most images admitted and not yet answered; a request beyond it gets 429."),
+]
+MaxBodyOpt = Annotated[
+    float,
+    typer.Option("--max-body-mb", parser=_parser("--max-body-mb", parse_positive), metavar="MB",
+                 help="Largest request body; a larger one gets 413."),
+]  # fmt: skip
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout-s", parser=_parser("--timeout-s", parse_positive), metavar="SECONDS",
+                 help="A request not answered within this gets 408 (its body was still arriving) or 504."),
+]  # fmt: skip
+MaxConnectionsOpt = Annotated[
+    int, typer.Option("--max-connections", min=1, help="Most open connections; more get 503.")
+]
+HeaderTimeoutOpt = Annotated[
+    float,
+    typer.Option("--header-timeout-s", parser=_parser("--header-timeout-s", parse_positive), metavar="SECONDS",
+                 help="A connection whose request line and headers are not in within this (of its opening or "
+                      "its last answer) is closed."),
+]  # fmt: skip
+DecodeThreadsOpt = Annotated[int, typer.Option("--workers", min=1, help="Image-decoding threads.")]

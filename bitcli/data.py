@@ -137,7 +137,7 @@ class StepSampler:
     function of (seed, s) alone, so resuming and sharding over processes stay exact.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, max_offset: int, mixup: float | None,
+    def __init__(self, num_examples: int, batch_size: int, seed: int, max_offset: int, *, mixup: float | None,
                  by_class: Sequence[np.ndarray] | None = None) -> None:  # fmt: skip
         self.n, self.batch, self.seed, self.max_offset, self.mixup = num_examples, batch_size, seed, max_offset, mixup
         self.with_replacement = num_examples < batch_size
@@ -222,6 +222,6 @@ def eval_transform(crop: int, mean: tuple[float, float, float], std: tuple[float
     return Preprocess.square(crop, crop, mean=mean, std=std)
 
 
-def augment(image: np.ndarray, top: int, left: int, crop: int, flip: bool) -> np.ndarray:
+def augment(image: np.ndarray, top: int, left: int, crop: int, *, flip: bool) -> np.ndarray:
     out = image[top : top + crop, left : left + crop]
     return np.ascontiguousarray(out[:, ::-1] if flip else out)

@@ -44,6 +44,12 @@ class Engine(Protocol):
         """float32 pre-logits [B, D] (the final norm and ReLU, then global average pooling)."""
         ...
 
+    def gradcam(self, batch_uint8: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Grad-CAM maps of the final norm + ReLU (what the head pools), float32 in [0, 1] at the input's size:
+        [B, H, W] for targets [B] (a class index per image), [B, T, H, W] for targets [B, T]. The ONNX engine
+        raises a BitError (onnx_engine.NO_GRADCAM)."""
+        ...
+
 
 def load_engine(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, need_head: bool = True) -> Engine:
     """The checkpoint's model on `device`, for inference: onnxruntime for a checkpoint read from an exported
@@ -69,7 +75,7 @@ def view_features(engine: Engine, batch_uint8: np.ndarray, tta: str | None = Non
     return torch.stack([engine.features(view).float() for view in batches]).mean(dim=0)
 
 
-def top_k(logits: torch.Tensor, labels: Sequence[str], k: int, temperature: float = 1.0,
+def top_k(logits: torch.Tensor, labels: Sequence[str], k: int, *, temperature: float = 1.0,
           multi_label: bool = False) -> list[list[dict]]:  # fmt: skip
     """Per row of logits [B, classes] (or views [B, V, classes]), the k classes of highest score
     (bitcli.scores.probabilities at `temperature`; sigmoids for a multi-label model), best first:

@@ -11,10 +11,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from bitcli import pipeline
+from bitcli import pipeline, scores
 from bitcli.distributed import Dist
 from bitcli.engine import Engine, view_logits
 from bitcli.errors import BitError
+from bitcli.gpu_decode import DeviceDecoder, example_bytes
 from bitcli.metrics import Accumulator, EvalResult
 from bitcli.multilabel import MultiLabelAccumulator, MultiLabelResult
 from bitcli.preprocess import Preprocess
@@ -25,6 +26,11 @@ from bitcli.sources.rows import load_example
 def example_decoder(ds: ImageFolder, preprocess: Preprocess) -> Callable[[int], np.ndarray]:
     """Example i of `ds` as `preprocess` gives it to a model (uint8 HWC), from any source."""
     return lambda i: preprocess.to_uint8(load_example(ds.paths[i]))
+
+
+def example_reader(ds: ImageFolder) -> Callable[[int], bytes | None]:
+    """Example i's encoded bytes, for a GPU decoder (bitcli.gpu_decode), or None."""
+    return lambda i: example_bytes(ds.paths[i])
 
 
 def evaluate(
@@ -38,8 +44,10 @@ def evaluate(
     advance: Callable[[int], None] = pipeline.no_progress,
     info: Dist = pipeline.ONE_PROCESS,
     tta: str | None = None,
-    keep: Callable[[torch.Tensor, np.ndarray], None] | None = None,
+    keep: Callable[[np.ndarray, torch.Tensor], None] | None = None,
+    keep_views: Callable[[torch.Tensor, np.ndarray], None] | None = None,
     multi_label: bool = False,
+    on_device: DeviceDecoder[int] | None = None,
 ) -> EvalResult | MultiLabelResult | None:
     """Accuracy of the engine's model on `ds`; `decode(i)` gives image i as uint8 HWC. class_to_model[c] is
     the model's label index of data-set class c. Accuracy is over a whole pass, so an image that does not decode
@@ -47,11 +55,13 @@ def evaluate(
 
     The main process accumulates every stack of images exactly as the engine computed it, in batch order: the
     same updates with the same values whatever the number of processes, so the same result, bit for bit. The
-    other processes return None.
+    other processes return None. on_device: decode on the engine's GPU (bitcli.gpu_decode.for_engine).
 
-    The scores are the engine's (its temperature) over the views of `tta` (bitcli.scores). `keep(logits,
-    targets)`, on the main process: every stack's logits [b, views, classes] and data-set classes [b], in the
-    order they are accumulated (fine-tuning fits the temperature on them).
+    The scores are the engine's (its temperature) over the views of `tta` (bitcli.scores). On the main process,
+    in the order they are accumulated: `keep(indices, logits)` gets every stack's data-set indices and logits
+    [b, classes] (a report's per-image results; with several views, the log of the scores the
+    metrics rank by), `keep_views(logits, targets)` every stack's logits [b, views, classes] and data-set
+    classes [b] (fine-tuning fits the temperature on them).
 
     A multi-label model (the engine's thresholds), or `multi_label` (fine-tuning's validation, which fits the
     thresholds on these images): sigmoid scores and bitcli.multilabel's metrics; single-label data then counts
@@ -68,7 +78,7 @@ def evaluate(
         return list(view_logits(engine, batch, tta).cpu().numpy())  # numpy rows: only its own travels to rank 0
 
     batches = pipeline.run(range(len(ds)), decode, logits, batch_size=batch_size, workers=workers, info=info,
-                           name=ds.name, advance=advance)  # fmt: skip
+                           name=ds.name, advance=advance, on_device=on_device)  # fmt: skip
     with contextlib.closing(batches):
         for batch in batches:
             failed = next((o.error for o in batch if o.error is not None), None)
@@ -78,6 +88,19 @@ def evaluate(
                 outcomes = [batch.outcomes[p] for p in stack]
                 stacked = torch.from_numpy(np.stack([o.value for o in outcomes]))
                 acc.update(stacked, targets[[o.ref for o in outcomes]])
+                if keep_views is not None:
+                    keep_views(stacked, targets[[o.ref for o in outcomes]])
                 if keep is not None:
-                    keep(stacked, targets[[o.ref for o in outcomes]])
+                    keep(np.asarray([o.ref for o in outcomes], dtype=np.int64), ranked_logits(stacked, engine))
     return acc.result() if info.main else None
+
+
+def ranked_logits(stacked: torch.Tensor, engine: Engine) -> torch.Tensor:
+    """One row of logits per image [b, classes] for a report: one view, the model's own logits (the report's
+    loss is then bitcli.metrics' `loss`, at temperature 1, and its predicted class the metrics' own); several
+    views (--tta), the log of the scores the metrics rank by (the views' mean at the engine's temperature)."""
+    if stacked.ndim == 2:
+        return stacked
+    if stacked.shape[1] == 1:
+        return stacked[:, 0]
+    return scores.log_probabilities(stacked.float(), engine.temperature)

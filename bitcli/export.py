@@ -39,7 +39,7 @@ def write_onnx(ckpt: Checkpoint, path: Path, dtype: torch.dtype, *, opset: int |
                calibrate: Path | None = None, min_agreement: float = 0.99) -> None:  # fmt: skip
     """Export `ckpt` to `path`: proven with onnxruntime first, and (with `calibrate`) quantised to int8
     on the images of that folder. Nothing is written when a check fails."""
-    extras.require("onnx", "ONNX support")
+    extras.require("onnx", "An ONNX export")
     import onnx
 
     if dtype not in TOLERANCE:
@@ -111,7 +111,7 @@ def fold_standardization(model: BitModel) -> BitModel:
     return folded
 
 
-def export(model: BitModel, dtype: torch.dtype, opset: int, size: tuple[int, int], dynamic_size: bool):
+def export(model: BitModel, dtype: torch.dtype, opset: int, size: tuple[int, int], *, dynamic_size: bool):
     """The ModelProto of `model` (fp32, eval mode) at `dtype`, exported with torch.onnx.export.
 
     dynamo=True (torch.export, then onnxscript) rather than the TorchScript tracer: the tracer records the
@@ -152,7 +152,7 @@ def check_batch(size: tuple[int, int], count: int = CHECK_BATCH) -> np.ndarray:
 
 
 def prove(
-    proto, model: BitModel, preprocess: Preprocess, sizes: list[tuple[int, int]], dtype: torch.dtype
+    proto, model: BitModel, preprocess: Preprocess, sizes: list[tuple[int, int]], *, dtype: torch.dtype
 ) -> dict[str, Any]:
     """Run the exported graph in the ONNX engine and the torch model (fp32) on the fixed batch at every size,
     both normalised by `preprocess`; a relative difference above TOLERANCE[dtype] is an error. Returns what was

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 
@@ -101,11 +101,14 @@ class Reader(Generic[T]):
         return meta, results
 
 
-def stack_by_size(items: Iterable[tuple[K, np.ndarray]]) -> Iterator[tuple[list[K], np.ndarray]]:
+def stack_by_size(
+    items: Iterable[tuple[K, Any]], stack: Callable[[list], Any] = np.stack
+) -> Iterator[tuple[list[K], Any]]:
     """(keys, stacked arrays), one batch per image size, keys in their order within it: only equal sizes
-    stack, and a checkpoint without a centre crop keeps each image's aspect ratio."""
-    by_size: dict[tuple[int, ...], list[tuple[K, np.ndarray]]] = {}
+    stack, and a checkpoint without a centre crop keeps each image's aspect ratio. `stack`: np.stack, or
+    torch.stack for images already on a GPU (bitcli.gpu_decode)."""
+    by_size: dict[tuple[int, ...], list[tuple[K, Any]]] = {}
     for key, array in items:
-        by_size.setdefault(array.shape, []).append((key, array))
+        by_size.setdefault(tuple(array.shape), []).append((key, array))
     for group in by_size.values():
-        yield [key for key, _ in group], np.stack([array for _, array in group])
+        yield [key for key, _ in group], stack([array for _, array in group])

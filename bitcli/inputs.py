@@ -1,5 +1,6 @@
 """What the user named on the command line, as images: files, folders and glob patterns expanded in argument
-order, `-` for paths listed on stdin, and the decoding of one image file for a checkpoint. `bit predict` and
+order, `-` for paths listed on stdin, http(s) URLs (bitcli.urls: fetched when the image is decoded, so on the
+pipeline's decoding threads, in parallel), and the decoding of one image for a checkpoint. `bit predict` and
 `bit embed` take their inputs here, and int8 calibration decodes its images with `path_decoder`.
 """
 
@@ -15,6 +16,7 @@ from typing import IO
 
 import numpy as np
 
+from bitcli import urls
 from bitcli.errors import BitError, UsageError
 from bitcli.images import list_images
 from bitcli.preprocess import Preprocess, load_image
@@ -30,7 +32,11 @@ class Input:
 
 
 def _expand(arg: str, recursive: bool) -> list[Input]:
-    """A file as given; a folder to the images it holds; a glob to its matches (folders among them expanded)."""
+    """A file as given; a folder to the images it holds; a glob to its matches (folders among them expanded);
+    a URL as given (an error row for a scheme other than http and https)."""
+    if urls.is_url(arg):
+        reason = urls.refusal(arg)
+        return [Input(arg, None if reason is None else f"{display(arg)}: {reason}")]
     p = Path(arg)
     try:
         if p.is_dir():
@@ -75,12 +81,14 @@ def expand_inputs(args: list[str], recursive: bool, stdin: IO[bytes] | None = No
     return out
 
 
-def decode(path: str, preprocess: Preprocess) -> np.ndarray:
-    """An image file as `preprocess` gives it to a model: uint8 [H, W, 3]."""
-    return preprocess.to_uint8(load_image(path))
+def decode(path: str, preprocess: Preprocess, downloads: urls.Limits = urls.DEFAULT) -> np.ndarray:
+    """An image file, or a URL's image (fetched within `downloads`), as `preprocess` gives it to a model:
+    uint8 [H, W, 3]."""
+    image = urls.open_image(path, downloads) if urls.is_url(path) else load_image(path)
+    return preprocess.to_uint8(image)
 
 
-def path_decoder(preprocess: Preprocess) -> Callable[[str], np.ndarray]:
-    """decode(path, preprocess) as a function of the path, for bitcli.pipeline (`decode` is looked up when an
-    image is decoded)."""
-    return lambda path: decode(path, preprocess)
+def path_decoder(preprocess: Preprocess, downloads: urls.Limits = urls.DEFAULT) -> Callable[[str], np.ndarray]:
+    """decode(path, preprocess, downloads) as a function of the path, for bitcli.pipeline (`decode` is looked up
+    when an image is decoded)."""
+    return lambda path: decode(path, preprocess, downloads)

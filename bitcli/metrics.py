@@ -26,7 +26,7 @@ from bitcli.errors import BitError
 from bitcli.render import console
 from bitcli.ui import visible
 
-OTHER = "(other)"  # confusion-matrix column for predictions outside the evaluated classes
+OTHER = "(other)"  # confusion-matrix column for predictions outside the evaluated classes (see other_label)
 TOP_K = 5
 NO_TOP5 = "n/a (the model has 5 classes or fewer)"  # the top five would always hold the answer
 ECE_BINS = 15  # equal-width bins of the top-1 score: (0, 1/15], (1/15, 2/15], ... (14/15, 1]
@@ -48,6 +48,12 @@ class EvalResult:
     reliability: dict[str, list] | None = None
     temperature: float = 1.0  # the model's, applied to the scores
     tta: str | None = None  # test-time augmentation (bitcli.scores.views)
+    other: str = OTHER  # the name of the catch-all column, in `labels` (last) only when a prediction fell there
+
+    @property
+    def other_column(self) -> str | None:
+        """The catch-all column's label when the matrix has it (its last), else None."""
+        return self.other if self.labels and self.labels[-1] == self.other else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +71,7 @@ class EvalResult:
             "balanced_accuracy": self.balanced_accuracy,
             "confusion": self.confusion,
             "labels": self.labels,
+            "other": self.other_column,  # which label is the catch-all column (None: no such column)
             "reliability": self.reliability,
             "temperature": self.temperature,
             "tta": self.tta,
@@ -133,9 +140,10 @@ class Accumulator:
     model's (bitcli.scores), applied to every metric but `loss`; `tta`: recorded in the result."""
 
     def __init__(self, class_names: Sequence[str], class_to_model: Sequence[int], num_model_classes: int,
-                 temperature: float = 1.0, tta: str | None = None) -> None:  # fmt: skip
+                 *, temperature: float = 1.0, tta: str | None = None) -> None:  # fmt: skip
         self.temperature, self.tta = temperature, tta
         self.names = list(class_names)
+        self.other = other_label(self.names)
         self.to_model = np.asarray(class_to_model, dtype=np.int64)
         self.with_top5 = num_model_classes > TOP_K
         # Confusion axes: the evaluated classes in the model's label order, then OTHER when needed.
@@ -208,13 +216,25 @@ class Accumulator:
             per_class={
                 name: float(self.correct1[i] / self.totals[i]) for i, name in enumerate(self.names) if self.totals[i]
             },
-            labels=self.axis_names + ([OTHER] if with_other else []),
+            labels=self.axis_names + ([self.other] if with_other else []),
             confusion=self.confusion[:size, :size].tolist(),
             nll=self.nll_sum / count,
             reliability=self.reliability(),
             temperature=self.temperature,
             tta=self.tta,
+            other=self.other,
         )
+
+
+def other_label(classes: Sequence[str]) -> str:
+    """The catch-all column's name: "(other)", or when a class has that name "(other, not evaluated)" (then
+    with " 2", " 3" ... until no class has it), so that every label of the matrix names one column."""
+    taken = set(classes)
+    name, n = OTHER, 1
+    while name in taken:
+        n += 1
+        name = "(other, not evaluated)" if n == 2 else f"(other, not evaluated {n - 1})"
+    return name
 
 
 MAX_CONFUSION_TABLE = 25  # classes; wider matrices are for --format json
@@ -256,7 +276,7 @@ def render_table(result: EvalResult, color: bool) -> str:
         for name in result.labels:
             confusion.add_column(Text(visible(name)), justify="right")
         rows = list(zip(result.labels, result.confusion))
-        if rows[-1][0] == OTHER and not any(rows[-1][1]):
+        if result.other_column is not None and not any(rows[-1][1]):
             rows.pop()  # the (other) column has no row: no image is of a class outside the evaluated ones
         for name, row in rows:
             confusion.add_row(Text(visible(name)), *(str(v) for v in row))

@@ -19,7 +19,7 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int) -> int:
     return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
 
 
-def pad_same(x: torch.Tensor, kernel: int, stride: int, dilation: int, value: float = 0.0) -> torch.Tensor:
+def pad_same(x: torch.Tensor, kernel: int, stride: int, dilation: int, *, value: float = 0.0) -> torch.Tensor:
     pad_h = same_padding(x.shape[-2], kernel, stride, dilation)
     pad_w = same_padding(x.shape[-1], kernel, stride, dilation)
     if pad_h or pad_w:  # TF puts the odd pixel at the bottom/right
@@ -52,6 +52,7 @@ class StdConv2d(nn.Conv2d):
         out_channels: int,
         kernel_size: int,
         stride: int = 1,
+        *,
         dilation: int = 1,
         padding: str | None = None,
         eps: float = 1e-8,
@@ -353,6 +354,11 @@ class BitModel(nn.Module):
 
     def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).mean(dim=(2, 3))  # [B, C]
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from forward_features' output: global average pooling, then the head (Grad-CAM
+        differentiates this part alone)."""
+        return self.head(features.mean(dim=(2, 3)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pre_logits(x))

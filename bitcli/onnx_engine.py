@@ -10,6 +10,7 @@ precision is the file's own (float32, float16 or int8), so --precision does not 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,8 @@ from bitcli.preprocess import Preprocess
 from bitcli.ui import log
 
 CPU = torch.device("cpu")
+# Why an ONNX model gets no Grad-CAM (the exported graph ends in logits: no gradient of the final activations).
+NO_GRADCAM = "Grad-CAM needs the torch checkpoint the ONNX file was exported from (the export gives logits only)"
 
 
 def pixel_values(normalize: Callable[[torch.Tensor], torch.Tensor], batch_uint8: np.ndarray) -> np.ndarray:
@@ -48,17 +51,29 @@ def providers(device: torch.device) -> list[Any]:
 def session(model: bytes | str, device: torch.device, name: str):
     """An onnxruntime InferenceSession of a serialised graph or a file, with every graph optimisation on;
     one line naming `name` when onnxruntime cannot load it. The only place bitcli makes one."""
-    extras.require("onnx", "ONNX support")
+    extras.require("onnx", "Running an .onnx model", modules=("onnxruntime",))  # running needs no exporter (onnxscript)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings (e.g. unused initialisers) are not the user's
+    asked = providers(device)
     try:
-        return ort.InferenceSession(model, options, providers=providers(device))
+        made = ort.InferenceSession(model, options, providers=asked)
     except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own (Fail, InvalidGraph, ...) and RuntimeError
         raise BitError(
             f"{name}: onnxruntime cannot load it ({one_line(exc)}); it may be truncated or corrupt"
         ) from None
+    if asked[0] != "CPUExecutionProvider" and made.get_providers()[0] != "CUDAExecutionProvider":
+        _fell_back_to_cpu()
+    return made
+
+
+@functools.cache
+def _fell_back_to_cpu() -> None:
+    """Once per process: onnxruntime has a CUDA provider but did not start it (its CUDA or cuDNN libraries did
+    not load) and runs the graph on the CPU instead, saying so only in its own log."""
+    log("warning: onnxruntime could not start its CUDA provider (are its CUDA and cuDNN libraries installed?); "
+        "the ONNX model runs on the CPU")  # fmt: skip
 
 
 class OnnxEngine:
@@ -103,3 +118,6 @@ class OnnxEngine:
         raise BitError(
             f"{self.source}: an ONNX export gives logits only; use the checkpoint it was exported from for features"
         )
+
+    def gradcam(self, batch_uint8: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        raise BitError(f"{self.source}: {NO_GRADCAM}")

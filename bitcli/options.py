@@ -16,9 +16,11 @@ from typing import TypeVar
 
 from bitcli.architectures import DEFAULT_MODEL
 from bitcli.errors import BitError, UsageError
+from bitcli.hubnames import branch_problem, commit_text, repo_id_problem
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution, resolution_for_crop
-from bitcli.ui import display
-from bitcli.writes import unwritable
+from bitcli.pages.folder import refusal as page_folder_refusal
+from bitcli.ui import display, visible
+from bitcli.writes import names_a_folder, refuse_replacing_input, unwritable
 
 # Image-decoding threads for every command (0: decode in the calling thread); results never depend on it.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -211,9 +213,35 @@ def parse_auto_float(value: str) -> float | None:
     return x
 
 
+def parse_file_path(value: str) -> Path:
+    """An output file's name (--output): not one that names a folder (`out/`, see writes.names_a_folder)."""
+    reason = names_a_folder(value)
+    if reason is not None:
+        raise OptionError(f"{display(value)}: {reason}")
+    return Path(value)
+
+
+def parse_dst_path(value: str) -> Path:
+    """convert's DST: a folder (hf, timm) may end in a separator; a file that the suffix names may not."""
+    if suffix_format(Path(value), CONVERT_SUFFIXES) is not None:
+        return parse_file_path(value)
+    return Path(value)
+
+
+def parse_positive(value: str) -> float:
+    """A finite number > 0 (sizes in MB, timeouts in seconds)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise OptionError(f"{value!r}: use a number, e.g. 50 or 0.5") from None
+    if not math.isfinite(x) or x <= 0:
+        raise OptionError(f"{value}: must be a number > 0")
+    return x
+
+
 def parse_png_path(value: str) -> Path:
     """A picture's file name: it must end in .png (the only format drawn), so the name says what it holds."""
-    path = Path(value)
+    path = parse_file_path(value)
     if path.suffix.lower() != ".png":
         raise OptionError(f"{value!r}: the picture is a PNG; give a file name ending in .png")
     return path
@@ -254,6 +282,66 @@ def check_output(flag: str, path: Path | None, folder: bool = False) -> None:
     reason = unwritable(path, folder)
     if reason is not None:
         raise UsageError(f"{flag} {display(path)}: {reason}")
+
+
+def check_page_folder(flag: str, path: Path | None, data: DataSpec | None = None, *, kind: str | None = None,
+                      removed_first: bool = False) -> None:  # fmt: skip
+    """Refuse (exit 2, before any work) a folder a page cannot be written into (bitcli.pages.folder): a file,
+    a folder that cannot be written in, a folder holding files bitcli did not write or another command's page
+    (`kind`: the command writing it); and one inside the image folder `data`, where its pictures would be taken
+    for images by the next run."""
+    if path is None:
+        return
+    reason = page_folder_refusal(path, kind, removed_first=removed_first)
+    if reason is None and isinstance(data, Path) and data.is_dir():
+        inside = _within(path, data)
+        reason = f"is inside the image folder {display(data)}; choose a folder outside it" if inside else None
+    if reason is not None:
+        raise UsageError(f"{flag} {display(path)}: {reason}")
+
+
+def check_label_output(flag: str, path: Path | None) -> None:
+    """check_output for a label file bitcli writes (--write-clean): a .csv."""
+    if path is not None and path.suffix.lower() != ".csv":
+        raise UsageError(f"{flag} {display(path)}: name a .csv file (a label file: path,label[,split])")
+    check_output(flag, path)
+
+
+def check_outside_data(flag: str, path: Path | None, sources: tuple[DataSpec | None, ...]) -> None:
+    """Refuse (exit 2, before any work) an output file that is one of the data sources being read (however
+    spelt: ../, a symlink) or lies inside an image folder among them, where it would change the data."""
+    if path is None:
+        return
+    local = [Path(s) for s in sources if isinstance(s, Path)]
+    # a FILE:SPLIT source reads FILE
+    refuse_replacing_input(flag, path, local + [Path(str(s).rpartition(":")[0]) for s in local if ":" in s.name])
+    for folder in (s for s in local if s.is_dir()):
+        if _within(path, folder):
+            raise UsageError(f"{flag} {display(path)}: is inside the image folder {display(folder)}, which it would "
+                             "change; choose a file outside it")  # fmt: skip
+
+
+def check_plot_outside_report(plot: Path | None, report: Path | None) -> None:
+    """Refuse (exit 2) eval's --plot inside its --report folder, which takes no file the report does not write."""
+    if plot is not None and report is not None and _within(plot, report):
+        raise UsageError(
+            f"--plot {display(plot)}: is inside the --report folder {display(report)}, which holds only the "
+            "report's files (its confusion matrix included); write the picture elsewhere"
+        )
+
+
+def check_explain_output_outside_inputs(output: Path, folders: list[str]) -> None:
+    """Refuse (exit 2) explain's --output inside a folder it reads recursively: the next run would explain
+    its own overlays."""
+    for arg in folders:
+        if arg != "-" and Path(arg).is_dir() and _within(output, Path(arg)):
+            raise UsageError(f"--output {display(output)}: is inside the image folder {display(arg)}; "
+                             "choose a folder outside it")  # fmt: skip
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """`path` lies inside `folder` (links resolved)."""
+    return Path(os.path.realpath(folder)) in Path(os.path.realpath(path)).parents
 
 
 def check_embed_output(fmt: EmbedFormat, output: Path | None) -> None:
@@ -312,6 +400,7 @@ class PredictOptions:
     workers: int = DEFAULT_WORKERS
     tta: Tta | None = None  # test-time augmentation: the mean of the views' scores
     min_score: float | None = None  # a top score below this: the image's label is unknown (null)
+    max_download_mb: float = 50.0  # the size cap of an image named by URL (bitcli.urls)
 
 
 @dataclass(frozen=True)
@@ -325,6 +414,7 @@ class EvalOptions:
     precision: Precision = Precision.auto
     workers: int = DEFAULT_WORKERS
     plot: Path | None = None  # also write the confusion matrix here as a PNG (and reliability_path(plot))
+    report: Path | None = None  # also write the HTML report (metrics, confusion, error gallery) into this folder
     image_column: str | None = None  # a data set's image column (None: found from its features)
     label_column: str | None = None  # ... and its label column
     tta: Tta | None = None
@@ -344,6 +434,38 @@ class EmbedOptions:
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
     tta: Tta | None = None  # test-time augmentation: the mean of the views' features
+    max_download_mb: float = 50.0  # the size cap of an image named by URL (bitcli.urls)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`bit serve`: the model, where to listen, and the server's limits (bitcli.server)."""
+
+    model: str
+    revision: str | None = None
+    host: str = "127.0.0.1"  # loopback: another address is the user's explicit choice
+    port: int = 8000  # 0: a free port (the URL is printed)
+    max_batch: int = 16  # images per forward pass
+    max_wait_ms: float = 10.0  # how long the first image of a batch waits for others
+    queue: int = 64  # images admitted and not yet answered; more: 429
+    max_body_mb: float = 50.0  # a request body over this: 413
+    timeout_s: float = 60.0  # a request not answered within this: 408 (body still arriving) or 504
+    max_connections: int = 128  # open connections; more: 503
+    header_timeout_s: float = 10.0  # a request line and headers not in within this: the connection is closed
+    top_k: int = 5  # the default of ?top_k=
+    device: str = "auto"
+    precision: Precision = Precision.auto
+    workers: int = DEFAULT_WORKERS  # decoding threads
+
+    def __post_init__(self) -> None:
+        if self.queue < self.max_batch:
+            raise UsageError(f"--queue {self.queue} is below --max-batch {self.max_batch}: batches could never fill")
+        # (also refuses inf and nan, which typer's min=0 lets through: a wait the model thread cannot time)
+        if not 0 <= self.max_wait_ms < self.timeout_s * 1000:
+            raise UsageError(
+                f"--max-wait-ms {self.max_wait_ms:g}: use a number of milliseconds from 0 to below --timeout-s "
+                f"({self.timeout_s * 1000:g} ms), or a lone request would wait out its own timeout"
+            )
 
 
 @dataclass(frozen=True)
@@ -411,7 +533,9 @@ class FinetuneOptions:
     random_init: bool = False
     revision: str | None = None
     head_only: bool = False  # train the new head only; the backbone stays the start model's, bit for bit
+    cache_features: bool = False  # with head_only: train the head on cached features of the eval transform
     tensorboard: bool = False  # also write TensorBoard event files under DIR/tensorboard
+    report: bool = False  # write the final validation's HTML report (error gallery) into DIR/report
     image_column: str | None = None  # a data set's image column (None: found from its features)
     label_column: str | None = None  # ... and its label column
     class_weights: Balance | None = None  # balanced: inverse-frequency weights in the loss
@@ -421,5 +545,104 @@ class FinetuneOptions:
 
 
 @dataclass(frozen=True)
+class ExplainOptions:
+    images: list[str]
+    output: Path  # the folder of overlays, explain.jsonl and maps.safetensors (bitcli.pages.folder's rules)
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    target: str | None = None  # a label or class index to explain in every image (None: each one's prediction)
+    batch_size: int = 16
+    device: str = "auto"
+    recursive: bool = False
+    workers: int = DEFAULT_WORKERS
+
+
+@dataclass(frozen=True)
 class ReportOptions:
     run: Path  # a `bit finetune` run folder (--output), finished, running or interrupted
+
+
+# The findings `bit audit --fail-on` can count (bitcli.audit.findings.Findings.counts gives each one's number).
+AUDIT_COUNTS = (
+    "duplicates", "exact", "near", "leaks", "conflicts", "label-issues", "undecodable", "small-classes", "off-size",
+)  # fmt: skip
+DEFAULT_NEAR_THRESHOLD = 0.95  # cosine similarity of pre-logit embeddings (BENCHMARKS.md: issue 23)
+
+
+@dataclass(frozen=True)
+class FailRule:
+    """`--fail-on NAME[>N]`: the audit exits 1 when the count of NAME is above N (default 0)."""
+
+    name: str
+    limit: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.name}>{self.limit}"
+
+
+def parse_fail_rule(value: str) -> FailRule:
+    name, sep, limit = value.strip().lower().replace(" ", "").partition(">")
+    if name not in AUDIT_COUNTS or (sep and not limit.isdigit()):
+        raise OptionError(
+            f"{value!r}: use NAME or NAME>N with NAME one of {', '.join(AUDIT_COUNTS)} (e.g. leaks, label-issues>10)"
+        )
+    return FailRule(name, int(limit) if sep else 0)
+
+
+def parse_threshold(value: str) -> float:
+    try:
+        threshold = float(value)
+    except ValueError:
+        threshold = math.nan
+    if not 0 < threshold <= 1:
+        raise OptionError(f"{value!r}: use a cosine similarity in (0, 1], e.g. {DEFAULT_NEAR_THRESHOLD}")
+    return threshold
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    data: DataSpec
+    val: DataSpec | None = None  # default: DATA's validation part, if it has one
+    test: DataSpec | None = None
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    output: Path | None = None  # audit.json, the CSVs and index.html (bitcli.pages.folder's rules); None: table only
+    threshold: float = DEFAULT_NEAR_THRESHOLD
+    min_images: int = 5  # a class with fewer images in a split is reported
+    fail_on: tuple[FailRule, ...] = ()
+    write_clean: Path | None = None  # a label file of the rows that no finding flags
+    batch_size: int = 32
+    device: str = "auto"
+    workers: int = DEFAULT_WORKERS
+    image_column: str | None = None
+    label_column: str | None = None
+
+
+# A Hub repo id, each part as the Hub allows it: letters, digits, '-', '_', '.', not starting or ending with '-' or
+# '.', no '--' or '..', at most 96 characters (huggingface_hub's validate_repo_id, without importing it).
+_HUB_NAME = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?", re.ASCII)
+_LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    src: str  # a bit finetune run folder or any model spec
+    repo: str  # OWNER/NAME on the Hub
+    private: bool = False  # create the repo private (an existing public one is refused)
+    revision: str | None = None  # the branch to commit to (created from main if missing); None: main
+    commit_message: str | None = None  # None: "Upload <name> with bit push"
+    onnx: bool = False  # also upload model.onnx
+    dry_run: bool = False  # print the files and the card; upload nothing
+    license: str | None = None  # the card's license id; None: not stated
+
+    def __post_init__(self) -> None:
+        if problem := repo_id_problem(self.repo):
+            raise UsageError(f"{visible(self.repo)}: {problem}")
+        if self.revision is not None and (problem := branch_problem(self.revision)):
+            raise UsageError(f"--revision {visible(repr(self.revision))}: {problem}")
+        if self.commit_message is not None and not self.commit_message.strip():
+            raise UsageError("--commit-message: give a message (or leave the flag out)")
+        if self.commit_message is not None and not commit_text(self.commit_message)[0]:
+            raise UsageError("--commit-message: the first line is the commit's summary, and it is blank: start with it")
+        if self.license is not None and not _LICENSE_ID.fullmatch(self.license):
+            raise UsageError(f"--license {self.license!r}: a Hub license id in lower case, e.g. apache-2.0, mit, other")

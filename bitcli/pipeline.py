@@ -18,13 +18,16 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from bitcli.distributed import Dist, from_main, gather_in_order, my_share
 from bitcli.errors import BitError, one_line
+from bitcli.gpu_decode import DeviceDecoder
 from bitcli.images import Job, Reader, stack_by_size
+from bitcli.preprocess import cannot_decode
 from bitcli.ui import display, progress_bar, visible
 
 K = TypeVar("K")
@@ -38,7 +41,8 @@ class _Row(Protocol):
 
 
 R = TypeVar("R", bound=_Row)
-Compute = Callable[[np.ndarray], Sequence[Any]]  # a stacked uint8 batch [B, H, W, 3] -> one value per image, in order
+# a stacked uint8 batch [B, H, W, 3] (numpy, or a tensor on the engine's GPU) -> one value per image, in order
+Compute = Callable[[Any], Sequence[Any]]
 ONE_PROCESS = Dist()
 
 
@@ -47,7 +51,7 @@ def failure(name: str, exc: BaseException) -> str:
     reason = one_line(exc)
     if isinstance(exc, BitError):  # bitcli's own messages name the file and say what to do
         return reason if str(exc).strip() else f"{display(name)}: {reason}"
-    return f"{display(name)}: cannot decode image ({reason})"  # a decoder bug must not take the others down
+    return str(cannot_decode(display(name), exc))  # a decoder bug must not take the others down
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ def run(
     info: Dist = ONE_PROCESS,
     name: Callable[[K], str] = str,
     advance: Callable[[int], None] = no_progress,
+    on_device: DeviceDecoder[K] | None = None,
 ) -> Generator[Batch[K], None, None]:
     """The batches of `refs` (paths, data-set indices, examples: whatever `decode` takes), batch_size at a time,
     in input order. Each image is decoded by `decode(ref)` on `workers` threads a batch ahead of the model (0:
@@ -100,12 +105,19 @@ def run(
     yield nothing but must run to the end (every round is a collective). A BitError that compute raises is
     raised on the main process when that batch's turn comes, as in one process. After each batch the consumer
     has taken, `advance(len(batch))` is called (a progress bar). Ctrl-C stops it wherever it is: the decoding
-    threads are told to drop what is queued."""
+    threads are told to drop what is queued.
+
+    on_device (bitcli.gpu_decode.for_engine, for a model on a GPU): the threads read the files and decode only
+    what the GPU cannot (`decode` then), and each batch's JPEGs are decoded together on the GPU before compute."""
     count = -(-len(refs) // batch_size)
     reader: Reader[list[K]] = Reader(workers)
     with reader:
-        jobs = _jobs(refs, decode, batch_size, my_share(count, info))
-        mine = (_batch(chunk, results, compute, name) for chunk, results in reader.outcomes(jobs))
+        jobs = _jobs(refs, decode if on_device is None else on_device.prepare, batch_size, my_share(count, info))
+        done: Iterator[tuple[list[K], Sequence[Any]]] = reader.outcomes(jobs)  # Any: gpu_decode's Encoded too
+        if on_device is not None:
+            done = ((chunk, on_device.finish(results)) for chunk, results in done)
+        stack = np.stack if on_device is None else on_device.stack
+        mine = (_batch(chunk, results, compute, name, stack=stack) for chunk, results in done)
         for batch in gather_in_order(mine, count, info):
             if isinstance(batch, BitError):
                 raise batch
@@ -114,7 +126,7 @@ def run(
 
 
 def _jobs(
-    refs: Sequence[K], decode: Callable[[K], np.ndarray], batch_size: int, batches: range
+    refs: Sequence[K], decode: Callable[[K], Any], batch_size: int, batches: range
 ) -> Iterator[tuple[list[K], list[Job]]]:
     """The batches numbered in `batches` (batch b: refs b * batch_size onwards), with their decode jobs."""
     for b in batches:
@@ -123,12 +135,17 @@ def _jobs(
 
 
 def _batch(
-    chunk: list[K], results: list[np.ndarray | Exception], compute: Compute | None, name: Callable[[K], str]
+    chunk: list[K],
+    results: Sequence[Any],
+    compute: Compute | None,
+    name: Callable[[K], str],
+    *,
+    stack: Callable[[list], Any] = np.stack,
 ) -> Batch[K] | BitError:
     """A chunk's Batch; the BitError that compute raised is returned, not raised, so that the main process
     raises it at this batch's turn."""
     outcomes: list[Outcome[K]] = []
-    decoded: list[tuple[int, np.ndarray]] = []
+    decoded: list[tuple[int, Any]] = []
     for position, (ref, result) in enumerate(zip(chunk, results)):
         if isinstance(result, Exception):
             outcomes.append(Outcome(ref, failure(name(ref), result)))
@@ -140,7 +157,7 @@ def _batch(
     stacks = []
     try:
         # An uncropped checkpoint keeps each image's aspect ratio, and only equal sizes stack.
-        for positions, images in stack_by_size(decoded):
+        for positions, images in stack_by_size(decoded, stack):
             for position, value in zip(positions, compute(images)):
                 outcomes[position] = Outcome(chunk[position], None, value)
             stacks.append(positions)
@@ -193,14 +210,17 @@ class Report(Generic[R]):
 
 
 def run_report(report: Report, decode: Callable[[str], np.ndarray], compute: Compute, *, batch_size: int,
-               workers: int, emit: Callable[[list], None], info: Dist, verb: str) -> bool:  # fmt: skip
-    """Runs `compute` over every path of `report` (`run`), records each image's value or error on the main
-    process and passes each newly ready run of rows to `emit`, with a progress bar saying `verb`; True when
-    Ctrl-C stopped it (what was recorded before the signal is complete, and is emitted)."""
+               workers: int, emit: Callable[[list], None], info: Dist, verb: str,
+               on_device: DeviceDecoder[str] | None = None) -> bool:  # fmt: skip
+    """Runs `compute` over every path of `report` (`run`, decoding on the GPU with `on_device`), records each
+    image's value or error on the main process and passes each newly ready run of rows to `emit`, with a
+    progress bar saying `verb`; True when Ctrl-C stopped it (what was recorded before the signal is complete,
+    and is emitted)."""
     paths = report.to_compute()
     emit(report.release())  # arguments that named nothing come out as soon as their turn comes
     bar = progress_bar(verb, total=len(paths), unit="img") if info.main else contextlib.nullcontext(no_progress)
-    batches = functools.partial(run, paths, decode, compute, batch_size=batch_size, workers=workers, info=info)
+    batches = functools.partial(run, paths, decode, compute, batch_size=batch_size, workers=workers, info=info,
+                                on_device=on_device)  # fmt: skip
     try:
         with bar as advance, contextlib.closing(batches(advance=advance)) as done:
             for batch in done:
@@ -213,15 +233,18 @@ def run_report(report: Report, decode: Callable[[str], np.ndarray], compute: Com
     return False
 
 
-def exit_code(report: Report, interrupted: bool, info: Dist) -> int:
+def exit_code(report: Report, interrupted: bool, info: Dist, output: Path | None) -> int:
     """0, 1 (some input failed) or 130 (Ctrl-C). The main process names the failures on stderr and decides;
-    every process returns its code, so that torchrun reports the run as one process would."""
+    every process returns its code, so that torchrun reports the run as one process would. `output`: where
+    the rows went (None: stdout), named when Ctrl-C stopped the run."""
     if info.main:
         for r in report.failed:
             print(f"error: {visible(r.error)}", file=sys.stderr)
         if interrupted:
             print(
-                f"interrupted: {report.released} of {len(report.inputs)} images done; the results above are complete for those",
+                f"interrupted: {report.released} of {len(report.inputs)} images done; the results "
+                + ("above" if output is None else f"written to {visible(display(output))}")
+                + " are complete for those",
                 file=sys.stderr,
             )
     if interrupted:  # every process got the signal; no further collective (some may have left a round early)

@@ -248,7 +248,7 @@ def confusion_png(
         return _png(fig)
 
 
-def evaluation_png(result: Mapping[str, Any], heading: str, other: str) -> bytes:
+def evaluation_png(result: Mapping[str, Any], heading: str, other: str | None) -> bytes:
     """The confusion picture of an evaluation (EvalResult.to_dict(), or a run's stored last validation),
     titled with `heading` and its top-1 and macro F1."""
     heading = visible(heading)

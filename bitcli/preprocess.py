@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from bitcli.errors import BitError, one_line
+from bitcli.reads import not_regular
 
 # Decompression bombs: images above this many pixels are refused before they are decoded, and no resize may
 # produce more (the shortest-edge resize of a thin strip would). PIL itself refuses twice the limit from the
@@ -156,6 +157,28 @@ class Preprocess:
         canvas.paste(region, (px, py))
         return canvas
 
+    def view_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom): where the model's input lies on a width x height image, in the image's
+        pixels. The whole image without a crop; the centre crop's window with one; past the image's edges
+        where the crop is larger than the resized image (the black padding). A Grad-CAM map drawn into
+        this box sits on what the model saw."""
+        rw, rh = self.resized_size(width, height)
+        if self.crop is None:
+            return 0.0, 0.0, float(width), float(height)
+        (x0, _, px), (y0, _, py) = (_crop_window(rw, self.crop[1], self.crop_rounding),
+                                    _crop_window(rh, self.crop[0], self.crop_rounding))  # fmt: skip
+        left, top = (x0 - px) * width / rw, (y0 - py) * height / rh
+        return left, top, left + self.crop[1] * width / rw, top + self.crop[0] * height / rh
+
+    def crop_window(self, width: int, height: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """The centre crop of a resized width x height image, as resize_and_crop takes it: for x, then y, (first
+        kept pixel, pixels kept, offset in the output). For decoders that resize elsewhere (bitcli.gpu_decode)."""
+        if self.crop is None:
+            raise ValueError("crop_window: this preprocessing has no crop")
+        return _crop_window(width, self.crop[1], self.crop_rounding), _crop_window(
+            height, self.crop[0], self.crop_rounding
+        )
+
     def to_uint8(self, image: Image.Image) -> np.ndarray:
         """RGB image -> the resized, cropped HWC uint8 array (normalisation happens in the batch, in torch)."""
         try:
@@ -238,6 +261,13 @@ def image_too_large(name: str) -> BitError:
     )
 
 
+def cannot_decode(name: str, exc: BaseException) -> BitError:
+    """The one "cannot decode" wording: a decoder (PIL's, or any other) raised `exc` on image `name`. `name` is
+    the file as reports show it (ui.display): the terminal makes the whole line visible, the machine formats
+    keep it literal. bitcli.pipeline.failure uses it for what no decoder turned into a BitError."""
+    return BitError(f"{name}: cannot decode image ({one_line(exc)}); the file may be truncated or corrupt")
+
+
 def _check_size(name: str, width: int, height: int) -> None:
     if width * height > MAX_IMAGE_PIXELS:
         raise image_too_large(name)
@@ -256,7 +286,7 @@ def _check_file(path: str | os.PathLike[str], name: str) -> None:
     if stat.S_ISDIR(mode):
         raise BitError(f"{name}: is a directory; pass --recursive to classify folders inside folders")
     if not stat.S_ISREG(mode):  # a FIFO or device would block or never end
-        raise BitError(f"{name}: not a regular file (pipe, socket or device); copy the image to a file")
+        raise BitError(not_regular(name, mode))
 
 
 @contextlib.contextmanager
@@ -275,7 +305,7 @@ def _decoding(name: str) -> Iterator[None]:
     except MemoryError:
         raise BitError(f"{name}: out of memory while decoding; downscale the image or free memory") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise BitError(f"{name}: cannot decode image ({one_line(exc)}); the file may be truncated or corrupt") from None
+        raise cannot_decode(name, exc) from None
 
 
 def _checked(path: str | os.PathLike[str] | BinaryIO, name: str | None) -> str:

@@ -33,7 +33,7 @@ BATCH = 16  # images per decoding chunk and per onnxruntime call while measuring
 
 
 def quantize_int8(
-    proto, preprocess: Preprocess, images: list[np.ndarray], folder: Path, min_agreement: float
+    proto, preprocess: Preprocess, images: list[np.ndarray], folder: Path, *, min_agreement: float
 ) -> tuple[Any, dict[str, Any]]:
     """(the int8 ModelProto, what was checked): calibrated on `images` (calibration_images of `folder`), and
     refused when its top-1 agrees with `proto`'s on fewer than `min_agreement` of them."""

@@ -67,6 +67,8 @@ def resolve_precision(precision: Precision | str, device: torch.device) -> torch
     if precision not in tuple(Precision):
         raise UsageError(f"--precision {precision!r}: use one of {', '.join(p.value for p in Precision)}")
     if precision == "fp32":
+        if device.type == "cuda":
+            exact_fp32()
         return torch.float32
     if precision == "bf16":
         if device.type == "cpu" and not bf16_supported(device):
@@ -80,6 +82,15 @@ def resolve_precision(precision: Precision | str, device: torch.device) -> torch
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def exact_fp32() -> None:
+    """--precision fp32 on CUDA computes in fp32: torch lets cuDNN's convolutions use TF32 by default (a 10-bit
+    mantissa on Ampere and later GPUs: logits about 1e-3 apart from the CPU's), and this turns it off, for
+    matrix products too. The standard flags; the older ones, which every torch bitcli supports reads and writes
+    (mixing them with torch 2.9's fp32_precision settings makes torch refuse to read them)."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

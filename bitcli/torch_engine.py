@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bitcli.errors import BitError
 from bitcli.formats.checkpoint import Checkpoint
@@ -63,11 +64,12 @@ class TorchEngine:
     def num_classes(self) -> int:
         return self.model.config.num_classes
 
-    def to_input(self, batch_uint8: np.ndarray) -> torch.Tensor:
-        """uint8 [B, H, W, 3] (numpy) -> the normalised float input on the device, in the engine's memory format.
-        (Normalising permutes the NHWC pixels without copying them: the result is channels_last in memory
-        until it is made contiguous.)"""
-        x = self.preprocess.normalize(torch.from_numpy(batch_uint8).to(self.device, non_blocking=True))
+    def to_input(self, batch_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] (numpy, or a tensor: already on the device when decoded there, bitcli.gpu_decode)
+        -> the normalised float input on the device, in the engine's memory format. (Normalising permutes the
+        NHWC pixels without copying them: the result is channels_last in memory until it is made contiguous.)"""
+        pixels = batch_uint8 if isinstance(batch_uint8, torch.Tensor) else torch.from_numpy(batch_uint8)
+        x = self.preprocess.normalize(pixels.to(self.device, non_blocking=True))
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def autocast(self):
@@ -93,3 +95,49 @@ class TorchEngine:
         """float32 pre-logits [B, D]: final GroupNorm + ReLU, then global average pooling."""
         with self._inference():
             return self.model.pre_logits(self.to_input(batch_uint8)).float()
+
+    def gradcam(self, batch_uint8: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Grad-CAM maps, float32 in [0, 1] at the input's size: [B, H, W] for targets [B] (a class index per
+        image), [B, T, H, W] for targets [B, T] (T classes per image, one trunk pass).
+
+        The layer is what the head pools: forward_features' output (the final GroupNorm + ReLU). A class's
+        channel weights are the spatial mean of d(logit)/d(activation), the map is ReLU(sum_k w_k A_k),
+        min-max scaled, resized bilinearly (half-pixel centres) and min-max scaled again: the `grad-cam`
+        package's GradCAM, to 1e-4. The trunk runs without autograd (the gradient of a logit with respect
+        to these activations goes through the pooling and the head alone) and in float32 whatever the
+        engine's precision: a few images, and maps comparable across devices. The model is left as it was
+        (no parameter gets a .grad; its train/eval mode is restored)."""
+        index = torch.as_tensor(np.asarray(targets, dtype=np.int64), device=self.device)
+        many = index.ndim == 2
+        index = index if many else index[:, None]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                x = self.to_input(batch_uint8)
+                features = self.model.forward_features(x).float()  # [B, C, h, w]
+            with torch.enable_grad():
+                activations = features.detach().requires_grad_()
+                logits = self.model.forward_head(activations).float()
+                maps = [self._cam(activations, logits, index[:, t]) for t in range(index.shape[1])]
+        finally:
+            self.model.train(was_training)
+        out = torch.stack(maps, dim=1)  # [B, T, h, w]
+        out = scale_maps(F.interpolate(out, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False))
+        maps_np = out.cpu().numpy()
+        return maps_np if many else maps_np[:, 0]
+
+    @staticmethod
+    def _cam(activations: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One target per image: its min-max scaled map at the activations' size, [B, h, w]."""
+        (grads,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), activations, retain_graph=True)
+        weights = grads.mean(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
+        return scale_maps(torch.relu((weights * activations.detach()).sum(dim=1)))
+
+
+def scale_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Each map (the last two axes) ReLU'd, minus its minimum, over its maximum + 1e-7: the `grad-cam`
+    package's scale_cam_image."""
+    maps = torch.relu(maps)
+    maps = maps - maps.amin(dim=(-2, -1), keepdim=True)
+    return maps / (maps.amax(dim=(-2, -1), keepdim=True) + 1e-7)

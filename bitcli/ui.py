@@ -58,6 +58,16 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def human_size(n: int) -> str:
+    """A size in bytes for people: `512 B`, `43.2 KiB`, `1.5 MiB`, `3.1 GiB`."""
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Characters that would break a line or a table row, or reorder what is shown: C0/C1 controls, line and
 # paragraph separators, and the bidirectional overrides and isolates.

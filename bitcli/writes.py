@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitcli.errors import BitError, one_line
+from bitcli.errors import BitError, UsageError, one_line
 from bitcli.ui import display
 
 
@@ -212,6 +212,16 @@ def _write_directly(path: Path, write: Callable[[Any], None], fd: int | None = N
 # Before the work: can the output be written at the end?
 
 
+def names_a_folder(text: str) -> str | None:
+    """Why `text`, typed where a file is to be written, cannot name that file: a trailing separator names a
+    folder (`out/`), and a Path drops it, so the file would be written as `out`. Checked on the text as typed,
+    while the command line is read (bitcli.options' path parsers), before unwritable checks the path."""
+    separators = (os.sep, os.altsep) if os.altsep else (os.sep,)
+    if len(text) > 1 and text.endswith(separators):
+        return f"ends in {text[-1]}, which names a folder; give a file name (without the trailing {text[-1]})"
+    return None
+
+
 def unwritable(path: Path, folder: bool = False) -> str | None:
     """Why the write of `path` (a file; with `folder`, a folder) at the end of a command would fail, or None.
 
@@ -241,6 +251,42 @@ def unwritable(path: Path, folder: bool = False) -> str | None:
     if stat.S_ISREG(st.st_mode) and os.access(os.path.dirname(real), os.W_OK | os.X_OK):
         return None  # replaced by a rename
     return None if os.access(real, os.W_OK) else "cannot be written (no permission); choose another path"
+
+
+def within(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it, symlinks resolved: the one rule for an output that must stay
+    out of a data set's folder (finetune's run folder, eval's --plot)."""
+    out, root = Path(path).resolve(), Path(folder).resolve()
+    return out == root or root in out.parents
+
+
+def replaced_input(output: Path | None, inputs: Iterable[str | Path]) -> str | None:
+    """The first of `inputs` that writing `output` would replace (the same file, through symlinks and hard
+    links: os.path.samefile's test), or None. Only an output that exists can be an input."""
+    if output is None:
+        return None
+    try:
+        out = os.stat(output)
+    except OSError:
+        return None
+    for path in inputs:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
+            return str(path)
+    return None
+
+
+def refuse_replacing_input(flag: str, output: Path | None, inputs: Iterable[str | Path]) -> None:
+    """UsageError (exit 2, before any work) when writing `output` would replace one of the command's inputs."""
+    found = replaced_input(output, inputs)
+    if output is not None and found is not None:
+        raise UsageError(
+            f"{flag} {display(output)}: is the input {display(found)}; writing there would replace it, "
+            "so choose another file"
+        )
 
 
 def _dangling_link(path: Path, folder: bool) -> str | None:

@@ -4,14 +4,20 @@
 #      scikit-learn (.ci/venv; .ci/run adds the test extras to the same venv),
 #   2. export scikit-learn's handwritten digits as an image folder (train/ and a held-out test/, 32x32 PNG),
 #   3. fine-tune a small BiT from random weights (`bit finetune --random-init`),
-#   4. measure it on the held-out images (`bit eval`) and classify a few of them (`bit predict`),
+#   4. measure it on the held-out images (`bit eval`, with the report page of its errors in $WORK/report/)
+#      and classify a few of them (`bit predict`),
 #   5. summarise the run (`bit report`; the run drew $WORK/model/curves.png and confusion.png).
-# A few minutes on 2 CPU cores. Outputs go to $DEMO_DIR (default runs/digits-demo); the venv is
-# $BITCLI_VENV (default .venv). Measured numbers: examples/README.md.
+# A few minutes on 2 CPU cores. Outputs go to $DEMO_DIR (default runs/digits-demo in the checkout); the venv
+# is $BITCLI_VENV (default .venv in the checkout); a relative path in either is taken from the directory the
+# demo is started in, as any path typed on a command line is. Measured numbers: examples/README.md.
 set -euo pipefail
+caller="$PWD"
+from_caller() { case "$1" in /*) printf '%s\n' "$1" ;; *) printf '%s\n' "$caller/$1" ;; esac; }
 cd "$(dirname "$0")/.."
-VENV="${BITCLI_VENV:-.venv}"
-WORK="${DEMO_DIR:-runs/digits-demo}"
+VENV=.venv WORK=runs/digits-demo  # the defaults: in the checkout (the script runs from its root)
+if [ -n "${BITCLI_VENV:-}" ]; then VENV="$(from_caller "$BITCLI_VENV")"; fi
+if [ -n "${DEMO_DIR:-}" ]; then WORK="$(from_caller "$DEMO_DIR")"; fi
+export BITCLI_VENV="$VENV"  # .ci/venv makes this one
 export HF_HUB_OFFLINE=1 BITCLI_OFFLINE=1  # nothing here needs the network
 
 started=$(date +%s)
@@ -35,7 +41,8 @@ train_seconds=$(( $(date +%s) - train_started ))
 
 echo "== bit eval on the held-out test images"
 "$BIT" eval "$WORK/digits/test" --model "$WORK/model"
-"$BIT" eval "$WORK/digits/test" --model "$WORK/model" --format json --plot "$WORK/eval_confusion.png" > "$WORK/eval.json"
+"$BIT" eval "$WORK/digits/test" --model "$WORK/model" --format json --plot "$WORK/eval_confusion.png" \
+    --report "$WORK/report" > "$WORK/eval.json"
 
 echo "== bit predict on three held-out images"
 samples=()

@@ -121,6 +121,15 @@ def tiny_dir(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_dir: Path, tmp_path_factory) -> Path:
+    """tiny_dir exported by `bit convert` to ONNX (float32)."""
+    path = tmp_path_factory.mktemp("tiny-onnx") / "tiny.onnx"
+    code, _, err = run_main("convert", tiny_dir, path)
+    assert code == 0, err
+    return path
+
+
 def write_folder(root: Path, counts: dict[str, int], size: int = 16, seed: int = 0) -> None:
     """Classes that a small network can tell apart: each has its own dominant colour channel."""
     rng = np.random.default_rng(seed)

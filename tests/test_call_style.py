@@ -18,6 +18,12 @@ MAX_POSITIONAL = 4
 # "FILE:NAME" allows the calls of NAME in FILE (none since issue 21's pipeline restructuring was merged). An entry
 # that no longer matches a call fails the test, so that the list only ever shrinks.
 ALLOWED_CALLS: set[str] = set()
+# "FILE:NAME" definitions allowed more than four positional parameters: the Typer commands, whose parameters
+# are the command line's options and which only Typer calls (by keyword).
+ALLOWED_SIGNATURES = {
+    f"bitcli/cli.py:{name}"
+    for name in ("predict", "embed", "convert", "finetune", "eval_", "push", "explain", "serve", "audit")
+} | {"bitcli/urls.py:redirect_request"}  # an override: urllib.request.HTTPRedirectHandler calls it positionally
 # `def f(..., **kwargs)` in these files is allowed for the same reason (none today).
 ALLOWED_KWARGS: set[str] = set()
 
@@ -41,14 +47,39 @@ def called_name(call: ast.Call) -> str | None:
     return None
 
 
+def called(call: ast.Call) -> tuple[str | None, int]:
+    """(name called, positional count); `partial(f, a, b)` is a call of f with a and b (the rest come later,
+    but the ones bound here are already in order)."""
+    if called_name(call) == "partial" and call.args:
+        inner = ast.Call(func=call.args[0], args=call.args[1:], keywords=[])
+        return called_name(inner), len(call.args) - 1
+    return called_name(call), len(call.args)
+
+
 def long_calls(trees: dict[str, ast.Module]) -> list[tuple[str, str, int, int]]:
     """(file, called name, line, positional count) of each call of a defined name with too many positionals."""
     names = defined_names(trees)
     found = []
     for path, tree in trees.items():
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and called_name(node) in names and len(node.args) > MAX_POSITIONAL:
-                found.append((path, called_name(node), node.lineno, len(node.args)))
+            if isinstance(node, ast.Call):
+                name, n = called(node)
+                if name in names and n > MAX_POSITIONAL:
+                    found.append((path, name, node.lineno, n))
+    return sorted(found)
+
+
+def long_signatures(trees: dict[str, ast.Module]) -> list[tuple[str, str, int, int]]:
+    """(file, function, line, count) of each definition taking more than four parameters positionally (self
+    and cls not counted): the ones after the fourth should be keyword-only (`*`), so no call can pass them
+    in an order that silently swaps two of them."""
+    found = []
+    for path, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, FUNCTIONS):
+                params = [a for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(params) > MAX_POSITIONAL:
+                    found.append((path, node.name, node.lineno, len(params)))
     return sorted(found)
 
 
@@ -74,6 +105,23 @@ def test_no_call_of_bitcli_passes_more_than_four_positional_arguments(trees) -> 
     assert not bad, "pass the arguments after the fourth by keyword:\n" + "\n".join(bad)
     stale = ALLOWED_CALLS - {f"{path}:{name}" for path, name, _, _ in calls}
     assert not stale, f"no longer needed: remove from ALLOWED_CALLS: {sorted(stale)}"
+
+
+def test_no_definition_takes_more_than_four_positional_parameters(trees) -> None:
+    defs = long_signatures(trees)
+    bad = [f"{path}:{line}: {name}() takes {n} parameters positionally" for path, name, line, n in defs
+           if f"{path}:{name}" not in ALLOWED_SIGNATURES]  # fmt: skip
+    assert not bad, "make the parameters after the fourth keyword-only (`*`):\n" + "\n".join(bad)
+    stale = ALLOWED_SIGNATURES - {f"{path}:{name}" for path, name, _, _ in defs}
+    assert not stale, f"no longer needed: remove from ALLOWED_SIGNATURES: {sorted(stale)}"
+
+
+def test_partial_counts_as_a_call() -> None:
+    """functools.partial(f, ...) binds positional arguments as a call does: it is counted as one."""
+    tree = ast.parse(
+        "def f(a, b, c, d, e, g): ...\nimport functools\nfunctools.partial(f, 1, 2, 3, 4, 5)\npartial(f, 1)\n"
+    )
+    assert long_calls({"x.py": tree}) == [("x.py", "f", 3, 5)]
 
 
 def test_no_kwargs_sinks_in_bitcli(trees) -> None:

@@ -22,7 +22,18 @@ def test_help_lists_every_command():
     code, out, err = run_main("--help")
     assert (code, err) == (0, "")
     commands = re.findall(r"^  (\w+) ", out.split("Commands:\n")[1], flags=re.M)
-    assert commands == ["predict", "embed", "convert", "finetune", "eval", "report"]
+    assert commands == [
+        "predict",
+        "embed",
+        "convert",
+        "finetune",
+        "eval",
+        "explain",
+        "audit",
+        "report",
+        "push",
+        "serve",
+    ]
 
 
 def test_help_shows_each_command_s_whole_summary():

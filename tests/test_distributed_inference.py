@@ -147,3 +147,22 @@ def test_eval_two_processes_match_one(tiny_dir: Path, traced, tmp_path: Path) ->
     assert (code, err) == (0, "")
     assert two.stdout.decode() == out  # loss summed in the same order: the same float, to the last bit
     _assert_each_opened_once_by_one_process(logs, sorted(data.rglob("*.png")))
+
+
+def test_eval_report_two_processes_match_one(tiny_dir: Path, tmp_path: Path) -> None:
+    """--report under torchrun: every process evaluates its share, the main one alone writes the report (and
+    draws the pictures), the same bytes as one process writes."""
+    data = tmp_path / "images"
+    write_folder(data, {"apple": 5, "banana": 6, "cherry": 4}, size=24)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["eval", data, "--model", tiny_dir, "-f", "json", "-b", "4", "--workers", "1", "--report"]
+    two = _torchrun(*args, tmp_path / "two", env=env)
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    code, out, err = run_main(*args, tmp_path / "one")
+    assert code == 0, err
+    assert two.stdout.decode() == out
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) > 4  # the page, two CSV files, the marker and pictures
+    assert sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file()) == files
+    for name in files:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name

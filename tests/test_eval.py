@@ -46,9 +46,9 @@ def test_eval_json_is_one_object_and_agrees_with_finetune(trained: tuple[Path, P
     assert (code, err) == (0, "")
     result = json.loads(out)  # the whole of stdout is one JSON object
     assert list(result) == ["top1", "top5", "loss", "nll", "ece", "count", "per_class", "precision", "recall", "f1",
-                            "macro_f1", "balanced_accuracy", "confusion", "labels", "reliability", "temperature",
-                            "tta"]  # fmt: skip
-    assert result["labels"] == ["blue", "green", "red"]
+                            "macro_f1", "balanced_accuracy", "confusion", "labels", "other", "reliability",
+                            "temperature", "tta"]  # fmt: skip
+    assert result["labels"] == ["blue", "green", "red"] and result["other"] is None  # no catch-all column
     confusion = np.array(result["confusion"])
     assert confusion.shape == (3, 3) and confusion.sum() == result["count"] == 12
     assert confusion.sum(axis=1).tolist() == [3, 4, 5]  # rows are the true classes

@@ -31,7 +31,7 @@ LABELS = ["tabby, tabby cat", "goldfish, Carassius auratus", "hen", "ostrich", "
 FOLDERS = {"tabby": 0, "1": 1, "hen": 2, "kite": 6}
 AXIS = ["tabby", "1", "hen", "kite"]
 EVAL_KEYS = ["top1", "top5", "loss", "nll", "ece", "count", "per_class", "precision", "recall", "f1", "macro_f1",
-             "balanced_accuracy", "confusion", "labels", "reliability", "temperature", "tta"]  # fmt: skip
+             "balanced_accuracy", "confusion", "labels", "other", "reliability", "temperature", "tta"]  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=["crop", "no-crop"])
@@ -108,6 +108,7 @@ def test_eval_metrics_equal_scikit_learn_on_transformers_logits(model8: Path, fo
     assert list(result) == EVAL_KEYS
     assert result["count"] == len(paths) == 20
     assert result["labels"] == [*AXIS, OTHER]
+    assert result["other"] == OTHER  # the label of the catch-all column
     assert result["confusion"] == expected.tolist()
     assert result["top1"] == accuracy_score(y_true, y_pred)
     assert result["top5"] == top_k_accuracy_score(y_true, logits.numpy(), k=5, labels=np.arange(len(LABELS)))
@@ -192,6 +193,30 @@ def test_table_shows_the_other_column_without_an_other_row() -> None:
         "│ b │ 1 │ 1 │       0 │\n"
         "└───┴───┴───┴─────────┘\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("classes", "other"),
+    [(["(other)", "b"], "(other, not evaluated)"),
+     (["(other)", "(other, not evaluated)"], "(other, not evaluated 2)")],
+)  # fmt: skip
+def test_a_class_named_other_keeps_the_catch_all_column_apart(classes: list[str], other: str) -> None:
+    """Review of issue 20: a class named (other) and the catch-all column had one name: the table showed two
+    (other) columns and the JSON labels were ['(other)', 'b', '(other)']."""
+    acc = Accumulator(classes, class_to_model=[0, 1], num_model_classes=3)
+    logits = torch.tensor([[0.9, 0.0, 0.1], [0.0, 0.1, 0.9], [0.0, 0.9, 0.1]])  # right, outside (model class 2), right
+    acc.update(logits, np.array([0, 0, 1]))
+    result = acc.result()
+    assert result.labels == [*classes, other]
+    assert result.to_dict()["other"] == other
+    assert result.confusion == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
+    table = render_table(result, color=False).split("columns: predicted class)\n")[1]
+    header = table.splitlines()[1]
+    assert [cell.strip() for cell in header.strip("┃").split("┃")] == ["", *classes, other]
+    assert len(table.splitlines()) == 6  # two class rows; the catch-all column has no row
+    plain = Accumulator(["a", "b"], class_to_model=[0, 1], num_model_classes=3)
+    plain.update(logits[:1], np.array([0]))
+    assert plain.result().to_dict()["other"] is None  # no prediction outside: no catch-all column
 
 
 def test_accumulator_top5_counts_rank_five_and_not_six() -> None:

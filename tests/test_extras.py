@@ -15,10 +15,12 @@ from bitcli.errors import BitError
 
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 HINTS = {
-    "onnx": "ONNX support is not installed; run: pip install 'bitcli[onnx]'",  # one line whatever part is missing
+    "onnx": "--flag needs {module}, which is not installed: pip install 'bitcli[onnx]'",
     "plots": "--flag needs {module}, which is not installed: pip install 'bitcli[plots]'",
     "tensorboard": "--flag needs the {module} package, which is not installed: pip install 'bitcli[tensorboard]'",
     "datasets": "--flag needs {module}, which is not installed: pip install 'bitcli[datasets]'",
+    "audit": "--flag needs {module} (label issues), which is not installed: pip install 'bitcli[audit]'",
+    "serve": "--flag needs {module}, which is not installed: pip install 'bitcli[serve]'",
 }
 
 
@@ -47,5 +49,23 @@ def test_convert_to_onnx_without_the_exporter_is_the_install_hint(tiny_dir, tmp_
     and nothing written."""
     monkeypatch.setitem(sys.modules, "onnxscript", None)
     code, out, err = run_main("convert", tiny_dir, tmp_path / "x.onnx")
-    assert (code, out, err) == (1, "", "Error: ONNX support is not installed; run: pip install 'bitcli[onnx]'\n")
+    assert (code, out, err) == (
+        1,
+        "",
+        "Error: An ONNX export needs onnxscript, which is not installed: pip install 'bitcli[onnx]'\n",
+    )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_use_checks_only_the_modules_it_imports(monkeypatch):
+    """Review of issue 20: running an exported .onnx imports onnx and onnxruntime, never onnxscript (the
+    exporter's), so a machine without onnxscript runs it; an export needs all three."""
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    assert extras.missing("onnx", ("onnx", "onnxruntime")) is None and extras.missing("onnx") == "onnxscript"
+    extras.require("onnx", "running", modules=("onnx", "onnxruntime"))
+    with pytest.raises(
+        BitError, match=r"^ONNX export needs onnxscript, which is not installed: pip install 'bitcli\[onnx\]'$"
+    ):
+        extras.require("onnx", "ONNX export")
+    with pytest.raises(ValueError):  # a module the extra does not install: a mistake in bitcli's own table
+        extras.missing("onnx", ("torch",))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -143,4 +144,63 @@ def test_truncated_safetensors_names_the_problem(tmp_path, tiny_dir, photos):
     (model / "model.safetensors").write_bytes(data[: len(data) - 1000])
     assert _predict_error(photos, model) == (
         f"{model / 'model.safetensors'}: safetensors data runs past the end of the file (truncated)"
+    )
+
+
+@pytest.fixture()
+def no_hang():
+    """A read that blocks (a FIFO with no writer) fails the test after 20 s instead of hanging the suite."""
+    import signal
+
+    class Blocked(BaseException):  # not an OSError (TimeoutError is one): a reader's `except OSError` can't eat it
+        pass
+
+    def expire(*_):
+        raise Blocked("blocked reading a FIFO")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("name", ["m.safetensors", "m.npz", "m.bin", "m.onnx"])
+@pytest.mark.parametrize("command", ["predict", "convert"])
+def test_fifo_model_file_is_refused_not_read(tmp_path, photos, monkeypatch, no_hang, name, command):
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo(name)
+    args = (
+        ["predict", photos["chelsea.png"], "-m", name] if command == "predict" else ["convert", name, "o.safetensors"]
+    )
+    assert run_main(*args) == (
+        1,
+        "",
+        f"Error: {name}: is a FIFO (named pipe), not a regular file\n",
+    )
+    assert sorted(os.listdir()) == [name]
+
+
+@pytest.mark.parametrize(
+    ("fifo", "what"),
+    [("config.json", "JSON"), ("preprocessor_config.json", "JSON"), ("model.safetensors", "model")],
+)
+def test_fifo_in_a_model_folder_is_refused_not_read(tmp_path, tiny_dir, photos, no_hang, fifo, what):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    (folder / fifo).unlink()
+    os.mkfifo(folder / fifo)
+    assert run_main("predict", photos["chelsea.png"], "-m", folder) == (
+        1,
+        "",
+        f"Error: {folder / fifo}: is a FIFO (named pipe), not a regular file\n",
+    )
+
+
+def test_fifo_labels_file_is_refused_not_read(tmp_path, tiny_dir, no_hang):
+    os.mkfifo(tmp_path / "labels.txt")
+    assert run_main("convert", tiny_dir, tmp_path / "o.safetensors", "--labels", tmp_path / "labels.txt") == (
+        1,
+        "",
+        f"Error: {tmp_path / 'labels.txt'}: is a FIFO (named pipe), not a regular file\n",
     )

@@ -66,7 +66,7 @@ def corpus(tmp_path_factory, photos) -> tuple[Path, dict[str, str | None]]:
     (root / "dangling.jpg").symlink_to(root / "does-not-exist.jpg")
     expect["dangling.jpg"] = "broken symbolic link"
     os.mkfifo(root / "pipe.jpg")
-    expect["pipe.jpg"] = "not a regular file"
+    expect["pipe.jpg"] = "pipe.jpg: is a FIFO (named pipe), not a regular file"
     odd = os.fsencode(str(root)) + b"/caf\xe9-latin1.jpg"  # not valid UTF-8
     with open(odd, "wb") as f:
         f.write(jpeg)

@@ -1,39 +1,25 @@
-"""Hub repo ids downloaded for real: a loopback HTTP server plays the Hugging Face Hub for huggingface_hub.
+"""Hub repo ids downloaded for real: a loopback HTTP server (tests/fakehub.py) plays the Hugging Face Hub for
+huggingface_hub.
 
 `bit predict --model org/name` first asks for the repo's info itself, with a timeout, then runs
-`huggingface_hub.snapshot_download` (see bitcli.hub.hub_snapshot). With huggingface_hub 2.4 that makes, against
-`HF_ENDPOINT`:
-
-    GET  /api/models/{repo}/revision/{rev}             repo info: its "sha" turns a branch/tag into a commit
-    GET  /api/models/{repo}/tree/{commit}?recursive=true&expand=false
-                                                       the file listing (cached on disk as trees/{commit}.json)
-    HEAD /{repo}/resolve/{commit}/{file}               X-Repo-Commit, ETag (the blob's name in the cache), size
-    GET  /{repo}/resolve/{commit}/{file}               the bytes
-
-and, once a day per HF_HOME (it is cached in $HF_HOME/.agent_harnesses.json) unless HF_HUB_DISABLE_TELEMETRY=1,
-`GET /api/agent-harnesses`: building the User-Agent header fetches a registry of AI-agent env vars. That call is
-telemetry, not part of resolving a model, so the tests look at `hub.model_requests()`, which leaves it out.
-
-FakeHub answers exactly these from folders on disk and records every request, so the tests can say which
+`huggingface_hub.snapshot_download` (see bitcli.hub.hub_snapshot): the requests fakehub.py lists under
+"Downloads". FakeHub answers them from folders on disk and records every request, so the tests can say which
 files were fetched, and how often a failing Hub was asked, not just that the CLI printed something.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.server
 import json
 import os
 import shutil
 import socket
-import threading
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import pytest
 import timm
 import torch
 from conftest import perturb, run_bit
+from fakehub import FakeHub, closed_port_url, etag_of
 
 COMMIT_MAIN = "1a" * 20  # 40 hex digits: huggingface_hub treats such a revision as a commit hash
 COMMIT_V1 = "2b" * 20
@@ -43,136 +29,6 @@ COMMIT_TIMM = "4d" * 20
 REPO = "org/bit-tiny"  # main: safetensors *and* pytorch_model.bin; tag v1: upper-case labels
 BIN_REPO = "org/bit-tiny-bin"  # pytorch_model.bin only
 TIMM_REPO = "org/timm-r50"  # timm layout: config.json with "architecture", model.safetensors, no preprocessor
-
-TELEMETRY = "/api/agent-harnesses"
-LFS_SUFFIXES = (".safetensors", ".bin")  # what the Hub stores in LFS (tree "lfs" field, X-Linked-Etag)
-
-
-def git_blob_sha1(data: bytes) -> str:
-    """A file's git object id, which the Hub reports as `oid` and as the ETag of non-LFS files."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def etag_of(path: Path) -> str:
-    """The Hub's ETag: the sha256 for LFS files, the git blob id otherwise. It names the blob in the cache."""
-    data = path.read_bytes()
-    return hashlib.sha256(data).hexdigest() if path.name.endswith(LFS_SUFFIXES) else git_blob_sha1(data)
-
-
-class FakeHub:
-    """The Hub endpoints snapshot_download uses, for repos added with `add`; `requests` lists (method, path)."""
-
-    def __init__(self) -> None:
-        self.repos: dict[str, dict] = {}  # repo id -> {"commits": {sha: folder}, "refs": {name: sha}}
-        self.requests: list[tuple[str, str]] = []
-        self.fail_with: int | None = None  # e.g. 503: every request gets that status (the Hub is down)
-        self.break_downloads: set[str] = set()  # file names whose GET fails with 500 after a good HEAD
-        hub = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                hub.handle(self, "GET")
-
-            def do_HEAD(self) -> None:
-                hub.handle(self, "HEAD")
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # snapshot_download uses 8 threads
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def add(self, repo_id: str, folder: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> None:
-        repo = self.repos.setdefault(repo_id, {"commits": {}, "refs": {}})
-        repo["commits"][commit] = folder
-        repo["refs"].update(dict.fromkeys(refs, commit))
-
-    def reset(self) -> None:
-        self.requests.clear()
-        self.fail_with = None
-        self.break_downloads.clear()
-
-    def model_requests(self) -> list[tuple[str, str]]:
-        return [(m, p) for m, p in self.requests if p != TELEMETRY]
-
-    # --- request handling ---------------------------------------------------------------------------------
-
-    def handle(self, h: http.server.BaseHTTPRequestHandler, method: str) -> None:
-        self.requests.append((method, h.path))
-        if self.fail_with is not None:
-            return self.reply(h, method, self.fail_with, body=b"Service Unavailable")
-        if h.path == TELEMETRY:  # what the Hub serves when no harness is registered
-            return self.reply_json(h, method, {"standardEnvVars": [], "harnesses": {}})
-        parts = [unquote(p) for p in urlsplit(h.path).path.strip("/").split("/")]
-        if parts[:2] == ["api", "models"] and len(parts) == 6 and parts[4] in ("revision", "tree"):
-            repo_id, kind, rev = "/".join(parts[2:4]), parts[4], parts[5]
-            if (found := self.resolve(h, method, repo_id, rev)) is None:
-                return
-            commit, folder = found
-            files = sorted(p for p in folder.iterdir() if p.is_file())
-            if kind == "revision":  # model_info: huggingface_hub reads "sha" (and ModelInfo needs "id")
-                info = {"id": repo_id, "sha": commit, "siblings": [{"rfilename": f.name} for f in files]}
-                return self.reply_json(h, method, info)
-            # The real Hub pages at 1000 entries with a `Link: <...>; rel="next"` header; one page holds these.
-            return self.reply_json(h, method, [self.tree_entry(f) for f in files])
-        if len(parts) >= 5 and parts[2] == "resolve":
-            repo_id, rev, filename = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
-            if (found := self.resolve(h, method, repo_id, rev)) is None:
-                return
-            commit, folder = found
-            path = folder / filename
-            if not path.is_file():  # hf_hub_download reads X-Repo-Commit even here (to cache the absence)
-                return self.reply_error(h, method, 404, "EntryNotFound", f"{filename} does not exist", commit)
-            # huggingface_hub needs X-Repo-Commit and an ETag (else FileMetadataError); the size comes from
-            # X-Linked-Size or Content-Length. The real Hub redirects LFS files to a CDN with X-Linked-*
-            # headers; serving them here directly, with the same headers, keeps the server small.
-            if method == "GET" and filename in self.break_downloads:  # its HEAD went well, its download fails
-                return self.reply(h, method, 500, body=b"Internal Server Error")
-            etag, data = etag_of(path), path.read_bytes()
-            headers = {"X-Repo-Commit": commit, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream"}
-            if filename.endswith(LFS_SUFFIXES):
-                headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))}
-            return self.reply(h, method, 200, headers, data)
-        return self.reply(h, method, 404, body=b"Not Found")
-
-    def resolve(self, h, method: str, repo_id: str, rev: str) -> tuple[str, Path] | None:
-        """(commit, folder) for a branch, tag or commit; otherwise the 404 the Hub sends, and None."""
-        repo = self.repos.get(repo_id)
-        if repo is None:  # hf_raise_for_status turns X-Error-Code: RepoNotFound into RepositoryNotFoundError
-            return self.reply_error(h, method, 404, "RepoNotFound", "Repository not found")
-        commit = repo["refs"].get(rev, rev)
-        if commit not in repo["commits"]:  # ... and RevisionNotFound into RevisionNotFoundError
-            return self.reply_error(h, method, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
-        return commit, repo["commits"][commit]
-
-    @staticmethod
-    def tree_entry(path: Path) -> dict:
-        data = path.read_bytes()
-        entry = {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": path.name}
-        if path.name.endswith(LFS_SUFFIXES):
-            entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
-        return entry
-
-    def reply_json(self, h, method: str, obj: object) -> None:
-        self.reply(h, method, 200, {"Content-Type": "application/json"}, json.dumps(obj).encode())
-
-    def reply_error(self, h, method: str, status: int, code: str, message: str, commit: str | None = None) -> None:
-        headers = {"X-Error-Code": code, "X-Error-Message": message, "Content-Type": "application/json"}
-        if commit is not None:
-            headers["X-Repo-Commit"] = commit
-        self.reply(h, method, status, headers, json.dumps({"error": message}).encode())
-
-    @staticmethod
-    def reply(h, method: str, status: int, headers: dict | None = None, body: bytes = b"") -> None:
-        h.send_response(status)
-        for key, value in (headers or {}).items():
-            h.send_header(key, value)
-        h.send_header("Content-Length", str(len(body)))  # on HEAD too: it is the file's size
-        h.end_headers()
-        if method != "HEAD":
-            h.wfile.write(body)  # HTTP/1.0: the connection closes after each response
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Fixtures
@@ -255,13 +111,6 @@ def snapshot_files(home: Path, repo_id: str, commit: str) -> dict[str, str]:
     """{file name: name of the blob it links to} for one cached snapshot."""
     snap = repo_cache(home, repo_id) / "snapshots" / commit
     return {p.name: Path(os.readlink(p)).name for p in sorted(snap.iterdir())}
-
-
-def closed_port_url() -> str:
-    """An endpoint where nothing listens: connecting is refused at once, as with no network."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def repo_info(repo_id: str, rev: str = "main") -> list[tuple[str, str]]:

@@ -50,6 +50,18 @@ def test_stdin_lists_paths_in_place(album, tiny_dir, monkeypatch):
     assert rows[4]["predictions"] == rows[0]["predictions"]
 
 
+def test_an_existing_file_wins_over_the_pattern_its_name_spells(album, tiny_dir, monkeypatch):
+    """`[1].png` names that file when it exists (as an argument and as a line of stdin); a glob otherwise."""
+    shutil.copy(album / "first.png", album / "[1].png")  # as a pattern: 1.png, which also exists
+    shutil.copy(album / "last.jpg", album / "1.png")
+    shutil.copy(album / "last.jpg", album / "2.png")
+    _stdin(monkeypatch, b"[1].png\n[2].png\n")
+    code, out, err = run_main("predict", "[1].png", "-", "--model", tiny_dir, "-f", "json")
+    assert (code, err) == (0, "")
+    rows = json.loads(out)
+    assert [r["path"] for r in rows] == ["[1].png", "[1].png", "2.png"]
+
+
 def test_stdin_misuse(album, tiny_dir, monkeypatch):
     _stdin(monkeypatch, b"\n\n")
     code, out, err = run_main("predict", "-", "first.png", "--model", tiny_dir, "-f", "jsonl")

@@ -25,11 +25,13 @@ LAYERS = {
     "bitcli.fonts": 0,
     "bitcli.config": 1, "bitcli.architectures": 1, "bitcli.hyperrule": 1, "bitcli.labels": 1, "bitcli.model": 1,
     "bitcli.preprocess": 1, "bitcli.options": 1, "bitcli.cli_options": 1, "bitcli.images": 1, "bitcli.runtime": 1,
-    "bitcli.distributed": 1, "bitcli.render": 1, "bitcli.metrics": 1, "bitcli.plots": 1, "bitcli.scores": 1,
-    "bitcli.multilabel": 1,
-    "bitcli.formats": 2, "bitcli.sources": 2, "bitcli.hub": 2, "bitcli.data": 2,
-    "bitcli.inputs": 3, "bitcli.pipeline": 3, "bitcli.engine": 3, "bitcli.torch_engine": 3, "bitcli.onnx_engine": 3,
-    "bitcli.evaluation": 3, "bitcli.export": 3, "bitcli.quantize": 3, "bitcli.finetune": 3,
+    "bitcli.distributed": 1, "bitcli.render": 1, "bitcli.metrics": 1, "bitcli.plots": 1, "bitcli.pages": 1, "bitcli.urls": 1,
+    "bitcli.hubnames": 1, "bitcli.scores": 1, "bitcli.multilabel": 1,
+    "bitcli.formats": 2, "bitcli.sources": 2, "bitcli.hub": 2, "bitcli.data": 2, "bitcli.hub_upload": 2,
+    "bitcli.inputs": 3, "bitcli.gpu_decode": 3, "bitcli.pipeline": 3, "bitcli.engine": 3, "bitcli.torch_engine": 3,
+    "bitcli.onnx_engine": 3, "bitcli.evaluation": 3, "bitcli.export": 3, "bitcli.quantize": 3, "bitcli.finetune": 3,
+    "bitcli.modelcard": 3, "bitcli.gallery": 3, "bitcli.server": 3,
+    "bitcli.audit": 3,
     "bitcli.commands": TOP, "bitcli.cli": TOP, "bitcli.__main__": TOP,
 }  # fmt: skip
 COMMANDS = "bitcli.commands"

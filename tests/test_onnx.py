@@ -224,7 +224,7 @@ def test_float16_export(exported, photos, tmp_path):
     (got,) = ort.InferenceSession(str(tmp_path / "h.onnx"), providers=["CPUExecutionProvider"]).run(
         ["logits"], {"pixel_values": pixels}
     )
-    assert got.dtype == np.float32 and relative_diff(got, want) <= 1e-2  # README: float16's documented tolerance
+    assert got.dtype == np.float32 and relative_diff(got, want) <= 1e-2  # docs/onnx.md: float16's documented tolerance
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,13 +308,35 @@ def test_onnx_without_bitcli_metadata_is_one_line(photos, tmp_path):
 @pytest.mark.parametrize("module", ["onnxruntime", "onnx"])
 def test_missing_extra_is_one_line(exported, photos, tmp_path, monkeypatch, module):
     monkeypatch.setitem(sys.modules, module, None)  # `import onnxruntime` now fails, as on a machine without it
-    for args in (
-        ("predict", photos["chelsea.png"], "--model", exported["onnx"]),
-        ("convert", exported["src"], tmp_path / "x.onnx"),
+    use = {"onnx": "Reading an .onnx file", "onnxruntime": "Running an .onnx model"}[module]
+    for args, what in (
+        (("predict", photos["chelsea.png"], "--model", exported["onnx"]), use),
+        (("convert", exported["src"], tmp_path / "x.onnx"), "An ONNX export"),
     ):
         line = _one_error_line(*run_main(*args))
-        assert line == "Error: ONNX support is not installed; run: pip install 'bitcli[onnx]'"
+        assert line == f"Error: {what} needs {module}, which is not installed: pip install 'bitcli[onnx]'"
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_an_export_runs_without_the_exporter(exported, photos, tmp_path, monkeypatch):
+    """Review of issue 20: with onnx and onnxruntime but not onnxscript (which only exports), `bit predict` and
+    `bit eval` of an exported .onnx were refused with the install hint, and so was `bit convert x.onnx
+    y.safetensors` instead of saying why it cannot be. Now they run (and say so), and only an export asks for
+    the extra."""
+    predict = ("predict", photos["chelsea.png"], "--model", exported["onnx"], "--format", "json")
+    code, want, err = run_main(*predict)
+    assert code == 0, err
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # `import onnxscript` now fails, as on a machine without it
+    assert run_main(*predict)[:2] == (0, want)
+    (tmp_path / "data" / TINY_LABELS[0]).mkdir(parents=True)
+    Image.open(photos["chelsea.png"]).convert("RGB").save(tmp_path / "data" / TINY_LABELS[0] / "chelsea.png")
+    code, out, err = run_main("eval", tmp_path / "data", "--model", exported["onnx"], "--format", "json")
+    assert (code, json.loads(out)["count"]) == (0, 1), err
+    line = _one_error_line(*run_main("convert", exported["onnx"], tmp_path / "x.safetensors"))
+    assert line.startswith(f"Error: {exported['onnx']}: an ONNX export runs in bit predict and bit eval only")
+    line = _one_error_line(*run_main("convert", exported["src"], tmp_path / "x.onnx"))
+    assert line == "Error: An ONNX export needs onnxscript, which is not installed: pip install 'bitcli[onnx]'"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written
 
 
 def test_onnx_is_not_a_source_for_convert(exported, tmp_path):
@@ -343,3 +365,22 @@ def test_onnx_flag_misuse_exits_2(exported, tmp_path, flags, message):
     code, _, err = run_main("convert", exported["src"], tmp_path / flags[0], *flags[1:])
     assert code == 2 and message in err, err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_a_cuda_session_that_runs_on_the_cpu_says_so_once(monkeypatch, capsys):
+    """An onnxruntime that lists a CUDA provider but cannot start it (here: a CPU build made to list one, as
+    onnxruntime-gpu without its CUDA libraries does) runs the graph on the CPU: one warning line, once."""
+    from bitcli import onnx_engine
+
+    value = {name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in "xy"}
+    nodes = [helper.make_node("Identity", ["x"], ["y"])]
+    graph = helper.make_model(helper.make_graph(nodes, "g", [value["x"]], [value["y"]])).SerializeToString()
+    onnx_engine.session(graph, torch.device("cpu"), "g.onnx")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    onnx_engine._fell_back_to_cpu.cache_clear()
+    for _ in range(2):
+        assert onnx_engine.session(graph, torch.device("cuda"), "g.onnx").get_providers() == ["CPUExecutionProvider"]
+    err = capsys.readouterr().err
+    assert err.count("warning: onnxruntime could not start its CUDA provider") == 1, err
+    assert err.count("\n") == 1, err

@@ -80,3 +80,41 @@ def test_demo_venv_installs_what_the_demo_runs_and_run_adds_the_test_extras(tmp_
     assert venv_installs(tmp_path, "test") == (0, [*setup, f"{pip} -e .[test]"], "")
     assert venv_installs(tmp_path, "tests") == (2, [], "usage: bash .ci/venv [demo|test]\n")
     assert "bash .ci/venv test\n" in (ROOT / ".ci" / "run").read_text()
+
+
+FAKE_VENV_PYTHON3 = """#!/usr/bin/env bash
+# `python3 -m venv DIR` makes DIR/bin/python and DIR/bin/bit, which record their arguments instead of running.
+set -eu
+mkdir -p "$3/bin"
+for tool in python bit; do
+    printf '#!/usr/bin/env bash\\necho "%s $*" >> "$CALLS"\\n' "$tool" > "$3/bin/$tool"
+    chmod +x "$3/bin/$tool"
+done
+"""
+
+
+def test_demo_takes_relative_dirs_from_where_it_is_started(tmp_path: Path) -> None:
+    """Review of issue 20: the demo changes to the checkout first, so `DEMO_DIR=out bash .../digits_demo.sh`
+    wrote into the checkout's out/ (and a relative BITCLI_VENV made the venv there), not where the user
+    stood. Run with a python3 whose venvs record each command: every path is the caller's."""
+    fake, caller = tmp_path / "fake", tmp_path / "caller"
+    fake.mkdir()
+    (fake / "python3").write_text(FAKE_VENV_PYTHON3)
+    (fake / "python3").chmod(0o755)
+    (caller / "out").mkdir(parents=True)  # (the fake export writes nothing; eval's JSON goes to out/eval.json)
+    calls = tmp_path / "calls.txt"
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "CALLS": str(calls), "DEMO_DIR": "out", "BITCLI_VENV": "venv"}
+    result = subprocess.run(
+        ["bash", str(ROOT / "examples" / "digits_demo.sh")], cwd=caller, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert (caller / "venv" / "bin" / "python").is_file() and not (ROOT / "venv").exists()
+    ran = calls.read_text().splitlines()
+    assert f"python examples/export_digits.py {caller}/out/digits --size 32" in ran
+    assert [line.split(" --")[0] for line in ran if line.startswith("bit ")] == [
+        f"bit finetune {caller}/out/digits",
+        f"bit eval {caller}/out/digits/test",
+        f"bit eval {caller}/out/digits/test",
+        "bit predict " + " ".join(f"{caller}/out/digits/test/{digit}/*.png" for digit in (3, 5, 8)),
+        f"bit report {caller}/out/model",
+    ]

@@ -17,6 +17,8 @@ from bitcli import inputs, pipeline
 from bitcli.errors import BitError
 from bitcli.torch_engine import TorchEngine
 
+CORRUPT = "; the file may be truncated or corrupt"  # preprocess.cannot_decode's advice, on every decoder's failure
+
 
 def test_streamed_jsonl_is_an_in_order_prefix_when_interrupted(album, tiny_dir, monkeypatch):
     """jsonl on stdout streams every row as soon as the rows before it are done; Ctrl-C keeps that prefix."""
@@ -43,10 +45,35 @@ def test_streamed_jsonl_is_an_in_order_prefix_when_interrupted(album, tiny_dir, 
     assert calls == [1, 1]
 
 
+@pytest.mark.parametrize("command", ["predict", "embed"])
+def test_interrupted_run_into_a_file_names_the_file(album, tiny_dir, monkeypatch, command):
+    """With --output, Ctrl-C's line says where the finished rows went (not "above": nothing was printed)."""
+    calls = []
+
+    def stop(real):
+        def method(self, batch):
+            calls.append(len(batch))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(self, batch)
+
+        return method
+
+    monkeypatch.setattr(TorchEngine, "logits", stop(TorchEngine.logits))
+    monkeypatch.setattr(TorchEngine, "features", stop(TorchEngine.features))
+    args = ["first.png", "last.jpg", "first.png"]
+    code, out, err = run_main(command, *args, "--model", tiny_dir, "-o", "out.jsonl", "-b", "1", "--workers", "1")
+    assert (code, out) == (130, "")
+    assert [json.loads(line)["path"] for line in Path("out.jsonl").read_text().splitlines()] == ["first.png"]
+    assert err == "interrupted: 1 of 3 images done; the results written to out.jsonl are complete for those\n"
+
+
 def test_repeated_path_is_decoded_once(album, tiny_dir, monkeypatch):
     decoded = []
     real = inputs.decode
-    monkeypatch.setattr(inputs, "decode", lambda path, pre: decoded.append(path) or real(path, pre))
+    monkeypatch.setattr(
+        inputs, "decode", lambda path, pre, downloads: decoded.append(path) or real(path, pre, downloads)
+    )
     code, out, err = run_main("predict", "first.png", "last.jpg", "first.png", "--model", tiny_dir, "-f", "json")
     assert code == 0, err
     assert [r["path"] for r in json.loads(out)] == ["first.png", "last.jpg", "first.png"]
@@ -57,12 +84,12 @@ def test_an_exception_without_a_message_still_names_its_type(album, tiny_dir, mo
     """A decoder failure that is not bitcli's own becomes that image's error row, never an empty text."""
     real = inputs.decode
 
-    def decode(path, pre):
+    def decode(path, pre, downloads):
         if path == "last.jpg":
             raise RuntimeError()  # str() is ""
         if path == "first.png":
             raise BitError("")
-        return real(path, pre)
+        return real(path, pre, downloads)
 
     monkeypatch.setattr(inputs, "decode", decode)
     shutil.copy(album / "first.png", album / "ok.png")
@@ -71,12 +98,55 @@ def test_an_exception_without_a_message_still_names_its_type(album, tiny_dir, mo
     rows = json.loads(out)
     assert rows[:2] == [
         {"path": "first.png", "error": "first.png: BitError"},
-        {"path": "last.jpg", "error": "last.jpg: cannot decode image (RuntimeError)"},
+        {"path": "last.jpg", "error": f"last.jpg: cannot decode image (RuntimeError){CORRUPT}"},
     ]
     assert len(rows[2]["predictions"]) == 5
-    assert err == "error: first.png: BitError\nerror: last.jpg: cannot decode image (RuntimeError)\n"
+    assert err == f"error: first.png: BitError\nerror: last.jpg: cannot decode image (RuntimeError){CORRUPT}\n"
     # a multi-line message stays one line
-    assert pipeline.failure("a.png", ValueError("bad\n  header")) == "a.png: cannot decode image (bad header)"
+    assert pipeline.failure("a.png", ValueError("bad\n  header")) == (
+        "a.png: cannot decode image (bad header); the file may be truncated or corrupt"
+    )
+
+
+def test_failed_names_are_literal_in_json_and_csv_and_visible_on_the_terminal(tmp_path, tiny_dir, monkeypatch):
+    """A name holding an ESC or rich markup: JSON, JSONL and CSV carry it as is, in the path column and in the
+    error text alike (PIL's failure and a decoder bug say the same), and the terminal shows it escaped."""
+    (tmp_path / "[red]x[").mkdir()
+    esc, mark = "e\x1b[31mx.png", "[red]x[/red].png"
+    for name in (esc, mark):
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG signature, then nothing valid
+    real = inputs.decode
+
+    def decode(path, pre, downloads):
+        if path == mark:
+            raise OSError("bad header")  # as a decoder that is not PIL's would
+        return real(path, pre, downloads)
+
+    monkeypatch.setattr(inputs, "decode", decode)
+    monkeypatch.chdir(tmp_path)
+    errors = {
+        esc: f"{esc}: not an image PIL can read (empty, corrupt or another format)",
+        mark: f"{mark}: cannot decode image (bad header){CORRUPT}",
+    }
+    rows = [{"path": name, "error": errors[name]} for name in (esc, mark)]
+    for fmt, expected in [
+        ("json", json.dumps(rows, ensure_ascii=False, indent=2) + "\n"),
+        ("jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)),
+        (
+            "csv",
+            f'path,rank,label,index,score,error,image_label\n{esc},,,,,"{errors[esc]}",\n{mark},,,,,{errors[mark]},\n',
+        ),
+    ]:
+        code, out, err = run_main("predict", esc, mark, "--model", tiny_dir, "-f", fmt)
+        assert (code, out) == (1, expected), fmt
+        assert err == "".join(f"error: {errors[n]}\n" for n in (esc, mark)).replace("\x1b", "\\u001b")
+    assert "\x1b" in json.loads(run_main("predict", esc, "--model", tiny_dir, "-f", "json")[1])[0]["error"]
+    monkeypatch.setenv("COLUMNS", "160")  # the table's width: each row on one line
+    code, out, _ = run_main("predict", esc, mark, "--model", tiny_dir)
+    assert code == 1 and "\x1b" not in out
+    cells = [[c.strip() for c in line.split("│")[1:3]] for line in out.splitlines() if line.startswith("│")]
+    assert cells == [[esc.replace("\x1b", "\\u001b"), "error: " + errors[esc].replace("\x1b", "\\u001b")],
+                     [mark, f"error: {errors[mark]}"]]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +216,7 @@ def test_run_gives_every_input_in_order_with_failures_in_place(workers):
     outcomes = [(o.ref, o.error, o.value) for b in batches for o in b]
     assert outcomes == [
         (1, None, 1), (2, None, 2), (91, "image 91: cannot read it", None), (4, None, 4),
-        (3, None, 3), (90, "img90.png: cannot decode image (bad header)", None), (6, None, 6),
+        (3, None, 3), (90, f"img90.png: cannot decode image (bad header){CORRUPT}", None), (6, None, 6),
     ]  # fmt: skip
     # one compute call per image size within each batch, in the order the sizes first appear
     assert computed == [(1, 3, 2, 3), (2, 2, 3, 3), (1, 3, 2, 3), (1, 2, 3, 3)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from bitcli.errors import BitError
 from bitcli.formats.hf import preprocess_from_hf, preprocess_to_hf
 from bitcli.formats.timm import preprocess_from_timm, preprocess_to_timm
 from bitcli.preprocess import Preprocess, load_image
+from bitcli.reads import file_size, open_regular, read_json
 
 
 @pytest.mark.parametrize(
@@ -184,3 +187,22 @@ def test_decompression_bomb_is_refused(tmp_path):
     Image.new("1", (12000, 12000)).save(tmp_path / "bomb.png")
     with pytest.raises(BitError, match="pixel limit"):
         load_image(tmp_path / "bomb.png")
+
+
+def test_what_is_no_regular_file_has_one_wording_for_images_model_and_run_files(tmp_path):
+    """An image (load_image), a model file (file_size) and a run's file (open_regular, read_json): one line."""
+    fifo, sock = tmp_path / "pipe.png", tmp_path / "sock.png"
+    os.mkfifo(fifo)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    try:
+        for path, kind in [(fifo, "a FIFO (named pipe)"), (sock, "a socket")]:
+            for read in (load_image, file_size, read_json):
+                with pytest.raises(BitError) as caught:
+                    read(path)
+                assert str(caught.value) == f"{path}: is {kind}, not a regular file", read
+        with pytest.raises(BitError) as caught:
+            open_regular(fifo)
+        assert str(caught.value) == f"{fifo}: is a FIFO (named pipe), not a regular file"
+    finally:
+        server.close()

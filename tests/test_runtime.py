@@ -3,6 +3,8 @@ whether this machine has the device and which dtype a precision means on it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -68,3 +70,28 @@ def test_precision_values_are_the_flag_choices() -> None:
     assert [p.value for p in Precision] == ["auto", "fp32", "bf16", "fp16"]
     with pytest.raises(UsageError, match=r"^--precision fp16 is for GPUs; on a CPU use bf16 or fp32$"):
         runtime.resolve_precision(Precision.fp16, cpu)
+
+
+@pytest.fixture()
+def tf32_on() -> Iterator[None]:
+    """TF32 allowed for convolutions and matrix products, put back as it was after the test (torch's cuBLAS
+    flags are no plain attributes: monkeypatch cannot set them)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.usefixtures("tf32_on")
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp16"])
+def test_tf32_is_left_alone_unless_fp32_on_cuda(precision: str) -> None:
+    runtime.resolve_precision("fp32", torch.device("cpu"))
+    runtime.resolve_precision(precision, torch.device("cuda"))
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.usefixtures("tf32_on")
+def test_fp32_on_cuda_turns_tf32_off() -> None:
+    """--precision fp32 means fp32 on a GPU too (TF32's 10-bit mantissa would move the logits by ~1e-3)."""
+    assert runtime.resolve_precision("fp32", torch.device("cuda")) is torch.float32
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32

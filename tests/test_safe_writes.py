@@ -346,6 +346,9 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+TRAILING = "ends in /, which names a folder; give a file name (without the trailing /)"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -362,12 +365,18 @@ def workdir(tmp_path, monkeypatch) -> Path:
         (["eval", "data", "--plot", "notes.txt/c.png"], "--plot notes.txt/c.png: notes.txt is not a folder; choose another path"),
         (["finetune", "data", "-m", "tiny", "-o", "notes.txt/run"], "--output notes.txt/run: notes.txt is not a folder; choose another path"),
         (["finetune", "data", "-m", "tiny", "-o", "notes.txt"], "--output notes.txt: is not a folder; give a folder name"),
+        # a trailing / names a folder where a file is written (review of issue 20: `newout` was written)
+        (["predict", "x.jpg", "-o", "newout/"], f"--output newout/: {TRAILING}"),
+        (["embed", "x.jpg", "-o", "new.npy/"], f"--output new.npy/: {TRAILING}"),
+        (["eval", "data", "--plot", "newplot.png/"], f"--plot newplot.png/: {TRAILING}"),
+        (["convert", "x.npz", "newconv.onnx/"], f"DST newconv.onnx/: {TRAILING}"),
+        (["convert", "x.npz", "newconv.safetensors/"], f"DST newconv.safetensors/: {TRAILING}"),
     ],
 )  # fmt: skip
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(workdir, args, message):
     """Exit 2 while the command line is read: the model ('no/such-model') and the data are never looked at."""
     before = snapshot(workdir)
-    model = [] if "-m" in args else ["--model", "no/such-model"]
+    model = [] if "-m" in args or args[0] == "convert" else ["--model", "no/such-model"]
     assert run_main(*args, *model) == (2, "", f"Error: {message}\n")
     assert snapshot(workdir) == before
 
@@ -383,6 +392,16 @@ def test_an_output_folder_that_refuses_new_files_is_refused_before_any_work(work
         2, "", "Error: --output results/p.json: the folder results cannot be written in; choose another path\n",
     )  # fmt: skip
     assert snapshot(workdir) == before
+
+
+def test_a_folder_dst_may_end_in_a_separator(tiny_dir, workdir):
+    """convert's hf and timm layouts are folders: `out/` is one (only a DST that names a file is refused)."""
+    assert run_main("convert", tiny_dir, "hf/")[0] == 0
+    assert sorted(p.name for p in (workdir / "hf").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
 
 
 def test_missing_output_folders_are_still_created(tiny_dir, photos, workdir):

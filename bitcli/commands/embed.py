@@ -27,6 +27,7 @@ from bitcli.engine import load_engine, view_features
 from bitcli.errors import UsageError
 from bitcli.formats.raw import write_safetensors
 from bitcli.formats.tensors import TensorRef
+from bitcli.gpu_decode import file_bytes, for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.inputs import Input, expand_inputs, path_decoder
 from bitcli.options import EmbedFormat, EmbedOptions, paths_file
@@ -34,7 +35,8 @@ from bitcli.pipeline import Report, drop, exit_code, run_report
 from bitcli.render import json_lines, print_lines
 from bitcli.runtime import resolve_precision
 from bitcli.ui import display, visible
-from bitcli.writes import atomic_write, write_together
+from bitcli.urls import downloads
+from bitcli.writes import atomic_write, refuse_replacing_input, write_together
 
 # The safetensors reader refuses a header over 100 MB (safetensors' MAX_HEADER_SIZE); the paths live there.
 MAX_SAFETENSORS_PATHS_BYTES = 90_000_000
@@ -83,6 +85,7 @@ def run(opts: EmbedOptions) -> int:
         dtype = resolve_precision(opts.precision, device)
         report: Report[Embedded] = Report(from_main(lambda: expand_inputs(opts.images, opts.recursive), info), Embedded)
         check_listable(report.inputs, opts)  # before the model loads: the output could not hold these paths
+        check_not_input(report.inputs, opts)
         ckpt = load_checkpoint(opts.model, opts.revision)
         engine = load_engine(ckpt, device, dtype, need_head=False)  # features exist with or without a head
 
@@ -94,9 +97,12 @@ def run(opts: EmbedOptions) -> int:
                 vectors = F.normalize(vectors, dim=1)  # unit length; an all-zero vector stays zero
             return list(vectors.cpu().numpy())
 
+        decode = path_decoder(engine.preprocess, downloads(opts.max_download_mb))
+        on_device = for_engine(engine, decode, file_bytes)
+
         def run_all(emit: Callable[[list[Embedded]], None]) -> bool:
-            return run_report(report, path_decoder(engine.preprocess), embed, batch_size=opts.batch_size,
-                              workers=opts.workers, emit=emit, info=info, verb="embedding")  # fmt: skip
+            return run_report(report, decode, embed, batch_size=opts.batch_size, workers=opts.workers, emit=emit,
+                              info=info, verb="embedding", on_device=on_device)  # fmt: skip
 
         if not info.main:
             interrupted = run_all(drop)
@@ -107,7 +113,7 @@ def run(opts: EmbedOptions) -> int:
             table = Table(len(report.inputs), ckpt.config.num_features)
             interrupted = run_all(table.add)
             _write_table(table, opts.format, opts.output)
-        return exit_code(report, interrupted, info)
+        return exit_code(report, interrupted, info, opts.output)
 
 
 def _stream(output: Path | None, run_all: Callable[[Callable[[list[Embedded]], None]], bool]) -> bool:
@@ -138,6 +144,14 @@ def _write_table(table: Table, fmt: EmbedFormat, output: Path) -> None:
     write_together(  # an array without its paths (or paths without their array) would be misread
         [(output, lambda f: np.save(f, vectors, allow_pickle=False)), (paths_file(output), lambda f: f.write(listing))]
     )
+
+
+def check_not_input(inputs: list[Input], opts: EmbedOptions) -> None:
+    """Refuse (exit 2, nothing run) an --output, or the .paths.txt written beside a .npy, that is one of the images."""
+    paths = [i.path for i in inputs if i.error is None]
+    refuse_replacing_input("--output", opts.output, paths)
+    if opts.format == EmbedFormat.npy and opts.output is not None:
+        refuse_replacing_input(f"--output {display(opts.output)}: its paths file", paths_file(opts.output), paths)
 
 
 def check_listable(inputs: list[Input], opts: EmbedOptions) -> None:

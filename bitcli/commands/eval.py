@@ -1,29 +1,34 @@
 """`bit eval`: the accuracy of a model on a labelled data set (bitcli.evaluation), as a table or JSON, and
-optionally the confusion matrix as a picture. Every process evaluates its share of the batches; the main
-process alone reports."""
+optionally the confusion matrix as a picture and the HTML report with its error gallery (bitcli.gallery). Every
+process evaluates its share of the batches; the main process alone reports."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import sys
 
 from bitcli import extras, plots
 from bitcli.distributed import from_main, process_group
 from bitcli.engine import load_engine
-from bitcli.evaluation import evaluate, example_decoder
+from bitcli.errors import UsageError
+from bitcli.evaluation import evaluate, example_decoder, example_reader
+from bitcli.gallery.build import Source, write_report
+from bitcli.gallery.records import PerImage
+from bitcli.gpu_decode import for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.labels import match_classes
-from bitcli.metrics import OTHER, render_table
+from bitcli.metrics import EvalResult, render_table
 from bitcli.multilabel import Evaluation, MultiLabelResult
 from bitcli.multilabel import render_table as render_multilabel
 from bitcli.options import EvalFormat, EvalOptions, reliability_path
 from bitcli.pipeline import no_progress
 from bitcli.runtime import resolve_precision
 from bitcli.sources.examples import ImageFolder
-from bitcli.sources.locate import Columns, evaluation_part
+from bitcli.sources.locate import Columns, data_path, evaluation_part
 from bitcli.ui import display, log, progress_bar, visible
-from bitcli.writes import write_together
+from bitcli.writes import refuse_replacing_input, within, write_together
 
 
 def run(opts: EvalOptions) -> int:
@@ -33,17 +38,26 @@ def run(opts: EvalOptions) -> int:
             extras.require("plots", "--plot")  # before any work
         dtype = resolve_precision(opts.precision, device)
         columns = Columns(opts.image_column, opts.label_column)
+        _check_plot_outside(opts, None)
         # Listed once, by the main process: every process splits the same list.
         ds = from_main(lambda: evaluation_part(opts.data, columns).scan(None), info)
+        _check_plot_outside(opts, ds)
         ckpt = load_checkpoint(opts.model, opts.revision)
         # Folder names are checked before the model is built (seconds for a big one); a checkpoint without a
         # head has no labels, and load_engine says so instead.
         class_to_model = (
-            match_classes(ds.classes, ckpt.labels, ckpt.source or opts.model, ds.root, data=ds.source)
+            match_classes(
+                ds.classes, ckpt.labels, ckpt.source or opts.model, ds.root, data=ds.source, first_row=ds.first_row
+            )
             if ckpt.config.num_classes
             else []
         )
         engine = load_engine(ckpt, device, dtype)
+        if opts.report is not None and engine.thresholds is not None:
+            raise UsageError(f"--report: {visible(opts.model)} is a multi-label model; the error gallery is for "
+                             "single-label models (leave --report out)")  # fmt: skip
+        # --report: the main process keeps every image's result as it is accumulated (no second pass)
+        kept = PerImage(class_to_model, ds.targets) if opts.report is not None and info.main else None
         show_bar = opts.format == EvalFormat.table and info.main
         bar = progress_bar("evaluating", total=len(ds), unit="img") if show_bar else contextlib.nullcontext(no_progress)
         done = 0
@@ -55,9 +69,12 @@ def run(opts: EvalOptions) -> int:
                     done += n
                     show(n)
 
-                result = evaluate(engine, ds, example_decoder(ds, engine.preprocess), batch_size=opts.batch_size,
-                                  workers=opts.workers, class_to_model=class_to_model, advance=advance, info=info,
-                                  tta=str(opts.tta) if opts.tta is not None else None)  # fmt: skip
+                decode = example_decoder(ds, engine.preprocess)
+                result = evaluate(engine, ds, decode, batch_size=opts.batch_size, workers=opts.workers,
+                                  class_to_model=class_to_model, advance=advance, info=info,
+                                  tta=str(opts.tta) if opts.tta is not None else None,
+                                  on_device=for_engine(engine, decode, example_reader(ds)),
+                                  keep=kept.add if kept is not None else None)  # fmt: skip
         except KeyboardInterrupt:  # Ctrl-C: one line, as predict gives (the bar and decode threads are closed by now)
             if info.main:
                 log(f"interrupted: {done} of {len(ds)} images done; accuracy is reported only for a whole pass")
@@ -65,7 +82,28 @@ def run(opts: EvalOptions) -> int:
         if result is None:  # not the main process: it reports, and any failure there is the run's
             return 0
         _report(result, opts, ds)
+        if kept is not None and opts.report is not None and isinstance(result, EvalResult):  # (refused multi-label)
+            source = Source(ds, title=f"{display(ds.where())} evaluated with {opts.model}")
+            write_report(opts.report, engine, source, result=result, results=kept.results(),
+                         batch_size=opts.batch_size, workers=opts.workers)  # fmt: skip
         return 0
+
+
+def _check_plot_outside(opts: EvalOptions, ds: ImageFolder | None) -> None:
+    """--plot must not be written into a DATA folder (the picture would become an image of the data set, or
+    replace one), nor over a DATA file or an image that a label file lists (checked once `ds` is read)."""
+    where = data_path(opts.data)
+    if opts.plot is None or where is None:
+        return
+    if where.is_dir():
+        if ds is None and within(opts.plot, where):
+            raise UsageError(
+                f"--plot {display(opts.plot)}: is inside the data folder {display(where)} (DATA), where it would "
+                "be taken for an image of the data set, or replace one; choose a file outside it"
+            )
+    elif ds is not None:
+        listed = (p for p in ds.paths if isinstance(p, str))  # a label file's images (a parquet's are inside it)
+        refuse_replacing_input("--plot", opts.plot, itertools.chain([where], listed))
 
 
 def _report(result: Evaluation, opts: EvalOptions, ds: ImageFolder) -> None:
@@ -82,7 +120,7 @@ def _report(result: Evaluation, opts: EvalOptions, ds: ImageFolder) -> None:
         if isinstance(result, MultiLabelResult):
             plots.write_png(opts.plot, plots.ap_png(result.to_dict(), heading))
             return
-        confusion = plots.evaluation_png(result.to_dict(), heading, OTHER)
+        confusion = plots.evaluation_png(result.to_dict(), heading, result.other_column)
         reliability = plots.reliability_png(result.to_dict(), heading)
         write_together([(opts.plot, lambda f: f.write(confusion)),
                         (reliability_path(opts.plot), lambda f: f.write(reliability))])  # fmt: skip

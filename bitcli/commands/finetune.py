@@ -10,6 +10,8 @@ import time
 import torch
 
 from bitcli import extras
+from bitcli.audit.cache import EmbeddingCache, model_key
+from bitcli.audit.embedding import folder_features
 from bitcli.data import DecodeCache, eval_transform, train_transform
 from bitcli.distributed import Dist, barrier, process_group, wrap
 from bitcli.errors import BitError
@@ -24,19 +26,33 @@ from bitcli.finetune.rundir import (
     write_json,
     write_outputs,
 )
-from bitcli.finetune.runfiles import CONFIG_FILE, STATE_FILE
+from bitcli.finetune.runfiles import CONFIG_FILE, REPORT_FOLDER, STATE_FILE
 from bitcli.finetune.selection import Best, Logits, calibrate
 from bitcli.finetune.start import trainable_parameters
 from bitcli.finetune.state import check_finite, read_state
 from bitcli.finetune.watch import record_validation
+from bitcli.gallery.build import Source, write_report
+from bitcli.gallery.records import PerImage
+from bitcli.hub import bitcli_cache
+from bitcli.metrics import EvalResult
 from bitcli.multilabel import DEFAULT_THRESHOLD, Evaluation, MultiLabelResult
 from bitcli.options import FinetuneOptions
 from bitcli.runtime import resolve_precision
 from bitcli.torch_engine import TorchEngine
-from bitcli.ui import log
+from bitcli.ui import display, log
 
 TRAIN_CACHE_BYTES = 1 << 30  # decoded training images kept in memory (per process)
 VAL_CACHE_BYTES = 256 << 20
+
+
+def _cached_features(engine: TorchEngine, train_set, *, workers: int, batch_size: int) -> torch.Tensor:
+    """--cache-features: the training images' features through the engine at the eval transform, from the
+    embedding cache ($BITCLI_CACHE, bit audit's) or computed once; on the engine's device."""
+    tensors = {k: (lambda v=v: v) for k, v in engine.model.state_dict().items()}
+    cache = EmbeddingCache(bitcli_cache(), model_key(tensors, (engine.preprocess, engine.dtype), None),
+                           engine.model.config.num_features)  # fmt: skip
+    vectors = folder_features(train_set, engine, cache, batch_size=batch_size, workers=workers)
+    return torch.from_numpy(vectors).to(engine.device)
 
 
 def run(opts: FinetuneOptions) -> None:
@@ -82,19 +98,28 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start = resume_point(prepared, opts, info, model=engine.model, optimizer=optimizer, scaler=scaler)
     ds = prepared.data
+    # --report: the last validation (main process) keeps every image's result for the report's gallery
+    # (single-label data: a multi-label validation has no one true class per image to group errors by)
+    report = opts.report and info.main and ds.val is not None and not plan.multi_label
+    kept = PerImage(range(len(ds.val.classes)), ds.val.targets) if report and ds.val is not None else None
+    if opts.report and info.main and plan.multi_label:
+        log("--report: no error gallery for multi-label data (it groups images by their one true class)")
     training = Training(
         plan=plan, info=info, engine=engine, model=wrap(engine.model, info, device), optimizer=optimizer,
         scaler=scaler, data=ds, train_cache=DecodeCache(ds.train, train_transform(plan.resize), TRAIN_CACHE_BYTES),
         val_cache=DecodeCache(ds.val, val_tf, VAL_CACHE_BYTES) if ds.val is not None else None,
         output=opts.output, start=start, workers=opts.workers, tensorboard=opts.tensorboard,
         best=best_so_far(opts, plan.keep_best, start),
+        keep=kept.add if kept is not None else None,
     )  # fmt: skip
+    if opts.cache_features and info.main:
+        training.features = _cached_features(engine, ds.train, workers=opts.workers, batch_size=plan.micro_batch)
     outcome = train(training)
     if info.main:
         last_eval, logits = outcome.last_eval, outcome.last_logits
         if ds.val is not None and last_eval is None:  # resumed after the last step's checkpoint
             logits = Logits() if plan.calibrate else None
-            last_eval = validate(training, keep=logits)
+            last_eval = validate(training, True, views=logits)
             record_validation(opts.output, plan.steps - 1, last_eval, pictures=extras.available("plots"))
         check_finite(engine.model, plan.steps - 1)
         calibration = calibrate(logits, plan.classes) if logits is not None else None
@@ -108,6 +133,10 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
         )
         write_outputs(opts.output, engine.model, plan, val_tf, last_eval=last_eval, last_loss=outcome.last_loss,
                       step_times=outcome.step_times, start=start, started=started, selection=selection)  # fmt: skip
+        if kept is not None and isinstance(last_eval, EvalResult) and ds.val is not None:
+            title = f"validation set {display(ds.val.where())} after {plan.steps} steps ({display(opts.output)})"
+            write_report(opts.output / REPORT_FOLDER, engine, Source(ds.val, title=title), result=last_eval,
+                         results=kept.results(), batch_size=plan.micro_batch, workers=opts.workers)  # fmt: skip
     barrier(info)
 
 

@@ -10,12 +10,15 @@ import numpy as np
 
 from bitcli.distributed import from_main, process_group
 from bitcli.engine import load_engine, over_thresholds, top_k, view_logits
+from bitcli.gpu_decode import file_bytes, for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.inputs import expand_inputs, path_decoder
 from bitcli.options import PredictFormat, PredictOptions
 from bitcli.pipeline import Report, drop, exit_code, run_report
 from bitcli.render import Row, predictions_text, print_lines, row_maker, write_text
 from bitcli.runtime import resolve_precision
+from bitcli.urls import downloads
+from bitcli.writes import refuse_replacing_input
 
 
 def run(opts: PredictOptions) -> int:
@@ -24,6 +27,7 @@ def run(opts: PredictOptions) -> int:
         dtype = resolve_precision(opts.precision, device)
         inputs = from_main(lambda: expand_inputs(opts.images, opts.recursive), info)
         report: Report[Row] = Report(inputs, row_maker(opts.min_score))
+        refuse_replacing_input("--output", opts.output, [i.path for i in report.inputs if i.error is None])
         engine = load_engine(load_checkpoint(opts.model, opts.revision), device, dtype)
         # jsonl on stdout streams: each line is written as soon as it and every line before it are done (a pipe
         # sees progress, and an interrupted run has already delivered everything it finished).
@@ -37,15 +41,21 @@ def run(opts: PredictOptions) -> int:
             # The scores: the model's temperature, and with --tta the mean over the views (bitcli.scores).
             logits = view_logits(engine, batch, tta)
             top = top_k(
-                logits, engine.labels, opts.top_k, engine.temperature, multi_label=engine.thresholds is not None
+                logits,
+                engine.labels,
+                opts.top_k,
+                temperature=engine.temperature,
+                multi_label=engine.thresholds is not None,
             )
             if engine.thresholds is None:
                 return top
             return [{"predictions": t, "labels": above} for t, above in zip(top, over_thresholds(logits, engine))]
 
-        interrupted = run_report(report, path_decoder(engine.preprocess), classify, batch_size=opts.batch_size,
-                                 workers=opts.workers, emit=emit, info=info, verb="classifying")  # fmt: skip
+        decode = path_decoder(engine.preprocess, downloads(opts.max_download_mb))
+        interrupted = run_report(report, decode, classify, batch_size=opts.batch_size, workers=opts.workers,
+                                 emit=emit, info=info, verb="classifying",
+                                 on_device=for_engine(engine, decode, file_bytes))  # fmt: skip
         if info.main and not stream:
             color = opts.output is None and opts.format == PredictFormat.table and sys.stdout.isatty()
             write_text(predictions_text(rows, opts.format, color), opts.output)
-        return exit_code(report, interrupted, info)
+        return exit_code(report, interrupted, info, opts.output)

@@ -5,13 +5,15 @@ a finished run, on one still going (its lock is held) and on an interrupted one.
 It only reads. It never writes into the run folder (training draws the pictures, at every validation), so a
 read-only run is reported like any other, and it imports nothing of the training stack (no torch, numpy or
 matplotlib: bitcli.finetune.runfiles reads the files), so it answers in a fraction of a second. Lines of
-metrics.jsonl that are no step record of the run (a torn last line, garbage) are skipped and counted; absurd
-numbers (a loss of 1e308, NaN, a 40-digit step) print as short words.
+metrics.jsonl that are no step record of the run (a torn last line, garbage, a line of over a MiB) are skipped
+and counted; absurd numbers (a loss of 1e308, NaN, a 40-digit step) print as short words. Only regular files
+are read (bitcli.reads): a run file that is a FIFO or a device is refused or reported, never waited on.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from bitcli.finetune.runfiles import (
     METRICS_FILE,
     MODEL_FILES,
     PICTURE_FILES,
+    REPORT_FOLDER,
     STATE_FILE,
     SUMMARY_FILE,
     VALIDATION_FILE,
@@ -35,7 +38,7 @@ from bitcli.finetune.runfiles import (
     read_saved_plan,
 )
 from bitcli.options import ReportOptions
-from bitcli.reads import read_json
+from bitcli.reads import inside, open_regular, read_json
 from bitcli.ui import display, visible
 
 # What each file of a run holds, in the order listed.
@@ -52,6 +55,10 @@ MAX_DIGITS = 15  # a whole number longer than this prints in e-notation
 
 def run(opts: ReportOptions) -> None:
     folder = opts.run
+    if not folder.exists():  # (a symlink to nothing too)
+        raise BitError(f"{visible(display(folder))}: no such folder; pass the --output folder of a bit finetune run")
+    if not folder.is_dir():
+        raise BitError(f"{visible(display(folder))}: is a file, not a run folder; pass the --output folder of a run")
     if not (folder / CONFIG_FILE).is_file():
         raise BitError(
             f"{visible(display(folder))}: holds no bit finetune run ({CONFIG_FILE}); pass the --output folder of a run"
@@ -64,7 +71,10 @@ def run(opts: ReportOptions) -> None:
         raise BitError(
             f"{visible(display(folder / CONFIG_FILE))}: not the plan bit finetune writes ({one_line(exc)}); restore it"
         ) from None
-    metrics = Metrics.read(folder / METRICS_FILE, steps)
+    try:
+        metrics = Metrics.read(folder / METRICS_FILE, steps)
+    except BitError as exc:  # not a regular file: a FIFO would block the read, /dev/zero never end it
+        raise BitError(f"{visible(str(exc))}; restore the run's {METRICS_FILE} (or remove it)") from None
     kind, status = run_status(folder, steps, metrics)
     lines = [*head, f"status      {status}", *step_lines(metrics)]
     lines += [*validation_lines(folder), *selection_lines(folder), *file_lines(folder)]
@@ -152,11 +162,17 @@ def run_status(folder: Path, steps: int, metrics: Metrics) -> tuple[str, str]:
     every model file are there: a run that lacks one has no model to use."""
     done = metrics.last["step"] + 1 if metrics.last else 0
     missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
-    ended = (folder / SUMMARY_FILE).is_file()
+    damaged = summary_problem(folder)
+    ended = (folder / SUMMARY_FILE).is_file() and damaged is None
     if ended and not missing:
         return "finished", "finished"
     if lock_held(folder):
         return "running", f"running: {whole(done)} of {whole(steps)} steps done"
+    if damaged is not None:
+        return "incomplete", (
+            f"not finished cleanly: {damaged}; the run's end is not recorded, so its model is not known to be "
+            "whole: train again with --overwrite"
+        )
     if ended:
         return "incomplete", (
             f"not finished: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing "
@@ -168,6 +184,19 @@ def run_status(folder: Path, steps: int, metrics: Metrics) -> tuple[str, str]:
         if saved
         else "--resume starts it again (no checkpoint yet)"
     )
+
+
+def summary_problem(folder: Path) -> str | None:
+    """Why summary.json, which training writes last (once the model is in place), cannot be read; None when it
+    reads as a JSON object or is not there."""
+    path = folder / SUMMARY_FILE
+    if not os.path.lexists(path):
+        return None
+    try:
+        read_json(path)
+    except BitError as exc:
+        return visible(str(exc))
+    return None
 
 
 def step_lines(metrics: Metrics) -> list[str]:
@@ -252,7 +281,17 @@ def file_lines(folder: Path) -> list[str]:
     lines = ["files"]
     for name, note in FILE_NOTES.items():
         if (folder / name).is_file():
+            if name == SUMMARY_FILE and summary_problem(folder) is not None:
+                note = "cannot be read (see status)"
             lines.append(f"  {visible(display(folder / name))}  {note}")
+    try:
+        page = shown_file(folder, f"{REPORT_FOLDER}/index.html")
+    except BitError as exc:
+        lines.append(f"  not shown: {visible(str(exc))}")
+        page = None
+    if page is not None:
+        lines.append(f"  {visible(display(page))}  the last validation's report: metrics, confusion matrix, the "
+                     f"misclassified images with Grad-CAM (open in a browser: {visible(page.resolve().as_uri())})")  # fmt: skip
     board = folder / tensorboard.FOLDER
     if board.is_dir():
         lines.append(f"  {visible(display(board))}  TensorBoard events: tensorboard --logdir {visible(display(board))}")
@@ -263,9 +302,19 @@ def pictures_line(folder: Path, plan: dict[str, Any], kind: str) -> str:
     """The pictures the run has; training draws them (report never does), so without them: how to get them."""
     if not plan.get("validation"):
         return "pictures    none: the run has no validation set"
-    drawn = [folder / name for name in PICTURE_FILES if (folder / name).is_file()]
-    if drawn:
-        return "pictures    " + ", ".join(visible(display(p)) for p in drawn)
+    drawn: list[str] = []
+    refused: list[str] = []
+    for name in PICTURE_FILES:
+        try:
+            picture = shown_file(folder, name)
+        except BitError as exc:
+            refused.append(visible(str(exc)))
+            continue
+        if picture is not None:
+            drawn.append(visible(display(picture)))
+    if drawn or refused:
+        parts = ([", ".join(drawn)] if drawn else []) + [f"not shown: {reason}" for reason in refused]
+        return "pictures    " + "; ".join(parts)
     if not (folder / VALIDATION_FILE).is_file():
         return "pictures    none yet (training draws them at the first validation)"
     how = f"none: training draws them at every validation when matplotlib is installed ({extras.install('plots')})"
@@ -276,6 +325,21 @@ def pictures_line(folder: Path, plan: dict[str, Any], kind: str) -> str:
     return f"pictures    {how}"
 
 
+def shown_file(folder: Path, name: str) -> Path | None:
+    """`folder/name` if it is a file of the run to show or link (a picture, the report page): `bit push`'s rule
+    (modelcard.read_picture), a regular file inside the run (a symlink to another file of the run is fine);
+    None when there is none; one line (a BitError) saying why one that is there is not shown. It is opened (a
+    FIFO is refused unread), never read."""
+    path = folder / name
+    if not os.path.lexists(path):
+        return None
+    try:
+        open_regular(inside(folder, name)).close()
+    except FileNotFoundError:  # a symlink inside the run that leads nowhere: no picture
+        return None
+    return path
+
+
 def lock_held(folder: Path) -> bool:
     """Whether a bit finetune holds the run's lock now (see rundir.lock_output). A shared, non-blocking try
     that is released at once, on the file only if it exists (a report never creates it)."""
@@ -284,8 +348,8 @@ def lock_held(folder: Path) -> bool:
     except ImportError:  # not POSIX: runs take no lock
         return False
     try:
-        handle = open(folder / LOCK_FILE, "rb")
-    except OSError:
+        handle = open_regular(folder / LOCK_FILE)  # bit finetune's lock is a regular file; a FIFO would block
+    except (OSError, BitError):
         return False
     with handle:
         try:

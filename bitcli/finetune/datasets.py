@@ -39,6 +39,11 @@ def scan_datasets(opts: FinetuneOptions) -> Datasets:
     train_part, val_part = training_parts(opts.data, columns)
     if opts.val is not None:
         val_part = validation_part(opts.val, columns)
+        if val_part.same_rows(train_part):  # allowed (a check that training runs), but no measure of new images
+            log(visible(
+                f"warning: --val {opts.val}: validates on the training data ({train_part.name}), so its accuracy "
+                "says nothing about new images; pass the rows held out for validation"
+            ))  # fmt: skip
     elif val_part is not None and opts.val_split is not None:
         raise UsageError(f"--val-split: {opts.data} already has the validation split {val_part.name}; drop --val-split")
     train = train_part.scan(None)

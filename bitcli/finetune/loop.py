@@ -12,7 +12,7 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -59,6 +59,10 @@ class Training:
     workers: int
     tensorboard: bool = False  # --tensorboard: the main process also writes TensorBoard events
     best: Best | None = None  # --keep-best: the best validation so far (restored from the checkpoint on resume)
+    # --report: the last validation's per-image results go here (evaluation.evaluate's `keep`)
+    keep: Callable[[np.ndarray, torch.Tensor], None] | None = None
+    # --cache-features: every training image's features [N, D] on the device; the head alone trains on them
+    features: torch.Tensor | None = None
 
 
 @dataclass
@@ -80,7 +84,8 @@ def train(t: Training) -> Outcome:
     reader: Reader[tuple[StepSample, np.ndarray, np.ndarray]]
     try:
         with Reader(t.workers) as reader, TrainProgress(info.main, plan.steps, t.start) as progress:
-            batches = micro_batches(t, reader)
+            batches = micro_batches(t, reader) if t.features is None else feature_batches(t)
+            forward = model if t.features is None else engine.model.head
             for step in range(t.start, plan.steps):
                 t0 = time.monotonic()
                 # the learning rate of this step (HyperRule: linear warm-up, then /10 at each boundary)
@@ -94,7 +99,7 @@ def train(t: Training) -> Outcome:
                     x, y, y_mix, lam = next(batches)
                     with gradient_sync(model, info, last=micro == plan.batch_split - 1):
                         with engine.autocast():
-                            logits = model(x)
+                            logits = forward(x)
                         if plan.multi_label:
                             loss = mixup_binary_cross_entropy(logits.float(), y, y_mix, lam)
                         elif weight is not None:
@@ -159,13 +164,14 @@ def validation_due(plan: Plan, step: int) -> bool:
     return step == plan.steps - 1 or bool(plan.eval_every and (step + 1) % plan.eval_every == 0)
 
 
-def validate(t: Training, keep: Logits | None = None) -> Evaluation:
-    """On the main process, when the run validates (val and val_cache are set)."""
+def validate(t: Training, last: bool, views: Logits | None = None) -> Evaluation:
+    """On the main process, when the run validates (val and val_cache are set); the `last` validation's
+    per-image results also go to t.keep (--report), and every stack's logits to `views` (the temperature fit)."""
     val, cache = t.data.val, t.val_cache
     assert val is not None and cache is not None
     result = evaluate(t.engine, val, cache.get, batch_size=t.plan.micro_batch, workers=t.workers,
-                      class_to_model=list(range(len(val.classes))), keep=keep,
-                      multi_label=t.plan.multi_label)  # fmt: skip
+                      class_to_model=list(range(len(val.classes))), keep=t.keep if last else None,
+                      keep_views=views, multi_label=t.plan.multi_label)  # fmt: skip
     assert result is not None  # the main process gets the result
     return result
 
@@ -177,7 +183,7 @@ def validation_step(t: Training, step: int, out: Outcome) -> Evaluation:
     plan = t.plan
     last = step == plan.steps - 1
     logits = Logits() if plan.calibrate and (last or t.best is not None) else None
-    out.last_eval = ev = validate(t, keep=logits)
+    out.last_eval = ev = validate(t, last, views=logits)
     if last:
         out.last_logits = logits
     if t.best is not None and t.best.improves(ev):
@@ -204,7 +210,7 @@ def gradient_sync(model: torch.nn.Module, info: Dist, last: bool):
 
 
 def mixup_cross_entropy(logits: torch.Tensor, y: torch.Tensor, y_mix: torch.Tensor | None, lam: float,
-                        weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                        *, weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Cross-entropy; with MixUp the λ-weighted sum over both images' labels (one λ per optimizer step).
 
     With class weights (--class-weights), the mean over the images of weight[label] x the image's
@@ -273,7 +279,7 @@ def micro_batches(
                 needed = own if sample.partners is None else np.unique(np.concatenate([own, sample.partners[own]]))
                 yield (sample, own, needed), [
                     functools.partial(_train_image, t.train_cache, int(sample.indices[p]), int(sample.tops[p]),
-                                      int(sample.lefts[p]), plan.crop, bool(sample.flips[p]))
+                                      int(sample.lefts[p]), crop=plan.crop, flip=bool(sample.flips[p]))
                     for p in needed
                 ]  # fmt: skip
 
@@ -281,7 +287,22 @@ def micro_batches(
         yield (*_mix(decoded, needed, own, sample, targets=targets, engine=t.engine), sample.lam)
 
 
-def _train_image(cache: DecodeCache, index: int, top: int, left: int, crop: int, flip: bool) -> np.ndarray:
+def feature_batches(t: Training) -> Iterator[tuple[torch.Tensor, torch.Tensor, None, float]]:
+    """--cache-features: the micro-batches of the same steps (data.StepSampler's images, in the same order) as
+    cached features, without crop, flip or MixUp (one process: check_flags refuses torchrun)."""
+    plan, features = t.plan, t.features
+    assert features is not None
+    sampler = StepSampler(len(t.data.train), plan.batch_size, plan.seed, max_offset=0, mixup=None)
+    targets = torch.as_tensor(np.asarray(t.data.train.targets, dtype=np.int64), device=features.device)
+    m = plan.micro_batch
+    for step in range(t.start, plan.steps):
+        indices = torch.from_numpy(sampler.indices(step)).to(features.device)
+        for j in range(plan.batch_split):
+            own = indices[j * m : (j + 1) * m]
+            yield features[own], targets[own], None, 1.0
+
+
+def _train_image(cache: DecodeCache, index: int, top: int, left: int, *, crop: int, flip: bool) -> np.ndarray:
     return augment(cache.get(index), top, left, crop=crop, flip=flip)
 
 
@@ -290,6 +311,7 @@ def _mix(
     needed: np.ndarray,
     own: np.ndarray,
     sample: StepSample,
+    *,
     targets: np.ndarray,
     engine: TorchEngine,
 ):

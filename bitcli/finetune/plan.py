@@ -30,13 +30,14 @@ from bitcli.ui import visible
 RESULT_FIELDS = (
     "classes", "train_examples", "train_fingerprint", "model", "random_init", "architecture", "shots", "seed",
     "resize", "crop", "steps", "boundaries", "lr", "batch_size", "mixup", "head_only", "class_weights", "sampler",
-    "keep_best", "multi_label",
+    "keep_best", "multi_label", "cache_features",
 )  # fmt: skip
 # The RESULT_FIELDS that follow from the data alone: with the flags unchanged, the data changed.
 DATA_FIELDS = ("classes", "train_examples", "train_fingerprint")
 # RESULT_FIELDS added later, with the value that runs started before them had (their plans lack the field;
 # they stay resumable).
-RESULT_DEFAULTS = {"head_only": False, "class_weights": None, "sampler": None, "keep_best": None, "multi_label": False}
+RESULT_DEFAULTS = {"head_only": False, "class_weights": None, "sampler": None, "keep_best": None, "multi_label": False,
+                   "cache_features": False}  # fmt: skip
 # The HyperRule's resolution assumes a start model pre-trained at about 224 px (BiT-M/S). Beyond this factor
 # between the chosen crop and the start model's own, the plan says so (issue 12: a model trained at 32 px
 # reached 0.37 top-1 at the rule's 128 px and 0.93 at its own size).
@@ -89,6 +90,7 @@ class Plan:
     keep_best: str | None = None  # --keep-best METRIC: the best validated model also goes to DIR/best/
     calibrate: bool = True  # fit the temperature on the validation set at the end (--no-calibrate: off)
     multi_label: bool = False  # the data gives several labels a row: sigmoid outputs, BCE, per-class thresholds
+    cache_features: bool = False  # --cache-features: the head trains on cached eval-transform features
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -98,7 +100,7 @@ class Plan:
 # Checks that need the data or the architecture (the CLI has already parsed every flag's form)
 
 
-def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig, has_validation: bool = True,
+def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig, *, has_validation: bool = True,
                 multi_label: bool = False) -> None:  # fmt: skip
     """Every flag's range, before any image is decoded or weight built (make_plan relies on them).
     has_validation: DATA has a validation split of its own; multi_label: its rows give several labels."""
@@ -122,6 +124,8 @@ def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig, has_valida
             f"--keep-best {opts.keep_best}: selects on the validation set, and the run has none; "
             "pass --val DATA or --val-split F"
         )
+    if opts.cache_features and info.world > 1:
+        raise UsageError("--cache-features runs in one process (the features are this process's); drop torchrun")
     if opts.batch_size % info.world:
         raise UsageError(f"--batch-size {opts.batch_size}: must divide evenly over the {info.world} processes")
     per_rank = opts.batch_size // info.world
@@ -297,7 +301,7 @@ def _batch_split(opts: FinetuneOptions, model, *, crop: int, info: Dist, device:
     return split, f"auto: {reason}"
 
 
-def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, device: torch.device, dtype: torch.dtype,
+def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, *, device: torch.device, dtype: torch.dtype,
               saved: dict[str, Any] | None, own: Preprocess | None = None) -> Plan:  # fmt: skip
     """The run's plan; `saved` is the plan of the run being resumed (its automatic batch split is kept);
     `own` is the start model's own preprocessing (None: --random-init)."""
@@ -305,7 +309,7 @@ def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, device: to
     why: dict[str, str] = {}
     res, why["resolution"] = _resolution(opts, ds)
     sched, why["steps"] = _schedule(opts.steps, n)
-    alpha, why["mixup"] = _mixup(opts.mixup, n)
+    alpha, why["mixup"] = _mixup(opts.mixup, n) if not opts.cache_features else (None, "off: --cache-features")
     split, why["batch_split"] = _batch_split(
         opts, model, crop=res.crop, info=info, device=device, dtype=dtype, saved=saved
     )
@@ -328,6 +332,7 @@ def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, device: to
         model=opts.model,
         random_init=opts.random_init,
         head_only=opts.head_only,
+        cache_features=opts.cache_features,
         architecture=model.config.to_dict(),
         shots=opts.shots,
         seed=opts.seed,
@@ -382,7 +387,8 @@ def describe(plan: Plan) -> list[str]:
         f"  batch       {plan.batch_size} = {plan.world_size} process(es) x {plan.batch_split} micro-batch(es) of "
         f"{plan.micro_batch}   [{plan.why['batch_split']}]",
         f"  optimizer   SGD momentum {plan.momentum}, no weight decay, new head zero-initialised"
-        + ("; backbone frozen (--head-only): only the head trains" if plan.head_only else ""),
+        + ("; backbone frozen (--head-only): only the head trains" if plan.head_only else "")
+        + (", on cached features (--cache-features: no augmentation)" if plan.cache_features else ""),
         f"  device      {plan.device}, {plan.precision}; "
         + (f"validate every {plan.eval_every or plan.steps} steps, " if plan.validation else "")
         + f"checkpoint every {plan.save_every} steps",

@@ -11,6 +11,7 @@ import torch.utils.deterministic
 
 from bitcli import extras
 from bitcli.distributed import Dist
+from bitcli.errors import UsageError
 from bitcli.finetune.datasets import Datasets, scan_datasets, shared_undecodable, usable_datasets
 from bitcli.finetune.plan import Plan, check_flags, check_same_run, make_plan, stated_preprocess
 from bitcli.finetune.rundir import check_output_location, output_mode
@@ -47,6 +48,11 @@ def prepare(opts: FinetuneOptions, info: Dist, device: torch.device, dtype: torc
         return None
     saved = read_saved_plan(opts.output) if mode == "resume" else None
     found = scan_datasets(opts)
+    if opts.report and found.val is None:
+        raise UsageError(
+            "--report shows the errors of the last validation, and this run has no validation set: "
+            "give --val DATA or --val-split F (or a DATA with a val split)"
+        )
     start = start_point(opts.model, opts.random_init, opts.revision, len(found.train.classes))
     check_flags(opts, info, start.config, has_validation=found.val is not None, multi_label=found.train.multi_label)
     ds = usable_datasets(

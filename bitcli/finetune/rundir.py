@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,13 +26,24 @@ import torch
 
 from bitcli.errors import BitError, UsageError
 from bitcli.finetune import tensorboard as board
-from bitcli.finetune.runfiles import BEST_FOLDER, CONFIG_FILE, LOCK_FILE, MODEL_FILES, RUN_FILES, SUMMARY_FILE
+from bitcli.finetune.runfiles import (
+    BEST_FOLDER,
+    CONFIG_FILE,
+    LOCK_FILE,
+    MODEL_FILES,
+    REPORT_FOLDER,
+    RUN_FILES,
+    SUMMARY_FILE,
+    raw_lines,
+    step_record,
+)
 from bitcli.formats import Checkpoint, TensorRef
 from bitcli.formats.hf import write as write_hf
 from bitcli.options import FinetuneOptions
+from bitcli.pages.folder import remove_page_folder
 from bitcli.preprocess import Preprocess
 from bitcli.ui import log, visible
-from bitcli.writes import atomic_write, move_files_into
+from bitcli.writes import atomic_write, move_files_into, within
 
 if TYPE_CHECKING:
     from bitcli.finetune.plan import Plan
@@ -49,14 +61,13 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACC
 def check_output_location(opts: FinetuneOptions) -> None:
     """DIR must be outside the image folders: inside DATA its files would be a class folder of the next run
     and of `bit eval DATA` ("class folder 'myrun' holds no images")."""
-    out = opts.output.resolve()
     for flag, folder in (("DATA", opts.data), ("--val", opts.val)):
         if folder is None or isinstance(folder, str):  # a Hub data set (hf://...) is no folder
             continue
-        root = folder.resolve()
-        if out == root or root in out.parents:
+        if within(opts.output, folder):
+            same = opts.output.resolve() == folder.resolve()
             raise UsageError(
-                f"--output {visible(str(opts.output))}: is {'the' if out == root else 'inside the'} image folder "
+                f"--output {visible(str(opts.output))}: is {'the' if same else 'inside the'} image folder "
                 f"{visible(str(folder))} ({flag}), where the run's files would be taken for a class of images; "
                 "choose a folder outside it"
             )
@@ -94,7 +105,11 @@ def output_mode(output: Path, resume: bool, overwrite: bool) -> str:
 
 def remove_leftovers(output: Path, run_files: bool) -> None:
     """Temporary files of bitcli's writes that a kill interrupted (never read: every write is renamed into
-    place), and with `run_files` the previous run's files. Nothing else: DIR may hold the user's files."""
+    place), and with `run_files` the previous run's files (its report's too). Nothing else: DIR may hold the
+    user's files."""
+    report = output / REPORT_FOLDER
+    if run_files and report.is_dir() and not report.is_symlink():  # first: if a file of it cannot be removed,
+        remove_page_folder(report)  # the run's own files are all still there (--report's files, marker-listed)
     for p in output.iterdir() if output.is_dir() else ():
         if p.is_symlink():
             continue
@@ -167,19 +182,31 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per optimizer step, flushed as it is written. On resume the lines of
-    steps that the checkpoint does not cover (written after it, before the kill) are dropped."""
+    steps that the checkpoint does not cover (written after it, before the kill) are dropped; a line that is
+    no step record (a torn line, garbage: bit report skips it too) is left out and counted, and every step
+    record before the checkpoint's step is kept, those after a bad line too."""
 
     def __init__(self, path: Path, keep_before: int | None) -> None:
-        kept: list[str] = []
         if keep_before is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if int(json.loads(line)["step"]) < keep_before:
-                        kept.append(line + "\n")
-                except (ValueError, KeyError, TypeError):
-                    break  # a torn last line
-        atomic_write(path, lambda f: f.write("".join(kept).encode("utf-8")))
+            atomic_write(path, lambda f: self._keep(path, keep_before, f))  # read while the new file is written
+        else:
+            atomic_write(path, lambda f: None)
         self.file = open(path, "a", encoding="utf-8")
+
+    @staticmethod
+    def _keep(path: Path, before: int, out) -> None:
+        bad, first = 0, 0
+        for number, line in raw_lines(path):
+            record = step_record(line, sys.maxsize) if line is not None else None
+            if line is None or record is None:  # (line None: a line too long to hold, passed over)
+                bad, first = bad + 1, first or number
+            elif record["step"] < before:
+                out.write(line if line.endswith(b"\n") else line + b"\n")
+        if bad:
+            log(visible(
+                f"{path}: left out {bad:,} line(s) that are no step record (the first: line {first:,}); the "
+                f"records of steps before {before:,} are kept"
+            ))  # fmt: skip
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -227,7 +254,7 @@ class Selection:
     thresholds: list[float] | None = None  # a multi-label model's, chosen on the last validation
 
 
-def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, last_eval: Evaluation | None,
+def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, *, last_eval: Evaluation | None,
                   last_loss: float, step_times: list[float], start: int, started: float,
                   selection: Selection = Selection()) -> None:  # fmt: skip
     """The fine-tuned model (fp32, with the evaluation preprocessing, the class names and the temperature) and

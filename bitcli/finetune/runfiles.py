@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bitcli.errors import BitError
-from bitcli.reads import read_json, safetensors_header
+from bitcli.reads import bounded_lines, open_regular, read_json, safetensors_header
 
 CONFIG_FILE = "finetune_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -21,6 +21,7 @@ LOCK_FILE = ".lock"  # held by the writing process while a run is in progress; r
 MODEL_FILES = ("model.safetensors", "preprocessor_config.json", "config.json")  # config.json last
 VALIDATION_FILE = "validation.json"  # the last validation: metrics, labels and confusion matrix (bitcli.finetune.watch)
 PICTURE_FILES = ("curves.png", "confusion.png")  # bitcli.finetune.watch draws them at every validation
+REPORT_FOLDER = "report"  # --report: the last validation's HTML report (bitcli.gallery), REPORT_FOLDER/index.html
 RUN_FILES = (*MODEL_FILES, METRICS_FILE, SUMMARY_FILE, STATE_FILE, CONFIG_FILE, VALIDATION_FILE, *PICTURE_FILES)
 BEST_FOLDER = "best"  # --keep-best: the best validated model, MODEL_FILES in their own folder
 
@@ -55,17 +56,21 @@ def checkpoint_step(path: Path) -> int:
 def metrics_lines(path: Path, steps: int) -> Iterator[tuple[int, dict[str, Any] | None]]:
     """(line number from 1, its record) for each line of metrics.jsonl, read as it is streamed (a run of a
     million steps is not held in memory); the record is None for a line that is no step record of this run
-    of `steps` steps: not JSON (a torn last line, garbage), a field missing or of another type. Numbers come
-    back as floats. No file: no lines."""
+    of `steps` steps: not JSON (a torn last line, garbage, a line of over reads.MAX_LINE bytes), a field
+    missing or of another type. Numbers come back as floats. No file: no lines; one that is not a regular
+    file (a FIFO, /dev/zero): one line saying so."""
+    for number, line in raw_lines(path):
+        yield number, step_record(line, steps) if line is not None else None
+
+
+def raw_lines(path: Path) -> Iterator[tuple[int, bytes | None]]:
+    """(line number from 1, the line's bytes, None for an over-long one) of a text file; none if it is missing."""
     try:
-        file = open(path, "rb")
+        file = open_regular(path)
     except FileNotFoundError:
         return
-    except OSError as exc:
-        raise BitError(f"{path}: cannot read ({exc.strerror})") from None
     with file:
-        for number, line in enumerate(file, 1):
-            yield number, step_record(line, steps)
+        yield from enumerate(bounded_lines(file), 1)
 
 
 def step_record(line: bytes, steps: int) -> dict[str, Any] | None:

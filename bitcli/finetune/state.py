@@ -21,7 +21,7 @@ from bitcli.finetune.runfiles import STATE_FORMAT, checkpoint_state
 from bitcli.formats import TensorRef, read_safetensors, write_safetensors
 
 
-def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_step: int, plan: Plan,
+def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, next_step: int, *, plan: Plan,
                scaler: torch.amp.GradScaler, best: dict[str, Any] | None = None) -> None:  # fmt: skip
     """`best`: --keep-best's record of the best validation so far (bitcli.finetune.selection.Best), so that a
     resumed run compares against what the uninterrupted run had at this step."""
@@ -58,7 +58,7 @@ def read_state(path: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
 
 
 def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: Plan,
-               scaler: torch.amp.GradScaler) -> int:  # fmt: skip
+               *, scaler: torch.amp.GradScaler) -> int:  # fmt: skip
     """Restore weights, momentum, RNG and the fp16 loss scale; return the step to continue from."""
     refs, state, next_step = read_state(path)
     if state.get("train_fingerprint") != plan.train_fingerprint:

@@ -17,7 +17,7 @@ from bitcli.errors import one_line
 from bitcli.finetune.rundir import write_json
 from bitcli.finetune.runfiles import METRICS_FILE, PICTURE_FILES, VALIDATION_FILE, metrics_lines, read_saved_plan
 from bitcli.finetune.tensorboard import Board
-from bitcli.metrics import OTHER
+from bitcli.metrics import OTHER  # the catch-all column of a validation.json written before it said its name
 from bitcli.reads import read_json
 from bitcli.ui import log
 
@@ -49,7 +49,7 @@ def draw_pictures(run: Path) -> list[Path]:
         if validation.get("multi_label"):  # no confusion matrix: each class's AP and F1 (bitcli.multilabel)
             plots.write_png(run / CONFUSION, plots.ap_png(validation, heading))
         else:
-            plots.write_png(run / CONFUSION, plots.evaluation_png(validation, heading, OTHER))
+            plots.write_png(run / CONFUSION, plots.evaluation_png(validation, heading, validation.get("other", OTHER)))
         written.append(run / CONFUSION)
     return written
 

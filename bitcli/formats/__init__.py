@@ -8,6 +8,7 @@ tensor references, so that a converter streams a checkpoint tensor by tensor; ev
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,7 @@ def detect(path: Path) -> Format:
     """The format that reads `path`: a folder by its config.json, a file by its suffix."""
     if path.is_dir():
         config_path = path / "config.json"
-        if not config_path.is_file():
+        if not os.path.lexists(config_path):  # (a FIFO or device there: read_json refuses it)
             raise BitError(f"{path}: folder has no config.json; expected a transformers or timm model folder")
         config = read_json(config_path)
         for fmt in FORMATS.values():

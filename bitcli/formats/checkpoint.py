@@ -17,6 +17,7 @@ from bitcli.formats.tensors import BITCLI, Layout, TensorRef, few
 from bitcli.labels import default_labels
 from bitcli.model import BitModel
 from bitcli.preprocess import Preprocess
+from bitcli.reads import file_size
 from bitcli.scores import check_temperature
 
 # For a transformers folder without preprocessor_config.json: google/bit-50's (shortest edge 448, centre crop 448).
@@ -169,6 +170,7 @@ def checked_labels(labels: list[str] | None, num_classes: int, source: str) -> l
 
 def read_class_names(path: Path, num_classes: int) -> list[str]:
     """`--labels FILE`: one class name per line (blank lines ignored), as many as the head has classes."""
+    file_size(path, what="label file")  # a FIFO would hang the read
     try:
         labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, cast
@@ -72,7 +73,7 @@ def read(folder: Path) -> Checkpoint:
         raise BitError(f"{folder / 'config.json'}: {exc}") from None
     config = dataclasses.replace(config, ws_eps=stored_ws_eps(hf, 1e-8, folder / "config.json"))
     pre_path = folder / "preprocessor_config.json"
-    preprocess = preprocess_from_hf(read_json(pre_path)) if pre_path.is_file() else BIT_DEFAULT_PREPROCESS
+    preprocess = preprocess_from_hf(read_json(pre_path)) if os.path.lexists(pre_path) else BIT_DEFAULT_PREPROCESS
     tensors = LAYOUT.refs_to_bitcli(str(folder), refs)
     check_tensors(config, tensors, str(folder), LAYOUT)
     labels = checked_labels(_labels(hf, num_classes), num_classes, str(folder))

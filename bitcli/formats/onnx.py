@@ -8,7 +8,8 @@ varying size (no centre crop and no fixed resize). Weight standardisation is fol
 
 Read back, an `.onnx` file is a Checkpoint whose weights live in the graph (`Checkpoint.graph`): `bit predict`
 and `bit eval` run it in onnxruntime (bitcli.onnx_engine); it cannot be converted or fine-tuned further.
-onnx, onnxruntime and onnxscript are the optional extra `bitcli[onnx]` (bitcli.extras).
+onnx, onnxruntime and onnxscript are the optional extra `bitcli[onnx]` (bitcli.extras); reading a file needs
+onnx only, running it onnxruntime too, and only an export needs onnxscript.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bitcli.config import BitConfig
 from bitcli.errors import BitError, one_line
 from bitcli.formats.checkpoint import Checkpoint, checked_labels, stored_temperature, stored_thresholds
 from bitcli.preprocess import Preprocess
+from bitcli.reads import file_size
 from bitcli.writes import atomic_write
 
 NAME = "onnx"
@@ -44,7 +46,8 @@ THRESHOLDS = "bitcli.thresholds"  # a multi-label model's (absent: single-label)
 def read(path: Path) -> Checkpoint:
     """The labels, preprocessing and architecture of a `.onnx` written by `bit convert`; the weights stay in
     the graph, for onnxruntime."""
-    extras.require("onnx", "ONNX support")
+    file_size(path)
+    extras.require("onnx", "Reading an .onnx file", modules=("onnx",))  # reading needs no exporter (onnxscript)
     import onnx
 
     try:
@@ -167,7 +170,7 @@ def _varint(f) -> int | None:
 # Writing
 
 
-def save(proto, path: Path, ckpt: Checkpoint, precision: str, check: dict[str, Any]) -> None:
+def save(proto, path: Path, ckpt: Checkpoint, precision: str, *, check: dict[str, Any]) -> None:
     """Write `proto` (the graph bitcli.export made and proved) to `path` with the metadata that `read` needs:
     `ckpt`'s labels, preprocessing and architecture, and `check`, what the proof measured."""
     values = {

@@ -5,6 +5,7 @@ checked against their headers); and the streamed safetensors writer. Names here 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import struct
@@ -119,9 +120,9 @@ def read_torch_bin(path: Path) -> dict[str, TensorRef]:
 def folder_weights(folder: Path) -> dict[str, TensorRef]:
     """The weights of a transformers or timm folder: model.safetensors, else pytorch_model.bin."""
     st, bin_ = folder / "model.safetensors", folder / "pytorch_model.bin"
-    if st.is_file():
+    if os.path.lexists(st):  # (not is_file: a FIFO there is refused by the reader, not passed over)
         return read_safetensors(st)[0]
-    if bin_.is_file():
+    if os.path.lexists(bin_):
         return read_torch_bin(bin_)
     raise BitError(f"{folder}: holds no model.safetensors or pytorch_model.bin")
 

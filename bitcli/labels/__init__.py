@@ -10,7 +10,7 @@ import functools
 import importlib.resources
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bitcli.errors import BitError
@@ -129,18 +129,26 @@ def match_class(name: str, labels: Sequence[str], where: str | Path | None = Non
 
 
 def match_classes(
-    classes: Sequence[str], labels: Sequence[str], source: str, root: Path, data: str | None = None
+    classes: Sequence[str],
+    labels: Sequence[str],
+    source: str,
+    root: Path,
+    *,
+    data: str | None = None,
+    first_row: Callable[[int], str | None] | None = None,
 ) -> list[int]:
     """Every class folder under `root` -> its label index; two folders naming one class are refused. With `data`
-    (a label file or data set, for messages) the classes are labels of its rows, and errors name it instead."""
+    (a label file or data set, for messages) the classes are labels of its rows, and errors name it instead, or
+    with `first_row` the first row of the class (`labels.csv:18`), as every other error about a row does."""
     matcher = LabelMatcher(labels, source, rows=data is not None)
     owner: dict[int, str] = {}
     indices = []
-    for name in classes:
-        index = matcher.match(name, root / name if data is None else data)
+    for c, name in enumerate(classes):
+        row = first_row(c) if first_row is not None else None
+        index = matcher.match(name, row or (root / name if data is None else data))
         if index in owner and data is not None:
             raise BitError(
-                f"{data}: classes {owner[index]!r} and {name!r} name the same class ({index} "
+                f"{row or data}: classes {owner[index]!r} and {name!r} name the same class ({index} "
                 f"{matcher.labels[index]!r}); relabel the rows of one"
             )
         if index in owner:

@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 
 from bitcli.errors import BitError, one_line
-from bitcli.sources.features import schema_features
+from bitcli.sources.features import check_features, schema_features
 
 STATE = "state.json"
 INFO = "dataset_info.json"
 DICT = "dataset_dict.json"
+AGAIN = "save the data set again with save_to_disk"  # the fix of a damaged metadata file
 
 
 def is_saved_dataset(folder: Path) -> bool:
@@ -37,7 +38,10 @@ class ArrowShard:
         except (OSError, ValueError) as exc:
             raise BitError(f"{name}: not an Arrow file pyarrow can read ({one_line(exc, limit=200)})") from None
         self.num_rows, self.size, self.schema = self.table.num_rows, path.stat().st_size, self.table.schema
-        self.features = features or schema_features(self.schema)
+        if not features:  # (none in dataset_info.json) the features that the Arrow schema carries, if any
+            features = schema_features(self.schema)
+            check_features(features, name, AGAIN)
+        self.features = features
 
     def __reduce__(self):  # another process maps the file itself
         return ArrowShard, (self.path, self.name, self.features)
@@ -55,9 +59,10 @@ class ArrowShard:
 def saved_splits(folder: Path, label: str) -> dict[str | None, list[ArrowShard]]:
     """{split: shards} of a DatasetDict, {None: shards} of a Dataset."""
     if (folder / DICT).is_file():
-        splits = _read_json(folder / DICT, label).get("splits") or []
-        if not isinstance(splits, list):
-            raise BitError(f"{label}/{DICT}: 'splits' is not a list; save the data set again with save_to_disk")
+        splits = _read_json(folder / DICT, label).get("splits")
+        if not isinstance(splits, list) or not splits:
+            what = "lists no splits" if splits in (None, []) else "'splits' is not a list of split names"
+            raise BitError(f"{label}/{DICT}: {what}; save the data set again with save_to_disk")
         names = [_inside(s, f"{label}/{DICT}", "split") for s in splits]
         return {name: _dataset_shards(folder / name, f"{label}/{name}") for name in names}
     return {None: _dataset_shards(folder, label)}
@@ -66,11 +71,19 @@ def saved_splits(folder: Path, label: str) -> dict[str | None, list[ArrowShard]]
 def _dataset_shards(folder: Path, label: str) -> list[ArrowShard]:
     state = _read_json(folder / STATE, label)
     features = _read_json(folder / INFO, label).get("features")
-    files = [_inside(f.get("filename"), f"{label}/{STATE}", "data file") for f in state.get("_data_files") or []
-             if isinstance(f, dict)]  # fmt: skip
+    features = features if isinstance(features, dict) else None
+    check_features(features, f"{label}/{INFO}", AGAIN)
+    listed = state.get("_data_files")
+    if listed is not None and not isinstance(listed, list):
+        raise BitError(f"{label}/{STATE}: '_data_files' is not a list of data files; {AGAIN}")
+    for entry in listed or ():
+        if not isinstance(entry, dict):
+            shown = json.dumps(entry, ensure_ascii=False)[:100]
+            raise BitError(f"{label}/{STATE}: data file entry {shown} is not an object with a filename; {AGAIN}")
+    files = [_inside(f.get("filename"), f"{label}/{STATE}", "data file") for f in listed or ()]
     if not files:
-        raise BitError(f"{label}/{STATE}: lists no data files; save the data set again with save_to_disk")
-    return [ArrowShard(folder / f, f"{label}/{f}", features if isinstance(features, dict) else None) for f in files]
+        raise BitError(f"{label}/{STATE}: lists no data files; {AGAIN}")
+    return [ArrowShard(folder / f, f"{label}/{f}", features) for f in files]
 
 
 def _inside(name: object, where: str, what: str) -> str:
@@ -78,9 +91,7 @@ def _inside(name: object, where: str, what: str) -> str:
     folder, as save_to_disk writes them. An absolute path or '..' would read files elsewhere."""
     if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
         shown = json.dumps(name, ensure_ascii=False)[:300]
-        raise BitError(
-            f"{where}: {what} {shown} is not a name inside the folder; save the data set again with save_to_disk"
-        )
+        raise BitError(f"{where}: {what} {shown} is not a name inside the folder; {AGAIN}")
     return name
 
 

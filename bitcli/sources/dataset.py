@@ -20,7 +20,12 @@ from bitcli.errors import BitError
 from bitcli.sources.examples import ImageFolder, class_order
 from bitcli.sources.features import Columns, choose_columns, image_cell
 from bitcli.sources.rows import Rows
-from bitcli.sources.splits import canonical_split  # noqa: F401 -- sources.locate imports it from here
+from bitcli.sources.splits import (
+    MissingSplit,
+    canonical_split,  # noqa: F401 -- sources.locate imports it from here
+    evaluation_split,
+    training_splits,
+)
 
 CACHE_BLOCKS = 8  # row groups kept (of the image column): threads decoding neighbouring rows share them
 CACHE_BYTES = 64 << 20
@@ -213,21 +218,20 @@ class DatasetSplit:
 
 
 def training_keys(splits: Sequence[str | None], label: str, hint: str) -> tuple[str | None, str | None]:
-    """The splits a run trains and validates on, as a train/ and val/ folder pair is used: (train, validation
-    or None); an unsplit data set (key None) is all training data."""
-    if None in splits:
-        return None, None
-    if "train" not in splits:
-        raise BitError(f"{label}: has split(s) {', '.join(map(str, splits))} but no train split; {hint}")
-    return "train", "validation" if "validation" in splits else None
+    """The splits a run trains and validates on (splits.training_splits), or one line saying what is missing."""
+    try:
+        return training_splits(splits)
+    except MissingSplit:
+        raise BitError(f"{label}: {_has(splits)} but no train split; {hint}") from None
 
 
 def evaluation_key(splits: Sequence[str | None], label: str, hint: str) -> str | None:
-    """The split `bit eval` evaluates: the validation split, or the only one (as DATA/val of a split folder)."""
-    if None in splits:
-        return None
-    if "validation" in splits:
-        return "validation"
-    if "train" in splits or len(splits) > 1:
-        raise BitError(f"{label}: has split(s) {', '.join(map(str, splits))} but no validation split; {hint}")
-    return splits[0]
+    """The split `bit eval` evaluates (splits.evaluation_split), or one line saying what is missing."""
+    try:
+        return evaluation_split(splits)
+    except MissingSplit:
+        raise BitError(f"{label}: {_has(splits)} but no validation split; {hint}") from None
+
+
+def _has(splits: Sequence[str | None]) -> str:
+    return f"has split(s) {', '.join(map(str, splits))}" if splits else "has no splits"

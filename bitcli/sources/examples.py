@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bitcli.sources.rows import Rows, RowView, example_name
+from bitcli.sources.rows import RowPath, Rows, RowView, example_name
 
 _INTEGER = re.compile(r"-?[0-9]+")
 
@@ -67,6 +67,18 @@ class ImageFolder:
         if self.source is not None:
             return self.source
         return str(self.root if c is None else self.root / self.classes[c])
+
+    def first_row(self, c: int) -> str | None:
+        """Where class c's first example is, for messages (`labels.csv:18`, `data.parquet row 17`); None for a
+        class folder (the folder is named) or a class without examples."""
+        if not isinstance(self.paths, RowView):
+            return None
+        targets = np.asarray(self.targets, dtype=np.int64)
+        first = int(np.searchsorted(targets, c))  # grouped by class, in class order
+        if first == len(targets) or targets[first] != c:
+            return None
+        ref = self.paths[first]
+        return ref.row if isinstance(ref, RowPath) else example_name(ref)
 
     def counts(self) -> list[int]:
         return np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=len(self.classes)).tolist()

@@ -39,10 +39,34 @@ def schema_features(schema) -> dict[str, Any] | None:
     return features if isinstance(features, dict) else None
 
 
+def check_features(features: dict[str, Any] | None, where: str, fix: str) -> None:
+    """Every ClassLabel's names must be a list of distinct strings (its classes, in index order): a number or a
+    string there is no list of classes ("abc" would be three classes a, b, c), and a name given twice would
+    make two classes that no one can tell apart. One line naming `where` (the file the features come from)
+    and `fix`."""
+    for column, feature in (features or {}).items():
+        if _type(feature) != "ClassLabel":
+            continue
+        names = feature.get("names")
+        if names is None:
+            continue  # no names: the label values are read as they are
+        shown = json.dumps(names, ensure_ascii=False)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise BitError(
+                f"{where}: the ClassLabel names of column {column!r} are {shown}, not a list of class names; {fix}"
+            )
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise BitError(f"{where}: the ClassLabel of column {column!r} names class {name!r} twice; {fix}")
+            seen.add(name)
+
+
 def choose_columns(
     schema, features: dict[str, Any] | None, *, image: str | None, label: str | None, where: str
 ) -> Columns:
-    """The image and label columns: named by the flags, else found from the features (see README, Data sources)."""
+    """The image and label columns: named by the flags, else found from the features (see docs/data-sources.md)."""
     import pyarrow as pa
 
     present = list(schema.names)
@@ -87,6 +111,7 @@ def choose_columns(
             f"{where}: label column {label!r} holds {kind}; labels must be class names or integers (--label-column)"
         )
     feature = features.get(label)
+    check_features({label: feature}, where, "write the data set again with datasets, or name another --label-column")
     names = (
         tuple(str(n) for n in feature.get("names") or ())
         if isinstance(feature, dict) and _type(feature) == "ClassLabel"

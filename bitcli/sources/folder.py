@@ -39,6 +39,12 @@ def find_splits(data: Path) -> tuple[Path, Path | None]:
     return folders["train"], folders.get("validation")
 
 
+def test_split(data: Path) -> Path | None:
+    """DATA/test (or testing/, eval/ ...) beside DATA/train, or None (a folder without train/ is all one split)."""
+    folders = _split_folders(data) if data.is_dir() else {}
+    return folders.get("test") if "train" in folders else None
+
+
 def _split_folders(data: Path) -> dict[str, Path]:
     """{split: sub-folder} of DATA's sub-folders named a split (any case); where two name one split, the word
     the table lists first wins (val/ before valid/). Only names that are split words are looked at."""

@@ -87,6 +87,8 @@ def _needed_files(ds: HubDataset, purpose: str) -> list[str]:
     except Exception:  # noqa: BLE001 -- snapshot_download meets the same failure and reports it
         return ["*.parquet"]
     files = sorted(f for f in listed if f.endswith(".parquet") and not any(p.startswith(".") for p in f.split("/")))
+    if not files:  # hub_splits says so once the snapshot holds none
+        return ["*.parquet"]
     by_split: dict[str | None, list[str]] = {}
     for f in files:
         by_split.setdefault(split_of(f, ds.split), []).append(f)

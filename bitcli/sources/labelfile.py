@@ -1,7 +1,8 @@
 """Label files: a CSV (header row) or JSONL (one object a line) with `path` and `label` columns and an optional
 `split` column (train, val or test, or another name of bitcli.sources.splits: valid, dev ...), image paths
-relative to the file's folder. A row may give several labels (multi-label data): a JSON list in JSONL
-(`"label": ["cat", "dog"]`), `;`-separated in CSV (`cat;dog`); one such row makes the whole file multi-label.
+relative to the file's folder, or http(s) URLs (bitcli.urls: fetched when the image is decoded). A row may give
+several labels (multi-label data): a JSON list in JSONL (`"label": ["cat", "dog"]`), `;`-separated in CSV
+(`cat;dog`); one such row makes the whole file multi-label.
 
 The file is read as a stream and each row checked as it is read (its columns, its split, that its image
 exists), so the first bad row is reported when it is reached. Rows are kept packed: the paths as one UTF-8
@@ -12,7 +13,9 @@ never a Python object per row, as a data set of rows keeps its (label, row) inde
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
 import os
 import stat
 from array import array
@@ -22,8 +25,10 @@ from typing import Any, cast
 
 import numpy as np
 
+from bitcli import urls
 from bitcli.errors import BitError
 from bitcli.sources.examples import ImageFolder, class_order
+from bitcli.sources.features import Columns
 from bitcli.sources.rows import RowPath, RowPaths
 from bitcli.sources.splits import SPLIT_KEYWORDS, canonical_split
 from bitcli.ui import log, visible
@@ -75,7 +80,8 @@ class LabelFile:
         return self.blob[self.offsets[row] : self.offsets[row + 1]].decode("utf-8")
 
     def row_path(self, row: int) -> RowPath:
-        return RowPath(os.path.join(self.folder, self.text(row)), self.row(row))
+        text = self.text(row)
+        return RowPath(text if urls.is_url(text) else os.path.join(self.folder, text), self.row(row))
 
     def scan(self, split: str | None, classes: Sequence[str] | None) -> ImageFolder:
         """The rows of `split` (None: every row), grouped by class, in file order within a class. Classes: the
@@ -112,14 +118,19 @@ class LabelFile:
                            multi_hot=multi_hot)  # fmt: skip
 
 
-def read_label_file(path: Path) -> LabelFile:
+def read_label_file(path: Path, columns: Columns | None = None) -> LabelFile:
     """Every row, checked as it is read: its columns, its split value, and that its image exists; then
-    repeated rows (a warning) and an image listed under two labels (an error)."""
+    repeated rows (a warning) and an image listed under two labels (an error). `columns`: --image-column and
+    --label-column, the names of the path and label columns when they are not `path` and `label`."""
     kind = SUFFIXES[path.suffix.lower()]
     rows = _Packed(path)
+    names = (
+        (columns.image if columns and columns.image else "path").strip().lower(),
+        (columns.label if columns and columns.label else "label").strip().lower(),
+    )
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM (Excel's "CSV UTF-8") is dropped
-            for row in _csv_records(f, path) if kind == "csv" else _jsonl_records(f, path):
+            for row in _csv_records(f, path, names) if kind == "csv" else _jsonl_records(f, path, names):
                 rows.add(*row)
     except FileNotFoundError:
         raise BitError(f"{path}: no such file") from None
@@ -172,8 +183,14 @@ class _Packed:
             raise BitError(
                 f"{self.path}:{line}: has a split, but line {self.lines[0]} has none; give every row a split, or none"
             )
-        full = image if image.startswith("/") else self.prefix + image
-        _check_exists(full, self, line)
+        if urls.is_url(image):  # fetched when the example is decoded (sources.rows.load_example)
+            full = image
+            reason = urls.refusal(image)
+            if reason is not None:
+                raise BitError(f"{self.path}:{line}: {visible(image)}: {reason}")
+        else:
+            full = image if image.startswith("/") else self.prefix + image
+            _check_exists(full, self, line)
         self.blob += image.encode("utf-8")
         self.ends.append(len(self.blob))
         self.labels.append(self.names.setdefault(label, len(self.names)))
@@ -231,22 +248,33 @@ def _check_exists(full: str, rows: _Packed, line: int) -> None:
         )
 
 
-_KINDS = {bool: "a boolean", float: "a number with a fraction", list: "a list", dict: "an object"}
+_KINDS = {bool: "a boolean", int: "a whole number", list: "a list", dict: "an object"}
+
+
+def _kind(value: object) -> str:
+    """What a JSON value is, in words: the float 1e5 (100000.0) has no fraction, but it is no whole number as a
+    label either (a CSV's "1e5" or "100000.0" is text; a class named "100000" would differ by the file type)."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "not a number"
+        if math.isinf(value):
+            return "an infinite number"
+        return "a number with a fraction" if not value.is_integer() else "a number with a decimal point or exponent"
+    return _KINDS.get(type(value), type(value).__name__)
 
 
 def _text(value: object, column: str, where: str) -> str:
-    """A cell as text: a string (trimmed), or a whole number (JSONL labels: 3 is "3")."""
+    """A cell as text: a string (trimmed), or for a label a whole number (JSONL labels: 3 is "3")."""
     if isinstance(value, str):
         if value.strip():
             return value.strip()
-    elif isinstance(value, int) and not isinstance(value, bool):
+    elif type(value) is int and column == "label":
         return str(value)
     elif value is not MISSING and value is not None:
         found = json.dumps(value, ensure_ascii=False)
         found = found if len(found) <= 40 else found[:37] + "..."
-        kind = _KINDS.get(type(value), type(value).__name__)
         raise BitError(
-            f"{where}: {column} {found} is {kind}; a {column} is a string"
+            f"{where}: {column} {found} is {_kind(value)}; a {column} is a string"
             + (' or a whole number (e.g. "cat" or 3)' if column == "label" else "")
         )
     elif value is None:
@@ -298,15 +326,31 @@ def _check_repeats(labels: LabelFile, keys: np.ndarray) -> None:
 # Records: (line, path, label, split) as the rows come
 
 
-def _csv_records(f, path: Path) -> Iterator[tuple[int, object, object, object]]:
-    """(line, path, label, split) of each row: a cell the row lacks is MISSING."""
+class _End:
+    """The end of a CSV's lines: the csv module asks for another line after the last only when the file ended
+    inside a quoted field (a quote opened on the last row and never closed); `reached` says it did."""
+
+    reached = False
+
+    def __iter__(self) -> _End:
+        return self
+
+    def __next__(self) -> str:
+        self.reached = True
+        raise StopIteration
+
+
+def _csv_records(f, path: Path, names: tuple[str, str]) -> Iterator[tuple[int, object, object, object]]:
+    """(line, path, label, split) of each row: a cell the row lacks is MISSING. `names`: of the path and label
+    columns (lower case)."""
     header = f.readline()
     if not header:
         raise BitError(f"{path}: is empty; the first row must name the columns: {HEADER}")
-    delimiter, columns = _header(header, path)
+    delimiter, columns = _header(header, path, names)
     at = [columns["path"], columns["label"], columns.get("split", -1)]
     width = max(at) + 1
-    reader = csv.reader(f, delimiter=delimiter)
+    end = _End()
+    reader = csv.reader(itertools.chain(f, end), delimiter=delimiter)
     start = 2  # the line the next record starts on (a quoted field may span lines)
     try:
         for cells in cast("Iterator[list[Any]]", reader):  # csv's strings, and MISSING for each cell a row lacks
@@ -316,15 +360,25 @@ def _csv_records(f, path: Path) -> Iterator[tuple[int, object, object, object]]:
                 row = start, cells[at[0]], cells[at[1]], cells[at[2]] if at[2] >= 0 else MISSING
                 if reader.line_num + 2 - start > 1:  # the record spans lines: a quote left open?
                     _one_line(row, path)
+                if end.reached:
+                    raise BitError(
+                        f'{path}:{start}: a quote (") opened in this row is not closed before the end of the file: '
+                        "close or remove it"
+                    )
                 yield row
             start = reader.line_num + 2
     except csv.Error as exc:
-        if "field limit" in str(exc):
+        if "field limit" not in str(exc):
+            raise BitError(f"{path}:{start}: not valid CSV ({exc})") from None
+        if reader.line_num + 2 - start > 1:  # only a quoted field spans lines
             raise BitError(
                 f'{path}:{start}: a field runs over {csv.field_size_limit():,} characters: a quote (") opened in '
                 "this row and never closed swallows the lines after it; close or remove the quote"
             ) from None
-        raise BitError(f"{path}:{start}: not valid CSV ({exc})") from None
+        raise BitError(
+            f"{path}:{start}: a field runs over {csv.field_size_limit():,} characters, far longer than a path or "
+            "label; fix the row or remove it"
+        ) from None
 
 
 def _one_line(row: tuple, path: Path) -> None:
@@ -337,18 +391,21 @@ def _one_line(row: tuple, path: Path) -> None:
             )
 
 
-def _header(line: str, path: Path) -> tuple[str, dict[str, int]]:
-    """The delimiter and {column: index} from the header row; names are matched without case or spaces."""
+def _header(line: str, path: Path, wanted: tuple[str, str]) -> tuple[str, dict[str, int]]:
+    """The delimiter and {path|label|split: index} from the header row, the path and label columns named by
+    `wanted`; names are matched without case or spaces."""
     tried = []
+    want = dict(zip(COLUMNS, (*wanted, "split")))
     for delimiter in DELIMITERS:
         cells = next(csv.reader([line], delimiter=delimiter), [])
         names = [c.strip().lower() for c in cells]
-        if "path" in names and "label" in names:
-            return delimiter, {c: names.index(c) for c in COLUMNS if c in names}
+        if wanted[0] in names and wanted[1] in names:
+            return delimiter, {c: names.index(want[c]) for c in COLUMNS if want[c] in names}
         tried.append((len(cells), delimiter, cells))
     _, delimiter, cells = max(tried, key=lambda t: t[0])  # the cells as the likeliest delimiter splits them
     names = [c.strip().lower() for c in cells]
-    missing = " or ".join(c for c in ("path", "label") if c not in names)
+    flags = zip(wanted, ("path", "label"), ("--image-column", "--label-column"))
+    missing = " or ".join(c if c == usual else f"{c!r} ({flag})" for c, usual, flag in flags if c not in names)
     found = ", ".join(repr(c.strip()) for c in cells) or "none"
     split = {",": "", ";": ", split at semicolons", "\t": ", split at tabs"}[delimiter]
     raise BitError(
@@ -359,7 +416,7 @@ def _header(line: str, path: Path) -> tuple[str, dict[str, int]]:
     )
 
 
-def _jsonl_records(f, path: Path) -> Iterator[tuple[int, object, object, object]]:
+def _jsonl_records(f, path: Path, names: tuple[str, str]) -> Iterator[tuple[int, object, object, object]]:
     empty = True
     for line, text in enumerate(f, 1):
         empty = False
@@ -373,8 +430,8 @@ def _jsonl_records(f, path: Path) -> Iterator[tuple[int, object, object, object]
             raise BitError(
                 f'{path}:{line}: not a JSON object; write one object a line, e.g. {{"path": "a.jpg", "label": "cat"}}'
             )
-        if "path" not in record or "label" not in record:  # keys in another case: "Path", "Label"
+        if names[0] not in record or names[1] not in record:  # keys in another case: "Path", "Label"
             record = {str(k).strip().lower(): v for k, v in record.items()} | record
-        yield line, record.get("path", MISSING), record.get("label", MISSING), record.get("split", MISSING)
+        yield line, record.get(names[0], MISSING), record.get(names[1], MISSING), record.get("split", MISSING)
     if empty:
         raise BitError(f'{path}: is empty; write one object a line, e.g. {{"path": "a.jpg", "label": "cat"}}')

@@ -1,6 +1,6 @@
 """DATA (and --val) -> the source that holds it and the parts used, mirroring the train/ + val/ folder layout:
 training uses the train part and validates on the validation part; `bit eval` evaluates the validation part,
-or the whole data set when it has no train part.
+or the whole data set when it is unsplit or has one split (the rule of every source: bitcli.sources.splits).
 
 DATA is a class folder, a label file (.csv, .jsonl), a parquet file or folder of parquet shards, a folder
 written by save_to_disk (each of the last four optionally with :SPLIT), or hf://datasets/OWNER/NAME[@REVISION][:SPLIT].
@@ -22,6 +22,7 @@ from bitcli.sources import folder
 from bitcli.sources.examples import ImageFolder
 from bitcli.sources.features import Columns
 from bitcli.sources.labelfile import SUFFIXES as LABEL_SUFFIXES
+from bitcli.sources.splits import MissingSplit, canonical_split, evaluation_split, training_splits
 from bitcli.ui import log, visible
 
 LOCAL_HINT = "pass the split's own file or folder"
@@ -33,6 +34,11 @@ class Part:
 
     name: str  # for messages: a folder, "labels.csv (split validation)", "hf://datasets/o/n:validation"
     scan: Callable[[Sequence[str] | None], ImageFolder]
+    rows: tuple[str, str | None]  # what it reads, for same_rows: (the real path or Hub data set, the split)
+
+    def same_rows(self, other: Part) -> bool:
+        """Whether both parts read the same rows (the same file or folder, however named, and split)."""
+        return self.rows == other.rows
 
 
 def training_parts(data: str | Path, columns: Columns) -> tuple[Part, Part | None]:
@@ -45,18 +51,17 @@ def training_parts(data: str | Path, columns: Columns) -> tuple[Part, Part | Non
     if src.kind == "labels":
         from bitcli.sources.labelfile import read_label_file
 
-        labels = read_label_file(Path(src.where))
+        labels = read_label_file(Path(src.where), columns)
         if src.split is not None:
             return _label_part(labels, labels.key(src.split)), None
-        if None in labels.splits:
-            return _label_part(labels, None), None
-        if "train" not in labels.splits:
+        try:
+            train_key, val_key = training_splits(labels.splits)
+        except MissingSplit:
             raise BitError(
                 f"{src.where}: no row has split train; mark the rows to train on with split train, or name the "
                 f"split to train on ({src.where}:SPLIT)"
-            )
-        val = _label_part(labels, "validation") if "validation" in labels.splits else None
-        return _label_part(labels, "train"), val
+            ) from None
+        return _label_part(labels, train_key), _label_part(labels, val_key) if val_key is not None else None
     from bitcli.sources.dataset import training_keys
 
     splits, label, hint = _dataset_splits(src, columns, "train")
@@ -67,8 +72,8 @@ def training_parts(data: str | Path, columns: Columns) -> tuple[Part, Part | Non
 
 
 def evaluation_part(data: str | Path, columns: Columns, say: bool = True) -> Part:
-    """What `bit eval DATA` evaluates: DATA itself, its named split, or its validation part when it has a
-    train part (said on stderr when `say`)."""
+    """What `bit eval DATA` evaluates: DATA itself, its named split, or the part that splits.evaluation_split
+    picks (its validation part when it has one); said on stderr when `say` and that is only part of DATA."""
     src = _source(data)
     if src.kind == "folder":
         train, val = folder.find_splits(Path(src.where))
@@ -76,22 +81,22 @@ def evaluation_part(data: str | Path, columns: Columns, say: bool = True) -> Par
             return _folder_part(Path(src.where))
         if val is None:
             raise BitError(f"{src.where}: has train/ but no val/, valid/ or validation/; pass the folder to evaluate")
-        part = _folder_part(val)
+        part, whole = _folder_part(val), False
     elif src.kind == "labels":
         from bitcli.sources.labelfile import read_label_file
 
-        labels = read_label_file(Path(src.where))
+        labels = read_label_file(Path(src.where), columns)
         if src.split is not None:
             return _label_part(labels, labels.key(src.split))
-        if None in labels.splits or "train" not in labels.splits:  # every row, as a folder without train/
-            return _label_part(labels, None)
-        if "validation" not in labels.splits:
-            others = [s for s in labels.splits if s != "train"]
+        try:
+            key = evaluation_split(labels.splits)
+        except MissingSplit:
+            others = [s for s in labels.splits if s not in ("train", None)]
             raise BitError(
                 f"{src.where}: has train rows but no val rows; mark the rows to evaluate with split val"
                 + (f", or name the split to evaluate ({src.where}:{others[0]})" if others else "")
-            )
-        part = _label_part(labels, "validation")
+            ) from None
+        part, whole = _label_part(labels, key), len(labels.splits) == 1
     else:
         from bitcli.sources.dataset import evaluation_key
 
@@ -100,9 +105,8 @@ def evaluation_part(data: str | Path, columns: Columns, say: bool = True) -> Par
         part = _dataset_part(
             splits, key if key is not None else evaluation_key(list(splits), label, hint), label, columns
         )
-        if key is not None or None in splits or len(splits) == 1:
-            return part
-    if say:
+        whole = key is not None or len(splits) == 1
+    if say and not whole:
         log(f"evaluating the validation split {visible(part.name)}")
     return part
 
@@ -117,6 +121,12 @@ def validation_part(data: str | Path, columns: Columns) -> Part:
 
 # ----------------------------------------------------------------------------------------------------------
 # Which source
+
+
+def data_path(data: str | Path) -> Path | None:
+    """The file or folder on disk that DATA names (without a `:SPLIT`), or None for a Hub data set."""
+    src = _source(data)
+    return None if src.kind == "hub" else Path(src.where)
 
 
 @dataclass(frozen=True)
@@ -134,12 +144,40 @@ def _source(data: str | Path) -> Source:
         return Source("hub", str(data))
     path = Path(data)
     base, colon, split = str(data).rpartition(":")
-    if colon and base and split and "/" not in split and not os.path.lexists(path):
+    names_split = bool(colon and base and split and "/" not in split)
+    if names_split and not os.path.lexists(path):
         before = Path(base)
         kind = _kind(before) if _splittable(before) else None
         if kind is not None and kind != "folder":
             return Source(kind, before, split)
-    return Source(_kind(path), path)
+    try:
+        return Source(_kind(path), path)
+    except BitError:
+        hint = _literal_file_hint(path, base, split) if names_split else None
+        if hint is None:
+            raise
+        raise BitError(hint) from None
+
+
+def _literal_file_hint(path: Path, base: str, split: str) -> str | None:
+    """When FILE:SPLIT is also the name of a file (which is no data source), and FILE is one: what happened and
+    how to name the split instead. None when `path` is not such a file."""
+    try:
+        kind = _kind(Path(base)) if path.is_file() and _splittable(Path(base)) else None
+    except BitError:
+        return None
+    if kind in (None, "folder"):
+        return None
+    other_case = f"{base}:{split.upper()}" if split.upper() != split else f"{base}:{split.lower()}"
+    spelled = (
+        f", or spell the split in another case ({other_case})"
+        if canonical_split(split) is not None and not os.path.lexists(other_case)
+        else ""
+    )
+    return (
+        f"{path}: is a file of that whole name, so it is not read as split {split!r} of {base} (a path that "
+        f"exists is taken as it is), and it is no data source; to use that split, rename or move {path}{spelled}"
+    )
 
 
 def _splittable(path: Path) -> bool:
@@ -202,12 +240,12 @@ def _key(src: Source) -> str | None:
 
 
 def _folder_part(root: Path) -> Part:
-    return Part(str(root), functools.partial(folder.scan, root))
+    return Part(str(root), functools.partial(folder.scan, root), rows=(os.path.realpath(root), None))
 
 
 def _label_part(labels, split: str | None) -> Part:
     name = str(labels.path) if split is None else f"{labels.path} (split {split})"
-    return Part(name, functools.partial(labels.scan, split))
+    return Part(name, functools.partial(labels.scan, split), rows=(os.path.realpath(labels.path), split))
 
 
 def _dataset_splits(src: Source, columns: Columns, purpose: str):
@@ -248,4 +286,5 @@ def _dataset_part(splits: dict, key: str | None, label: str, columns: Columns) -
     name = label if key is None else f"{label}:{key}"
     root = Path(label) if not label.startswith("hf://") else splits[key][0].folder
     table = DatasetSplit(name, root, splits[key])
-    return Part(name, lambda classes: table.scan(classes, columns.image, columns.label))
+    where = label if label.startswith(HUB_DATA_PREFIX) else os.path.realpath(label)
+    return Part(name, lambda classes: table.scan(classes, columns.image, columns.label), rows=(where, key))

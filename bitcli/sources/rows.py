@@ -18,6 +18,7 @@ from typing import Generic, Protocol, TypeVar, overload
 import numpy as np
 from PIL import Image
 
+from bitcli import urls
 from bitcli.preprocess import image_size, load_image
 
 
@@ -143,7 +144,9 @@ def example_name(ref: str | os.PathLike[str] | RowRef) -> str:
 
 def load_example(ref: str | os.PathLike[str] | RowRef) -> Image.Image:
     """Any example as an RGB image, with preprocess.load_image's checks (pixel limits, EXIF, modes) and its
-    one-line errors, which name the row for a table's cell."""
+    one-line errors, which name the row for a table's cell. A URL (a label file may list them) is fetched."""
+    if isinstance(ref, str) and urls.is_url(ref):
+        return urls.open_image(ref, name=_row_name(ref) if isinstance(ref, RowPath) else None)
     if isinstance(ref, RowPath):
         return load_image(ref, name=_row_name(ref))
     if not isinstance(ref, RowRef):
@@ -155,7 +158,9 @@ def load_example(ref: str | os.PathLike[str] | RowRef) -> Image.Image:
 
 
 def example_size(ref: str | os.PathLike[str] | RowRef) -> tuple[int, int]:
-    """(width, height) from the header alone, as preprocess.image_size reads a file's."""
+    """(width, height) from the header alone, as preprocess.image_size reads a file's (a URL is fetched)."""
+    if isinstance(ref, str) and urls.is_url(ref):
+        return urls.url_image_size(ref, name=_row_name(ref) if isinstance(ref, RowPath) else None)
     if isinstance(ref, RowPath):
         return image_size(ref, name=_row_name(ref))
     if not isinstance(ref, RowRef):

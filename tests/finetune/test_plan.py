@@ -54,7 +54,9 @@ def _plan(tmp_path: Path, size: tuple[int, int], n: int, **flags):
         data=ds.root, model="tiny", output=tmp_path / "out", random_init=True, batch_split=1, **flags
     )
     model = BitModel(random_init_config("tiny", 2))
-    return make_plan(opts, Datasets(ds, None, None), model, Dist(), torch.device("cpu"), torch.float32, None)
+    return make_plan(
+        opts, Datasets(ds, None, None), model, Dist(), device=torch.device("cpu"), dtype=torch.float32, saved=None
+    )
 
 
 @pytest.mark.parametrize(
@@ -161,7 +163,7 @@ def test_plan_notes_a_start_model_far_from_the_hyperrule_crop(tmp_path: Path, ow
     ds = _folder(tmp_path, image, 10)
     opts = FinetuneOptions(data=ds.root, model="m", output=tmp_path / "out", batch_split=1)
     plan = make_plan(opts, Datasets(ds, None, None), BitModel(random_init_config("tiny", 2)), Dist(),
-                     torch.device("cpu"), torch.float32, None, own)  # fmt: skip
+                     device=torch.device("cpu"), dtype=torch.float32, saved=None, own=own)  # fmt: skip
     assert plan.notes == ((note,) if note else ())
     assert plan.to_dict()["notes"] == ([note] if note else [])  # finetune_config.json keeps it
     lines = describe(plan)
@@ -171,7 +173,7 @@ def test_plan_notes_a_start_model_far_from_the_hyperrule_crop(tmp_path: Path, ow
         assert lines[4] == f"  note        {note}"  # right under the resolution it is about
     typed = dataclasses.replace(opts, resolution=Resolution(160, 128))  # a typed --resolution: the user chose
     assert make_plan(typed, Datasets(ds, None, None), BitModel(random_init_config("tiny", 2)), Dist(),
-                     torch.device("cpu"), torch.float32, None, own).notes == ()  # fmt: skip
+                     device=torch.device("cpu"), dtype=torch.float32, saved=None, own=own).notes == ()  # fmt: skip
 
 
 def test_only_preprocessing_a_checkpoint_states_counts_as_its_own(tiny_dir: Path) -> None:

@@ -65,14 +65,16 @@ def test_mix_blends_each_image_with_its_partner_by_lambda_and_returns_both_label
     decoded = np.random.default_rng(0).integers(0, 256, (len(needed), 4, 4, 3), dtype=np.uint8)
     image = {int(p): decoded[r] for r, p in enumerate(needed)}
 
-    x, y, y_mix = loop._mix(decoded, needed, own, sample, targets, engine)
+    x, y, y_mix = loop._mix(decoded, needed, own, sample, targets=targets, engine=engine)
     want = np.stack([0.3 * _bit_input(image[p]) + 0.7 * _bit_input(image[int(partners[p])]) for p in own])
     np.testing.assert_allclose(x.permute(0, 2, 3, 1).numpy(), want, rtol=0, atol=1e-6)
     assert y.tolist() == targets[indices[own]].tolist() == [2, 3, 0]
     assert y_mix.tolist() == targets[indices[partners[own]]].tolist() == [1, 2, 3]
 
     plain = StepSample(indices, sample.tops, sample.lefts, sample.flips, None, 1.0)
-    x, y, y_mix = loop._mix(decoded[: len(own)], own, own, plain, targets, engine)  # no MixUp: the images as they are
+    x, y, y_mix = loop._mix(
+        decoded[: len(own)], own, own, plain, targets=targets, engine=engine
+    )  # no MixUp: the images as they are
     np.testing.assert_allclose(x.permute(0, 2, 3, 1).numpy(), _bit_input(decoded[: len(own)]), rtol=0, atol=1e-6)
     assert y_mix is None and y.tolist() == [2, 3, 0]
 
@@ -82,8 +84,8 @@ def _record(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
     seen: dict[str, list] = {"mix": [], "loss": [], "sampler": []}
     real_mix, real_loss, real_sampler = loop._mix, loop.mixup_cross_entropy, loop.StepSampler
 
-    def mix(decoded, needed, own, sample, targets, engine):
-        x, y, y_mix = real_mix(decoded, needed, own, sample, targets, engine)
+    def mix(decoded, needed, own, sample, *, targets, engine):
+        x, y, y_mix = real_mix(decoded, needed, own, sample, targets=targets, engine=engine)
         seen["mix"].append((decoded.copy(), needed.copy(), own.copy(), sample, x.detach().clone(), y, y_mix))
         return x, y, y_mix
 
@@ -108,7 +110,7 @@ def test_training_mixes_images_and_weights_the_loss_by_the_same_lambda(dataset: 
                             "--batch-split", "2", "--mixup", "0.4", "--eval-every", "0", "--seed", "3", *FAST)  # fmt: skip
     assert code == 0, err
     assert seen["sampler"] == [(36, 8, 3, 20 - 16, 0.4)]  # crop offsets drawn over [0, resize - crop]
-    reference = StepSampler(36, 8, 3, 4, 0.4)
+    reference = StepSampler(36, 8, 3, 4, mixup=0.4)
     assert len(seen["mix"]) == len(seen["loss"]) == 4  # 2 steps x 2 micro-batches
     for i, (mixed, loss_args) in enumerate(zip(seen["mix"], seen["loss"])):
         (decoded, needed, own, sample, x, y, y_mix), (_, loss_y, loss_y_mix, lam) = mixed, loss_args

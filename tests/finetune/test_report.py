@@ -6,6 +6,7 @@ short words; a run without pictures is told how to get them."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -326,3 +327,143 @@ def test_a_run_without_pictures_is_told_how_to_get_them(finished: Path, interrup
     (done / "curves.png").write_bytes((finished / "curves.png").read_bytes())
     assert run_main("report", done)[1].splitlines()[-1] == f"pictures    {done / 'curves.png'}"
     assert not (done / "confusion.png").exists() and not (stopped / "curves.png").exists()
+
+
+def test_a_picture_or_report_page_leading_outside_the_run_is_not_shown(finished: Path, tmp_path: Path) -> None:
+    """`bit push`'s rule: only a regular file inside the run is shown or linked; a symlink to another file of
+    the run is fine, one leading outside it is named with the reason, and a FIFO is refused unread."""
+    run = copy_run(finished, tmp_path / "run", without=("curves.png", "confusion.png"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "curves.png").write_bytes((finished / "curves.png").read_bytes())
+    (elsewhere / "index.html").write_text("<p>not the run's</p>")
+    (run / "curves.png").symlink_to(elsewhere / "curves.png")
+    (run / "mine.png").write_bytes((finished / "confusion.png").read_bytes())
+    (run / "confusion.png").symlink_to("mine.png")  # another file of the run: shown
+    (run / "report").mkdir()
+    (run / "report" / "index.html").symlink_to(elsewhere / "index.html")
+    outside = "{}: is a symlink to {}, outside {}; copy the file into the folder instead"
+    code, out, err = run_main("report", run)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[-1] == (
+        f"pictures    {run / 'confusion.png'}; not shown: "
+        + outside.format(run / "curves.png", elsewhere / "curves.png", run)
+    )
+    assert lines[-2] == "  not shown: " + outside.format(run / "report/index.html", elsewhere / "index.html", run)
+    assert "file://" not in out  # the page outside the run is not linked
+    (run / "confusion.png").unlink()
+    os.mkfifo(run / "confusion.png")
+    assert (
+        run_main("report", run)[1]
+        .splitlines()[-1]
+        .endswith(f"; not shown: {run / 'confusion.png'}: is a FIFO (named pipe), not a regular file")
+    )
+
+
+def test_a_missing_path_or_a_file_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "gone").symlink_to("nowhere")
+    for path, says in [
+        ("nope", "no such folder; pass the --output folder of a bit finetune run"),
+        ("gone", "no such folder; pass the --output folder of a bit finetune run"),
+        ("notes.txt", "is a file, not a run folder; pass the --output folder of a run"),
+        (".", "holds no bit finetune run (finetune_config.json); pass the --output folder of a run"),
+    ]:
+        assert run_main("report", tmp_path / path) == (1, "", f"Error: {tmp_path / path}: {says}\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run files that are no regular files, over-long lines, a damaged summary (review of issue 20)
+
+
+def in_process_with_deadline(run: Path) -> tuple[int, str, str]:
+    """run_main("report", run), failing the test instead of hanging when the report blocks (a FIFO) or
+    never ends (/dev/zero): the report runs in a thread that must end within 60 s."""
+    import threading
+
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(run_main("report", run)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert result, "bit report did not end within 60 s"
+    return result[0]
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_metrics_file_that_is_no_regular_file_is_refused(finished: Path, tmp_path: Path, kind: str) -> None:
+    """It was read forever (a symlink to /dev/zero: 6.9 GB in 8 s) or blocked forever (a FIFO). A FIFO .lock
+    and summary.json are not waited on either."""
+    import os
+
+    run = copy_run(finished, tmp_path / "run")
+    (run / "metrics.jsonl").unlink()
+    if kind == "device":
+        (run / "metrics.jsonl").symlink_to("/dev/zero")
+        what = "a character device"
+    else:
+        os.mkfifo(run / "metrics.jsonl")
+        (run / "summary.json").unlink()
+        os.mkfifo(run / "summary.json")
+        os.mkfifo(run / ".lock")
+        what = "a FIFO (named pipe)"
+    code, out, err = in_process_with_deadline(run)
+    assert (code, out) == (1, "")
+    assert err == (
+        f"Error: {run / 'metrics.jsonl'}: is {what}, not a regular file; restore the run's metrics.jsonl (or "
+        "remove it)\n"
+    )
+    if kind == "fifo":  # without metrics.jsonl: the report, with the summary.json that is a FIFO named
+        (run / "metrics.jsonl").unlink()
+        code, out, err = in_process_with_deadline(run)
+        assert (code, err) == (0, "")
+        assert out.splitlines()[4] == (
+            f"status      not finished cleanly: {run / 'summary.json'}: is a FIFO (named pipe), not a regular file; "
+            "the run's end is not recorded, so its model is not known to be whole: train again with --overwrite"
+        )
+
+
+def test_an_over_long_metrics_line_is_one_skipped_line_never_held(finished: Path, tmp_path: Path) -> None:
+    """A 200 MB run of NUL bytes (a sparse hole: nothing is written) in metrics.jsonl is one skipped line; the
+    report process stays far under 150 MB (it held the whole line: a 300 MB one peaked at 629 MB)."""
+    run = copy_run(finished, tmp_path / "run")
+    with open(run / "metrics.jsonl", "wb") as f:
+        f.write("".join(line + "\n" for line in GOOD[:4]).encode())
+        f.seek(200 << 20, 1)  # a hole: it reads as NUL bytes
+        f.write(("\n" + "".join(line + "\n" for line in GOOD[4:])).encode())
+    script = """
+import json, sys
+from bitcli.cli import main
+sys.argv = ["bit", "report", sys.argv[1]]
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"code": code, "peak_kib": peak}), file=sys.stderr)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, text=True, timeout=120)
+    result = json.loads(done.stderr.splitlines()[-1])
+    assert result["code"] == 0, done.stderr
+    assert result["peak_kib"] < 150 * 1024
+    assert done.stdout.splitlines()[4:7] == [
+        "status      finished",
+        "skipped     1 of 9 lines of metrics.jsonl: not a step record of this run (the first: line 5)",
+        "last step   7: loss 0.8000, lr 0.003, 107.0 images/s",
+    ]
+
+
+def test_a_damaged_summary_is_said_and_the_run_is_not_finished(finished: Path, tmp_path: Path) -> None:
+    """It was taken for a finished run with its final metrics ("[1" is no JSON)."""
+    run = copy_run(finished, tmp_path / "run")
+    (run / "summary.json").write_text("[1")
+    code, out, err = run_main("report", run)
+    assert (code, err) == (0, "")
+    report = out.splitlines()
+    assert report[4] == (
+        f"status      not finished cleanly: {run / 'summary.json'}: not valid JSON (Expecting ',' delimiter: line 1 "
+        "column 3 (char 2)); the run's end is not recorded, so its model is not known to be whole: train again "
+        "with --overwrite"
+    )
+    assert f"  {run / 'summary.json'}  cannot be read (see status)" in report
+    assert "final metrics" not in out

@@ -4,6 +4,7 @@ nothing else), a full disk, and data-set names that never become file names."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 from bitcli.errors import BitError
 from bitcli.finetune.rundir import lock_output
+from bitcli.pages.folder import MARKER, listed, write_page_folder
 
 from .helpers import FAST, PROCESS_ENV, RUN_FILES, bit_process
 
@@ -64,6 +66,44 @@ def test_overwrite_removes_only_what_bitcli_wrote(tmp_path: Path) -> None:
     assert code == 0, err
     assert {name: (out / name).read_text() for name in mine} == mine
     assert not any(p.name.endswith((".a1b2c3d4.tmp", "zz_9yx8w.tmp")) or p.name == ".final" for p in out.iterdir())
+
+
+def _immutable(path: Path, on: bool) -> bool:
+    """chattr +i / -i: as root, the one way to make a file that unlink refuses; False where it is not there."""
+    chattr = shutil.which("chattr")
+    if chattr is None:
+        return False
+    return subprocess.run([chattr, "+i" if on else "-i", str(path)], capture_output=True).returncode == 0
+
+
+def test_an_old_report_file_that_cannot_be_removed_is_one_error_and_the_run_stays(tmp_path: Path) -> None:
+    """--overwrite removes the earlier report first: a file of it that cannot be removed (immutable) is one
+    `Error:` line, exit 1, and the run's own files are all still there, untouched."""
+    write_folder(tmp_path / "data", {"red": 4, "green": 4})
+    out = tmp_path / "run"
+    args = ["finetune", tmp_path / "data", "--output", out, "--steps", "1", "--batch-size", "4", *FAST]
+    assert run_main(*args)[0] == 0
+    write_page_folder(out / "report", {"index.html": b"old", "images/1.jpg": b"a", "images/2.jpg": b"b"}, "t")
+    stuck = out / "report" / "images" / "1.jpg"
+    if not _immutable(stuck, on=True):
+        pytest.skip("chattr +i is not available here (no chattr, or a file system without the flag)")
+    try:
+        before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()}
+        code, _, err = run_main(*args, "--overwrite")
+        lines = err.splitlines()
+        assert code == 1, err
+        expected = (
+            f"Error: {stuck}: cannot remove this file of the earlier page (Operation not permitted); make it "
+            "removable (or move the folder away) and run again"
+        )
+        assert [line for line in lines if line.startswith("Error")] == lines[-1:] == [expected], err
+        assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir() if p.is_file()} == before
+        assert stuck.read_bytes() == b"a" and listed(out / "report") == ["index.html", "images/1.jpg", "images/2.jpg"]
+    finally:
+        _immutable(stuck, on=False)
+    code, _, err = run_main(*args, "--overwrite")  # once it is removable, a rerun takes up what is left
+    assert code == 0, err
+    assert not (out / "report").exists() and not (out / MARKER).exists()
 
 
 def test_lock_is_exclusive_and_gone_when_the_run_ends(tmp_path: Path) -> None:
@@ -124,3 +164,26 @@ def test_hostile_class_names_stay_labels_and_never_name_files(tmp_path: Path) ->
     labels = json.loads((out / "config.json").read_text())["id2label"]
     assert sorted(labels.values()) == sorted(names)
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_resume_keeps_every_step_record_before_its_step_past_a_bad_line(tmp_path: Path, capsys) -> None:
+    """Review of issue 20: the log kept the lines up to the first bad one and dropped every step after it
+    (as bit report once did); now a bad line is left out and counted, and the later records stay."""
+    from bitcli.finetune.rundir import MetricsLog
+
+    def line(step: int) -> str:
+        return json.dumps({"step": step, "lr": 0.003, "loss": 1.0 + step, "images_per_s": 10.0}) + "\n"
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(line(0) + line(1) + "{garbage\n" + line(2) + '{"step": 3}\n' + line(3) + line(4) + line(5)
+                    + '{"step": 6, "lr": 0.0')  # fmt: skip
+    log = MetricsLog(path, keep_before=5)  # the checkpoint's step: 5 and the torn 6 were logged after it
+    log.write({"step": 5, "lr": 0.003, "loss": 6.5, "images_per_s": 10.0})
+    log.close()
+    assert path.read_text() == line(0) + line(1) + line(2) + line(3) + line(4) + (
+        json.dumps({"step": 5, "lr": 0.003, "loss": 6.5, "images_per_s": 10.0}) + "\n"
+    )
+    assert capsys.readouterr().err == (
+        f"{path}: left out 3 line(s) that are no step record (the first: line 3); the records of steps before 5 "
+        "are kept\n"
+    )

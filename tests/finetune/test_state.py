@@ -65,11 +65,11 @@ def test_momentum_survives_the_state_file(tmp_path: Path) -> None:
     opt = bit_sgd(model.parameters())
     _steps(model, opt, range(3))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    save_state(tmp_path / "state.safetensors", model, opt, 3, PLAN, scaler)
+    save_state(tmp_path / "state.safetensors", model, opt, 3, plan=PLAN, scaler=scaler)
 
     resumed = BitModel(random_init_config("tiny", 2)).train()  # other weights, no momentum yet
     resumed_opt = bit_sgd(resumed.parameters())
-    assert load_state(tmp_path / "state.safetensors", resumed, resumed_opt, PLAN, scaler) == 3
+    assert load_state(tmp_path / "state.safetensors", resumed, resumed_opt, PLAN, scaler=scaler) == 3
     named = dict(resumed.named_parameters())
     assert {n for n, p in model.named_parameters()} == set(named)
     for name, p in model.named_parameters():

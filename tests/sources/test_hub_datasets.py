@@ -1,8 +1,9 @@
 """hf://datasets/OWNER/NAME: read from a pre-populated Hugging Face cache with HF_HUB_OFFLINE=1, and downloaded
-from the loopback Hub of tests/test_hub_download.py (processes: huggingface_hub reads HF_ENDPOINT at import)."""
+from the loopback Hub of tests/fakehub.py (processes: huggingface_hub reads HF_ENDPOINT at import)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_bit, run_main
+from fakehub import FakeHub, git_blob_sha1
 from finetune.helpers import FAST, PROCESS_ENV, read_weights
-from test_hub_download import FakeHub, git_blob_sha1
 
 COMMIT = "5e" * 20
 REPO = "org/colors"
@@ -84,18 +85,30 @@ def bit(home: Path, *args: object, endpoint: str = "http://127.0.0.1:9", offline
     return run_bit(*map(str, args), env=env)
 
 
-def test_cached_dataset_offline_trains_and_evaluates_as_the_folder(repo_files, reference, tmp_path: Path) -> None:
+def test_cached_dataset_offline_trains_and_evaluates_as_the_folder(
+    repo_files, reference, sources, tmp_path: Path
+) -> None:
     populate_dataset_cache(tmp_path / "hf" / "hub", REPO, repo_files, COMMIT)
     run = bit(tmp_path / "hf", "finetune", f"hf://datasets/{REPO}", "--output", tmp_path / "run", *ARGS)
     assert run.returncode == 0, run.stderr
     assert f"train       24 images from hf://datasets/{REPO}:train" in run.stderr
     a, b = read_weights(reference[0] / "model.safetensors"), read_weights(tmp_path / "run" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    result = bit(
-        tmp_path / "hf", "eval", f"hf://datasets/{REPO}:validation", "--model", reference[0], "--format", "json"
-    )
+    result = bit(tmp_path / "hf", "eval", f"hf://datasets/{REPO}:validation", "--model", reference[0], "--format",
+                 "json", "--report", tmp_path / "report")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert_same_evaluation(json.loads(result.stdout), reference[1])
+    # --report: the folder's report, each image named by its row
+    code, _, err = run_main("eval", sources["folder"], "--model", reference[0], "--report", tmp_path / "folder")
+    assert code == 0, err
+    ours, theirs = (
+        list(csv.DictReader(open(r / "predictions.csv", encoding="utf-8")))
+        for r in (tmp_path / "report", tmp_path / "folder")
+    )
+    assert [{k: v for k, v in r.items() if k != "path"} for r in ours] == [
+        {k: v for k, v in r.items() if k != "path"} for r in theirs
+    ]
+    assert ours[0]["path"].endswith("validation-00000-of-00001.parquet row 0")
 
 
 def test_uncached_dataset_offline_is_one_line_with_the_fix(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 from conftest import run_main
 from finetune.helpers import FAST
 
-from .conftest import folder_rows, interleave, linked, write_csv
+from .conftest import folder_rows, interleave, linked, write_csv, write_jsonl
 from .test_bad_inputs import finetune_error
 
 ARGS = ["--steps", "1", "--batch-size", "4", "--eval-every", "0"]
@@ -59,6 +59,27 @@ def test_bom_case_and_delimiters_are_read(sources: dict[str, Path], model: Path,
         assert (result, err) == (reference, ""), name
 
 
+def test_image_and_label_column_flags_name_a_label_files_columns(
+    sources: dict[str, Path], model: Path, tmp_path: Path
+) -> None:
+    """--image-column and --label-column apply to CSV and JSONL label files as to data sets (issue 21)."""
+    rows = val_rows(tmp_path, sources)
+    reference, _ = eval_result(sources["folder"] / "val", model)
+    (tmp_path / "named.csv").write_text("Image;kind\n" + "".join(f"{p};{c}\n" for p, c in rows), encoding="utf-8")
+    (tmp_path / "named.jsonl").write_text("".join(json.dumps({"img": p, "kind": c}) + "\n" for p, c in rows))
+    for name, image in (("named.csv", "image"), ("named.jsonl", "img")):
+        args = ["--image-column", image, "--label-column", "kind"]
+        code, out, err = run_main("eval", tmp_path / name, "--model", model, "--format", "json", *args)
+        assert (code, err) == (0, ""), name
+        assert json.loads(out) == reference, name
+    code, out, err = run_main("eval", tmp_path / "named.csv", "--model", model, "--image-column", "picture")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"Error: {tmp_path / 'named.csv'}:1: the header has no 'picture' (--image-column) or label column (its "
+        "columns, split at semicolons: 'Image', 'kind'); the first row must name the columns: path,label[,split]\n"
+    )
+
+
 def test_header_errors_name_the_columns_found(sources: dict[str, Path], tmp_path: Path) -> None:
     linked(tmp_path, sources)
     bad = tmp_path / "bad.csv"
@@ -92,9 +113,9 @@ def test_a_huge_field_or_a_stray_quote_names_its_line(sources: dict[str, Path], 
     rows = folder_rows(linked(tmp_path, sources), "train")
     huge = tmp_path / "huge.csv"
     huge.write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in rows[:2]) + f"{rows[2][0]},{'x' * 140_000}\n")
-    assert finetune_error(huge, tmp_path) == (
-        f'Error: {huge}:4: a field runs over 131,072 characters: a quote (") opened in this row and never closed '
-        "swallows the lines after it; close or remove the quote\n"
+    assert finetune_error(huge, tmp_path) == (  # no quote in it (review of issue 20: it was blamed on a quote)
+        f"Error: {huge}:4: a field runs over 131,072 characters, far longer than a path or label; fix the row or "
+        "remove it\n"
     )
     # a stray quote in a big file: the field it opens grows past the limit
     swallowed = tmp_path / "swallowed.csv"
@@ -114,6 +135,23 @@ def test_a_huge_field_or_a_stray_quote_names_its_line(sources: dict[str, Path], 
     )
 
 
+@pytest.mark.parametrize("end", ["\n", ""])
+@pytest.mark.parametrize("stray", ['"{path},{label}', '{path},"{label}'])
+def test_a_stray_quote_on_the_last_line_is_named_as_a_quote(
+    sources: dict[str, Path], tmp_path: Path, stray: str, end: str
+) -> None:
+    """Review of issue 20: the quote swallows the rest of the row, so it was `no label` (a quote opened on the
+    path) or taken as the label (on the label); now the quote is named, as mid-file."""
+    rows = folder_rows(linked(tmp_path, sources), "train")
+    table = tmp_path / "q.csv"
+    last = stray.format(path=rows[2][0], label=rows[2][1])
+    table.write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in rows[:2]) + last + end)
+    assert finetune_error(table, tmp_path) == (
+        f'Error: {table}:4: a quote (") opened in this row is not closed before the end of the file: close or '
+        "remove it\n"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # JSON values (item 9)
 
@@ -121,7 +159,12 @@ def test_a_huge_field_or_a_stray_quote_names_its_line(sources: dict[str, Path], 
 @pytest.mark.parametrize(
     ("value", "said"),
     [
-        ("0.0", "label 0.0 is a number with a fraction"),
+        ("0.5", "label 0.5 is a number with a fraction"),
+        # review of issue 20: these were all "a number with a fraction"
+        ("0.0", "label 0.0 is a number with a decimal point or exponent"),
+        ("1e5", "label 100000.0 is a number with a decimal point or exponent"),
+        ("NaN", "label NaN is not a number"),
+        ("-Infinity", "label -Infinity is an infinite number"),
         ("true", "label true is a boolean"),
         ('[["x"]]', 'label ["x"] is a list'),  # a list of labels is multi-label data; a list in it is refused
         ('{"name": "x"}', 'label {"name": "x"} is an object'),
@@ -146,10 +189,10 @@ def test_a_null_label_and_a_missing_one(sources: dict[str, Path], tmp_path: Path
     table = tmp_path / "labels.jsonl"
     table.write_text('{"path": "folder/train/red/000.png", "label": null}\n')
     assert finetune_error(table, tmp_path) == f"Error: {table}:1: label is null; give every row a label\n"
-    table.write_text('{"path": 7, "label": "red"}\n')
-    assert finetune_error(table, tmp_path) == (
-        f"Error: {table}:1: {tmp_path}/7: no such file; fix the path (relative to {tmp_path}) or remove the row\n"
-    )
+    table.write_text('{"path": 7, "label": "red"}\n')  # review of issue 20: it was read as the path ./7
+    assert finetune_error(table, tmp_path) == f"Error: {table}:1: path 7 is a whole number; a path is a string\n"
+    table.write_text('{"path": "folder/train/red/000.png", "label": "red", "split": 1}\n')
+    assert finetune_error(table, tmp_path) == f"Error: {table}:1: split 1 is a whole number; a split is a string\n"
     table.write_text('{"path": 7.5, "label": "red"}\n')
     assert (
         finetune_error(table, tmp_path)
@@ -189,9 +232,40 @@ def test_a_label_holding_a_comma_is_named_as_a_label(sources: dict[str, Path], m
     rows = val_rows(tmp_path, sources)
     table = tmp_path / "labels.csv"
     table.write_text("path,label\n" + "".join(f'{p},"{c}, dark"\n' if c == "red" else f"{p},{c}\n" for p, c in rows))
+    line = 2 + [c for _, c in rows].index("red")  # the first row of the class (review of issue 20: no FILE:LINE)
+    assert line > 2
     assert eval_error(table, model) == (
-        f"Error: {table}: class 'red, dark' is not a label of {model} ('blue', 'green', 'red'); label the rows "
-        "with the model's labels (the full name, or its first name when unique) or class indices\n"
+        f"Error: {table}:{line}: class 'red, dark' is not a label of {model} ('blue', 'green', 'red'); label the "
+        "rows with the model's labels (the full name, or its first name when unique) or class indices\n"
+    )
+    jsonl = write_jsonl(tmp_path / "labels.jsonl", [(p, "zebra" if c == "red" else c) for p, c in rows])
+    assert eval_error(jsonl, model) == (
+        f"Error: {jsonl}:{line - 1}: class 'zebra' is not a label of {model} ('blue', 'green', 'red'); label the "
+        "rows with the model's labels (the full name, or its first name when unique) or class indices\n"
+    )
+    from datasets import Dataset, Features, Image, Value
+
+    named = Features({"image": Image(), "label": Value("string")})
+    cells = {"image": [{"bytes": (tmp_path / p).read_bytes(), "path": None} for p, _ in rows]}
+    Dataset.from_dict({**cells, "label": ["zebra" if c == "red" else c for _, c in rows]}, features=named).to_parquet(
+        tmp_path / "data.parquet"
+    )
+    assert eval_error(tmp_path / "data.parquet", model) == (
+        f"Error: {tmp_path / 'data.parquet'} row {line - 2}: class 'zebra' is not a label of {model} ('blue', "
+        "'green', 'red'); label the rows with the model's labels (the full name, or its first name when unique) or "
+        "class indices\n"
+    )
+
+
+def test_two_labels_naming_one_class_are_named_by_a_row(sources: dict[str, Path], model: Path, tmp_path: Path) -> None:
+    """Review of issue 20: `red` and `2` (red's index) name one class of the model; the error named only the
+    file, and now the first row of the second one, as other row errors do."""
+    rows = val_rows(tmp_path, sources)
+    first = [c for _, c in rows].index("red")
+    table = write_csv(tmp_path / "labels.csv", [(p, "2" if i == first else c) for i, (p, c) in enumerate(rows)])
+    second = 2 + [c for _, c in rows].index("red", first + 1)  # the first row labelled 'red' (line 1: header)
+    assert eval_error(table, model) == (
+        f"Error: {table}:{second}: classes '2' and 'red' name the same class (2 'red'); relabel the rows of one\n"
     )
 
 

@@ -212,3 +212,148 @@ def test_save_to_disk_names_stay_inside_the_folder(sources: dict[str, Path], tmp
         f'Error: {saved}/dataset_dict.json: split "../outside" is not a name inside the folder; save the data set '
         "again with save_to_disk\n"
     ))  # fmt: skip
+
+
+def _damaged(saved: Path, name: str, change) -> None:
+    data = json.loads((saved / name).read_text())
+    change(data)
+    (saved / name).write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        ("dataset_dict.json", lambda d: d.update(splits=[]), "dataset_dict.json: lists no splits"),
+        ("dataset_dict.json", lambda d: d.update(splits=None), "dataset_dict.json: lists no splits"),
+        ("dataset_dict.json", lambda d: d.update(splits="train"), "dataset_dict.json: 'splits' is not a list of split names"),
+        ("train/state.json", lambda d: d.update(_data_files=5), "train/state.json: '_data_files' is not a list of data files"),
+        ("train/state.json", lambda d: d.update(_data_files=True), "train/state.json: '_data_files' is not a list of data files"),
+        ("train/state.json", lambda d: d.update(_data_files=["x.arrow"]),
+         'train/state.json: data file entry "x.arrow" is not an object with a filename'),
+        ("train/dataset_info.json", lambda d: d["features"]["label"].update(names=12),
+         "train/dataset_info.json: the ClassLabel names of column 'label' are 12, not a list of class names"),
+        ("train/dataset_info.json", lambda d: d["features"]["label"].update(names="abc"),
+         "train/dataset_info.json: the ClassLabel names of column 'label' are \"abc\", not a list of class names"),
+        ("train/dataset_info.json", lambda d: d["features"]["label"].update(names=["a"] * 12),
+         "train/dataset_info.json: the ClassLabel of column 'label' names class 'a' twice"),
+    ],
+    ids=["no-splits", "null-splits", "splits-text", "data-files-number", "data-files-true", "data-file-text",
+         "names-number", "names-text", "names-repeated"],
+)  # fmt: skip
+def test_damaged_save_to_disk_metadata_is_one_line(
+    sources: dict[str, Path], tmp_path: Path, name: str, change, message: str
+) -> None:
+    """Review of issue 20: each was an internal error (TypeError, IndexError in eval; exit 3), or for names "abc"
+    three classes a, b, c and for ["a"] * 12 a head of twelve classes all named 'a'."""
+    saved = tmp_path / "saved"
+    shutil.copytree(sources["saved"], saved)
+    _damaged(saved, name, change)
+    line = f"Error: {saved}/{message}; save the data set again with save_to_disk\n"
+    code, out, err = run_main("eval", saved, "--model", tmp_path / "unused")
+    assert (code, out, err) == (1, "", line)
+    code, out, err = run_main("finetune", saved, "--output", tmp_path / "run", *ARGS)
+    assert (code, out, err) == (1, "", line)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_parquet_file_s_class_names_must_be_distinct_strings(sources: dict[str, Path], tmp_path: Path) -> None:
+    """The features a parquet file's schema carries are checked as dataset_info.json's are."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(sources["val_parquet"])
+    meta = json.loads(table.schema.metadata[b"huggingface"])
+    meta["info"]["features"]["label"]["names"] = ["red", "red", "blue"]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()}), bad)
+    code, out, err = run_main("eval", bad, "--model", tmp_path / "unused")
+    assert (code, out, err) == (1, "", (
+        f"Error: {bad}: the ClassLabel of column 'label' names class 'red' twice; write the data set again with "
+        "datasets, or name another --label-column\n"
+    ))  # fmt: skip
+
+
+def test_eval_picks_the_validation_split_by_one_rule_in_every_source(
+    sources: dict[str, Path], model: Path, tmp_path: Path
+) -> None:
+    """Review of issue 20: a label file with val and test rows (no train rows) evaluated every row, test rows
+    too, while a DatasetDict of validation and test evaluates validation only. Now both evaluate the
+    validation split (and say so), and a source of test rows alone is evaluated whole."""
+    root = sources["csv"].parent
+    val = [(p, c, "val") for p, c in folder_rows(root, "val")]
+    test = [(p, c, "test") for p, c in folder_rows(root, "train")]
+    linked(tmp_path, sources)
+    reference = eval_json(sources["folder"] / "val", model)
+    table = write_csv(tmp_path / "vt.csv", val + test, "path,label,split")
+    jsonl = write_jsonl(tmp_path / "vt.jsonl", val + test, ("path", "label", "split"))
+    from .conftest import image_dataset
+
+    dataset_rows = [(p, c) for p, c, _ in val]
+    from datasets import DatasetDict
+
+    DatasetDict(
+        {"validation": image_dataset(root, dataset_rows), "test": image_dataset(root, dataset_rows * 3)}
+    ).save_to_disk(tmp_path / "vt_saved")
+    for data, part in ((table, f"{table} (split validation)"), (jsonl, f"{jsonl} (split validation)"),
+                       (tmp_path / "vt_saved", f"{tmp_path / 'vt_saved'}:validation")):  # fmt: skip
+        code, out, err = run_main("eval", data, "--model", model, "--format", "json")
+        assert (code, err) == (0, f"evaluating the validation split {part}\n"), data
+        assert json.loads(out) == reference, data
+    # test rows alone: the only split, evaluated whole (as DATA/test alone is)
+    only = write_csv(tmp_path / "t.csv", test, "path,label,split")
+    code, out, err = run_main("eval", only, "--model", model, "--format", "json")
+    assert (code, err, json.loads(out)["count"]) == (0, "", 24)
+
+
+def test_validating_on_the_training_data_is_warned_about(sources: dict[str, Path], tmp_path: Path) -> None:
+    """Review of issue 20: `finetune labels.csv --val labels.csv` validated on the training rows without a word.
+    It is allowed (it shows that training runs) with one warning; the validation split of the same file is
+    other rows, and no warning."""
+    from bitcli.sources.features import Columns
+    from bitcli.sources.locate import training_parts, validation_part
+
+    data = unsplit("csv", sources, tmp_path)
+    code, _, err = run_main("finetune", data, "--val", tmp_path / "." / data.name, "--output", tmp_path / "run", *ARGS)
+    assert code == 0, err
+    warning = (
+        f"warning: --val {tmp_path / data.name}: validates on the training data ({data}), so its accuracy says "
+        "nothing about new images; pass the rows held out for validation\n"
+    )
+    assert err.count("warning: --val") == 1 and warning in err
+    assert plan_of(tmp_path / "run")["val_examples"] == 24
+    columns = Columns()
+    for train_data, val_data, same in [
+        (sources["csv"], sources["csv"], False),  # train rows, then the val rows of the same file
+        (sources["csv"], f"{sources['csv']}:train", True),
+        (sources["folder"], sources["folder"] / "train", True),
+        (sources["folder"], sources["folder"] / "val", False),
+        (sources["saved"], f"{sources['saved']}:train", True),
+        (sources["saved"], sources["saved"], False),
+    ]:
+        train, _ = training_parts(train_data, columns)
+        assert validation_part(val_data, columns).same_rows(train) is same, (train_data, val_data)
+
+
+def test_a_file_named_like_file_split_says_how_to_reach_the_split(
+    sources: dict[str, Path], model: Path, tmp_path: Path
+) -> None:
+    """Review of issue 20: with a file `t.csv:test` beside `t.csv`, `t.csv:test` is that file, and the error
+    said only that it is a file and to pass a label file (.csv ...), which it looked like."""
+    root = sources["csv"].parent
+    rows = [(p, c, "train") for p, c in folder_rows(root, "train")] + [
+        (p, c, "test") for p, c in folder_rows(root, "val")
+    ]
+    table = write_csv(linked(tmp_path, sources) / "t.csv", rows, "path,label,split")
+    (tmp_path / "t.csv:test").write_text("notes\n")
+    code, out, err = run_main("eval", f"{table}:test", "--model", model)
+    assert (code, out, err) == (1, "", (
+        f"Error: {table}:test: is a file of that whole name, so it is not read as split 'test' of {table} (a path "
+        f"that exists is taken as it is), and it is no data source; to use that split, rename or move {table}:test, "
+        f"or spell the split in another case ({table}:TEST)\n"
+    ))  # fmt: skip
+    assert eval_json(f"{table}:TEST", model)["count"] == 9  # as the hint says
+    (tmp_path / "plain:test").write_text("notes\n")  # no data source before the ':': the error as before
+    code, _, err = run_main("eval", tmp_path / "plain:test", "--model", model)
+    assert (code, err) == (1, (
+        f"Error: {tmp_path / 'plain:test'}: is a file; pass a class folder, a label file (.csv, .jsonl), a .parquet "
+        "file or hf://datasets/OWNER/NAME\n"
+    ))  # fmt: skip

@@ -1,0 +1,148 @@
+"""`bit eval --report` on 10,000 images with about 2,000 errors: the extra wall time over a plain `bit eval`, the
+report's size, and how long headless Chromium takes to load its page.
+
+The data: 32-px PNGs of ten colours (each class its own colour, with noise), 20% of them put in the folder of
+another class (label noise), so that a tiny BiT that learned the colours gets about 2,000 of the 10,000 wrong.
+The model: `bit finetune --random-init --model tiny` on a clean set of 50 images per class. Both commands run as
+whole processes taking turns (the median of --repeats rounds); the page is loaded --loads times in Chromium
+(Playwright driving Debian's chromium, as the tests do).
+
+    .venv/bin/python benchmarks/eval_report.py --json runs/eval_report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, load, machine, median
+
+TARGET_EXTRA = 0.25  # --report's extra wall time, as a fraction of plain eval's (CPU)
+TARGET_LOAD_S = 2.0  # Chromium's load of index.html
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (170, 110, 40), (128, 128, 128)]  # fmt: skip
+
+
+def write_images(folder: Path, per_class: int, noise: float, seed: int) -> None:
+    """per_class images of each colour; a `noise` fraction of them saved in another class's folder."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for c in range(len(PALETTE)):
+        (tmp / f"class{c}").mkdir(parents=True)
+    for c, colour in enumerate(PALETTE):
+        for i in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.integers(-40, 41, (32, 32, 3)), 0, 255).astype(np.uint8)
+            shown = c if rng.random() >= noise else int((c + rng.integers(1, len(PALETTE))) % len(PALETTE))
+            Image.fromarray(pixels).save(tmp / f"class{shown}" / f"c{c}-{i:05d}.png")
+    tmp.rename(folder)
+
+
+def bit(*args: object) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall seconds, CPU seconds (user + system), the finished process) of `python -m bitcli ARGS`."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "bitcli", *map(str, args)], capture_output=True, text=True, env=env,
+                          cwd=ROOT)  # fmt: skip
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if done.returncode != 0:
+        raise SystemExit(f"bit {' '.join(map(str, args))} failed:\n{done.stderr[-3000:]}")
+    return wall, cpu, done
+
+
+def chromium_load(page: Path, loads: int) -> dict[str, float]:
+    """Median seconds from navigation to DOMContentLoaded and to the load event (the pictures in view loaded;
+    the others load lazily as the page scrolls), over `loads` fresh pages."""
+    from playwright.sync_api import sync_playwright
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import CHROMIUM, CHROMIUM_ARGS
+
+    content, loaded = [], []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        for _ in range(loads):
+            context = browser.new_context(viewport={"width": 1280, "height": 800})
+            tab = context.new_page()
+            tab.goto(page.as_uri(), wait_until="load")
+            timing = tab.evaluate("JSON.parse(JSON.stringify(performance.getEntriesByType('navigation')[0]))")
+            content.append(timing["domContentLoadedEventEnd"] / 1000)
+            loaded.append(timing["loadEventEnd"] / 1000)
+            context.close()
+        browser.close()
+    return {"dom_content_loaded_s": round(median(content), 3), "load_s": round(median(loaded), 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/bitcli-bench-report"))
+    ap.add_argument("--images", type=int, default=10_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--loads", type=int, default=5)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    data, train, run = work / f"eval-{args.images}", work / "train", work / "run"
+    if not data.is_dir():
+        write_images(data, args.images // len(PALETTE), noise=0.2, seed=1)
+    if not train.is_dir():
+        write_images(train, 50, noise=0.0, seed=2)
+    if not (run / "summary.json").is_file():
+        bit("finetune", train, "--output", run, "--overwrite", "--random-init", "--model", "tiny", "--resolution",
+            "32", "--steps", "60", "--batch-size", "64", "--lr", "0.1", "--val-split", "0.1")  # fmt: skip
+    common = ["eval", data, "--model", run, "--format", "json", "--device", "cpu"]
+    plain, report, plain_cpu, report_cpu, loads, drawing = [], [], [], [], [], []
+    for _ in range(args.repeats):  # taking turns: drift of the machine hits both alike
+        wall, cpu, done = bit(*common)
+        plain.append(wall)
+        plain_cpu.append(cpu)
+        shutil.rmtree(work / "report", ignore_errors=True)
+        wall, cpu, done = bit(*common, "--report", work / "report")
+        report.append(wall)
+        report_cpu.append(cpu)
+        loads.append(load())
+        drawing.append(float(re.findall(r"shown; ([0-9.]+) s\)", done.stderr)[-1]))  # write_report's own log line
+        print(f"plain {plain[-1]:.1f} s ({plain_cpu[-1]:.1f} s CPU), --report {report[-1]:.1f} s "
+              f"({report_cpu[-1]:.1f} s CPU; {done.stderr.strip().splitlines()[-1]}), load {loads[-1]:.1f}",
+              file=sys.stderr)  # fmt: skip
+    result = json.loads(done.stdout)
+    files = [p for p in (work / "report").rglob("*") if p.is_file()]
+    errors = sum(1 for _ in open(work / "report" / "errors.csv")) - 1
+    out = {
+        "images": result["count"], "errors": errors, "top1": result["top1"],
+        "plain_eval_s": round(median(plain), 2), "report_eval_s": round(median(report), 2),
+        "extra": round(median(report) / median(plain) - 1, 3), "target_extra": TARGET_EXTRA,
+        "plain_eval_cpu_s": round(median(plain_cpu), 2), "report_eval_cpu_s": round(median(report_cpu), 2),
+        "extra_cpu": round(median(report_cpu) / median(plain_cpu) - 1, 3),
+        "report_drawing_s": round(median(drawing), 2),
+        "index_html_bytes": (work / "report" / "index.html").stat().st_size,
+        "report_bytes": sum(p.stat().st_size for p in files), "report_files": len(files),
+        **chromium_load(work / "report" / "index.html", args.loads), "target_load_s": TARGET_LOAD_S,
+        "load_average": [round(x, 2) for x in loads], "machine": machine(),
+    }  # fmt: skip
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

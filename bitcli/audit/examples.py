@@ -1,0 +1,116 @@
+"""The splits an audit looks at (DATA's train and validation parts, --val, --test, DATA's test part), and every
+example of them as one table: split, index in its split, printable name and label, with one class list (the
+label names of every split, in class order), so that labels compare across splits by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bitcli.errors import BitError
+from bitcli.sources import folder
+from bitcli.sources.examples import ImageFolder, class_order
+from bitcli.sources.locate import Columns, Part, evaluation_part, training_parts, validation_part
+from bitcli.sources.rows import Rows
+from bitcli.ui import log, visible
+
+DataSpec = Path | str
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Every example of every split, in split order then each split's own order."""
+
+    splits: list[str]  # "train", "validation", "test" (or "data": DATA without splits)
+    parts: list[ImageFolder]
+    classes: tuple[str, ...]  # every split's label names, in class order
+    split: np.ndarray  # [N] index into splits
+    index: np.ndarray  # [N] index into its part
+    labels: np.ndarray  # [N] index into classes
+    names: list[str]  # as the source gives them: the file's path, or "data.parquet row 17"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def ref(self, i: int):
+        return self.parts[int(self.split[i])].paths[int(self.index[i])]
+
+    def split_name(self, i: int) -> str:
+        return self.splits[int(self.split[i])]
+
+    def label(self, i: int) -> str:
+        return self.classes[int(self.labels[i])]
+
+    def files_only(self) -> bool:
+        """Every example is an image file (a class folder or a label file), not a row holding the image."""
+        return not any(isinstance(p.paths, Rows) for p in self.parts)
+
+
+def audit_parts(data: DataSpec, val: DataSpec | None, test: DataSpec | None, columns: Columns) -> dict[str, Part]:
+    """{split: part}: DATA's training part and its validation part (or --val), and --test or DATA's test part.
+    DATA without splits is one split, "data"."""
+    train, own_val = training_parts(data, columns)
+    parts = {"train": train}
+    if val is not None:
+        parts["validation"] = _given(val, "--val", train, columns)
+    elif own_val is not None:
+        parts["validation"] = own_val
+    found_test = _own_test(data, columns) if test is None else _given(test, "--test", train, columns)
+    if found_test is not None:
+        parts["test"] = found_test
+    if len(parts) == 1:
+        return {"data": train}
+    return parts
+
+
+def _given(spec: DataSpec, flag: str, train: Part, columns: Columns) -> Part:
+    """--val or --test's part; a warning when it reads DATA's training rows (bit finetune --val's warning)."""
+    part = validation_part(spec, columns)
+    if part.same_rows(train):  # allowed, but every image is then reported as a leak of itself
+        log(visible(
+            f"warning: {flag} {spec}: is the training data ({train.name}), so every image is a leak of itself; "
+            "pass the rows held out for it"
+        ))  # fmt: skip
+    return part
+
+
+def _own_test(data: DataSpec, columns: Columns) -> Part | None:
+    """DATA's test split, when it has one (a test/ folder beside train/, rows or a split named test)."""
+    if isinstance(data, Path) and data.is_dir():
+        found = folder.test_split(data)
+        if found is not None:
+            return validation_part(found, columns)
+    try:
+        return evaluation_part(f"{data}:test", columns, say=False)
+    except BitError:  # no test split (or no splits at all): nothing to add
+        return None
+
+
+def gather(parts: dict[str, Part]) -> Examples:
+    """Every part scanned with its own classes, as one table."""
+    return table({name: part.scan(None) for name, part in parts.items()})
+
+
+def table(scanned: dict[str, ImageFolder]) -> Examples:
+    """Scanned splits as one table of examples."""
+    classes = class_order(c for ds in scanned.values() for c in ds.classes)
+    position = {c: i for i, c in enumerate(classes)}
+    split, index, labels, names = [], [], [], []
+    for s, ds in enumerate(scanned.values()):
+        to_global = np.asarray([position[c] for c in ds.classes], dtype=np.int64)
+        targets = np.asarray(ds.targets, dtype=np.int64)
+        split.append(np.full(len(ds), s, dtype=np.int64))
+        index.append(np.arange(len(ds), dtype=np.int64))
+        labels.append(to_global[targets] if len(ds) else targets)
+        names += [ds.name(i) for i in range(len(ds))]
+    return Examples(
+        splits=list(scanned),
+        parts=list(scanned.values()),
+        classes=classes,
+        split=np.concatenate(split),
+        index=np.concatenate(index),
+        labels=np.concatenate(labels),
+        names=names,
+    )
