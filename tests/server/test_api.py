@@ -185,3 +185,24 @@ def test_unknown_repeated_or_loose_query_parameters_are_400(server, pictures):
     reply = post(server, "/v1/embed?normalize=%20true", data)
     assert (reply.status, reply.json) == (400, {"error": "normalize=' true': use true or false"})
     assert [len(r["predictions"]) for r in post(server, "/v1/predict?top_k=03&name=x.jpg", data).json] == [3]
+
+
+def test_a_calibrated_model_s_scores_are_bit_predict_s(tiny_dir, pictures, tmp_path):
+    """A model that stores a temperature (bit finetune's calibration): the server's scores are predict's, at
+    that temperature, not the plain softmax."""
+    import dataclasses
+
+    import torch
+
+    from bitcli.engine import load_engine
+    from bitcli.formats import bitcli as bitcli_format
+
+    model = tmp_path / "calibrated.safetensors"
+    bitcli_format.write(dataclasses.replace(load_checkpoint(str(tiny_dir)), temperature=1.7), model)
+    expected = _predict(pictures["a.png"], "-m", model, "-b", "1")
+    assert expected != _predict(pictures["a.png"], "-m", tiny_dir, "-b", "1")  # the temperature changes the scores
+    engine = load_engine(load_checkpoint(str(model)), torch.device("cpu"), torch.float32)
+    with serving(engine) as url:
+        reply = post(url, "/v1/predict?name=a.png", pictures["a.png"].read_bytes(), "image/png")
+    assert reply.status == 200
+    assert reply.json == [{**expected[0], "path": "a.png"}]
