@@ -110,9 +110,7 @@ from bitcli.cli_options import (
 from bitcli.errors import UsageError
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE
 from bitcli.options import (
-    DEFAULT_NEAR_THRESHOLD,
     DEFAULT_WORKERS,
-    AuditOptions,
     ConvertOptions,
     DType,
     EmbedOptions,
@@ -122,9 +120,7 @@ from bitcli.options import (
     FinetuneOptions,
     Precision,
     PredictOptions,
-    PushOptions,
     ReportOptions,
-    ServeOptions,
     check_embed_output,
     check_explain_output_outside_inputs,
     check_label_output,
@@ -138,6 +134,7 @@ from bitcli.options import (
     reliability_path,
 )
 from bitcli.pages.folder import EVAL_REPORT, EXPLAIN
+from bitcli.tool_options import DEFAULT_NEAR_THRESHOLD, AuditOptions, PushOptions, ServeOptions
 
 app = typer.Typer(
     name="bit",

@@ -19,7 +19,6 @@ from bitcli.options import (
     DType,
     EmbedFormat,
     EvalFormat,
-    FailRule,
     KeepBest,
     OptionError,
     Precision,
@@ -30,15 +29,14 @@ from bitcli.options import (
     parse_auto_int,
     parse_device,
     parse_dst_path,
-    parse_fail_rule,
     parse_file_path,
     parse_min_score,
     parse_png_path,
     parse_positive,
     parse_resolution,
-    parse_threshold,
     parse_val_split,
 )
+from bitcli.tool_options import FailRule, parse_fail_rule, parse_threshold
 
 T = TypeVar("T")
 

@@ -24,7 +24,7 @@ LAYERS = {
     "bitcli": 0, "bitcli.errors": 0, "bitcli.ui": 0, "bitcli.writes": 0, "bitcli.reads": 0, "bitcli.extras": 0,
     "bitcli.fonts": 0,
     "bitcli.config": 1, "bitcli.architectures": 1, "bitcli.hyperrule": 1, "bitcli.labels": 1, "bitcli.model": 1,
-    "bitcli.preprocess": 1, "bitcli.options": 1, "bitcli.cli_options": 1, "bitcli.images": 1, "bitcli.runtime": 1,
+    "bitcli.preprocess": 1, "bitcli.options": 1, "bitcli.tool_options": 1, "bitcli.cli_options": 1, "bitcli.images": 1, "bitcli.runtime": 1,
     "bitcli.distributed": 1, "bitcli.render": 1, "bitcli.metrics": 1, "bitcli.plots": 1, "bitcli.pages": 1, "bitcli.urls": 1,
     "bitcli.hubnames": 1, "bitcli.scores": 1, "bitcli.multilabel": 1,
     "bitcli.formats": 2, "bitcli.sources": 2, "bitcli.hub": 2, "bitcli.data": 2, "bitcli.hub_upload": 2,

@@ -19,7 +19,7 @@ import numpy as np
 from bitcli.audit.duplicates import Pair
 from bitcli.audit.examples import Examples
 from bitcli.audit.labels import LabelIssue
-from bitcli.options import FailRule
+from bitcli.tool_options import FailRule
 
 FAR_BELOW = 0.5  # an image whose shorter side is under half the model's input side is upscaled (blurred) ...
 FAR_ABOVE = 8.0  # ... and one over 8 times it is mostly thrown away by the resize
@@ -128,7 +128,7 @@ class Findings:
         return out
 
     def counts(self) -> dict[str, int]:
-        """Each finding's number, by the names --fail-on takes (options.AUDIT_COUNTS)."""
+        """Each finding's number, by the names --fail-on takes (tool_options.AUDIT_COUNTS)."""
         ex = self.examples
         return {
             "duplicates": len(self.pairs),

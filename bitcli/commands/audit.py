@@ -25,7 +25,6 @@ from bitcli.audit.page import MAX_ISSUES, MAX_PAIRS, TYPICAL, PageInput, render,
 from bitcli.engine import load_engine
 from bitcli.errors import BitError, UsageError
 from bitcli.hub import bitcli_cache, load_checkpoint
-from bitcli.options import AUDIT_COUNTS, AuditOptions
 from bitcli.pages.folder import write_page_folder
 from bitcli.pages.html import Html
 from bitcli.pages.pictures import THUMB, encode, fit
@@ -33,6 +32,7 @@ from bitcli.preprocess import Preprocess
 from bitcli.runtime import resolve_device
 from bitcli.sources.locate import Columns
 from bitcli.sources.rows import load_example
+from bitcli.tool_options import AUDIT_COUNTS, AuditOptions
 from bitcli.ui import display, log, visible
 from bitcli.writes import atomic_write
 

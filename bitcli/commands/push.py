@@ -19,7 +19,7 @@ from bitcli import extras
 from bitcli.errors import BitError
 from bitcli.hub_upload import check_online, hub_token, push_files
 from bitcli.hubnames import commit_text
-from bitcli.options import PushOptions
+from bitcli.tool_options import PushOptions
 from bitcli.ui import display, human_size, log, visible
 
 if TYPE_CHECKING:

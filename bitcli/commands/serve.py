@@ -14,10 +14,10 @@ import numpy as np
 from bitcli.engine import Engine, load_engine
 from bitcli.errors import UsageError
 from bitcli.hub import load_checkpoint
-from bitcli.options import ServeOptions
 from bitcli.runtime import resolve_device, resolve_precision
 from bitcli.server.app import build_app
 from bitcli.server.listen import bind, is_loopback, serve, url_of
+from bitcli.tool_options import ServeOptions
 from bitcli.ui import display, log
 
 

@@ -43,12 +43,12 @@ from starlette.routing import Route
 from bitcli.engine import Engine, top_k
 from bitcli.errors import BitError, one_line
 from bitcli.onnx_engine import OnnxEngine
-from bitcli.options import ServeOptions
 from bitcli.pipeline import failure
 from bitcli.preprocess import load_image
 from bitcli.render import Row
 from bitcli.server.batcher import Batcher
 from bitcli.server.bodies import MB, Part, RequestError, read_body, split_images
+from bitcli.tool_options import ServeOptions
 from bitcli.ui import display
 
 PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -24,8 +24,8 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from bitcli.errors import BitError
-from bitcli.options import ServeOptions
 from bitcli.server.protocol import with_header_timeout
+from bitcli.tool_options import ServeOptions
 
 SHUTDOWN_GRACE_S = 5.0  # beyond the request timeout, for the answers in flight to be written
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from bitcli.options import ServeOptions
 from bitcli.server import listen
 from bitcli.server.app import build_app
+from bitcli.tool_options import ServeOptions
 
 
 @contextlib.contextmanager

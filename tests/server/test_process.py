@@ -67,7 +67,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(tiny_dir, pictures)
 CTRL_C_CHILD = """
 import os, signal, sys, threading
 from starlette.applications import Starlette
-from bitcli.options import ServeOptions
+from bitcli.tool_options import ServeOptions
 from bitcli.server import listen
 
 opts = ServeOptions(model="test")
