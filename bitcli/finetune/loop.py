@@ -289,11 +289,14 @@ def micro_batches(
 
 def feature_batches(t: Training) -> Iterator[tuple[torch.Tensor, torch.Tensor, None, float]]:
     """--cache-features: the micro-batches of the same steps (data.StepSampler's images, in the same order) as
-    cached features, without crop, flip or MixUp (one process: check_flags refuses torchrun)."""
-    plan, features = t.plan, t.features
+    cached features, without crop, flip or MixUp (one process: check_flags refuses torchrun); --sampler balanced
+    draws them as micro_batches does, and multi-label data gives its multi-hot rows."""
+    plan, features, train = t.plan, t.features, t.data.train
     assert features is not None
-    sampler = StepSampler(len(t.data.train), plan.batch_size, plan.seed, max_offset=0, mixup=None)
-    targets = torch.as_tensor(np.asarray(t.data.train.targets, dtype=np.int64), device=features.device)
+    balanced = {"by_class": train.by_class()} if plan.sampler else {}  # --sampler balanced
+    sampler = StepSampler(len(train), plan.batch_size, plan.seed, max_offset=0, mixup=None, **balanced)
+    rows = train.multi_hot.astype(np.float32) if train.multi_hot is not None else np.asarray(train.targets, np.int64)
+    targets = torch.as_tensor(rows, device=features.device)
     m = plan.micro_batch
     for step in range(t.start, plan.steps):
         indices = torch.from_numpy(sampler.indices(step)).to(features.device)

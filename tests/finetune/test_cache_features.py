@@ -26,8 +26,10 @@ FLAGS = ["--steps", "6", "--batch-size", "8", "--batch-split", "2", "--seed", "3
          "--eval-every", "0", "--workers", "0", "--head-only", "--cache-features"]  # fmt: skip
 
 
-def reference_head(dataset: Path, tiny_dir: Path, steps: int, boundaries: list[int], lr: float) -> dict:
-    """The head that SGD with BiT's momentum gives on the start model's features (16-px eval transform)."""
+def reference_head(dataset: Path, tiny_dir: Path, steps: int, boundaries: list[int], lr: float,
+                   balanced: bool = False) -> dict:  # fmt: skip
+    """The head that SGD with BiT's momentum gives on the start model's features (16-px eval transform);
+    `balanced`: the steps draw --sampler balanced's images."""
     start, mean, std = build_start_model(start_point(str(tiny_dir), False, None, 3), 3, seed=0)
     ds = scan(dataset / "train", None)
     tf = eval_transform(16, mean, std)
@@ -37,7 +39,8 @@ def reference_head(dataset: Path, tiny_dir: Path, steps: int, boundaries: list[i
     head = torch.nn.Linear(features.shape[1], 3)
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
     sgd = torch.optim.SGD(head.parameters(), lr=0.0, momentum=0.9)
-    sampler, targets = StepSampler(len(ds), 8, 3, max_offset=0, mixup=None), torch.tensor(list(ds.targets))
+    by_class = {"by_class": ds.by_class()} if balanced else {}
+    sampler, targets = StepSampler(len(ds), 8, 3, max_offset=0, mixup=None, **by_class), torch.tensor(list(ds.targets))
     for step in range(steps):
         for group in sgd.param_groups:
             group["lr"] = hyperrule.learning_rate(step, hyperrule.Schedule(tuple(boundaries)), lr)
@@ -73,6 +76,20 @@ def test_the_head_is_sgd_on_cached_features_and_a_second_run_computes_none(
     again = read_weights(tmp_path / "two/model.safetensors")
     assert all(torch.equal(again[k], written[k]) for k in written)
     assert len(os.listdir(tmp_path / "cache/embeddings")) == 1
+
+
+def test_the_balanced_sampler_draws_the_cached_features_steps(dataset: Path, tiny_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """--sampler balanced with --cache-features: the head is SGD on the images the balanced sampler draws."""
+    monkeypatch.setenv("BITCLI_CACHE", str(tmp_path / "cache"))
+    code, _, err = run_main("finetune", dataset, "--output", tmp_path / "b", "--model", tiny_dir, *FLAGS,
+                            "--sampler", "balanced", "--no-calibrate")  # fmt: skip
+    assert code == 0, err
+    plan = json.loads((tmp_path / "b/finetune_config.json").read_text())
+    model = load_checkpoint(str(tmp_path / "b")).build_model().state_dict()
+    want = reference_head(dataset, tiny_dir, plan["steps"], plan["boundaries"], plan["lr"], balanced=True)
+    for k, v in want.items():
+        torch.testing.assert_close(model[k], v, rtol=1e-4, atol=1e-5)
 
 
 def test_cache_features_needs_head_only_and_no_mixup(dataset: Path, tiny_dir: Path, tmp_path: Path) -> None:
