@@ -88,4 +88,4 @@ def test_convert_in_place_still_works(work, tiny_dir):
     assert code == 0, err
     code, out, err = run_main("predict", "a.png", "-m", "m.safetensors", "-f", "csv")
     assert (code, err) == (0, "")
-    assert out.startswith("path,rank,label,index,score,error\na.png,1,")
+    assert out.startswith("path,rank,label,index,score,error,image_label\na.png,1,")
