@@ -142,6 +142,8 @@ class DatasetSplit:
                 remapped[:, mapping[mapping >= 0]] = multi_hot[:, mapping >= 0]
                 multi_hot = remapped
             classes = tuple(classes)
+        if multi_hot is not None:
+            targets = multi_hot.argmax(1)  # the lowest class: the order of the labels in a row changes nothing
         order = np.argsort(targets, kind="stable")  # grouped by class, rows in order within each
         return ImageFolder(self.root, classes, Rows(self, order), targets[order], source=self.name,
                            multi_hot=None if multi_hot is None else multi_hot[order])  # fmt: skip

@@ -101,15 +101,16 @@ class LabelFile:
                 f"{self.row(row)}: class {name!r} is not among the {len(classes)} training "
                 "classes; validation rows must use the training labels"
             )
-        order = np.argsort(targets, kind="stable")  # grouped by (first) class, file order within a class
         source = str(self.path) if split is None else f"{self.path} (split {split})"
         multi_hot = None
         if sets is not None:
             multi_hot = np.zeros((len(rows), len(classes)), dtype=np.uint8)
-            for i, s in enumerate(sets[j] for j in order):
+            for i, s in enumerate(sets):
                 multi_hot[i, mapping[s]] = 1
+            targets = multi_hot.argmax(1)  # the lowest class: the order of the labels in a row changes nothing
+        order = np.argsort(targets, kind="stable")  # grouped by (lowest) class, file order within a class
         return ImageFolder(self.folder, tuple(classes), RowPaths(self, rows[order]), targets[order], source=source,
-                           multi_hot=multi_hot)  # fmt: skip
+                           multi_hot=None if multi_hot is None else multi_hot[order])  # fmt: skip
 
 
 def read_label_file(path: Path) -> LabelFile:
