@@ -152,7 +152,7 @@ def test_label_files_give_multi_hot_rows(tmp_path: Path) -> None:
     bad.write_text('{"path": "000.png", "label": []}\n')
     code, out, err = run_main("eval", bad, "--model", "x")
     assert (code, out) == (1, "")
-    assert err == (f"Error: {bad}:1: an empty label in the list; give every row at least one label, none empty\n")
+    assert err == f"Error: {bad}:1: the label list is empty; give every row at least one label\n"
 
 
 RUN = ["--steps", "6", "--batch-size", "8", "--batch-split", "2", "--mixup", "0.2", "--lr", "0.05", "--eval-every", "3",
