@@ -62,3 +62,22 @@ def test_an_image_in_two_multilabel_rows_says_to_merge_them(tmp_path: Path) -> N
     same.write_text('{"path": "000.png", "label": ["red", "blue"]}\n{"path": "001.png", "label": "green"}\n'
                     '{"path": "000.png", "label": ["blue", "red", "red"]}\n')  # fmt: skip
     assert len(read_label_file(same).scan(None, None)) == 3
+
+
+@pytest.mark.parametrize("values", [[["cat", "dog"], ["dog"]], [[0, 1], [1]]])
+def test_a_plain_list_label_column_says_how_to_write_multilabel_parquet(tmp_path: Path, values: list) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = write_images(tmp_path / "images", [["red"], ["green"]])
+    images = [{"bytes": (tmp_path / "images" / f).read_bytes(), "path": None} for f in files]
+    data = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"image": images, "label": values}), data)
+    kind = pq.read_schema(data).field("label").type
+    code, out, err = run_main("eval", data, "--model", "x")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"Error: {data}: label column 'label' holds {kind}; a list of labels a row (multi-label) needs its class "
+        "names: make it a Sequence(ClassLabel) (datasets: .cast_column('label', Sequence(ClassLabel(names=[...])))), "
+        "or list the images in a JSONL label file with a JSON list of labels a row\n"
+    )
