@@ -66,3 +66,25 @@ def test_label_order_within_a_row_changes_nothing(tmp_path: Path) -> None:
     assert plans == [f"  classes     3: smallest {names[small]!r} ({a[small]} images), largest {names[large]!r} "
                      f"({a[large]}); imbalance ratio {a[large] / a[small]:.3g}:1"] * 2  # fmt: skip
     assert (runs[0] / "model.safetensors").read_bytes() == (runs[1] / "model.safetensors").read_bytes()
+
+
+def test_imbalanced_multilabel_plan_counts_every_label_and_suggests_no_single_label_flag(tmp_path: Path) -> None:
+    import torch
+
+    from bitcli.distributed import Dist
+    from bitcli.finetune.datasets import Datasets
+    from bitcli.finetune.plan import describe, make_plan
+    from bitcli.finetune.start import random_init_config
+    from bitcli.model import BitModel
+    from bitcli.options import FinetuneOptions
+
+    sets = [["red"]] * 12 + [["blue", "red"]] * 2  # blue is never the first label of its rows
+    ds = read_label_file(_jsonl(tmp_path, sets, "labels.jsonl")).scan(None, None)
+    opts = FinetuneOptions(data=tmp_path / "labels.jsonl", model="tiny", output=tmp_path / "out", random_init=True,
+                           batch_split=1)  # fmt: skip
+    plan = make_plan(opts, Datasets(ds, None, None), BitModel(random_init_config("tiny", 2)), Dist(),
+                     torch.device("cpu"), torch.float32, None)  # fmt: skip
+    lines = describe(plan)
+    assert plan.class_sizes == (2, 14)
+    assert "  classes     2: smallest 'blue' (2 images), largest 'red' (14); imbalance ratio 7:1" in lines
+    assert not any(line.startswith("  note        the classes are imbalanced") for line in lines)
