@@ -78,7 +78,7 @@ def test_imbalanced_multilabel_plan_counts_every_label_and_suggests_no_single_la
     from bitcli.model import BitModel
     from bitcli.options import FinetuneOptions
 
-    sets = [["red"]] * 12 + [["blue", "red"]] * 2  # blue is never the first label of its rows
+    sets = [["red"]] * 12 + [["blue", "red"]] * 2  # red is not the first label of the blue rows
     ds = read_label_file(_jsonl(tmp_path, sets, "labels.jsonl")).scan(None, None)
     opts = FinetuneOptions(data=tmp_path / "labels.jsonl", model="tiny", output=tmp_path / "out", random_init=True,
                            batch_split=1)  # fmt: skip
