@@ -10,6 +10,7 @@ import numpy as np
 from conftest import run_main
 
 from bitcli.data import few_shot, split_validation
+from bitcli.errors import BitError
 from bitcli.sources.labelfile import read_label_file
 
 from .helpers import FAST
@@ -39,6 +40,28 @@ def test_counts_by_class_shots_and_split_use_every_label(tmp_path: Path) -> None
     assert [shots.relative(i) for i in range(len(shots))] == [
         x.relative(i) for x in [few_shot(ds, 3, seed=5)] for i in range(len(x))
     ]
+    # an image that does not decode is skipped and the next of its class taken; too few is one error line
+    asked: list[list[int]] = []
+
+    def undecodable(indices: list[int]) -> set[int]:
+        asked.append(indices)
+        return {i for i in indices if i in chosen}
+
+    first = {shots.relative(i) for i in range(len(shots))}
+    chosen = {i for i in range(len(ds)) if ds.relative(i) in first}  # the images the first pick took fail
+    retried = few_shot(ds, 3, seed=5, undecodable=undecodable)
+    names = {retried.relative(i) for i in range(len(retried))}
+    assert min(retried.counts()) >= 3 and names.isdisjoint(ds.relative(i) for i in chosen)
+    assert sorted(i for batch in asked for i in batch) == sorted({i for batch in asked for i in batch})  # once each
+    try:
+        few_shot(ds, 13, seed=5)
+    except BitError as exc:
+        assert (
+            str(exc)
+            == f"--shots 13: class 'blue' has only 12 training image(s) ({ds.where(0)}); lower --shots or add images"
+        )
+    else:
+        raise AssertionError("--shots 13 with 12 blue images")
     # --val-split 0.25: at least a quarter of each class's images held out (the rarest class, blue, first:
     # exactly 3), every class kept in training
     train, val = split_validation(ds, 0.25, seed=0)
