@@ -214,7 +214,7 @@ def _several(label: object, where: str, csv: bool) -> list[str] | None:
         return None
     names = [part.strip() for part in label.split(";")]
     if not all(names):
-        raise BitError(f"{where}: an empty label between the `;`s; remove the extra `;` or write the label")
+        raise BitError(f"{where}: an empty label in the `;`-separated list; remove the extra `;` or write the label")
     return names
 
 
