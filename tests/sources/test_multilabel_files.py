@@ -44,7 +44,10 @@ def test_empty_lists_and_empty_labels_say_which(tmp_path: Path, row: str, said: 
     csv.write_text("path,label\n000.png,red;;green\n")
     with pytest.raises(BitError) as caught:
         read_label_file(csv)
-    assert str(caught.value) == f"{csv}:2: an empty label in the `;`-separated list; remove the extra `;` or write the label"
+    assert (
+        str(caught.value)
+        == f"{csv}:2: an empty label in the `;`-separated list; remove the extra `;` or write the label"
+    )
 
 
 def test_an_image_in_two_multilabel_rows_says_to_merge_them(tmp_path: Path) -> None:
