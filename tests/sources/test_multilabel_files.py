@@ -67,20 +67,31 @@ def test_an_image_in_two_multilabel_rows_says_to_merge_them(tmp_path: Path) -> N
     assert len(read_label_file(same).scan(None, None)) == 3
 
 
-@pytest.mark.parametrize("values", [[["cat", "dog"], ["dog"]], [[0, 1], [1]]])
-def test_a_plain_list_label_column_says_how_to_write_multilabel_parquet(tmp_path: Path, values: list) -> None:
+@pytest.mark.parametrize(
+    ("values", "classes", "rows"),
+    [  # rows grouped by their lowest class, in row order within one
+        ([["owl", "cat"], ["dog"], ["cat", "cat"]], ("cat", "dog", "owl"), [[1, 0, 1], [1, 0, 0], [0, 1, 0]]),
+        ([[10, 2], [1], [2, 2]], ("1", "2", "10"), [[1, 0, 0], [0, 1, 1], [0, 1, 0]]),
+    ],
+)
+def test_a_plain_list_label_column_is_multilabel(tmp_path: Path, values: list, classes: tuple, rows: list) -> None:
+    """A parquet label column of plain lists (list<string>, list<int>) is multi-label as a JSONL list is: the
+    classes are the values in class order (integers by number), a repeated label counts once."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = write_images(tmp_path / "images", [["red"], ["green"]])
+    from bitcli.sources.features import Columns
+    from bitcli.sources.locate import training_parts
+
+    files = write_images(tmp_path / "images", [["red"], ["green"], ["blue"]])
     images = [{"bytes": (tmp_path / "images" / f).read_bytes(), "path": None} for f in files]
     data = tmp_path / "train.parquet"
     pq.write_table(pa.table({"image": images, "label": values}), data)
-    kind = pq.read_schema(data).field("label").type
-    code, out, err = run_main("eval", data, "--model", "x")
-    assert (code, out) == (1, "")
-    assert err == (
-        f"Error: {data}: label column 'label' holds {kind}; a list of labels a row (multi-label) needs its class "
-        "names: make it a Sequence(ClassLabel) (datasets: .cast_column('label', Sequence(ClassLabel(names=[...])))), "
-        "or list the images in a JSONL label file with a JSON list of labels a row\n"
-    )
+    ds = training_parts(data, Columns())[0].scan(None)
+    assert ds.classes == classes and ds.multi_label
+    assert ds.multi_hot.tolist() == rows
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"image": images, "label": [["a"], ["b", " "], ["c"]]}), bad)
+    with pytest.raises(BitError) as caught:
+        training_parts(bad, Columns())[0].scan(None)
+    assert str(caught.value) == f"{bad} row 1: an empty label in the list; remove it or write the label"
