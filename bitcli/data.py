@@ -50,6 +50,8 @@ def few_shot(
     """
     if shots < 1:
         raise BitError(f"--shots {shots}: need at least one example per class")
+    if ds.multi_hot is not None:
+        return _few_shot_multi_label(ds, shots, seed, undecodable)
     ranked = [sorted(members.tolist(), key=lambda i: _shot_rank(ds, seed, i)) for members in ds.by_class()]
     taken: list[list[int]] = [[] for _ in ranked]
     tried = [0] * len(ranked)
@@ -72,6 +74,40 @@ def few_shot(
             tried[c] += len(idx)
 
 
+def _few_shot_multi_label(
+    ds: ImageFolder, shots: int, seed: int, undecodable: Callable[[list[int]], set[int]] | None
+) -> ImageFolder:
+    """Multi-label --shots: at least `shots` decodable images of every class, greedily. Class by class, rarest
+    first (then in class order), the class's images are taken in seeded-hash rank order, skipping those already
+    taken, until the taken images carry the class `shots` times; an image counts for each of its labels, so a
+    class may end up with more than `shots` images. The same seed and files give the same images."""
+    counts = ds.multi_hot.sum(0) if ds.multi_hot is not None else np.zeros(0)
+    members = ds.by_class()
+    taken: set[int] = set()
+    failed_all: set[int] = set()
+    have = np.zeros(len(ds.classes), dtype=np.int64)
+    for c in sorted(range(len(ds.classes)), key=lambda k: (int(counts[k]), k)):
+        order = [i for i in sorted(members[c].tolist(), key=lambda i: _shot_rank(ds, seed, i)) if i not in taken]
+        tried = 0
+        while have[c] < shots:
+            idx = [i for i in order[tried : tried + shots - int(have[c])] if i not in failed_all]
+            if tried >= len(order):
+                bad = sum(1 for i in members[c].tolist() if i in failed_all)
+                raise BitError(
+                    f"--shots {shots}: class {ds.classes[c]!r} has only {int(have[c])} training image(s)"
+                    + (f" that decode ({bad} could not be decoded)" if bad else "")
+                    + f" ({ds.where(c)}); lower --shots or add images"
+                )
+            tried += shots - int(have[c])
+            failed = undecodable(idx) if undecodable is not None and idx else set()
+            failed_all |= failed
+            for i in idx:
+                if i not in failed:
+                    taken.add(i)
+                    have += ds.multi_hot[i] if ds.multi_hot is not None else 0
+    return ds.subset(taken)
+
+
 def _shot_rank(ds: ImageFolder, seed: int, index: int) -> bytes:
     return hashlib.sha256(f"{seed}\0{ds.relative(index)}".encode("utf-8", "surrogateescape")).digest()
 
@@ -81,6 +117,8 @@ def split_validation(ds: ImageFolder, fraction: float, seed: int) -> tuple[Image
     if not 0.0 < fraction < 1.0:
         raise BitError(f"--val-split {fraction}: use a fraction between 0 and 1, e.g. 0.1")
     generator = rng(seed, STREAM_VAL_SPLIT)
+    if ds.multi_hot is not None:
+        return _split_multi_label(ds, fraction, generator)
     held: list[int] = []
     for members in ds.by_class():
         n_val = min(round(fraction * len(members)), len(members) - 1)
@@ -89,6 +127,30 @@ def split_validation(ds: ImageFolder, fraction: float, seed: int) -> tuple[Image
         raise BitError(f"--val-split {fraction}: holds out no image (classes too small); use a larger fraction")
     keep = set(range(len(ds))) - set(held)
     return ds.subset(keep), ds.subset(held)
+
+
+def _split_multi_label(
+    ds: ImageFolder, fraction: float, generator: np.random.Generator
+) -> tuple[ImageFolder, ImageFolder]:
+    """Multi-label --val-split: class by class, rarest first (then in class order), images of the class in a seeded
+    random order are held out until round(fraction x its images) of them are (those held for an earlier class
+    count); an image is not held if that would leave one of its classes without a training image."""
+    hot = np.asarray(ds.multi_hot, dtype=np.int64)
+    counts = hot.sum(0)
+    held_of = np.zeros(len(ds.classes), dtype=np.int64)
+    is_held = np.zeros(len(ds), dtype=bool)
+    for c in sorted(range(len(ds.classes)), key=lambda k: (int(counts[k]), k)):
+        n_val = min(round(fraction * int(counts[c])), int(counts[c]) - 1)
+        for i in generator.permutation(np.flatnonzero(hot[:, c])).tolist():
+            if held_of[c] >= n_val:
+                break
+            if is_held[i] or (counts - held_of - hot[i])[hot[i] > 0].min() < 1:
+                continue
+            is_held[i] = True
+            held_of += hot[i]
+    if not is_held.any():
+        raise BitError(f"--val-split {fraction}: holds out no image (classes too small); use a larger fraction")
+    return ds.subset(np.flatnonzero(~is_held).tolist()), ds.subset(np.flatnonzero(is_held).tolist())
 
 
 def balanced_class_weights(targets: Sequence[int] | np.ndarray, num_classes: int) -> np.ndarray:

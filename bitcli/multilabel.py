@@ -76,7 +76,7 @@ class MultiLabelResult:
     names that fine-tuning's records and --keep-best read."""
 
     count: int
-    classes: list[str]  # the evaluated classes (the data set's), in order
+    classes: list[str]  # the model's classes, in order
     ap: list[float | None]  # per class; None: no positive image
     thresholds: list[float]
     precision: list[float]
@@ -129,15 +129,20 @@ class MultiLabelResult:
 
 
 class MultiLabelAccumulator:
-    """Every image's sigmoid scores of the evaluated classes and its multi-hot truth, batch by batch.
-    class_to_model[c]: the model's index of data-set class c; thresholds: the model's, by model index (None:
-    fitted on these images at the end, as fine-tuning's validation does)."""
+    """Every image's sigmoid scores of every class of the model and its multi-hot truth, batch by batch.
+    model_classes: the model's class names, by model index; class_to_model[c]: the model's index of data-set
+    class c; thresholds: the model's, by model index (None: fitted on these images at the end, as fine-tuning's
+    validation does).
 
-    def __init__(self, class_names: Sequence[str], class_to_model: Sequence[int],
+    The metrics are over all of the model's classes (scikit-learn's labels= every class), not only those the
+    data holds: a class predicted on images that do not carry it counts its false positives in precision,
+    micro and macro F1 (its F1 is 0). Its AP is undefined (None: left out of mAP, listed as such)."""
+
+    def __init__(self, model_classes: Sequence[str], class_to_model: Sequence[int],
                  thresholds: Sequence[float] | None) -> None:  # fmt: skip
-        self.names = list(class_names)
+        self.names = list(model_classes)
         self.to_model = np.asarray(class_to_model, dtype=np.int64)
-        self.thresholds = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)[self.to_model]
+        self.thresholds = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
         self.scores: list[np.ndarray] = []
         self.truth: list[np.ndarray] = []
         self.top_hits = 0
@@ -155,8 +160,8 @@ class MultiLabelAccumulator:
         self.loss_sum += float(bce.sum())
         top = probs.argmax(dim=1).numpy()
         self.top_hits += int(target[torch.arange(len(top)), torch.from_numpy(top)].sum())
-        self.scores.append(probs[:, torch.from_numpy(self.to_model)].numpy())
-        self.truth.append(multi_hot.astype(np.uint8))
+        self.scores.append(probs.numpy())
+        self.truth.append(target.numpy().astype(np.uint8))
 
     def result(self) -> MultiLabelResult:
         if not self.scores:
@@ -195,6 +200,9 @@ def render_table(result: MultiLabelResult, color: bool) -> str:
     out.print(f"mAP     {result.mAP:.4f}")
     out.print(f"micro F1 {result.micro_f1:.4f}  macro F1 {result.macro_f1:.4f} (at the stored thresholds)")
     out.print(f"loss    {result.loss:.4f}")
+    undefined = [name for name, ap in zip(result.classes, result.ap) if ap is None]
+    if undefined:
+        out.print(Text(f"AP undefined (no image of the class), left out of mAP: {', '.join(map(visible, undefined))}"))
     table = Table(title="per-class AP, threshold, precision, recall and F1")
     for name in ("class", "AP", "threshold", "precision", "recall", "F1"):
         table.add_column(name, justify="left" if name == "class" else "right")

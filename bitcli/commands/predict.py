@@ -10,6 +10,7 @@ import numpy as np
 
 from bitcli.distributed import from_main, process_group
 from bitcli.engine import load_engine, over_thresholds, top_k, view_logits
+from bitcli.errors import UsageError
 from bitcli.gpu_decode import file_bytes, for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.inputs import expand_inputs, path_decoder
@@ -29,6 +30,11 @@ def run(opts: PredictOptions) -> int:
         report: Report[Row] = Report(inputs, row_maker(opts.min_score))
         refuse_replacing_input("--output", opts.output, [i.path for i in report.inputs if i.error is None])
         engine = load_engine(load_checkpoint(opts.model, opts.revision), device, dtype)
+        if opts.min_score is not None and engine.thresholds is not None:
+            raise UsageError(
+                f"--min-score: {opts.model} is a multi-label model, whose labels are the classes at or above their "
+                "own thresholds (none: unknown); leave --min-score out"
+            )
         # jsonl on stdout streams: each line is written as soon as it and every line before it are done (a pipe
         # sees progress, and an interrupted run has already delivered everything it finished).
         stream = opts.format == PredictFormat.jsonl and opts.output is None

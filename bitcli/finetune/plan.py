@@ -244,7 +244,7 @@ def class_lines(plan: Plan) -> list[str]:
         balance.append("each step draws classes uniformly, then an image of the class (--sampler balanced)")
     if balance:
         lines.append(f"  balance     {'; '.join(balance)}")
-    elif ratio > IMBALANCE_NOTE_RATIO:
+    elif ratio > IMBALANCE_NOTE_RATIO and not plan.multi_label:  # (the flags are single-label only, for now)
         best = "" if plan.keep_best else "; --keep-best balanced_accuracy keeps the best model by the same measure"
         lines.append(f"  note        the classes are imbalanced: --class-weights balanced or --sampler balanced weigh "
                      f"them equally in training{best}")  # fmt: skip

@@ -15,7 +15,8 @@ import torch
 
 from bitcli.metrics import SELECTION_METRICS, Accumulator, EvalResult
 from bitcli.multilabel import Evaluation
-from bitcli.scores import fit_temperature
+from bitcli.scores import MAX_TEMPERATURE, MIN_TEMPERATURE, fit_temperature
+from bitcli.ui import visible
 
 
 class Logits:
@@ -41,6 +42,7 @@ class Calibration:
     temperature: float
     before: EvalResult
     after: EvalResult
+    skipped: str | None = None  # why no temperature was fitted (it stays 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,19 +51,39 @@ class Calibration:
             "val_ece_after": self.after.ece,
             "val_nll_before": self.before.nll,
             "val_nll_after": self.after.nll,
-        }
+        } | ({"skipped": self.skipped} if self.skipped else {})
 
     def describe(self) -> str:
-        return (
+        """The line the run prints (and a warning line when the fit ended at a bound of the range)."""
+        if self.skipped:
+            return f"calibration skipped: {self.skipped}; the temperature stays 1"
+        line = (
             f"calibrated: temperature {self.temperature:.4g} fitted on {self.after.count:,} validation images; "
             f"ECE {self.before.ece:.4f} -> {self.after.ece:.4f}, NLL {self.before.nll:.4f} -> {self.after.nll:.4f}"
         )
+        bound = next((b for b in (MIN_TEMPERATURE, MAX_TEMPERATURE) if math.isclose(self.temperature, b)), None)
+        if bound is not None:
+            line += (
+                f"\nwarning: the temperature is at the bound {bound:g} of [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]: "
+                "the validation set is too small or too easy to fit it; --no-calibrate leaves the scores at temperature 1"
+            )
+        return line
 
 
 def calibrate(logits: Logits, classes: tuple[str, ...]) -> Calibration:
     """The temperature that minimises the validation NLL (bitcli.scores.fit_temperature), with the metrics of
-    the pass at temperature 1 and at the fitted one (the same metrics `bit eval` reports)."""
+    the pass at temperature 1 and at the fitted one (the same metrics `bit eval` reports). Validation images of
+    fewer than 2 classes fit nothing (the NLL falls as T shrinks, to the bound): T stays 1, with a note."""
     z, y = logits.tensors()
+    present = np.unique(y.numpy())
+    if len(present) < 2:
+        at_one = _scored(z, y, classes, 1.0)
+        held = (
+            f"the validation images are all of class {visible(classes[int(present[0])])!r}"
+            if len(present)
+            else "no images"
+        )
+        return Calibration(1.0, before=at_one, after=at_one, skipped=f"{held}, so no temperature can be fitted")
     temperature = fit_temperature(z, y)
     return Calibration(temperature, before=_scored(z, y, classes, 1.0), after=_scored(z, y, classes, temperature))
 

@@ -147,6 +147,8 @@ class DatasetSplit:
                 remapped[:, mapping[mapping >= 0]] = multi_hot[:, mapping >= 0]
                 multi_hot = remapped
             classes = tuple(classes)
+        if multi_hot is not None:
+            targets = multi_hot.argmax(1)  # the lowest class: the order of the labels in a row changes nothing
         order = np.argsort(targets, kind="stable")  # grouped by class, rows in order within each
         return ImageFolder(self.root, classes, Rows(self, order), targets[order], source=self.name,
                            multi_hot=None if multi_hot is None else multi_hot[order])  # fmt: skip
@@ -154,8 +156,9 @@ class DatasetSplit:
     def _label_lists(self, columns: Columns) -> tuple[np.ndarray, list[str], np.ndarray]:
         """A Sequence(ClassLabel) column: each row's first class (it groups the rows), the names, and the
         multi-hot [rows, classes] matrix of every row's classes."""
-        assert columns.label is not None and columns.names is not None
-        names = list(columns.names)
+        assert columns.label is not None
+        names = list(columns.names) if columns.names is not None else self._list_values(columns.label)
+        index = {name: i for i, name in enumerate(names)}
         total = int(self.starts[-1])
         codes = np.empty(total, dtype=np.int64)
         multi_hot = np.zeros((total, len(names)), dtype=np.uint8)
@@ -163,13 +166,21 @@ class DatasetSplit:
         for shard in self.shards:
             for batch in shard.label_batches(columns.label):
                 lengths = np.asarray(batch.value_lengths().fill_null(0), dtype=np.int64)
-                values = np.asarray(batch.flatten().fill_null(-1), dtype=np.int64)
+                if columns.names is None:  # values: their index among the names (-1: an empty one)
+                    flat = [_value_name(v) for v in batch.flatten().to_pylist()]
+                    values = np.asarray([index.get(v, -1) if v else -1 for v in flat], dtype=np.int64)
+                else:
+                    values = np.asarray(batch.flatten().fill_null(-1), dtype=np.int64)
                 empty = np.flatnonzero(lengths == 0)
                 if len(empty):
                     raise BitError(f"{self.row_name(row + int(empty[0]))}: label list is empty; give every row a label")
                 wrong = (values < 0) | (values >= len(names))
                 if wrong.any():
                     at = int(np.searchsorted(np.cumsum(lengths), int(np.argmax(wrong)), side="right"))
+                    if columns.names is None:
+                        raise BitError(
+                            f"{self.row_name(row + at)}: an empty label in the list; remove it or write the label"
+                        )
                     raise BitError(
                         f"{self.row_name(row + at)}: a label is not one of the {len(names)} ClassLabel classes "
                         f"(0-{len(names) - 1}); drop the row or fix its labels"
@@ -179,6 +190,17 @@ class DatasetSplit:
                 codes[row : row + len(lengths)] = values[np.cumsum(lengths) - lengths]
                 row += len(lengths)
         return codes, names, multi_hot
+
+    def _list_values(self, label: str) -> list[str]:
+        """A column of plain lists' class names: every value that occurs (integers as text), in class order."""
+        import pyarrow.compute as pc
+
+        seen: set[str] = set()
+        for shard in self.shards:
+            for batch in shard.label_batches(label):
+                seen.update(_value_name(v) for v in pc.unique(batch.flatten()).to_pylist())
+        seen.discard("")
+        return list(class_order(seen))
 
     def _label_codes(self, columns: Columns) -> tuple[np.ndarray, list[str]]:
         """Each row's index into the list of names (the ClassLabel's, or the values in examples.class_order)."""
@@ -235,3 +257,8 @@ def evaluation_key(splits: Sequence[str | None], label: str, hint: str) -> str |
 
 def _has(splits: Sequence[str | None]) -> str:
     return f"has split(s) {', '.join(map(str, splits))}" if splits else "has no splits"
+
+
+def _value_name(value: object) -> str:
+    """A label in a list column as a class name: text trimmed, an integer as its digits ("" for none)."""
+    return "" if value is None else str(value).strip()

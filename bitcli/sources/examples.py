@@ -35,8 +35,9 @@ class ImageFolder:
     targets: Sequence[int] | np.ndarray
     source: str | None = None
     # Multi-label data (a label file with a list of labels a row): each example's classes as a multi-hot
-    # uint8 [N, classes] matrix, in the order of `paths`; `targets` then holds each example's first class
-    # (it groups, samples and splits the examples). None: single-label data.
+    # uint8 [N, classes] matrix, in the order of `paths`; `targets` then holds each example's lowest class index
+    # (it only groups the examples: whatever the order of the labels in a row, the same order). counts() and
+    # by_class() count every class of an example. None: single-label data.
     multi_hot: np.ndarray | None = None
 
     @property
@@ -81,9 +82,15 @@ class ImageFolder:
         return ref.row if isinstance(ref, RowPath) else example_name(ref)
 
     def counts(self) -> list[int]:
+        """Examples of each class (multi-label: every example that carries it)."""
+        if self.multi_hot is not None:
+            return self.multi_hot.sum(0, dtype=np.int64).tolist()
         return np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=len(self.classes)).tolist()
 
     def by_class(self) -> list[np.ndarray]:
+        """Each class's example indices (multi-label: an example is in the list of each of its classes)."""
+        if self.multi_hot is not None:
+            return [np.flatnonzero(self.multi_hot[:, c]) for c in range(len(self.classes))]
         targets = np.asarray(self.targets, dtype=np.int64)
         return [np.flatnonzero(targets == c) for c in range(len(self.classes))]
 

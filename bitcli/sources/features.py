@@ -106,6 +106,14 @@ def choose_columns(
         return Columns(image=image, label=label, names=listed, multi=True)
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):  # several labels a row, named by their values
+        inner = kind.value_type
+        if not (pa.types.is_integer(inner) or pa.types.is_string(inner) or pa.types.is_large_string(inner)):
+            raise BitError(
+                f"{where}: label column {label!r} holds {kind}; a list of labels a row (multi-label) holds class "
+                "names or integers, or is a Sequence(ClassLabel)"
+            )
+        return Columns(image=image, label=label, names=None, multi=True)
     if not (pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise BitError(
             f"{where}: label column {label!r} holds {kind}; labels must be class names or integers (--label-column)"

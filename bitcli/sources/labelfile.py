@@ -46,6 +46,7 @@ class LabelFile:
 
     def __init__(self, path: Path, rows: _Packed) -> None:
         self.path, self.folder = path, path.parent
+        self.csv = SUFFIXES[path.suffix.lower()] == "csv"  # `;` separates labels in CSV only (JSONL has lists)
         self.blob = rows.blob
         self.offsets = np.frombuffer(rows.ends, dtype=np.int64)
         self.labels = np.frombuffer(rows.labels, dtype=np.int32)
@@ -107,15 +108,16 @@ class LabelFile:
                 f"{self.row(row)}: class {name!r} is not among the {len(classes)} training "
                 "classes; validation rows must use the training labels"
             )
-        order = np.argsort(targets, kind="stable")  # grouped by (first) class, file order within a class
         source = str(self.path) if split is None else f"{self.path} (split {split})"
         multi_hot = None
         if sets is not None:
             multi_hot = np.zeros((len(rows), len(classes)), dtype=np.uint8)
-            for i, s in enumerate(sets[j] for j in order):
+            for i, s in enumerate(sets):
                 multi_hot[i, mapping[s]] = 1
+            targets = multi_hot.argmax(1)  # the lowest class: the order of the labels in a row changes nothing
+        order = np.argsort(targets, kind="stable")  # grouped by (lowest) class, file order within a class
         return ImageFolder(self.folder, tuple(classes), RowPaths(self, rows[order]), targets[order], source=source,
-                           multi_hot=multi_hot)  # fmt: skip
+                           multi_hot=None if multi_hot is None else multi_hot[order])  # fmt: skip
 
 
 def read_label_file(path: Path, columns: Columns | None = None) -> LabelFile:
@@ -151,6 +153,7 @@ class _Packed:
 
     def __init__(self, path: Path) -> None:
         self.path, self.folder = path, path.parent
+        self.csv = SUFFIXES[path.suffix.lower()] == "csv"  # `;` separates labels in CSV only (JSONL has lists)
         self.prefix = os.path.join(self.folder, "")  # what a relative path is joined to ("./", "data/")
         self.blob = bytearray()  # the paths as written, one after the other
         self.ends = array("q", [0])  # where each path starts in blob, then where the last one ends
@@ -166,7 +169,7 @@ class _Packed:
         if not image or type(image) is not str:
             image = _text(image, "path", f"{self.path}:{line}")
         label = label.strip() if type(label) is str else label
-        several = _several(label, f"{self.path}:{line}")
+        several = _several(label, f"{self.path}:{line}", csv=self.csv)
         if several is not None:
             self.multi = True
             label = several[0]
@@ -214,17 +217,21 @@ class _Packed:
 _SPLIT_CODES = {word: SPLIT_KEYS.index(key) for key, words in SPLIT_KEYWORDS.items() for word in words}
 
 
-def _several(label: object, where: str) -> list[str] | None:
+def _several(label: object, where: str, csv: bool) -> list[str] | None:
     """A multi-label cell's labels: a JSON list (each a string or whole number), or CSV text with `;` between
-    labels; None for a single label. An empty list, or an empty label in one, is one error line."""
+    labels; None for a single label (a JSON string is one label, `;` or not). An empty list, or an empty label
+    in one, is one error line."""
     if isinstance(label, list):
-        names = [_text(v, "label", where) for v in label]
-    elif type(label) is str and ";" in label:
-        names = [part.strip() for part in label.split(";")]
-    else:
+        if not label:
+            raise BitError(f"{where}: the label list is empty; give every row at least one label")
+        if any(type(v) is str and not v.strip() for v in label):
+            raise BitError(f"{where}: an empty label in the list; remove it or write the label")
+        return [_text(v, "label", where) for v in label]
+    if not (csv and type(label) is str and ";" in label):
         return None
-    if not names or not all(names):
-        raise BitError(f"{where}: an empty label in the list; give every row at least one label, none empty")
+    names = [part.strip() for part in label.split(";")]
+    if not all(names):
+        raise BitError(f"{where}: an empty label in the `;`-separated list; remove the extra `;` or write the label")
     return names
 
 
@@ -282,6 +289,13 @@ def _text(value: object, column: str, where: str) -> str:
     raise BitError(f"{where}: no {column} (each row needs path and label{', and split' if column == 'split' else ''})")
 
 
+def _row_labels(labels: LabelFile, row: int) -> frozenset[str]:
+    """The labels of a row (one, or a multi-label row's set: their order and repeats do not count)."""
+    if not labels.multi:
+        return frozenset([labels.names[labels.labels[row]]])
+    return frozenset(labels.names[c] for c in labels.set_labels[labels.set_ends[row] : labels.set_ends[row + 1]])
+
+
 def _check_repeats(labels: LabelFile, keys: np.ndarray) -> None:
     """An image listed twice under one label is a warning (each row counts, as listed); under two labels, an
     error naming both rows. Rows are matched by their normalised path (its hash, then the paths compared)."""
@@ -297,13 +311,18 @@ def _check_repeats(labels: LabelFile, keys: np.ndarray) -> None:
     for row, earlier in zip(order[~starts].tolist(), first[~starts].tolist()):
         if os.path.normpath(labels.row_path(row)) != os.path.normpath(labels.row_path(earlier)):
             continue  # two paths with one hash
-        (repeats if labels.labels[row] == labels.labels[earlier] else conflicts).append((row, earlier))
+        (repeats if _row_labels(labels, row) == _row_labels(labels, earlier) else conflicts).append((row, earlier))
     if conflicts:
         row, earlier = min(conflicts)
+        said, before = (", ".join(map(repr, sorted(_row_labels(labels, r)))) for r in (row, earlier))
+        fix = (
+            "list each image in one row, with all its labels in that row's list: merge the rows"
+            if labels.multi
+            else "an image has one label: fix one of the rows or remove it"
+        )
         raise BitError(
-            f"{labels.row(row)}: {visible(labels.text(row))} is labelled {labels.names[labels.labels[row]]!r} here but "
-            f"{labels.names[labels.labels[earlier]]!r} on line {labels.lines[earlier]}; an image has one label: "
-            "fix one of the rows or remove it"
+            f"{labels.row(row)}: {visible(labels.text(row))} is labelled {said} here but {before} on line "
+            f"{labels.lines[earlier]}; {fix}"
         )
     if repeats:
         row, earlier = min(repeats)

@@ -64,35 +64,51 @@ def test_thresholds_maximise_f1_as_a_brute_force_search_does() -> None:
 
 
 def test_accumulated_metrics_equal_scikit_learn() -> None:
-    """Data-set classes 0..3 are the model's 4, 1, 0, 2 (of 5); the logits arrive in uneven batches."""
+    """Data-set classes 0..3 are the model's 4, 1, 0, 2 (of 5); the logits arrive in uneven batches. The model's
+    class 3 has no image in the data but is predicted on some: its false positives count (scikit-learn's
+    labels= every class of the model), and its AP is undefined (None, left out of mAP)."""
     y, s = random_multilabel(n=150, classes=4, seed=2)
     s = np.clip(s, 0.01, 0.99)
     folders = [4, 1, 0, 2]
     logits = torch.zeros(len(y), 5)
     logits[:, folders] = torch.logit(torch.from_numpy(s).double()).float()
+    logits[:, 3] = torch.linspace(-2, 2, len(y))  # above its threshold 0.6 on the last images
     thresholds = [0.3, 0.5, 0.45, 0.6, 0.7]  # the model's, by model index
-    acc = multilabel.MultiLabelAccumulator(["a", "b", "c", "d"], folders, thresholds)
+    names = ["m0", "m1", "m2", "m3", "m4"]
+    acc = multilabel.MultiLabelAccumulator(names, folders, thresholds)
     for start in range(0, len(y), 41):
         acc.update(logits[start : start + 41], y[start : start + 41])
     result = acc.result().to_dict()
-    probs = torch.sigmoid(logits).numpy()[:, folders]
-    cuts = np.asarray(thresholds, dtype=np.float32)[folders]  # compared at the scores' precision, float32
-    predicted = probs >= cuts
-    p, r, f, _ = precision_recall_fscore_support(y, predicted, average=None, zero_division=0)
-    assert list(result["ap"].values()) == pytest.approx(
-        [average_precision_score(y[:, c], probs[:, c]) for c in range(4)]
+    truth = np.zeros((len(y), 5), dtype=np.uint8)
+    truth[:, folders] = y
+    probs = torch.sigmoid(logits).numpy()
+    predicted = probs >= np.asarray(thresholds, dtype=np.float32)  # compared at the scores' precision, float32
+    assert 0 < predicted[:, 3].sum() < len(y)
+    every = list(range(5))
+    p, r, f, _ = precision_recall_fscore_support(truth, predicted, labels=every, average=None, zero_division=0)
+    assert result["labels"] == names
+    present = [0, 1, 2, 4]
+    assert [result["ap"][names[c]] for c in present] == pytest.approx(
+        [average_precision_score(truth[:, c], probs[:, c]) for c in present]
     )
-    assert result["mAP"] == pytest.approx(average_precision_score(y, probs, average="macro"), abs=1e-12)
-    assert result["micro_f1"] == pytest.approx(f1_score(y, predicted, average="micro"), abs=1e-12)
-    assert result["macro_f1"] == pytest.approx(f1_score(y, predicted, average="macro", zero_division=0), abs=1e-12)
+    assert result["ap"]["m3"] is None
+    assert result["mAP"] == pytest.approx(
+        average_precision_score(truth[:, present], probs[:, present], average="macro"), abs=1e-12
+    )
+    assert result["micro_f1"] == pytest.approx(f1_score(truth, predicted, labels=every, average="micro"), abs=1e-12)
+    assert result["macro_f1"] == pytest.approx(
+        f1_score(truth, predicted, labels=every, average="macro", zero_division=0), abs=1e-12
+    )
+    only_present = f1_score(truth, predicted, labels=present, average="micro")
+    assert abs(result["micro_f1"] - only_present) > 1e-3  # the absent class's false positives count
     assert list(result["precision"].values()) == pytest.approx(p.tolist(), abs=1e-12)
     assert list(result["recall"].values()) == pytest.approx(r.tolist(), abs=1e-12)
     assert list(result["f1"].values()) == pytest.approx(f.tolist(), abs=1e-12)
-    assert list(result["thresholds"].values()) == np.asarray(thresholds)[folders].tolist()
-    target = np.zeros((len(y), 5), dtype=np.float32)
-    target[:, folders] = y
-    bce = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(target), reduction="sum") / len(y)
-    assert result["loss"] == pytest.approx(float(bce), rel=1e-6)
+    assert list(result["thresholds"].values()) == thresholds
+    bce = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(truth.astype(np.float32)), reduction="sum")
+    assert result["loss"] == pytest.approx(float(bce) / len(y), rel=1e-6)
+    table = multilabel.render_table(acc.result(), color=False)
+    assert "AP undefined (no image of the class), left out of mAP: m3\n" in table
 
 
 def test_mixup_binary_cross_entropy_is_the_mixed_sum_of_both_losses() -> None:
@@ -152,7 +168,7 @@ def test_label_files_give_multi_hot_rows(tmp_path: Path) -> None:
     bad.write_text('{"path": "000.png", "label": []}\n')
     code, out, err = run_main("eval", bad, "--model", "x")
     assert (code, out) == (1, "")
-    assert err == (f"Error: {bad}:1: an empty label in the list; give every row at least one label, none empty\n")
+    assert err == f"Error: {bad}:1: the label list is empty; give every row at least one label\n"
 
 
 RUN = ["--steps", "6", "--batch-size", "8", "--batch-split", "2", "--mixup", "0.2", "--lr", "0.05", "--eval-every", "3",
@@ -306,6 +322,17 @@ def test_eval_report_refuses_a_multilabel_model(multi_run, tmp_path: Path) -> No
     assert not (tmp_path / "rep").exists()
 
 
+def test_min_score_is_refused_for_a_multilabel_model(multi_run, tmp_path: Path) -> None:
+    """--min-score marks a single-label top score below P unknown; a multi-label model's thresholds do that."""
+    run, images = multi_run[1], multi_run[2]
+    code, out, err = run_main("predict", images[0], "--model", run, "--min-score", "0.5")
+    assert (code, out) == (2, "")
+    assert err == (
+        f"Error: --min-score: {run} is a multi-label model, whose labels are the classes at or above their own "
+        "thresholds (none: unknown); leave --min-score out\n"
+    )
+
+
 @pytest.mark.parametrize("layout", ["parquet", "save_to_disk"])
 def test_sequence_of_classlabel_gives_multi_hot_rows(tmp_path: Path, layout: str) -> None:
     """A parquet file (or save_to_disk folder) whose label column is a Sequence(ClassLabel): each row's list of
@@ -333,6 +360,7 @@ def test_sequence_of_classlabel_gives_multi_hot_rows(tmp_path: Path, layout: str
     train_part, val_part = training_parts(data, Columns())
     train = train_part.scan(None)
     assert train.classes == ("cat", "dog", "owl") and train.multi_label
-    assert train.multi_hot.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]  # grouped by first class: cat, dog, owl+dog
+    # grouped by lowest class (whatever the order in the row), rows in order within one: cat, owl+dog, dog
+    assert train.multi_hot.tolist() == [[1, 0, 0], [0, 1, 1], [0, 1, 0]]
     assert val_part is not None
     assert val_part.scan(train.classes).multi_hot.tolist() == [[1, 1, 1], [0, 0, 1]]
