@@ -105,8 +105,10 @@ def test_imbalanced_multilabel_plan_counts_every_label_and_suggests_no_single_la
     ds = read_label_file(_jsonl(tmp_path, sets, "labels.jsonl")).scan(None, None)
     opts = FinetuneOptions(data=tmp_path / "labels.jsonl", model="tiny", output=tmp_path / "out", random_init=True,
                            batch_split=1)  # fmt: skip
-    plan = make_plan(opts, Datasets(ds, None, None), BitModel(random_init_config("tiny", 2)), Dist(),
-                     torch.device("cpu"), torch.float32, None)  # fmt: skip
+    model = BitModel(random_init_config("tiny", 2))
+    plan = make_plan(
+        opts, Datasets(ds, None, None), model, Dist(), device=torch.device("cpu"), dtype=torch.float32, saved=None
+    )
     lines = describe(plan)
     assert plan.class_sizes == (2, 14)
     assert "  classes     2: smallest 'blue' (2 images), largest 'red' (14); imbalance ratio 7:1" in lines
