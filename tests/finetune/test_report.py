@@ -160,11 +160,9 @@ def test_report_of_a_read_only_run_prints_the_summary_and_writes_nothing(
     assert out == expected
 
 
-def test_report_process_imports_no_training_stack(finished: Path, tmp_path: Path) -> None:
-    """The process is what is tested: after a whole `bit report` no torch, numpy, matplotlib, PIL or safetensors
-    is loaded, and its peak memory is that of Python and the CLI (far under 150 MB)."""
-    run = copy_run(finished, tmp_path / "run")
-    script = """
+# `bit report` in a process of its own (the process is what is tested): its exit code, the heavy modules it
+# loaded and its peak memory come back as the last line of stderr.
+REPORT_SCRIPT = """
 import json, sys
 from bitcli.cli import main
 sys.argv = ["bit", "report", sys.argv[1]]
@@ -176,8 +174,18 @@ heavy = sorted(m for m in ("torch", "numpy", "matplotlib", "PIL", "safetensors")
 peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"code": code, "heavy": heavy, "peak_kib": peak}), file=sys.stderr)
 """
-    done = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, text=True, timeout=120)
-    result = json.loads(done.stderr.splitlines()[-1])
+
+
+def report_in_a_process(run: Path) -> tuple[subprocess.CompletedProcess[str], dict]:
+    done = subprocess.run([sys.executable, "-c", REPORT_SCRIPT, str(run)], capture_output=True, text=True, timeout=120)
+    return done, json.loads(done.stderr.splitlines()[-1])
+
+
+def test_report_process_imports_no_training_stack(finished: Path, tmp_path: Path) -> None:
+    """The process is what is tested: after a whole `bit report` no torch, numpy, matplotlib, PIL or safetensors
+    is loaded, and its peak memory is that of Python and the CLI (far under 150 MB)."""
+    run = copy_run(finished, tmp_path / "run")
+    done, result = report_in_a_process(run)
     assert (result["code"], result["heavy"]) == (0, []), done.stderr
     assert result["peak_kib"] < 150 * 1024
     assert done.stdout == run_main("report", run)[1]
@@ -431,19 +439,7 @@ def test_an_over_long_metrics_line_is_one_skipped_line_never_held(finished: Path
         f.write("".join(line + "\n" for line in GOOD[:4]).encode())
         f.seek(200 << 20, 1)  # a hole: it reads as NUL bytes
         f.write(("\n" + "".join(line + "\n" for line in GOOD[4:])).encode())
-    script = """
-import json, sys
-from bitcli.cli import main
-sys.argv = ["bit", "report", sys.argv[1]]
-try:
-    main()
-except SystemExit as exc:
-    code = exc.code
-peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"code": code, "peak_kib": peak}), file=sys.stderr)
-"""
-    done = subprocess.run([sys.executable, "-c", script, str(run)], capture_output=True, text=True, timeout=120)
-    result = json.loads(done.stderr.splitlines()[-1])
+    done, result = report_in_a_process(run)
     assert result["code"] == 0, done.stderr
     assert result["peak_kib"] < 150 * 1024
     assert done.stdout.splitlines()[4:7] == [
