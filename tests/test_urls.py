@@ -137,8 +137,8 @@ def test_fetch_failures_are_one_line_naming_the_url(web, closed_port):
     expected = {
         f"{web}/missing.png": "the server answered HTTP 404 (Not Found); check the URL",
         f"{web}/to-file": "redirected to the scheme file://; only http and https redirects are followed",
-        f"{web}/big.png": "the image is 18.9 KiB, over the 9.8 KiB download limit; raise --max-download-mb or download it first",
-        f"{web}/big-undeclared.png": "the download passed the 9.8 KiB limit; raise --max-download-mb or download it first",
+        f"{web}/big.png": "the image is 0.019348 MB, over the 0.01 MB download limit; raise --max-download-mb or download it first",
+        f"{web}/big-undeclared.png": "the download passed the 0.01 MB limit; raise --max-download-mb or download it first",
         f"https://127.0.0.1:{closed_port}/cat.png": "cannot download (connection refused); check the URL and the network, or download the file first",
         "ftp://127.0.0.1/cat.png": "only http:// and https:// URLs are fetched, not ftp://; download the file and pass its path",
     }  # fmt: skip
@@ -208,7 +208,7 @@ def test_predict_urls_are_rows_in_place(web, closed_port, tiny_dir, tmp_path, mo
     assert [r.get("error") for r in rows[1:7]] == [
         f"{web}/hop/6: more than 5 redirects; pass the URL they end at",
         f"{web}/missing.png: the server answered HTTP 404 (Not Found); check the URL",
-        f"{web}/big-undeclared.png: the download passed the 9.8 KiB limit; raise --max-download-mb or download it first",
+        f"{web}/big-undeclared.png: the download passed the 0.01 MB limit; raise --max-download-mb or download it first",
         f"{web}/text.png: not an image PIL can read (empty, corrupt or another format)",
         f"{refused}: cannot download (connection refused); check the URL and the network, or download the file first",
         "file:///etc/passwd: only http:// and https:// URLs are fetched, not file://; download the file and pass its path",

@@ -217,7 +217,7 @@ class Service:
         return json_response({"error": "no image in the request could be decoded", "rows": rows}, 400)
 
     async def _parts(self, request: Request, deadline: float) -> list[Part]:
-        body = read_body(request.stream(), request.headers.get("content-length"), int(self.opts.max_body_mb * MB))
+        body = read_body(request.stream(), request.headers.get("content-length"), round(self.opts.max_body_mb * MB))
         try:
             data = await asyncio.wait_for(body, _left(deadline))
         except asyncio.TimeoutError:
