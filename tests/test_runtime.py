@@ -103,7 +103,6 @@ def test_fp32_on_cuda_turns_tf32_off() -> None:
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
-
 _THREAD_ALLOCATIONS = """
 import ctypes, sys, threading
 import torch
