@@ -69,7 +69,7 @@ def evaluate(
     acc: Accumulator | MultiLabelAccumulator
     multi_label = multi_label or engine.thresholds is not None
     if multi_label:
-        acc = MultiLabelAccumulator(engine.labels, class_to_model, engine.thresholds)
+        acc = MultiLabelAccumulator(engine.labels, class_to_model, engine.thresholds, tta=tta)
         targets = multi_hot_targets(ds)
     else:
         acc = Accumulator(ds.classes, class_to_model, engine.num_classes, temperature=engine.temperature, tta=tta)

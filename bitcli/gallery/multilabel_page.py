@@ -61,7 +61,7 @@ def render(r: LabelReportInput) -> str:
     shows = {c.cls for c in r.cells if any(n in r.shown for n in numbered[c.cls])}
     body = [
         element("h1", "bit eval report (multi-label)"),
-        element("p", r.title, attrs={"class": "muted"}),
+        element("p", r.title + (f" (--tta {r.result.tta})" if r.result.tta else ""), attrs={"class": "muted"}),
         _numbers(r.result, errors),
         element("p", r.note, attrs={"class": "note"}) if r.note else Html(""),
         element("p", NO_CALIBRATION, attrs={"class": "muted"}),
