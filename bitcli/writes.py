@@ -120,7 +120,7 @@ def _fill_temporary(staged: _Staged, write: Callable[[Any], None]) -> None:
     path, target = staged.path, staged.target
     if not path.is_symlink():  # a link's dangling target folder is not ours to create
         path.parent.mkdir(parents=True, exist_ok=True)
-    # Given once the file is synced (mkstemp makes 0600: a mode without read permission would keep the sync out)
+    # Given once the file is synced (mkstemp makes 0600: a read-only mode would keep the sync out)
     staged.mode = stat.S_IMODE(target.stat().st_mode) if staged.existed else 0o666 & ~_umask()
     fd, staged.tmp = _temporary_beside(target)
     with os.fdopen(fd, "wb") as f:
@@ -139,7 +139,7 @@ def _synced(paths: Sequence[Path | None]) -> list[OSError | None]:
     def sync(path: Path | None) -> OSError | None:
         assert path is not None  # filled
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))  # (Windows syncs only what it may write)
             try:
                 os.fsync(fd)
             finally:
@@ -155,13 +155,22 @@ def _synced(paths: Sequence[Path | None]) -> list[OSError | None]:
 
 
 def sync_folders(folders: Iterable[Path]) -> None:
-    """The folders' entries on disk (fsync of each folder): the renames into them survive a crash."""
+    """The folders' entries on disk (fsync of each folder): the renames into them survive a crash. (Windows
+    opens no folder: there the file system's journal keeps the renames.)"""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
     for folder in dict.fromkeys(folders):
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            reason = exc.strerror or one_line(exc)
+            raise WriteFailed(
+                folder, True, reason, kept="its files are written, but a crash could still lose some"
+            ) from None
 
 
 def _temporary_beside(target: Path) -> tuple[int, Path]:
