@@ -170,11 +170,12 @@ def main() -> None:
     parser.add_argument("--agree-n", type=int, default=20_000, help="0: no agreement check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    out = {"threads": args.threads, "threshold": THRESHOLD, "load_before": load(), "machine": machine()}
+    out: dict = {"threads": args.threads, "threshold": THRESHOLD, "load_before": load()}
     out["runs"] = [run_case(kind, args.n, args.dim, args.planted) for kind in args.data]
     if args.agree_n:
         out["agreement"] = [agreement(kind, args.agree_n, args.dim, args.planted) for kind in args.data]
     out["load_after"] = load()
+    out["machine"] = machine()  # last: it imports timm and transformers, which the peak RSS above leaves out
     print(json.dumps(out, indent=1))
 
 

@@ -71,19 +71,20 @@ def nearest_later(
     rows: int = ROWS,
     columns: int = COLUMNS,
     right: torch.Tensor | None = None,
+    row_weights: torch.Tensor | None = None,
     floor: float = -float("inf"),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row i, the (scores, indices) of the k rows j > i with the highest unit[i] . right[j] (right:
-    unit itself by default) ([n, k] float32; -inf and -1 where a row has fewer than k later rows), computed
-    blockwise in unit's dtype. Scores below `floor` may be left out (a block none of whose scores reach it
-    skips the top-k)."""
+    """For each row i, the (scores, indices) of the k rows j > i with the highest (unit[i] * row_weights) .
+    right[j] (right: unit itself, row_weights: ones by default) ([n, k] float32; -inf and -1 where a row has
+    fewer than k later rows), computed blockwise in unit's dtype. Scores below `floor` may be left out (a row
+    of a block with none at or above it skips the top-k)."""
     right = unit if right is None else right
     n = unit.shape[0]
     best_sim = torch.full((n, k), -float("inf"))
     best_idx = torch.full((n, k), -1, dtype=torch.int64)
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
-        block = unit[r0:r1]
+        block = unit[r0:r1] if row_weights is None else unit[r0:r1] * row_weights
         for c0 in range(r0, n, columns):  # columns before r0 belong to earlier rows only
             c1 = min(c0 + columns, n)
             s = (block @ right[c0:c1].T).float()
@@ -195,7 +196,7 @@ def _sketch_candidates(usable: np.ndarray, threshold: float, k: int) -> tuple[np
     floor = threshold - EPS
     projected = sketch.sketch(usable)
     sims, idx = nearest_later(
-        projected.rows, SKETCH_TOP_K, rows=ROWS, columns=COLUMNS, right=projected.columns, floor=floor
+        projected.vectors, SKETCH_TOP_K, rows=ROWS, columns=COLUMNS, row_weights=projected.row_weights, floor=floor
     )
     del projected
     full = sims[:, -1] >= floor
