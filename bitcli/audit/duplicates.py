@@ -3,7 +3,7 @@ embeddings at or above a threshold), without an n x n matrix: vectors are compar
 block of columns at a time (only columns after the rows: each pair once), and each row keeps its `k` most
 similar later rows, so memory is ROWS x COLUMNS floats for the block plus n x k for the result.
 
-Candidates come from one of three searches, and every candidate's similarity is then computed again from the
+Candidates come from one of two searches, and every candidate's similarity is then computed again from the
 embeddings (`cosines`: float64 sums rounded to float32, the same value whichever search found the pair), so
 the pairs reported, and their similarities, do not depend on the search:
 - up to SKETCH_ABOVE usable examples (or with `bit audit --exact-search`), the unit vectors themselves, in
