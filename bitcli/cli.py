@@ -370,6 +370,7 @@ def explain(
     device: DeviceOpt = "auto",
     recursive: RecursiveOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
+    max_download_mb: MaxDownloadOpt = 50.0,
 ) -> None:
     """Grad-CAM: where in each image the evidence for its predicted class (or --target) lies, as overlay PNGs, maps and JSON rows.
 
@@ -377,7 +378,7 @@ def explain(
     """
     opts = ExplainOptions(
         images=images, output=output, model=model, revision=revision, target=target, batch_size=batch_size,
-        device=device, recursive=recursive, workers=workers,
+        device=device, recursive=recursive, workers=workers, max_download_mb=max_download_mb,
     )  # fmt: skip
     check_page_folder("--output", output, kind=EXPLAIN)
     check_explain_output_outside_inputs(output, images if recursive else [])

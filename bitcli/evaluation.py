@@ -68,7 +68,7 @@ def evaluate(
     each image's one class as its only one."""
     acc: Accumulator | MultiLabelAccumulator
     if multi_label or engine.thresholds is not None:
-        acc = MultiLabelAccumulator(engine.labels, class_to_model, engine.thresholds)
+        acc = MultiLabelAccumulator(engine.labels, class_to_model, engine.thresholds, tta=tta)
         targets = ds.multi_hot if ds.multi_hot is not None else np.eye(len(ds.classes), dtype=np.uint8)[ds.targets]
     else:
         acc = Accumulator(ds.classes, class_to_model, engine.num_classes, temperature=engine.temperature, tta=tta)

@@ -523,6 +523,7 @@ class ExplainOptions:
     device: str = "auto"
     recursive: bool = False
     workers: int = DEFAULT_WORKERS
+    max_download_mb: float = 50.0  # the size cap of an image named by URL (bitcli.urls)
 
 
 @dataclass(frozen=True)

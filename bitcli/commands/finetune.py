@@ -125,6 +125,8 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
         calibration = calibrate(logits, plan.classes) if logits is not None else None
         if calibration is not None:
             log(calibration.describe())
+        if training.best is not None and (about_best := training.best.describe()) is not None:
+            log(about_best)  # best/'s own temperature, fitted on its validation: skipped or at a bound as well
         selection = Selection(
             temperature=calibration.temperature if calibration else 1.0,
             calibration=calibration.to_dict() if calibration else None,

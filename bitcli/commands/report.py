@@ -252,14 +252,31 @@ def selection_lines(folder: Path) -> list[str]:
         if isinstance(cal := summary.get("calibration"), dict):
             lines.append(f"calibrated  temperature {_number(cal['temperature'], 4)}: validation ECE "
                          f"{_number(cal['val_ece_before'], 4)} -> {_number(cal['val_ece_after'], 4)}, NLL "
-                         f"{_number(cal['val_nll_before'], 4)} -> {_number(cal['val_nll_after'], 4)}")  # fmt: skip
+                         f"{_number(cal['val_nll_before'], 4)} -> {_number(cal['val_nll_after'], 4)}"
+                         f"{_calibration_note(cal, ' (', ')')}")  # fmt: skip
         if isinstance(best := summary.get("best"), dict) and best.get("step") is not None:
             lines.append(f"best        {visible(str(best['metric']))} {_number(best['value'], 4)} after step "
-                         f"{whole(int(best['step']))} (temperature {_number(best['temperature'], 4)}): "
+                         f"{whole(int(best['step']))} (temperature {_number(best['temperature'], 4)}"
+                         f"{_calibration_note(best.get('calibration'), ', ', '')}): "
                          f"{visible(display(folder / BEST_FOLDER))}")  # fmt: skip
     except (KeyError, TypeError, ValueError, OverflowError):
         return lines  # a hand-edited summary: what could be read
     return lines
+
+
+def _calibration_note(cal: Any, before: str, after: str) -> str:
+    """What the run said of a calibration beside its temperature (bitcli.finetune.selection.describe): that it
+    was skipped, or ended at a bound of the temperature's range; empty when neither (or not recorded)."""
+    if not isinstance(cal, dict):
+        return ""
+    if cal.get("skipped"):
+        return f"{before}calibration skipped: {visible(str(cal['skipped']))}{after}"
+    if cal.get("at_bound") is not None:
+        bound = _number(cal["at_bound"], 2)
+        return (
+            f"{before}at the bound {bound} of its range: the validation set is too small or too easy to fit it{after}"
+        )
+    return ""
 
 
 def _number(value: Any, places: int) -> str:

@@ -29,6 +29,6 @@ def test_a_body_refused_past_the_cap_is_freed_while_its_error_lives():
         tracemalloc.stop()
     assert (refused.value.status, refused.value.message) == (
         413,
-        "the request body passed the 4.8 MiB limit (--max-body-mb)",
+        "the request body passed the 5 MB limit (--max-body-mb)",
     )
     assert refused.value.__traceback__ is not None and held < 1_000_000, held
