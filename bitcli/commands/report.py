@@ -77,7 +77,7 @@ def run(opts: ReportOptions) -> None:
         raise BitError(f"{visible(str(exc))}; restore the run's {METRICS_FILE} (or remove it)") from None
     kind, status = run_status(folder, steps, metrics)
     lines = [*head, f"status      {status}", *step_lines(metrics)]
-    lines += [*validation_lines(folder), *selection_lines(folder), *file_lines(folder)]
+    lines += [*validation_lines(folder), *selection_lines(folder), *file_lines(folder, bool(plan.get("multi_label")))]
     lines += [*best_file_lines(folder, plan), pictures_line(folder, plan, kind)]
     sys.stdout.write("".join(line + "\n" for line in lines))
     sys.stdout.flush()
@@ -294,7 +294,7 @@ def best_file_lines(folder: Path, plan: dict[str, Any]) -> list[str]:
             "--model for predict and eval"]  # fmt: skip
 
 
-def file_lines(folder: Path) -> list[str]:
+def file_lines(folder: Path, multi_label: bool = False) -> list[str]:
     lines = ["files"]
     for name, note in FILE_NOTES.items():
         if (folder / name).is_file():
@@ -307,8 +307,10 @@ def file_lines(folder: Path) -> list[str]:
         lines.append(f"  not shown: {visible(str(exc))}")
         page = None
     if page is not None:
-        lines.append(f"  {visible(display(page))}  the last validation's report: metrics, confusion matrix, the "
-                     f"misclassified images with Grad-CAM (open in a browser: {visible(page.resolve().as_uri())})")  # fmt: skip
+        shows = "per-class AP, each class's worst false positives and negatives" if multi_label else \
+            "confusion matrix, the misclassified images"  # fmt: skip
+        lines.append(f"  {visible(display(page))}  the last validation's report: metrics, {shows} with Grad-CAM "
+                     f"(open in a browser: {visible(page.resolve().as_uri())})")  # fmt: skip
     board = folder / tensorboard.FOLDER
     if board.is_dir():
         lines.append(f"  {visible(display(board))}  TensorBoard events: tensorboard --logdir {visible(display(board))}")
