@@ -39,6 +39,7 @@ from bitcli.cli_options import (
     EvalDataArg,
     EvalEveryOpt,
     EvalFormatOpt,
+    ExactSearchOpt,
     ExplainOutputOpt,
     FailOnOpt,
     FinetuneDataArg,
@@ -394,6 +395,7 @@ def audit(
     test: AuditTestOpt = None,
     output: AuditOutputOpt = None,
     threshold: ThresholdOpt = DEFAULT_NEAR_THRESHOLD,
+    exact_search: ExactSearchOpt = False,
     min_images: MinImagesOpt = 5,
     fail_on: FailOnOpt = None,
     write_clean: WriteCleanOpt = None,
@@ -410,7 +412,8 @@ def audit(
     """
     opts = AuditOptions(
         data=parse_data(data), val=parse_data(val) if val else None, test=parse_data(test) if test else None,
-        model=model, revision=revision, output=output, threshold=threshold, min_images=min_images,
+        model=model, revision=revision, output=output, threshold=threshold, exact_search=exact_search,
+        min_images=min_images,
         fail_on=tuple(fail_on or ()), write_clean=write_clean, batch_size=batch_size, device=device, workers=workers,
         image_column=image_column, label_column=label_column,
     )  # fmt: skip
