@@ -144,3 +144,22 @@ def test_a_single_label_model_s_page_has_no_labels_line(browser_page, hostile_se
     page.wait_for_selector("#results .row:nth-child(5)")
     assert page.locator("#labels").is_hidden()
     assert "multi-label" not in page.inner_text("#model")
+
+
+def test_the_page_shows_the_server_s_top_k_whatever_the_number_of_classes(browser_page, hostile_dir, pictures):
+    """The page asks for the server's own default (--top-k, at most the number of classes): a model with fewer
+    than five classes, or a server started with --top-k 3, is answered, not refused for top_k=5."""
+    from bitcli.engine import load_engine
+    from bitcli.hub import load_checkpoint
+
+    engine = load_engine(load_checkpoint(str(hostile_dir)), torch.device("cpu"), torch.float32)
+    page = browser_page.page
+    with serving(engine, top_k=3) as url:
+        page.goto(url)
+        page.set_input_files("#file", str(pictures["b.jpg"]))
+        page.wait_for_selector("#results .row:nth-child(3)")
+        expected = post(url, "/v1/predict?name=b.jpg", pictures["b.jpg"].read_bytes()).json[0]["predictions"]
+    assert len(expected) == 3
+    assert page.locator("#results .label").all_inner_texts() == [p["label"] for p in expected]
+    assert page.inner_text("#status") == "b.jpg"
+    assert browser_page.errors == []
