@@ -6,6 +6,7 @@ Chromium of the page itself (console errors, pictures, links, escaping, a phone'
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import re
 import shutil
@@ -167,6 +168,7 @@ def test_a_rerun_replaces_the_earlier_report_and_keeps_the_user_s_files(
         shutil.copytree(hostile["data"] / "val" / name, data / name)
     code, _, err = run_main("eval", data, "--model", hostile["run"], "--report", folder, "-f", "json")
     assert code == 0, err
+    assert gc.get_freeze_count() == 0  # the objects the report kept out of full collections are back in them
     assert (folder / "notes.txt").read_text() == "mine"
     errors = read_csv(folder / "errors.csv")
     pictures = sorted(p.name for p in (folder / "images").iterdir())

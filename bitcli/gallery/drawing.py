@@ -123,12 +123,13 @@ def _draw(picture: Image.Image, maps: np.ndarray | None, wanted: Wanted, *, prep
           files: dict[str, bytes]) -> Shown:  # fmt: skip
     """One image's thumbnail and overlays (into `files`, under images/)."""
     stem = f"images/{wanted.number:05d}"
-    files[f"{stem}.jpg"] = encode(fit(picture, THUMB))
+    thumbnail = fit(picture, THUMB)
+    files[f"{stem}.jpg"] = encode(thumbnail)
     if maps is None:
         return Shown(wanted.number, thumbnail=f"{stem}.jpg")
     box = preprocess.view_box(picture.width, picture.height)
     overlays = []
     for heat, suffix in zip(maps, wanted.suffixes):
-        files[f"{stem}-{suffix}.jpg"] = encode(overlay(picture, heat, box, THUMB))
+        files[f"{stem}-{suffix}.jpg"] = encode(overlay(picture, heat, box, THUMB, fitted=thumbnail))
         overlays.append(f"{stem}-{suffix}.jpg")
     return Shown(wanted.number, thumbnail=f"{stem}.jpg", overlays=tuple(overlays))

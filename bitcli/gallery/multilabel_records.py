@@ -100,50 +100,59 @@ def gallery_rows(cells: Iterable[ClassErrors]) -> list[tuple[int, int, str]]:
 
 @dataclass(frozen=True)
 class LabelTexts:
-    """Every image's labels as the CSV files write them, JSON lists (a label may hold any character: a list is
-    read back unambiguously): the true ones in the model's class order, the predicted ones (at the thresholds)
-    by score, highest first."""
+    """Every image's path and labels as the CSV files write them (valid UTF-8: pages.html.utf8), the labels as
+    JSON lists (a label may hold any character: a list is read back unambiguously): the true ones in the model's
+    class order, the predicted ones (at the thresholds) by score, highest first."""
 
+    paths: list[str]
     true: list[str]
     predicted: list[str]
 
     @classmethod
-    def of(cls, results: LabelResults, labels: Sequence[str], thresholds: Sequence[float]) -> LabelTexts:
-        known: dict[tuple[int, ...], str] = {}  # label sets repeat: each is written once
-
-        def text(chosen: Iterable[int]) -> str:
-            key = tuple(int(c) for c in chosen)
-            if key not in known:
-                known[key] = json.dumps([utf8(labels[c]) for c in key], ensure_ascii=False)
-            return known[key]
-
+    def of(cls, results: LabelResults, labels: Sequence[str], thresholds: Sequence[float], *,
+           names: Sequence[str]) -> LabelTexts:  # fmt: skip
+        """`names[row]`: each image's path or row name."""
         predicted = results.predicted(thresholds)
         by_score = np.argsort(-results.scores, axis=1, kind="stable")
-        return cls(true=[text(np.flatnonzero(t)) for t in results.truth],
-                   predicted=[text(order[above[order]]) for order, above in zip(by_score, predicted)])  # fmt: skip
+        in_class_order = np.broadcast_to(np.arange(results.truth.shape[1]), results.truth.shape)
+        true = np.where(results.truth == 1, in_class_order, -1)
+        predicted_by_score = np.where(np.take_along_axis(predicted, by_score, axis=1), by_score, -1)
+        return cls(paths=[utf8(name) for name in names], true=_label_lists(true, labels),
+                   predicted=_label_lists(predicted_by_score, labels))  # fmt: skip
 
 
-def errors_csv(results: LabelResults, rows: Iterable[tuple[int, int, str]], *, names: Sequence[str],
-               labels: Sequence[str], thresholds: Sequence[float], texts: LabelTexts) -> bytes:  # fmt: skip
-    """CSV_ERRORS for each (row, class, kind); `names[row]` is the image's path or row name."""
+def _label_lists(classes: np.ndarray, labels: Sequence[str]) -> list[str]:
+    """Each row's classes (model indices in the order listed; -1: a place left empty) as a JSON list of labels.
+    Label sets repeat: each distinct row is written once."""
+    if not len(classes):
+        return []
+    distinct, which = np.unique(classes, axis=0, return_inverse=True)
+    texts = [json.dumps([utf8(labels[c]) for c in row[row >= 0].tolist()], ensure_ascii=False) for row in distinct]
+    return [texts[i] for i in which.reshape(-1).tolist()]
+
+
+def errors_csv(results: LabelResults, rows: Iterable[tuple[int, int, str]], *, labels: Sequence[str],
+               thresholds: Sequence[float], texts: LabelTexts) -> bytes:  # fmt: skip
+    """CSV_ERRORS for each (row, class, kind)."""
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
     out.writerow(CSV_ERRORS)
-    for row, c, kind in rows:
-        out.writerow([utf8(names[row]), utf8(labels[c]), kind, _number(results.scores[row, c]), _number(thresholds[c]),
-                      texts.true[row], texts.predicted[row]])  # fmt: skip
+    label_texts, threshold_texts = [utf8(name) for name in labels], [_number(t) for t in thresholds]
+    scores = results.scores
+    out.writerows((texts.paths[row], label_texts[c], kind, _number(scores[row, c]), threshold_texts[c],
+                   texts.true[row], texts.predicted[row]) for row, c, kind in rows)  # fmt: skip
     return buf.getvalue().encode("utf-8")
 
 
-def predictions_csv(results: LabelResults, *, names: Sequence[str], labels: Sequence[str], texts: LabelTexts) -> bytes:
+def predictions_csv(results: LabelResults, *, labels: Sequence[str], texts: LabelTexts) -> bytes:
     """One row per image in data-set order: path, true_labels, predicted_labels, then each class's score (the
     column `score:LABEL`, in the model's class order)."""
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
     out.writerow(["path", "true_labels", "predicted_labels", *(f"score:{utf8(name)}" for name in labels)])
-    for row in range(len(results)):
-        out.writerow([utf8(names[row]), texts.true[row], texts.predicted[row],
-                      *(_number(s) for s in results.scores[row].tolist())])  # fmt: skip
+    out.writerows((path, true, predicted, *(_number(s) for s in scores))
+                  for path, true, predicted, scores in zip(texts.paths, texts.true, texts.predicted,
+                                                           results.scores.tolist()))  # fmt: skip
     return buf.getvalue().encode("utf-8")
 
 
