@@ -59,17 +59,18 @@ def evaluate(
 
     The scores are the engine's (its temperature) over the views of `tta` (bitcli.scores). On the main process,
     in the order they are accumulated: `keep(indices, logits)` gets every stack's data-set indices and logits
-    [b, classes] (a report's per-image results; with several views, the log of the scores the
-    metrics rank by), `keep_views(logits, targets)` every stack's logits [b, views, classes] and data-set
-    classes [b] (fine-tuning fits the temperature on them).
+    [b, classes] (a report's per-image results; with several views, the log of the scores the metrics rank by;
+    multi-label, the sigmoid scores the metrics are computed from), `keep_views(logits, targets)` every stack's
+    logits [b, views, classes] and data-set classes [b] (fine-tuning fits the temperature on them).
 
     A multi-label model (the engine's thresholds), or `multi_label` (fine-tuning's validation, which fits the
     thresholds on these images): sigmoid scores and bitcli.multilabel's metrics; single-label data then counts
     each image's one class as its only one."""
     acc: Accumulator | MultiLabelAccumulator
-    if multi_label or engine.thresholds is not None:
-        acc = MultiLabelAccumulator(engine.labels, class_to_model, engine.thresholds)
-        targets = ds.multi_hot if ds.multi_hot is not None else np.eye(len(ds.classes), dtype=np.uint8)[ds.targets]
+    multi_label = multi_label or engine.thresholds is not None
+    if multi_label:
+        acc = MultiLabelAccumulator(engine.labels, class_to_model, engine.thresholds, tta=tta)
+        targets = multi_hot_targets(ds)
     else:
         acc = Accumulator(ds.classes, class_to_model, engine.num_classes, temperature=engine.temperature, tta=tta)
         targets = np.asarray(ds.targets, dtype=np.int64)
@@ -91,8 +92,16 @@ def evaluate(
                 if keep_views is not None:
                     keep_views(stacked, targets[[o.ref for o in outcomes]])
                 if keep is not None:
-                    keep(np.asarray([o.ref for o in outcomes], dtype=np.int64), ranked_logits(stacked, engine))
+                    kept = scores.probabilities(stacked, multi_label=True) if multi_label else \
+                        ranked_logits(stacked, engine)  # fmt: skip
+                    keep(np.asarray([o.ref for o in outcomes], dtype=np.int64), kept)
     return acc.result() if info.main else None
+
+
+def multi_hot_targets(ds: ImageFolder) -> np.ndarray:
+    """Every image's labels as a multi-hot row [N, classes] (uint8): a multi-label data set's own, else each
+    image's one class as its only one."""
+    return ds.multi_hot if ds.multi_hot is not None else np.eye(len(ds.classes), dtype=np.uint8)[ds.targets]
 
 
 def ranked_logits(stacked: torch.Tensor, engine: Engine) -> torch.Tensor:

@@ -86,6 +86,7 @@ class MultiLabelResult:
     top1: float
     loss: float
     top5: None = None
+    tta: str | None = None  # test-time augmentation (bitcli.scores.views), as the single-label result records it
 
     @property
     def mAP(self) -> float:  # the metric's usual name
@@ -125,6 +126,7 @@ class MultiLabelResult:
             "loss": self.loss,
             "count": self.count,
             "labels": self.classes,
+            "tta": self.tta,
         }
 
 
@@ -139,8 +141,8 @@ class MultiLabelAccumulator:
     micro and macro F1 (its F1 is 0). Its AP is undefined (None: left out of mAP, listed as such)."""
 
     def __init__(self, model_classes: Sequence[str], class_to_model: Sequence[int],
-                 thresholds: Sequence[float] | None) -> None:  # fmt: skip
-        self.names = list(model_classes)
+                 thresholds: Sequence[float] | None, *, tta: str | None = None) -> None:  # fmt: skip
+        self.names, self.tta = list(model_classes), tta
         self.to_model = np.asarray(class_to_model, dtype=np.int64)
         self.thresholds = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
         self.scores: list[np.ndarray] = []
@@ -178,7 +180,7 @@ class MultiLabelAccumulator:
         return MultiLabelResult(
             count=len(y), classes=self.names, ap=[average_precision(y[:, c], s[:, c]) for c in range(y.shape[1])],
             thresholds=[float(t) for t in thresholds], precision=precision.tolist(), recall=recall.tolist(),
-            f1=f1.tolist(), micro_f1=micro, top1=self.top_hits / len(y), loss=self.loss_sum / len(y),
+            f1=f1.tolist(), micro_f1=micro, top1=self.top_hits / len(y), loss=self.loss_sum / len(y), tta=self.tta,
         )  # fmt: skip
 
 
@@ -196,7 +198,7 @@ def render_table(result: MultiLabelResult, color: bool) -> str:
 
     buf = io.StringIO()
     out = console(buf, color)
-    out.print(f"images  {result.count:,} (multi-label)")
+    out.print(f"images  {result.count:,} (multi-label" + (f", --tta {result.tta})" if result.tta else ")"))
     out.print(f"mAP     {result.mAP:.4f}")
     out.print(f"micro F1 {result.micro_f1:.4f}  macro F1 {result.macro_f1:.4f} (at the stored thresholds)")
     out.print(f"loss    {result.loss:.4f}")

@@ -52,21 +52,24 @@ def _style(literal: bool, families: Sequence[str] = (fonts.DEFAULT,)) -> Iterato
 
 
 MAX_NAMED = 10  # class names in the warning about characters no font has
-_warned: set[tuple[str, ...]] = set()  # each set of class names is warned about once per process
+_warned: set[tuple[str, ...]] = set()  # each picture's set of class names is warned about once per process
+# The pictures, as the warning names them
+CONFUSION, RELIABILITY, AP = "the confusion picture", "the reliability picture", "the per-class AP picture"
 
 
-def warn_boxed(names: Sequence[str], title: str, missing: set[str]) -> None:
-    """One line on stderr naming the classes (and the title) drawn with characters that no installed font has,
-    once per process for the same names (fine-tuning draws the same classes at every validation)."""
+def warn_boxed(names: Sequence[str], title: str, missing: set[str], *, picture: str) -> None:
+    """One line on stderr naming `picture` and the classes (and the title) it draws with characters that no
+    installed font has, once per process for the same picture and names (fine-tuning draws the same classes at
+    every validation)."""
     boxed = [visible(name) for name in dict.fromkeys(names) if missing & set(_short(name))]
-    if not missing or tuple(boxed) in _warned:
+    if not missing or (picture, *boxed) in _warned:
         return
-    _warned.add(tuple(boxed))
+    _warned.add((picture, *boxed))
     quoted = ", ".join(f"'{name}'" for name in boxed[:MAX_NAMED])
     more = f" and {len(boxed) - MAX_NAMED} more" if len(boxed) > MAX_NAMED else ""
     drawn = ([f"the class names {quoted}{more}"] if boxed else []) + (["the title"] if missing & set(title) else [])
     log(
-        f"warning: no installed font has every character of {' and '.join(drawn)}; the confusion picture shows those characters "
+        f"warning: no installed font has every character of {' and '.join(drawn)}; {picture} shows those characters "
         "as boxes (install a font that has them, e.g. Noto Sans CJK for Chinese, Japanese and Korean)"
     )
 
@@ -220,7 +223,7 @@ def confusion_png(
     font = font_size(n)
     row_ticks, col_ticks = tick_labels(row_names, col_names, totals[:, 0])
     families, missing = fonts.fallback([title, *row_ticks, *col_ticks])
-    warn_boxed([*row_names, *col_names], title, missing)
+    warn_boxed([*row_names, *col_names], title, missing, picture=CONFUSION)
     with _style(literal=True, families=families):
         from matplotlib.figure import Figure
 
@@ -286,7 +289,7 @@ def reliability_png(result: Mapping[str, Any], heading: str) -> bytes:
     title = (f"{heading}\n{result['count']:,} images, ECE {result['ece']:.4f}, NLL {result['nll']:.4f} "
              f"({settings})")  # fmt: skip
     families, missing = fonts.fallback([title])
-    warn_boxed([], title, missing)
+    warn_boxed([], title, missing, picture=RELIABILITY)
     with _style(literal=True, families=families):
         from matplotlib.figure import Figure
 
@@ -331,7 +334,7 @@ def ap_png(result: Mapping[str, Any], heading: str) -> bytes:
              f"macro F1 {result['macro_f1']:.4f}")  # fmt: skip
     labels = [_short(names[i]) for i in shown]
     families, missing = fonts.fallback([title, *labels])
-    warn_boxed([names[i] for i in shown], title, missing)
+    warn_boxed([names[i] for i in shown], title, missing, picture=AP)
     with _style(literal=True, families=families):
         from matplotlib.figure import Figure
 

@@ -68,6 +68,13 @@ def human_size(n: int) -> str:
     return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
+def megabytes(n: int) -> str:
+    """A size in bytes in the unit of the --max-*-mb flags (MB = 10^6 bytes), exact to the byte: `5 MB`,
+    `0.02 MB`, `5.000001 MB` (a size just over a cap never reads as equal to it)."""
+    whole, part = divmod(n, 1_000_000)
+    return f"{whole}.{part:06d}".rstrip("0").rstrip(".") + " MB"
+
+
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 # Characters that would break a line or a table row, or reorder what is shown: C0/C1 controls, line and
 # paragraph separators, and the bidirectional overrides and isolates.

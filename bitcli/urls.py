@@ -30,7 +30,7 @@ from PIL import Image
 import bitcli
 from bitcli.errors import BitError, one_line
 from bitcli.preprocess import image_size, load_image
-from bitcli.ui import display, human_size
+from bitcli.ui import display, megabytes
 
 MB = 1_000_000
 SCHEMES = ("http", "https")
@@ -56,7 +56,7 @@ DEFAULT = Limits()
 
 def downloads(max_mb: float) -> Limits:
     """The limits of a command run with --max-download-mb `max_mb`."""
-    return Limits(max_bytes=int(max_mb * MB))
+    return Limits(max_bytes=round(max_mb * MB))  # (int() would make 2.01 MB 2,009,999 bytes)
 
 
 def is_url(text: str) -> bool:
@@ -135,10 +135,10 @@ def _next_hop(name: str, current: str, location: str) -> str:
 
 def _read(response, name: str, limits: Limits, deadline: _Deadline) -> bytes:
     """The body in chunks, abandoned as soon as it passes the cap or the deadline."""
-    cap = human_size(limits.max_bytes)
+    cap = megabytes(limits.max_bytes)  # in the unit of --max-download-mb
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > limits.max_bytes:
-        raise BitError(f"{name}: the image is {human_size(int(declared))}, over the {cap} download limit; "
+        raise BitError(f"{name}: the image is {megabytes(int(declared))}, over the {cap} download limit; "
                        "raise --max-download-mb or download it first")  # fmt: skip
     body = bytearray()
     try:

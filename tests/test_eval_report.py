@@ -6,6 +6,8 @@ Chromium of the page itself (console errors, pictures, links, escaping, a phone'
 from __future__ import annotations
 
 import csv
+import gc
+import json
 import re
 import shutil
 from pathlib import Path
@@ -31,7 +33,7 @@ ARGS = ["--random-init", "--model", "tiny", "--resolution", "16", "--steps", "12
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A data set (train/, val/ with five images moved into another class's folder), a run fine-tuned on it with
-    --report, and `bit eval val --report`: {"data", "run", "report"}."""
+    --report, and `bit eval val --report --plot -f json`: {"data", "run", "report", "plot", "json"}."""
     root = tmp_path_factory.mktemp("hostile")
     write_folder(root / "data" / "train", {IMG: 10, SVG: 10, AMP: 10})
     write_folder(root / "data" / "val", {IMG: 6, SVG: 6, AMP: 6}, seed=1)
@@ -43,11 +45,13 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     try:
         code, _, err = run_main("finetune", root / "data", "--output", root / "run", "--report", *ARGS)
         assert code == 0, err
-        code, _, err = run_main("eval", root / "data" / "val", "--model", root / "run", "--report", root / "report")
+        code, out, err = run_main("eval", root / "data" / "val", "--model", root / "run", "--report", root / "report",
+                                  "--plot", root / "confusion.png", "-f", "json")  # fmt: skip
         assert code == 0, err
     finally:
         torch.set_num_threads(threads)
-    return {"data": root / "data", "run": root / "run", "report": root / "report"}
+    return {"data": root / "data", "run": root / "run", "report": root / "report", "plot": root / "confusion.png",
+            "json": json.loads(out)}  # fmt: skip
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -139,6 +143,18 @@ def test_the_report_folder_is_refused_when_it_holds_the_user_s_files(hostile: di
     assert not (tmp_path / "run").exists()
 
 
+def test_finetune_report_takes_a_val_split_as_its_validation(hostile, tmp_path):
+    """--val-split F holds out a validation set from DATA: --report has its errors to show (it was refused)."""
+    run = tmp_path / "run"
+    code, _, err = run_main("finetune", hostile["data"] / "train", "--output", run, "--val-split", "0.2", "--report",
+                            *ARGS)  # fmt: skip
+    assert code == 0, err
+    rows = read_csv(run / "report" / "predictions.csv")
+    assert len(rows) == 6  # 0.2 of each class of 10 images held out
+    assert {r["true_label"] for r in rows} == {IMG, SVG, AMP}
+    assert (run / "report" / "index.html").is_file()
+
+
 def test_a_rerun_replaces_the_earlier_report_and_keeps_the_user_s_files(
     hostile: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -152,6 +168,7 @@ def test_a_rerun_replaces_the_earlier_report_and_keeps_the_user_s_files(
         shutil.copytree(hostile["data"] / "val" / name, data / name)
     code, _, err = run_main("eval", data, "--model", hostile["run"], "--report", folder, "-f", "json")
     assert code == 0, err
+    assert gc.get_freeze_count() == 0  # the objects the report kept out of full collections are back in them
     assert (folder / "notes.txt").read_text() == "mine"
     errors = read_csv(folder / "errors.csv")
     pictures = sorted(p.name for p in (folder / "images").iterdir())
@@ -199,7 +216,7 @@ def test_the_page_in_chromium(hostile: dict[str, Path], browser_page, tmp_path: 
         " return [...document.images].map(img => img.naturalWidth); }"
     )
     errors = read_csv(hostile["report"] / "errors.csv")
-    assert len(widths) == 3 * len(errors) and min(widths) > 0
+    assert len(widths) == 3 * len(errors) + 1 and min(widths) > 0  # and the reliability diagram
     figures = page.eval_on_selector_all("figure .path", "nodes => nodes.map(n => n.textContent)")
     assert figures == [f"#{i} {r['path']}" for i, r in enumerate(errors, 1)]
     headings = page.eval_on_selector_all("section.pair h3", "nodes => nodes.map(n => n.textContent)")
@@ -240,6 +257,68 @@ def test_the_page_in_chromium(hostile: dict[str, Path], browser_page, tmp_path: 
 
     page.set_viewport_size({"width": 390, "height": 800})
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+
+def test_the_page_shows_the_reliability_diagram_ece_and_nll(hostile: dict[str, Path], browser_page) -> None:
+    """The reliability diagram that --plot draws (the same bytes), ECE and NLL beside top-1, and the 15 bins as
+    numbers: bit eval's JSON. Fine-tuning's report says its scores are before the temperature it fitted."""
+    result, report = hostile["json"], hostile["report"]
+    plotted = hostile["plot"].with_name("confusion-reliability.png")  # --plot's reliability diagram
+    assert (report / "reliability.png").read_bytes() == plotted.read_bytes()
+    page = browser_page.page
+    page.goto((report / "index.html").as_uri())
+    picture = page.query_selector(".plot img")
+    assert picture is not None and picture.get_attribute("src") == "reliability.png"
+    picture.scroll_into_view_if_needed()
+    assert page.evaluate("async img => { await img.decode(); return img.naturalWidth; }", picture) == 600
+    stats = dict(page.eval_on_selector_all(".stats li", "lis => lis.map(li => [li.lastChild.textContent, li.firstChild.textContent])"))  # fmt: skip
+    assert {k: stats[k] for k in ("top-1", "NLL", "ECE")} == {k: f"{result[j]:.4f}" for k, j in
+                                                             (("top-1", "top1"), ("NLL", "nll"), ("ECE", "ece"))}  # fmt: skip
+    assert not page.is_visible(".reliability")  # folded under the picture ...
+    page.click("details summary")
+    assert page.is_visible(".reliability")  # ... until opened
+    rows = page.eval_on_selector_all(
+        ".reliability tbody tr", "trs => trs.map(tr => [...tr.cells].map(c => c.textContent))"
+    )
+    rel = result["reliability"]
+    assert len(rows) == 15 and (rows[0][0], rows[-1][0]) == ("(0.000, 0.067]", "(0.933, 1.000]")
+    assert [int(r[1]) for r in rows] == rel["count"] and sum(rel["count"]) == result["count"]
+    for row, n, confidence, accuracy in zip(rows, rel["count"], rel["confidence"], rel["accuracy"]):
+        want = [f"{confidence:.4f}", f"{accuracy:.4f}", f"{accuracy - confidence:+.4f}"] if n else ["\u2013"] * 3
+        assert row[2:] == want
+    assert browser_page.errors == []
+    fitted = json.loads((hostile["run"] / "summary.json").read_text())["calibration"]
+    finetuned = (hostile["run"] / "report" / "index.html").read_text()
+    assert fitted["temperature"] != 1.0
+    assert (
+        "The scores on this page are the last validation&#x27;s at temperature 1; the model saved in the run "
+        f"applies the temperature fitted on them (calibrated: temperature {fitted['temperature']:.4g} fitted on 18 "
+        f"validation images; ECE {fitted['val_ece_before']:.4f} -&gt; {fitted['val_ece_after']:.4f}, "
+    ) in finetuned
+    assert (hostile["run"] / "report" / "reliability.png").is_file()
+
+
+def test_without_matplotlib_the_bins_are_a_table_and_the_page_says_why(
+    hostile: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bitcli import extras
+
+    available = extras.available
+    monkeypatch.setattr(extras, "available", lambda extra: extra != "plots" and available(extra))
+    code, out, err = run_main("eval", hostile["data"] / "val", "--model", hostile["run"], "--report", tmp_path / "r",
+                              "-f", "json")  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "r").iterdir() if p.is_file()) == [
+        ".bitcli-page.json", "errors.csv", "index.html", "predictions.csv"
+    ]  # fmt: skip
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert (
+        '<p class="note">No reliability picture: it needs matplotlib (the plots extra), which is not installed '
+        "(pip install &#x27;bitcli[plots]&#x27;); the bins are below as numbers.</p>"
+        '<div class="scroll"><table class="numbers reliability">'
+    ) in page
+    assert "<details>" not in page
+    assert f"<li><b>{json.loads(out)['ece']:.4f}</b>ECE</li>" in page
 
 
 def test_an_undecodable_image_is_one_line_and_no_report_is_written(tiny_dir: Path, tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ and the heat-map overlay drawn on the model's view of the image."""
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from bitcli.pages.folder import (
     write_page_folder,
 )
 from bitcli.pages.html import document, element, text
-from bitcli.pages.pictures import CUT_OFF_WEIGHT, HEAT_WEIGHT, JET, colorize, overlay
+from bitcli.pages.pictures import CUT_OFF_WEIGHT, HEAT_WEIGHT, JET, colorize, fit, overlay
 from bitcli.preprocess import Preprocess
 
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
@@ -64,6 +66,63 @@ def test_a_rerun_replaces_only_what_bitcli_wrote(tmp_path: Path) -> None:
     assert (folder / "x.csv").is_symlink()
     assert not (folder / ".index.html.abcd1234.tmp").exists()
     assert listed(folder) == ["index.html", "images/1.jpg"]
+
+
+def test_a_page_replaces_the_earlier_one_only_once_every_new_file_is_on_disk(tmp_path: Path, monkeypatch) -> None:
+    """Every new file is synced before the first of them is renamed into place; the renames follow one another
+    with nothing between them, and the folders are synced after the last."""
+    folder = tmp_path / "report"
+    names = ["index.html", "errors.csv", *(f"images/{i:05d}.jpg" for i in range(1, 6))]
+    write_page_folder(folder, dict.fromkeys(names, b"old"), EVAL_REPORT)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("rename", os.path.realpath(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_page_folder(folder, dict.fromkeys(names, b"new"), EVAL_REPORT)
+    real = Path(os.path.realpath(folder))
+    renamed = [i for i, (kind, path) in enumerate(events) if kind == "rename" and not path.endswith(MARKER)]
+    first, last = renamed[0], renamed[-1]
+    assert [events[i][1] for i in renamed] == [str(real / name) for name in names]
+    assert last - first == len(names) - 1  # one burst of renames
+    synced = [Path(path) for kind, path in events[:first] if kind == "fsync" and path.endswith(".tmp")]
+    synced_for = {p.parent / re.sub(r"^\.(.*)\.[a-z0-9_]{8}\.tmp$", r"\1", p.name) for p in synced}
+    assert synced_for - {real / MARKER} == {real / name for name in names}  # (the marker: written first)
+    assert {("fsync", str(real)), ("fsync", str(real / "images"))} <= set(events[last:])
+    assert {name: (folder / name).read_bytes() for name in names} == dict.fromkeys(names, b"new")
+
+
+def test_a_page_that_cannot_be_written_whole_leaves_the_earlier_one_whole(tmp_path: Path) -> None:
+    """A folder where the new page's third picture goes: no file of the earlier page is replaced (one line says
+    so), no temporary file is left, and a rerun once the folder is gone writes the page."""
+    folder = tmp_path / "report"
+    names = ["index.html", *(f"images/{i:05d}.jpg" for i in range(1, 6))]
+    write_page_folder(folder, dict.fromkeys(names, b"old"), EVAL_REPORT)
+    (folder / "images" / "00003.jpg").unlink()
+    (folder / "images" / "00003.jpg").mkdir()
+    with pytest.raises(BitError) as caught:
+        write_page_folder(folder, dict.fromkeys(names, b"new"), EVAL_REPORT)
+    assert str(caught.value) == (
+        f"{folder / 'images' / '00003.jpg'}: cannot write it (Is a directory); nothing was written: the 6 files are "
+        "as they were"
+    )
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == sorted(
+        [MARKER, "images", "images/00003.jpg", *(n for n in names if n != "images/00003.jpg")]
+    )
+    assert {n: (folder / n).read_bytes() for n in names if n != "images/00003.jpg"} == {
+        n: b"old" for n in names if n != "images/00003.jpg"
+    }
+    (folder / "images" / "00003.jpg").rmdir()
+    write_page_folder(folder, dict.fromkeys(names, b"new"), EVAL_REPORT)
+    assert {n: (folder / n).read_bytes() for n in names} == dict.fromkeys(names, b"new")
 
 
 def test_a_marker_naming_paths_outside_the_folder_removes_nothing_there(tmp_path: Path) -> None:
@@ -207,6 +266,11 @@ def test_colour_map_and_overlay_on_the_model_s_view() -> None:
     assert (out[:, 10:30] == seen).all() and (out[:, :10] == greyed).all() and (out[:, 30:] == greyed).all()
     small = overlay(image, heat, box, size=20)  # fitted: the longer side is 20
     assert small.size == (20, 10)
+    whole = overlay(image, heat, (0.0, 0.0, 40.0, 20.0), size=40, fitted=fit(image, 40))  # the model saw it all
+    assert (np.asarray(whole).astype(int) == seen).all()
+    assert (
+        overlay(image, heat, box, size=40, fitted=fit(image, 40)).tobytes() == overlay(image, heat, box, 40).tobytes()
+    )
 
 
 @pytest.mark.parametrize(

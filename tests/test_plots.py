@@ -170,6 +170,34 @@ def test_class_names_no_font_can_draw_are_named_once(capsys, monkeypatch) -> Non
     )
 
 
+def test_the_warning_names_the_picture_it_is_about(capsys, monkeypatch) -> None:
+    """The reliability and per-class AP pictures warn in their own name, not the confusion picture's; each
+    picture warns once, even when another one has already warned about the same title."""
+    monkeypatch.setattr(plots, "_warned", set(), raising=False)
+    title = f"run {NO_FONT}"
+    plots.confusion_png(["cat", "dog"], confusion(2).tolist(), title, other=None)
+    assert capsys.readouterr().err == (
+        f"warning: no installed font has every character of the title; the confusion picture shows those characters "
+        f"as boxes {BOXED}\n"
+    )
+    reliability = {"count": 10, "ece": 0.1, "nll": 0.2,
+                   "reliability": {"count": [0, 10], "confidence": [None, 0.8], "accuracy": [None, 0.7]}}  # fmt: skip
+    plots.reliability_png(reliability, title)
+    plots.reliability_png(reliability, title)
+    assert capsys.readouterr().err == (
+        f"warning: no installed font has every character of the title; the reliability picture shows those "
+        f"characters as boxes {BOXED}\n"
+    )
+    names = ["cat", f"x{NO_FONT}"]
+    ap = {"labels": names, "ap": {"cat": 0.9, names[1]: 0.5}, "f1": {"cat": 0.8, names[1]: 0.4}, "count": 10,
+          "mAP": 0.7, "micro_f1": 0.6, "macro_f1": 0.6}  # fmt: skip
+    plots.ap_png(ap, "run")
+    assert capsys.readouterr().err == (
+        f"warning: no installed font has every character of the class names 'x{NO_FONT}'; the per-class AP picture "
+        f"shows those characters as boxes {BOXED}\n"
+    )
+
+
 def test_names_the_default_font_lacks_are_drawn_with_an_installed_font_that_has_them(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:

@@ -150,6 +150,40 @@ def test_tta_flip_agrees_between_engines_and_in_eval(calibrated, photos, tmp_pat
     assert (code, json.loads(out)["tta"]) == (0, None), err
 
 
+def test_multi_label_eval_records_tta_and_scores_the_mean_of_the_views(calibrated, photos, tmp_path: Path) -> None:
+    """A multi-label model's `bit eval --tta flip`: the JSON records it (as the single-label one does), the
+    table says it, and the metrics are those of the two views' mean sigmoid scores (scikit-learn's AP, and the
+    binary cross-entropy of those scores)."""
+    from sklearn.metrics import average_precision_score
+
+    model = tmp_path / "multi.safetensors"
+    bitcli_format.write(dataclasses.replace(load_checkpoint(str(calibrated["src"])), thresholds=[0.5] * 10), model)
+    images = [photos["chelsea.png"], photos["coffee.png"], photos["rocket.jpg"], photos["astronaut.png"]]
+    truth = [["apple", "cherry"], ["banana"], ["apple", "banana"], ["cherry"]]
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"path": str(i), "label": t}) + "\n" for i, t in zip(images, truth)))
+    engine = load_engine(load_checkpoint(str(model)), torch.device("cpu"), torch.float32)
+    probs = []
+    for image in images:
+        views = [torch.sigmoid(engine.logits(view))[0].double().numpy() for view in _two_views(engine, image)]
+        probs.append((views[0] + views[1]) / 2)
+    p = np.array(probs)
+    y = np.array([[int(name in t) for name in TINY_LABELS] for t in truth])
+    present = [c for c in range(10) if y[:, c].any()]
+    code, out, err = run_main("eval", labels, "--model", model, "--tta", "flip", "--format", "json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["multi_label"], result["tta"]) == (True, "flip")
+    assert result["mAP"] == pytest.approx(np.mean([average_precision_score(y[:, c], p[:, c]) for c in present]))
+    bce = -(y * np.log(p) + (1 - y) * np.log(1 - p)).sum(axis=1).mean()
+    assert result["loss"] == pytest.approx(bce, rel=1e-5)
+    code, table, err = run_main("eval", labels, "--model", model, "--tta", "flip")
+    assert (code, err) == (0, "") and table.startswith("images  4 (multi-label, --tta flip)\n")
+    code, out, err = run_main("eval", labels, "--model", model, "--format", "json")
+    plain = json.loads(out)
+    assert (code, plain["tta"]) == (0, None) and plain["loss"] != pytest.approx(bce, rel=1e-5)
+
+
 def test_embed_tta_flip_is_the_mean_of_the_two_feature_vectors(calibrated, photos, tmp_path: Path) -> None:
     image = photos["chelsea.png"]
     engine = load_engine(load_checkpoint(str(calibrated["bitcli"])), torch.device("cpu"), torch.float32, False)

@@ -137,8 +137,8 @@ def test_fetch_failures_are_one_line_naming_the_url(web, closed_port):
     expected = {
         f"{web}/missing.png": "the server answered HTTP 404 (Not Found); check the URL",
         f"{web}/to-file": "redirected to the scheme file://; only http and https redirects are followed",
-        f"{web}/big.png": "the image is 18.9 KiB, over the 9.8 KiB download limit; raise --max-download-mb or download it first",
-        f"{web}/big-undeclared.png": "the download passed the 9.8 KiB limit; raise --max-download-mb or download it first",
+        f"{web}/big.png": "the image is 0.019348 MB, over the 0.01 MB download limit; raise --max-download-mb or download it first",
+        f"{web}/big-undeclared.png": "the download passed the 0.01 MB limit; raise --max-download-mb or download it first",
         f"https://127.0.0.1:{closed_port}/cat.png": "cannot download (connection refused); check the URL and the network, or download the file first",
         "ftp://127.0.0.1/cat.png": "only http:// and https:// URLs are fetched, not ftp://; download the file and pass its path",
     }  # fmt: skip
@@ -208,7 +208,7 @@ def test_predict_urls_are_rows_in_place(web, closed_port, tiny_dir, tmp_path, mo
     assert [r.get("error") for r in rows[1:7]] == [
         f"{web}/hop/6: more than 5 redirects; pass the URL they end at",
         f"{web}/missing.png: the server answered HTTP 404 (Not Found); check the URL",
-        f"{web}/big-undeclared.png: the download passed the 9.8 KiB limit; raise --max-download-mb or download it first",
+        f"{web}/big-undeclared.png: the download passed the 0.01 MB limit; raise --max-download-mb or download it first",
         f"{web}/text.png: not an image PIL can read (empty, corrupt or another format)",
         f"{refused}: cannot download (connection refused); check the URL and the network, or download the file first",
         "file:///etc/passwd: only http:// and https:// URLs are fetched, not file://; download the file and pass its path",
@@ -280,3 +280,27 @@ def test_is_url():
     assert urls.is_url("https://host/cat.jpg") and urls.is_url("HTTP://HOST/x") and urls.is_url("ftp://x")
     assert not urls.is_url("cat.jpg") and not urls.is_url("http:/x") and not urls.is_url("/tmp/http://x")
     assert urls.refusal("https://host/x") is None and urls.refusal("HTTP://host/x") is None
+
+
+def test_explain_takes_max_download_mb(web, tiny_dir, tmp_path):
+    """`bit explain --max-download-mb` caps its URLs as predict's flag does (an error row, the rest explained);
+    without it the 50 MB default takes the same image."""
+    args = [f"{web}/big.png", f"{web}/cat.png", "-m", tiny_dir]
+    code, out, err = run_main("explain", *args, "-o", tmp_path / "capped", "--max-download-mb", "0.01")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 1, err
+    assert rows[0] == {
+        "path": f"{web}/big.png",
+        "error": f"{web}/big.png: the image is 0.019348 MB, over the 0.01 MB download limit; raise "
+        "--max-download-mb or download it first",
+    }
+    assert rows[1]["path"] == f"{web}/cat.png" and "error" not in rows[1]
+    code, out, err = run_main("explain", *args, "-o", tmp_path / "default")
+    assert code == 0, err
+    assert [json.loads(line)["overlay"] for line in out.splitlines()] == [
+        str(tmp_path / "default" / "00001-big.png"),
+        str(tmp_path / "default" / "00002-cat.png"),
+    ]
+    code, out, err = run_main("explain", "x.png", "-o", tmp_path / "bad", "--max-download-mb", "-1")
+    assert (code, out, err) == (2, "", "Error: --max-download-mb -1: must be a number > 0\n")
+    assert not (tmp_path / "bad").exists()

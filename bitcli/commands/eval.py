@@ -1,5 +1,6 @@
 """`bit eval`: the accuracy of a model on a labelled data set (bitcli.evaluation), as a table or JSON, and
-optionally the confusion matrix as a picture and the HTML report with its error gallery (bitcli.gallery). Every
+optionally the confusion matrix as a picture and the HTML report with its error gallery (bitcli.gallery; a
+multi-label model's: per-class AP and each class's worst false positives and negatives). Every
 process evaluates its share of the batches; the main process alone reports."""
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ import sys
 
 from bitcli import extras, plots
 from bitcli.distributed import from_main, process_group
-from bitcli.engine import load_engine
+from bitcli.engine import Engine, load_engine
 from bitcli.errors import UsageError
-from bitcli.evaluation import evaluate, example_decoder, example_reader
+from bitcli.evaluation import evaluate, example_decoder, example_reader, multi_hot_targets
 from bitcli.gallery.build import Source, write_report
+from bitcli.gallery.multilabel_records import MultiLabelPerImage
 from bitcli.gallery.records import PerImage
 from bitcli.gpu_decode import for_engine
 from bitcli.hub import load_checkpoint
 from bitcli.labels import match_classes
-from bitcli.metrics import EvalResult, render_table
+from bitcli.metrics import render_table
 from bitcli.multilabel import Evaluation, MultiLabelResult
 from bitcli.multilabel import render_table as render_multilabel
 from bitcli.options import EvalFormat, EvalOptions, reliability_path
@@ -53,11 +55,8 @@ def run(opts: EvalOptions) -> int:
             else []
         )
         engine = load_engine(ckpt, device, dtype)
-        if opts.report is not None and engine.thresholds is not None:
-            raise UsageError(f"--report: {visible(opts.model)} is a multi-label model; the error gallery is for "
-                             "single-label models (leave --report out)")  # fmt: skip
         # --report: the main process keeps every image's result as it is accumulated (no second pass)
-        kept = PerImage(class_to_model, ds.targets) if opts.report is not None and info.main else None
+        kept = _keeper(engine, ds, class_to_model) if opts.report is not None and info.main else None
         show_bar = opts.format == EvalFormat.table and info.main
         bar = progress_bar("evaluating", total=len(ds), unit="img") if show_bar else contextlib.nullcontext(no_progress)
         done = 0
@@ -82,28 +81,41 @@ def run(opts: EvalOptions) -> int:
         if result is None:  # not the main process: it reports, and any failure there is the run's
             return 0
         _report(result, opts, ds)
-        if kept is not None and opts.report is not None and isinstance(result, EvalResult):  # (refused multi-label)
-            source = Source(ds, title=f"{display(ds.where())} evaluated with {opts.model}")
+        if kept is not None and opts.report is not None:
+            source = Source(ds, title=f"{display(ds.where())} evaluated with {opts.model}", heading=_heading(opts, ds))
             write_report(opts.report, engine, source, result=result, results=kept.results(),
                          batch_size=opts.batch_size, workers=opts.workers)  # fmt: skip
         return 0
 
 
+def _keeper(engine: Engine, ds: ImageFolder, class_to_model: list[int]) -> PerImage | MultiLabelPerImage:
+    """What --report keeps of every image: its single-label results, or a multi-label model's scores."""
+    if engine.thresholds is None:
+        return PerImage(class_to_model, ds.targets)
+    return MultiLabelPerImage(class_to_model, multi_hot_targets(ds), engine.num_classes)
+
+
+def _heading(opts: EvalOptions, ds: ImageFolder) -> str:
+    """The first title line of the pictures (--plot's and the report's): the data and the model."""
+    return f"{visible(display(ds.where()))} with {visible(opts.model)}"
+
+
 def _check_plot_outside(opts: EvalOptions, ds: ImageFolder | None) -> None:
-    """--plot must not be written into a DATA folder (the picture would become an image of the data set, or
+    """--plot (and the reliability diagram beside it) must not be written into a DATA folder (the picture would become an image of the data set, or
     replace one), nor over a DATA file or an image that a label file lists (checked once `ds` is read)."""
     where = data_path(opts.data)
     if opts.plot is None or where is None:
         return
-    if where.is_dir():
-        if ds is None and within(opts.plot, where):
-            raise UsageError(
-                f"--plot {display(opts.plot)}: is inside the data folder {display(where)} (DATA), where it would "
-                "be taken for an image of the data set, or replace one; choose a file outside it"
-            )
-    elif ds is not None:
-        listed = (p for p in ds.paths if isinstance(p, str))  # a label file's images (a parquet's are inside it)
-        refuse_replacing_input("--plot", opts.plot, itertools.chain([where], listed))
+    for picture in (opts.plot, reliability_path(opts.plot)):  # both files --plot writes (either may be a link)
+        if where.is_dir():
+            if ds is None and within(picture, where):
+                raise UsageError(
+                    f"--plot {display(picture)}: is inside the data folder {display(where)} (DATA), where it would "
+                    "be taken for an image of the data set, or replace one; choose a file outside it"
+                )
+        elif ds is not None:
+            listed = (p for p in ds.paths if isinstance(p, str))  # a label file's images (a parquet's are inside)
+            refuse_replacing_input("--plot", picture, itertools.chain([where], listed))
 
 
 def _report(result: Evaluation, opts: EvalOptions, ds: ImageFolder) -> None:
@@ -116,7 +128,7 @@ def _report(result: Evaluation, opts: EvalOptions, ds: ImageFolder) -> None:
         sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
     sys.stdout.flush()
     if opts.plot is not None:
-        heading = f"{visible(display(ds.where()))} with {visible(opts.model)}"
+        heading = _heading(opts, ds)
         if isinstance(result, MultiLabelResult):
             plots.write_png(opts.plot, plots.ap_png(result.to_dict(), heading))
             return

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bitcli import urls
+from bitcli import scores, urls
 from bitcli.distributed import from_main, process_group
 from bitcli.engine import Engine, load_engine
 from bitcli.errors import BitError
@@ -44,7 +44,7 @@ KIND = EXPLAIN
 
 @dataclass(frozen=True)
 class Explained:
-    """One input's row: (class index, its probability, the map [H, W]) or why it has none."""
+    """One input's row: (class index, its score as `bit predict` gives it, the map [H, W]) or why it has none."""
 
     path: str
     value: tuple[int, float, np.ndarray] | None = None
@@ -61,13 +61,15 @@ def run(opts: ExplainOptions) -> int:
         fixed = target_index(opts.target, engine.labels, ckpt.source or opts.model) if opts.target else None
 
         def explain(batch: np.ndarray) -> list[tuple[int, float, np.ndarray]]:
-            probs = torch.softmax(engine.logits(batch), dim=1).cpu()
+            # bit predict's scores (bitcli.scores): the model's temperature, a multi-label model's sigmoids
+            probs = scores.probabilities(engine.logits(batch), engine.temperature,
+                                         multi_label=engine.thresholds is not None).cpu()  # fmt: skip
             index = torch.full((len(batch),), fixed) if fixed is not None else probs.argmax(dim=1)
             maps = engine.gradcam(batch, index.numpy())
-            scores = probs.gather(1, index[:, None])[:, 0].tolist()
-            return [(int(i), float(s), m) for i, s, m in zip(index.tolist(), scores, maps)]
+            picked = probs.gather(1, index[:, None])[:, 0].tolist()
+            return [(int(i), float(s), m) for i, s, m in zip(index.tolist(), picked, maps)]
 
-        downloads = Downloads(engine.preprocess)
+        downloads = Downloads(engine.preprocess, urls.downloads(opts.max_download_mb))
         out = Outputs(opts.output, report.inputs, engine, downloads) if info.main else None
         interrupted = run_report(report, downloads.decode, explain, batch_size=opts.batch_size,
                                  workers=opts.workers, emit=out.add if out is not None else drop, info=info,
@@ -97,8 +99,8 @@ class Downloads:
     overlay shows the image that was explained, downloaded once (a file is read again for its overlay). Under
     torchrun, a URL decoded by another process is downloaded again by the main process, which draws them all."""
 
-    def __init__(self, preprocess: Preprocess) -> None:
-        self.preprocess = preprocess
+    def __init__(self, preprocess: Preprocess, limits: urls.Limits) -> None:
+        self.preprocess, self.limits = preprocess, limits  # limits: --max-download-mb
         self._lock = threading.Lock()
         self._kept: dict[str, deque[bytes]] = {}  # per URL (it may be listed more than once): the bytes, in turn
 
@@ -106,7 +108,7 @@ class Downloads:
         """The input as the model takes it (inputs.decode), a URL's bytes kept."""
         if not urls.is_url(path):
             return decode(path, self.preprocess)
-        data = urls.fetch(path)
+        data = urls.fetch(path, self.limits)
         array = self.preprocess.to_uint8(load_image(io.BytesIO(data), name=display(path)))
         with self._lock:  # (kept once it decoded: only rows with a value draw an overlay)
             self._kept.setdefault(path, deque()).append(data)
@@ -121,7 +123,7 @@ class Downloads:
             data = kept.popleft() if kept else None
             if kept is not None and not kept:
                 del self._kept[path]
-        return urls.open_image(path) if data is None else load_image(io.BytesIO(data), name=display(path))
+        return urls.open_image(path, self.limits) if data is None else load_image(io.BytesIO(data), name=display(path))
 
 
 class Outputs:

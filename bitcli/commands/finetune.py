@@ -15,6 +15,7 @@ from bitcli.audit.embedding import folder_features
 from bitcli.data import DecodeCache, eval_transform, train_transform
 from bitcli.distributed import Dist, barrier, process_group, wrap
 from bitcli.errors import BitError
+from bitcli.evaluation import multi_hot_targets
 from bitcli.finetune.loop import Training, bit_sgd, train, validate
 from bitcli.finetune.plan import Plan, describe
 from bitcli.finetune.prepare import prepare, resume_point, use_deterministic_algorithms
@@ -27,17 +28,18 @@ from bitcli.finetune.rundir import (
     write_outputs,
 )
 from bitcli.finetune.runfiles import CONFIG_FILE, REPORT_FOLDER, STATE_FILE
-from bitcli.finetune.selection import Best, Logits, calibrate
+from bitcli.finetune.selection import Best, Calibration, Logits, calibrate
 from bitcli.finetune.start import trainable_parameters
 from bitcli.finetune.state import check_finite, read_state
 from bitcli.finetune.watch import record_validation
 from bitcli.gallery.build import Source, write_report
+from bitcli.gallery.multilabel_records import MultiLabelPerImage
 from bitcli.gallery.records import PerImage
 from bitcli.hub import bitcli_cache
-from bitcli.metrics import EvalResult
 from bitcli.multilabel import DEFAULT_THRESHOLD, Evaluation, MultiLabelResult
 from bitcli.options import FinetuneOptions
 from bitcli.runtime import resolve_precision
+from bitcli.sources.examples import ImageFolder
 from bitcli.torch_engine import TorchEngine
 from bitcli.ui import display, log
 
@@ -98,12 +100,9 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start = resume_point(prepared, opts, info, model=engine.model, optimizer=optimizer, scaler=scaler)
     ds = prepared.data
-    # --report: the last validation (main process) keeps every image's result for the report's gallery
-    # (single-label data: a multi-label validation has no one true class per image to group errors by)
-    report = opts.report and info.main and ds.val is not None and not plan.multi_label
-    kept = PerImage(range(len(ds.val.classes)), ds.val.targets) if report and ds.val is not None else None
-    if opts.report and info.main and plan.multi_label:
-        log("--report: no error gallery for multi-label data (it groups images by their one true class)")
+    # --report: the last validation (main process) keeps every image's result (multi-label: its scores) for the
+    # report's gallery
+    kept = _keeper(plan, ds.val) if opts.report and info.main and ds.val is not None else None
     training = Training(
         plan=plan, info=info, engine=engine, model=wrap(engine.model, info, device), optimizer=optimizer,
         scaler=scaler, data=ds, train_cache=DecodeCache(ds.train, train_transform(plan.resize), TRAIN_CACHE_BYTES),
@@ -125,6 +124,8 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
         calibration = calibrate(logits, plan.classes) if logits is not None else None
         if calibration is not None:
             log(calibration.describe())
+        if training.best is not None and (about_best := training.best.describe()) is not None:
+            log(about_best)  # best/'s own temperature, fitted on its validation: skipped or at a bound as well
         selection = Selection(
             temperature=calibration.temperature if calibration else 1.0,
             calibration=calibration.to_dict() if calibration else None,
@@ -133,11 +134,29 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
         )
         write_outputs(opts.output, engine.model, plan, val_tf, last_eval=last_eval, last_loss=outcome.last_loss,
                       step_times=outcome.step_times, start=start, started=started, selection=selection)  # fmt: skip
-        if kept is not None and isinstance(last_eval, EvalResult) and ds.val is not None:
+        if kept is not None and last_eval is not None and ds.val is not None:
             title = f"validation set {display(ds.val.where())} after {plan.steps} steps ({display(opts.output)})"
-            write_report(opts.output / REPORT_FOLDER, engine, Source(ds.val, title=title), result=last_eval,
-                         results=kept.results(), batch_size=plan.micro_batch, workers=opts.workers)  # fmt: skip
+            source = Source(ds.val, title=title, heading=f"validation after {plan.steps} of {plan.steps} steps",
+                            note=_temperature_note(calibration))  # fmt: skip
+            write_report(opts.output / REPORT_FOLDER, engine, source, result=last_eval, results=kept.results(),
+                         batch_size=plan.micro_batch, workers=opts.workers)  # fmt: skip
     barrier(info)
+
+
+def _keeper(plan: Plan, val: ImageFolder) -> PerImage | MultiLabelPerImage:
+    """What --report keeps of the last validation's images: single-label results, or multi-label scores."""
+    if plan.multi_label:
+        return MultiLabelPerImage(range(len(val.classes)), multi_hot_targets(val), len(plan.classes))
+    return PerImage(range(len(val.classes)), val.targets)
+
+
+def _temperature_note(calibration: Calibration | None) -> str | None:
+    """The report's scores are the validation's, at temperature 1: when the saved model applies a fitted one,
+    the page says so (and by how much it changed ECE and NLL)."""
+    if calibration is None or calibration.skipped:
+        return None
+    return ("The scores on this page are the last validation's at temperature 1; the model saved in the run "
+            f"applies the temperature fitted on them ({calibration.describe().splitlines()[0]}).")  # fmt: skip
 
 
 def final_thresholds(plan: Plan, last_eval: Evaluation | None) -> list[float] | None:

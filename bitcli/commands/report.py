@@ -77,7 +77,7 @@ def run(opts: ReportOptions) -> None:
         raise BitError(f"{visible(str(exc))}; restore the run's {METRICS_FILE} (or remove it)") from None
     kind, status = run_status(folder, steps, metrics)
     lines = [*head, f"status      {status}", *step_lines(metrics)]
-    lines += [*validation_lines(folder), *selection_lines(folder), *file_lines(folder)]
+    lines += [*validation_lines(folder), *selection_lines(folder), *file_lines(folder, bool(plan.get("multi_label")))]
     lines += [*best_file_lines(folder, plan), pictures_line(folder, plan, kind)]
     sys.stdout.write("".join(line + "\n" for line in lines))
     sys.stdout.flush()
@@ -252,14 +252,31 @@ def selection_lines(folder: Path) -> list[str]:
         if isinstance(cal := summary.get("calibration"), dict):
             lines.append(f"calibrated  temperature {_number(cal['temperature'], 4)}: validation ECE "
                          f"{_number(cal['val_ece_before'], 4)} -> {_number(cal['val_ece_after'], 4)}, NLL "
-                         f"{_number(cal['val_nll_before'], 4)} -> {_number(cal['val_nll_after'], 4)}")  # fmt: skip
+                         f"{_number(cal['val_nll_before'], 4)} -> {_number(cal['val_nll_after'], 4)}"
+                         f"{_calibration_note(cal, ' (', ')')}")  # fmt: skip
         if isinstance(best := summary.get("best"), dict) and best.get("step") is not None:
             lines.append(f"best        {visible(str(best['metric']))} {_number(best['value'], 4)} after step "
-                         f"{whole(int(best['step']))} (temperature {_number(best['temperature'], 4)}): "
+                         f"{whole(int(best['step']))} (temperature {_number(best['temperature'], 4)}"
+                         f"{_calibration_note(best.get('calibration'), ', ', '')}): "
                          f"{visible(display(folder / BEST_FOLDER))}")  # fmt: skip
     except (KeyError, TypeError, ValueError, OverflowError):
         return lines  # a hand-edited summary: what could be read
     return lines
+
+
+def _calibration_note(cal: Any, before: str, after: str) -> str:
+    """What the run said of a calibration beside its temperature (bitcli.finetune.selection.describe): that it
+    was skipped, or ended at a bound of the temperature's range; empty when neither (or not recorded)."""
+    if not isinstance(cal, dict):
+        return ""
+    if cal.get("skipped"):
+        return f"{before}calibration skipped: {visible(str(cal['skipped']))}{after}"
+    if cal.get("at_bound") is not None:
+        bound = _number(cal["at_bound"], 2)
+        return (
+            f"{before}at the bound {bound} of its range: the validation set is too small or too easy to fit it{after}"
+        )
+    return ""
 
 
 def _number(value: Any, places: int) -> str:
@@ -277,7 +294,7 @@ def best_file_lines(folder: Path, plan: dict[str, Any]) -> list[str]:
             "--model for predict and eval"]  # fmt: skip
 
 
-def file_lines(folder: Path) -> list[str]:
+def file_lines(folder: Path, multi_label: bool = False) -> list[str]:
     lines = ["files"]
     for name, note in FILE_NOTES.items():
         if (folder / name).is_file():
@@ -290,8 +307,10 @@ def file_lines(folder: Path) -> list[str]:
         lines.append(f"  not shown: {visible(str(exc))}")
         page = None
     if page is not None:
-        lines.append(f"  {visible(display(page))}  the last validation's report: metrics, confusion matrix, the "
-                     f"misclassified images with Grad-CAM (open in a browser: {visible(page.resolve().as_uri())})")  # fmt: skip
+        shows = "per-class AP, each class's worst false positives and negatives" if multi_label else \
+            "confusion matrix, the misclassified images"  # fmt: skip
+        lines.append(f"  {visible(display(page))}  the last validation's report: metrics, {shows} with Grad-CAM "
+                     f"(open in a browser: {visible(page.resolve().as_uri())})")  # fmt: skip
     board = folder / tensorboard.FOLDER
     if board.is_dir():
         lines.append(f"  {visible(display(board))}  TensorBoard events: tensorboard --logdir {visible(display(board))}")

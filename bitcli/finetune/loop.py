@@ -187,9 +187,10 @@ def validation_step(t: Training, step: int, out: Outcome) -> Evaluation:
     if last:
         out.last_logits = logits
     if t.best is not None and t.best.improves(ev):
-        temperature = calibrate(logits, plan.classes).temperature if logits is not None else 1.0
+        calibration = calibrate(logits, plan.classes) if logits is not None else None
+        temperature = calibration.temperature if calibration is not None else 1.0
         write_best_model(t.engine.model, plan, t.engine.preprocess, t.output, temperature=temperature)
-        t.best.record(ev, step, temperature)
+        t.best.record(ev, step, calibration)
     return ev
 
 

@@ -45,29 +45,42 @@ class Calibration:
     skipped: str | None = None  # why no temperature was fitted (it stays 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "temperature": self.temperature,
-            "val_ece_before": self.before.ece,
-            "val_ece_after": self.after.ece,
-            "val_nll_before": self.before.nll,
-            "val_nll_after": self.after.nll,
-        } | ({"skipped": self.skipped} if self.skipped else {})
+        """summary.json's record (and --keep-best's, in the checkpoint): what `describe` and `bit report` say."""
+        bound = next((b for b in (MIN_TEMPERATURE, MAX_TEMPERATURE) if math.isclose(self.temperature, b)), None)
+        return (
+            {
+                "temperature": self.temperature,
+                "val_ece_before": self.before.ece,
+                "val_ece_after": self.after.ece,
+                "val_nll_before": self.before.nll,
+                "val_nll_after": self.after.nll,
+                "val_images": self.after.count,
+            }
+            | ({"skipped": self.skipped} if self.skipped else {})
+            | ({"at_bound": bound} if bound is not None and not self.skipped else {})
+        )
 
     def describe(self) -> str:
-        """The line the run prints (and a warning line when the fit ended at a bound of the range)."""
-        if self.skipped:
-            return f"calibration skipped: {self.skipped}; the temperature stays 1"
-        line = (
-            f"calibrated: temperature {self.temperature:.4g} fitted on {self.after.count:,} validation images; "
-            f"ECE {self.before.ece:.4f} -> {self.after.ece:.4f}, NLL {self.before.nll:.4f} -> {self.after.nll:.4f}"
+        return describe(self.to_dict())
+
+
+def describe(record: dict[str, Any]) -> str:
+    """The line a run prints of a calibration (Calibration.to_dict()), and a warning line when the fit ended at
+    a bound of the range."""
+    if record.get("skipped"):
+        return f"calibration skipped: {record['skipped']}; the temperature stays 1"
+    line = (
+        f"calibrated: temperature {record['temperature']:.4g} fitted on {record['val_images']:,} validation images; "
+        f"ECE {record['val_ece_before']:.4f} -> {record['val_ece_after']:.4f}, "
+        f"NLL {record['val_nll_before']:.4f} -> {record['val_nll_after']:.4f}"
+    )
+    if record.get("at_bound") is not None:
+        line += (
+            f"\nwarning: the temperature is at the bound {record['at_bound']:g} of [{MIN_TEMPERATURE:g}, "
+            f"{MAX_TEMPERATURE:g}]: the validation set is too small or too easy to fit it; --no-calibrate leaves the "
+            "scores at temperature 1"
         )
-        bound = next((b for b in (MIN_TEMPERATURE, MAX_TEMPERATURE) if math.isclose(self.temperature, b)), None)
-        if bound is not None:
-            line += (
-                f"\nwarning: the temperature is at the bound {bound:g} of [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]: "
-                "the validation set is too small or too easy to fit it; --no-calibrate leaves the scores at temperature 1"
-            )
-        return line
+    return line
 
 
 def calibrate(logits: Logits, classes: tuple[str, ...]) -> Calibration:
@@ -96,12 +109,14 @@ def _scored(logits: torch.Tensor, targets: torch.Tensor, classes: tuple[str, ...
 
 @dataclass
 class Best:
-    """--keep-best METRIC: the best validation so far (the first of equals; NaN is never best)."""
+    """--keep-best METRIC: the best validation so far (the first of equals; NaN is never best), and the
+    calibration of its model (best/), fitted on that validation (None: --no-calibrate)."""
 
     metric: str
     value: float | None = None
     step: int | None = None
     temperature: float = 1.0
+    calibration: dict[str, Any] | None = None  # Calibration.to_dict()
 
     def improves(self, result: Evaluation) -> bool:
         value = result.metric(self.metric)
@@ -111,16 +126,28 @@ class Best:
             return True
         return value > self.value if SELECTION_METRICS[self.metric] else value < self.value
 
-    def record(self, result: Evaluation, step: int, temperature: float) -> None:
-        self.value, self.step, self.temperature = result.metric(self.metric), step, temperature
+    def record(self, result: Evaluation, step: int, calibration: Calibration | None) -> None:
+        self.value, self.step = result.metric(self.metric), step
+        self.temperature = calibration.temperature if calibration is not None else 1.0
+        self.calibration = calibration.to_dict() if calibration is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         """summary.json's and the checkpoint's record of it (JSON: a float survives exactly)."""
-        return {"metric": self.metric, "value": self.value, "step": self.step, "temperature": self.temperature}
+        return {"metric": self.metric, "value": self.value, "step": self.step, "temperature": self.temperature,
+                "calibration": self.calibration}  # fmt: skip
+
+    def describe(self) -> str | None:
+        """What the run prints of best/'s calibration at its end, as it prints the final model's (None: none)."""
+        if self.step is None or self.calibration is None:
+            return None
+        return f"best/ (after step {self.step}): {describe(self.calibration)}"
 
     @classmethod
     def from_dict(cls, metric: str, saved: Any) -> Best:
         """The record a checkpoint holds (None, or another metric's: nothing kept yet)."""
         if not isinstance(saved, dict) or saved.get("metric") != metric or saved.get("step") is None:
             return cls(metric)
-        return cls(metric, float(saved["value"]), int(saved["step"]), float(saved.get("temperature", 1.0)))
+        calibration = saved.get("calibration")
+        return cls(metric, value=float(saved["value"]), step=int(saved["step"]),
+                   temperature=float(saved.get("temperature", 1.0)),
+                   calibration=calibration if isinstance(calibration, dict) else None)  # fmt: skip

@@ -1,6 +1,8 @@
-"""The HTML of `bit eval --report`'s index.html: the metrics, the per-class table (worst F1 first), the confusion
-matrix as an HTML table whose off-diagonal cells link to their gallery section, and the gallery: the errors
-grouped by (true -> predicted) cell, by loss, each with its thumbnail, Grad-CAM overlays, scores and top three.
+"""The HTML of `bit eval --report`'s index.html for a single-label model: the metrics (with NLL and ECE), the
+per-class table (worst F1 first), the confusion matrix as an HTML table whose off-diagonal cells link to their
+gallery section, the calibration (bitcli.gallery.calibration: the reliability diagram and its bins), and the
+gallery: the errors grouped by (true -> predicted) cell, by loss, each with its thumbnail, Grad-CAM overlays,
+scores and top three. (A multi-label model's page: bitcli.gallery.multilabel_page.)
 
 The confusion matrix is a table rather than a picture: its links work without matplotlib (the plots extra) and
 without a script, its numbers are text (searchable, copyable, read out by screen readers), and a phone
@@ -12,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bitcli.gallery.calibration import calibration
+from bitcli.gallery.drawing import Picture, Shown
 from bitcli.gallery.records import OTHER_CLASS, Pair, Results, label_name, predicted_name
 from bitcli.metrics import EvalResult
 from bitcli.pages.html import Html, document, element, image, join, table
@@ -22,18 +26,6 @@ MAX_CELLS_LISTED = 200
 
 
 @dataclass(frozen=True)
-class Shown:
-    """An error image with its pictures on the page: the thumbnail and the overlays for the predicted and the
-    true class (relative paths; an overlay is None without Grad-CAM), or why it has none (`problem`)."""
-
-    number: int  # its row in errors.csv (from 1)
-    thumbnail: str | None = None
-    cam_pred: str | None = None
-    cam_true: str | None = None
-    problem: str | None = None
-
-
-@dataclass(frozen=True)
 class ReportInput:
     """What the page shows."""
 
@@ -41,13 +33,15 @@ class ReportInput:
     result: EvalResult
     results: Results
     pairs: list[Pair]
-    shown: dict[int, Shown]  # by position in `results`
+    shown: dict[int, Shown]  # by position in `results`; overlays: the predicted class's, then the true class's
     names: Sequence[str]  # each image's path (or row name), by position in `results`
     classes: Sequence[str]  # the data set's classes
     labels: Sequence[str]  # the model's labels
     gradcam: str  # what the overlays show, or why there are none
     per_pair: int  # the most images shown per cell
     max_shown: int  # ... and in all
+    reliability: Picture | None  # the reliability picture beside the page; None: not drawn (no matplotlib)
+    note: str | None = None  # a line under the heading (fine-tuning's: the scores are before its temperature)
 
 
 def render(r: ReportInput) -> str:
@@ -56,11 +50,14 @@ def render(r: ReportInput) -> str:
         element("h1", "bit eval report"),
         element("p", r.title, attrs={"class": "muted"}),
         _numbers(r.result, errors),
+        element("p", r.note, attrs={"class": "note"}) if r.note else Html(""),
         _data_links(),
         element("h2", "Per class, worst F1 first"),
         _per_class(r.result),
         element("h2", "Confusion matrix"),
         _confusion(r),
+        element("h2", "Calibration: can the scores be trusted?"),
+        calibration(r.result, r.reliability),
         element("h2", f"Misclassified images ({errors})"),
         _gallery_intro(r, errors),
         *(_pair_section(r, pair) for pair in r.pairs if _shows(r, pair)),
@@ -80,6 +77,8 @@ def _numbers(result: EvalResult, errors: int) -> Html:
     top5 = "n/a" if result.top5 is None else f"{result.top5:.4f}"
     items = [("images", str(result.count)), ("errors", str(errors)), ("top-1", f"{result.top1:.4f}"),
              ("top-5", top5), ("macro F1", f"{result.macro_f1:.4f}"), ("loss", f"{result.loss:.4f}")]  # fmt: skip
+    if result.nll is not None and result.ece is not None:
+        items += [("NLL", f"{result.nll:.4f}"), ("ECE", f"{result.ece:.4f}")]
     return element("ul", *(element("li", element("b", v), k) for k, v in items), attrs={"class": "stats"})
 
 
@@ -203,9 +202,10 @@ def _unshown(r: ReportInput, rest: list[Pair]) -> Html:
 def _figure(r: ReportInput, row: int, shown: Shown) -> Html:
     res = r.results
     true_name, pred_name = r.classes[res.true[row]], predicted_name(res, row, r.classes, r.labels)
+    cam_pred, cam_true = shown.overlays if shown.overlays else (None, None)
     pictures = [(shown.thumbnail, "image", "the image"),
-                (shown.cam_pred, f"predicted: {pred_name}", f"Grad-CAM for the predicted class {pred_name}"),
-                (shown.cam_true, f"true: {true_name}", f"Grad-CAM for the true class {true_name}")]  # fmt: skip
+                (cam_pred, f"predicted: {pred_name}", f"Grad-CAM for the predicted class {pred_name}"),
+                (cam_true, f"true: {true_name}", f"Grad-CAM for the true class {true_name}")]  # fmt: skip
     cells = [element("div", image(src, alt, width=THUMB, height=THUMB), element("span", caption, attrs={"title": caption}))
              for src, caption, alt in pictures if src is not None]  # fmt: skip
     top = [element("li", label_name(r.labels, int(i)), f" {p:.3f}") for i, p in zip(res.top[row], res.top_p[row])]

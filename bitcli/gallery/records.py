@@ -63,9 +63,12 @@ class PerImage:
         merged = {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
         order = np.argsort(merged["index"], kind="stable")
         merged = {k: v[order] for k, v in merged.items()}
-        class_of_model = {int(m): c for c, m in enumerate(self.to_model)}
         true = self.targets[merged["index"]]
-        pred_class = np.array([class_of_model.get(int(p), OTHER_CLASS) for p in merged["pred"]], dtype=np.int64)
+        class_of_model = np.full(max(self.to_model.max(initial=-1), merged["pred"].max(initial=-1)) + 1, OTHER_CLASS)
+        for c, m in enumerate(self.to_model.tolist()):  # (a model index named twice: the last class, as a dict's)
+            if m >= 0:
+                class_of_model[m] = c
+        pred_class = class_of_model[merged["pred"]].astype(np.int64)
         return Results(**merged, true=true, true_model=self.to_model[true], pred_class=pred_class)
 
 
@@ -130,17 +133,25 @@ def label_name(labels: Sequence[str], index: int) -> str:
     return labels[index] if 0 <= index < len(labels) else str(index)
 
 
-def csv_bytes(results: Results, rows: Iterable[int], *, names: Sequence[str], classes: Sequence[str],
-              labels: Sequence[str]) -> bytes:  # fmt: skip
-    """CSV_COLUMNS for `rows` (positions in Results) in that order; `names[row]` is the image's path or row
-    name. Probabilities and losses with float32's 7 significant digits; text as valid UTF-8 (pages.html.utf8)."""
+def csv_rows(results: Results, *, names: Sequence[str], classes: Sequence[str],
+             labels: Sequence[str]) -> list[tuple[object, ...]]:  # fmt: skip
+    """Every image's CSV_COLUMNS, by position in Results (`names[row]`: its path or row name), computed column by
+    column once for both files. Probabilities and losses with float32's 7 significant digits; text as valid
+    UTF-8 (pages.html.utf8)."""
+    class_text = [utf8(name) for name in classes]
+    true = [class_text[c] for c in results.true.tolist()]
+    predicted = [class_text[c] if c != OTHER_CLASS else utf8(label_name(labels, p))
+                 for c, p in zip(results.pred_class.tolist(), results.pred.tolist())]  # fmt: skip
+    numbers = [[_number(x) for x in column.tolist()] for column in (results.p_true, results.p_pred, results.loss)]
+    return list(zip([utf8(name) for name in names], true, predicted, *numbers, results.rank.tolist()))
+
+
+def csv_bytes(cells: Sequence[tuple[object, ...]], rows: Iterable[int]) -> bytes:
+    """CSV_COLUMNS for `rows` (positions in Results) in that order; `cells`: csv_rows."""
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
     out.writerow(CSV_COLUMNS)
-    for row in rows:
-        out.writerow([utf8(names[row]), utf8(classes[results.true[row]]), utf8(predicted_name(results, row, classes, labels)),
-                      _number(results.p_true[row]), _number(results.p_pred[row]), _number(results.loss[row]),
-                      int(results.rank[row])])  # fmt: skip
+    out.writerows(cells[row] for row in rows)
     return buf.getvalue().encode("utf-8")
 
 

@@ -13,6 +13,8 @@ to a folder of the user's is refused, and its files are never touched): only the
 The marker is written first with the old and new names together, so a kill at any point leaves a folder that
 the next run recognises, and whose every bitcli file is listed; the earlier page's files that this one lacks are
 removed next, and the marker is rewritten last with the new names (and any old one that could not be removed).
+A page written at once (write_page_folder) replaces the earlier page's files together, once all of the new ones
+are complete on disk.
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from bitcli.errors import BitError
 from bitcli.ui import display, visible
-from bitcli.writes import atomic_write, unwritable
+from bitcli.writes import atomic_write, sync_folders, unwritable, write_together
 
 MARKER = ".bitcli-page.json"
 FORMAT = "bitcli-page/1"
@@ -186,11 +189,23 @@ class PageFolder:
 
 
 def write_page_folder(folder: Path, files: Mapping[str, bytes], kind: str) -> None:
-    """`files` (relative POSIX path -> content) written into `folder` as a PageFolder."""
+    """`files` (relative POSIX path -> content) written into `folder` as a PageFolder, together
+    (writes.write_together): each under a temporary name, all of them synced to disk, and only then renamed
+    into place in one burst of renames, so that until the new page is complete on disk the earlier one stays
+    whole, and a crash never leaves half of each. The folders are synced after the renames."""
     page = PageFolder(folder, kind, files)
-    for name, data in files.items():
-        page.write(name, data)
+    write_together([(page.path(name), _bytes_writer(data)) for name, data in files.items()])
+    sync_folders(folder.joinpath(*PurePosixPath(name).parent.parts) for name in files)
     page.finish()
+
+
+def _bytes_writer(data: bytes) -> Callable[[BinaryIO], None]:
+    """A writer of `data` (a lambda in write_page_folder's loop would see the last file's data)."""
+
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    return write
 
 
 def _write_marker(folder: Path, kind: str, names: Iterable[str]) -> None:

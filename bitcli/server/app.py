@@ -40,7 +40,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from bitcli.engine import Engine, top_k
+from bitcli.engine import Engine, over_thresholds, top_k
 from bitcli.errors import BitError, one_line
 from bitcli.onnx_engine import OnnxEngine
 from bitcli.pipeline import failure
@@ -148,6 +148,9 @@ class Service:
             "precision": PRECISIONS.get(dtype, str(dtype)) if dtype is not None else "the .onnx file's own",
             "num_classes": engine.num_classes,
             "labels": list(engine.labels),
+            # a multi-label model's labels are every class at or above its threshold (bit predict's `labels`)
+            "multi_label": engine.thresholds is not None,
+            "thresholds": None if engine.thresholds is None else list(engine.thresholds),  # by class, as `labels`
             "preprocessing": engine.preprocess.to_dict(),
             "limits": {"top_k": self.default_top_k, "max_batch": opts.max_batch, "max_wait_ms": opts.max_wait_ms,
                        "queue": opts.queue, "max_body_mb": opts.max_body_mb, "timeout_s": opts.timeout_s},
@@ -163,20 +166,18 @@ class Service:
             k = _whole(query.get("top_k"), "top_k", self.default_top_k, self.engine.num_classes)
         except RequestError as exc:
             return refusal(exc.status, exc.message)
-        labels, temperature, multi_label = (
-            self.engine.labels,
-            self.engine.temperature,
-            self.engine.thresholds is not None,
-        )
+        engine = self.engine
+        multi_label = engine.thresholds is not None
 
         def row(name: str, value: Any, error: str | None) -> dict:
-            # the scores bit predict gives: the model's temperature, sigmoids for a multi-label model
-            predictions = (
-                None
-                if value is None
-                else top_k(value[None], labels, k, temperature=temperature, multi_label=multi_label)[0]
-            )
-            return Row(display(name), predictions, error).to_dict()
+            # bit predict's row: the model's temperature; a multi-label model's sigmoids, and its labels at or
+            # above their thresholds beside the top-k
+            if value is None:
+                return Row(display(name), error=error).to_dict()
+            logits = value[None]
+            predictions = top_k(logits, engine.labels, k, temperature=engine.temperature, multi_label=multi_label)[0]
+            above = over_thresholds(logits, engine)[0] if multi_label else None
+            return Row(display(name), predictions, error, labels=above).to_dict()
 
         return await self._answer(request, "logits", row)
 
@@ -217,7 +218,7 @@ class Service:
         return json_response({"error": "no image in the request could be decoded", "rows": rows}, 400)
 
     async def _parts(self, request: Request, deadline: float) -> list[Part]:
-        body = read_body(request.stream(), request.headers.get("content-length"), int(self.opts.max_body_mb * MB))
+        body = read_body(request.stream(), request.headers.get("content-length"), round(self.opts.max_body_mb * MB))
         try:
             data = await asyncio.wait_for(body, _left(deadline))
         except asyncio.TimeoutError:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from bitcli.ui import human_size
+from bitcli.ui import megabytes
 
 if TYPE_CHECKING:  # the parser's callback table (python_multipart declares it for type checkers only)
     from python_multipart.multipart import MultipartCallbacks
@@ -39,9 +39,9 @@ class Part:
 async def read_body(chunks: AsyncIterator[bytes], declared: str | None, max_bytes: int) -> bytes:
     """The whole body from `chunks`, refused (413) as soon as it is known to pass max_bytes: from its declared
     Content-Length, or while it arrives."""
-    limit = f"the {human_size(max_bytes)} limit (--max-body-mb)"
+    limit = f"the {megabytes(max_bytes)} limit (--max-body-mb)"
     if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
-        raise RequestError(413, f"the request body is {human_size(int(declared))}, over {limit}")
+        raise RequestError(413, f"the request body is {megabytes(int(declared))}, over {limit}")
     body = bytearray()
     async for chunk in chunks:
         body += chunk

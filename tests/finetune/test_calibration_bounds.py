@@ -7,10 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import run_main, write_folder
 
+from bitcli.finetune import selection
 from bitcli.finetune.selection import Logits, calibrate
+from bitcli.scores import MAX_TEMPERATURE
 
 from .helpers import FAST
 
@@ -44,15 +47,55 @@ def test_a_fit_at_a_bound_warns() -> None:
     assert 0.05 < inside.temperature < 20 and "\n" not in inside.describe() and "skipped" not in inside.to_dict()
 
 
+SKIPPED = "the validation images are all of class 'red', so no temperature can be fitted"
+
+
 def test_finetune_with_a_one_class_validation_folder_keeps_temperature_one(dataset: Path, tmp_path: Path) -> None:
+    """The final model and --keep-best's best/ (fitted on their own validations) both say that the fit was
+    skipped, in the run's output, summary.json and `bit report`."""
     write_folder(tmp_path / "val", {"red": 3}, seed=2)
     run = tmp_path / "run"
     code, _, err = run_main("finetune", dataset / "train", "--val", tmp_path / "val", "--output", run, "--steps", "2",
-                            "--batch-size", "8", "--eval-every", "0", *FAST)  # fmt: skip
+                            "--batch-size", "8", "--eval-every", "1", "--keep-best", "loss", *FAST)  # fmt: skip
     assert code == 0, err
-    assert (
-        "calibration skipped: the validation images are all of class 'red', so no temperature can be fitted; "
-        "the temperature stays 1\n"
-    ) in err
-    assert json.loads((run / "summary.json").read_text())["calibration"]["temperature"] == 1.0
-    assert json.loads((run / "config.json").read_text()).get("bitcli_temperature", 1.0) == 1.0
+    summary = json.loads((run / "summary.json").read_text())
+    step = summary["best"]["step"]
+    assert f"calibration skipped: {SKIPPED}; the temperature stays 1\n" in err
+    assert f"best/ (after step {step}): calibration skipped: {SKIPPED}; the temperature stays 1\n" in err
+    assert summary["calibration"]["temperature"] == summary["best"]["temperature"] == 1.0
+    assert summary["calibration"]["skipped"] == summary["best"]["calibration"]["skipped"] == SKIPPED
+    for model in (run, run / "best"):
+        assert json.loads((model / "config.json").read_text()).get("bitcli_temperature", 1.0) == 1.0
+    code, out, err = run_main("report", run)
+    assert code == 0, err
+    assert f" (calibration skipped: {SKIPPED})\n" in out
+    assert f"best        loss {summary['best']['value']:.4f} after step {step} (temperature 1.0000, calibration " \
+           f"skipped: {SKIPPED}): {run / 'best'}\n" in out  # fmt: skip
+
+
+def test_a_best_model_fitted_at_a_bound_warns_as_the_final_one(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fit that ends at a bound (here: made to) warns for best/ as it does for the final model, and
+    summary.json and `bit report` record it for both."""
+    monkeypatch.setattr(selection, "fit_temperature", lambda logits, targets: MAX_TEMPERATURE)
+    run = tmp_path / "run"
+    code, _, err = run_main("finetune", dataset / "train", "--val", dataset / "val", "--output", run, "--steps", "2",
+                            "--batch-size", "8", "--eval-every", "1", "--keep-best", "top1", *FAST)  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    best, step = summary["best"], summary["best"]["step"]
+    warning = (
+        "warning: the temperature is at the bound 20 of [0.05, 20]: the validation set is too small or too easy to "
+        "fit it; --no-calibrate leaves the scores at temperature 1\n"
+    )
+    assert err.count(warning) == 2
+    assert f"best/ (after step {step}): calibrated: temperature 20 fitted on 12 validation images; ECE " in err
+    assert best["temperature"] == best["calibration"]["temperature"] == MAX_TEMPERATURE
+    assert best["calibration"]["at_bound"] == summary["calibration"]["at_bound"] == MAX_TEMPERATURE
+    assert json.loads((run / "best" / "config.json").read_text())["bitcli_temperature"] == MAX_TEMPERATURE
+    code, out, err = run_main("report", run)
+    assert code == 0, err
+    note = "at the bound 20.00 of its range: the validation set is too small or too easy to fit it"
+    assert f" ({note})\n" in out
+    assert f"after step {step} (temperature 20.0000, {note}): {run / 'best'}\n" in out

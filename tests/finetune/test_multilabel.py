@@ -310,18 +310,6 @@ def test_multilabel_refuses_the_single_label_flags(multi_run, tmp_path: Path) ->
     assert not (tmp_path / "r").exists()
 
 
-def test_eval_report_refuses_a_multilabel_model(multi_run, tmp_path: Path) -> None:
-    """The error gallery groups images by their one true class: a multi-label model is refused, nothing written."""
-    root, run = multi_run[0], multi_run[1]
-    code, out, err = run_main("eval", f"{root / 'labels.jsonl'}:val", "--model", run, "--report", tmp_path / "rep")
-    assert (code, out) == (2, "")
-    assert err == (
-        f"Error: --report: {run} is a multi-label model; the error gallery is for single-label models "
-        "(leave --report out)\n"
-    )
-    assert not (tmp_path / "rep").exists()
-
-
 def test_min_score_is_refused_for_a_multilabel_model(multi_run, tmp_path: Path) -> None:
     """--min-score marks a single-label top score below P unknown; a multi-label model's thresholds do that."""
     run, images = multi_run[1], multi_run[2]

@@ -120,8 +120,12 @@ def calibration_lines(run: Path) -> list[str]:
     if not (run / "summary.json").is_file():
         return []
     cal = json.loads((run / "summary.json").read_text())["calibration"]
+    # a fit at a bound of [0.05, 20] (the tiny run's few validation images) is said as the run said it
+    bound = cal.get("at_bound")
+    note = f" (at the bound {bound:.2f} of its range: the validation set is too small or too easy to fit it)"
     return [f"calibrated  temperature {cal['temperature']:.4f}: validation ECE {cal['val_ece_before']:.4f} -> "
-            f"{cal['val_ece_after']:.4f}, NLL {cal['val_nll_before']:.4f} -> {cal['val_nll_after']:.4f}"]  # fmt: skip
+            f"{cal['val_ece_after']:.4f}, NLL {cal['val_nll_before']:.4f} -> {cal['val_nll_after']:.4f}"
+            f"{note if bound is not None else ''}"]  # fmt: skip
 
 
 ALL_FILES = ["model.safetensors", "metrics.jsonl", "validation.json", "summary.json", "checkpoint.safetensors",

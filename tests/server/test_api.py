@@ -119,6 +119,8 @@ def test_model_and_health(server, tiny_dir):
         "precision": "fp32",
         "num_classes": 10,
         "labels": TINY_LABELS,
+        "multi_label": False,
+        "thresholds": None,
         "preprocessing": json.loads(json.dumps(load_checkpoint(str(tiny_dir)).preprocess.to_dict())),
         "limits": {
             "top_k": 5,
@@ -206,3 +208,32 @@ def test_a_calibrated_model_s_scores_are_bit_predict_s(tiny_dir, pictures, tmp_p
         reply = post(url, "/v1/predict?name=a.png", pictures["a.png"].read_bytes(), "image/png")
     assert reply.status == 200
     assert reply.json == [{**expected[0], "path": "a.png"}]
+
+
+def test_a_multi_label_model_s_rows_are_bit_predict_s(tiny_dir, pictures, tmp_path, monkeypatch):
+    """A multi-label model (thresholds stored with it): the server's rows are predict's, with the `labels` at or
+    above their thresholds beside the sigmoid top-k, and GET /v1/model says it is multi-label, with the
+    thresholds by class."""
+    import dataclasses
+
+    import torch
+
+    from bitcli.engine import load_engine
+    from bitcli.formats import bitcli as bitcli_format
+
+    thresholds = [0.45, 0.5, 0.55] * 3 + [0.5]
+    model = tmp_path / "multi.safetensors"
+    bitcli_format.write(dataclasses.replace(load_checkpoint(str(tiny_dir)), thresholds=thresholds), model)
+    monkeypatch.chdir(pictures["a.png"].parent)
+    names = ["a.png", "b.jpg", "notes.txt", "c.png"]
+    expected = _predict(*names, "-m", model, "-b", "16", "-k", "3")
+    picked = [{p["label"] for p in row["labels"]} for row in expected if "labels" in row]
+    assert len(picked) == 3 and all(0 < len(p) < 10 for p in picked), picked  # labels above and below their cut
+    engine = load_engine(load_checkpoint(str(model)), torch.device("cpu"), torch.float32)
+    with serving(engine) as url:
+        body, content_type = multipart([("file", name, pictures[name].read_bytes()) for name in names])
+        reply = post(url, "/v1/predict?top_k=3", body, content_type)
+        described = call(url, "GET", "/v1/model").json
+    assert reply.status == 200
+    assert reply.json == expected
+    assert (described["multi_label"], described["thresholds"], described["labels"]) == (True, thresholds, TINY_LABELS)

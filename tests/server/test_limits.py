@@ -64,16 +64,32 @@ def test_bodies_over_the_cap_are_413_without_being_read(engine, pictures):
             sock.sendall(_headers("/v1/predict", "Content-Length: 30000\r\n"))
             assert _response(sock) == (
                 413,
-                {"error": "the request body is 29.3 KiB, over the 19.5 KiB limit (--max-body-mb)"},
+                {"error": "the request body is 0.03 MB, over the 0.02 MB limit (--max-body-mb)"},
             )
         with _raw(url) as sock:  # a chunked body is cut off as soon as it passes the cap
             sock.sendall(_headers("/v1/predict", "Transfer-Encoding: chunked\r\n"))
             sock.sendall((b"2ee0\r\n" + b"x" * 12000 + b"\r\n") * 2)
-            assert _response(sock) == (413, {"error": "the request body passed the 19.5 KiB limit (--max-body-mb)"})
+            assert _response(sock) == (413, {"error": "the request body passed the 0.02 MB limit (--max-body-mb)"})
         body, content_type = multipart([("f", f"{i}.png", b"") for i in range(3)])
         reply = post(url, "/v1/predict", body, content_type)
         assert (reply.status, reply.json) == (413, {"error": "more than 2 images in one request (--queue)"})
         assert post(url, "/v1/predict", pictures["a.png"].read_bytes()).status == 200  # under the cap: answered
+
+
+def test_the_body_cap_is_said_in_the_flag_s_unit(engine, pictures):
+    """--max-body-mb 2.01 is 2,010,000 bytes (MB = 10^6 bytes, as the flag says; not 2,009,999 from a float
+    truncated): a body of exactly that is read, one byte more is refused in MB, to the byte."""
+    with serving(engine, max_body_mb=2.01) as url:
+        with _raw(url) as sock:
+            sock.sendall(_headers("/v1/predict", "Content-Length: 2010001\r\n"))
+            assert _response(sock) == (
+                413,
+                {"error": "the request body is 2.010001 MB, over the 2.01 MB limit (--max-body-mb)"},
+            )
+        reply = post(url, "/v1/predict?name=x.png", b"x" * 2_010_000)
+        error = "x.png: not an image PIL can read (empty, corrupt or another format)"
+        assert (reply.status, reply.json["rows"]) == (400, [{"path": "x.png", "error": error}])
+        assert call(url, "GET", "/v1/model").json["limits"]["max_body_mb"] == 2.01
 
 
 def test_a_body_that_does_not_arrive_in_time_is_408(engine, pictures):
