@@ -50,7 +50,7 @@ class ServeOptions:
 AUDIT_COUNTS = (
     "duplicates", "exact", "near", "leaks", "conflicts", "label-issues", "undecodable", "small-classes", "off-size",
 )  # fmt: skip
-DEFAULT_NEAR_THRESHOLD = 0.95  # cosine similarity of pre-logit embeddings (BENCHMARKS.md: issue 23)
+DEFAULT_NEAR_THRESHOLD = 0.95  # cosine similarity of pre-logit embeddings: best F1 measured (BENCHMARKS.md, issue 23)
 
 
 @dataclass(frozen=True)
