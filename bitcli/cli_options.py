@@ -377,6 +377,11 @@ ThresholdOpt = Annotated[
     typer.Option("--threshold", parser=_parser("--threshold", parse_threshold), metavar="COSINE",
                  help="Near-duplicate threshold: cosine similarity of the embeddings (at or above)."),
 ]  # fmt: skip
+ExactSearchOpt = Annotated[
+    bool,
+    typer.Option("--exact-search", help="Search near-duplicates on the full embeddings at any size (slower); by "
+                 "default a large set's candidates come from a low-dimensional sketch first (docs/audit.md)."),
+]  # fmt: skip
 MinImagesOpt = Annotated[
     int, typer.Option("--min-images", min=1, help="Report a class with fewer images than this in a split.")
 ]

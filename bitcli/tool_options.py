@@ -50,7 +50,7 @@ class ServeOptions:
 AUDIT_COUNTS = (
     "duplicates", "exact", "near", "leaks", "conflicts", "label-issues", "undecodable", "small-classes", "off-size",
 )  # fmt: skip
-DEFAULT_NEAR_THRESHOLD = 0.95  # cosine similarity of pre-logit embeddings (BENCHMARKS.md: issue 23)
+DEFAULT_NEAR_THRESHOLD = 0.95  # cosine similarity of pre-logit embeddings: best F1 measured (BENCHMARKS.md, issue 23)
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class AuditOptions:
     revision: str | None = None
     output: Path | None = None  # audit.json, the CSVs and index.html (bitcli.pages.folder's rules); None: table only
     threshold: float = DEFAULT_NEAR_THRESHOLD
+    exact_search: bool = False  # near-duplicate candidates from the full embeddings at any size (no sketch)
     min_images: int = 5  # a class with fewer images in a split is reported
     fail_on: tuple[FailRule, ...] = ()
     write_clean: Path | None = None  # a label file of the rows that no finding flags

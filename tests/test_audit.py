@@ -533,3 +533,17 @@ def test_counts_in_words() -> None:
     from bitcli.commands.audit import images
 
     assert [images(0), images(1), images(2)] == ["0 images", "1 image", "2 images"]
+
+
+def test_the_pixel_hash_is_the_digest_earlier_caches_hold() -> None:
+    """Taken from Pillow's bytes, the digest is still SHA-256 of the numpy array's shape and bytes (what the
+    cache's entries written before hold), so exact duplicates of a cached image are still found."""
+    import hashlib
+
+    from bitcli.audit.embedding import pixel_hash
+
+    picture = pattern(3, 1).resize((37, 23))
+    array = np.asarray(picture)
+    assert pixel_hash(picture) == hashlib.sha256(f"{array.shape}".encode() + array.tobytes()).digest()
+    with pytest.raises(ValueError, match="needs an RGB picture, not RGBA"):
+        pixel_hash(picture.convert("RGBA"))

@@ -20,10 +20,11 @@ MAX_POSITIONAL = 4
 ALLOWED_CALLS: set[str] = set()
 # "FILE:NAME" definitions allowed more than four positional parameters: the Typer commands, whose parameters
 # are the command line's options and which only Typer calls (by keyword).
-ALLOWED_SIGNATURES = {
-    f"bitcli/cli.py:{name}"
-    for name in ("predict", "embed", "convert", "finetune", "eval_", "push", "explain", "serve", "audit")
-} | {"bitcli/urls.py:redirect_request"}  # an override: urllib.request.HTTPRedirectHandler calls it positionally
+ALLOWED_SIGNATURES = (
+    {f"bitcli/cli.py:{name}" for name in ("predict", "embed", "convert", "finetune", "eval_", "explain")}
+    | {f"bitcli/cli_tools.py:{name}" for name in ("push", "serve", "audit")}
+    | {"bitcli/urls.py:redirect_request"}
+)  # an override: urllib.request.HTTPRedirectHandler calls it positionally
 # `def f(..., **kwargs)` in these files is allowed for the same reason (none today).
 ALLOWED_KWARGS: set[str] = set()
 

@@ -143,6 +143,18 @@ def test_the_report_folder_is_refused_when_it_holds_the_user_s_files(hostile: di
     assert not (tmp_path / "run").exists()
 
 
+def test_finetune_report_takes_a_val_split_as_its_validation(hostile, tmp_path):
+    """--val-split F holds out a validation set from DATA: --report has its errors to show (it was refused)."""
+    run = tmp_path / "run"
+    code, _, err = run_main("finetune", hostile["data"] / "train", "--output", run, "--val-split", "0.2", "--report",
+                            *ARGS)  # fmt: skip
+    assert code == 0, err
+    rows = read_csv(run / "report" / "predictions.csv")
+    assert len(rows) == 6  # 0.2 of each class of 10 images held out
+    assert {r["true_label"] for r in rows} == {IMG, SVG, AMP}
+    assert (run / "report" / "index.html").is_file()
+
+
 def test_a_rerun_replaces_the_earlier_report_and_keeps_the_user_s_files(
     hostile: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -182,3 +182,30 @@ def test_an_output_inside_a_folder_read_recursively_or_another_command_s_folder_
         "one that bit explain wrote\n"
     )
     assert (tmp_path / "report" / "index.html").read_bytes() == b"the report"
+
+
+@pytest.mark.parametrize("stored", ["temperature", "thresholds"])
+def test_the_score_is_bit_predict_s_for_a_calibrated_or_a_multi_label_model(
+    stored: str, tiny_dir: Path, images, tmp_path: Path
+) -> None:
+    """The row's score is the one `bit predict` gives the explained class: softmax(logits / T) for a model with a
+    stored temperature, the class's sigmoid for a multi-label model (not the softmax at temperature 1)."""
+    import dataclasses
+
+    from bitcli.formats import bitcli as bitcli_format
+    from bitcli.hub import load_checkpoint
+
+    extra = {"temperature": 0.535} if stored == "temperature" else {"thresholds": [0.45, 0.5, 0.55] * 3 + [0.5]}
+    model = tmp_path / f"{stored}.safetensors"
+    bitcli_format.write(dataclasses.replace(load_checkpoint(str(tiny_dir)), **extra), model)
+    code, stdout, err = run_main("explain", *images[:3], "--model", model, "-o", tmp_path / "out", "--workers", "0")
+    assert code == 0, err
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    code, out, err = run_main("predict", *images[:3], "--model", model, "-f", "json", "-k", "10", "--workers", "0")
+    assert code == 0, err
+    predicted = json.loads(out)
+    assert [r["path"] for r in rows] == [p["path"] for p in predicted] == [str(p) for p in images[:3]]
+    for row, prediction in zip(rows, predicted):
+        scores = {p["index"]: p["score"] for p in prediction["predictions"]}
+        assert row["index"] == prediction["predictions"][0]["index"]  # explained: the prediction
+        assert row["score"] == pytest.approx(scores[row["index"]], abs=1e-6)

@@ -70,6 +70,17 @@ def test_eval_plot_inside_the_data_folder_is_refused(work, tiny_dir, plot):
     )
 
 
+def test_eval_plot_s_reliability_diagram_linked_into_the_data_is_refused(work, tiny_dir):
+    os.symlink("data/apple/000.png", "z-reliability.png")  # --plot z.png writes z-reliability.png beside it
+    _refused(
+        ["eval", "data", "-m", tiny_dir, "--plot", "z.png"],
+        work / "data" / "apple" / "000.png",
+        "--plot z-reliability.png: is inside the data folder data (DATA), where it would be taken for an image of "
+        "the data set, or replace one; choose a file outside it",
+    )
+    assert not Path("z.png").exists()
+
+
 @pytest.mark.parametrize(("plot", "replaced"), [("lab.png", "labels.csv"), ("img.png", "./img.png")])
 def test_eval_plot_over_a_label_file_or_its_images_is_refused(work, tiny_dir, plot, replaced):
     Path("labels.csv").write_text("path,label\ndata/apple/000.png,apple\nimg.png,banana\n")

@@ -188,6 +188,27 @@ def test_a_subfolder_replaced_by_a_link_is_never_written_or_emptied_through(tmp_
     assert (folder / "images").is_symlink()
 
 
+@pytest.mark.parametrize("name", ["index.html", "reliability.png"])  # a file of the earlier page, or a new one
+def test_a_page_file_replaced_by_a_link_is_never_written_through(tmp_path: Path, name: str) -> None:
+    """A link where the page writes a file (put there after the earlier page, pointing at the user's file): the
+    rerun is refused (one line) before anything is written, and the user's file keeps its bytes. (A link in place
+    of an earlier page's file that the new page does not write is left alone: test_a_rerun_replaces_only_what_...)"""
+    folder, theirs = tmp_path / "report", tmp_path / "precious.png"
+    write_page_folder(folder, {"index.html": b"x", "images/00001.jpg": b"a"}, EVAL_REPORT)
+    theirs.write_bytes(b"the user's picture")
+    (folder / name).unlink(missing_ok=True)
+    (folder / name).symlink_to(theirs)
+    reason = (
+        f"its file '{name}' is a link, which bitcli did not make and would write through; remove the link or "
+        "give another folder"
+    )
+    with pytest.raises(BitError) as caught:
+        write_page_folder(folder, {"index.html": b"y", "reliability.png": b"z"}, EVAL_REPORT)
+    assert str(caught.value) == f"{folder}: {reason}"
+    assert theirs.read_bytes() == b"the user's picture"
+    assert (folder / name).is_symlink()
+
+
 def test_another_command_s_page_folder_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "out"
     write_page_folder(folder, {"explain.jsonl": b"{}\n"}, EXPLAIN)

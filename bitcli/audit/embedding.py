@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from bitcli import pipeline
 from bitcli.audit.cache import EmbeddingCache, Entry
@@ -80,9 +81,13 @@ def file_bytes(ref: Any) -> bytes | None:
         return None
 
 
-def pixel_hash(array: np.ndarray) -> bytes:
-    h = hashlib.sha256(f"{array.shape}".encode())
-    h.update(np.ascontiguousarray(array).tobytes())
+def pixel_hash(picture: Image.Image) -> bytes:
+    """SHA-256 of an RGB picture's shape (height, width, 3) and pixels: the digest of its numpy array's shape and
+    bytes (what earlier caches hold), taken from Pillow's bytes directly, a copy fewer than numpy's array."""
+    if picture.mode != "RGB":  # load_example gives RGB; another mode would hash other bytes under the same shape
+        raise ValueError(f"pixel_hash needs an RGB picture, not {picture.mode}")
+    h = hashlib.sha256(f"{(picture.height, picture.width, 3)}".encode())
+    h.update(picture.tobytes())
     return h.digest()
 
 
@@ -126,9 +131,8 @@ def _decoder(examples: Examples, preprocess: Preprocess, cache: EmbeddingCache):
         if entry is not None:
             return _Seen(file_hash, entry)
         picture = load_example(ref)
-        rgb = np.asarray(picture)
         size = (picture.width, picture.height)
-        return _Seen(file_hash, pixels=pixel_hash(rgb), size=size, array=preprocess.to_uint8(picture))
+        return _Seen(file_hash, pixels=pixel_hash(picture), size=size, array=preprocess.to_uint8(picture))
 
     return decode
 

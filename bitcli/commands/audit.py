@@ -16,7 +16,7 @@ import torch
 
 from bitcli import extras, pipeline
 from bitcli.audit.cache import EmbeddingCache, model_key
-from bitcli.audit.duplicates import find_pairs, unit_rows
+from bitcli.audit.duplicates import SKETCH_ABOVE, find_pairs, unit_rows
 from bitcli.audit.embedding import Embeddings, Interrupted, embed_examples
 from bitcli.audit.examples import Examples, audit_parts, gather
 from bitcli.audit.findings import Findings, broken, clean_label_file, csv_files, to_json
@@ -68,7 +68,8 @@ def run(opts: AuditOptions) -> int:
         f"in {time.monotonic() - started:.1f} s")  # fmt: skip
     findings = Findings(examples=examples, model=opts.model, input_side=_input_side(ckpt.preprocess),
                         min_images=opts.min_images, errors=found.errors, sizes=found.sizes)  # fmt: skip
-    findings.pairs = find_pairs(found.vectors, found.pixels, opts.threshold)
+    findings.pairs = find_pairs(found.vectors, found.pixels, opts.threshold,
+                                sketch_above=None if opts.exact_search else SKETCH_ABOVE)  # fmt: skip
     ok = np.flatnonzero(found.ok)
     probs = out_of_sample_probs(found.vectors[ok], examples.labels[ok], len(examples.classes))
     # the head saw the decodable examples only: their positions back to example numbers

@@ -101,20 +101,21 @@ def _heading(opts: EvalOptions, ds: ImageFolder) -> str:
 
 
 def _check_plot_outside(opts: EvalOptions, ds: ImageFolder | None) -> None:
-    """--plot must not be written into a DATA folder (the picture would become an image of the data set, or
+    """--plot (and the reliability diagram beside it) must not be written into a DATA folder (the picture would become an image of the data set, or
     replace one), nor over a DATA file or an image that a label file lists (checked once `ds` is read)."""
     where = data_path(opts.data)
     if opts.plot is None or where is None:
         return
-    if where.is_dir():
-        if ds is None and within(opts.plot, where):
-            raise UsageError(
-                f"--plot {display(opts.plot)}: is inside the data folder {display(where)} (DATA), where it would "
-                "be taken for an image of the data set, or replace one; choose a file outside it"
-            )
-    elif ds is not None:
-        listed = (p for p in ds.paths if isinstance(p, str))  # a label file's images (a parquet's are inside it)
-        refuse_replacing_input("--plot", opts.plot, itertools.chain([where], listed))
+    for picture in (opts.plot, reliability_path(opts.plot)):  # both files --plot writes (either may be a link)
+        if where.is_dir():
+            if ds is None and within(picture, where):
+                raise UsageError(
+                    f"--plot {display(picture)}: is inside the data folder {display(where)} (DATA), where it would "
+                    "be taken for an image of the data set, or replace one; choose a file outside it"
+                )
+        elif ds is not None:
+            listed = (p for p in ds.paths if isinstance(p, str))  # a label file's images (a parquet's are inside)
+            refuse_replacing_input("--plot", picture, itertools.chain([where], listed))
 
 
 def _report(result: Evaluation, opts: EvalOptions, ds: ImageFolder) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bitcli import urls
+from bitcli import scores, urls
 from bitcli.distributed import from_main, process_group
 from bitcli.engine import Engine, load_engine
 from bitcli.errors import BitError
@@ -44,7 +44,7 @@ KIND = EXPLAIN
 
 @dataclass(frozen=True)
 class Explained:
-    """One input's row: (class index, its probability, the map [H, W]) or why it has none."""
+    """One input's row: (class index, its score as `bit predict` gives it, the map [H, W]) or why it has none."""
 
     path: str
     value: tuple[int, float, np.ndarray] | None = None
@@ -61,11 +61,13 @@ def run(opts: ExplainOptions) -> int:
         fixed = target_index(opts.target, engine.labels, ckpt.source or opts.model) if opts.target else None
 
         def explain(batch: np.ndarray) -> list[tuple[int, float, np.ndarray]]:
-            probs = torch.softmax(engine.logits(batch), dim=1).cpu()
+            # bit predict's scores (bitcli.scores): the model's temperature, a multi-label model's sigmoids
+            probs = scores.probabilities(engine.logits(batch), engine.temperature,
+                                         multi_label=engine.thresholds is not None).cpu()  # fmt: skip
             index = torch.full((len(batch),), fixed) if fixed is not None else probs.argmax(dim=1)
             maps = engine.gradcam(batch, index.numpy())
-            scores = probs.gather(1, index[:, None])[:, 0].tolist()
-            return [(int(i), float(s), m) for i, s, m in zip(index.tolist(), scores, maps)]
+            picked = probs.gather(1, index[:, None])[:, 0].tolist()
+            return [(int(i), float(s), m) for i, s, m in zip(index.tolist(), picked, maps)]
 
         downloads = Downloads(engine.preprocess, urls.downloads(opts.max_download_mb))
         out = Outputs(opts.output, report.inputs, engine, downloads) if info.main else None

@@ -48,7 +48,7 @@ def prepare(opts: FinetuneOptions, info: Dist, device: torch.device, dtype: torc
         return None
     saved = read_saved_plan(opts.output) if mode == "resume" else None
     found = scan_datasets(opts)
-    if opts.report and found.val is None:
+    if opts.report and found.val is None and opts.val_split is None:  # --val-split makes one from DATA
         raise UsageError(
             "--report shows the errors of the last validation, and this run has no validation set: "
             "give --val DATA or --val-split F (or a DATA with a val split)"

@@ -126,6 +126,19 @@ def _linked_refusal(folder: Path, link: Path) -> str:
     )
 
 
+def _linked_file(folder: Path, names: Iterable[str]) -> str | None:
+    """The first of the page's file `names` that is a link in `folder` (written, the page would be written
+    through it into whatever it points at), or None."""
+    return next((name for name in names if (folder / name).is_symlink()), None)
+
+
+def _linked_file_refusal(name: str) -> str:
+    return (
+        f"its file {display(name)!r} is a link, which bitcli did not make and would write through; remove the "
+        "link or give another folder"
+    )
+
+
 def _inside(name: str) -> bool:
     """A relative path that stays in the folder (a marker edited to name ../../x names nothing of ours)."""
     p = PurePosixPath(name)
@@ -147,6 +160,9 @@ class PageFolder:
         linked = next(filter(None, (_link_on_the_way(folder, name) for name in planned)), None)
         if reason is None and linked is not None:
             reason = _linked_refusal(folder, linked)
+        linked_file = _linked_file(folder, planned) if reason is None else None
+        if linked_file is not None:
+            reason = _linked_file_refusal(linked_file)
         if reason is not None:
             raise BitError(f"{display(folder)}: {reason}")
         self.folder, self.kind, self.planned = folder, kind, set(planned)

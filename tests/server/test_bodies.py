@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
 from bitcli.server.bodies import RequestError, read_body
+
+
+def _run_alone(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """asyncio.run on a thread of its own: a session's Playwright browser (the page tests) keeps an event loop
+    running in the main thread, where asyncio.run refuses to start."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 async def _chunks(n: int, size: int) -> AsyncIterator[bytes]:
@@ -23,7 +32,7 @@ def test_a_body_refused_past_the_cap_is_freed_while_its_error_lives():
     tracemalloc.start()
     try:
         with pytest.raises(RequestError) as refused:
-            asyncio.run(read_body(_chunks(60, 100_000), None, 5_000_000))
+            _run_alone(read_body(_chunks(60, 100_000), None, 5_000_000))
         held, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -108,3 +108,58 @@ def test_the_page_s_blocks_do_not_overlap_on_a_wide_or_a_phone_screen(browser_pa
         drop = boxes[2]
         assert drop["bottom"] - drop["top"] > 50  # a zone to drop on, not a line of text
     assert browser_page.errors == []
+
+
+def test_a_multi_label_model_s_labels_are_shown_above_the_bars(browser_page, hostile_dir, pictures, tmp_path):
+    """A multi-label model's answer: the labels at or above their thresholds, as the API gives them, in one line
+    above the top-five bars (labels that are HTML shown as text); a single-label model's page has no such line."""
+    import dataclasses
+
+    from bitcli.engine import load_engine
+    from bitcli.formats import bitcli as bitcli_format
+    from bitcli.hub import load_checkpoint
+
+    model = tmp_path / "multi.safetensors"
+    checkpoint = load_checkpoint(str(hostile_dir))
+    bitcli_format.write(dataclasses.replace(checkpoint, thresholds=[0.0, 0.0, 1.0, 1.0, 1.0]), model)
+    engine = load_engine(load_checkpoint(str(model)), torch.device("cpu"), torch.float32)
+    page = browser_page.page
+    with serving(engine) as url:
+        page.goto(url)
+        page.wait_for_function("document.getElementById('model').textContent.includes('5 classes (multi-label)')")
+        page.set_input_files("#file", str(pictures["b.jpg"]))
+        page.wait_for_selector("#results .row:nth-child(5)")
+        labels = post(url, "/v1/predict?top_k=5&name=b.jpg", pictures["b.jpg"].read_bytes()).json[0]["labels"]
+    assert sorted(p["label"] for p in labels) == sorted(HOSTILE_LABELS[:2])  # thresholds 0: always; 1: never
+    shown = ", ".join(f"{p['label']} {p['score'] * 100:.1f}%" for p in labels)
+    assert page.inner_text("#labels") == f"Labels at or above their thresholds: {shown}"
+    assert page.evaluate("window.__pwned") is None
+    assert browser_page.errors == []
+
+
+def test_a_single_label_model_s_page_has_no_labels_line(browser_page, hostile_server, pictures):
+    page = browser_page.page
+    page.goto(hostile_server)
+    page.set_input_files("#file", str(pictures["b.jpg"]))
+    page.wait_for_selector("#results .row:nth-child(5)")
+    assert page.locator("#labels").is_hidden()
+    assert "multi-label" not in page.inner_text("#model")
+
+
+def test_the_page_shows_the_server_s_top_k_whatever_the_number_of_classes(browser_page, hostile_dir, pictures):
+    """The page asks for the server's own default (--top-k, at most the number of classes): a model with fewer
+    than five classes, or a server started with --top-k 3, is answered, not refused for top_k=5."""
+    from bitcli.engine import load_engine
+    from bitcli.hub import load_checkpoint
+
+    engine = load_engine(load_checkpoint(str(hostile_dir)), torch.device("cpu"), torch.float32)
+    page = browser_page.page
+    with serving(engine, top_k=3) as url:
+        page.goto(url)
+        page.set_input_files("#file", str(pictures["b.jpg"]))
+        page.wait_for_selector("#results .row:nth-child(3)")
+        expected = post(url, "/v1/predict?name=b.jpg", pictures["b.jpg"].read_bytes()).json[0]["predictions"]
+    assert len(expected) == 3
+    assert page.locator("#results .label").all_inner_texts() == [p["label"] for p in expected]
+    assert page.inner_text("#status") == "b.jpg"
+    assert browser_page.errors == []

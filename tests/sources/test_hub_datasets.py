@@ -1,5 +1,6 @@
 """hf://datasets/OWNER/NAME: read from a pre-populated Hugging Face cache with HF_HUB_OFFLINE=1, and downloaded
-from the loopback Hub of tests/fakehub.py (processes: huggingface_hub reads HF_ENDPOINT at import)."""
+from the loopback Hub of tests/fakehub.py (processes: huggingface_hub reads HF_ENDPOINT at import); `bit audit`
+of a served data set names each finding by the rows the source gives."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import torch
 from conftest import run_bit, run_main
 from fakehub import FakeHub, git_blob_sha1
 from finetune.helpers import FAST, PROCESS_ENV, read_weights
+from PIL import Image
+
+from .conftest import CLASSES, image_dataset, interleave
 
 COMMIT = "5e" * 20
 REPO = "org/colors"
@@ -168,3 +172,59 @@ def test_loopback_hub_unknown_dataset_and_split(hub, reference, tmp_path: Path) 
     )
     assert result.returncode == 1, result.stderr
     assert result.stderr == f"Error: hf://datasets/{REPO}: has no split 'extra' (splits: train, validation)\n"
+
+
+LEAKY = "org/leaky"
+
+
+@pytest.fixture(scope="module")
+def leaky_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hub data set repo (flat parquet shards) of distinct pictures (test_audit's: the tiny random-weight
+    model's copies are >= 0.9997 similar, its distinct images <= 0.993), 8 a class in train and 3 in
+    validation, with two planted findings: train row 24 is train row 3's picture re-saved as another PNG (an
+    exact duplicate: same pixels, other bytes), and validation row 9 is train row 7's file (a leak); both keep
+    their original's label."""
+    from test_audit import pattern
+
+    folder = tmp_path_factory.mktemp("leaky")
+    rows: dict[str, list[tuple[str, str]]] = {"train": [], "validation": []}
+    for split, per_class, seed in (("train", 8, 0), ("validation", 3, 5000)):
+        for c, name in enumerate(CLASSES):
+            for i in range(per_class):
+                path = f"{split}-{name}-{i}.png"
+                pattern(seed + 100 * c + i, c).save(folder / path)
+                rows[split].append((path, name))
+    train, val = interleave(rows["train"]), interleave(rows["validation"])
+    Image.open(folder / train[3][0]).save(folder / "resaved.png", compress_level=1)
+    assert (folder / "resaved.png").read_bytes() != (folder / train[3][0]).read_bytes()
+    image_dataset(folder, [*train, ("resaved.png", train[3][1])]).to_parquet(folder / "train-00000-of-00001.parquet")
+    image_dataset(folder, [*val, train[7]]).to_parquet(folder / "validation-00000-of-00001.parquet")
+    for png in folder.glob("*.png"):
+        png.unlink()
+    return folder
+
+
+def test_audit_of_a_hub_dataset_finds_the_planted_duplicate_and_leak(leaky_files, tiny_dir, tmp_path: Path) -> None:
+    with DatasetHub() as server:
+        server.add(LEAKY, leaky_files, COMMIT)
+        env = {**PROCESS_ENV, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "BITCLI_CACHE": str(tmp_path / "cache")}  # fmt: skip
+        result = run_bit("audit", f"hf://datasets/{LEAKY}", "--model", str(tiny_dir), "--output", str(tmp_path / "out"),
+                         "--threshold", "0.999", "--workers", "0", env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "audit.json").read_text())
+    train = f"hf://datasets/{LEAKY}/train-00000-of-00001.parquet"
+    validation = f"hf://datasets/{LEAKY}/validation-00000-of-00001.parquet"
+    assert [(d["a"], d["b"], d["split_a"], d["split_b"], d["exact"], d["leak"]) for d in report["duplicates"]] == [
+        (f"{train} row 3", f"{train} row 24", "train", "train", True, False),
+        (f"{train} row 7", f"{validation} row 9", "train", "validation", True, True),
+    ]
+    assert {k: report["counts"][k] for k in ("duplicates", "exact", "near", "leaks", "conflicts", "undecodable")} == {
+        "duplicates": 2, "exact": 2, "near": 0, "leaks": 1, "conflicts": 0, "undecodable": 0,
+    }  # fmt: skip
+    splits = report["inventory"]["splits"]
+    assert {name: s["images"] for name, s in splits.items()} == {"train": 25, "validation": 10}
+    with open(tmp_path / "out" / "duplicates.csv", encoding="utf-8") as f:
+        assert [(r["a"], r["b"]) for r in csv.DictReader(f)] == [
+            (f"{train} row 3", f"{train} row 24"), (f"{train} row 7", f"{validation} row 9"),
+        ]  # fmt: skip
