@@ -68,10 +68,18 @@ def human_size(n: int) -> str:
     return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
+MB = 1_000_000  # the unit of the --max-*-mb flags
+
+
+def mb_to_bytes(value: float) -> int:
+    """A --max-*-mb flag's value in bytes, to the nearest byte (int() would make 2.01 MB 2,009,999 bytes)."""
+    return round(value * MB)
+
+
 def megabytes(n: int) -> str:
     """A size in bytes in the unit of the --max-*-mb flags (MB = 10^6 bytes), exact to the byte: `5 MB`,
     `0.02 MB`, `5.000001 MB` (a size just over a cap never reads as equal to it)."""
-    whole, part = divmod(n, 1_000_000)
+    whole, part = divmod(n, MB)
     return f"{whole}.{part:06d}".rstrip("0").rstrip(".") + " MB"
 
 

@@ -30,9 +30,8 @@ from PIL import Image
 import bitcli
 from bitcli.errors import BitError, one_line
 from bitcli.preprocess import image_size, load_image
-from bitcli.ui import display, megabytes
+from bitcli.ui import MB, display, mb_to_bytes, megabytes
 
-MB = 1_000_000
 SCHEMES = ("http", "https")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # what makes an argument a URL rather than a path
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -56,7 +55,7 @@ DEFAULT = Limits()
 
 def downloads(max_mb: float) -> Limits:
     """The limits of a command run with --max-download-mb `max_mb`."""
-    return Limits(max_bytes=round(max_mb * MB))  # (int() would make 2.01 MB 2,009,999 bytes)
+    return Limits(max_bytes=mb_to_bytes(max_mb))
 
 
 def is_url(text: str) -> bool:

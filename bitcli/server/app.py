@@ -47,9 +47,9 @@ from bitcli.pipeline import failure
 from bitcli.preprocess import load_image
 from bitcli.render import Row
 from bitcli.server.batcher import Batcher
-from bitcli.server.bodies import MB, Part, RequestError, read_body, split_images
+from bitcli.server.bodies import Part, RequestError, read_body, split_images
 from bitcli.tool_options import ServeOptions
-from bitcli.ui import display
+from bitcli.ui import display, mb_to_bytes
 
 PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 ENDPOINTS = "POST /v1/predict, POST /v1/embed, GET /v1/model, GET /healthz, GET /"
@@ -218,7 +218,7 @@ class Service:
         return json_response({"error": "no image in the request could be decoded", "rows": rows}, 400)
 
     async def _parts(self, request: Request, deadline: float) -> list[Part]:
-        body = read_body(request.stream(), request.headers.get("content-length"), round(self.opts.max_body_mb * MB))
+        body = read_body(request.stream(), request.headers.get("content-length"), mb_to_bytes(self.opts.max_body_mb))
         try:
             data = await asyncio.wait_for(body, _left(deadline))
         except asyncio.TimeoutError:

@@ -16,8 +16,6 @@ from bitcli.ui import megabytes
 if TYPE_CHECKING:  # the parser's callback table (python_multipart declares it for type checkers only)
     from python_multipart.multipart import MultipartCallbacks
 
-MB = 1_000_000
-
 
 class RequestError(Exception):
     """An answer other than rows: an HTTP status with a JSON {"error": message} body (and extra headers)."""
