@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 import torch
+from playwright.sync_api import expect
 
 from .conftest import HOSTILE_LABELS
 from .helpers import call, post, serving
@@ -23,12 +24,19 @@ def hostile_server(hostile_dir):
         yield url
 
 
+def model_line_reads(page, text: str) -> None:
+    """Wait until the model line (filled in from GET /v1/model) contains `text`. Playwright's auto-waiting
+    assertion, not wait_for_function("..."): the page's policy forbids eval, and wait_for_function evaluates a
+    string predicate with it whenever the first check is false (the line not yet there on a busy machine)."""
+    expect(page.locator("#model")).to_contain_text(text, timeout=30_000)
+
+
 def test_upload_shows_the_top_five_with_bars(browser_page, hostile_server, pictures):
     page, url = browser_page.page, hostile_server
     requests: list[str] = []
     page.on("request", lambda r: requests.append(r.url))
     page.goto(url)
-    page.wait_for_function("document.getElementById('model').textContent.includes('5 classes')")
+    model_line_reads(page, "5 classes")
     page.set_input_files("#file", str(pictures["b.jpg"]))
     page.wait_for_selector("#results .row:nth-child(5)")
 
@@ -95,7 +103,7 @@ def test_the_page_s_blocks_do_not_overlap_on_a_wide_or_a_phone_screen(browser_pa
     for width in (1280, 380):
         page.set_viewport_size({"width": width, "height": 800})
         page.goto(hostile_server)
-        page.wait_for_function("document.getElementById('model').textContent.includes('5 classes')")
+        model_line_reads(page, "5 classes")
         boxes = page.evaluate(
             """() => ["h1", "#model", "#drop", "#status", "#results"].map((s) => {
                 const r = document.querySelector(s).getBoundingClientRect();
@@ -126,7 +134,7 @@ def test_a_multi_label_model_s_labels_are_shown_above_the_bars(browser_page, hos
     page = browser_page.page
     with serving(engine) as url:
         page.goto(url)
-        page.wait_for_function("document.getElementById('model').textContent.includes('5 classes (multi-label)')")
+        model_line_reads(page, "5 classes (multi-label)")
         page.set_input_files("#file", str(pictures["b.jpg"]))
         page.wait_for_selector("#results .row:nth-child(5)")
         labels = post(url, "/v1/predict?top_k=5&name=b.jpg", pictures["b.jpg"].read_bytes()).json[0]["labels"]
