@@ -1,5 +1,10 @@
 """Shared fixtures: checkpoints the tests build themselves with the peers (transformers, timm), real photos
-that scikit-image and scikit-learn ship, a pre-populated Hugging Face cache, and a runner for the real CLI."""
+that scikit-image and scikit-learn ship, a pre-populated Hugging Face cache, and a runner for the real CLI.
+
+The suite runs alone (`pytest tests/test_model.py`) or on several cores with pytest-xdist (.ci/run: `-n auto
+--dist loadfile`, a whole file per worker, so a module's fixtures are built once). Each worker is a process with
+its own session fixtures and tmp_path root; tests share nothing else: free ports (port 0), no fixed paths, the
+caches a test writes ($BITCLI_CACHE, HF_HOME) under its tmp_path, env changes through monkeypatch."""
 
 from __future__ import annotations
 
@@ -31,6 +36,25 @@ BIT50_PREPROCESSOR = {
     "image_std": [0.5, 0.5, 0.5],
     "do_convert_rgb": True,
 }
+
+
+def worker_threads(cores: int, workers: int) -> int:
+    """Intra-op threads for one of `workers` pytest-xdist workers on `cores` cores: an even share, at least one."""
+    return max(1, cores // workers)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n N`, what .ci/run passes), each worker takes an even share of the cores for torch,
+    and so do the processes it starts (OMP_NUM_THREADS, MKL_NUM_THREADS), unless the caller chose a count: N
+    workers each spinning as many OpenMP threads as there are cores are several times slower than N x 1."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if "PYTEST_XDIST_WORKER" not in os.environ or workers < 2:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = str(worker_threads(cores, workers))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, threads)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def perturb(model: torch.nn.Module, seed: int = 0) -> None:
