@@ -295,7 +295,8 @@ SamplerOpt = Annotated[
 KeepBestOpt = Annotated[
     KeepBest | None,
     typer.Option("--keep-best", case_sensitive=False, show_default=False, metavar="METRIC",
-                 help="Also keep the best validated model by METRIC (top1, macro_f1, balanced_accuracy, loss) in DIR/best."),
+                 help="Also keep the best validated model by METRIC in DIR/best: top1, macro_f1, balanced_accuracy, loss; "
+                 "multi-label data: mAP, macro_f1, loss."),
 ]  # fmt: skip
 NoCalibrateOpt = Annotated[
     bool,

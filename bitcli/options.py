@@ -89,6 +89,7 @@ class KeepBest(Choice):
     macro_f1 = "macro_f1"
     balanced_accuracy = "balanced_accuracy"
     loss = "loss"
+    mAP = "mAP"  # multi-label runs only (top1 and balanced_accuracy: single-label only)
 
 
 class DType(Choice):

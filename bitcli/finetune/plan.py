@@ -22,6 +22,7 @@ from bitcli.finetune.memory import auto_batch_split
 from bitcli.finetune.runfiles import PICTURE_FILES, SUMMARY_FILE
 from bitcli.finetune.start import check_resolution
 from bitcli.formats import BIT_DEFAULT_PREPROCESS
+from bitcli.metrics import selection_metrics
 from bitcli.options import FinetuneOptions
 from bitcli.preprocess import Preprocess
 from bitcli.ui import visible
@@ -106,11 +107,12 @@ def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig, *, has_val
     has_validation: DATA has a validation split of its own; multi_label: its rows give several labels."""
     check_resolution(opts.resolution, config)
     if multi_label:
-        refused = [(flag, v) for flag, v in (("--class-weights", opts.class_weights), ("--sampler", opts.sampler),
-                   ("--keep-best", opts.keep_best)) if v is not None]  # fmt: skip
+        refused = [(flag, v) for flag, v in (("--class-weights", opts.class_weights), ("--sampler", opts.sampler))
+                   if v is not None]  # fmt: skip
         if refused:
             name, choice = refused[0]
             raise UsageError(f"{name} {choice}: not available for multi-label data yet; leave it out")
+    check_keep_best(opts.keep_best, multi_label)
     for flag, value, minimum in (("--steps", opts.steps, 1), ("--batch-split", opts.batch_split, 1),
                                  ("--eval-every", opts.eval_every, 0), ("--save-every", opts.save_every, 1)):  # fmt: skip
         if value is not None and value < minimum:
@@ -134,6 +136,19 @@ def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig, *, has_val
             f"--batch-split {opts.batch_split}: must divide the {per_rank} images each process takes per step "
             f"(--batch-size {opts.batch_size} over {info.world} process(es))"
         )
+
+
+def check_keep_best(metric: object, multi_label: bool) -> None:
+    """--keep-best METRIC must mean something for the data's kind (known once the labels are read): top-1 and
+    balanced accuracy count one label an image, mAP ranks each class's scores over images of several labels."""
+    if metric is None or str(metric) in selection_metrics(multi_label):
+        return
+    valid = ", ".join(selection_metrics(multi_label))
+    if multi_label:
+        raise UsageError(f"--keep-best {metric}: counts one label an image, and this data is multi-label (several "
+                         f"labels a row); use --keep-best mAP (or one of {valid})")  # fmt: skip
+    raise UsageError(f"--keep-best {metric}: is for multi-label data, and this data has one label an image; use "
+                     f"--keep-best top1 (or one of {valid})")  # fmt: skip
 
 
 def check_same_run(saved: dict[str, Any], plan: Plan, output) -> None:
@@ -245,10 +260,16 @@ def class_lines(plan: Plan) -> list[str]:
     if balance:
         lines.append(f"  balance     {'; '.join(balance)}")
     elif ratio > IMBALANCE_NOTE_RATIO and not plan.multi_label:  # (the flags are single-label only, for now)
-        best = "" if plan.keep_best else "; --keep-best balanced_accuracy keeps the best model by the same measure"
+        best = "" if plan.keep_best else f"; --keep-best {_balanced(plan)} keeps the best model by the same measure"
         lines.append(f"  note        the classes are imbalanced: --class-weights balanced or --sampler balanced weigh "
                      f"them equally in training{best}")  # fmt: skip
     return lines
+
+
+def _balanced(plan: Plan) -> str:
+    """The --keep-best metric that weighs every class equally, for the run's kind (balanced accuracy counts one
+    label an image: a multi-label run's is macro F1)."""
+    return "macro_f1" if plan.multi_label else "balanced_accuracy"
 
 
 def selection_lines(plan: Plan) -> list[str]:
@@ -260,15 +281,15 @@ def selection_lines(plan: Plan) -> list[str]:
             lines.append("  thresholds  per class, the F1-maximising one on the validation set, stored with the model")
         else:
             lines.append("  thresholds  0.5 for every class (no validation set to choose them on)")
-        return lines
-    if not plan.validation:
+    elif not plan.validation:
         return []
-    lines = [
-        "  calibrate   a temperature fitted on the validation set after the last step, stored with the model "
-        "(--no-calibrate: off)"
-        if plan.calibrate
-        else "  calibrate   off (--no-calibrate): scores at temperature 1"
-    ]
+    else:
+        lines = [
+            "  calibrate   a temperature fitted on the validation set after the last step, stored with the model "
+            "(--no-calibrate: off)"
+            if plan.calibrate
+            else "  calibrate   off (--no-calibrate): scores at temperature 1"
+        ]
     if plan.keep_best:
         better = "lowest" if plan.keep_best == "loss" else "highest"
         lines.append(f"  keep best   the validated model of the {better} {plan.keep_best} also goes to best/ "
@@ -415,11 +436,13 @@ def pictures_line(has_validation: bool) -> str:
 
 
 def describe_schedule(boundaries: tuple[int, ...], lr: float) -> str:
-    """'lr 0.003 after a linear warm-up of 100 steps, /10 after steps 200, 300, 400' (short runs: less)."""
+    """'lr 0.003 after a linear warm-up of 100 steps, /10 after steps 201, 301, 401' (short runs: less)."""
     warmup, decays = boundaries[0], boundaries[1:-1]
     text = f"lr {lr:g} " + (
         f"after a linear warm-up of {warmup} steps" if warmup else "from the first step (no warm-up)"
     )
     if not decays:
         return text + ", no decay"
-    return text + f", /10 after step{'s' * (len(decays) > 1)} " + ", ".join(str(d) for d in decays)
+    # Steps are counted from 1 here, as in the progress lines: the lr drops after boundary index d (0-based,
+    # hyperrule.learning_rate), i.e. after the (d + 1)-th step.
+    return text + f", /10 after step{'s' * (len(decays) > 1)} " + ", ".join(str(d + 1) for d in decays)
