@@ -262,14 +262,14 @@ def selection_lines(folder: Path, plan: dict[str, Any]) -> list[str]:
     try:
         cal = summary.get("calibration")
         if isinstance(cal, dict) and cal.get("skipped"):  # the fit was tried and skipped: the temperature is 1
-            lines.append(f"calibration not calibrated: {visible(str(cal['skipped']))}; scores at temperature 1")
+            lines.append(f"calibration none: {visible(str(cal['skipped']))}; scores at temperature 1")
         elif isinstance(cal, dict):
             lines.append(f"calibrated  temperature {_number(cal['temperature'], 4)}: validation ECE "
                          f"{_number(cal['val_ece_before'], 4)} -> {_number(cal['val_ece_after'], 4)}, NLL "
                          f"{_number(cal['val_nll_before'], 4)} -> {_number(cal['val_nll_after'], 4)}"
                          f"{_calibration_note(cal, ' (', ')')}")  # fmt: skip
         elif _calibration_off(plan):
-            lines.append("calibration not calibrated: --no-calibrate; scores at temperature 1")
+            lines.append("calibration none: --no-calibrate; scores at temperature 1")
         if isinstance(best := summary.get("best"), dict) and best.get("step") is not None:
             lines.append(f"best        {visible(str(best['metric']))} {_number(best['value'], 4)} after step "
                          f"{whole(int(best['step']) + 1)} ({_best_temperature(best, plan)}): "

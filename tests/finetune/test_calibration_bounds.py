@@ -69,7 +69,7 @@ def test_finetune_with_a_one_class_validation_folder_keeps_temperature_one(datas
     code, out, err = run_main("report", run)
     assert code == 0, err
     # no temperature is claimed where none was fitted (it read "calibrated  temperature 1.0000 ...")
-    assert f"\ncalibration not calibrated: {SKIPPED}; scores at temperature 1\n" in out
+    assert f"\ncalibration none: {SKIPPED}; scores at temperature 1\n" in out
     assert "calibrated  " not in out and "temperature 1.0000" not in out
     assert f"best        loss {summary['best']['value']:.4f} after step {step + 1} (not calibrated: {SKIPPED}): " \
            f"{run / 'best'}\n" in out  # fmt: skip

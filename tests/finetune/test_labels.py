@@ -210,7 +210,7 @@ def test_calibration_is_what_eval_reports_and_no_calibrate_turns_it_off(imbalanc
     assert "  calibrate   off (--no-calibrate): scores at temperature 1\n" in err
     code, out, err = run_main("report", tmp_path / "plain")
     assert code == 0, err
-    assert "\ncalibration not calibrated: --no-calibrate; scores at temperature 1\n" in out
+    assert "\ncalibration none: --no-calibrate; scores at temperature 1\n" in out
     assert "calibrated  " not in out
     code, out, err = run_main("report", tmp_path / "cal")
     assert code == 0, err
