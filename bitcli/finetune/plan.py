@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ OWN_SIZE_RATIO = 2
 HYPERRULE_UPSTREAM = 224  # px: the upstream resolution the rule was made for (BiT-M/S pre-training)
 # Largest over smallest class of the training set beyond which the plan suggests the imbalance flags.
 IMBALANCE_NOTE_RATIO = 5
+HISTOGRAM_NAMED = 3  # classes named where several share the smallest (or largest) size
 
 
 @dataclass(frozen=True)
@@ -240,16 +242,13 @@ def imbalance_ratio(sizes: tuple[int, ...]) -> float:
 
 
 def class_lines(plan: Plan) -> list[str]:
-    """The class histogram in one line (smallest and largest class, imbalance ratio); above
-    IMBALANCE_NOTE_RATIO without a balancing flag, the flags that weigh the classes equally (the HyperRule
-    stays the default); with them, what they do."""
+    """The class histogram in one line (histogram_line); above IMBALANCE_NOTE_RATIO without a balancing flag,
+    the flags that weigh the classes equally (the HyperRule stays the default); with them, what they do."""
     sizes = plan.class_sizes
     if not sizes:  # a plan from before the histogram
         return []
-    small, large = int(np.argmin(sizes)), int(np.argmax(sizes))
     ratio = imbalance_ratio(sizes)
-    lines = [f"  classes     {len(sizes)}: smallest {visible(plan.classes[small])!r} ({sizes[small]:,} images), largest "
-             f"{visible(plan.classes[large])!r} ({sizes[large]:,}); imbalance ratio {ratio:.3g}:1"]  # fmt: skip
+    lines = [histogram_line(plan.classes, sizes)]
     balance = []
     if plan.class_weights:
         weights = balanced_class_weights(np.repeat(np.arange(len(sizes)), sizes), len(sizes))
@@ -270,6 +269,32 @@ def _balanced(plan: Plan) -> str:
     """The --keep-best metric that weighs every class equally, for the run's kind (balanced accuracy counts one
     label an image: a multi-label run's is macro F1)."""
     return "macro_f1" if plan.multi_label else "balanced_accuracy"
+
+
+def histogram_line(classes: Sequence[str], sizes: Sequence[int]) -> str:
+    """`classes     3: smallest 'blue' (2 images), largest 'red' (18); imbalance ratio 9:1`; several classes of
+    the smallest (or largest) size are counted (`smallest 3 classes of 1 image ('a', 'b', 'c')`), and classes
+    all of one size are said to be (`classes     10, 50 images each`)."""
+    low, high = min(sizes), max(sizes)
+    if low == high:
+        return f"  classes     {len(sizes)}, {_images(low)} each"
+    named = {n: [visible(c) for c, size in zip(classes, sizes) if size == n] for n in (low, high)}
+    small = _extreme("smallest", named[low], low, f"({_images(low)})")
+    large = _extreme("largest", named[high], high, f"({high:,})")
+    return f"  classes     {len(sizes)}: {small}, {large}; imbalance ratio {imbalance_ratio(tuple(sizes)):.3g}:1"
+
+
+def _extreme(which: str, named: list[str], size: int, alone: str) -> str:
+    """`smallest 'blue' (2 images)` (`alone`: its size), or for classes sharing the size `smallest 3 classes of
+    2 images ('a', 'b', 'c')`, the first HISTOGRAM_NAMED of them named."""
+    if len(named) == 1:
+        return f"{which} {named[0]!r} {alone}"
+    listed = ", ".join(repr(c) for c in named[:HISTOGRAM_NAMED]) + (", ..." if len(named) > HISTOGRAM_NAMED else "")
+    return f"{which} {len(named):,} classes of {_images(size)} ({listed})"
+
+
+def _images(n: int) -> str:
+    return f"{n:,} image{'s' * (n != 1)}"
 
 
 def selection_lines(plan: Plan) -> list[str]:
