@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from bitcli.errors import BitError
+from bitcli.labels import LIST_SEPARATOR
 from bitcli.sources import folder
 from bitcli.sources.examples import ImageFolder, class_order
 from bitcli.sources.locate import Columns, Part, evaluation_part, training_parts, validation_part
@@ -42,6 +43,14 @@ class Examples:
 
     def label(self, i: int) -> str:
         return self.classes[int(self.labels[i])]
+
+    def label_text(self, i: int) -> str:
+        """The example's label as a CSV label file writes it: its class, or a multi-label example's every class
+        (in class order) joined by `;` (bitcli.labels.LIST_SEPARATOR, which no multi-label class name holds)."""
+        part = self.parts[int(self.split[i])]
+        if part.multi_hot is None:
+            return self.label(i)
+        return LIST_SEPARATOR.join(part.classes[c] for c in np.flatnonzero(part.multi_hot[int(self.index[i])]))
 
     def files_only(self) -> bool:
         """Every example is an image file (a class folder or a label file), not a row holding the image."""

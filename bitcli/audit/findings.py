@@ -219,7 +219,8 @@ def clean_label_file(findings: Findings, target: Path) -> tuple[bytes, int]:
             path = os.path.relpath(os.path.abspath(path), folder)
         except ValueError:  # another drive (Windows): keep it absolute
             path = os.path.abspath(path)
-        row = (path, ex.label(i), _split_word(ex.split_name(i))) if with_split else (path, ex.label(i))
+        label = ex.label_text(i)  # a multi-label example's every label
+        row = (path, label, _split_word(ex.split_name(i))) if with_split else (path, label)
         writer.writerow(row)
     return buf.getvalue().encode("utf-8", "surrogateescape"), len(keep)
 
