@@ -395,8 +395,9 @@ FailOnOpt = Annotated[
 ]  # fmt: skip
 WriteCleanOpt = Annotated[
     Path | None,
-    typer.Option("--write-clean", metavar="FILE.csv",
-                 help="Write a label file (path,label[,split]) of the images no finding flags; the data is never touched."),
+    typer.Option("--write-clean", metavar="FILE.csv|FILE.jsonl",
+                 help="Write a label file (path,label[,split]) of the images no finding flags, in the data's order; "
+                 "multi-label data: FILE.jsonl. The data is never touched."),
 ]  # fmt: skip
 
 

@@ -138,20 +138,32 @@ def test_a_multilabel_class_holding_a_semicolon_is_refused_from_every_source(tmp
 
 
 def test_write_clean_keeps_every_label_of_a_multilabel_row(tmp_path: Path, tiny_dir: Path) -> None:
-    """`bit audit --write-clean` on multi-label data: each kept row lists all its labels, `;`-separated (CSV's
-    syntax), so the clean file reads back with the same labels."""
-    sets = [["red"], ["green", "red"], ["blue"], ["blue", "green", "red"], ["green"], ["red", "blue"]]
-    files = write_images(tmp_path, sets)
+    """`bit audit --write-clean FILE.jsonl` on multi-label data: each kept row lists all its labels (a JSON
+    list, in class order), so the clean file reads back with the same labels; FILE.csv is refused (a CSV whose
+    rows each keep one label would read back as single-label: tests/test_audit_multilabel.py)."""
+    sets = [["red"], ["green", "red"], ["blue"], ["blue", "green", "red"], ["green"], ["red", "blue"]] * 4
+    files = write_images(tmp_path, sets)  # (4 images a set: the held-out heads see a few of each)
     labels = tmp_path / "labels.jsonl"
     labels.write_text("".join(f'{{"path": "{f}", "label": {json.dumps(s)}}}\n' for f, s in zip(files, sets)))
-    code, _, err = run_main("audit", labels, "-m", tiny_dir, "--write-clean", tmp_path / "clean.csv", "--workers", "0")
+    code, _, err = run_main(
+        "audit",
+        labels,
+        "-m",
+        tiny_dir,
+        "--write-clean",
+        tmp_path / "clean.jsonl",
+        "--workers",
+        "0",
+        "--threshold",
+        "0.999",
+    )
     assert code == 0, err
-    rows = (tmp_path / "clean.csv").read_text(encoding="utf-8").splitlines()
-    assert rows[0] == "path,label"
-    written = dict(r.split(",") for r in rows[1:])
-    assert written == {f: ";".join(sorted(s)) for f, s in zip(files, sets) if f in written}  # (class order: by name)
-    assert len(written) >= 4 and any(";" in label for label in written.values()), "too few rows kept: nothing tested"
-    clean, source = (read_label_file(path).scan(None, None) for path in (tmp_path / "clean.csv", labels))
+    rows = [json.loads(line) for line in (tmp_path / "clean.jsonl").read_text(encoding="utf-8").splitlines()]
+    written = {r["path"]: r["label"] for r in rows}
+    assert written == {f: sorted(s) for f, s in zip(files, sets) if f in written}  # (class order: by name)
+    assert list(written) == sorted(written)  # the file's order
+    assert len(written) >= 12 and any(len(label) > 1 for label in written.values()), "too few rows kept: nothing tested"
+    clean, source = (read_label_file(path).scan(None, None) for path in (tmp_path / "clean.jsonl", labels))
     wanted = {source.relative(i): source.multi_hot[i].tolist() for i in range(len(source))}
     assert {clean.relative(i): clean.multi_hot[i].tolist() for i in range(len(clean))} == {
         f: wanted[f] for f in written
