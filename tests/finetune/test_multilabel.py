@@ -108,7 +108,7 @@ def test_accumulated_metrics_equal_scikit_learn() -> None:
     bce = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(truth.astype(np.float32)), reduction="sum")
     assert result["loss"] == pytest.approx(float(bce) / len(y), rel=1e-6)
     table = multilabel.render_table(acc.result(), color=False)
-    assert "AP undefined (no image of the class), left out of mAP: m3\n" in table
+    assert "AP undefined (no image of the class), left out of mAP: 'm3'\n" in table
 
 
 def test_mixup_binary_cross_entropy_is_the_mixed_sum_of_both_losses() -> None:
