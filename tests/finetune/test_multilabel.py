@@ -211,7 +211,7 @@ def test_multilabel_run_resumes_bit_identical(multi_run, tmp_path: Path, monkeyp
     assert code == 130, err
     code, _, err = run_main("finetune", root / "labels.jsonl", "--output", stopped, *RUN, "--resume")
     assert code == 0, err
-    assert "resuming at step 4 of 6" in err
+    assert "resuming at step 5 of 6" in err
     a, b = read_weights(run / "model.safetensors"), read_weights(stopped / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["loss"] for m in read_metrics(stopped)] == [m["loss"] for m in read_metrics(run)]

@@ -203,3 +203,29 @@ def test_finetune_prints_and_records_the_start_models_own_resolution(tmp_path: P
         assert "resize 160x160, random crop 128" in err and "[HyperRule: median image area 1,024 px < 96x96]" in err
         assert [line for line in err.splitlines() if line.startswith("  note ")] == [f"  note        {n}" for n in want]
         assert json.loads((out / "finetune_config.json").read_text())["notes"] == want
+
+
+@pytest.mark.parametrize(
+    "sizes, line",
+    [
+        ((1, 7), "  classes     2: smallest 'c0' (1 image), largest 'c1' (7); imbalance ratio 7:1"),
+        ((50, 50, 50), "  classes     3, 50 images each"),
+        ((1, 1), "  classes     2, 1 image each"),
+        (
+            (1, 9, 1, 9, 1),
+            "  classes     5: smallest 3 classes of 1 image ('c0', 'c2', 'c4'), largest 2 classes of 9 "
+            "images ('c1', 'c3'); imbalance ratio 9:1",
+        ),
+        (
+            (2, 2, 2, 2, 1200),
+            "  classes     5: smallest 4 classes of 2 images ('c0', 'c1', 'c2', ...), largest 'c4' "
+            "(1,200); imbalance ratio 600:1",
+        ),
+    ],
+)
+def test_plan_class_histogram_line(tmp_path: Path, sizes: tuple[int, ...], line: str) -> None:
+    """One image is `1 image`; classes all of one size say so instead of naming a smallest and a largest that are
+    equal; classes sharing the smallest or largest size are counted, the first three named."""
+    plan = dataclasses.replace(_plan(tmp_path, (32, 32), 100), classes=tuple(f"c{i}" for i in range(len(sizes))),
+                               class_sizes=sizes)  # fmt: skip
+    assert [x for x in describe(plan) if x.startswith("  classes ")] == [line]
