@@ -30,6 +30,7 @@ from bitcli.options import (
     parse_device,
     parse_dst_path,
     parse_file_path,
+    parse_megabytes,
     parse_min_score,
     parse_png_path,
     parse_positive,
@@ -151,7 +152,7 @@ EmbedFormatOpt = Annotated[
 NormalizeOpt = Annotated[bool, typer.Option("--normalize", help="L2-normalise every vector (unit length).")]
 MaxDownloadOpt = Annotated[
     float,
-    typer.Option("--max-download-mb", parser=_parser("--max-download-mb", parse_positive), metavar="MB",
+    typer.Option("--max-download-mb", parser=_parser("--max-download-mb", parse_megabytes), metavar="MB",
                  help="Size cap of an image given as an http(s) URL (fetched with timeouts, at most 5 redirects)."),
 ]  # fmt: skip
 
@@ -295,7 +296,8 @@ SamplerOpt = Annotated[
 KeepBestOpt = Annotated[
     KeepBest | None,
     typer.Option("--keep-best", case_sensitive=False, show_default=False, metavar="METRIC",
-                 help="Also keep the best validated model by METRIC (top1, macro_f1, balanced_accuracy, loss) in DIR/best."),
+                 help="Also keep the best validated model by METRIC in DIR/best: top1, macro_f1, balanced_accuracy, loss; "
+                 "multi-label data: mAP, macro_f1, loss."),
 ]  # fmt: skip
 NoCalibrateOpt = Annotated[
     bool,
@@ -393,8 +395,9 @@ FailOnOpt = Annotated[
 ]  # fmt: skip
 WriteCleanOpt = Annotated[
     Path | None,
-    typer.Option("--write-clean", metavar="FILE.csv",
-                 help="Write a label file (path,label[,split]) of the images no finding flags; the data is never touched."),
+    typer.Option("--write-clean", metavar="FILE.csv|FILE.jsonl",
+                 help="Write a label file (path,label[,split]) of the images no finding flags, in the data's order; "
+                 "multi-label data: FILE.jsonl. The data is never touched."),
 ]  # fmt: skip
 
 
@@ -462,7 +465,7 @@ QueueOpt = Annotated[
 ]
 MaxBodyOpt = Annotated[
     float,
-    typer.Option("--max-body-mb", parser=_parser("--max-body-mb", parse_positive), metavar="MB",
+    typer.Option("--max-body-mb", parser=_parser("--max-body-mb", parse_megabytes), metavar="MB",
                  help="Largest request body; a larger one gets 413."),
 ]  # fmt: skip
 TimeoutOpt = Annotated[

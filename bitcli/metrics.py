@@ -31,7 +31,17 @@ TOP_K = 5
 NO_TOP5 = "n/a (the model has 5 classes or fewer)"  # the top five would always hold the answer
 ECE_BINS = 15  # equal-width bins of the top-1 score: (0, 1/15], (1/15, 2/15], ... (14/15, 1]
 # The metrics --keep-best can select on, each with whether higher is better.
-SELECTION_METRICS = {"top1": True, "macro_f1": True, "balanced_accuracy": True, "loss": False}
+SELECTION_METRICS = {"top1": True, "macro_f1": True, "balanced_accuracy": True, "loss": False, "mAP": True}
+# Those that mean something for one kind of model only: top-1 and balanced accuracy count one label an image,
+# mAP ranks each class's scores over images that may carry several (bitcli.multilabel).
+SINGLE_LABEL_ONLY = ("top1", "balanced_accuracy")
+MULTI_LABEL_ONLY = ("mAP",)
+
+
+def selection_metrics(multi_label: bool) -> list[str]:
+    """The --keep-best metrics that apply to a single-label or a multi-label run, in SELECTION_METRICS order."""
+    excluded = SINGLE_LABEL_ONLY if multi_label else MULTI_LABEL_ONLY
+    return [name for name in SELECTION_METRICS if name not in excluded]
 
 
 @dataclass(frozen=True)

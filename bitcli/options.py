@@ -17,7 +17,7 @@ from typing import TypeVar
 from bitcli.architectures import DEFAULT_MODEL
 from bitcli.errors import BitError, UsageError
 from bitcli.hyperrule import BASE_LR, BATCH_SIZE, Resolution, resolution_for_crop
-from bitcli.ui import display
+from bitcli.ui import display, mb_to_bytes
 from bitcli.writes import names_a_folder
 
 # Image-decoding threads for every command (0: decode in the calling thread); results never depend on it.
@@ -89,6 +89,7 @@ class KeepBest(Choice):
     macro_f1 = "macro_f1"
     balanced_accuracy = "balanced_accuracy"
     loss = "loss"
+    mAP = "mAP"  # multi-label runs only (top1 and balanced_accuracy: single-label only)
 
 
 class DType(Choice):
@@ -234,6 +235,15 @@ def parse_positive(value: str) -> float:
         raise OptionError(f"{value!r}: use a number, e.g. 50 or 0.5") from None
     if not math.isfinite(x) or x <= 0:
         raise OptionError(f"{value}: must be a number > 0")
+    return x
+
+
+def parse_megabytes(value: str) -> float:
+    """A --max-*-mb size: a number > 0 that is at least one byte (a smaller cap would refuse everything and
+    print as "0 MB")."""
+    x = parse_positive(value)
+    if mb_to_bytes(x) < 1:
+        raise OptionError(f"{value}: must be at least 0.000001 (one byte)")
     return x
 
 

@@ -44,9 +44,10 @@ def check_page_folder(flag: str, path: Path | None, data: DataSpec | None = None
 
 
 def check_label_output(flag: str, path: Path | None) -> None:
-    """check_output for a label file bitcli writes (--write-clean): a .csv."""
-    if path is not None and path.suffix.lower() != ".csv":
-        raise UsageError(f"{flag} {display(path)}: name a .csv file (a label file: path,label[,split])")
+    """check_output for a label file bitcli writes (--write-clean): a .csv or a .jsonl."""
+    if path is not None and path.suffix.lower() not in (".csv", ".jsonl"):
+        raise UsageError(f"{flag} {display(path)}: name a .csv file (a label file: path,label[,split]) or a .jsonl "
+                         "file (a JSON object a row; multi-label data needs it)")  # fmt: skip
     check_output(flag, path)
 
 

@@ -100,12 +100,14 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 def curves_png(records: Sequence[Mapping[str, Any]], total_steps: int, title: str) -> bytes:
     """metrics.jsonl's records (one per step; validation fields on validation steps) as three panels over the
-    steps 0..total_steps: loss (training and validation), validation accuracy, learning rate. `title` is
-    drawn as mathtext: it must not hold data (a name with "$")."""
+    steps 0..total_steps: loss (training and validation), validation accuracy (a multi-label run's: mAP),
+    learning rate. `title` is drawn as mathtext: it must not hold data (a name with "$")."""
     steps = np.array([r["step"] for r in records], dtype=float)
     loss = np.array([r["loss"] for r in records], dtype=float)
     lr = np.array([r["lr"] for r in records], dtype=float)
-    val = [r for r in records if r.get("val_top1") is not None]
+    # a multi-label run's validations record mAP where a single-label run's record top-1 and top-5
+    multi = any(r.get("val_mAP") is not None for r in records)
+    val = [r for r in records if r.get("val_mAP" if multi else "val_top1") is not None]
     val_steps = [r["step"] for r in val]
     with _style(literal=False):
         from matplotlib.figure import Figure
@@ -121,14 +123,18 @@ def curves_png(records: Sequence[Mapping[str, Any]], total_steps: int, title: st
                          label=f"training loss (mean of {window} steps)")  # fmt: skip
         if val:
             ax_loss.plot(val_steps, [r["val_loss"] for r in val], "o-", color="tab:orange", label="validation loss")
-        ax_loss.set_ylabel("loss (cross-entropy)")
+        ax_loss.set_ylabel("loss (binary cross-entropy)" if multi else "loss (cross-entropy)")
         # Headroom above the highest loss for the legend, so that it never covers a curve.
         highest = max([*loss, *(r["val_loss"] for r in val)])
         ax_loss.set_ylim(0, 1.4 * highest if highest > 0 else 1)
         ax_loss.legend(loc="upper right")
         ax_loss.grid(alpha=0.3)
 
-        if val:
+        if val and multi:
+            ax_acc.plot(val_steps, [r["val_mAP"] for r in val], "o-", color="tab:green",
+                        label=f"validation mAP (last {val[-1]['val_mAP']:.4f})")  # fmt: skip
+            ax_acc.legend(loc="best")
+        elif val:
             ax_acc.plot(val_steps, [r["val_top1"] for r in val], "o-", color="tab:green",
                         label=f"validation top-1 (last {val[-1]['val_top1']:.4f})")  # fmt: skip
             if val[-1].get("val_top5") is not None:
@@ -136,7 +142,7 @@ def curves_png(records: Sequence[Mapping[str, Any]], total_steps: int, title: st
                             label=f"validation top-5 (last {val[-1]['val_top5']:.4f})")  # fmt: skip
             ax_acc.legend(loc="best")
         ax_acc.set_ylim(0, 1.02)
-        ax_acc.set_ylabel("accuracy")
+        ax_acc.set_ylabel("mAP" if multi else "accuracy")
         ax_acc.grid(alpha=0.3)
 
         # Log scale: each /10 decay is an equal step down (the warm-up's lr 0 at step 0 is not drawn).

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from bitcli.labels import LIST_SEPARATOR
 from bitcli.options import PredictFormat
 from bitcli.ui import visible
 from bitcli.writes import atomic_write
@@ -101,9 +102,10 @@ def _csv(rows: list[Row]) -> str:
 
 
 def _image_label(r: Row) -> str:
-    """CSV's image_label: the label (empty when unknown); a multi-label model's labels joined by ';'."""
+    """CSV's image_label: the label (empty when unknown); a multi-label model's labels joined by ';' (a multi-label
+    class name never holds it: bitcli.labels.LIST_SEPARATOR)."""
     if r.labels is not None:
-        return ";".join(p["label"] for p in r.labels)
+        return LIST_SEPARATOR.join(p["label"] for p in r.labels)
     return r.label or ""
 
 
@@ -122,12 +124,22 @@ def _table(rows: list[Row], color: bool) -> str:
         if not r.known:  # below --min-score: the label is unknown, the top-k follow as usual
             lines, scores = [Text(UNKNOWN, style="bold yellow"), *lines], ["", *scores]
         if r.labels is not None:  # multi-label: the labels above their thresholds first, then the top-k
-            names = ", ".join(visible(p["label"]) for p in r.labels) or "(none above its threshold)"
-            lines, scores = [Text.assemble(("labels: ", "bold"), names), *lines], ["", *scores]
+            above, above_scores = _label_lines(r.labels)
+            lines, scores = [*above, *lines], [*above_scores, *scores]
         table.add_row(Text(visible(r.path)), Text("\n").join(lines), "\n".join(scores))
     buf = io.StringIO()
     console(buf, color).print(table)
     return buf.getvalue()
+
+
+def _label_lines(labels: list[dict]) -> tuple[list[Text], list[str]]:
+    """A multi-label row's labels in the table and their scores: a `labels:` line, then each label on its own line
+    (a label may hold `, ` or `;`: joined on one line, two labels could not be told from one) with its score (a
+    label outside the top-k has it nowhere else)."""
+    if not labels:
+        return [Text.assemble(("labels: ", "bold"), "(none above its threshold)")], [""]
+    lines = [Text("labels:", style="bold"), *(Text.assemble("  ", visible(p["label"])) for p in labels)]
+    return lines, ["", *(f"{p['score']:.4f}" for p in labels)]
 
 
 def console(file: IO[str], color: bool, width: int | None = None) -> Console:

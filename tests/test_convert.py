@@ -496,6 +496,16 @@ def test_bad_labels_file(flags, message, tmp_path):
     assert listing(tmp_path) == ["labels.txt", "src.npz"]
 
 
+def test_labels_file_naming_a_class_twice_is_refused(tmp_path):
+    npz = tiny_npz(tmp_path / "src.npz")
+    (tmp_path / "labels.txt").write_text("cat\n\ndog\ncat\n")
+    code, out, err = bit("convert", npz, tmp_path / "out.safetensors", "--labels", tmp_path / "labels.txt")
+    assert (code, out) == (1, "")
+    assert err == (f"Error: {tmp_path / 'labels.txt'}: names class 'cat' twice (names 1 and 3); "
+                   "give each class its own name\n")  # fmt: skip
+    assert listing(tmp_path) == ["labels.txt", "src.npz"]
+
+
 def test_timm_layout_needs_a_timm_architecture(tmp_path):
     npz = tiny_npz(tmp_path / "src.npz")
     code, _, err = bit("convert", npz, tmp_path / "out", "--format", "timm")

@@ -80,13 +80,26 @@ def oracle(multi: dict) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
     classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
     paths = [str(p) for p, _ in multi["test"]]
     order = [r["path"] for r in read_csv(multi["report"] / "predictions.csv")]
-    assert sorted(order) == sorted(paths)  # (the data set groups the rows by class)
+    assert sorted(order) == sorted(paths)
     labels = {str(p): names for p, names in multi["test"]}
     truth = np.array([[int(c in labels[p]) for c in classes] for p in order], dtype=np.uint8)
     with torch.no_grad():
         pixels = processor([Image.open(p) for p in order], return_tensors="pt")["pixel_values"]
         scores = torch.sigmoid(model(pixels).logits).numpy()
     return order, truth, scores, classes
+
+
+def test_predictions_csv_lists_the_images_in_the_label_file_s_order(multi: dict) -> None:
+    """Not grouped by class, as the evaluation reads them: the rows of labels.jsonl's test split as it lists them,
+    each with its labels; bit finetune --report's too (its validation split)."""
+    test = read_csv(multi["report"] / "predictions.csv")
+    listed = [(str(p), sorted(names)) for p, names in multi["test"]]  # (sorted: the model's class order, by name)
+    assert [(r["path"], json.loads(r["true_labels"])) for r in test] == listed
+    first = [min(sorted(NAMES).index(n) for n in names) for _, names in multi["test"]]  # what groups the rows
+    assert first != sorted(first), "the rows are grouped by class already: the test would test nothing"
+    rows = [json.loads(line) for line in (multi["root"] / "labels.jsonl").read_text(encoding="utf-8").splitlines()]
+    val = [str(multi["root"] / r["path"]) for r in rows if r["split"] == "val"]
+    assert [r["path"] for r in read_csv(multi["run"] / "report" / "predictions.csv")] == val
 
 
 def test_the_csv_files_hold_the_model_s_scores_and_every_error(multi: dict, oracle) -> None:

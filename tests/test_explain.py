@@ -207,5 +207,38 @@ def test_the_score_is_bit_predict_s_for_a_calibrated_or_a_multi_label_model(
     assert [r["path"] for r in rows] == [p["path"] for p in predicted] == [str(p) for p in images[:3]]
     for row, prediction in zip(rows, predicted):
         scores = {p["index"]: p["score"] for p in prediction["predictions"]}
-        assert row["index"] == prediction["predictions"][0]["index"]  # explained: the prediction
+        # explained: the prediction (a multi-label model's: its first label, else its top score)
+        assert row["index"] == (prediction.get("labels") or prediction["predictions"])[0]["index"]
         assert row["score"] == pytest.approx(scores[row["index"]], abs=1e-6)
+        if stored == "thresholds":
+            assert row["above_threshold"] is (row["index"] in [p["index"] for p in prediction["labels"]])
+        else:
+            assert "above_threshold" not in row
+
+
+def test_a_multi_label_model_explains_a_label_bit_predict_prints(tiny_dir: Path, images, tmp_path: Path) -> None:
+    """A multi-label model explains the highest-scoring class that reaches its threshold (one of the labels bit
+    predict prints), even where a class scoring higher does not reach its own; above_threshold says which."""
+    import dataclasses
+
+    from bitcli.formats import bitcli as bitcli_format
+    from bitcli.hub import load_checkpoint
+
+    ckpt = load_checkpoint(str(tiny_dir))
+    image = images[0]
+    model = tmp_path / "open.safetensors"
+    bitcli_format.write(dataclasses.replace(ckpt, thresholds=[0.0] * 10), model)
+    code, out, err = run_main("predict", image, "--model", model, "-f", "json", "-k", "10", "--workers", "0")
+    assert code == 0, err
+    ranked = [p["index"] for p in json.loads(out)[0]["predictions"]]
+    cases = {  # thresholds -> (explained class, above_threshold)
+        "top-closed": ([1.0 if i == ranked[0] else 0.0 for i in range(10)], ranked[1], True),
+        "all-closed": ([1.0] * 10, ranked[0], False),
+    }
+    for name, (thresholds, explained, reached) in cases.items():
+        model = tmp_path / f"{name}.safetensors"
+        bitcli_format.write(dataclasses.replace(ckpt, thresholds=thresholds), model)
+        code, out, err = run_main("explain", image, "--model", model, "-o", tmp_path / name, "--workers", "0")
+        assert code == 0, err
+        row = json.loads(out)
+        assert (row["index"], row["above_threshold"]) == (explained, reached), name

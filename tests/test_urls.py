@@ -229,6 +229,11 @@ def test_max_download_mb_is_checked_with_the_flags(tiny_dir):
     code, out, err = run_main("predict", "x.png", "-m", tiny_dir, "--max-download-mb", "0")
     assert (code, out) == (2, "")
     assert err == "Error: --max-download-mb 0: must be a number > 0\n"
+    # under one byte the cap would refuse every download and print as "0 MB"
+    code, out, err = run_main("predict", "x.png", "-m", tiny_dir, "--max-download-mb", "0.0000004")
+    assert (code, out, err) == (2, "", "Error: --max-download-mb 0.0000004: must be at least 0.000001 (one byte)\n")
+    code, out, err = run_main("predict", "x.png", "-m", tiny_dir, "--max-download-mb", "0.0000006", "-f", "json")
+    assert code == 1 and "--max-download-mb" not in err and "x.png" in err  # one byte: accepted; x.png is missing
 
 
 def test_a_label_file_may_list_urls(web, tiny_dir, tmp_path):

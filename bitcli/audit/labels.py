@@ -3,7 +3,15 @@ backbone pass beyond the embedding pass: each fold trains a multinomial logistic
 vectors, L-BFGS to convergence, in a second), then confident learning's rule as cleanlab implements it
 (`cleanlab.filter.find_label_issues`, the `audit` extra): the flagged set is cleanlab's given these
 probabilities, and each one's score is cleanlab's label quality (self-confidence: the probability of the given
-label; lower is more suspect)."""
+label; lower is more suspect).
+
+Multi-label data (several labels an image) takes the same steps one-vs-rest: each fold trains one logistic
+regression a class (sigmoid, binary cross-entropy, the same L2), the held-out images get each class's
+probability (they do not add up to 1), and cleanlab's multi-label rule flags the set
+(`cleanlab.multilabel_classification.filter.find_label_issues`, what `cleanlab.filter.find_label_issues(...,
+multi_label=True)` calls, less its deprecation warning); the score is cleanlab's multi-label label quality (the classes' self-confidences, aggregated by
+its exponential moving average, worst first) and the suggestion is every class whose held-out probability is at
+least SUGGEST_AT (at least the most probable one: a row needs a label)."""
 
 from __future__ import annotations
 
@@ -19,13 +27,15 @@ SEED = 0
 WEIGHT_DECAY = 1e-3  # L2 on the head's weights (per example, as scikit-learn's C = 1 / (decay * n))
 MAX_ITER = 200
 SMALL = 2_000_000  # numbers in the embeddings below which the head trains in one thread
+SUGGEST_AT = 0.5  # a multi-label suggestion holds every class with at least this held-out probability
 
 
 @dataclass(frozen=True)
 class LabelIssue:
     example: int
     suggested: int  # the class the held-out head finds most likely
-    score: float  # the probability the held-out head gives the given label
+    score: float  # the probability the held-out head gives the given label (multi-label: cleanlab's quality)
+    suggested_set: tuple[int, ...] = ()  # multi-label: the classes the held-out head suggests
 
 
 def folds_of(labels: np.ndarray, folds: int = FOLDS, seed: int = SEED) -> np.ndarray:
@@ -42,7 +52,9 @@ def folds_of(labels: np.ndarray, folds: int = FOLDS, seed: int = SEED) -> np.nda
 
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A multinomial logistic regression (weights [classes, D], bias), full-batch L-BFGS from zero."""
+    """A multinomial logistic regression (weights [classes, D], bias), full-batch L-BFGS from zero; with a
+    multi-hot `y` ([n, classes] float), one binary logistic regression a class (one-vs-rest), each with the
+    single-label head's L2, trained together (their losses are independent: the sum is each one's minimum)."""
     weight = torch.zeros(classes, x.shape[1], dtype=x.dtype, requires_grad=True)
     bias = torch.zeros(classes, dtype=x.dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=MAX_ITER, tolerance_grad=1e-6,
@@ -50,7 +62,12 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, classes: int) -> tuple[torch.Te
 
     def loss() -> torch.Tensor:
         optimizer.zero_grad()
-        value = torch.nn.functional.cross_entropy(x @ weight.T + bias, y) + 0.5 * WEIGHT_DECAY * weight.square().sum()
+        logits = x @ weight.T + bias
+        if y.ndim == 2:  # the classes' binary cross-entropies, each a mean over the examples
+            fit = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum") / len(y)
+        else:
+            fit = torch.nn.functional.cross_entropy(logits, y)
+        value = fit + 0.5 * WEIGHT_DECAY * weight.square().sum()
         value.backward()
         return value
 
@@ -63,10 +80,16 @@ def standardize(train: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor,
     return (train - mean) / std, (other - mean) / std
 
 
-def out_of_sample_probs(vectors: np.ndarray, labels: np.ndarray, classes: int, folds: int = FOLDS) -> np.ndarray:
-    """[N, classes] float64: each example's class probabilities from the head trained on the other folds."""
+def out_of_sample_probs(vectors: np.ndarray, labels: np.ndarray, classes: int, folds: int = FOLDS, *,
+                        multi_hot: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """[N, classes] float64: each example's class probabilities from the head trained on the other folds
+    (softmax); with `multi_hot` ([N, classes]: every label of each example; `labels` its lowest, which deals
+    the folds), each class's own sigmoid probability from the one-vs-rest head."""
     x = torch.nn.functional.normalize(torch.from_numpy(np.asarray(vectors, dtype=np.float64)), dim=1)
-    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    if multi_hot is None:
+        y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    else:
+        y = torch.from_numpy(np.asarray(multi_hot, dtype=np.float64))
     fold = folds_of(labels, folds)
     probs = np.zeros((len(labels), classes), dtype=np.float64)
     with torch.enable_grad(), _threads_for(x.numel()):
@@ -76,7 +99,8 @@ def out_of_sample_probs(vectors: np.ndarray, labels: np.ndarray, classes: int, f
                 continue
             train, test = standardize(x[kept], x[held])
             weight, bias = fit_linear(train, y[kept], classes)
-            probs[held] = torch.softmax(test @ weight.T + bias, dim=1).numpy()
+            logits = test @ weight.T + bias
+            probs[held] = (torch.softmax(logits, dim=1) if multi_hot is None else torch.sigmoid(logits)).numpy()
     return probs
 
 
@@ -105,3 +129,27 @@ def find_issues(labels: np.ndarray, probs: np.ndarray) -> list[LabelIssue]:
     suggested = probs.argmax(axis=1)
     issues = [LabelIssue(int(i), int(suggested[i]), round(float(scores[i]), 6)) for i in np.flatnonzero(flagged)]
     return sorted(issues, key=lambda issue: (issue.score, issue.example))
+
+
+def find_multi_label_issues(multi_hot: np.ndarray, probs: np.ndarray) -> list[LabelIssue]:
+    """cleanlab's multi-label confident-learning issues given out-of-sample sigmoid `probs` ([N, classes]) and
+    every example's labels (`multi_hot`), most suspect first."""
+    from cleanlab.multilabel_classification.filter import find_label_issues
+    from cleanlab.multilabel_classification.rank import get_label_quality_scores
+
+    if probs.shape[1] < 2 or len(multi_hot) < 2:
+        return []
+    labels = [np.flatnonzero(row).tolist() for row in multi_hot]
+    flagged = find_label_issues(labels, probs, n_jobs=1)
+    scores = get_label_quality_scores(labels, probs)
+    issues = [
+        LabelIssue(int(i), int(probs[i].argmax()), round(float(scores[i]), 6), suggested_set=suggest(probs[i]))
+        for i in np.flatnonzero(flagged)
+    ]
+    return sorted(issues, key=lambda issue: (issue.score, issue.example))
+
+
+def suggest(probs: np.ndarray) -> tuple[int, ...]:
+    """A multi-label example's suggested classes: those at or above SUGGEST_AT, else the most probable one."""
+    chosen = np.flatnonzero(probs >= SUGGEST_AT)
+    return tuple(int(c) for c in chosen) if len(chosen) else (int(probs.argmax()),)

@@ -1,6 +1,7 @@
 """The audit's index.html: the counts, the inventory (images per class and split as a table with bars), each
 duplicate pair's thumbnails side by side and each likely label error beside the typical images of its given
-class and of the suggested one, then the undecodable files, the small classes and the off-size images. Every
+class and of the suggested one (multi-label data: of each class the suggestion adds or removes), then the
+undecodable files, the small classes and the off-size images. Every
 path and label goes through bitcli.pages.html's escaping; the pictures are files beside the page."""
 
 from __future__ import annotations
@@ -63,8 +64,29 @@ def _inventory(inv: dict) -> Html:
         rows.append(cells)
     totals = ["images", *(str(inv["splits"][s]["images"]) for s in splits)]
     imbalance = ["imbalance (largest / smallest class)", *(_ratio(inv["splits"][s]["imbalance"]) for s in splits)]
-    grid = table(["class", *splits], [*rows, totals, imbalance], cls="numbers")
-    return element("div", grid, attrs={"class": "scroll"})
+    extra = []
+    if inv.get("multi_label"):
+        extra = [["labels per image (min / median / max)",
+                  *(_spread(inv["splits"][s]["labels_per_image"]) for s in splits)]]  # fmt: skip
+    grid = table(["class", *splits], [*rows, totals, imbalance, *extra], cls="numbers")
+    scroll = element("div", grid, attrs={"class": "scroll"})
+    if not inv.get("multi_label"):
+        return scroll
+    note = element("p", "Multi-label data: a class counts every image that carries it, so the classes add up to "
+                   "more than the images.", attrs={"class": "muted"})  # fmt: skip
+    return join([note, scroll])
+
+
+def _spread(stats: dict) -> str:
+    if stats["min"] is None:
+        return "n/a"
+    return f"{stats['min']} / {stats['median']:g} / {stats['max']}"
+
+
+def _labels(row: dict, key: str) -> str:
+    """A duplicate's or issue's label(s) as text: one label, or a multi-label image's list joined by `, `."""
+    value = row[key]
+    return ", ".join(value) if isinstance(value, list) else value
 
 
 def _ratio(value: float | None) -> str:
@@ -83,7 +105,8 @@ def _duplicates(p: PageInput) -> Html:
     for n, d in enumerate(pairs[:MAX_PAIRS], 1):
         kind = "exact" if d["exact"] else f"similarity {d['similarity']:.4f}"
         where = d["split_a"] if d["split_a"] == d["split_b"] else f"{d['split_a']} and {d['split_b']}: a leak"
-        pics = element("div", _picture(p, d["a"], f"a: {d['label_a']}"), _picture(p, d["b"], f"b: {d['label_b']}"),
+        label_a, label_b = (_labels(d, f"labels_{k}" if f"labels_{k}" in d else f"label_{k}") for k in "ab")
+        pics = element("div", _picture(p, d["a"], f"a: {label_a}"), _picture(p, d["b"], f"b: {label_b}"),
                        attrs={"class": "pics"})  # fmt: skip
         lines = [element("div", element("b", f"{kind}, {where}")), element("div", d["action"]),
                  element("div", "a: ", d["a"], attrs={"class": "path"}), element("div", "b: ", d["b"], attrs={"class": "path"})]  # fmt: skip
@@ -102,15 +125,28 @@ def _issues(p: PageInput) -> Html:
                    "held-out linear head on the embeddings suggests (confident learning, cleanlab).", attrs={"class": "muted"})  # fmt: skip
     sections = []
     for n, issue in enumerate(issues[:MAX_ISSUES], 1):
-        own = element("div", _picture(p, issue["path"], f"labelled {issue['label']}"), attrs={"class": "pics"})
-        given = _typical(p, issue["label"], "given")
-        suggested = _typical(p, issue["suggested"], "suggested")
-        heading = element("h3", join([f"{n}. labelled ", issue["label"], ", suggested ", issue["suggested"],
+        label = _labels(issue, "labels" if "labels" in issue else "label")
+        own = element("div", _picture(p, issue["path"], f"labelled {label}"), attrs={"class": "pics"})
+        given, suggested = _compared(p, issue)
+        heading = element("h3", join([f"{n}. labelled ", label, ", suggested ", _labels(issue, "suggested"),
                                       f" (score {issue['score']:.4f}, {issue['split']})"]))  # fmt: skip
         path = element("div", issue["path"], attrs={"class": "path"})
         sections.append(element("section", heading, path, element("div", own, given, suggested, attrs={"class": "grid"}),
                                 attrs={"class": "pair", "id": f"label-issue-{n}"}))  # fmt: skip
     return join([note, _shown_note(len(sections), len(issues), "label_issues.csv"), *sections])
+
+
+def _compared(p: PageInput, issue: dict) -> tuple[Html, Html]:
+    """The typical images of the given and the suggested class; multi-label: of each class the suggestion
+    removes and of each it adds (of the given classes when it changes none)."""
+    if "labels" not in issue:
+        return _typical(p, issue["label"], "given"), _typical(p, issue["suggested"], "suggested")
+    removed = [c for c in issue["labels"] if c not in issue["suggested"]]
+    added = [c for c in issue["suggested"] if c not in issue["labels"]]
+    if not removed and not added:
+        removed = issue["labels"]
+    return (join([_typical(p, c, "given") for c in removed[:TYPICAL]]),
+            join([_typical(p, c, "suggested") for c in added[:TYPICAL]]))  # fmt: skip
 
 
 def _typical(p: PageInput, label: str, role: str) -> Html:

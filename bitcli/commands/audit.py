@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from bitcli import extras, pipeline
+from bitcli.audit import clean
 from bitcli.audit.cache import EmbeddingCache, model_key
 from bitcli.audit.duplicates import SKETCH_ABOVE, find_pairs, unit_rows
 from bitcli.audit.embedding import Embeddings, Interrupted, embed_examples
 from bitcli.audit.examples import Examples, audit_parts, gather
-from bitcli.audit.findings import Findings, broken, clean_label_file, csv_files, to_json
-from bitcli.audit.labels import find_issues, out_of_sample_probs
+from bitcli.audit.findings import Findings, broken, csv_files, to_json
+from bitcli.audit.labels import LabelIssue, find_issues, find_multi_label_issues, out_of_sample_probs
 from bitcli.audit.page import MAX_ISSUES, MAX_PAIRS, TYPICAL, PageInput, render, thumb
 from bitcli.engine import load_engine
 from bitcli.errors import BitError, UsageError
@@ -51,6 +52,8 @@ def run(opts: AuditOptions) -> int:
                        "so a label file cannot list them; audit a class folder or a label file to write one")  # fmt: skip
     if not len(examples):
         raise BitError(f"{display(str(opts.data))}: no images to audit")
+    if opts.write_clean is not None:
+        clean.check_format(opts.write_clean, examples)
     ckpt = load_checkpoint(opts.model, opts.revision)
     engine = load_engine(ckpt, resolve_device(opts.device), torch.float32, need_head=False)
     cache = EmbeddingCache(
@@ -70,25 +73,31 @@ def run(opts: AuditOptions) -> int:
                         min_images=opts.min_images, errors=found.errors, sizes=found.sizes)  # fmt: skip
     findings.pairs = find_pairs(found.vectors, found.pixels, opts.threshold,
                                 sketch_above=None if opts.exact_search else SKETCH_ABOVE)  # fmt: skip
-    ok = np.flatnonzero(found.ok)
-    probs = out_of_sample_probs(found.vectors[ok], examples.labels[ok], len(examples.classes))
-    # the head saw the decodable examples only: their positions back to example numbers
-    findings.issues = [
-        dataclasses.replace(i, example=int(ok[i.example])) for i in find_issues(examples.labels[ok], probs)
-    ]
+    findings.issues = label_issues(examples, found)
     report = findings.to_dict(opts.threshold)
     sys.stdout.write(summary(report))
     sys.stdout.flush()
     if opts.output is not None:
         _write_folder(opts, report, examples, found)
     if opts.write_clean is not None:
-        data, kept = clean_label_file(findings, opts.write_clean)
+        data, kept = clean.clean_label_file(findings, opts.write_clean)
         atomic_write(opts.write_clean, lambda f: f.write(data))
         log(f"--write-clean: {display(opts.write_clean)} lists {kept} of {len(examples)} images")
     failed = broken(opts.fail_on, report["counts"])
     for line in failed:
         print(f"fail: {line}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def label_issues(examples: Examples, found: Embeddings) -> list[LabelIssue]:
+    """The likely label errors among the decodable examples: the k-fold head's out-of-sample probabilities
+    (softmax; one-vs-rest sigmoids for multi-label data) and cleanlab's rule."""
+    ok = np.flatnonzero(found.ok)
+    multi_hot = None if examples.multi_hot is None else examples.multi_hot[ok]
+    probs = out_of_sample_probs(found.vectors[ok], examples.labels[ok], len(examples.classes), multi_hot=multi_hot)
+    issues = find_issues(examples.labels[ok], probs) if multi_hot is None else find_multi_label_issues(multi_hot, probs)
+    # the head saw the decodable examples only: their positions back to example numbers
+    return [dataclasses.replace(i, example=int(ok[i.example])) for i in issues]
 
 
 def images(n: int) -> str:
@@ -113,17 +122,31 @@ def _input_side(preprocess: Preprocess) -> int:
 
 
 def summary(report: dict) -> str:
-    """The table on stdout: images per split, then every finding's count."""
-    splits = report["inventory"]["splits"]
+    """The table on stdout: images per split, then every finding's count. Multi-label data adds each split's
+    labels per image (min/median/max) and a line saying how classes are counted."""
+    splits, multi = report["inventory"]["splits"], report["inventory"].get("multi_label", False)
     lines = [f"{'split':<12}{'images':>8}{'classes':>9}{'imbalance':>11}{'undecodable':>13}"]
+    if multi:
+        lines[0] += f"{'labels/image':>15}"
     for name, s in splits.items():
         classes = sum(1 for n in s["classes"].values() if n)
         imbalance = "n/a" if s["imbalance"] is None else f"{s['imbalance']:.2f}"
         lines.append(f"{name:<12}{s['images']:>8}{classes:>9}{imbalance:>11}{s['undecodable']:>13}")
+        if multi:
+            lines[-1] += f"{labels_per_image(s['labels_per_image']):>15}"
+    if multi:
+        lines.append("multi-label: a class counts every image that carries it; labels/image is min/median/max")
     lines.append("")
     lines.append(f"{'finding':<16}{'count':>7}")
     lines += [f"{name:<16}{report['counts'][name]:>7}" for name in AUDIT_COUNTS]
     return "\n".join(lines) + "\n"
+
+
+def labels_per_image(stats: dict) -> str:
+    """`1/2/3` (min/median/max), `n/a` for a split without a decodable image."""
+    if stats["min"] is None:
+        return "n/a"
+    return f"{stats['min']}/{stats['median']:g}/{stats['max']}"
 
 
 def typical_images(examples: Examples, found: Embeddings, per_class: int = TYPICAL) -> dict[str, list[int]]:
@@ -131,7 +154,7 @@ def typical_images(examples: Examples, found: Embeddings, per_class: int = TYPIC
     unit = unit_rows(found.vectors).numpy()
     typical = {}
     for c, name in enumerate(examples.classes):
-        members = np.flatnonzero((examples.labels == c) & found.ok)
+        members = np.flatnonzero(examples.members(c) & found.ok)
         if not len(members):
             continue
         centre = unit[members].mean(axis=0)

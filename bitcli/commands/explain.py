@@ -44,10 +44,11 @@ KIND = EXPLAIN
 
 @dataclass(frozen=True)
 class Explained:
-    """One input's row: (class index, its score as `bit predict` gives it, the map [H, W]) or why it has none."""
+    """One input's row: (class index, its score as `bit predict` gives it, the map [H, W], for a multi-label model
+    whether the score reaches the class's threshold) or why it has none."""
 
     path: str
-    value: tuple[int, float, np.ndarray] | None = None
+    value: tuple[int, float, np.ndarray, bool | None] | None = None
     error: str | None = None
 
 
@@ -60,14 +61,21 @@ def run(opts: ExplainOptions) -> int:
         engine = load_engine(ckpt, device, torch.float32)  # the class is picked from the logits the maps explain
         fixed = target_index(opts.target, engine.labels, ckpt.source or opts.model) if opts.target else None
 
-        def explain(batch: np.ndarray) -> list[tuple[int, float, np.ndarray]]:
+        def explain(batch: np.ndarray) -> list[tuple[int, float, np.ndarray, bool | None]]:
             # bit predict's scores (bitcli.scores): the model's temperature, a multi-label model's sigmoids
             probs = scores.probabilities(engine.logits(batch), engine.temperature,
                                          multi_label=engine.thresholds is not None).cpu()  # fmt: skip
-            index = torch.full((len(batch),), fixed) if fixed is not None else probs.argmax(dim=1)
+            passed = None if engine.thresholds is None else probs >= torch.tensor(engine.thresholds, dtype=probs.dtype)
+            if fixed is not None:
+                index = torch.full((len(batch),), fixed)
+            elif passed is not None:  # a label bit predict prints (the highest of them; sigmoids are <= 1) first
+                index = torch.where(passed, probs + 2, probs).argmax(dim=1)
+            else:
+                index = probs.argmax(dim=1)
             maps = engine.gradcam(batch, index.numpy())
             picked = probs.gather(1, index[:, None])[:, 0].tolist()
-            return [(int(i), float(s), m) for i, s, m in zip(index.tolist(), picked, maps)]
+            reached = [None] * len(batch) if passed is None else passed.gather(1, index[:, None])[:, 0].tolist()
+            return [(int(i), float(s), m, r) for i, s, m, r in zip(index.tolist(), picked, maps, reached)]
 
         downloads = Downloads(engine.preprocess, urls.downloads(opts.max_download_mb))
         out = Outputs(opts.output, report.inputs, engine, downloads) if info.main else None
@@ -151,9 +159,11 @@ class Outputs:
         if row.error is not None or row.value is None:
             return {"path": row.path, "error": row.error}
         assert self.page is not None  # claimed by add before its first row
-        index, score, heat = row.value
+        index, score, heat, reached = row.value
         label = self.engine.labels[index] if index < len(self.engine.labels) else str(index)
         line: dict[str, Any] = {"path": row.path, "target": label, "index": index, "score": round(score, 6)}
+        if reached is not None:  # a multi-label model: is the class one of the labels bit predict prints?
+            line["above_threshold"] = reached
         try:
             picture = self.downloads.picture(self.inputs[number - 1].path)
         except BitError as exc:  # decoded a moment ago: changed since (or, downloaded again, failed); the row

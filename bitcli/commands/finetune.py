@@ -120,7 +120,7 @@ def _run(opts: FinetuneOptions, info: Dist, device: torch.device, held: contextl
             logits = Logits() if plan.calibrate else None
             last_eval = validate(training, True, views=logits)
             record_validation(opts.output, plan.steps - 1, last_eval, pictures=extras.available("plots"))
-        check_finite(engine.model, plan.steps - 1)
+        check_finite(engine.model, plan.steps)
         calibration = calibrate(logits, plan.classes) if logits is not None else None
         if calibration is not None:
             log(calibration.describe())

@@ -34,6 +34,7 @@ from bitcli.finetune.runfiles import (
     SUMMARY_FILE,
     VALIDATION_FILE,
     checkpoint_step,
+    headline,
     metrics_lines,
     read_saved_plan,
 )
@@ -77,7 +78,8 @@ def run(opts: ReportOptions) -> None:
         raise BitError(f"{visible(str(exc))}; restore the run's {METRICS_FILE} (or remove it)") from None
     kind, status = run_status(folder, steps, metrics)
     lines = [*head, f"status      {status}", *step_lines(metrics)]
-    lines += [*validation_lines(folder), *selection_lines(folder), *file_lines(folder, bool(plan.get("multi_label")))]
+    lines += [*validation_lines(folder), *selection_lines(folder, plan)]
+    lines += file_lines(folder, bool(plan.get("multi_label")))
     lines += [*best_file_lines(folder, plan), pictures_line(folder, plan, kind)]
     sys.stdout.write("".join(line + "\n" for line in lines))
     sys.stdout.flush()
@@ -133,7 +135,8 @@ class Metrics:
     first_skipped: int = 0  # the first one's line number
     last: dict[str, Any] | None = None
     last_validation: dict[str, Any] | None = None
-    best_validation: dict[str, Any] | None = None  # the highest top-1 (the first of equals; NaN counts lowest)
+    # the highest headline measure: top-1, a multi-label run's mAP (the first of equals; NaN counts lowest)
+    best_validation: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, path: Path, steps: int) -> Metrics:
@@ -145,16 +148,17 @@ class Metrics:
                 metrics.first_skipped = metrics.first_skipped or number
                 continue
             metrics.last = record
-            if record.get("val_top1") is not None:
+            if (key := headline(record)) is not None:
                 metrics.last_validation = record
                 best = metrics.best_validation
-                if best is None or _top1_rank(record) > _top1_rank(best):
+                if best is None or _rank(record, key) > _rank(best, key):
                     metrics.best_validation = record
         return metrics
 
 
-def _top1_rank(record: dict[str, Any]) -> float:
-    return -math.inf if math.isnan(record["val_top1"]) else record["val_top1"]
+def _rank(record: dict[str, Any], key: str) -> float:
+    value = record.get(key)
+    return -math.inf if value is None or math.isnan(value) else value
 
 
 def run_status(folder: Path, steps: int, metrics: Metrics) -> tuple[str, str]:
@@ -207,16 +211,22 @@ def step_lines(metrics: Metrics) -> list[str]:
             f"skipped     {metrics.skipped:,} of {metrics.lines:,} lines of {METRICS_FILE}: not a step record of "
             f"this run (the first: line {metrics.first_skipped:,})"
         )
+    # metrics.jsonl's `step` is the index from 0; people are shown step + 1, the progress line's "k/N steps"
     if last := metrics.last:
         lines.append(
-            f"last step   {whole(last['step'])}: loss {decimal(last['loss'], 4)}, lr {last['lr']:.3g}, "
+            f"last step   {whole(last['step'] + 1)}: loss {decimal(last['loss'], 4)}, lr {last['lr']:.3g}, "
             f"{decimal(last['images_per_s'], 1)} images/s"
         )
     if (last := metrics.last_validation) and (best := metrics.best_validation):
-        top5 = "n/a" if last.get("val_top5") is None else decimal(last["val_top5"], 4)
+        if headline(last) == "val_mAP":  # a multi-label run: no top-1 or top-5
+            measures, name, key = f"mAP {decimal(last['val_mAP'], 4)}", "mAP", "val_mAP"
+        else:
+            top5 = "n/a" if last.get("val_top5") is None else decimal(last["val_top5"], 4)
+            measures, name, key = f"top-1 {decimal(last['val_top1'], 4)}, top-5 {top5}", "top-1", "val_top1"
+        best_value = decimal(best[key], 4) if best.get(key) is not None else "n/a"
         lines.append(
-            f"validation  step {whole(last['step'])}: top-1 {decimal(last['val_top1'], 4)}, top-5 {top5}, "
-            f"loss {decimal(last['val_loss'], 4)}; best top-1 {decimal(best['val_top1'], 4)} at step {whole(best['step'])}"
+            f"validation  step {whole(last['step'] + 1)}: {measures}, loss {decimal(last['val_loss'], 4)}; "
+            f"best {name} {best_value} at step {whole(best['step'] + 1)}"
         )
     return lines
 
@@ -231,16 +241,17 @@ def validation_lines(folder: Path) -> list[str]:
         f1, step, count = stored["macro_f1"], stored["step"], stored["count"]
         if type(f1) not in (int, float) or type(step) is not int or type(count) is not int:
             raise TypeError("macro_f1, step or count is not a number")
-        return [f"macro F1    {decimal(float(f1), 4)} at step {whole(step)} ({whole(count, grouped=True)} images)"]
+        return [f"macro F1    {decimal(float(f1), 4)} at step {whole(step + 1)} ({whole(count, grouped=True)} images)"]
     except BitError as exc:
         return [f"macro F1    unreadable: {visible(str(exc))}"]
     except (KeyError, TypeError, OverflowError) as exc:
         return [f"macro F1    unreadable: {visible(display(path))}: not as bit finetune writes it ({one_line(exc)})"]
 
 
-def selection_lines(folder: Path) -> list[str]:
+def selection_lines(folder: Path, plan: dict[str, Any]) -> list[str]:
     """What a finished run kept of its validations (summary.json): the fitted temperature with the validation
-    ECE and NLL before and after, and --keep-best's model; a summary that says otherwise shows nothing."""
+    ECE and NLL before and after, or why the model is not calibrated, and --keep-best's model; a summary that
+    says otherwise shows nothing."""
     if not (folder / SUMMARY_FILE).is_file():
         return []
     try:
@@ -249,28 +260,48 @@ def selection_lines(folder: Path) -> list[str]:
         return []
     lines = []
     try:
-        if isinstance(cal := summary.get("calibration"), dict):
+        cal = summary.get("calibration")
+        if isinstance(cal, dict) and cal.get("skipped"):  # the fit was tried and skipped: the temperature is 1
+            lines.append(f"calibration none: {visible(str(cal['skipped']))}; scores at temperature 1")
+        elif isinstance(cal, dict):
             lines.append(f"calibrated  temperature {_number(cal['temperature'], 4)}: validation ECE "
                          f"{_number(cal['val_ece_before'], 4)} -> {_number(cal['val_ece_after'], 4)}, NLL "
                          f"{_number(cal['val_nll_before'], 4)} -> {_number(cal['val_nll_after'], 4)}"
                          f"{_calibration_note(cal, ' (', ')')}")  # fmt: skip
+        elif _calibration_off(plan):
+            lines.append("calibration none: --no-calibrate; scores at temperature 1")
         if isinstance(best := summary.get("best"), dict) and best.get("step") is not None:
             lines.append(f"best        {visible(str(best['metric']))} {_number(best['value'], 4)} after step "
-                         f"{whole(int(best['step']))} (temperature {_number(best['temperature'], 4)}"
-                         f"{_calibration_note(best.get('calibration'), ', ', '')}): "
+                         f"{whole(int(best['step']) + 1)} ({_best_temperature(best, plan)}): "
                          f"{visible(display(folder / BEST_FOLDER))}")  # fmt: skip
     except (KeyError, TypeError, ValueError, OverflowError):
         return lines  # a hand-edited summary: what could be read
     return lines
 
 
+def _calibration_off(plan: dict[str, Any]) -> bool:
+    """A single-label run with a validation set that fitted no temperature because of --no-calibrate (a
+    multi-label run has thresholds instead; plans before the flag lack `calibrate`)."""
+    return bool(plan.get("validation")) and not plan.get("multi_label") and plan.get("calibrate") is False
+
+
+def _best_temperature(best: dict[str, Any], plan: dict[str, Any]) -> str:
+    """best/'s temperature as the run recorded it: fitted (with a bound's note), or why there is none."""
+    cal = best.get("calibration")
+    if isinstance(cal, dict) and cal.get("skipped"):
+        return f"not calibrated: {visible(str(cal['skipped']))}"
+    if cal is None and _calibration_off(plan):
+        return "not calibrated: --no-calibrate"
+    if cal is None and plan.get("multi_label"):
+        return "with the thresholds chosen on that validation"
+    return f"temperature {_number(best['temperature'], 4)}{_calibration_note(cal, ', ', '')}"
+
+
 def _calibration_note(cal: Any, before: str, after: str) -> str:
-    """What the run said of a calibration beside its temperature (bitcli.finetune.selection.describe): that it
-    was skipped, or ended at a bound of the temperature's range; empty when neither (or not recorded)."""
+    """What the run said of a fitted temperature beside it (bitcli.finetune.selection.describe): that the fit
+    ended at a bound of the temperature's range; empty otherwise (or when not recorded)."""
     if not isinstance(cal, dict):
         return ""
-    if cal.get("skipped"):
-        return f"{before}calibration skipped: {visible(str(cal['skipped']))}{after}"
     if cal.get("at_bound") is not None:
         bound = _number(cal["at_bound"], 2)
         return (
@@ -300,6 +331,8 @@ def file_lines(folder: Path, multi_label: bool = False) -> list[str]:
         if (folder / name).is_file():
             if name == SUMMARY_FILE and summary_problem(folder) is not None:
                 note = "cannot be read (see status)"
+            elif name == VALIDATION_FILE and multi_label:  # no confusion matrix: per-class AP (bitcli.multilabel)
+                note = "the last validation, with each class's AP, threshold and F1"
             lines.append(f"  {visible(display(folder / name))}  {note}")
     try:
         page = shown_file(folder, f"{REPORT_FOLDER}/index.html")

@@ -30,13 +30,13 @@ from bitcli.evaluation import evaluate
 from bitcli.finetune.datasets import Datasets
 from bitcli.finetune.plan import Plan
 from bitcli.finetune.progress import TrainProgress
-from bitcli.finetune.rundir import MetricsLog, top5_text, write_best_model
+from bitcli.finetune.rundir import MetricsLog, measures_text, validation_fields, write_best_model
 from bitcli.finetune.runfiles import METRICS_FILE, STATE_FILE
 from bitcli.finetune.selection import Best, Logits, calibrate
 from bitcli.finetune.state import check_finite, save_state
 from bitcli.finetune.watch import Watch
 from bitcli.images import Reader
-from bitcli.multilabel import Evaluation
+from bitcli.multilabel import Evaluation, MultiLabelResult
 from bitcli.torch_engine import TorchEngine
 from bitcli.ui import log
 
@@ -123,18 +123,17 @@ def train(t: Training) -> Outcome:
                 if t.val_cache is not None and validation_due(plan, step):
                     if info.main:
                         ev = validation_step(t, step, out)
-                        record.update(val_top1=ev.top1, val_top5=ev.top5, val_loss=ev.loss, val_macro_f1=ev.macro_f1,
-                                      val_balanced_accuracy=ev.balanced_accuracy)  # fmt: skip
+                        record.update(validation_fields(ev))
                         progress.log(f"{step + 1}/{plan.steps} steps  lr {lr:.2e}  loss {out.last_loss:.4f}  "
-                                     f"val top-1 {ev.top1:.4f}  top-5 {top5_text(ev)}")  # fmt: skip
+                                     f"val {measures_text(ev)}")  # fmt: skip
                         if t.best is not None and t.best.step == step:
                             progress.log(f"best {plan.keep_best} so far: {t.best.value:.4f}; its model is in best/")
                     barrier(info)
                 if metrics is not None and watch is not None:  # the main process
                     metrics.write(record)
-                    watch.step(record, out.last_eval if "val_top1" in record else None)
+                    watch.step(record, out.last_eval if "val_loss" in record else None)
                     if step == plan.steps - 1 or (step + 1) % plan.save_every == 0:
-                        check_finite(engine.model, step)
+                        check_finite(engine.model, step + 1)
                         watch.before_checkpoint()
                         save_state(t.output / STATE_FILE, engine.model, optimizer, step + 1, plan=plan, scaler=scaler,
                                    best=t.best.to_dict() if t.best is not None else None)  # fmt: skip
@@ -142,7 +141,8 @@ def train(t: Training) -> Outcome:
                 progress.update(step + 1, lr, out.last_loss, ips)
     except KeyboardInterrupt:
         if info.main:
-            log(f"stopped during step {step}; `--resume` continues from the checkpoint of step {saved_step}")
+            # steps counted from 1 (the progress line's k): the checkpoint of step k holds the first k steps
+            log(f"stopped during step {step + 1}; `--resume` continues from the checkpoint of step {saved_step}")
         raise
     finally:
         if metrics is not None:
@@ -189,7 +189,9 @@ def validation_step(t: Training, step: int, out: Outcome) -> Evaluation:
     if t.best is not None and t.best.improves(ev):
         calibration = calibrate(logits, plan.classes) if logits is not None else None
         temperature = calibration.temperature if calibration is not None else 1.0
-        write_best_model(t.engine.model, plan, t.engine.preprocess, t.output, temperature=temperature)
+        thresholds = ev.thresholds if isinstance(ev, MultiLabelResult) else None
+        write_best_model(t.engine.model, plan, t.engine.preprocess, t.output, temperature=temperature,
+                         thresholds=thresholds)  # fmt: skip
         t.best.record(ev, step, calibration)
     return ev
 
@@ -245,7 +247,7 @@ def mean_loss(loss_sum: torch.Tensor, t: Training, step: int) -> float:
     loss = float(all_sum(loss_sum, t.info)) / t.plan.batch_split / t.info.world
     if not math.isfinite(loss):
         raise BitError(
-            f"loss became {loss} at step {step}: training diverged and nothing more is written "
+            f"loss became {loss} at step {step + 1}: training diverged and nothing more is written "
             f"(the last checkpoint in {t.output} is kept); lower --lr or use --precision fp32"
         )
     return loss

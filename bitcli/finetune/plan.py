@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from bitcli.finetune.memory import auto_batch_split
 from bitcli.finetune.runfiles import PICTURE_FILES, SUMMARY_FILE
 from bitcli.finetune.start import check_resolution
 from bitcli.formats import BIT_DEFAULT_PREPROCESS
+from bitcli.metrics import selection_metrics
 from bitcli.options import FinetuneOptions
 from bitcli.preprocess import Preprocess
 from bitcli.ui import visible
@@ -45,6 +47,7 @@ OWN_SIZE_RATIO = 2
 HYPERRULE_UPSTREAM = 224  # px: the upstream resolution the rule was made for (BiT-M/S pre-training)
 # Largest over smallest class of the training set beyond which the plan suggests the imbalance flags.
 IMBALANCE_NOTE_RATIO = 5
+HISTOGRAM_NAMED = 3  # classes named where several share the smallest (or largest) size
 
 
 @dataclass(frozen=True)
@@ -106,11 +109,12 @@ def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig, *, has_val
     has_validation: DATA has a validation split of its own; multi_label: its rows give several labels."""
     check_resolution(opts.resolution, config)
     if multi_label:
-        refused = [(flag, v) for flag, v in (("--class-weights", opts.class_weights), ("--sampler", opts.sampler),
-                   ("--keep-best", opts.keep_best)) if v is not None]  # fmt: skip
+        refused = [(flag, v) for flag, v in (("--class-weights", opts.class_weights), ("--sampler", opts.sampler))
+                   if v is not None]  # fmt: skip
         if refused:
             name, choice = refused[0]
             raise UsageError(f"{name} {choice}: not available for multi-label data yet; leave it out")
+    check_keep_best(opts.keep_best, multi_label)
     for flag, value, minimum in (("--steps", opts.steps, 1), ("--batch-split", opts.batch_split, 1),
                                  ("--eval-every", opts.eval_every, 0), ("--save-every", opts.save_every, 1)):  # fmt: skip
         if value is not None and value < minimum:
@@ -134,6 +138,19 @@ def check_flags(opts: FinetuneOptions, info: Dist, config: BitConfig, *, has_val
             f"--batch-split {opts.batch_split}: must divide the {per_rank} images each process takes per step "
             f"(--batch-size {opts.batch_size} over {info.world} process(es))"
         )
+
+
+def check_keep_best(metric: object, multi_label: bool) -> None:
+    """--keep-best METRIC must mean something for the data's kind (known once the labels are read): top-1 and
+    balanced accuracy count one label an image, mAP ranks each class's scores over images of several labels."""
+    if metric is None or str(metric) in selection_metrics(multi_label):
+        return
+    valid = ", ".join(selection_metrics(multi_label))
+    if multi_label:
+        raise UsageError(f"--keep-best {metric}: counts one label an image, and this data is multi-label (several "
+                         f"labels a row); use --keep-best mAP (or one of {valid})")  # fmt: skip
+    raise UsageError(f"--keep-best {metric}: is for multi-label data, and this data has one label an image; use "
+                     f"--keep-best top1 (or one of {valid})")  # fmt: skip
 
 
 def check_same_run(saved: dict[str, Any], plan: Plan, output) -> None:
@@ -225,16 +242,13 @@ def imbalance_ratio(sizes: tuple[int, ...]) -> float:
 
 
 def class_lines(plan: Plan) -> list[str]:
-    """The class histogram in one line (smallest and largest class, imbalance ratio); above
-    IMBALANCE_NOTE_RATIO without a balancing flag, the flags that weigh the classes equally (the HyperRule
-    stays the default); with them, what they do."""
+    """The class histogram in one line (histogram_line); above IMBALANCE_NOTE_RATIO without a balancing flag,
+    the flags that weigh the classes equally (the HyperRule stays the default); with them, what they do."""
     sizes = plan.class_sizes
     if not sizes:  # a plan from before the histogram
         return []
-    small, large = int(np.argmin(sizes)), int(np.argmax(sizes))
     ratio = imbalance_ratio(sizes)
-    lines = [f"  classes     {len(sizes)}: smallest {visible(plan.classes[small])!r} ({sizes[small]:,} images), largest "
-             f"{visible(plan.classes[large])!r} ({sizes[large]:,}); imbalance ratio {ratio:.3g}:1"]  # fmt: skip
+    lines = [histogram_line(plan.classes, sizes)]
     balance = []
     if plan.class_weights:
         weights = balanced_class_weights(np.repeat(np.arange(len(sizes)), sizes), len(sizes))
@@ -244,11 +258,48 @@ def class_lines(plan: Plan) -> list[str]:
         balance.append("each step draws classes uniformly, then an image of the class (--sampler balanced)")
     if balance:
         lines.append(f"  balance     {'; '.join(balance)}")
-    elif ratio > IMBALANCE_NOTE_RATIO and not plan.multi_label:  # (the flags are single-label only, for now)
-        best = "" if plan.keep_best else "; --keep-best balanced_accuracy keeps the best model by the same measure"
-        lines.append(f"  note        the classes are imbalanced: --class-weights balanced or --sampler balanced weigh "
-                     f"them equally in training{best}")  # fmt: skip
+    elif ratio > IMBALANCE_NOTE_RATIO:
+        lines.append(f"  note        the classes are imbalanced: {imbalance_advice(plan)}")
     return lines
+
+
+def imbalance_advice(plan: Plan) -> str:
+    """What the imbalance note suggests: only flags this run would accept (the balancing flags are single-label
+    only; --keep-best needs a validation set) by a measure that weighs every class equally (balanced accuracy
+    counts one label an image: a multi-label run's is mAP, the mean of the classes' APs)."""
+    if plan.multi_label:
+        advice = "--class-weights and --sampler are single-label only"
+        best = "; --keep-best mAP keeps the best model by the mean of the classes' APs"
+    else:
+        advice = "--class-weights balanced or --sampler balanced weigh them equally in training"
+        best = "; --keep-best balanced_accuracy keeps the best model by the same measure"
+    return advice + (best if plan.validation and not plan.keep_best else "")
+
+
+def histogram_line(classes: Sequence[str], sizes: Sequence[int]) -> str:
+    """`classes     3: smallest 'blue' (2 images), largest 'red' (18); imbalance ratio 9:1`; several classes of
+    the smallest (or largest) size are counted (`smallest 3 classes of 1 image ('a', 'b', 'c')`), and classes
+    all of one size are said to be (`classes     10, 50 images each`)."""
+    low, high = min(sizes), max(sizes)
+    if low == high:
+        return f"  classes     {len(sizes)}, {_images(low)} each"
+    named = {n: [c for c, size in zip(classes, sizes) if size == n] for n in (low, high)}  # (repr escapes them)
+    small = _extreme("smallest", named[low], low, f"({_images(low)})")
+    large = _extreme("largest", named[high], high, f"({high:,})")
+    return f"  classes     {len(sizes)}: {small}, {large}; imbalance ratio {imbalance_ratio(tuple(sizes)):.3g}:1"
+
+
+def _extreme(which: str, named: list[str], size: int, alone: str) -> str:
+    """`smallest 'blue' (2 images)` (`alone`: its size), or for classes sharing the size `smallest 3 classes of
+    2 images ('a', 'b', 'c')`, the first HISTOGRAM_NAMED of them named."""
+    if len(named) == 1:
+        return f"{which} {named[0]!r} {alone}"
+    listed = ", ".join(repr(c) for c in named[:HISTOGRAM_NAMED]) + (", ..." if len(named) > HISTOGRAM_NAMED else "")
+    return f"{which} {len(named):,} classes of {_images(size)} ({listed})"
+
+
+def _images(n: int) -> str:
+    return f"{n:,} image{'s' * (n != 1)}"
 
 
 def selection_lines(plan: Plan) -> list[str]:
@@ -260,15 +311,15 @@ def selection_lines(plan: Plan) -> list[str]:
             lines.append("  thresholds  per class, the F1-maximising one on the validation set, stored with the model")
         else:
             lines.append("  thresholds  0.5 for every class (no validation set to choose them on)")
-        return lines
-    if not plan.validation:
+    elif not plan.validation:
         return []
-    lines = [
-        "  calibrate   a temperature fitted on the validation set after the last step, stored with the model "
-        "(--no-calibrate: off)"
-        if plan.calibrate
-        else "  calibrate   off (--no-calibrate): scores at temperature 1"
-    ]
+    else:
+        lines = [
+            "  calibrate   a temperature fitted on the validation set after the last step, stored with the model "
+            "(--no-calibrate: off)"
+            if plan.calibrate
+            else "  calibrate   off (--no-calibrate): scores at temperature 1"
+        ]
     if plan.keep_best:
         better = "lowest" if plan.keep_best == "loss" else "highest"
         lines.append(f"  keep best   the validated model of the {better} {plan.keep_best} also goes to best/ "
@@ -415,11 +466,13 @@ def pictures_line(has_validation: bool) -> str:
 
 
 def describe_schedule(boundaries: tuple[int, ...], lr: float) -> str:
-    """'lr 0.003 after a linear warm-up of 100 steps, /10 after steps 200, 300, 400' (short runs: less)."""
+    """'lr 0.003 after a linear warm-up of 100 steps, /10 after steps 201, 301, 401' (short runs: less)."""
     warmup, decays = boundaries[0], boundaries[1:-1]
     text = f"lr {lr:g} " + (
         f"after a linear warm-up of {warmup} steps" if warmup else "from the first step (no warm-up)"
     )
     if not decays:
         return text + ", no decay"
-    return text + f", /10 after step{'s' * (len(decays) > 1)} " + ", ".join(str(d) for d in decays)
+    # Steps are counted from 1 here, as in the progress lines: the lr drops after boundary index d (0-based,
+    # hyperrule.learning_rate), i.e. after the (d + 1)-th step.
+    return text + f", /10 after step{'s' * (len(decays) > 1)} " + ", ".join(str(d + 1) for d in decays)

@@ -75,11 +75,12 @@ def resume_point(prepared: Prepared, opts: FinetuneOptions, info: Dist, *, model
     state_path = opts.output / STATE_FILE
     if not state_path.is_file():
         if info.main:
-            log(f"no checkpoint in {opts.output} yet; starting from step 0")
+            log(f"no checkpoint in {opts.output} yet; starting from step 1")
         return 0
     start = load_state(state_path, model, optimizer, prepared.plan, scaler=scaler)
     if info.main:
-        log(f"resuming at step {start} of {prepared.plan.steps} from {state_path}")
+        # `start` steps are done: the next is step start + 1, counted from 1 as the progress line counts
+        log(f"resuming at step {start + 1} of {prepared.plan.steps} from {state_path}")
     return start
 
 

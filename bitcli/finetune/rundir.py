@@ -39,6 +39,7 @@ from bitcli.finetune.runfiles import (
 )
 from bitcli.formats import Checkpoint, TensorRef
 from bitcli.formats.hf import write as write_hf
+from bitcli.multilabel import Evaluation, MultiLabelResult
 from bitcli.options import FinetuneOptions
 from bitcli.pages.folder import remove_page_folder
 from bitcli.preprocess import Preprocess
@@ -47,7 +48,6 @@ from bitcli.writes import atomic_write, move_files_into, within
 
 if TYPE_CHECKING:
     from bitcli.finetune.plan import Plan
-    from bitcli.multilabel import Evaluation
 
 # Temporary names of bitcli's own writes into DIR (atomic_write: .NAME.XXXXXXXX.tmp; the final model's
 # staging folder .final and its own temporary ..final.XXXXXXXX.tmp; best/ written for the first time:
@@ -236,12 +236,14 @@ def model_checkpoint(model, plan: Plan, transform: Preprocess, source: Path, *, 
                       source=str(source), format="hf", temperature=temperature, thresholds=thresholds)  # fmt: skip
 
 
-def write_best_model(model, plan: Plan, transform: Preprocess, output: Path, *, temperature: float) -> None:
+def write_best_model(model, plan: Plan, transform: Preprocess, output: Path, *, temperature: float,
+                     thresholds: list[float] | None = None) -> None:  # fmt: skip
     """--keep-best: the model in DIR/best/, the same files as the final model (a new folder appears whole; an
-    existing one has its files replaced, config.json last)."""
-    write_hf(
-        model_checkpoint(model, plan, transform, output / BEST_FOLDER, temperature=temperature), output / BEST_FOLDER
-    )
+    existing one has its files replaced, config.json last); a multi-label model with the thresholds chosen on
+    the validation that made it the best."""
+    best = model_checkpoint(model, plan, transform, output / BEST_FOLDER, temperature=temperature,
+                            thresholds=thresholds)  # fmt: skip
+    write_hf(best, output / BEST_FOLDER)
 
 
 @dataclass(frozen=True)
@@ -263,29 +265,60 @@ def write_outputs(output: Path, model, plan: Plan, transform: Preprocess, *, las
                              thresholds=selection.thresholds)  # fmt: skip
     write_final_model(final, output)
     trained = sum(step_times)
-    summary = {
+    head = {
         "steps": plan.steps,
         "train_examples": plan.train_examples,
         "val_examples": plan.val_examples,
         "skipped": list(plan.skipped),  # images that do not decode, left out of training and validation
-        "val_top1": last_eval.top1 if last_eval else None,
-        "val_top5": last_eval.top5 if last_eval else None,
-        "val_loss": last_eval.loss if last_eval else None,
-        "val_per_class": last_eval.per_class if last_eval else None,
+    }
+    run = {
         "final_loss": last_loss if math.isfinite(last_loss) else None,  # None: no step left after resuming
-        "resumed_from_step": start or None,
+        "resumed_from_step": start or None,  # the checkpoint's step: the steps done before this invocation
         "wall_time_s": round(time.monotonic() - started, 2),  # this invocation
         "images_per_s": round(plan.batch_size * len(step_times) / trained, 2) if trained else None,
-        "val_balanced_accuracy": last_eval.balanced_accuracy if last_eval else None,
-        "val_macro_f1": last_eval.macro_f1 if last_eval else None,
+    }
+    if plan.multi_label:  # no top-1 or balanced accuracy: they count one label an image
+        ml = last_eval if isinstance(last_eval, MultiLabelResult) else None
+        summary = {**head, "val_mAP": ml.mAP if ml else None, "val_ap": dict(zip(ml.classes, ml.ap)) if ml else None,
+                   "val_loss": ml.loss if ml else None, "val_macro_f1": ml.macro_f1 if ml else None, **run}  # fmt: skip
+    else:
+        summary = {
+            **head,
+            "val_top1": last_eval.top1 if last_eval else None,
+            "val_top5": last_eval.top5 if last_eval else None,
+            "val_loss": last_eval.loss if last_eval else None,
+            "val_per_class": last_eval.per_class if last_eval else None,
+            **run,
+            "val_balanced_accuracy": last_eval.balanced_accuracy if last_eval else None,
+            "val_macro_f1": last_eval.macro_f1 if last_eval else None,
+        }
+    summary |= {
         "calibration": selection.calibration,  # the temperature fitted on the last validation, ECE/NLL before, after
         "best": selection.best,  # --keep-best: the validation whose model is in best/
         "thresholds": selection.thresholds,  # a multi-label model's, by class
     }
     write_json(output / SUMMARY_FILE, summary)
     if last_eval:
-        log(f"done: val top-1 {last_eval.top1:.4f}, top-5 {top5_text(last_eval)} on {plan.val_examples:,} images")
+        log(f"done: val {measures_text(last_eval, ', ')} on {plan.val_examples:,} images")
     log(f"model, metrics.jsonl and summary.json in {output} ({summary['wall_time_s']:.0f} s)")
+
+
+def validation_fields(result: Evaluation) -> dict[str, Any]:
+    """What a validation step adds to its metrics.jsonl record. Single-label: top-1, top-5, loss, macro F1 and
+    balanced accuracy. Multi-label: mAP (bit eval's `mAP` of the same model and images), the loss (binary
+    cross-entropy) and macro F1 at the thresholds chosen on this validation (those the model stores when it is
+    the last one); no top-1, top-5 or balanced accuracy, which count one label an image."""
+    if isinstance(result, MultiLabelResult):
+        return {"val_mAP": result.mAP, "val_loss": result.loss, "val_macro_f1": result.macro_f1}
+    return {"val_top1": result.top1, "val_top5": result.top5, "val_loss": result.loss, "val_macro_f1": result.macro_f1,
+            "val_balanced_accuracy": result.balanced_accuracy}  # fmt: skip
+
+
+def measures_text(result: Evaluation, sep: str = "  ") -> str:
+    """A validation's headline measures for people: top-1 and top-5, or a multi-label run's mAP and macro F1."""
+    if isinstance(result, MultiLabelResult):
+        return f"mAP {result.mAP:.4f}{sep}macro F1 {result.macro_f1:.4f}"
+    return f"top-1 {result.top1:.4f}{sep}top-5 {top5_text(result)}"
 
 
 def top5_text(result: Evaluation) -> str:

@@ -26,10 +26,19 @@ RUN_FILES = (*MODEL_FILES, METRICS_FILE, SUMMARY_FILE, STATE_FILE, CONFIG_FILE, 
 BEST_FOLDER = "best"  # --keep-best: the best validated model, MODEL_FILES in their own folder
 
 STATE_FORMAT = "bitcli-finetune-state/1"  # the checkpoint's metadata "format" (bitcli.finetune.state)
-# metrics.jsonl: the numbers of every step's record, and those a validation step adds (val_top5 is null for a
-# model of 5 classes or fewer).
+# metrics.jsonl: the numbers of every step's record, and those a validation step adds: a single-label run's
+# val_top1, val_top5 (null for a model of 5 classes or fewer), val_loss (and val_macro_f1, val_balanced_accuracy),
+# a multi-label run's val_mAP, val_loss (and val_macro_f1). `step` is the step's index, from 0: people are shown
+# step + 1, the number of the progress line ("k/N steps").
 STEP_NUMBERS = ("lr", "loss", "images_per_s")
-VALIDATION_NUMBERS = ("val_top1", "val_top5", "val_loss")
+VALIDATION_NUMBERS = ("val_top1", "val_top5", "val_mAP", "val_loss")
+HEADLINES = ("val_top1", "val_mAP")  # a validation's headline measure: top-1, or a multi-label run's mAP
+
+
+def headline(record: dict[str, Any]) -> str | None:
+    """The key of a step record's headline validation measure (val_top1; a multi-label run's val_mAP), None for
+    a step without validation."""
+    return next((key for key in HEADLINES if record.get(key) is not None), None)
 
 
 def read_saved_plan(output: Path) -> dict[str, Any]:
@@ -93,6 +102,6 @@ def step_record(line: bytes, steps: int) -> dict[str, Any] | None:
             record[key] = float(value)
         except OverflowError:  # an integer beyond any float
             return None
-    if record.get("val_top1") is not None and record.get("val_loss") is None:
+    if headline(record) is not None and record.get("val_loss") is None:
         return None
     return record

@@ -140,7 +140,7 @@ class Best:
         """What the run prints of best/'s calibration at its end, as it prints the final model's (None: none)."""
         if self.step is None or self.calibration is None:
             return None
-        return f"best/ (after step {self.step}): {describe(self.calibration)}"
+        return f"best/ (after step {self.step + 1}): {describe(self.calibration)}"  # counted from 1
 
     @classmethod
     def from_dict(cls, metric: str, saved: Any) -> Best:

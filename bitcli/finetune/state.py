@@ -86,7 +86,8 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def check_finite(model: torch.nn.Module, step: int) -> None:
-    """Before anything is written: NaN or inf weights (an fp16 overflow the loss did not show) are refused."""
+    """Before anything is written: NaN or inf weights (an fp16 overflow the loss did not show) are refused.
+    `step`: the steps taken, so the last one's number counted from 1 (as the progress line counts)."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise BitError(

@@ -24,6 +24,7 @@ TAGS = {
     "val/top1": "val_top1",
     "val/top5": "val_top5",
     "val/loss": "val_loss",
+    "val/mAP": "val_mAP",  # a multi-label run's (which has no val_top1 or val_top5)
 }
 
 
@@ -64,7 +65,7 @@ class Board:
     def add(self, record: Mapping[str, Any]) -> None:
         for tag, key in TAGS.items():
             value = record.get(key)
-            if value is not None:  # val_* on validation steps only; val_top5 is None for 5 classes or fewer
+            if value is not None:  # val_* on validation steps only, of the run's kind; val_top5 None for <= 5 classes
                 self.writer.add_scalar(tag, value, global_step=record["step"])
 
     def flush(self) -> None:

@@ -177,6 +177,12 @@ def read_class_names(path: Path, num_classes: int) -> list[str]:
         raise BitError(f"{path}: cannot read label file ({one_line(exc)})") from None
     if len(labels) != num_classes:
         raise BitError(f"{path}: has {len(labels)} labels but the model has {num_classes} classes; one name per line")
+    first_line: dict[str, int] = {}
+    for number, name in enumerate(labels, 1):
+        if name in first_line:  # two outputs of one name: predictions and label files could not tell them apart
+            raise BitError(f"{path}: names class {name!r} twice (names {first_line[name]} and {number}); "
+                           "give each class its own name")  # fmt: skip
+        first_line[name] = number
     return labels
 
 

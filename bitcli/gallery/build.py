@@ -115,7 +115,7 @@ def _single_label(engine: Engine, source: Source, *, result: EvalResult, results
     files["index.html"] = page.render(report).encode("utf-8")
     rows = csv_rows(results, names=names, classes=ds.classes, labels=engine.labels)
     files["errors.csv"] = csv_bytes(rows, order.tolist())
-    files["predictions.csv"] = csv_bytes(rows, range(len(results)))
+    files["predictions.csv"] = csv_bytes(rows, listed_order(ds, results))
     return len(order), len(shown)
 
 
@@ -140,8 +140,16 @@ def _multi_label(engine: Engine, source: Source, *, result: MultiLabelResult, re
     labels, thresholds = result.classes, result.thresholds
     texts = LabelTexts.of(results, labels, thresholds, names=names)
     files["errors.csv"] = errors_csv(results, rows, labels=labels, thresholds=thresholds, texts=texts)
-    files["predictions.csv"] = predictions_csv(results, labels=labels, texts=texts)
+    files["predictions.csv"] = predictions_csv(results, listed_order(source.ds, results), labels=labels, texts=texts)
     return len(rows), len(shown)
+
+
+def listed_order(ds: ImageFolder, results: Results | LabelResults) -> list[int]:
+    """The positions of `results` in the order the data set lists its images (ImageFolder.source_order: a label
+    file's or data set's rows in row order, not grouped by class as they are evaluated): predictions.csv's."""
+    rank = np.empty(len(ds), dtype=np.int64)
+    rank[ds.source_order()] = np.arange(len(ds), dtype=np.int64)
+    return np.argsort(rank[results.index], kind="stable").tolist()
 
 
 def _suffix(kind: str) -> str:

@@ -144,15 +144,15 @@ def errors_csv(results: LabelResults, rows: Iterable[tuple[int, int, str]], *, l
     return buf.getvalue().encode("utf-8")
 
 
-def predictions_csv(results: LabelResults, *, labels: Sequence[str], texts: LabelTexts) -> bytes:
-    """One row per image in data-set order: path, true_labels, predicted_labels, then each class's score (the
-    column `score:LABEL`, in the model's class order)."""
+def predictions_csv(results: LabelResults, rows: Iterable[int], *, labels: Sequence[str], texts: LabelTexts) -> bytes:
+    """One row per image, for `rows` (positions in LabelResults) in that order: path, true_labels,
+    predicted_labels, then each class's score (the column `score:LABEL`, in the model's class order)."""
     buf = io.StringIO()
     out = csv.writer(buf, lineterminator="\n")
     out.writerow(["path", "true_labels", "predicted_labels", *(f"score:{utf8(name)}" for name in labels)])
-    out.writerows((path, true, predicted, *(_number(s) for s in scores))
-                  for path, true, predicted, scores in zip(texts.paths, texts.true, texts.predicted,
-                                                           results.scores.tolist()))  # fmt: skip
+    scores = results.scores
+    out.writerows((texts.paths[row], texts.true[row], texts.predicted[row], *(_number(s) for s in scores[row].tolist()))
+                  for row in rows)  # fmt: skip
     return buf.getvalue().encode("utf-8")
 
 

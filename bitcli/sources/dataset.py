@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from bitcli.errors import BitError
+from bitcli.labels import separator_error, with_separator
 from bitcli.sources.examples import ImageFolder, class_order
 from bitcli.sources.features import Columns, choose_columns, image_cell
 from bitcli.sources.rows import Rows
@@ -189,6 +190,10 @@ class DatasetSplit:
                 multi_hot[rows, values] = 1
                 codes[row : row + len(lengths)] = values[np.cumsum(lengths) - lengths]
                 row += len(lengths)
+        bad = with_separator(names)
+        if bad is not None:  # (bitcli.labels: `;` separates labels in CSV) named at its first row, if it has one
+            rows = np.flatnonzero(multi_hot[:, names.index(bad)])
+            raise separator_error(self.row_name(int(rows[0])) if len(rows) else f"{self.name} (its ClassLabel)", bad)
         return codes, names, multi_hot
 
     def _list_values(self, label: str) -> list[str]:

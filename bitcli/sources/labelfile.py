@@ -27,6 +27,7 @@ import numpy as np
 
 from bitcli import urls
 from bitcli.errors import BitError
+from bitcli.labels import LIST_SEPARATOR, separator_error, with_separator
 from bitcli.sources.examples import ImageFolder, class_order
 from bitcli.sources.features import Columns
 from bitcli.sources.rows import RowPath, RowPaths
@@ -144,7 +145,18 @@ def read_label_file(path: Path, columns: Columns | None = None) -> LabelFile:
         raise BitError(f"{path}: holds no rows; list one image a row with its path and label")
     labels = LabelFile(path, rows)
     _check_repeats(labels, np.frombuffer(rows.keys, dtype=np.int64))
+    _check_separators(labels)
     return labels
+
+
+def _check_separators(labels: LabelFile) -> None:
+    """A multi-label file's class may not hold the `;` that separates labels in CSV (bitcli.labels): one line
+    naming the first row that gives it (a JSONL file's; in CSV `;` always separates)."""
+    name = with_separator(labels.names) if labels.multi else None
+    if name is None:
+        return
+    first = int(np.argmax(labels.set_labels == labels.names.index(name)))
+    raise separator_error(labels.row(int(np.searchsorted(labels.set_ends, first, side="right")) - 1), name)
 
 
 class _Packed:
@@ -227,9 +239,9 @@ def _several(label: object, where: str, csv: bool) -> list[str] | None:
         if any(type(v) is str and not v.strip() for v in label):
             raise BitError(f"{where}: an empty label in the list; remove it or write the label")
         return [_text(v, "label", where) for v in label]
-    if not (csv and type(label) is str and ";" in label):
+    if not (csv and type(label) is str and LIST_SEPARATOR in label):
         return None
-    names = [part.strip() for part in label.split(";")]
+    names = [part.strip() for part in label.split(LIST_SEPARATOR)]
     if not all(names):
         raise BitError(f"{where}: an empty label in the `;`-separated list; remove the extra `;` or write the label")
     return names

@@ -61,16 +61,18 @@ def test_finetune_with_a_one_class_validation_folder_keeps_temperature_one(datas
     summary = json.loads((run / "summary.json").read_text())
     step = summary["best"]["step"]
     assert f"calibration skipped: {SKIPPED}; the temperature stays 1\n" in err
-    assert f"best/ (after step {step}): calibration skipped: {SKIPPED}; the temperature stays 1\n" in err
+    assert f"best/ (after step {step + 1}): calibration skipped: {SKIPPED}; the temperature stays 1\n" in err
     assert summary["calibration"]["temperature"] == summary["best"]["temperature"] == 1.0
     assert summary["calibration"]["skipped"] == summary["best"]["calibration"]["skipped"] == SKIPPED
     for model in (run, run / "best"):
         assert json.loads((model / "config.json").read_text()).get("bitcli_temperature", 1.0) == 1.0
     code, out, err = run_main("report", run)
     assert code == 0, err
-    assert f" (calibration skipped: {SKIPPED})\n" in out
-    assert f"best        loss {summary['best']['value']:.4f} after step {step} (temperature 1.0000, calibration " \
-           f"skipped: {SKIPPED}): {run / 'best'}\n" in out  # fmt: skip
+    # no temperature is claimed where none was fitted (it read "calibrated  temperature 1.0000 ...")
+    assert f"\ncalibration none: {SKIPPED}; scores at temperature 1\n" in out
+    assert "calibrated  " not in out and "temperature 1.0000" not in out
+    assert f"best        loss {summary['best']['value']:.4f} after step {step + 1} (not calibrated: {SKIPPED}): " \
+           f"{run / 'best'}\n" in out  # fmt: skip
 
 
 def test_a_best_model_fitted_at_a_bound_warns_as_the_final_one(
@@ -90,7 +92,7 @@ def test_a_best_model_fitted_at_a_bound_warns_as_the_final_one(
         "fit it; --no-calibrate leaves the scores at temperature 1\n"
     )
     assert err.count(warning) == 2
-    assert f"best/ (after step {step}): calibrated: temperature 20 fitted on 12 validation images; ECE " in err
+    assert f"best/ (after step {step + 1}): calibrated: temperature 20 fitted on 12 validation images; ECE " in err
     assert best["temperature"] == best["calibration"]["temperature"] == MAX_TEMPERATURE
     assert best["calibration"]["at_bound"] == summary["calibration"]["at_bound"] == MAX_TEMPERATURE
     assert json.loads((run / "best" / "config.json").read_text())["bitcli_temperature"] == MAX_TEMPERATURE
@@ -98,4 +100,4 @@ def test_a_best_model_fitted_at_a_bound_warns_as_the_final_one(
     assert code == 0, err
     note = "at the bound 20.00 of its range: the validation set is too small or too easy to fit it"
     assert f" ({note})\n" in out
-    assert f"after step {step} (temperature 20.0000, {note}): {run / 'best'}\n" in out
+    assert f"after step {step + 1} (temperature 20.0000, {note}): {run / 'best'}\n" in out

@@ -59,14 +59,14 @@ def test_undecodable_images_are_skipped_before_step_0_and_resume_survives_their_
     assert code == 130 and "continues from the checkpoint of step 2" in err, err
     monkeypatch.setattr(rundir.MetricsLog, "write", interrupt_at(5))
     code, _, err = run_main(*args, "--output", killed, "--resume")  # the files are still there: skipped again
-    assert code == 130 and "resuming at step 2 of 6" in err and f"skipped {bad_train}" in err, err
+    assert code == 130 and "resuming at step 3 of 6" in err and f"skipped {bad_train}" in err, err
     monkeypatch.setattr(rundir.MetricsLog, "write", real_write)
 
     bad_train.unlink()  # the user deletes what the warnings named
     bad_val.unlink()
     code, _, err = run_main(*args, "--output", killed, "--resume")
     assert code == 0, err
-    assert "resuming at step 4 of 6" in err and "skipped" not in err
+    assert "resuming at step 5 of 6" in err and "skipped" not in err
     a, b = read_weights(straight / "model.safetensors"), read_weights(killed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run trained on other images"
     assert json.loads((killed / "summary.json").read_text())["val_top1"] == summary["val_top1"]

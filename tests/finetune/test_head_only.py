@@ -106,10 +106,10 @@ def test_head_only_resume_is_bit_identical(dataset: Path, tmp_path: Path, monkey
         _interrupt_at(patch, 5)
         code, _, err = run_main("finetune", dataset, "--output", stopped, *SHORT, *FAST)
     assert code == 130, err
-    assert "stopped during step 5; `--resume` continues from the checkpoint of step 4" in err
+    assert "stopped during step 6; `--resume` continues from the checkpoint of step 4" in err
     code, _, err = run_main("finetune", dataset, "--output", stopped, *SHORT, *FAST, "--resume")
     assert code == 0, err
-    assert "resuming at step 4 of 8" in err
+    assert "resuming at step 5 of 8" in err
 
     a, b = read_weights(straight / "model.safetensors"), read_weights(stopped / "model.safetensors")
     assert a.keys() == b.keys()

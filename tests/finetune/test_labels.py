@@ -82,7 +82,7 @@ def test_balanced_sampler_draws_classes_uniformly_as_a_function_of_seed_and_step
 
 def test_plan_shows_the_histogram_and_suggests_the_flags_when_imbalanced(tmp_path: Path) -> None:
     balanced = describe(_plan(tmp_path, (32, 32), 100))
-    assert "  classes     2: smallest 'c0' (50 images), largest 'c0' (50); imbalance ratio 1:1" in balanced
+    assert "  classes     2, 50 images each" in balanced
     assert not any(line.startswith("  note        the classes are imbalanced") for line in balanced)
     assert not any(line.startswith("  balance") for line in balanced)
 
@@ -163,7 +163,7 @@ def test_balanced_run_with_keep_best_resumes_bit_identical(imbalanced: Path, tmp
     assert (saved["value"], saved["step"]) == _expected_best(straight, 4)  # what the straight run had then
     code, _, err = run_main("finetune", imbalanced, "--output", stopped, *SHORT, "--resume")
     assert code == 0, err
-    assert "resuming at step 4 of 8" in err
+    assert "resuming at step 5 of 8" in err
 
     for name in ("model.safetensors", "best/model.safetensors"):
         a, b = read_weights(straight / name), read_weights(stopped / name)
@@ -184,7 +184,7 @@ def test_balanced_run_with_keep_best_resumes_bit_identical(imbalanced: Path, tmp
     assert json.loads(out)["macro_f1"] == summary["best"]["value"]
     code, out, err = run_main("report", straight)
     assert code == 0, err
-    assert f"best        macro_f1 {value:.4f} after step {step} (temperature " in out
+    assert f"best        macro_f1 {value:.4f} after step {step + 1} (temperature " in out
     assert f"  {straight / 'best'}  the best validated model by macro_f1 (--keep-best)" in out
 
 
@@ -208,6 +208,13 @@ def test_calibration_is_what_eval_reports_and_no_calibrate_turns_it_off(imbalanc
     assert json.loads((tmp_path / "plain" / "summary.json").read_text())["calibration"] is None
     assert "bitcli_temperature" not in json.loads((tmp_path / "plain" / "config.json").read_text())
     assert "  calibrate   off (--no-calibrate): scores at temperature 1\n" in err
+    code, out, err = run_main("report", tmp_path / "plain")
+    assert code == 0, err
+    assert "\ncalibration none: --no-calibrate; scores at temperature 1\n" in out
+    assert "calibrated  " not in out
+    code, out, err = run_main("report", tmp_path / "cal")
+    assert code == 0, err
+    assert f"\ncalibrated  temperature {cal['temperature']:.4f}: validation ECE {cal['val_ece_before']:.4f} -> " in out
     a, b = read_weights(tmp_path / "cal" / "model.safetensors"), read_weights(tmp_path / "plain" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # calibration changes no weight
 

@@ -72,7 +72,7 @@ def test_short_runs_train_at_every_step(tmp_path: Path) -> None:
     out = tmp_path / "three"
     code, _, err = run_main("finetune", tmp_path / "data", "--output", out, "--steps", "3", "--batch-size", "4", *FAST)
     assert code == 0, err
-    assert "  schedule    3 steps; lr 0.003 from the first step (no warm-up), /10 after step 1   [" in err
+    assert "  schedule    3 steps; lr 0.003 from the first step (no warm-up), /10 after step 2   [" in err
     assert [m["lr"] for m in read_metrics(out)] == pytest.approx([0.003, 0.003, 0.0003])
 
 

@@ -203,3 +203,62 @@ def test_finetune_prints_and_records_the_start_models_own_resolution(tmp_path: P
         assert "resize 160x160, random crop 128" in err and "[HyperRule: median image area 1,024 px < 96x96]" in err
         assert [line for line in err.splitlines() if line.startswith("  note ")] == [f"  note        {n}" for n in want]
         assert json.loads((out / "finetune_config.json").read_text())["notes"] == want
+
+
+@pytest.mark.parametrize(
+    "sizes, line",
+    [
+        ((1, 7), "  classes     2: smallest 'c0' (1 image), largest 'c1' (7); imbalance ratio 7:1"),
+        ((50, 50, 50), "  classes     3, 50 images each"),
+        ((1, 1), "  classes     2, 1 image each"),
+        (
+            (1, 9, 1, 9, 1),
+            "  classes     5: smallest 3 classes of 1 image ('c0', 'c2', 'c4'), largest 2 classes of 9 "
+            "images ('c1', 'c3'); imbalance ratio 9:1",
+        ),
+        (
+            (2, 2, 2, 2, 1200),
+            "  classes     5: smallest 4 classes of 2 images ('c0', 'c1', 'c2', ...), largest 'c4' "
+            "(1,200); imbalance ratio 600:1",
+        ),
+    ],
+)
+def test_plan_class_histogram_line(tmp_path: Path, sizes: tuple[int, ...], line: str) -> None:
+    """One image is `1 image`; classes all of one size say so instead of naming a smallest and a largest that are
+    equal; classes sharing the smallest or largest size are counted, the first three named."""
+    plan = dataclasses.replace(_plan(tmp_path, (32, 32), 100), classes=tuple(f"c{i}" for i in range(len(sizes))),
+                               class_sizes=sizes)  # fmt: skip
+    assert [x for x in describe(plan) if x.startswith("  classes ")] == [line]
+
+
+@pytest.mark.parametrize(
+    "multi_label, validation, keep_best, advice",
+    [
+        (False, "split 0.1 of the training folder", None,
+         "--class-weights balanced or --sampler balanced weigh them equally in training; --keep-best "
+         "balanced_accuracy keeps the best model by the same measure"),
+        (False, None, None, "--class-weights balanced or --sampler balanced weigh them equally in training"),
+        (False, "split 0.1 of the training folder", "macro_f1",
+         "--class-weights balanced or --sampler balanced weigh them equally in training"),
+        (True, "split 0.1 of the training folder", None,
+         "--class-weights and --sampler are single-label only; --keep-best mAP keeps the best model by the mean of "
+         "the classes' APs"),
+        (True, None, None, "--class-weights and --sampler are single-label only"),
+    ],
+)  # fmt: skip
+def test_imbalance_note_suggests_only_flags_the_run_accepts(
+    tmp_path: Path, multi_label: bool, validation: str | None, keep_best: str | None, advice: str
+) -> None:
+    """--keep-best needs a validation set and the balancing flags single-label data: the note never suggests a
+    flag this run would refuse, and it is shown for multi-label data too."""
+    plan = dataclasses.replace(_plan(tmp_path, (32, 32), 100), classes=("a", "b"), class_sizes=(3, 18),
+                               multi_label=multi_label, validation=validation, keep_best=keep_best)  # fmt: skip
+    notes = [x for x in describe(plan) if x.startswith("  note        the classes")]
+    assert notes == [f"  note        the classes are imbalanced: {advice}"]
+
+
+def test_plan_quotes_class_names_with_control_characters_once(tmp_path: Path) -> None:
+    plan = dataclasses.replace(_plan(tmp_path, (32, 32), 100), classes=("line\nbreak", "b"), class_sizes=(1, 2))
+    assert [x for x in describe(plan) if x.startswith("  classes ")] == [
+        "  classes     2: smallest 'line\\nbreak' (1 image), largest 'b' (2); imbalance ratio 2:1"
+    ]

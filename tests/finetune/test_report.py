@@ -42,6 +42,7 @@ def finished(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("report") / "run"
     code, err = train(dataset, out)
     assert code == 0, err
+    (out.parent / "stderr.txt").write_text(err)  # beside the run: its progress lines
     return out
 
 
@@ -103,10 +104,10 @@ def expected_report(run: Path, status: str, files: list[str], pictures: str) -> 
             f"validation  12 images ({plan['validation']})",
             "schedule    8 steps of 8 images, lr 0.003, crop 16, no mixup; cpu, float32",
             f"status      {status}",
-            f"last step   {last['step']}: loss {last['loss']:.4f}, lr {last['lr']:.3g}, {last['images_per_s']:.1f} images/s",
-            f"validation  step {validations[-1]['step']}: top-1 {validations[-1]['val_top1']:.4f}, top-5 n/a, "
-            f"loss {validations[-1]['val_loss']:.4f}; best top-1 {best['val_top1']:.4f} at step {best['step']}",
-            f"macro F1    {stored['macro_f1']:.4f} at step {stored['step']} (12 images)",
+            f"last step   {last['step'] + 1}: loss {last['loss']:.4f}, lr {last['lr']:.3g}, {last['images_per_s']:.1f} images/s",
+            f"validation  step {validations[-1]['step'] + 1}: top-1 {validations[-1]['val_top1']:.4f}, top-5 n/a, "
+            f"loss {validations[-1]['val_loss']:.4f}; best top-1 {best['val_top1']:.4f} at step {best['step'] + 1}",
+            f"macro F1    {stored['macro_f1']:.4f} at step {stored['step'] + 1} (12 images)",
             *calibration_lines(run),
             "files",
             *(f"  {run / name}  {notes[name]}" for name in notes if name in files),
@@ -233,8 +234,8 @@ def test_bad_metrics_lines_are_skipped_and_counted(finished: Path, tmp_path: Pat
     assert report[4:8] == [
         "status      finished",
         f"skipped     1 of 9 lines of metrics.jsonl: not a step record of this run (the first: line {line_number})",
-        "last step   7: loss 0.8000, lr 0.003, 107.0 images/s",  # every step after the bad line is read
-        "validation  step 7: top-1 0.5000, top-5 n/a, loss 1.0000; best top-1 0.5000 at step 7",
+        "last step   8: loss 0.8000, lr 0.003, 107.0 images/s",  # every step after the bad line is read
+        "validation  step 8: top-1 0.5000, top-5 n/a, loss 1.0000; best top-1 0.5000 at step 8",
     ]
 
 
@@ -248,8 +249,8 @@ def test_many_bad_lines_report_their_count_and_the_first(finished: Path, tmp_pat
     assert out.splitlines()[4:8] == [
         "status      finished",
         "skipped     5 of 8 lines of metrics.jsonl: not a step record of this run (the first: line 2)",
-        "last step   2: loss 1.3000, lr 0.003, 102.0 images/s",
-        f"macro F1    {stored['macro_f1']:.4f} at step 7 (12 images)",  # no validation line: step 3's was bad
+        "last step   3: loss 1.3000, lr 0.003, 102.0 images/s",
+        f"macro F1    {stored['macro_f1']:.4f} at step 8 (12 images)",  # no validation line: step 3's was bad
     ]
 
 
@@ -302,6 +303,24 @@ def test_absurd_numbers_print_as_short_words(finished: Path, tmp_path: Path) -> 
         "validation  step 1.00e+39: top-1 0.5000, top-5 n/a, loss inf; best top-1 0.5000 at step 1.00e+39",
         "macro F1    1e+308 at step 1.00e+39 (1.00e+30 images)",
     ]
+
+
+def test_step_numbers_agree_with_the_progress_lines(finished: Path) -> None:
+    """A step's number is the same everywhere people read it: the progress line's k of "k/N steps" (k from 1)
+    is the number that `bit report` gives the last step, the last validation and the best one (metrics.jsonl
+    keeps the index from 0)."""
+    progress = {int(k): float(top1) for k, top1 in
+                re.findall(r"^(\d+)/8 steps  lr \S+  loss \S+  val top-1 (\S+)  top-5 n/a$",
+                           (finished.parent / "stderr.txt").read_text(), flags=re.M)}  # fmt: skip
+    validations = [m for m in read_metrics(finished) if "val_top1" in m]
+    assert sorted(progress) == [m["step"] + 1 for m in validations] == [4, 8]
+    assert list(progress.values()) == [round(m["val_top1"], 4) for m in validations]
+    best = max(progress, key=lambda k: (progress[k], -k))  # the first of the highest top-1
+    code, out, err = run_main("report", finished)
+    assert (code, err) == (0, "")
+    assert re.search(rf"^validation  step 8: top-1 {progress[8]:.4f}, .*; best top-1 {progress[best]:.4f} at step "
+                     rf"{best}$", out, flags=re.M), out  # fmt: skip
+    assert "\nlast step   8: " in out and "\nmacro F1    " in out and " at step 8 (12 images)\n" in out
 
 
 def test_a_damaged_plan_is_one_error_line(finished: Path, tmp_path: Path) -> None:
@@ -449,7 +468,7 @@ def test_an_over_long_metrics_line_is_one_skipped_line_never_held(finished: Path
     assert done.stdout.splitlines()[4:7] == [
         "status      finished",
         "skipped     1 of 9 lines of metrics.jsonl: not a step record of this run (the first: line 5)",
-        "last step   7: loss 0.8000, lr 0.003, 107.0 images/s",
+        "last step   8: loss 0.8000, lr 0.003, 107.0 images/s",
     ]
 
 

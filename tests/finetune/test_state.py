@@ -166,7 +166,7 @@ def test_sigkill_and_resume_is_bit_identical(dataset: Path, tmp_path: Path) -> N
 
     code, _, err = run_main("finetune", dataset, "--output", killed, *KILL_ARGS, "--resume")
     assert code == 0, err
-    assert f"resuming at step {resumed_from[-1]} of 30" in err
+    assert f"resuming at step {resumed_from[-1] + 1} of 30" in err
     assert [
         p.name for p in killed.iterdir() if p.name.startswith(".")
     ] == []  # interrupted writes cleaned up, lock gone

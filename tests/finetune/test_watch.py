@@ -64,7 +64,7 @@ def test_pictures_at_every_validation_are_what_the_files_give(dataset: Path, tmp
     assert {name: (out / name).read_bytes() for name in PICTURES} == before  # report lists them, never draws
     lines = report.splitlines()
     assert "status      finished" in lines
-    assert f"validation  step 7: top-1 {summary['val_top1']:.4f}, top-5 n/a, loss {summary['val_loss']:.4f}" in report
+    assert f"validation  step 8: top-1 {summary['val_top1']:.4f}, top-5 n/a, loss {summary['val_loss']:.4f}" in report
     assert (
         f"  {out / 'model.safetensors'}  the fine-tuned model" in report
         and f"  {out / 'metrics.jsonl'}  one line per step" in report
@@ -114,7 +114,7 @@ def test_tensorboard_scalars_equal_metrics_across_a_resume(dataset: Path, tmp_pa
     board.Reload()
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == list(range(12))
-    assert set(board.Tags()["scalars"]) == set(tensorboard.TAGS) - {"val/top5"}  # 3 classes: no top-5
+    assert set(board.Tags()["scalars"]) == set(tensorboard.TAGS) - {"val/top5", "val/mAP"}  # 3 classes, single-label
     for tag, key in tensorboard.TAGS.items():
         expected = [(m["step"], float(np.float32(m[key]))) for m in metrics if m.get(key) is not None]
         events = board.Scalars(tag) if tag in board.Tags()["scalars"] else []

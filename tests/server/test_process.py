@@ -104,6 +104,7 @@ def test_a_taken_port_fails_before_the_model_loads():
     "flags, message",
     [
         (["--max-body-mb", "0"], "Error: --max-body-mb 0: must be a number > 0\n"),
+        (["--max-body-mb", "1e-7"], "Error: --max-body-mb 1e-7: must be at least 0.000001 (one byte)\n"),
         (["--timeout-s", "-1"], "Error: --timeout-s -1: must be a number > 0\n"),
         (["--header-timeout-s", "0"], "Error: --header-timeout-s 0: must be a number > 0\n"),
         (["--queue", "4", "--max-batch", "8"], "Error: --queue 4 is below --max-batch 8: batches could never fill\n"),
