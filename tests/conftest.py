@@ -4,7 +4,8 @@ that scikit-image and scikit-learn ship, a pre-populated Hugging Face cache, and
 The suite runs alone (`pytest tests/test_model.py`) or on several cores with pytest-xdist (.ci/run: `-n auto
 --dist loadfile`, a whole file per worker, so a module's fixtures are built once). Each worker is a process with
 its own session fixtures and tmp_path root; tests share nothing else: free ports (port 0), no fixed paths, the
-caches a test writes ($BITCLI_CACHE, HF_HOME) under its tmp_path, env changes through monkeypatch."""
+caches a test writes ($BITCLI_CACHE, HF_HOME) under its tmp_path (BITCLI_CACHE in the session's own folder at
+least: private_bitcli_cache), env changes through monkeypatch."""
 
 from __future__ import annotations
 
@@ -55,6 +56,16 @@ def pytest_configure(config: pytest.Config) -> None:
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, threads)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_bitcli_cache(tmp_path_factory):
+    """$BITCLI_CACHE (published .npz files, bit audit's and --cache-features' embeddings) in this session's own
+    folder for every test and the processes it starts: a test that does not name one must neither read entries
+    another run or another xdist worker left in ~/.cache/bitcli nor leave its own there."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BITCLI_CACHE", str(tmp_path_factory.mktemp("bitcli-cache")))
+        yield
 
 
 def perturb(model: torch.nn.Module, seed: int = 0) -> None:
