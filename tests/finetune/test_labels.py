@@ -161,6 +161,14 @@ def test_balanced_run_with_keep_best_resumes_bit_identical(imbalanced: Path, tmp
     assert code == 130, err
     saved = read_state(stopped / "checkpoint.safetensors")[1]["best"]
     assert (saved["value"], saved["step"]) == _expected_best(straight, 4)  # what the straight run had then
+    code, out, err = run_main("report", stopped)  # the interrupted run's best/, as its checkpoint records it
+    assert code == 0, err
+    (line,) = [line for line in out.splitlines() if line.startswith("best ")]
+    bound = saved["calibration"].get("at_bound")
+    note = f", at the bound {bound:.2f} of its range: the validation set is too small or too easy to fit it"
+    assert line == (f"best        macro_f1 {saved['value']:.4f} after step {saved['step'] + 1} (temperature "
+                    f"{saved['temperature']:.4f}{note if bound is not None else ''}): {stopped / 'best'} (as the "
+                    "checkpoint of step 4 records it)")  # fmt: skip
     code, _, err = run_main("finetune", imbalanced, "--output", stopped, *SHORT, "--resume")
     assert code == 0, err
     assert "resuming at step 5 of 8" in err
