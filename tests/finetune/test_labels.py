@@ -234,7 +234,12 @@ def test_keep_best_needs_a_validation_set_and_a_known_metric(imbalanced: Path, t
     assert err == ("Error: --keep-best top1: selects on the validation set, and the run has none; pass --val DATA "
                    "or --val-split F\n")  # fmt: skip
     code, _, err = run_main(*args, "--keep-best", "accuracy")
-    assert code == 2 and "--keep-best" in err and "accuracy" in err
+    assert code == 2 and err == (
+        "Error: --keep-best accuracy: not a metric; use top1, macro_f1, balanced_accuracy or loss (single-label "
+        "data), mAP, macro_f1 or loss (multi-label data)\n"
+    )  # the metrics spelt as the docs and every other message spell them (mAP, not map)
+    code, _, err = run_main(*args, "--keep-best", "MAP")  # in any case
+    assert code == 2 and err.startswith("Error: --keep-best mAP: "), err
     assert not (tmp_path / "run").exists()
 
 
