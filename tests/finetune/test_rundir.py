@@ -204,7 +204,8 @@ def test_a_user_file_in_best_is_refused_before_anything_is_removed(dataset: Path
     assert code == 0, err
     (out / "best" / "notes.txt").write_text("mine")
     before = _files(out)
-    assert {"model.safetensors", "summary.json", "checkpoint.safetensors", "curves.png", "best/config.json"} < set(before)
+    owned = {"model.safetensors", "summary.json", "checkpoint.safetensors", "curves.png", "best/config.json"}
+    assert owned < set(before)
     expected = (
         f"Error: --keep-best: {out / 'best'}: holds the file 'notes.txt', which is not a model file; bitcli writes "
         "a model folder only into a new folder or one holding nothing but model files (config.json, "
