@@ -9,6 +9,8 @@ Two ways to train the stand-in model (--pretrain):
   jitter, down-and-up scaling, JPEG re-encodes); the class's tint (a per-class colour gain, the same for all its
   copies) spreads the mostly grey training photos over colours. Telling hundreds of patches apart, whatever was
   done to them, asks for features that change with content and not with re-encoding: what pre-training gives.
+  --crop-area, --shift and --jitter set how far a copy strays from its patch (the least crop area, the crop
+  centre's largest shift, the brightness/contrast range).
 - classes (the earlier attempt): 15 classes, one per training photo, from random crops of it.
 
 The evaluation set is the same for both: 9 *other* photos (astronaut, cat, coffee, rocket, china, flower,
@@ -34,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +89,18 @@ def classifier_set(root: Path, per_photo: int, rng: np.random.Generator) -> None
             )
 
 
+@dataclass(frozen=True)
+class Augment:
+    """How far an exemplar copy may stray from its seed patch: the least crop area (a fraction), the largest
+    shift of the crop's centre (a fraction of the patch's side), and the brightness and contrast range (1 +- it).
+    Nearer the evaluation's own edits (a 10% crop, +-25% brightness), the features keep more of what tells two
+    neighbouring patches apart."""
+
+    area: float
+    shift: float
+    jitter: float
+
+
 def seed_patch(photos: list[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """A textured square of a random training photo (20-50% of its short side): the photo and the box. Flat
     patches (a grey-level standard deviation under 20, e.g. the black around the moon) are drawn again, as
@@ -100,24 +115,26 @@ def seed_patch(photos: list[np.ndarray], rng: np.random.Generator) -> tuple[np.n
 
 
 def exemplar_copy(im: np.ndarray, box: tuple[int, int, int, int], tint: np.ndarray, size: int,
-                  rng: np.random.Generator) -> Image.Image:  # fmt: skip
-    """One augmented copy of a seed patch at size x size: a random resized crop (50-100% of the area, aspect
-    3:4-4:3, its centre anywhere in the patch's middle), a flip, the class's tint, brightness and contrast
-    x0.6-1.4, and half the time a down-and-up scaling (0.35-1x) or a JPEG re-encode (quality 30-95)."""
+                  rng: np.random.Generator, aug: Augment) -> Image.Image:  # fmt: skip
+    """One augmented copy of a seed patch at size x size: a random resized crop (aug.area-100% of the area,
+    aspect 3:4-4:3, its centre up to aug.shift of the patch's side from the patch's centre), a flip, the class's
+    tint, brightness and contrast x(1 +- aug.jitter), and half the time a down-and-up scaling (0.35-1x) or a JPEG
+    re-encode (quality 30-95). The first exemplar runs used 0.5, 0.25 and 0.4; the script's defaults (0.8, 0.1,
+    0.3) stay nearer the evaluation's edits."""
     x, y, w, h = box
-    area = w * h * rng.uniform(0.5, 1.0)
+    area = w * h * rng.uniform(aug.area, 1.0)
     aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
     cw, ch = min(w, round(np.sqrt(area * aspect))), min(h, round(np.sqrt(area / aspect)))
-    cx = x + w / 2 + rng.uniform(-0.25, 0.25) * w
-    cy = y + h / 2 + rng.uniform(-0.25, 0.25) * h
+    cx = x + w / 2 + rng.uniform(-aug.shift, aug.shift) * w
+    cy = y + h / 2 + rng.uniform(-aug.shift, aug.shift) * h
     left = int(np.clip(cx - cw / 2, 0, im.shape[1] - cw))
     top = int(np.clip(cy - ch / 2, 0, im.shape[0] - ch))
     pixels = im[top : top + ch, left : left + cw].astype(np.float32) * tint
     picture = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     if rng.random() < 0.5:
         picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    picture = ImageEnhance.Brightness(picture).enhance(rng.uniform(0.6, 1.4))
-    picture = ImageEnhance.Contrast(picture).enhance(rng.uniform(0.6, 1.4))
+    picture = ImageEnhance.Brightness(picture).enhance(rng.uniform(1 - aug.jitter, 1 + aug.jitter))
+    picture = ImageEnhance.Contrast(picture).enhance(rng.uniform(1 - aug.jitter, 1 + aug.jitter))
     if rng.random() < 0.5:
         small = max(8, round(size * rng.uniform(0.35, 1.0)))
         picture = picture.resize((small, small), Image.Resampling.BILINEAR)
@@ -129,7 +146,7 @@ def exemplar_copy(im: np.ndarray, box: tuple[int, int, int, int], tint: np.ndarr
     return picture
 
 
-def exemplar_set(root: Path, classes: int, copies: int, size: int, rng: np.random.Generator) -> None:
+def exemplar_set(root: Path, classes: int, copies: int, size: int, rng: np.random.Generator, aug: Augment) -> None:
     """--pretrain exemplar: `classes` seed patches of the training photos, `copies` augmented copies of each."""
     photos = [np.asarray(photo(name)) for name in TRAIN_PHOTOS]
     for c in range(classes):
@@ -138,7 +155,7 @@ def exemplar_set(root: Path, classes: int, copies: int, size: int, rng: np.rando
         folder = root / f"patch{c:04d}"
         folder.mkdir(parents=True)
         for i in range(copies):
-            exemplar_copy(im, box, tint, size, rng).save(folder / f"{i:03d}.png")
+            exemplar_copy(im, box, tint, size, rng, aug).save(folder / f"{i:03d}.png")
 
 
 def copies(tile: Image.Image, rng: np.random.Generator) -> list[Image.Image]:
@@ -182,7 +199,8 @@ def train(args: argparse.Namespace, work: Path) -> tuple[Path, dict]:
     rng = np.random.default_rng(args.seed)
     started = time.monotonic()
     if args.pretrain == "exemplar":
-        exemplar_set(work / "train", args.classes, args.copies, args.size, rng)
+        aug = Augment(area=args.crop_area, shift=args.shift, jitter=args.jitter)
+        exemplar_set(work / "train", args.classes, args.copies, args.size, rng, aug)
     else:
         classifier_set(work / "train", args.per_photo, rng)
     made_s = time.monotonic() - started
@@ -277,9 +295,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pretrain", choices=["exemplar", "classes"], default="exemplar")
     parser.add_argument("--model", default="small", help="bit finetune --model with --random-init")
-    parser.add_argument("--classes", type=int, default=1000, help="exemplar: seed patches (classes)")
+    parser.add_argument("--classes", type=int, default=2000, help="exemplar: seed patches (classes)")
     parser.add_argument("--copies", type=int, default=24, help="exemplar: augmented copies per seed patch")
     parser.add_argument("--size", type=int, default=56, help="exemplar: side of the saved copies, px")
+    parser.add_argument("--crop-area", type=float, default=0.8, help="exemplar: least crop area of a copy")
+    parser.add_argument("--shift", type=float, default=0.1, help="exemplar: largest crop-centre shift (of the side)")
+    parser.add_argument("--jitter", type=float, default=0.3, help="exemplar: brightness/contrast x(1 +- this)")
     parser.add_argument("--per-photo", type=int, default=40, help="classes: crops per training photo")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=64)

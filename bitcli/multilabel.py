@@ -204,7 +204,8 @@ def render_table(result: MultiLabelResult, color: bool) -> str:
     out.print(f"loss    {result.loss:.4f}")
     undefined = [name for name, ap in zip(result.classes, result.ap) if ap is None]
     if undefined:
-        out.print(Text(f"AP undefined (no image of the class), left out of mAP: {', '.join(map(visible, undefined))}"))
+        named = ", ".join(map(repr, undefined))  # quoted: a class name may hold ", " (repr escapes control characters)
+        out.print(Text(f"AP undefined (no image of the class), left out of mAP: {named}"))
     table = Table(title="per-class AP, threshold, precision, recall and F1")
     for name in ("class", "AP", "threshold", "precision", "recall", "F1"):
         table.add_column(name, justify="left" if name == "class" else "right")

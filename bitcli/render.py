@@ -124,20 +124,22 @@ def _table(rows: list[Row], color: bool) -> str:
         if not r.known:  # below --min-score: the label is unknown, the top-k follow as usual
             lines, scores = [Text(UNKNOWN, style="bold yellow"), *lines], ["", *scores]
         if r.labels is not None:  # multi-label: the labels above their thresholds first, then the top-k
-            above = _label_lines(r.labels)
-            lines, scores = [*above, *lines], [""] * len(above) + scores
+            above, above_scores = _label_lines(r.labels)
+            lines, scores = [*above, *lines], [*above_scores, *scores]
         table.add_row(Text(visible(r.path)), Text("\n").join(lines), "\n".join(scores))
     buf = io.StringIO()
     console(buf, color).print(table)
     return buf.getvalue()
 
 
-def _label_lines(labels: list[dict]) -> list[Text]:
-    """A multi-label row's labels in the table: a `labels:` line, then each label on its own line (a label may
-    hold `, ` or `;`: joined on one line, two labels could not be told from one)."""
+def _label_lines(labels: list[dict]) -> tuple[list[Text], list[str]]:
+    """A multi-label row's labels in the table and their scores: a `labels:` line, then each label on its own line
+    (a label may hold `, ` or `;`: joined on one line, two labels could not be told from one) with its score (a
+    label outside the top-k has it nowhere else)."""
     if not labels:
-        return [Text.assemble(("labels: ", "bold"), "(none above its threshold)")]
-    return [Text("labels:", style="bold"), *(Text.assemble("  ", visible(p["label"])) for p in labels)]
+        return [Text.assemble(("labels: ", "bold"), "(none above its threshold)")], [""]
+    lines = [Text("labels:", style="bold"), *(Text.assemble("  ", visible(p["label"])) for p in labels)]
+    return lines, ["", *(f"{p['score']:.4f}" for p in labels)]
 
 
 def console(file: IO[str], color: bool, width: int | None = None) -> Console:

@@ -22,6 +22,11 @@ def label_cells(table: str) -> list[str]:
     return [line.split("│")[2][1:].rstrip() for line in table.splitlines() if line.count("│") == 4]
 
 
+def score_cells(table: str) -> list[str]:
+    """The score column's cell lines of a table without colour."""
+    return [line.split("│")[3].strip() for line in table.splitlines() if line.count("│") == 4]
+
+
 def test_the_table_shows_each_label_on_its_own_line_literally() -> None:
     predictions = [{"label": name, "index": i, "score": s} for i, (name, s) in enumerate(zip(LABELS, (0.9, 0.8, 0.1)))]
     rows = [Row("a.png", predictions=predictions, labels=predictions[:2]), Row("b.png", predictions=predictions,
@@ -29,6 +34,14 @@ def test_the_table_shows_each_label_on_its_own_line_literally() -> None:
     table = predictions_text(rows, PredictFormat.table, color=False)
     assert label_cells(table) == ["labels:", "  cat, dog", "  [red]", "cat, dog (0)", "[red] (1)", "x;y (2)",
                                   "labels: (none above its threshold)", "cat, dog (0)", "[red] (1)", "x;y (2)"]  # fmt: skip
+    assert score_cells(table) == ["", "0.9000", "0.8000", "0.9000", "0.8000", "0.1000",
+                                  "", "0.9000", "0.8000", "0.1000"]  # fmt: skip
+    # a label outside the top-k (-k 1) still shows its score: the table has it nowhere else
+    table = predictions_text([Row("c.png", predictions=predictions[:1], labels=predictions[:2])], PredictFormat.table,
+                             color=False)  # fmt: skip
+    assert list(zip(label_cells(table), score_cells(table))) == [
+        ("labels:", ""), ("  cat, dog", "0.9000"), ("  [red]", "0.8000"), ("cat, dog (0)", "0.9000")
+    ]  # fmt: skip
     lines = predictions_text(rows, PredictFormat.csv, color=False).splitlines()
     assert lines[1:4] == ['a.png,1,"cat, dog",0,0.900000,,"cat, dog;[red]"', 'a.png,2,[red],1,0.800000,,"cat, dog;[red]"',
                           'a.png,3,x;y,2,0.100000,,"cat, dog;[red]"']  # fmt: skip

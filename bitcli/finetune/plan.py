@@ -258,17 +258,22 @@ def class_lines(plan: Plan) -> list[str]:
         balance.append("each step draws classes uniformly, then an image of the class (--sampler balanced)")
     if balance:
         lines.append(f"  balance     {'; '.join(balance)}")
-    elif ratio > IMBALANCE_NOTE_RATIO and not plan.multi_label:  # (the flags are single-label only, for now)
-        best = "" if plan.keep_best else f"; --keep-best {_balanced(plan)} keeps the best model by the same measure"
-        lines.append(f"  note        the classes are imbalanced: --class-weights balanced or --sampler balanced weigh "
-                     f"them equally in training{best}")  # fmt: skip
+    elif ratio > IMBALANCE_NOTE_RATIO:
+        lines.append(f"  note        the classes are imbalanced: {imbalance_advice(plan)}")
     return lines
 
 
-def _balanced(plan: Plan) -> str:
-    """The --keep-best metric that weighs every class equally, for the run's kind (balanced accuracy counts one
-    label an image: a multi-label run's is macro F1)."""
-    return "macro_f1" if plan.multi_label else "balanced_accuracy"
+def imbalance_advice(plan: Plan) -> str:
+    """What the imbalance note suggests: only flags this run would accept (the balancing flags are single-label
+    only; --keep-best needs a validation set) by a measure that weighs every class equally (balanced accuracy
+    counts one label an image: a multi-label run's is mAP, the mean of the classes' APs)."""
+    if plan.multi_label:
+        advice = "--class-weights and --sampler are single-label only"
+        best = "; --keep-best mAP keeps the best model by the mean of the classes' APs"
+    else:
+        advice = "--class-weights balanced or --sampler balanced weigh them equally in training"
+        best = "; --keep-best balanced_accuracy keeps the best model by the same measure"
+    return advice + (best if plan.validation and not plan.keep_best else "")
 
 
 def histogram_line(classes: Sequence[str], sizes: Sequence[int]) -> str:
@@ -278,7 +283,7 @@ def histogram_line(classes: Sequence[str], sizes: Sequence[int]) -> str:
     low, high = min(sizes), max(sizes)
     if low == high:
         return f"  classes     {len(sizes)}, {_images(low)} each"
-    named = {n: [visible(c) for c, size in zip(classes, sizes) if size == n] for n in (low, high)}
+    named = {n: [c for c, size in zip(classes, sizes) if size == n] for n in (low, high)}  # (repr escapes them)
     small = _extreme("smallest", named[low], low, f"({_images(low)})")
     large = _extreme("largest", named[high], high, f"({high:,})")
     return f"  classes     {len(sizes)}: {small}, {large}; imbalance ratio {imbalance_ratio(tuple(sizes)):.3g}:1"

@@ -108,7 +108,7 @@ def test_accumulated_metrics_equal_scikit_learn() -> None:
     bce = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(truth.astype(np.float32)), reduction="sum")
     assert result["loss"] == pytest.approx(float(bce) / len(y), rel=1e-6)
     table = multilabel.render_table(acc.result(), color=False)
-    assert "AP undefined (no image of the class), left out of mAP: m3\n" in table
+    assert "AP undefined (no image of the class), left out of mAP: 'm3'\n" in table
 
 
 def test_mixup_binary_cross_entropy_is_the_mixed_sum_of_both_losses() -> None:
@@ -138,6 +138,16 @@ def write_images(root: Path, rows: list[list[str]], seed: int = 0) -> list[str]:
         Image.fromarray(array).save(root / f"{i:03d}.png")
         names.append(f"{i:03d}.png")
     return names
+
+
+def write_split_label_file(root: Path, train: list[list[str]], val: list[list[str]]) -> list[str]:
+    """root/labels.jsonl over write_images' images of `train` + `val` (a split column); the images' file names."""
+    files = write_images(root / "images", train + val)
+    with open(root / "labels.jsonl", "w") as f:
+        for i, labels in enumerate(train + val):
+            split = "train" if i < len(train) else "val"
+            f.write(json.dumps({"path": f"images/{files[i]}", "label": labels, "split": split}) + "\n")
+    return files
 
 
 def label_sets(n: int, seed: int) -> list[list[str]]:
@@ -181,11 +191,7 @@ def multi_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, lis
     first 12 training images (predict's: the thresholds are validation scores, ties there are likely)."""
     root = tmp_path_factory.mktemp("multi")
     train, val = label_sets(48, 0), label_sets(24, 1)
-    files = write_images(root / "images", train + val)
-    with open(root / "labels.jsonl", "w") as f:
-        for i, labels in enumerate(train + val):
-            split = "train" if i < len(train) else "val"
-            f.write(json.dumps({"path": f"images/{files[i]}", "label": labels, "split": split}) + "\n")
+    files = write_split_label_file(root, train, val)
     run = root / "run"
     threads = torch.get_num_threads()  # one thread, as the tests' runs have (conftest's one_thread is per test)
     torch.set_num_threads(1)

@@ -20,7 +20,7 @@ from sklearn.metrics import average_precision_score
 from bitcli import plots
 
 from .helpers import FAST, read_metrics
-from .test_multilabel import NAMES, label_sets, write_images
+from .test_multilabel import NAMES, label_sets, write_split_label_file
 
 RUN = ["--steps", "4", "--batch-size", "8", "--eval-every", "2", "--lr", "0.05", "--keep-best", "mAP", "--tensorboard",
        *FAST]  # fmt: skip
@@ -33,11 +33,7 @@ def ml_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str, l
     --keep-best mAP and --tensorboard: (the label file, the run, its stderr, the validation images)."""
     root = tmp_path_factory.mktemp("mlrecords")
     train, val = label_sets(32, 0), label_sets(16, 1)
-    files = write_images(root / "images", train + val)
-    with open(root / "labels.jsonl", "w") as f:
-        for i, labels in enumerate(train + val):
-            split = "train" if i < len(train) else "val"
-            f.write(json.dumps({"path": f"images/{files[i]}", "label": labels, "split": split}) + "\n")
+    files = write_split_label_file(root, train, val)
     run = root / "run"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as conftest.one_thread, which a module's fixture runs outside of

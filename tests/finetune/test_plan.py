@@ -229,3 +229,36 @@ def test_plan_class_histogram_line(tmp_path: Path, sizes: tuple[int, ...], line:
     plan = dataclasses.replace(_plan(tmp_path, (32, 32), 100), classes=tuple(f"c{i}" for i in range(len(sizes))),
                                class_sizes=sizes)  # fmt: skip
     assert [x for x in describe(plan) if x.startswith("  classes ")] == [line]
+
+
+@pytest.mark.parametrize(
+    "multi_label, validation, keep_best, advice",
+    [
+        (False, "split 0.1 of the training folder", None,
+         "--class-weights balanced or --sampler balanced weigh them equally in training; --keep-best "
+         "balanced_accuracy keeps the best model by the same measure"),
+        (False, None, None, "--class-weights balanced or --sampler balanced weigh them equally in training"),
+        (False, "split 0.1 of the training folder", "macro_f1",
+         "--class-weights balanced or --sampler balanced weigh them equally in training"),
+        (True, "split 0.1 of the training folder", None,
+         "--class-weights and --sampler are single-label only; --keep-best mAP keeps the best model by the mean of "
+         "the classes' APs"),
+        (True, None, None, "--class-weights and --sampler are single-label only"),
+    ],
+)  # fmt: skip
+def test_imbalance_note_suggests_only_flags_the_run_accepts(
+    tmp_path: Path, multi_label: bool, validation: str | None, keep_best: str | None, advice: str
+) -> None:
+    """--keep-best needs a validation set and the balancing flags single-label data: the note never suggests a
+    flag this run would refuse, and it is shown for multi-label data too."""
+    plan = dataclasses.replace(_plan(tmp_path, (32, 32), 100), classes=("a", "b"), class_sizes=(3, 18),
+                               multi_label=multi_label, validation=validation, keep_best=keep_best)  # fmt: skip
+    notes = [x for x in describe(plan) if x.startswith("  note        the classes")]
+    assert notes == [f"  note        the classes are imbalanced: {advice}"]
+
+
+def test_plan_quotes_class_names_with_control_characters_once(tmp_path: Path) -> None:
+    plan = dataclasses.replace(_plan(tmp_path, (32, 32), 100), classes=("line\nbreak", "b"), class_sizes=(1, 2))
+    assert [x for x in describe(plan) if x.startswith("  classes ")] == [
+        "  classes     2: smallest 'line\\nbreak' (1 image), largest 'b' (2); imbalance ratio 2:1"
+    ]
