@@ -102,6 +102,7 @@ from bitcli.options import (
 from bitcli.output_checks import (
     check_embed_output,
     check_explain_output_outside_inputs,
+    check_model_folder,
     check_output,
     check_page_folder,
     check_plot_outside_report,
@@ -285,11 +286,13 @@ def finetune(
     if cache_features and mixup:
         raise UsageError(f"--mixup {mixup:g} with --cache-features: cached features are not augmented; drop --mixup")
     check_output("--output", output, folder=True)
-    if report:
-        from bitcli.finetune.runfiles import REPORT_FOLDER
+    from bitcli.finetune.runfiles import BEST_FOLDER, REPORT_FOLDER
 
+    if report:
         check_page_folder("--report: the report folder", output / REPORT_FOLDER, kind=EVAL_REPORT,
                           removed_first=overwrite)  # fmt: skip
+    if keep_best is not None:  # before --overwrite removes the earlier run's files
+        check_model_folder("--keep-best", output / BEST_FOLDER)
     from bitcli.commands import finetune as finetune_command
 
     finetune_command.run(opts)

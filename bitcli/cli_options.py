@@ -30,6 +30,7 @@ from bitcli.options import (
     parse_device,
     parse_dst_path,
     parse_file_path,
+    parse_keep_best,
     parse_megabytes,
     parse_min_score,
     parse_png_path,
@@ -295,7 +296,7 @@ SamplerOpt = Annotated[
 ]  # fmt: skip
 KeepBestOpt = Annotated[
     KeepBest | None,
-    typer.Option("--keep-best", case_sensitive=False, show_default=False, metavar="METRIC",
+    typer.Option("--keep-best", parser=_parser("--keep-best", parse_keep_best), show_default=False, metavar="METRIC",
                  help="Also keep the best validated model by METRIC in DIR/best: top1, macro_f1, balanced_accuracy, loss; "
                  "multi-label data: mAP, macro_f1, loss."),
 ]  # fmt: skip

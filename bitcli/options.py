@@ -271,6 +271,17 @@ def reliability_path(plot: Path) -> Path:
     return plot.with_name(plot.stem + "-reliability" + plot.suffix)
 
 
+def parse_keep_best(value: str) -> KeepBest:
+    """--keep-best METRIC in any case (map is mAP); a refusal lists the metrics as the docs spell them."""
+    for metric in KeepBest:
+        if value.casefold() == metric.value.casefold():
+            return metric
+    raise OptionError(
+        f"{value}: not a metric; use top1, macro_f1, balanced_accuracy or loss (single-label data), mAP, macro_f1 or "
+        "loss (multi-label data)"
+    )
+
+
 def parse_val_split(value: str) -> float:
     """--val-split: the fraction of every class held out, strictly between 0 and 1."""
     try:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bitcli.errors import UsageError
+from bitcli.errors import BitError, UsageError
 from bitcli.options import DataSpec, EmbedFormat, paths_file
 from bitcli.pages.folder import refusal as page_folder_refusal
 from bitcli.ui import display
-from bitcli.writes import refuse_replacing_input, unwritable
+from bitcli.writes import model_files_in, refuse_replacing_input, unwritable
 
 
 def check_output(flag: str, path: Path | None, folder: bool = False) -> None:
@@ -41,6 +41,18 @@ def check_page_folder(flag: str, path: Path | None, data: DataSpec | None = None
         reason = f"is inside the image folder {display(data)}; choose a folder outside it" if inside else None
     if reason is not None:
         raise UsageError(f"{flag} {display(path)}: {reason}")
+
+
+def check_model_folder(flag: str, path: Path) -> None:
+    """Refuse (exit 2, before any work) an existing folder that a model folder is later written into (bit
+    finetune --keep-best's RUN/best) when it holds anything but model files (bitcli.writes.model_files_in): the
+    write would refuse it after the run had removed or replaced its other files."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    try:
+        model_files_in(path)
+    except BitError as exc:
+        raise UsageError(f"{flag}: {exc} (or move it out of {display(path)})") from None
 
 
 def check_label_output(flag: str, path: Path | None) -> None:

@@ -101,14 +101,16 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
 def curves_png(records: Sequence[Mapping[str, Any]], total_steps: int, title: str) -> bytes:
     """metrics.jsonl's records (one per step; validation fields on validation steps) as three panels over the
     steps 0..total_steps: loss (training and validation), validation accuracy (a multi-label run's: mAP),
-    learning rate. `title` is drawn as mathtext: it must not hold data (a name with "$")."""
-    steps = np.array([r["step"] for r in records], dtype=float)
+    learning rate. A record's values are drawn at its step's number, counted from 1 as every message counts
+    (the record's `step` index + 1: step k's loss, validation and lr at x = k). `title` is drawn as mathtext: it
+    must not hold data (a name with "$")."""
+    steps = np.array([r["step"] + 1 for r in records], dtype=float)
     loss = np.array([r["loss"] for r in records], dtype=float)
     lr = np.array([r["lr"] for r in records], dtype=float)
     # a multi-label run's validations record mAP where a single-label run's record top-1 and top-5
     multi = any(r.get("val_mAP") is not None for r in records)
     val = [r for r in records if r.get("val_mAP" if multi else "val_top1") is not None]
-    val_steps = [r["step"] for r in val]
+    val_steps = [r["step"] + 1 for r in val]
     with _style(literal=False):
         from matplotlib.figure import Figure
 
@@ -145,8 +147,9 @@ def curves_png(records: Sequence[Mapping[str, Any]], total_steps: int, title: st
         ax_acc.set_ylabel("mAP" if multi else "accuracy")
         ax_acc.grid(alpha=0.3)
 
-        # Log scale: each /10 decay is an equal step down (the warm-up's lr 0 at step 0 is not drawn).
-        ax_lr.plot(steps[lr > 0], lr[lr > 0], color="tab:red", drawstyle="steps-post")  # constant within a step
+        # Log scale: each /10 decay is an equal step down (the warm-up's lr 0 in step 1 is not drawn). Step k
+        # runs from x = k - 1 to k at its lr ("steps-pre"), so a drop "after step k" is drawn at x = k.
+        ax_lr.plot(steps[lr > 0], lr[lr > 0], color="tab:red", drawstyle="steps-pre")
         ax_lr.set_yscale("log")
         ax_lr.set_ylabel("learning rate")
         ax_lr.grid(alpha=0.3)

@@ -68,6 +68,32 @@ def test_curves_are_deterministic_and_span_the_whole_run() -> None:
     assert plots.curves_png(records(61, 20), 100, "training curves: step 60 of 100") != data
 
 
+def test_curves_count_steps_from_1_as_every_message_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record of step index s is drawn at x = s + 1, the number the progress line and the title give it:
+    validations after steps 3, 6, 9, 12 at x = 3, 6, 9, 12; the lr of step k at k, so that a drop "after step 6"
+    (steps 1-6 at 0.1, 7-12 at 0.01) is drawn at x = 6; the warm-up's lr 0 (step 1) is not drawn."""
+    figures = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or b"")
+    lrs = [0.0, 0.05, 0.1, 0.1, 0.1, 0.1] + [0.01] * 6
+    rows = [{"step": s, "lr": lrs[s], "loss": 2.0 - 0.1 * s, "images_per_s": 50.0} for s in range(12)]
+    for s in (2, 5, 8, 11):
+        rows[s] |= {"val_top1": 0.05 * s, "val_top5": None, "val_loss": 1.0 - 0.05 * s}
+    plots.curves_png(rows, total_steps=12, title="training curves: 12 of 12 steps")
+    ax_loss, ax_acc, ax_lr = figures[0].axes
+    every = list(range(1, 13))
+    assert [(line.get_label(), list(line.get_xdata())) for line in ax_loss.lines] == [
+        ("training loss (each step)", every),
+        ("validation loss", [3, 6, 9, 12]),
+    ]
+    assert [list(line.get_xdata()) for line in ax_acc.lines] == [[3, 6, 9, 12]]
+    (lr_line,) = ax_lr.lines
+    assert list(lr_line.get_xdata()) == every[1:] and list(lr_line.get_ydata()) == lrs[1:]
+    from matplotlib.cbook import STEP_LOOKUP_MAP
+
+    x, y = STEP_LOOKUP_MAP[lr_line.get_drawstyle()](lr_line.get_xdata(), lr_line.get_ydata())
+    assert min(x[y == 0.01]) == 6 and max(x[y == 0.1]) == 6  # the drop after step 6, at x = 6
+
+
 def confusion(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return np.diag(rng.integers(20, 40, n)) + rng.poisson(0.5, (n, n))

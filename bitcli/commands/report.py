@@ -36,6 +36,7 @@ from bitcli.finetune.runfiles import (
     checkpoint_step,
     headline,
     metrics_lines,
+    read_checkpoint_state,
     read_saved_plan,
 )
 from bitcli.options import ReportOptions
@@ -251,9 +252,9 @@ def validation_lines(folder: Path) -> list[str]:
 def selection_lines(folder: Path, plan: dict[str, Any]) -> list[str]:
     """What a finished run kept of its validations (summary.json): the fitted temperature with the validation
     ECE and NLL before and after, or why the model is not calibrated, and --keep-best's model; a summary that
-    says otherwise shows nothing."""
+    says otherwise shows nothing. An unfinished run: --keep-best's model as its checkpoint records it."""
     if not (folder / SUMMARY_FILE).is_file():
-        return []
+        return checkpoint_best_lines(folder, plan)
     try:
         summary = read_json(folder / SUMMARY_FILE)
     except BitError:
@@ -271,12 +272,32 @@ def selection_lines(folder: Path, plan: dict[str, Any]) -> list[str]:
         elif _calibration_off(plan):
             lines.append("calibration none: --no-calibrate; scores at temperature 1")
         if isinstance(best := summary.get("best"), dict) and best.get("step") is not None:
-            lines.append(f"best        {visible(str(best['metric']))} {_number(best['value'], 4)} after step "
-                         f"{whole(int(best['step']) + 1)} ({_best_temperature(best, plan)}): "
-                         f"{visible(display(folder / BEST_FOLDER))}")  # fmt: skip
+            lines.append(_best_line(folder, best, plan))
     except (KeyError, TypeError, ValueError, OverflowError):
         return lines  # a hand-edited summary: what could be read
     return lines
+
+
+def _best_line(folder: Path, best: dict[str, Any], plan: dict[str, Any]) -> str:
+    """--keep-best's record (selection.Best.to_dict(): its `step` is the index from 0) as one line."""
+    return (f"best        {visible(str(best['metric']))} {_number(best['value'], 4)} after step "
+            f"{whole(int(best['step']) + 1)} ({_best_temperature(best, plan)}): "
+            f"{visible(display(folder / BEST_FOLDER))}")  # fmt: skip
+
+
+def checkpoint_best_lines(folder: Path, plan: dict[str, Any]) -> list[str]:
+    """An unfinished run's best/ as its checkpoint of step j records it (read from the header alone); a
+    validation after step j may have replaced best/ since, which the line says by naming the checkpoint."""
+    if not (folder / BEST_FOLDER / MODEL_FILES[0]).is_file() or not (folder / STATE_FILE).is_file():
+        return []
+    try:
+        state, saved = read_checkpoint_state(folder / STATE_FILE)
+        best = state.get("best")
+        if not isinstance(best, dict) or best.get("step") is None:
+            return []
+        return [f"{_best_line(folder, best, plan)} (as the checkpoint of step {whole(saved)} records it)"]
+    except (BitError, KeyError, TypeError, ValueError, OverflowError):
+        return []  # a damaged checkpoint: the status line says what --resume makes of it
 
 
 def _calibration_off(plan: dict[str, Any]) -> bool:

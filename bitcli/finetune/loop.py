@@ -79,7 +79,7 @@ def train(t: Training) -> Outcome:
     metrics = MetricsLog(t.output / METRICS_FILE, keep_before=t.start) if info.main else None
     watch = Watch(t.output, t.start, t.tensorboard) if info.main else None
     out = Outcome()
-    step = saved_step = t.start
+    step = saved_step = recorded = t.start  # recorded: the steps whose metrics record is written
     weight = class_weights(t)
     reader: Reader[tuple[StepSample, np.ndarray, np.ndarray]]
     try:
@@ -131,6 +131,7 @@ def train(t: Training) -> Outcome:
                     barrier(info)
                 if metrics is not None and watch is not None:  # the main process
                     metrics.write(record)
+                    recorded = step + 1
                     watch.step(record, out.last_eval if "val_loss" in record else None)
                     if step == plan.steps - 1 or (step + 1) % plan.save_every == 0:
                         check_finite(engine.model, step + 1)
@@ -141,8 +142,13 @@ def train(t: Training) -> Outcome:
                 progress.update(step + 1, lr, out.last_loss, ips)
     except KeyboardInterrupt:
         if info.main:
-            # steps counted from 1 (the progress line's k): the checkpoint of step k holds the first k steps
-            log(f"stopped during step {step + 1}; `--resume` continues from the checkpoint of step {saved_step}")
+            # steps counted from 1 (the progress line's k): the checkpoint of step k holds the first k steps. A step
+            # whose record is written is done (bit report counts it): the stop came after it, before its checkpoint
+            if recorded == step + 1:
+                where = f"after step {step + 1}" + (" (its checkpoint not yet written)" if saved_step <= step else "")
+            else:
+                where = f"during step {step + 1}"
+            log(f"stopped {where}; `--resume` continues from the checkpoint of step {saved_step}")
         raise
     finally:
         if metrics is not None:

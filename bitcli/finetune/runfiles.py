@@ -59,7 +59,13 @@ def checkpoint_state(path: Path, metadata: dict[str, str]) -> tuple[dict[str, An
 
 def checkpoint_step(path: Path) -> int:
     """The step a checkpoint continues from, read from its header alone (no tensor, no torch)."""
-    return checkpoint_state(path, safetensors_header(path)[1])[1]
+    return read_checkpoint_state(path)[1]
+
+
+def read_checkpoint_state(path: Path) -> tuple[dict[str, Any], int]:
+    """(the state, the step to continue from) of a checkpoint, read from its header alone (JSON metadata: no
+    tensor, no torch, nothing unpickled)."""
+    return checkpoint_state(path, safetensors_header(path)[1])
 
 
 def metrics_lines(path: Path, steps: int) -> Iterator[tuple[int, dict[str, Any] | None]]:

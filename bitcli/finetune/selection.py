@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from bitcli.metrics import SELECTION_METRICS, Accumulator, EvalResult
-from bitcli.multilabel import Evaluation
+from bitcli.multilabel import Evaluation, MultiLabelResult
 from bitcli.scores import MAX_TEMPERATURE, MIN_TEMPERATURE, fit_temperature
 from bitcli.ui import visible
 
@@ -110,13 +110,15 @@ def _scored(logits: torch.Tensor, targets: torch.Tensor, classes: tuple[str, ...
 @dataclass
 class Best:
     """--keep-best METRIC: the best validation so far (the first of equals; NaN is never best), and the
-    calibration of its model (best/), fitted on that validation (None: --no-calibrate)."""
+    calibration of its model (best/), fitted on that validation (None: --no-calibrate); a multi-label model
+    has the thresholds chosen on that validation instead (best/config.json's)."""
 
     metric: str
     value: float | None = None
     step: int | None = None
     temperature: float = 1.0
     calibration: dict[str, Any] | None = None  # Calibration.to_dict()
+    thresholds: list[float] | None = None  # a multi-label model's, by class
 
     def improves(self, result: Evaluation) -> bool:
         value = result.metric(self.metric)
@@ -130,15 +132,22 @@ class Best:
         self.value, self.step = result.metric(self.metric), step
         self.temperature = calibration.temperature if calibration is not None else 1.0
         self.calibration = calibration.to_dict() if calibration is not None else None
+        self.thresholds = list(result.thresholds) if isinstance(result, MultiLabelResult) else None
 
     def to_dict(self) -> dict[str, Any]:
         """summary.json's and the checkpoint's record of it (JSON: a float survives exactly)."""
         return {"metric": self.metric, "value": self.value, "step": self.step, "temperature": self.temperature,
-                "calibration": self.calibration}  # fmt: skip
+                "calibration": self.calibration, "thresholds": self.thresholds}  # fmt: skip
 
     def describe(self) -> str | None:
-        """What the run prints of best/'s calibration at its end, as it prints the final model's (None: none)."""
-        if self.step is None or self.calibration is None:
+        """What the run prints of best/ at its end: its calibration, as it prints the final model's, or a
+        multi-label model's measure and thresholds (None: neither)."""
+        if self.step is None:
+            return None
+        if self.thresholds is not None and self.value is not None:
+            return (f"best/ (after step {self.step + 1}): {self.metric} {self.value:.4f}, with the thresholds chosen on "
+                    "that validation")  # fmt: skip
+        if self.calibration is None:
             return None
         return f"best/ (after step {self.step + 1}): {describe(self.calibration)}"  # counted from 1
 
@@ -147,7 +156,8 @@ class Best:
         """The record a checkpoint holds (None, or another metric's: nothing kept yet)."""
         if not isinstance(saved, dict) or saved.get("metric") != metric or saved.get("step") is None:
             return cls(metric)
-        calibration = saved.get("calibration")
+        calibration, thresholds = saved.get("calibration"), saved.get("thresholds")
         return cls(metric, value=float(saved["value"]), step=int(saved["step"]),
                    temperature=float(saved.get("temperature", 1.0)),
-                   calibration=calibration if isinstance(calibration, dict) else None)  # fmt: skip
+                   calibration=calibration if isinstance(calibration, dict) else None,
+                   thresholds=[float(t) for t in thresholds] if isinstance(thresholds, list) else None)  # fmt: skip

@@ -161,6 +161,14 @@ def test_balanced_run_with_keep_best_resumes_bit_identical(imbalanced: Path, tmp
     assert code == 130, err
     saved = read_state(stopped / "checkpoint.safetensors")[1]["best"]
     assert (saved["value"], saved["step"]) == _expected_best(straight, 4)  # what the straight run had then
+    code, out, err = run_main("report", stopped)  # the interrupted run's best/, as its checkpoint records it
+    assert code == 0, err
+    (line,) = [line for line in out.splitlines() if line.startswith("best ")]
+    bound = saved["calibration"].get("at_bound")
+    note = f", at the bound {bound:.2f} of its range: the validation set is too small or too easy to fit it"
+    assert line == (f"best        macro_f1 {saved['value']:.4f} after step {saved['step'] + 1} (temperature "
+                    f"{saved['temperature']:.4f}{note if bound is not None else ''}): {stopped / 'best'} (as the "
+                    "checkpoint of step 4 records it)")  # fmt: skip
     code, _, err = run_main("finetune", imbalanced, "--output", stopped, *SHORT, "--resume")
     assert code == 0, err
     assert "resuming at step 5 of 8" in err
@@ -226,7 +234,12 @@ def test_keep_best_needs_a_validation_set_and_a_known_metric(imbalanced: Path, t
     assert err == ("Error: --keep-best top1: selects on the validation set, and the run has none; pass --val DATA "
                    "or --val-split F\n")  # fmt: skip
     code, _, err = run_main(*args, "--keep-best", "accuracy")
-    assert code == 2 and "--keep-best" in err and "accuracy" in err
+    assert code == 2 and err == (
+        "Error: --keep-best accuracy: not a metric; use top1, macro_f1, balanced_accuracy or loss (single-label "
+        "data), mAP, macro_f1 or loss (multi-label data)\n"
+    )  # the metrics spelt as the docs and every other message spell them (mAP, not map)
+    code, _, err = run_main(*args, "--keep-best", "MAP")  # in any case
+    assert code == 2 and err.startswith("Error: --keep-best mAP: "), err
     assert not (tmp_path / "run").exists()
 
 

@@ -94,6 +94,9 @@ def test_keep_best_map_and_the_report(ml_run) -> None:
     assert (best["metric"], best["value"], best["step"]) == ("mAP", chosen["val_mAP"], chosen["step"])
     config = json.loads((run / "best" / "config.json").read_text())
     assert config["problem_type"] == "multi_label_classification" and len(config["bitcli_thresholds"]) == 3
+    assert best["thresholds"] == config["bitcli_thresholds"]  # the thresholds best/ applies, recorded
+    assert (f"\nbest/ (after step {best['step'] + 1}): mAP {best['value']:.4f}, with the thresholds chosen on that "
+            "validation\n") in err  # the run's end says what best/ is, as a single-label run's does  # fmt: skip
     code, out, stderr = run_main("eval", f"{labels}:val", "--model", run / "best", "--format", "json")
     assert code == 0, stderr
     assert json.loads(out)["mAP"] == pytest.approx(best["value"], abs=1e-6)

@@ -486,3 +486,28 @@ def test_a_damaged_summary_is_said_and_the_run_is_not_finished(finished: Path, t
     )
     assert f"  {run / 'summary.json'}  cannot be read (see status)" in report
     assert "final metrics" not in out
+
+
+def test_a_stop_after_a_steps_record_is_told_as_the_report_tells_it(dataset: Path, tmp_path: Path) -> None:
+    """Ctrl-C while step 4's validation pictures are drawn (its metrics record written, its checkpoint not): the
+    run says it stopped after step 4, as `bit report` counts it, and where --resume continues."""
+    from bitcli.finetune.watch import Watch
+
+    out, step = tmp_path / "run", Watch.step
+
+    def stopped(self: Watch, record: dict, *args: object) -> None:
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+        step(self, record, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Watch, "step", stopped)
+        code, err = train(dataset, out)
+    assert code == 130, err
+    assert [m["step"] for m in read_metrics(out)] == [0, 1, 2, 3] and "val_top1" in read_metrics(out)[3]
+    assert err.splitlines()[-1] == (
+        "stopped after step 4 (its checkpoint not yet written); `--resume` continues from the checkpoint of step 3"
+    ), err
+    code, report, err = run_main("report", out)
+    assert code == 0, err
+    assert "\nstatus      interrupted after 4 of 8 steps; --resume continues from the checkpoint of step 3\n" in report

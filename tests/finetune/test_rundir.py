@@ -187,3 +187,44 @@ def test_resume_keeps_every_step_record_before_its_step_past_a_bad_line(tmp_path
         f"{path}: left out 3 line(s) that are no step record (the first: line 3); the records of steps before 5 "
         "are kept\n"
     )
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_user_file_in_best_is_refused_before_anything_is_removed(dataset: Path, tmp_path: Path) -> None:
+    """--keep-best writes RUN/best/ as a model folder: one that holds a file of the user's (directly or through a
+    symlink) is refused while the command line is read (exit 2) by --overwrite, which would otherwise remove the
+    finished run's files first, and by --resume; every file stays as it was, byte for byte."""
+    out = tmp_path / "run"
+    args = ["finetune", dataset, "--output", out, "--steps", "2", "--batch-size", "4", "--eval-every", "1",
+            "--keep-best", "top1", *FAST]  # fmt: skip
+    code, _, err = run_main(*args)
+    assert code == 0, err
+    (out / "best" / "notes.txt").write_text("mine")
+    before = _files(out)
+    owned = {"model.safetensors", "summary.json", "checkpoint.safetensors", "curves.png", "best/config.json"}
+    assert owned < set(before)
+    expected = (
+        f"Error: --keep-best: {out / 'best'}: holds the file 'notes.txt', which is not a model file; bitcli writes "
+        "a model folder only into a new folder or one holding nothing but model files (config.json, "
+        "model.safetensors, preprocessor_config.json, pytorch_model.bin), so choose another folder (or move it out "
+        f"of {out / 'best'})"
+    )
+    code, _, err = run_main(*args, "--overwrite")
+    assert code == 2 and err.splitlines() == [expected], err
+    assert _files(out) == before
+    (out / "summary.json").unlink()  # an interrupted run
+    del before["summary.json"]
+    code, _, err = run_main(*args, "--resume")
+    assert code == 2 and err.splitlines() == [expected], err
+    assert _files(out) == before
+
+    theirs = tmp_path / "theirs"  # best/ a symlink to a folder of the user's
+    (out / "best").rename(theirs)
+    (out / "best").symlink_to(theirs, target_is_directory=True)
+    code, _, err = run_main(*args, "--resume")
+    assert code == 2 and err.splitlines() == [expected], err
+    assert _files(out) == {k: v for k, v in before.items() if not k.startswith("best/")}
+    assert _files(theirs) == {k.removeprefix("best/"): v for k, v in before.items() if k.startswith("best/")}
