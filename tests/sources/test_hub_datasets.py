@@ -17,7 +17,7 @@ from fakehub import FakeHub, git_blob_sha1
 from finetune.helpers import FAST, PROCESS_ENV, read_weights
 from PIL import Image
 
-from .conftest import CLASSES, image_dataset, interleave
+from .conftest import CLASSES, folder_rows, image_dataset, interleave
 
 COMMIT = "5e" * 20
 REPO = "org/colors"
@@ -109,9 +109,14 @@ def test_cached_dataset_offline_trains_and_evaluates_as_the_folder(
         list(csv.DictReader(open(r / "predictions.csv", encoding="utf-8")))
         for r in (tmp_path / "report", tmp_path / "folder")
     )
+    # predictions.csv is in the data set's row order (the classes interleaved), the folder's grouped by class
+    by_path = {r["path"]: r for r in theirs}
+    listed = [by_path[str(sources["folder"].parent / p)] for p, _ in interleave(folder_rows(sources["folder"].parent,
+                                                                                            "val"))]  # fmt: skip
     assert [{k: v for k, v in r.items() if k != "path"} for r in ours] == [
-        {k: v for k, v in r.items() if k != "path"} for r in theirs
+        {k: v for k, v in r.items() if k != "path"} for r in listed
     ]
+    assert [r["path"].rpartition(" row ")[2] for r in ours] == [str(i) for i in range(len(listed))]
     assert ours[0]["path"].endswith("validation-00000-of-00001.parquet row 0")
 
 
