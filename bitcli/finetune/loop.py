@@ -142,13 +142,7 @@ def train(t: Training) -> Outcome:
                 progress.update(step + 1, lr, out.last_loss, ips)
     except KeyboardInterrupt:
         if info.main:
-            # steps counted from 1 (the progress line's k): the checkpoint of step k holds the first k steps. A step
-            # whose record is written is done (bit report counts it): the stop came after it, before its checkpoint
-            if recorded == step + 1:
-                where = f"after step {step + 1}" + (" (its checkpoint not yet written)" if saved_step <= step else "")
-            else:
-                where = f"during step {step + 1}"
-            log(f"stopped {where}; `--resume` continues from the checkpoint of step {saved_step}")
+            log(stop_message(step, recorded=recorded, saved=saved_step))
         raise
     finally:
         if metrics is not None:
@@ -156,6 +150,17 @@ def train(t: Training) -> Outcome:
         if watch is not None:
             watch.close()
     return out
+
+
+def stop_message(step: int, *, recorded: int, saved: int) -> str:
+    """Where Ctrl-C stopped the run, with steps counted from 1 (the progress line's k; the checkpoint of step k
+    holds the first k steps). A step whose record is written is done (bit report counts it): the stop came after
+    it, before its checkpoint."""
+    if recorded == step + 1:
+        where = f"after step {step + 1}" + (" (its checkpoint not yet written)" if saved <= step else "")
+    else:
+        where = f"during step {step + 1}"
+    return f"stopped {where}; `--resume` continues from the checkpoint of step {saved}"
 
 
 def bit_sgd(params: Iterable[torch.nn.Parameter]) -> torch.optim.SGD:
