@@ -263,3 +263,34 @@ def test_multi_label_flagged_set_equals_cleanlab_given_the_same_probabilities() 
     right = sum(issue.suggested_set == tuple(np.flatnonzero(truth[issue.example])) for issue in issues
                 if issue.example in found)  # fmt: skip
     assert right >= 0.9 * len(found)
+
+
+def test_a_class_on_every_image_is_left_out_of_the_label_search() -> None:
+    """A tag every image carries cannot be judged (cleanlab refuses a class without a negative, which crashed the
+    audit): the search runs on the other classes, as cleanlab's rule flags them given those columns alone."""
+    from cleanlab.multilabel_classification.filter import find_label_issues
+
+    from bitcli.audit.labels import find_multi_label_issues
+
+    rng = np.random.default_rng(0)
+    multi_hot = np.zeros((40, 3), dtype=np.int64)
+    multi_hot[:, 0] = 1  # "photo" on every image
+    multi_hot[rng.random(40) < 0.5, 1] = 1
+    multi_hot[rng.random(40) < 0.4, 2] = 1
+    probs = rng.random((40, 3))
+    issues = find_multi_label_issues(multi_hot, probs)
+    others = [np.flatnonzero(row[1:]).tolist() for row in multi_hot]  # (a row of "photo" alone: no other label)
+    assert {i.example for i in issues} == set(np.flatnonzero(find_label_issues(others, probs[:, 1:], n_jobs=1)))
+    assert issues and all(len(i.suggested_set) >= 1 for i in issues)
+
+
+def test_the_page_shows_every_class_a_suggestion_removes_or_adds() -> None:
+    from bitcli.audit.page import PageInput, _compared
+    from bitcli.pages.html import Html
+
+    typical = {c: [f"{c}.png"] for c in ("r1", "r2", "r3", "r4", "red", "blue", "b2", "b3", "b4")}
+    page = PageInput(title="t", report={}, thumbnail=lambda path: Html(f"<img alt='{path}'>"), typical=typical)
+    issue = {"labels": ["r1", "r2", "r3", "r4", "red"], "suggested": ["blue", "b2", "b3", "b4"]}
+    given, suggested = _compared(page, issue)
+    assert [c for c in typical if f"given: {c}" in str(given)] == ["r1", "r2", "r3", "r4", "red"]
+    assert [c for c in typical if f"suggested: {c}" in str(suggested)] == ["blue", "b2", "b3", "b4"]

@@ -133,15 +133,18 @@ def find_issues(labels: np.ndarray, probs: np.ndarray) -> list[LabelIssue]:
 
 def find_multi_label_issues(multi_hot: np.ndarray, probs: np.ndarray) -> list[LabelIssue]:
     """cleanlab's multi-label confident-learning issues given out-of-sample sigmoid `probs` ([N, classes]) and
-    every example's labels (`multi_hot`), most suspect first."""
+    every example's labels (`multi_hot`), most suspect first. A class every example carries (a tag on every
+    image) cannot be judged, with no image without it to compare, and cleanlab refuses it: it is left out of
+    the search (the suggestion still weighs every class)."""
     from cleanlab.multilabel_classification.filter import find_label_issues
     from cleanlab.multilabel_classification.rank import get_label_quality_scores
 
-    if probs.shape[1] < 2 or len(multi_hot) < 2:
+    judged = np.flatnonzero(~np.asarray(multi_hot, dtype=bool).all(axis=0))
+    if len(judged) < 2 or len(multi_hot) < 2:
         return []
-    labels = [np.flatnonzero(row).tolist() for row in multi_hot]
-    flagged = find_label_issues(labels, probs, n_jobs=1)
-    scores = get_label_quality_scores(labels, probs)
+    labels = [np.flatnonzero(row).tolist() for row in np.asarray(multi_hot)[:, judged]]
+    flagged = find_label_issues(labels, probs[:, judged], n_jobs=1)
+    scores = get_label_quality_scores(labels, probs[:, judged])
     issues = [
         LabelIssue(int(i), int(probs[i].argmax()), round(float(scores[i]), 6), suggested_set=suggest(probs[i]))
         for i in np.flatnonzero(flagged)

@@ -121,8 +121,13 @@ def _issues(p: PageInput) -> Html:
     issues = p.report["label_issues"]
     if not issues:
         return element("p", "None found.")
-    note = element("p", "Each image beside the most typical images of its given class and of the class a "
-                   "held-out linear head on the embeddings suggests (confident learning, cleanlab).", attrs={"class": "muted"})  # fmt: skip
+    if any("labels" in issue for issue in issues):  # multi-label: label sets
+        said = ("Each image beside the most typical images of each class that the suggestion of a held-out "
+                "one-vs-rest linear head on the embeddings removes or adds (confident learning, cleanlab).")  # fmt: skip
+    else:
+        said = ("Each image beside the most typical images of its given class and of the class a held-out linear "
+                "head on the embeddings suggests (confident learning, cleanlab).")  # fmt: skip
+    note = element("p", said, attrs={"class": "muted"})
     sections = []
     for n, issue in enumerate(issues[:MAX_ISSUES], 1):
         label = _labels(issue, "labels" if "labels" in issue else "label")
@@ -145,8 +150,8 @@ def _compared(p: PageInput, issue: dict) -> tuple[Html, Html]:
     added = [c for c in issue["suggested"] if c not in issue["labels"]]
     if not removed and not added:
         removed = issue["labels"]
-    return (join([_typical(p, c, "given") for c in removed[:TYPICAL]]),
-            join([_typical(p, c, "suggested") for c in added[:TYPICAL]]))  # fmt: skip
+    return (join([_typical(p, c, "given") for c in removed]),
+            join([_typical(p, c, "suggested") for c in added]))  # fmt: skip
 
 
 def _typical(p: PageInput, label: str, role: str) -> Html:
