@@ -397,7 +397,7 @@ FailOnOpt = Annotated[
 WriteCleanOpt = Annotated[
     Path | None,
     typer.Option("--write-clean", metavar="FILE.csv|FILE.jsonl",
-                 help="Write a label file (path,label[,split]) of the images no finding flags, in the data's order; "
+                 help="Write a label file (path,label[,split]) of the images no finding drops (undecodable files, dropped copies, likely label errors), in the data's order; "
                  "multi-label data: FILE.jsonl. The data is never touched."),
 ]  # fmt: skip
 

@@ -95,7 +95,7 @@ class AuditOptions:
     exact_search: bool = False  # near-duplicate candidates from the full embeddings at any size (no sketch)
     min_images: int = 5  # a class with fewer images in a split is reported
     fail_on: tuple[FailRule, ...] = ()
-    write_clean: Path | None = None  # a label file of the rows that no finding flags
+    write_clean: Path | None = None  # a label file of the rows that no finding drops
     batch_size: int = 32
     device: str = "auto"
     workers: int = DEFAULT_WORKERS
