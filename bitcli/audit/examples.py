@@ -70,7 +70,7 @@ class Examples:
 
     def source_order(self) -> np.ndarray:
         """Every example number in the order its sources list them: each source in the order the splits first
-        name it, a source's examples in its own order (ImageFolder.source_order: a label file's rows in row
+        name it, a source's examples in its own order (ImageFolder.source_rank: a label file's rows in row
         order, not grouped by class); the splits of one label file (its split column) interleaved as its rows
         are."""
         source, position = np.zeros(len(self), dtype=np.int64), np.zeros(len(self), dtype=np.int64)
@@ -83,9 +83,7 @@ class Examples:
                 position[members] = part.paths.rows[index]
             else:
                 key = ("split", s)
-                rank = np.empty(len(part), dtype=np.int64)
-                rank[part.source_order()] = np.arange(len(part), dtype=np.int64)
-                position[members] = rank[index]
+                position[members] = part.source_rank()[index]
             source[members] = first.setdefault(key, len(first))
         return np.lexsort((position, source))
 

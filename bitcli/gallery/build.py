@@ -145,11 +145,9 @@ def _multi_label(engine: Engine, source: Source, *, result: MultiLabelResult, re
 
 
 def listed_order(ds: ImageFolder, results: Results | LabelResults) -> list[int]:
-    """The positions of `results` in the order the data set lists its images (ImageFolder.source_order: a label
+    """The positions of `results` in the order the data set lists its images (ImageFolder.source_rank: a label
     file's or data set's rows in row order, not grouped by class as they are evaluated): predictions.csv's."""
-    rank = np.empty(len(ds), dtype=np.int64)
-    rank[ds.source_order()] = np.arange(len(ds), dtype=np.int64)
-    return np.argsort(rank[results.index], kind="stable").tolist()
+    return np.argsort(ds.source_rank()[results.index], kind="stable").tolist()
 
 
 def _suffix(kind: str) -> str:

@@ -94,13 +94,14 @@ class ImageFolder:
         targets = np.asarray(self.targets, dtype=np.int64)
         return [np.flatnonzero(targets == c) for c in range(len(self.classes))]
 
-    def source_order(self) -> np.ndarray:
-        """Every example's index in the order its source lists it: a label file's or a data set's rows in row
+    def source_rank(self) -> np.ndarray:
+        """Each example's position in the order its source lists it: a label file's or a data set's rows in row
         order (the examples themselves are grouped by class); a class folder's as they are (its classes in class
         order, each folder's files in the order it lists them: the examples' own order)."""
+        rank = np.arange(len(self.paths), dtype=np.int64)
         if isinstance(self.paths, RowView):
-            return np.argsort(self.paths.rows, kind="stable")
-        return np.arange(len(self.paths), dtype=np.int64)
+            rank[np.argsort(self.paths.rows, kind="stable")] = rank.copy()
+        return rank
 
     def relative(self, index: int) -> str:
         """Image `index`'s path relative to the root (as found under it), or its row's name."""
