@@ -5,7 +5,7 @@ evaluation photos.
 Two ways to train the stand-in model (--pretrain):
 - exemplar (the default): instance discrimination, as Exemplar-CNN (Dosovitskiy et al. 2014) pre-trains
   generic features without labels: each class is one seed patch of a training photo (a random place and size,
-  textured), and its images are augmented copies of it (random resized crops, flips, brightness and contrast
+  textured), and its images are augmented copies of it (random resized crops, brightness and contrast
   jitter, down-and-up scaling, JPEG re-encodes); the class's tint (a per-class colour gain, the same for all its
   copies) spreads the mostly grey training photos over colours. Telling hundreds of patches apart, whatever was
   done to them, asks for features that change with content and not with re-encoding: what pre-training gives.
@@ -99,6 +99,8 @@ class Augment:
     area: float
     shift: float
     jitter: float
+    flip: bool = False  # mirror half the copies (the runs before --no-flip did; the evaluation's copies are never
+    # mirrored, and a model trained to ignore mirroring calls two mirror-image tiles, a retina's corners, copies)
 
 
 def seed_patch(photos: list[np.ndarray], rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -117,7 +119,7 @@ def seed_patch(photos: list[np.ndarray], rng: np.random.Generator) -> tuple[np.n
 def exemplar_copy(im: np.ndarray, box: tuple[int, int, int, int], tint: np.ndarray, size: int,
                   rng: np.random.Generator, aug: Augment) -> Image.Image:  # fmt: skip
     """One augmented copy of a seed patch at size x size: a random resized crop (aug.area-100% of the area,
-    aspect 3:4-4:3, its centre up to aug.shift of the patch's side from the patch's centre), a flip, the class's
+    aspect 3:4-4:3, its centre up to aug.shift of the patch's side from the patch's centre), with --flip a flip, the class's
     tint, brightness and contrast x(1 +- aug.jitter), and half the time a down-and-up scaling (0.35-1x) or a JPEG
     re-encode (quality 30-95). The first exemplar runs used 0.5, 0.25 and 0.4; the script's defaults (0.8, 0.1,
     0.3) stay nearer the evaluation's edits."""
@@ -131,7 +133,7 @@ def exemplar_copy(im: np.ndarray, box: tuple[int, int, int, int], tint: np.ndarr
     top = int(np.clip(cy - ch / 2, 0, im.shape[0] - ch))
     pixels = im[top : top + ch, left : left + cw].astype(np.float32) * tint
     picture = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 and aug.flip:  # drawn either way: --flip changes nothing else in the set
         picture = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     picture = ImageEnhance.Brightness(picture).enhance(rng.uniform(1 - aug.jitter, 1 + aug.jitter))
     picture = ImageEnhance.Contrast(picture).enhance(rng.uniform(1 - aug.jitter, 1 + aug.jitter))
@@ -199,7 +201,7 @@ def train(args: argparse.Namespace, work: Path) -> tuple[Path, dict]:
     rng = np.random.default_rng(args.seed)
     started = time.monotonic()
     if args.pretrain == "exemplar":
-        aug = Augment(area=args.crop_area, shift=args.shift, jitter=args.jitter)
+        aug = Augment(area=args.crop_area, shift=args.shift, jitter=args.jitter, flip=args.flip)
         exemplar_set(work / "train", args.classes, args.copies, args.size, rng, aug)
     else:
         classifier_set(work / "train", args.per_photo, rng)
@@ -208,7 +210,7 @@ def train(args: argparse.Namespace, work: Path) -> tuple[Path, dict]:
     cmd = [sys.executable, "-m", "bitcli", "finetune", str(work / "train"), "--random-init", "--model", args.model,
            "--output", str(work / "run"), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--resolution", args.resolution, "--lr", str(args.lr), "--val-split", "0.1", "--seed", "0",
-           "--eval-every", "0", "--mixup", "0", "--no-calibrate"]  # fmt: skip
+           "--eval-every", "0", "--mixup", "0", "--no-calibrate", *([] if args.flip else ["--no-flip"])]  # fmt: skip
     load_before = load()
     started = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -301,8 +303,13 @@ def main() -> None:
     parser.add_argument("--crop-area", type=float, default=0.8, help="exemplar: least crop area of a copy")
     parser.add_argument("--shift", type=float, default=0.1, help="exemplar: largest crop-centre shift (of the side)")
     parser.add_argument("--jitter", type=float, default=0.3, help="exemplar: brightness/contrast x(1 +- this)")
+    parser.add_argument(
+        "--flip",
+        action="store_true",
+        help="exemplar: mirror half the copies, and let bit finetune mirror its crops (the earlier runs)",
+    )
     parser.add_argument("--per-photo", type=int, default=40, help="classes: crops per training photo")
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.2)
     parser.add_argument("--resolution", default="56:48", help="bit finetune --resolution (RESIZE:CROP or CROP)")

@@ -51,6 +51,7 @@ from bitcli.cli_options import (
     MixupOpt,
     ModelOpt,
     NoCalibrateOpt,
+    NoFlipOpt,
     NormalizeOpt,
     OpsetOpt,
     PlotOpt,
@@ -269,6 +270,7 @@ def finetune(
     sampler: SamplerOpt = None,
     keep_best: KeepBestOpt = None,
     no_calibrate: NoCalibrateOpt = False,
+    no_flip: NoFlipOpt = False,
     report: FinetuneReportOpt = False,
 ) -> None:
     """Fine-tune a BiT model on labelled images with the BiT-HyperRule (resumable; torchrun for several processes)."""
@@ -279,7 +281,7 @@ def finetune(
         resume=resume, overwrite=overwrite, random_init=random_init, revision=revision, head_only=head_only,
         tensorboard=tensorboard, image_column=image_column, label_column=label_column, class_weights=class_weights,
         sampler=sampler, keep_best=keep_best, calibrate=not no_calibrate, report=report,
-        cache_features=cache_features,
+        cache_features=cache_features, flip=not no_flip,
     )  # fmt: skip
     if cache_features and not head_only:
         raise UsageError("--cache-features trains the head on fixed features: add --head-only")

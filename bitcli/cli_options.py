@@ -305,6 +305,11 @@ NoCalibrateOpt = Annotated[
     typer.Option("--no-calibrate",
                  help="Do not fit the temperature on the validation set (scores stay the softmax of the logits)."),
 ]  # fmt: skip
+NoFlipOpt = Annotated[
+    bool,
+    typer.Option("--no-flip", help="Never mirror the training crops (the HyperRule mirrors half of them): for images "
+                 "whose mirror image is something else (text, digits, left/right, near-duplicate features)."),
+]  # fmt: skip
 CacheFeaturesOpt = Annotated[
     bool,
     typer.Option("--cache-features", help="With --head-only: embed each training image once (eval transform, "

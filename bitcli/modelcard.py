@@ -254,7 +254,8 @@ def plan_section(plan: dict[str, Any]) -> str:
         ("Batch size", str(plan["batch_size"])),
         (
             "Resolution",
-            f"train: resize to {plan['resize']} px, random crop {plan['crop']} px and flip; "
+            f"train: resize to {plan['resize']} px, random crop {plan['crop']} px"
+            f"{' and flip' if plan.get('flip', True) else ', no flip'}; "
             f"eval: resize to {plan['crop']} x {plan['crop']} px",
         ),
         ("MixUp", "off" if plan.get("mixup") in (None, 0) else f"alpha {plan['mixup']:g}"),

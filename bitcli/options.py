@@ -450,6 +450,7 @@ class FinetuneOptions:
     sampler: Balance | None = None  # balanced: every class equally likely in each step's sample
     keep_best: KeepBest | None = None  # also keep the best validated model in DIR/best/
     calibrate: bool = True  # fit a temperature on the validation set (--no-calibrate: off)
+    flip: bool = True  # mirror half the training crops (--no-flip: never)
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,8 @@ def plan_lines(plan: dict[str, Any]) -> list[str]:
         f"train       {whole(plan['train_examples'], grouped=True)} images from {visible(str(plan['train_folder']))}",
         f"validation  {visible(validation)}",
         f"schedule    {whole(plan['steps'])} steps of {whole(plan['batch_size'])} images, lr {plan['lr']:g}, "
-        f"crop {whole(plan['crop'])}, {mixup}; {plan['device']}, {plan['precision']}",
+        f"crop {whole(plan['crop'])}{', no flip' if plan.get('flip') is False else ''}, {mixup}; {plan['device']}, "
+        f"{plan['precision']}",
     ]
 
 

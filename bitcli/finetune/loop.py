@@ -293,7 +293,8 @@ def micro_batches(
                 needed = own if sample.partners is None else np.unique(np.concatenate([own, sample.partners[own]]))
                 yield (sample, own, needed), [
                     functools.partial(_train_image, t.train_cache, int(sample.indices[p]), int(sample.tops[p]),
-                                      int(sample.lefts[p]), crop=plan.crop, flip=bool(sample.flips[p]))
+                                      int(sample.lefts[p]), crop=plan.crop,
+                                      flip=plan.flip and bool(sample.flips[p]))
                     for p in needed
                 ]  # fmt: skip
 

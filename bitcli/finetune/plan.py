@@ -32,14 +32,14 @@ from bitcli.ui import visible
 RESULT_FIELDS = (
     "classes", "train_examples", "train_fingerprint", "model", "random_init", "architecture", "shots", "seed",
     "resize", "crop", "steps", "boundaries", "lr", "batch_size", "mixup", "head_only", "class_weights", "sampler",
-    "keep_best", "multi_label", "cache_features",
+    "keep_best", "multi_label", "cache_features", "flip",
 )  # fmt: skip
 # The RESULT_FIELDS that follow from the data alone: with the flags unchanged, the data changed.
 DATA_FIELDS = ("classes", "train_examples", "train_fingerprint")
 # RESULT_FIELDS added later, with the value that runs started before them had (their plans lack the field;
 # they stay resumable).
 RESULT_DEFAULTS = {"head_only": False, "class_weights": None, "sampler": None, "keep_best": None, "multi_label": False,
-                   "cache_features": False}  # fmt: skip
+                   "cache_features": False, "flip": True}  # fmt: skip
 # The HyperRule's resolution assumes a start model pre-trained at about 224 px (BiT-M/S). Beyond this factor
 # between the chosen crop and the start model's own, the plan says so (issue 12: a model trained at 32 px
 # reached 0.37 top-1 at the rule's 128 px and 0.93 at its own size).
@@ -94,6 +94,7 @@ class Plan:
     calibrate: bool = True  # fit the temperature on the validation set at the end (--no-calibrate: off)
     multi_label: bool = False  # the data gives several labels a row: sigmoid outputs, BCE, per-class thresholds
     cache_features: bool = False  # --cache-features: the head trains on cached eval-transform features
+    flip: bool = True  # half the training crops mirrored (--no-flip: none)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -412,6 +413,7 @@ def make_plan(opts: FinetuneOptions, ds: Datasets, model, info: Dist, *, device:
         keep_best=str(opts.keep_best) if opts.keep_best is not None else None,
         calibrate=opts.calibrate and not ds.train.multi_label,  # multi-label: thresholds, not a temperature
         multi_label=ds.train.multi_label,
+        flip=opts.flip,
     )
 
 
@@ -430,7 +432,8 @@ def describe(plan: Plan) -> list[str]:
         f"  train       {plan.train_examples:,} images from {visible(plan.train_folder)}"
         + (f" ({plan.shots} per class, seed {plan.seed})" if plan.shots else ""),
         f"  validation  {val}",
-        f"  resolution  resize {plan.resize}x{plan.resize}, random crop {plan.crop} + flip; eval resize "
+        f"  resolution  resize {plan.resize}x{plan.resize}, random crop {plan.crop}"
+        f"{' + flip' if plan.flip else ', no flip (--no-flip)'}; eval resize "
         f"{plan.crop}x{plan.crop}   [{plan.why['resolution']}]",
         f"  schedule    {plan.steps} step{'s' * (plan.steps != 1)}; {describe_schedule(plan.boundaries, plan.lr)}   "
         f"[{plan.why['steps']}]",
