@@ -13,7 +13,7 @@ Two kinds of data (--data):
   direction made orthogonal to x), so some are just below the threshold and must not be found.
 
     .venv/bin/python benchmarks/audit_search.py [--n 100000] [--dim 2048] [--threads 2] [--data uniform spectrum]
-                                                [--agree-n 20000]
+                                                [--agree-n 20000] [--threshold 0.95]
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from rss import own_peak_mib
 
 from bitcli.audit import duplicates, sketch
 from bitcli.audit.duplicates import cosines, find_pairs
+from bitcli.tool_options import DEFAULT_NEAR_THRESHOLD
 
-THRESHOLD = 0.95
+THRESHOLD = DEFAULT_NEAR_THRESHOLD  # bit audit's default; --threshold sets another
 LATENT = 512  # latent dimensions of the spectrum data
 CLASS_SIZE = 100
 CHUNK = 8192  # rows generated at a time (no n x dim temporaries)
@@ -168,7 +169,10 @@ def main() -> None:
     parser.add_argument("--planted", type=int, default=1000)
     parser.add_argument("--data", nargs="+", choices=("uniform", "spectrum"), default=["uniform", "spectrum"])
     parser.add_argument("--agree-n", type=int, default=20_000, help="0: no agreement check")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_NEAR_THRESHOLD, help="bit audit --threshold")
     args = parser.parse_args()
+    global THRESHOLD
+    THRESHOLD = args.threshold
     torch.set_num_threads(args.threads)
     out: dict = {"threads": args.threads, "threshold": THRESHOLD, "load_before": load()}
     out["runs"] = [run_case(kind, args.n, args.dim, args.planted) for kind in args.data]

@@ -9,6 +9,9 @@ Two ways to train the stand-in model (--pretrain):
   jitter, down-and-up scaling, JPEG re-encodes); the class's tint (a per-class colour gain, the same for all its
   copies) spreads the mostly grey training photos over colours. Telling hundreds of patches apart, whatever was
   done to them, asks for features that change with content and not with re-encoding: what pre-training gives.
+  Nothing is mirrored: not the copies, and `bit finetune --no-flip` not its crops (--flip mirrors half of both,
+  as every run before --no-flip did): a model trained to ignore mirroring scores mirror-image tiles (a retina's
+  two upper corners) as copies, and the evaluation's copies are never mirrored.
   --crop-area, --shift and --jitter set how far a copy strays from its patch (the least crop area, the crop
   centre's largest shift, the brightness/contrast range).
 - classes (the earlier attempt): 15 classes, one per training photo, from random crops of it.
@@ -119,10 +122,10 @@ def seed_patch(photos: list[np.ndarray], rng: np.random.Generator) -> tuple[np.n
 def exemplar_copy(im: np.ndarray, box: tuple[int, int, int, int], tint: np.ndarray, size: int,
                   rng: np.random.Generator, aug: Augment) -> Image.Image:  # fmt: skip
     """One augmented copy of a seed patch at size x size: a random resized crop (aug.area-100% of the area,
-    aspect 3:4-4:3, its centre up to aug.shift of the patch's side from the patch's centre), with --flip a flip, the class's
-    tint, brightness and contrast x(1 +- aug.jitter), and half the time a down-and-up scaling (0.35-1x) or a JPEG
-    re-encode (quality 30-95). The first exemplar runs used 0.5, 0.25 and 0.4; the script's defaults (0.8, 0.1,
-    0.3) stay nearer the evaluation's edits."""
+    aspect 3:4-4:3, its centre up to aug.shift of the patch's side from the patch's centre), a flip if aug.flip,
+    the class's tint, brightness and contrast x(1 +- aug.jitter), and half the time a down-and-up scaling
+    (0.35-1x) or a JPEG re-encode (quality 30-95). The first exemplar runs used 0.5, 0.25 and 0.4; the script's
+    defaults (0.8, 0.1, 0.3) stay nearer the evaluation's edits."""
     x, y, w, h = box
     area = w * h * rng.uniform(aug.area, 1.0)
     aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
@@ -306,7 +309,8 @@ def main() -> None:
     parser.add_argument(
         "--flip",
         action="store_true",
-        help="exemplar: mirror half the copies, and let bit finetune mirror its crops (the earlier runs)",
+        help="mirror half the exemplar copies, and let bit finetune mirror half its crops (both --pretrain kinds; "
+        "the runs before bit finetune --no-flip)",
     )
     parser.add_argument("--per-photo", type=int, default=40, help="classes: crops per training photo")
     parser.add_argument("--steps", type=int, default=20000)

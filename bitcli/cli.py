@@ -287,6 +287,8 @@ def finetune(
         raise UsageError("--cache-features trains the head on fixed features: add --head-only")
     if cache_features and mixup:
         raise UsageError(f"--mixup {mixup:g} with --cache-features: cached features are not augmented; drop --mixup")
+    if cache_features and no_flip:
+        raise UsageError("--no-flip with --cache-features: cached features are not augmented; drop --no-flip")
     check_output("--output", output, folder=True)
     from bitcli.finetune.runfiles import BEST_FOLDER, REPORT_FOLDER
 

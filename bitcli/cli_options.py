@@ -308,7 +308,8 @@ NoCalibrateOpt = Annotated[
 NoFlipOpt = Annotated[
     bool,
     typer.Option("--no-flip", help="Never mirror the training crops (the HyperRule mirrors half of them): for images "
-                 "whose mirror image is something else (text, digits, left/right, near-duplicate features)."),
+                 "whose mirror image is something else (text, digits, left and right), or features that must tell "
+                 "an image from its mirror image."),
 ]  # fmt: skip
 CacheFeaturesOpt = Annotated[
     bool,

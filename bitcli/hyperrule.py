@@ -6,7 +6,9 @@ counted from 0; the run takes exactly `steps` optimizer steps (0 .. steps-1).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from bitcli.errors import BitError
 
@@ -100,3 +102,10 @@ def learning_rate(step: int, sched: Schedule, base_lr: float = BASE_LR) -> float
 def mixup_alpha(num_examples: int) -> float | None:
     """MixUp with alpha 0.1 from 20k training examples up; none below."""
     return MIXUP_ALPHA if num_examples >= SMALL_DATASET else None
+
+
+def mirrors(plan: Mapping[str, Any]) -> bool:
+    """Whether a run mirrored half its training crops, as the rule does, from its plan (finetune_config.json as a
+    dict): not with --no-flip, nor on --cache-features' fixed features (no augmentation at all). Plans written
+    before --no-flip existed have no "flip": those runs mirrored."""
+    return bool(plan.get("flip", True)) and not plan.get("cache_features", False)

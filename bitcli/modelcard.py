@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
+from bitcli import hyperrule
 from bitcli.architectures import is_published_name
 from bitcli.errors import BitError, one_line
 from bitcli.finetune.runfiles import CONFIG_FILE, PICTURE_FILES, SUMMARY_FILE, VALIDATION_FILE
@@ -243,6 +244,13 @@ def usage(card: CardInput) -> str:
     return "\n".join(lines)
 
 
+def card_train_transform(plan: dict[str, Any]) -> str:
+    if plan.get("cache_features"):
+        return "features of the eval transform, no crop or flip (cached)"
+    mirrored = " and flip" if hyperrule.mirrors(plan) else ", no flip"
+    return f"resize to {plan['resize']} px, random crop {plan['crop']} px{mirrored}"
+
+
 def plan_section(plan: dict[str, Any]) -> str:
     """The BiT-HyperRule's choices as the run made them, with where each came from."""
     why = plan.get("why") or {}
@@ -254,9 +262,7 @@ def plan_section(plan: dict[str, Any]) -> str:
         ("Batch size", str(plan["batch_size"])),
         (
             "Resolution",
-            f"train: resize to {plan['resize']} px, random crop {plan['crop']} px"
-            f"{' and flip' if plan.get('flip', True) else ', no flip'}; "
-            f"eval: resize to {plan['crop']} x {plan['crop']} px",
+            f"train: {card_train_transform(plan)}; eval: resize to {plan['crop']} x {plan['crop']} px",
         ),
         ("MixUp", "off" if plan.get("mixup") in (None, 0) else f"alpha {plan['mixup']:g}"),
         ("Few-shot", f"{shots} examples per class" if shots else "all training examples"),

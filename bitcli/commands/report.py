@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bitcli import extras
+from bitcli import extras, hyperrule
 from bitcli.errors import BitError, one_line
 from bitcli.finetune import tensorboard
 from bitcli.finetune.runfiles import (
@@ -110,6 +110,12 @@ def planned_steps(plan: dict[str, Any]) -> int:
     return steps
 
 
+def crop_words(plan: dict[str, Any]) -> str:
+    if plan.get("cache_features"):
+        return "cached features (no crop or flip)"
+    return f"crop {whole(plan['crop'])}{'' if hyperrule.mirrors(plan) else ', no flip'}"
+
+
 def plan_lines(plan: dict[str, Any]) -> list[str]:
     source = f"random {plan['model']}" if plan.get("random_init") else plan["model"]
     validation = (
@@ -123,8 +129,7 @@ def plan_lines(plan: dict[str, Any]) -> list[str]:
         f"train       {whole(plan['train_examples'], grouped=True)} images from {visible(str(plan['train_folder']))}",
         f"validation  {visible(validation)}",
         f"schedule    {whole(plan['steps'])} steps of {whole(plan['batch_size'])} images, lr {plan['lr']:g}, "
-        f"crop {whole(plan['crop'])}{', no flip' if plan.get('flip') is False else ''}, {mixup}; {plan['device']}, "
-        f"{plan['precision']}",
+        f"{crop_words(plan)}, {mixup}; {plan['device']}, {plan['precision']}",
     ]
 
 

@@ -178,6 +178,8 @@ def check_same_run(saved: dict[str, Any], plan: Plan, output) -> None:
 def _change(field: str, before: Any, now: Any) -> str:
     if field == "train_fingerprint" and isinstance(before, str) and isinstance(now, str):
         return f"{field} {before[:12]}... -> {now[:12]}..."
+    if field == "flip":  # the flag is the negation: name it
+        return f"flip {before!r} -> {now!r}: --no-flip {'given' if now is False else 'left out'} now"
     text = f"{field} {before!r} -> {now!r}"
     return text if len(text) < 120 else text[:117] + "..."
 
@@ -432,9 +434,7 @@ def describe(plan: Plan) -> list[str]:
         f"  train       {plan.train_examples:,} images from {visible(plan.train_folder)}"
         + (f" ({plan.shots} per class, seed {plan.seed})" if plan.shots else ""),
         f"  validation  {val}",
-        f"  resolution  resize {plan.resize}x{plan.resize}, random crop {plan.crop}"
-        f"{' + flip' if plan.flip else ', no flip (--no-flip)'}; eval resize "
-        f"{plan.crop}x{plan.crop}   [{plan.why['resolution']}]",
+        f"  resolution  {train_transform(plan)}; eval resize {plan.crop}x{plan.crop}   [{plan.why['resolution']}]",
         f"  schedule    {plan.steps} step{'s' * (plan.steps != 1)}; {describe_schedule(plan.boundaries, plan.lr)}   "
         f"[{plan.why['steps']}]",
         f"  mixup       {'alpha ' + format(plan.mixup, 'g') if plan.mixup else 'off'}   [{plan.why['mixup']}]",
@@ -457,6 +457,14 @@ def describe(plan: Plan) -> list[str]:
         lines.insert(3, f"  skipped     {n} image{'s' * (n != 1)} that do{'es' * (n == 1)} not decode (listed above; "
                         f"{SUMMARY_FILE} lists {'them' if n != 1 else 'it'} too)")  # fmt: skip
     return lines
+
+
+def train_transform(plan: Plan) -> str:
+    """The plan's words for what each training image goes through before the model."""
+    if plan.cache_features:
+        return "no crop or flip (--cache-features: each image's features of the eval transform, once)"
+    mirrored = " + flip" if hyperrule.mirrors(plan.to_dict()) else ", no flip (--no-flip)"
+    return f"resize {plan.resize}x{plan.resize}, random crop {plan.crop}{mirrored}"
 
 
 def pictures_line(has_validation: bool) -> str:

@@ -59,6 +59,10 @@ def test_the_head_is_sgd_on_cached_features_and_a_second_run_computes_none(
     assert code == 0, err
     assert "--cache-features: 36 training images embedded (36 computed, 0 from the cache)" in err
     assert ", on cached features (--cache-features: no augmentation)" in err
+    assert (
+        "resolution  no crop or flip (--cache-features: each image's features of the eval transform, once); eval "
+        "resize 16x16" in err
+    )
     plan = json.loads((tmp_path / "one/finetune_config.json").read_text())
     assert plan["cache_features"] is True and plan["mixup"] is None
 
@@ -77,6 +81,15 @@ def test_the_head_is_sgd_on_cached_features_and_a_second_run_computes_none(
     assert all(torch.equal(again[k], written[k]) for k in written)
     assert len(os.listdir(tmp_path / "cache/embeddings")) == 1
 
+    code, shown, err = run_main("report", tmp_path / "one")  # what the run did to its images, as the plan said
+    assert code == 0 and "lr 0.003, cached features (no crop or flip), no mixup;" in shown, err
+    code, shown, err = run_main("push", tmp_path / "one", "alice/probe", "--dry-run")
+    assert code == 0, err
+    assert (
+        "| Resolution | train: features of the eval transform, no crop or flip (cached); eval: resize to 16 x 16"
+        in shown
+    )
+
 
 def test_the_balanced_sampler_draws_the_cached_features_steps(dataset: Path, tiny_dir: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
@@ -92,10 +105,13 @@ def test_the_balanced_sampler_draws_the_cached_features_steps(dataset: Path, tin
         torch.testing.assert_close(model[k], v, rtol=1e-4, atol=1e-5)
 
 
-def test_cache_features_needs_head_only_and_no_mixup(dataset: Path, tiny_dir: Path, tmp_path: Path) -> None:
+def test_cache_features_needs_head_only_and_no_augmentation_flag(dataset: Path, tiny_dir: Path, tmp_path: Path) -> None:
     code, _, err = run_main("finetune", dataset, "--output", tmp_path / "a", "--model", tiny_dir, "--cache-features")
     assert code == 2 and "--cache-features trains the head on fixed features: add --head-only" in err
     code, _, err = run_main("finetune", dataset, "--output", tmp_path / "b", "--model", tiny_dir, "--head-only",
                             "--cache-features", "--mixup", "0.2")  # fmt: skip
     assert code == 2 and "--mixup 0.2 with --cache-features" in err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    code, _, err = run_main("finetune", dataset, "--output", tmp_path / "c", "--model", tiny_dir, "--head-only",
+                            "--cache-features", "--no-flip")  # fmt: skip
+    assert code == 2 and "--no-flip with --cache-features: cached features are not augmented; drop --no-flip" in err
+    assert not any((tmp_path / name).exists() for name in "abc")

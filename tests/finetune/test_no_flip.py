@@ -56,7 +56,9 @@ def test_resume_keeps_the_flip_setting_and_the_card_states_it(dataset: Path, tmp
     assert run_main(*args, "--no-flip")[0] == 0
     (out / "summary.json").unlink()
     code, _, err = run_main(*args, "--resume")
-    assert code == 1 and "started with other settings (flip False -> True)" in err
+    assert code == 1 and "started with other settings (flip False -> True: --no-flip left out now)" in err
+    code, _, err = run_main(*args, "--no-flip", "--resume")  # the same setting resumes
+    assert code == 0, err
     code, out_text, err = run_main("push", out, "alice/noflip", "--dry-run")
     assert code == 0, err
     assert "| Resolution | train: resize to 20 px, random crop 16 px, no flip; eval: resize to 16 x 16 px |" in out_text
@@ -65,17 +67,27 @@ def test_resume_keeps_the_flip_setting_and_the_card_states_it(dataset: Path, tmp
     assert "steps of 4 images, lr 0.003, crop 16, no flip, no mixup;" in out_text
 
 
-def test_a_plan_written_before_the_flag_resumes_as_flipping(dataset: Path, tmp_path: Path) -> None:
-    """Runs started before --no-flip existed have no "flip" in their plan: they mirrored, and stay resumable."""
+def test_a_plan_written_before_the_flag_counts_as_flipping(dataset: Path, tmp_path: Path) -> None:
+    """Runs started before --no-flip existed have no "flip" in their plan: they mirrored. They stay resumable, and
+    bit report and the model card say they mirrored."""
     out = tmp_path / "run"
     args = ["finetune", dataset, "--output", out, "--steps", "3", "--batch-size", "4", "--eval-every", "0", *FAST]
+    plan_file = out / "finetune_config.json"
+
+    def drop_flip() -> None:
+        plan = json.loads(plan_file.read_text())
+        plan.pop("flip", None)  # (a resume keeps the plan it started with)
+        plan_file.write_text(json.dumps(plan))
+
     assert run_main(*args, "--save-every", "1")[0] == 0
     (out / "summary.json").unlink()
-    plan_file = out / "finetune_config.json"
-    plan = json.loads(plan_file.read_text())
-    del plan["flip"]
-    plan_file.write_text(json.dumps(plan))
+    drop_flip()
     code, _, err = run_main(*args, "--save-every", "1", "--no-flip", "--resume")
-    assert code == 1 and "flip True -> False" in err
+    assert code == 1 and "flip True -> False: --no-flip given now" in err
     code, _, err = run_main(*args, "--save-every", "1", "--resume")
     assert code == 0, err
+    drop_flip()
+    code, shown, err = run_main("report", out)
+    assert code == 0 and "crop 16, no mixup;" in shown, err
+    code, shown, err = run_main("push", out, "alice/old", "--dry-run")
+    assert code == 0 and "| Resolution | train: resize to 20 px, random crop 16 px and flip;" in shown, err
