@@ -150,8 +150,8 @@ def test_the_summary_and_csvs_say_multi_label(audited: dict) -> None:
         ["green", "red"],
     )
     page = (audited["dir"] / "index.html").read_text()
-    assert "1. labelled red, suggested green, red (score 0.2000, train)" in page
-    assert "a: blue, red" in page and "Multi-label data: a class counts every image that carries it" in page
+    assert "1. labelled red, suggested green; red (score 0.2000, train)" in page
+    assert "a: blue; red" in page and "Multi-label data: a class counts every image that carries it" in page
 
 
 def test_write_clean_is_jsonl_in_the_files_order_and_reads_back_multi_label(audited: dict, planted: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from bitcli.labels import LIST_SEPARATOR
 from bitcli.pages.html import Html, document, element, image, join, table
 from bitcli.pages.pictures import THUMB
 
@@ -84,9 +85,10 @@ def _spread(stats: dict) -> str:
 
 
 def _labels(row: dict, key: str) -> str:
-    """A duplicate's or issue's label(s) as text: one label, or a multi-label image's list joined by `, `."""
+    """A duplicate's or issue's label(s) as text: one label, or a multi-label image's list joined by `; ` (no
+    multi-label class name holds the separator, so the list reads back unambiguously; a comma may be in a name)."""
     value = row[key]
-    return ", ".join(value) if isinstance(value, list) else value
+    return f"{LIST_SEPARATOR} ".join(value) if isinstance(value, list) else value
 
 
 def _ratio(value: float | None) -> str:
