@@ -410,14 +410,21 @@ def model_files_in(folder: Path) -> list[str]:
         if _is_staging(entry):
             continue
         if not MODEL_FOLDER_FILE.fullmatch(entry.name) or entry.is_symlink() or not entry.is_file():
-            kind = "folder" if entry.is_dir() else "file"
             raise BitError(
-                f"{folder}: holds the {kind} {entry.name!r}, which is not a model file; bitcli writes a model folder "
-                f"only into a new folder or one holding nothing but model files ({MODEL_FILES_SHOWN}), "
-                "so choose another folder"
+                f"{folder}: holds {_not_a_model_file(entry)}; bitcli writes a model folder only into a new folder or "
+                f"one holding nothing but model files ({MODEL_FILES_SHOWN}), so choose another folder"
             )
         found.append(entry.name)
     return found
+
+
+def _not_a_model_file(entry: Path) -> str:
+    """What an entry of a model folder is, when bitcli may not replace it: another file or folder, or one named
+    like a model file that bitcli cannot have written (a symlink, a folder, a FIFO...)."""
+    if MODEL_FOLDER_FILE.fullmatch(entry.name):
+        what = "a symlink" if entry.is_symlink() else "a folder" if entry.is_dir() else "not a regular file"
+        return f"{entry.name!r}, named like a model file but {what}, which bitcli did not write"
+    return f"the {'folder' if entry.is_dir() else 'file'} {entry.name!r}, which is not a model file"
 
 
 def atomic_folder(folder: Path, fill: Callable[[Path], None]) -> None:

@@ -73,6 +73,27 @@ def test_overwrite_refuses_a_folder_holding_other_files_and_touches_nothing(tiny
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("what", ["a symlink", "a folder"])
+def test_overwrite_refuses_an_entry_named_like_a_model_file_that_bitcli_did_not_write(tiny_dir, model_dir, tmp_path,
+                                                                                     what):  # fmt: skip
+    """A model.safetensors that is a link (to the user's own weights) or a folder is not bitcli's to replace."""
+    weights = model_dir / "model.safetensors"
+    mine = tmp_path / "mine.safetensors"
+    weights.rename(mine)
+    if what == "a symlink":
+        weights.symlink_to(mine)
+    else:
+        weights.mkdir()
+    before = snapshot(tmp_path)
+    message = one_error_line(*convert(tiny_dir, model_dir, "--format", "hf", "--overwrite")[::2])
+    assert message == (
+        f"{model_dir}: holds 'model.safetensors', named like a model file but {what}, which bitcli did not write; "
+        f"bitcli writes a model folder only into a new folder or one holding nothing but model files ({SHOWN}), so "
+        "choose another folder"
+    )
+    assert snapshot(tmp_path) == before
+
+
 def test_without_overwrite_the_message_says_what_overwrite_replaces(tiny_dir, model_dir, tmp_path):
     before = snapshot(tmp_path)
     message = one_error_line(*convert(tiny_dir, model_dir, "--format", "hf")[::2])
