@@ -10,7 +10,8 @@ Two kinds of data (--data):
 - spectrum: closer to real features: ReLU(0.5 + z W) with a latent z of LATENT dimensions whose variances
   decay as i^-1.4, in classes of 100 (a class centre plus as much spread again), W Gaussian; near-copies planted
   at similarities spread evenly over [threshold - 0.01, 0.999] (y = t x + sqrt(1 - t^2) z, z another example's
-  direction made orthogonal to x), so some are just below the threshold and must not be found.
+  direction made orthogonal to x), so some are just below the threshold and must not be found (so the spectrum
+  data differ with --threshold).
 
     .venv/bin/python benchmarks/audit_search.py [--n 100000] [--dim 2048] [--threads 2] [--data uniform spectrum]
                                                 [--agree-n 20000] [--threshold 0.95]

@@ -106,6 +106,6 @@ def mixup_alpha(num_examples: int) -> float | None:
 
 def mirrors(plan: Mapping[str, Any]) -> bool:
     """Whether a run mirrored half its training crops, as the rule does, from its plan (finetune_config.json as a
-    dict): not with --no-flip, nor on --cache-features' fixed features (no augmentation at all). Plans written
-    before --no-flip existed have no "flip": those runs mirrored."""
-    return bool(plan.get("flip", True)) and not plan.get("cache_features", False)
+    dict): not with --no-flip. Plans written before --no-flip existed have no "flip": those runs mirrored. (A
+    --cache-features run augments nothing; its readers say so before asking.)"""
+    return bool(plan.get("flip", True))

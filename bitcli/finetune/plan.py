@@ -463,7 +463,7 @@ def train_transform(plan: Plan) -> str:
     """The plan's words for what each training image goes through before the model."""
     if plan.cache_features:
         return "no crop or flip (--cache-features: each image's features of the eval transform, once)"
-    mirrored = " + flip" if hyperrule.mirrors(plan.to_dict()) else ", no flip (--no-flip)"
+    mirrored = " + flip" if plan.flip else ", no flip (--no-flip)"
     return f"resize {plan.resize}x{plan.resize}, random crop {plan.crop}{mirrored}"
 
 
