@@ -50,9 +50,8 @@ class ServeOptions:
 AUDIT_COUNTS = (
     "duplicates", "exact", "near", "leaks", "conflicts", "label-issues", "undecodable", "small-classes", "off-size",
 )  # fmt: skip
-# Cosine similarity of pre-logit embeddings: the best F1 of the stand-ins trained with mirroring, as BiT-M and a
-# default bit finetune run are (0.90 for one trained with --no-flip); the search's time target holds at it
-# (BENCHMARKS.md, issue 23).
+# Cosine similarity of pre-logit embeddings: the best F1 of the stand-ins pre-trained with mirroring, as BiT-M was
+# (0.90 suits one pre-trained without: docs/audit.md); the search's time target holds at it (BENCHMARKS.md, issue 23).
 DEFAULT_NEAR_THRESHOLD = 0.95
 
 
