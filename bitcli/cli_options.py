@@ -384,8 +384,8 @@ AuditOutputOpt = Annotated[
 ThresholdOpt = Annotated[
     float,
     typer.Option("--threshold", parser=_parser("--threshold", parse_threshold), metavar="COSINE",
-                 help="Near-duplicate threshold: cosine similarity of the embeddings (at or above). 0.95 suits BiT-M "
-                 "and models fine-tuned from it; 0.90 a model pre-trained without mirroring (docs/audit.md)."),
+                 help="Near-duplicate threshold: cosine similarity of the embeddings (at or above); higher reports "
+                 "fewer pairs, and searches large sets faster (docs/audit.md)."),
 ]  # fmt: skip
 ExactSearchOpt = Annotated[
     bool,
