@@ -14,7 +14,7 @@ Two kinds of data (--data):
   data differ with --threshold).
 
     .venv/bin/python benchmarks/audit_search.py [--n 100000] [--dim 2048] [--threads 2] [--data uniform spectrum]
-                                                [--agree-n 20000] [--threshold 0.95]
+                                                [--agree-n 20000] [--threshold 0.90]
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ AUDIT_COUNTS = (
     "duplicates", "exact", "near", "leaks", "conflicts", "label-issues", "undecodable", "small-classes", "off-size",
 )  # fmt: skip
 # Cosine similarity of pre-logit embeddings: precision and recall >= 0.95 on the measured set with the stand-ins
-# pre-trained with mirroring (as BiT-M was) and without (BENCHMARKS.md, issue 23); large sets search faster at 0.95.
+# pre-trained for 20,000 steps with mirroring (as BiT-M was) and without (BENCHMARKS.md, issue 23); large sets
+# search faster at 0.95.
 DEFAULT_NEAR_THRESHOLD = 0.90
 
 
